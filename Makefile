@@ -1,0 +1,30 @@
+# Set-up lives here: `make test` and `make demo` work on a fresh machine.
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# torch is pinned: on this project's machines an open range resolves to a multi-GB CUDA build.
+TORCH   := torch==2.13.0
+
+.PHONY: install test test-fast demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q $(TORCH)
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(VPY) -m pytest -q -ra
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(VPY) examples/demo.py
+
+bench: $(STAMP)
+	$(VPY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
