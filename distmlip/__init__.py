@@ -1,0 +1,12 @@
+"""distmlip: exact distributed inference of message-passing interatomic potentials.
+
+Atoms -> NeighborGraph -> PartitionPlan -> workers (model + halo exchange) -> gathered results.
+"""
+
+from .calculators import DistributedCalculator
+from .graph import NeighborGraph
+from .models import DistributableModel, LocalGraph, load, wrap
+from .partition import PartitionPlan
+
+__all__ = ["DistributableModel", "DistributedCalculator", "LocalGraph", "NeighborGraph", "PartitionPlan", "load", "wrap"]
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""ASE calculators."""
+
+from .distributed import DistributedCalculator
+
+__all__ = ["DistributedCalculator"]

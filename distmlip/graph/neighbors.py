@@ -1,0 +1,191 @@
+"""The periodic neighbour graph of a whole system, built with vesin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["NeighborGraph", "validate_system", "complete_cell"]
+
+
+def _fail(arg: str, expected: str, got) -> ValueError:
+    return ValueError(f"{arg}: expected {expected}, got {got}")
+
+
+def validate_system(positions, cell, pbc, numbers=None):
+    """Check and normalise a system description.
+
+    Returns ``positions`` (N, 3) float64, ``cell`` (3, 3) float64, ``pbc`` (3,) bool and
+    ``numbers`` (N,) int64 (zeros if not given). Raises ``ValueError`` naming the argument, what
+    was expected and what was received.
+    """
+    positions = np.asarray(positions, dtype=np.float64)
+    if positions.ndim != 2 or positions.shape[1] != 3:
+        raise _fail("positions", "an array of shape (N, 3)", f"shape {positions.shape}")
+    if positions.shape[0] == 0:
+        raise _fail("atoms", "at least one atom", "an empty system (0 atoms)")
+    bad = ~np.isfinite(positions).all(axis=1)
+    if bad.any():
+        first = np.flatnonzero(bad)[:5].tolist()
+        raise _fail("positions", "finite coordinates", f"NaN or inf for atoms {first} ({bad.sum()} in all)")
+    cell = np.asarray(cell, dtype=np.float64)
+    if cell.shape != (3, 3):
+        raise _fail("cell", "a (3, 3) matrix", f"shape {cell.shape}")
+    if not np.isfinite(cell).all():
+        raise _fail("cell", "finite lattice vectors", f"{cell.tolist()}")
+    pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)).copy()
+    if pbc.any():
+        periodic = cell[pbc]
+        if np.linalg.matrix_rank(periodic, tol=1e-8 * max(1.0, np.abs(cell).max())) < len(periodic):
+            raise _fail(
+                "cell",
+                f"linearly independent, non-zero lattice vectors along the periodic directions "
+                f"(pbc={pbc.tolist()})",
+                f"a singular cell {cell.tolist()}; give a proper cell or set pbc=False along "
+                f"directions without one",
+            )
+    if numbers is None:
+        numbers = np.zeros(len(positions), dtype=np.int64)
+    numbers = np.asarray(numbers, dtype=np.int64)
+    if numbers.shape != (len(positions),):
+        raise _fail("numbers", f"shape ({len(positions)},)", f"shape {numbers.shape}")
+    return positions, cell, pbc, numbers
+
+
+def complete_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """A full-rank (3, 3) cell: periodic vectors kept, non-periodic vectors kept where they are
+    independent, the rest replaced by orthonormal vectors spanning the missing directions.
+    Gives fractional coordinates to molecules (zero cell) and slabs without a vacuum vector."""
+    cell = np.array(cell, dtype=np.float64)
+    tol = 1e-8 * max(1.0, np.abs(cell).max())
+    kept: list[int] = [a for a in range(3) if pbc[a]]
+    for axis in range(3):
+        if not pbc[axis] and np.linalg.matrix_rank(cell[kept + [axis]], tol=tol) == len(kept) + 1:
+            kept.append(axis)
+    missing = [a for a in range(3) if a not in kept]
+    if missing:
+        if kept:
+            null = np.linalg.svd(cell[kept], full_matrices=True)[2][len(kept):]
+        else:
+            null = np.eye(3)
+        for axis, vector in zip(missing, null):
+            cell[axis] = vector
+    return cell
+
+
+@dataclass(frozen=True, eq=False)
+class NeighborGraph:
+    """Directed neighbour graph of a whole periodic (or finite) system.
+
+    Edge ``e`` carries a message from ``senders[e]`` to ``receivers[e]``; its vector points from the
+    receiver to the sender's periodic image::
+
+        vec[e] = positions[senders[e]] - positions[receivers[e]] + shifts[e] @ cell
+
+    The list is full (both directions of every pair are present), contains every image within
+    ``cutoff`` (a cell smaller than the cutoff gives an atom several edges to its own images), and
+    is sorted by receiver, then sender.
+
+    Attributes:
+        positions: (N, 3) float64 Cartesian positions, Å.
+        cell: (3, 3) float64 lattice vectors as rows, Å.
+        pbc: (3,) bool periodicity.
+        numbers: (N,) int64 atomic numbers.
+        cutoff: the radius the graph was built with, Å.
+        senders, receivers: (E,) int64 atom indices.
+        shifts: (E, 3) int64 integer lattice shifts of the sender image.
+    """
+
+    positions: np.ndarray
+    cell: np.ndarray
+    pbc: np.ndarray
+    numbers: np.ndarray
+    cutoff: float
+    senders: np.ndarray
+    receivers: np.ndarray
+    shifts: np.ndarray
+
+    @classmethod
+    def from_arrays(cls, positions, cell, pbc, numbers, cutoff: float) -> "NeighborGraph":
+        """Build the graph of a system given as arrays (see the class docstring for shapes)."""
+        cutoff = _check_cutoff(cutoff)
+        positions, cell, pbc, numbers = validate_system(positions, cell, pbc, numbers)
+        import vesin
+
+        # vesin wants a full box; non-periodic directions may hold anything, so give them the
+        # completed cell (keeps the periodic vectors untouched).
+        box = complete_cell(cell, pbc) if not pbc.all() else cell
+        nl = vesin.NeighborList(cutoff=cutoff, full_list=True, sorted=True)
+        i, j, s = nl.compute(points=positions, box=box, periodic=pbc.tolist(), quantities="ijS")
+        receivers = np.asarray(i, dtype=np.int64)
+        senders = np.asarray(j, dtype=np.int64)
+        shifts = np.asarray(s, dtype=np.int64).reshape(-1, 3)
+        if not pbc.all():
+            # shifts along non-periodic directions are zero by construction; keep the real cell
+            shifts = shifts.copy()
+            shifts[:, ~pbc] = 0
+        order = np.lexsort((senders, receivers))
+        if not np.array_equal(order, np.arange(len(order))):
+            receivers, senders, shifts = receivers[order], senders[order], shifts[order]
+        return cls(positions, cell, pbc, numbers, float(cutoff), senders, receivers, shifts)
+
+    @classmethod
+    def from_atoms(cls, atoms, cutoff: float) -> "NeighborGraph":
+        """Build the graph of an ``ase.Atoms`` (or pymatgen ``Structure``/``Molecule``)."""
+        atoms = as_ase_atoms(atoms)
+        return cls.from_arrays(
+            atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers, cutoff
+        )
+
+    @property
+    def num_atoms(self) -> int:
+        return len(self.positions)
+
+    @property
+    def num_edges(self) -> int:
+        return len(self.senders)
+
+    def edge_vectors(self, edges: np.ndarray | None = None) -> np.ndarray:
+        """(E, 3) float64 edge vectors (of the given edge ids, or all edges)."""
+        if edges is None:
+            s, r, k = self.senders, self.receivers, self.shifts
+        else:
+            s, r, k = self.senders[edges], self.receivers[edges], self.shifts[edges]
+        return self.positions[s] - self.positions[r] + k @ self.cell
+
+    def in_degree(self) -> np.ndarray:
+        """(N,) number of incoming edges of each atom."""
+        return np.bincount(self.receivers, minlength=self.num_atoms)
+
+    def receiver_offsets(self) -> np.ndarray:
+        """(N + 1,) CSR row pointer: edges ``offsets[a]:offsets[a+1]`` are those received by ``a``."""
+        out = np.zeros(self.num_atoms + 1, dtype=np.int64)
+        np.cumsum(self.in_degree(), out=out[1:])
+        return out
+
+
+def _check_cutoff(cutoff) -> float:
+    try:
+        value = float(cutoff)
+    except (TypeError, ValueError):
+        raise TypeError(f"cutoff: expected a positive number in Å, got {cutoff!r}") from None
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"cutoff: expected a positive finite number in Å, got {cutoff!r}")
+    return value
+
+
+def as_ase_atoms(obj):
+    """Return ``obj`` as ``ase.Atoms``; pymatgen ``Structure``/``Molecule`` are converted."""
+    from ase import Atoms
+
+    if isinstance(obj, Atoms):
+        return obj
+    module = type(obj).__module__
+    if module.startswith("pymatgen"):
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        return AseAtomsAdaptor.get_atoms(obj)
+    raise TypeError(
+        f"atoms: expected ase.Atoms or a pymatgen Structure/Molecule, got {type(obj).__name__}"
+    )

@@ -1,0 +1,15 @@
+"""NeighborGraph -> PartitionPlan: owners (slab, grid, METIS), halos, local edges, exchange maps."""
+
+from .assign import PARTITIONERS, assign_owners, grid_owners, metis_owners, slab_owners
+from .plan import MODES, PartitionPlan, PartPlan
+
+__all__ = [
+    "MODES",
+    "PARTITIONERS",
+    "PartPlan",
+    "PartitionPlan",
+    "assign_owners",
+    "grid_owners",
+    "metis_owners",
+    "slab_owners",
+]

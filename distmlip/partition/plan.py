@@ -1,0 +1,235 @@
+"""PartitionPlan: who owns which atom, which halo each part holds, which edges it evaluates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..graph import NeighborGraph
+from .assign import PARTITIONERS, _check_parts, assign_owners
+
+__all__ = ["MODES", "PartPlan", "PartitionPlan"]
+
+MODES = ("halo", "extended")
+
+
+@dataclass(frozen=True, eq=False)
+class PartPlan:
+    """One part of a plan.
+
+    Attributes:
+        index: the part's number.
+        atoms: (n_local,) int64 global atom ids; the ``num_owned`` owned atoms first (ascending),
+            then the halo, ordered by hop distance, then owning part, then id.
+        num_owned: number of owned atoms.
+        halo_owner: (n_halo,) int64 owning part of each halo atom.
+        halo_source: (n_halo,) int64 row of each halo atom among its owner's owned atoms.
+        edges: (E_p,) int64 global edge ids evaluated by this part (ascending).
+        edge_index: (2, E_p) int64 local ``[senders; receivers]``.
+    """
+
+    index: int
+    atoms: np.ndarray
+    num_owned: int
+    halo_owner: np.ndarray
+    halo_source: np.ndarray
+    edges: np.ndarray
+    edge_index: np.ndarray
+
+    @property
+    def num_local(self) -> int:
+        return len(self.atoms)
+
+    @property
+    def num_halo(self) -> int:
+        return len(self.atoms) - self.num_owned
+
+    @property
+    def owned(self) -> np.ndarray:
+        return self.atoms[: self.num_owned]
+
+    @property
+    def halo(self) -> np.ndarray:
+        return self.atoms[self.num_owned :]
+
+
+@dataclass(frozen=True, eq=False)
+class PartitionPlan:
+    """How a graph is split into parts.
+
+    ``mode="halo"``: each part holds its owned atoms and a one-hop halo and evaluates exactly the
+    edges its owned atoms receive; node features of the halo are refreshed from their owners
+    between message-passing layers. ``mode="extended"``: each part holds a ``num_hops``-deep halo
+    and evaluates every edge received by atoms less than ``num_hops`` hops away; no exchange.
+
+    Attributes:
+        num_atoms, num_edges: size of the whole graph.
+        mode: ``"halo"`` or ``"extended"``.
+        num_hops: depth of the halo (1 in halo mode).
+        owner: (N,) int64 owning part of each atom.
+        parts: one ``PartPlan`` per part.
+    """
+
+    num_atoms: int
+    num_edges: int
+    mode: str
+    num_hops: int
+    owner: np.ndarray
+    parts: tuple[PartPlan, ...]
+
+    @property
+    def num_parts(self) -> int:
+        return len(self.parts)
+
+    @classmethod
+    def build(
+        cls,
+        graph: NeighborGraph,
+        num_parts: int = 1,
+        partitioner: str = "grid",
+        mode: str = "halo",
+        num_hops: int = 1,
+    ) -> "PartitionPlan":
+        """Partition ``graph`` with the named partitioner and build every part."""
+        num_parts = _check_parts(num_parts)
+        if partitioner not in PARTITIONERS:
+            raise ValueError(
+                f"partitioner: expected one of {list(PARTITIONERS)}, got {partitioner!r}"
+            )
+        owner = assign_owners(graph, num_parts, partitioner)
+        return cls.from_owner(graph, owner, num_parts, mode=mode, num_hops=num_hops)
+
+    @classmethod
+    def from_owner(
+        cls,
+        graph: NeighborGraph,
+        owner: np.ndarray,
+        num_parts: int,
+        mode: str = "halo",
+        num_hops: int = 1,
+    ) -> "PartitionPlan":
+        """Build the parts for a given owner assignment ((N,) ints in ``[0, num_parts)``)."""
+        num_parts = _check_parts(num_parts)
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
+        if isinstance(num_hops, bool) or not isinstance(num_hops, (int, np.integer)) or num_hops < 1:
+            raise ValueError(f"num_hops: expected an integer >= 1, got {num_hops!r}")
+        hops = 1 if mode == "halo" else int(num_hops)
+        owner = np.asarray(owner, dtype=np.int64)
+        if owner.shape != (graph.num_atoms,):
+            raise ValueError(f"owner: expected shape ({graph.num_atoms},), got {owner.shape}")
+        if len(owner) and (owner.min() < 0 or owner.max() >= num_parts):
+            raise ValueError(
+                f"owner: expected part indices in [0, {num_parts}), got values in "
+                f"[{owner.min()}, {owner.max()}]"
+            )
+        by_part = np.argsort(owner, kind="stable")  # owned atoms of each part, ascending ids
+        counts = np.bincount(owner, minlength=num_parts)
+        starts = np.zeros(num_parts + 1, dtype=np.int64)
+        np.cumsum(counts, out=starts[1:])
+        rank_in_owner = np.empty(graph.num_atoms, dtype=np.int64)
+        rank_in_owner[by_part] = np.arange(graph.num_atoms) - np.repeat(starts[:-1], counts)
+        offsets = graph.receiver_offsets()
+        scratch = np.full(graph.num_atoms, -1, dtype=np.int64)
+        parts = tuple(
+            _build_part(
+                p, by_part[starts[p] : starts[p + 1]], hops, graph, owner, rank_in_owner, offsets, scratch
+            )
+            for p in range(num_parts)
+        )
+        return cls(graph.num_atoms, graph.num_edges, mode, hops, owner, parts)
+
+    # ------------------------------------------------------------------ statistics
+    def edges_evaluated(self) -> int:
+        """Edges evaluated summed over all parts (== num_edges in halo mode)."""
+        return int(sum(len(p.edges) for p in self.parts))
+
+    def redundancy(self) -> float:
+        """Edges evaluated over the graph's edges: 1.0 means zero redundancy."""
+        return self.edges_evaluated() / max(self.num_edges, 1)
+
+    def halo_fraction(self) -> float:
+        """Halo atoms summed over parts, as a fraction of all atoms."""
+        return sum(p.num_halo for p in self.parts) / max(self.num_atoms, 1)
+
+    def send_rows(self, source: int, target: int) -> np.ndarray:
+        """Rows of ``source``'s owned atoms that ``target`` holds in its halo, in the order of
+        ``target``'s halo rows that come from ``source``."""
+        part = self.parts[target]
+        return part.halo_source[part.halo_owner == source]
+
+    def recv_rows(self, target: int, source: int) -> np.ndarray:
+        """Local rows of ``target`` whose atoms are owned by ``source``."""
+        part = self.parts[target]
+        return part.num_owned + np.flatnonzero(part.halo_owner == source)
+
+    def validate(self, graph: NeighborGraph | None = None) -> None:
+        """Check the plan's invariants; raises ``ValueError`` on the first one broken."""
+        owned = np.concatenate([p.owned for p in self.parts]) if self.parts else np.zeros(0, int)
+        if not np.array_equal(np.sort(owned), np.arange(self.num_atoms)):
+            raise ValueError("plan: every atom must be owned by exactly one part")
+        for p in self.parts:
+            if not np.all(self.owner[p.owned] == p.index):
+                raise ValueError(f"plan: part {p.index} lists atoms it does not own")
+            if not np.array_equal(self.owner[p.halo], p.halo_owner):
+                raise ValueError(f"plan: part {p.index} has wrong halo owners")
+            src = [self.parts[q].owned[r] for q, r in zip(p.halo_owner, p.halo_source)]
+            if not np.array_equal(np.asarray(src, dtype=np.int64).reshape(-1), p.halo):
+                raise ValueError(f"plan: part {p.index} has wrong halo sources")
+            if len(np.unique(p.atoms)) != len(p.atoms):
+                raise ValueError(f"plan: part {p.index} holds an atom twice")
+            if graph is not None and len(p.edges):
+                if not np.array_equal(p.atoms[p.edge_index[0]], graph.senders[p.edges]):
+                    raise ValueError(f"plan: part {p.index} has wrong local senders")
+                if not np.array_equal(p.atoms[p.edge_index[1]], graph.receivers[p.edges]):
+                    raise ValueError(f"plan: part {p.index} has wrong local receivers")
+        if self.mode == "halo":
+            edges = np.concatenate([p.edges for p in self.parts])
+            if not np.array_equal(np.sort(edges), np.arange(self.num_edges)):
+                raise ValueError("plan: in halo mode every edge must be evaluated exactly once")
+
+
+def _edges_received(atoms: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Ids of all edges received by ``atoms`` (CSR gather)."""
+    begin = offsets[atoms]
+    lengths = offsets[atoms + 1] - begin
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    shift = np.repeat(begin - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+    return shift + np.arange(total, dtype=np.int64)
+
+
+def _build_part(p, owned, hops, graph, owner, rank_in_owner, offsets, scratch) -> PartPlan:
+    """Owned atoms plus a ``hops``-deep halo; edges received by atoms < ``hops`` away."""
+    levels = [owned]
+    edge_sets = []
+    scratch[owned] = 1
+    frontier = owned
+    for _ in range(hops):
+        edges = _edges_received(frontier, offsets)
+        edge_sets.append(edges)
+        senders = graph.senders[edges]
+        new = np.unique(senders[scratch[senders] < 0])
+        if len(new):
+            # order each hop level by owning part, then id, so that exchange blocks are contiguous
+            new = new[np.argsort(owner[new], kind="stable")]
+        scratch[new] = 1
+        levels.append(new)
+        frontier = new
+    atoms = np.concatenate(levels)
+    edges = np.sort(np.concatenate(edge_sets))
+    scratch[atoms] = np.arange(len(atoms))
+    edge_index = np.stack([scratch[graph.senders[edges]], scratch[graph.receivers[edges]]])
+    scratch[atoms] = -1
+    halo = atoms[len(owned) :]
+    return PartPlan(
+        index=p,
+        atoms=atoms,
+        num_owned=len(owned),
+        halo_owner=owner[halo],
+        halo_source=rank_in_owner[halo],
+        edges=edges,
+        edge_index=edge_index.reshape(2, -1),
+    )
