@@ -98,8 +98,8 @@ class DistributedCalculator(Calculator):
         t0 = time.perf_counter()
         graph = NeighborGraph.from_atoms(self.atoms, self.model.cutoff)
         t1 = time.perf_counter()
-        plan = PartitionPlan.build(graph, self.num_partitions, self.partitioner, self.mode,
-                                   num_hops=self.model.num_layers)
+        hops = self.model.num_layers if self.mode == "extended" else self.model.halo_depth
+        plan = PartitionPlan.build(graph, self.num_partitions, self.partitioner, self.mode, hops)
         t2 = time.perf_counter()
         result = self.runner.evaluate(graph, plan)
         t3 = time.perf_counter()

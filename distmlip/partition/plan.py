@@ -58,15 +58,15 @@ class PartPlan:
 class PartitionPlan:
     """How a graph is split into parts.
 
-    ``mode="halo"``: each part holds its owned atoms and a one-hop halo and evaluates exactly the
-    edges its owned atoms receive; node features of the halo are refreshed from their owners
-    between message-passing layers. ``mode="extended"``: each part holds a ``num_hops``-deep halo
-    and evaluates every edge received by atoms less than ``num_hops`` hops away; no exchange.
+    Each part holds its owned atoms and a ``num_hops``-deep halo, and evaluates every edge received
+    by its atoms less than ``num_hops`` hops away. ``mode="halo"`` (normally ``num_hops=1``: each
+    edge evaluated exactly once): node features of the halo are refreshed from their owners between
+    message-passing layers. ``mode="extended"`` (``num_hops`` = the model's layers): no exchange.
 
     Attributes:
         num_atoms, num_edges: size of the whole graph.
         mode: ``"halo"`` or ``"extended"``.
-        num_hops: depth of the halo (1 in halo mode).
+        num_hops: depth of the halo.
         owner: (N,) int64 owning part of each atom.
         parts: one ``PartPlan`` per part.
     """
@@ -115,7 +115,7 @@ class PartitionPlan:
             raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
         if isinstance(num_hops, bool) or not isinstance(num_hops, (int, np.integer)) or num_hops < 1:
             raise ValueError(f"num_hops: expected an integer >= 1, got {num_hops!r}")
-        hops = 1 if mode == "halo" else int(num_hops)
+        hops = int(num_hops)
         owner = np.asarray(owner, dtype=np.int64)
         if owner.shape != (graph.num_atoms,):
             raise ValueError(f"owner: expected shape ({graph.num_atoms},), got {owner.shape}")
@@ -184,7 +184,7 @@ class PartitionPlan:
                     raise ValueError(f"plan: part {p.index} has wrong local senders")
                 if not np.array_equal(p.atoms[p.edge_index[1]], graph.receivers[p.edges]):
                     raise ValueError(f"plan: part {p.index} has wrong local receivers")
-        if self.mode == "halo":
+        if self.mode == "halo" and self.num_hops == 1:
             edges = np.concatenate([p.edges for p in self.parts])
             if not np.array_equal(np.sort(edges), np.arange(self.num_edges)):
                 raise ValueError("plan: in halo mode every edge must be evaluated exactly once")
