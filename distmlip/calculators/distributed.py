@@ -11,9 +11,12 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ..graph import NeighborGraph, as_ase_atoms
 from ..models.base import DistributableModel
 from ..partition import MODES, PARTITIONERS, PartitionPlan
+from ..runtime.distributed import DistributedRunner, detect_launch, init_distributed
 from ..runtime.local import Evaluation, InProcessRunner
 
 __all__ = ["DistributedCalculator"]
+
+BACKENDS = ("auto", "local", "torch")
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -39,15 +42,33 @@ def _parse_devices(device) -> list[torch.device]:
     return out
 
 
+def _setup_distributed(launch, devices: list[torch.device], timeout: float, num_threads) -> torch.device:
+    """Initialise torch.distributed for this rank; returns the rank's device."""
+    device = devices[launch.local_rank % len(devices)]
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", launch.local_rank % max(torch.cuda.device_count(), 1))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.set_num_threads(1 if num_threads is None else int(num_threads))
+    init_distributed(launch, "nccl" if device.type == "cuda" else "gloo", timeout)
+    return device
+
+
 class DistributedCalculator(Calculator):
     """An ASE calculator evaluating a message-passing potential on a partitioned graph.
 
     Gives the same energy, forces, stress and per-atom energies as the unpartitioned model (up to
     floating-point summation order).
 
+    In one process the parts run on ``device`` (a list spreads them over several devices, one
+    worker thread each). Under ``mpirun``/``mpiexec``/``torchrun`` every rank runs the same script
+    and evaluates one part; communication goes through torch.distributed (NCCL for CUDA, gloo on
+    CPU), and every rank ends each call holding the full, identical results.
+
     Args:
         model: a ``DistributableModel`` (see ``distmlip.models``).
-        num_partitions: number of parts (>= 1; more parts than atoms is legal).
+        num_partitions: number of parts (>= 1; more parts than atoms is legal). Default: 1 in one
+            process, the number of processes under a launcher (where any other value is an error).
         partitioner: ``"grid"`` (recursive coordinate bisection, default), ``"slab"`` (1-D cuts
             balanced by atom count) or ``"metis"`` (pymetis graph partitioning).
         mode: ``"halo"`` (one-hop halo, exchange between layers, zero redundancy) or
@@ -55,6 +76,11 @@ class DistributedCalculator(Calculator):
         device: a device, or a list of devices the parts are spread over round-robin (one worker
             each).
         dtype: ``None`` (the model's), ``torch.float32``/``torch.float64`` or ``"float32"``/``"float64"``.
+        backend: ``"auto"`` (torch.distributed when launched with several processes, else in this
+            process), ``"local"`` or ``"torch"``.
+        timeout: seconds a rank waits for its peers in any collective before failing (multi-process).
+        num_threads: torch threads per process (default: 1 per rank under a launcher; unchanged
+            in one process).
 
     Results: ``energy``/``free_energy`` (eV), ``forces`` (N, 3) eV/Å, ``stress`` (Voigt, eV/Å^3,
     ASE's sign; only for cells of full rank), ``energies`` (N,) eV. After each calculation
@@ -63,28 +89,57 @@ class DistributedCalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
-    def __init__(self, model: DistributableModel, num_partitions: int = 1, partitioner: str = "grid",
-                 mode: str = "halo", device="cpu", dtype=None, **kwargs):
+    def __init__(self, model: DistributableModel, num_partitions: int | None = None,
+                 partitioner: str = "grid", mode: str = "halo", device="cpu", dtype=None,
+                 backend: str = "auto", timeout: float = 30.0, num_threads: int | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
         if not isinstance(model, DistributableModel):
             raise TypeError(
                 f"model: expected a distmlip.models.DistributableModel, got {type(model).__name__}"
             )
-        if isinstance(num_partitions, bool) or not isinstance(num_partitions, (int, np.integer)):
-            raise TypeError(f"num_partitions: expected an integer >= 1, got {num_partitions!r}")
-        if num_partitions < 1:
-            raise ValueError(f"num_partitions: expected an integer >= 1, got {num_partitions}")
+        if num_partitions is not None:
+            if isinstance(num_partitions, bool) or not isinstance(num_partitions, (int, np.integer)):
+                raise TypeError(f"num_partitions: expected an integer >= 1, got {num_partitions!r}")
+            if num_partitions < 1:
+                raise ValueError(f"num_partitions: expected an integer >= 1, got {num_partitions}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        if not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
         if partitioner not in PARTITIONERS:
             raise ValueError(f"partitioner: expected one of {list(PARTITIONERS)}, got {partitioner!r}")
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
         self.model = model
-        self.num_partitions = int(num_partitions)
         self.partitioner = partitioner
         self.mode = mode
         self.devices = _parse_devices(device)
         self.dtype = _parse_dtype(dtype)
-        self.runner = InProcessRunner(model, self.devices, self.dtype)
+        launch = detect_launch() if backend != "local" else None
+        if backend == "torch" and launch is None:
+            raise ValueError(
+                "backend: 'torch' needs a multi-process launch (mpirun/mpiexec, torchrun, or an "
+                "initialised torch.distributed process group); got none. Use backend='local' or "
+                "'auto' to run in this process"
+            )
+        self.backend = "torch" if launch is not None and launch.world_size > 1 else "local"
+        if self.backend == "torch":
+            self.distributed = _setup_distributed(launch, self.devices, timeout, num_threads)
+            world = launch.world_size
+            if num_partitions is not None and num_partitions != world:
+                raise ValueError(
+                    f"num_partitions: expected the number of processes ({world}) under a "
+                    f"multi-process launch (one part per rank), got {num_partitions}; omit it or "
+                    f"launch {num_partitions} processes"
+                )
+            self.num_partitions = world
+            self.runner = DistributedRunner(model, self.distributed, self.dtype, partitioner, mode)
+        else:
+            if num_threads is not None:
+                torch.set_num_threads(int(num_threads))
+            self.num_partitions = 1 if num_partitions is None else int(num_partitions)
+            self.runner = InProcessRunner(model, self.devices, self.dtype, timeout=max(timeout, 600.0))
         self.last_plan: PartitionPlan | None = None
         self.last_graph: NeighborGraph | None = None
         self.timings: dict[str, float] = {}
@@ -95,6 +150,13 @@ class DistributedCalculator(Calculator):
         if atoms is not None:
             atoms = as_ase_atoms(atoms)
         Calculator.calculate(self, atoms, properties, system_changes)
+        if self.backend == "torch":
+            a = self.atoms
+            result = self.runner.evaluate(a.positions, a.cell.array, a.pbc, a.numbers)
+            self.timings = dict(self.runner.timings)
+            self.last_graph, self.last_plan = self.runner.last_graph, None
+            self._store(result, self.atoms.cell.array)
+            return
         t0 = time.perf_counter()
         graph = NeighborGraph.from_atoms(self.atoms, self.model.cutoff)
         t1 = time.perf_counter()
@@ -105,9 +167,9 @@ class DistributedCalculator(Calculator):
         t3 = time.perf_counter()
         self.last_graph, self.last_plan = graph, plan
         self.timings = {"graph": t1 - t0, "partition": t2 - t1, "evaluate": t3 - t2, "total": t3 - t0}
-        self._store(result, graph)
+        self._store(result, graph.cell)
 
-    def _store(self, result: Evaluation, graph: NeighborGraph) -> None:
+    def _store(self, result: Evaluation, cell: np.ndarray) -> None:
         self.results = {
             "energy": result.energy,
             "free_energy": result.energy,
@@ -115,7 +177,7 @@ class DistributedCalculator(Calculator):
             "forces": result.forces,
         }
         if self.atoms.cell.rank == 3:
-            stress = result.virial / abs(np.linalg.det(graph.cell))
+            stress = result.virial / abs(np.linalg.det(cell))
             self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]].copy()
 
     def get_property(self, name, atoms=None, allow_calculation=True):

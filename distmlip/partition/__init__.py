@@ -1,7 +1,7 @@
 """NeighborGraph -> PartitionPlan: owners (slab, grid, METIS), halos, local edges, exchange maps."""
 
 from .assign import PARTITIONERS, assign_owners, grid_owners, metis_owners, slab_owners
-from .plan import MODES, PartitionPlan, PartPlan
+from .plan import MODES, PartitionPlan, PartPlan, build_part, owned_rows
 
 __all__ = [
     "MODES",
@@ -9,6 +9,8 @@ __all__ = [
     "PartPlan",
     "PartitionPlan",
     "assign_owners",
+    "build_part",
+    "owned_rows",
     "grid_owners",
     "metis_owners",
     "slab_owners",

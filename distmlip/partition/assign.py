@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph import NeighborGraph, complete_cell
+from ..graph import NeighborGraph, fractional_coordinates
 
 __all__ = ["PARTITIONERS", "assign_owners", "slab_owners", "grid_owners", "metis_owners"]
 
@@ -22,21 +22,8 @@ def _check_parts(num_parts) -> int:
     return int(num_parts)
 
 
-def _cut_coordinates(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray):
-    """Coordinates to cut in: fractional (wrapped into [0, 1) along periodic directions) and the
-    physical length of one unit along each, i.e. the spacing of the lattice planes (Å)."""
-    full = complete_cell(cell, pbc)
-    frac = positions @ np.linalg.inv(full)
-    frac[:, pbc] -= np.floor(frac[:, pbc])
-    frac[:, pbc] = np.where(frac[:, pbc] >= 1.0, 0.0, frac[:, pbc])
-    reciprocal = np.linalg.inv(full).T
-    spacing = 1.0 / np.linalg.norm(reciprocal, axis=1)
-    return frac, spacing
-
-
-def _extent(frac: np.ndarray, spacing: np.ndarray, pbc: np.ndarray) -> np.ndarray:
-    """Physical extent of a set of atoms along each cutting axis (periodic axes: whole period when
-    the set spans most of it)."""
+def _extent(frac: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Physical extent (Å, between lattice planes) of a set of atoms along each cutting axis."""
     if len(frac) == 0:
         return np.zeros(3)
     width = frac.max(axis=0) - frac.min(axis=0)
@@ -46,8 +33,8 @@ def _extent(frac: np.ndarray, spacing: np.ndarray, pbc: np.ndarray) -> np.ndarra
 def slab_owners(positions, cell, pbc, num_parts: int) -> np.ndarray:
     """1-D cuts along the longest axis, balanced by atom count (not by width)."""
     num_parts = _check_parts(num_parts)
-    frac, spacing = _cut_coordinates(positions, cell, pbc)
-    axis = int(np.argmax(_extent(frac, spacing, pbc)))
+    frac, spacing = fractional_coordinates(np.asarray(positions, dtype=np.float64), cell, np.asarray(pbc, dtype=bool))
+    axis = int(np.argmax(_extent(frac, spacing)))
     order = np.argsort(frac[:, axis], kind="stable")
     owner = np.empty(len(positions), dtype=np.int64)
     owner[order] = (np.arange(len(positions)) * num_parts) // len(positions)
@@ -58,7 +45,7 @@ def grid_owners(positions, cell, pbc, num_parts: int) -> np.ndarray:
     """Recursive coordinate bisection: split the atoms along their widest physical extent into
     two sets whose sizes are proportional to the number of parts each side receives."""
     num_parts = _check_parts(num_parts)
-    frac, spacing = _cut_coordinates(positions, cell, pbc)
+    frac, spacing = fractional_coordinates(np.asarray(positions, dtype=np.float64), cell, np.asarray(pbc, dtype=bool))
     owner = np.empty(len(positions), dtype=np.int64)
     stack = [(np.arange(len(positions)), num_parts, 0)]
     while stack:
@@ -70,8 +57,8 @@ def grid_owners(positions, cell, pbc, num_parts: int) -> np.ndarray:
         n_left = (len(idx) * left_parts) // parts
         if 0 < n_left < len(idx):
             sub = frac[idx]
-            axis = int(np.argmax(_extent(sub, spacing, pbc)))
-            order = np.argpartition(sub[:, axis], n_left - 1) if n_left > 0 else np.arange(len(idx))
+            axis = int(np.argmax(_extent(sub, spacing)))
+            order = np.argpartition(sub[:, axis], n_left - 1)
             left, right = idx[order[:n_left]], idx[order[n_left:]]
         else:
             left, right = idx[:n_left], idx[n_left:]

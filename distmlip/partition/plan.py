@@ -9,7 +9,7 @@ import numpy as np
 from ..graph import NeighborGraph
 from .assign import PARTITIONERS, _check_parts, assign_owners
 
-__all__ = ["MODES", "PartPlan", "PartitionPlan"]
+__all__ = ["MODES", "PartPlan", "PartitionPlan", "build_part", "owned_rows"]
 
 MODES = ("halo", "extended")
 
@@ -124,12 +124,7 @@ class PartitionPlan:
                 f"owner: expected part indices in [0, {num_parts}), got values in "
                 f"[{owner.min()}, {owner.max()}]"
             )
-        by_part = np.argsort(owner, kind="stable")  # owned atoms of each part, ascending ids
-        counts = np.bincount(owner, minlength=num_parts)
-        starts = np.zeros(num_parts + 1, dtype=np.int64)
-        np.cumsum(counts, out=starts[1:])
-        rank_in_owner = np.empty(graph.num_atoms, dtype=np.int64)
-        rank_in_owner[by_part] = np.arange(graph.num_atoms) - np.repeat(starts[:-1], counts)
+        by_part, starts, rank_in_owner = _owner_layout(owner, num_parts)
         offsets = graph.receiver_offsets()
         scratch = np.full(graph.num_atoms, -1, dtype=np.int64)
         parts = tuple(
@@ -188,6 +183,37 @@ class PartitionPlan:
             edges = np.concatenate([p.edges for p in self.parts])
             if not np.array_equal(np.sort(edges), np.arange(self.num_edges)):
                 raise ValueError("plan: in halo mode every edge must be evaluated exactly once")
+
+
+def _owner_layout(owner: np.ndarray, num_parts: int):
+    """Atoms grouped by owning part (ascending ids), each part's start in that order, and each
+    atom's row among its owner's owned atoms."""
+    by_part = np.argsort(owner, kind="stable")
+    counts = np.bincount(owner, minlength=num_parts)
+    starts = np.zeros(num_parts + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    rank_in_owner = np.empty(len(owner), dtype=np.int64)
+    rank_in_owner[by_part] = np.arange(len(owner)) - np.repeat(starts[:-1], counts)
+    return by_part, starts, rank_in_owner
+
+
+def owned_rows(owner: np.ndarray, num_parts: int) -> np.ndarray:
+    """(N,) row of each atom among its owner's owned atoms (owned atoms are kept in ascending id)."""
+    return _owner_layout(owner, num_parts)[2]
+
+
+def build_part(graph: NeighborGraph, part: int, owner: np.ndarray, rows: np.ndarray,
+               num_hops: int = 1) -> PartPlan:
+    """One part, built from a graph that need only contain the part's region.
+
+    ``graph`` may be the subgraph of a subset of atoms (then ``owner`` and ``rows``, the owning part
+    and owned row of each of *its* atoms, are the global arrays restricted to that subset, and the
+    returned ``atoms``/``edges`` index the subgraph). The subset must hold every atom within
+    ``num_hops`` cutoffs of the part's owned atoms.
+    """
+    owned = np.flatnonzero(owner == part)
+    scratch = np.full(graph.num_atoms, -1, dtype=np.int64)
+    return _build_part(part, owned, int(num_hops), graph, owner, rows, graph.receiver_offsets(), scratch)
 
 
 def _edges_received(atoms: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -1,0 +1,254 @@
+"""SevenNet (``sevenn``) adapter: ``load("sevennet-0")`` and ``wrap(<AtomGraphSequential>)``.
+
+SevenNet's model is an ``AtomGraphSequential``: an ordered list of modules that each read and
+write a data dict (edge embedding, one-hot element embedding, then per interaction layer
+``{i}_self_connection_intro``, ``{i}_self_interaction_1``, ``{i}_convolution``,
+``{i}_self_interaction_2``, ``{i}_self_connection_outro``, ``{i}_equivariant_gate``, then the
+readout, the species-wise shift/scale, the energy sum and the force/stress output).
+
+``SevenNetModel`` builds that data dict from a ``LocalGraph`` and runs the modules one by one:
+
+- SevenNet's ``edge_index`` is ``[receivers; senders]`` (its convolution gathers messages from
+  ``edge_index[1]`` into ``edge_index[0]``; matscipy's ``i, j`` with ``D = pos[j] - pos[i] + S@cell``),
+  i.e. distmlip's ``[senders; receivers]`` flipped. Its ``edge_vec`` then has distmlip's sign:
+  ``pos[sender] - pos[receiver] + shift@cell``. ``graph.edge_vec`` itself is SevenNet's
+  ``edge_vec``, so distmlip's autograd gives the forces and stress.
+- Atomic numbers become SevenNet's type indices through the checkpoint's ``type_map``.
+- ``graph.halo_exchange`` runs on the convolution's input features right before every
+  convolution but the first (everything before the first convolution is per-atom and depends on
+  the element only, so it is already exact on the halo). This is where SevenNet's own LAMMPS
+  parallel mode communicates too (``IrrepsConvolution._comm_size = irreps_x.dim``).
+- The energy sum and force/stress output modules are skipped; the per-atom energies
+  (``KEY.ATOMIC_ENERGY``, after the shift/scale: what ``SevenNetCalculator`` reports as
+  ``energies``) are returned.
+
+Why not SevenNet's ghost-exchange hook (``sevenn/nn/_ghost_exchange.py``, used by
+``sevenn/mliap.py``)? It wraps each convolution in a module that truncates node features to the
+first ``nlocal`` rows, appends zero ghost rows and calls an autograd ``Function`` whose forward
+and backward call LAMMPS' ``forward_exchange``/``reverse_exchange``. Using it would need
+(1) owned-atoms-first row order, which ``LocalGraph`` does not promise, (2) narrowing the other
+node keys after each convolution as ``mliap.py`` does, and (3) a hand-written reverse exchange
+duplicating what distmlip's ``halo_exchange`` already gets from autograd (it is built on
+differentiable indexing). It also exchanges before the first convolution, which is unnecessary.
+Inserting the exchange calls here is shorter and leaves SevenNet's modules untouched.
+
+The wrapped module is not modified (no ``set_is_batch_data``): the data dict carries a ``batch``
+vector of zeros, so modules in either batch or single mode give the same result.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import DistributableModel, LocalGraph
+
+__all__ = ["PRETRAINED", "SevenNetModel", "load", "supports", "wrap"]
+
+_INSTALL = "SevenNet models need the 'sevenn' package: pip install distmlip[sevenn]"
+
+# distmlip name -> (sevenn's pretrained name, description). All three checkpoints ship inside
+# the sevenn wheel (sevenn/pretrained_potentials); nothing is downloaded.
+_CHECKPOINTS = {
+    "sevennet-0": ("7net-0", "SevenNet-0 (11Jul2024), MPtrj PBE(+U), 5 Å cutoff, 5 convolutions (sevenn)"),
+    "sevennet-l3i5": ("7net-l3i5", "SevenNet-l3i5, MPtrj, l_max=3, 5 convolutions (sevenn)"),
+    "sevennet-mf-0": ("7net-mf-0", "SevenNet-MF-0, multi-fidelity PBE/r2SCAN; modal='PBE' (default) "
+                                   "or 'R2SCAN' (sevenn)"),
+}
+PRETRAINED = {name: desc for name, (_, desc) in _CHECKPOINTS.items()}
+
+# The documented default fidelity of SevenNet-MF-0: PBE(+U), the MPtrj level of theory shared by
+# SevenNet-0, so the two models are interchangeable by default.
+_DEFAULT_MODAL = {"sevennet-mf-0": "PBE"}
+
+
+def _sevenn():
+    try:
+        import sevenn  # noqa: F401
+        import sevenn._keys as keys
+        from sevenn.nn.sequential import AtomGraphSequential
+    except ImportError as exc:  # pragma: no cover - exercised only without sevenn
+        raise ImportError(_INSTALL) from exc
+    return keys, AtomGraphSequential
+
+
+def supports(obj) -> bool:
+    """Whether ``obj`` is a SevenNet ``AtomGraphSequential``."""
+    if type(obj).__module__.split(".")[0] != "sevenn":
+        return False
+    try:
+        _, sequential = _sevenn()
+    except ImportError:
+        return False
+    return isinstance(obj, sequential)
+
+
+class SevenNetModel(DistributableModel):
+    """A SevenNet ``AtomGraphSequential`` under the distmlip contract.
+
+    Args:
+        module: the SevenNet model (held, not copied, and not modified).
+        modal: for a multi-fidelity model, the fidelity (one of ``module.modal_map``'s keys, case
+            insensitive); must be ``None`` for a single-fidelity model.
+        name: a label used in error messages.
+
+    ``cutoff`` is the model's cutoff; ``num_layers`` is its number of convolutions. The model
+    runs in the dtype of its parameters (SevenNet's checkpoints are float32; ``.to(torch.float64)``
+    or ``DistributedCalculator(dtype="float64")`` casts it).
+    """
+
+    def __init__(self, module, modal: str | None = None, name: str = "SevenNet"):
+        super().__init__()
+        keys, sequential = _sevenn()
+        if not isinstance(module, sequential):
+            raise TypeError(
+                f"module: expected a sevenn.nn.sequential.AtomGraphSequential, got "
+                f"{type(module).__module__}.{type(module).__name__}"
+            )
+        from sevenn.nn.convolution import IrrepsConvolution, IrrepsScatterGatterFusedConvolution
+        from sevenn.nn.force_output import ForceOutput, ForceStressOutput, ForceStressOutputFromEdge
+        from sevenn.nn.linear import AtomReduce
+        from sevenn.nn.node_embedding import OnehotEmbedding
+
+        self.name = name
+        if not module.type_map:
+            raise ValueError(f"module: {name} has no type_map (atomic number -> type index); "
+                             "build it from a checkpoint (sevenn.util.load_checkpoint(...).build_model())")
+        cutoff = float(module.cutoff)
+        if not cutoff > 0:
+            raise ValueError(f"module: {name} has no cutoff (got {module.cutoff!r})")
+        self.cutoff = cutoff
+        self.type_map = {int(z): int(t) for z, t in module.type_map.items()}
+        z_to_type = torch.full((128,), -1, dtype=torch.long)
+        for z, t in self.type_map.items():
+            z_to_type[z] = t
+        self.register_buffer("z_to_type", z_to_type, persistent=False)
+
+        skip = (ForceOutput, ForceStressOutput, ForceStressOutputFromEdge, AtomReduce)
+        convolutions = (IrrepsConvolution, IrrepsScatterGatterFusedConvolution)
+        self._plan: list[tuple[str, str]] = []  # (module name, role)
+        for key, sub in module._modules.items():
+            if isinstance(sub, skip):
+                continue
+            if isinstance(sub, convolutions):
+                if getattr(sub, "is_parallel", False):
+                    raise ValueError(f"module: {name}'s convolution {key!r} is built for SevenNet's "
+                                     "LAMMPS parallel mode (is_parallel=True); pass the serial model")
+                role = "conv"
+            elif isinstance(sub, OnehotEmbedding):
+                role = "onehot"
+            else:
+                role = "node"
+            self._plan.append((key, role))
+        self.num_layers = sum(role == "conv" for _, role in self._plan)
+        if self.num_layers < 1:
+            raise ValueError(f"module: {name} has no convolution layer")
+        # the data-dict keys (strings) this adapter writes and reads
+        self._key = {k: getattr(keys, k) for k in ("EDGE_IDX", "EDGE_VEC", "ATOMIC_NUMBERS", "NODE_FEATURE",
+                                                   "BATCH", "NUM_ATOMS", "MODAL_TYPE", "ATOMIC_ENERGY")}
+        self.module = module
+
+        # fidelity of a multi-fidelity model
+        self.modal = None
+        self._modal_index = None
+        modal_map = module.modal_map or {}
+        deployed = module._modules.get("modal_input_prepare")
+        if deployed is not None:  # prepare_modal_deploy() already fixed the fidelity
+            fixed = [m for m, i in modal_map.items() if i == deployed.modal_idx]
+            if modal is not None and (not fixed or modal.lower() != fixed[0].lower()):
+                raise ValueError(f"modal: {name} was deployed for modality {fixed or deployed.modal_idx}; "
+                                 f"got {modal!r}")
+            self.modal = fixed[0] if fixed else None
+        elif modal_map:
+            if modal is None:
+                raise ValueError(f"modal: {name} is multi-fidelity; expected one of "
+                                 f"{sorted(modal_map)}, got None")
+            if not isinstance(modal, str):
+                raise TypeError(f"modal: expected one of {sorted(modal_map)} (str), got {modal!r}")
+            match = [m for m in modal_map if m.lower() == modal.lower()]
+            if not match:
+                raise ValueError(f"modal: expected one of {sorted(modal_map)}, got {modal!r}")
+            self.modal = match[0]
+            self._modal_index = int(modal_map[match[0]])
+        elif modal is not None:
+            raise ValueError(f"modal: {name} has a single fidelity; expected None, got {modal!r}")
+
+    def type_indices(self, numbers: torch.Tensor) -> torch.Tensor:
+        """SevenNet's type index of each atomic number (ValueError for unknown elements)."""
+        numbers = numbers.to(torch.long)
+        bad = (numbers < 0) | (numbers >= self.z_to_type.shape[0])
+        types = self.z_to_type[numbers.clamp(0, self.z_to_type.shape[0] - 1)]
+        bad |= types < 0
+        if bool(bad.any()):
+            unknown = sorted({int(z) for z in numbers[bad].tolist()})
+            raise ValueError(
+                f"numbers: {self.name} has no parameters for atomic number(s) {unknown}; it knows "
+                f"{sorted(self.type_map)}"
+            )
+        return types
+
+    def forward(self, graph: LocalGraph) -> torch.Tensor:
+        key = self._key
+        edge_vec = graph.edge_vec
+        dtype = self.dtype
+        if edge_vec.dtype != dtype:
+            edge_vec = edge_vec.to(dtype)
+        n = graph.num_nodes
+        device = edge_vec.device
+        types = self.type_indices(graph.numbers.to(device))
+        data = {
+            key["EDGE_IDX"]: graph.edge_index.flip(0),  # SevenNet: [receivers; senders]
+            key["EDGE_VEC"]: edge_vec,
+            key["ATOMIC_NUMBERS"]: graph.numbers.to(device),
+            key["NODE_FEATURE"]: types,
+            key["BATCH"]: torch.zeros(n, dtype=torch.long, device=device),
+            key["NUM_ATOMS"]: torch.tensor(n, device=device),
+        }
+        if self._modal_index is not None:
+            data[key["MODAL_TYPE"]] = torch.tensor([self._modal_index], dtype=torch.long, device=device)
+        convolutions = 0
+        for name, role in self._plan:
+            sub = self.module._modules[name]
+            if role == "conv":
+                if convolutions > 0:
+                    data[sub.key_x] = graph.halo_exchange(data[sub.key_x])
+                convolutions += 1
+            data = sub(data)
+            if role == "onehot":  # SevenNet's one-hot is always float32: follow the model dtype
+                for out in (sub.key_output, sub.key_additional_output):
+                    if out is not None and data[out].is_floating_point():
+                        data[out] = data[out].to(dtype)
+        return data[key["ATOMIC_ENERGY"]].reshape(n)
+
+
+def wrap(obj, modal: str | None = None, **kwargs) -> SevenNetModel:
+    """Wrap a SevenNet ``AtomGraphSequential`` (not copied, not modified)."""
+    if kwargs:
+        raise TypeError(f"wrap: unexpected keyword argument(s) {sorted(kwargs)} for a SevenNet model; "
+                        "allowed: modal")
+    return SevenNetModel(obj, modal=modal)
+
+
+def load(name: str, modal: str | None = None, **kwargs) -> SevenNetModel:
+    """A pretrained SevenNet model shipped in the ``sevenn`` wheel: one of ``PRETRAINED``.
+
+    ``modal`` selects the fidelity of ``"sevennet-mf-0"`` (``"PBE"`` by default, or ``"R2SCAN"``).
+    """
+    if kwargs:
+        raise TypeError(f"load: unexpected keyword argument(s) {sorted(kwargs)}; allowed: modal")
+    if not isinstance(name, str) or name.lower() not in _CHECKPOINTS:
+        raise ValueError(f"name: expected one of {sorted(_CHECKPOINTS)}, got {name!r}")
+    key = name.lower()
+    _sevenn()
+    import os
+
+    import sevenn.util as util
+
+    path = util.pretrained_name_to_path(_CHECKPOINTS[key][0])
+    if not os.path.isfile(path):  # pragma: no cover - the wheel ships these files
+        raise FileNotFoundError(f"name: the checkpoint of {key!r} is not in the installed sevenn ({path})")
+    checkpoint = util.load_checkpoint(path)
+    module = checkpoint.build_model()
+    module.eval()
+    if modal is None:
+        modal = _DEFAULT_MODAL.get(key)
+    return SevenNetModel(module, modal=modal, name=key)
