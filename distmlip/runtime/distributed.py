@@ -66,6 +66,7 @@ def init_distributed(launch: Launch, backend: str, timeout: float) -> None:
     delta = datetime.timedelta(seconds=timeout)
     if launch.launcher == "torchrun":
         dist.init_process_group(backend, init_method="env://", timeout=delta)
+        install_failure_hook(launch.rank)
         return
     try:
         from mpi4py import MPI
@@ -93,6 +94,7 @@ def init_distributed(launch: Launch, backend: str, timeout: float) -> None:
         backend, init_method=f"tcp://{host}:{address[1]}", rank=comm.Get_rank(),
         world_size=comm.Get_size(), timeout=delta,
     )
+    install_failure_hook(comm.Get_rank(), mpi_abort=True)
 
 
 def _host_address() -> str:
@@ -175,6 +177,66 @@ class P2PHaloExchange:
             for rows, buf, _ in buffers:
                 target.index_copy_(0, rows, buf)
         self.seconds += time.perf_counter() - t0
+
+
+_FAIL_KEY = "distmlip/failed/{rank}"
+
+
+def _report_failure(rank: int, exc: BaseException) -> None:
+    """Leave this rank's error in the process group's store, where waiting peers look."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(_FAIL_KEY.format(rank=rank), f"{type(exc).__name__}: {exc}"[:2000])
+    except Exception:  # noqa: BLE001 - best effort while already failing
+        pass
+
+
+def _reported_failures(world_size: int, me: int) -> str:
+    """'rank r failed: ...' for every peer that reported an error, or ''."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001
+        return ""
+    found = []
+    for r in range(world_size):
+        if r == me:
+            continue
+        key = _FAIL_KEY.format(rank=r)
+        try:
+            if store.check([key]):
+                found.append(f"rank {r} failed: {store.get(key).decode()}")
+        except Exception:  # noqa: BLE001 - the store may be gone with its host
+            continue
+    return "; ".join(found)
+
+
+def install_failure_hook(rank: int, mpi_abort: bool = False) -> None:
+    """Make an uncaught exception anywhere in this rank's script visible to its peers (they name
+    it when their next collective fails), let Python report it as usual, and under MPI abort the
+    job (MPI_Finalize would otherwise wait forever for a hung peer)."""
+    import sys
+
+    previous = sys.excepthook
+    if getattr(previous, "_distmlip", False):
+        return
+
+    def hook(kind, value, tb):
+        if dist.is_initialized():
+            _report_failure(rank, value)
+        previous(kind, value, tb)
+        if mpi_abort:
+            sys.stderr.flush()
+            from mpi4py import MPI
+
+            MPI.COMM_WORLD.Abort(1)
+
+    hook._distmlip = True
+    sys.excepthook = hook
+
+
+def _is_comm_failure(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(w in text for w in ("gloo", "nccl", "timed out", "timeout", "connection", "peer"))
 
 
 class DistributedRunner:
@@ -277,6 +339,29 @@ class DistributedRunner:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, positions, cell, pbc, numbers) -> Evaluation:
+        """Evaluate rank 0's system; every rank returns the same full results."""
+        try:
+            return self._evaluate(positions, cell, pbc, numbers)
+        except CommunicationError as exc:
+            failed = _reported_failures(self.world_size, self.rank)
+            if failed:
+                raise CommunicationError(f"rank {self.rank} stopped because {failed}") from exc
+            raise
+        except RuntimeError as exc:
+            if not _is_comm_failure(exc):
+                _report_failure(self.rank, exc)
+                raise
+            failed = _reported_failures(self.world_size, self.rank)
+            raise CommunicationError(
+                f"rank {self.rank} stopped: a collective with the other ranks failed or timed out"
+                + (f" because {failed}" if failed else " (a peer has failed, died or hung)")
+                + f". {exc}"
+            ) from exc
+        except BaseException as exc:
+            _report_failure(self.rank, exc)
+            raise
+
+    def _evaluate(self, positions, cell, pbc, numbers) -> Evaluation:
         t0 = time.perf_counter()
         if self.rank == 0:
             positions, cell, pbc, numbers = validate_system(positions, cell, pbc, numbers)

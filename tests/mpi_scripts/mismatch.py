@@ -1,0 +1,6 @@
+"""Run under a 2-process launcher: asking for 3 partitions is a clear error."""
+
+from distmlip import DistributedCalculator
+from distmlip.models import LennardJones
+
+DistributedCalculator(LennardJones(), num_partitions=3)
