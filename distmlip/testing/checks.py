@@ -83,7 +83,8 @@ def assert_partition_invariant(
 ) -> list[dict]:
     """Check that splitting ``atoms`` never changes what ``model`` computes.
 
-    The reference is ``DistributedCalculator(model, num_partitions=1, device=device, dtype=dtype)``.
+    The reference is ``DistributedCalculator(model, num_partitions=1, device=device, dtype=dtype)``
+    (all calculators here use ``backend="local"``: every part runs in this process).
     Every combination of ``partitioners`` x ``num_partitions`` x ``modes`` is then evaluated
     and its energy, forces, per-atom energies and, when the cell has rank 3, stress compared with
     the reference using ``rel_err`` (module docstring).
@@ -110,11 +111,13 @@ def assert_partition_invariant(
     from ..graph import as_ase_atoms
 
     atoms = as_ase_atoms(atoms)
-    reference = evaluate(DistributedCalculator(model, 1, device=device, dtype=dtype), atoms)
+    # backend="local": the partitions run in this process even under a multi-process launcher
+    reference = evaluate(DistributedCalculator(model, 1, device=device, dtype=dtype, backend="local"),
+                         atoms)
     report = []
     for partitioner, parts, mode in itertools.product(partitioners, num_partitions, modes):
         calc = DistributedCalculator(model, num_partitions=parts, partitioner=partitioner, mode=mode,
-                                     device=device, dtype=dtype)
+                                     device=device, dtype=dtype, backend="local")
         result = evaluate(calc, atoms)
         errors = _compare(result, reference)
         plan = calc.last_plan
