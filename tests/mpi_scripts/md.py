@@ -6,7 +6,7 @@ import sys
 import numpy as np
 from ase import units
 from ase.build import bulk
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.velocitydistribution import thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 
 from distmlip import DistributedCalculator
@@ -17,7 +17,7 @@ STEPS = 50
 
 def run(backend):
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((4, 4, 4))
-    MaxwellBoltzmannDistribution(atoms, temperature_K=600, rng=np.random.default_rng(0))
+    thermalize_momenta(atoms, temperature_K=600, rng=np.random.default_rng(0))
     model = SchNet(cutoff=4.0, num_interactions=2, hidden_channels=16, seed=2)
     atoms.calc = DistributedCalculator(model, backend=backend)
     frames = []

@@ -1,0 +1,116 @@
+"""Strong scaling and per-rank memory of the multi-process runtime (mpirun, gloo on CPU).
+
+    .venv/bin/python bench/bench_scaling.py            # writes bench/results/scaling.md
+
+Scaling: one SchNet energy+forces+stress evaluation of a >=50k-atom Cu crystal with 1 process
+(in-process, one part) and 2 processes (one part per rank); speedup and the share of the time
+spent communicating (broadcast, exchange-map handshake, halo exchanges, final all-reduce).
+Memory: peak RSS of each rank for P = 1, 2, 4 on a >=100k-atom crystal (P = 4 oversubscribes the
+2 cores: its times are not meaningful, its memory is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker(args):
+    import numpy as np
+    import torch
+    from ase.build import bulk
+
+    from distmlip import DistributedCalculator
+    from distmlip.models import SchNet
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((args.reps,) * 3)
+    atoms.rattle(0.02, seed=0)
+    model = SchNet(cutoff=args.cutoff, num_interactions=3, hidden_channels=32, seed=0, dtype=torch.float32)
+    backend = "local" if args.procs == 1 else "torch"
+    atoms.calc = DistributedCalculator(model, backend=backend, num_threads=1, timeout=600)
+    calc = atoms.calc
+    times, comm = [], []
+    for _ in range(args.repeat + 1):
+        atoms.positions += 1e-4  # force a new evaluation
+        t0 = time.perf_counter()
+        atoms.get_forces()
+        atoms.get_stress()
+        times.append(time.perf_counter() - t0)
+        comm.append(calc.timings.get("communication", 0.0))
+    rank = calc.runner.rank if backend == "torch" else 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    record = {"rank": rank, "procs": args.procs, "atoms": len(atoms), "time": min(times[1:]),
+              "comm": comm[1 + int(np.argmin(times[1:]))], "peak_mb": peak, "base_mb": base,
+              "timings": calc.timings}
+    if backend == "torch":
+        import torch.distributed as dist
+
+        records = [None] * dist.get_world_size()
+        dist.all_gather_object(records, record)
+    else:
+        records = [record]
+    if rank == 0:
+        print("RESULT " + json.dumps(records), flush=True)
+
+
+def launch(procs, reps, cutoff, repeat):
+    cmd = [sys.executable, __file__, "--worker", "--procs", str(procs), "--reps", str(reps),
+           "--cutoff", str(cutoff), "--repeat", str(repeat)]
+    if procs > 1:
+        cmd = [str(Path(sys.executable).parent / "mpirun"), "-n", str(procs)] + cmd
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"benchmark run failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--procs", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=24, help="cubic FCC repetitions (4 atoms each)")
+    parser.add_argument("--cutoff", type=float, default=4.0)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--memory-reps", type=int, default=30)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    lines = ["## Multi-process runtime: strong scaling and per-rank memory", "",
+             "Command: `.venv/bin/python bench/bench_scaling.py` (SchNet float32, 3 interactions, 32 "
+             f"channels, cutoff {args.cutoff} Å, FCC Cu; grid partitioner, halo mode; gloo on CPU, one "
+             "torch thread per rank; best of repeated energy+forces+stress calls after a warm-up).", ""]
+    scaling = {p: launch(p, args.reps, args.cutoff, args.repeat) for p in (1, 2)}
+    t1 = scaling[1][0]["time"]
+    lines += [f"### Strong scaling, {scaling[1][0]['atoms']} atoms", "",
+              "| processes | time per call (s) | speedup | communication (s, rank 0) | communication share |",
+              "|---|---|---|---|---|"]
+    for p, recs in scaling.items():
+        t = max(r["time"] for r in recs)
+        c = recs[0]["comm"]
+        lines.append(f"| {p} | {t:.2f} | {t1 / t:.2f} | {c:.3f} | {c / t:.1%} |")
+    memory = {p: launch(p, args.memory_reps, args.cutoff, 1) for p in (1, 2, 4)}
+    lines += ["", f"### Peak memory per rank, {memory[1][0]['atoms']} atoms", "",
+              "| processes | peak RSS per rank (MB) | after imports (MB) | time per call (s) |", "|---|---|---|---|"]
+    for p, recs in memory.items():
+        peaks = ", ".join(f"{r['peak_mb']:.0f}" for r in recs)
+        lines.append(f"| {p} | {peaks} | {recs[0]['base_mb']:.0f} | {max(r['time'] for r in recs):.2f} |")
+    text = "\n".join(lines) + "\n"
+    out = ROOT / "bench" / "results" / "scaling.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
