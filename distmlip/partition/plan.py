@@ -161,16 +161,17 @@ class PartitionPlan:
 
     def validate(self, graph: NeighborGraph | None = None) -> None:
         """Check the plan's invariants; raises ``ValueError`` on the first one broken."""
-        owned = np.concatenate([p.owned for p in self.parts]) if self.parts else np.zeros(0, int)
+        owned = np.concatenate([p.owned for p in self.parts])
         if not np.array_equal(np.sort(owned), np.arange(self.num_atoms)):
             raise ValueError("plan: every atom must be owned by exactly one part")
+        starts = np.concatenate(([0], np.cumsum([p.num_owned for p in self.parts])))
         for p in self.parts:
             if not np.all(self.owner[p.owned] == p.index):
                 raise ValueError(f"plan: part {p.index} lists atoms it does not own")
             if not np.array_equal(self.owner[p.halo], p.halo_owner):
                 raise ValueError(f"plan: part {p.index} has wrong halo owners")
-            src = [self.parts[q].owned[r] for q, r in zip(p.halo_owner, p.halo_source)]
-            if not np.array_equal(np.asarray(src, dtype=np.int64).reshape(-1), p.halo):
+            if np.any(p.halo_source >= starts[p.halo_owner + 1] - starts[p.halo_owner]) or \
+                    not np.array_equal(owned[starts[p.halo_owner] + p.halo_source], p.halo):
                 raise ValueError(f"plan: part {p.index} has wrong halo sources")
             if len(np.unique(p.atoms)) != len(p.atoms):
                 raise ValueError(f"plan: part {p.index} holds an atom twice")
