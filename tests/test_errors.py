@@ -168,9 +168,6 @@ def test_model_returning_wrong_shape(shape, got):
     assert "must return" in msg and "got" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: with threaded workers (device=['cpu','cpu']) a "
-                   "model's wrong output shape surfaces as RuntimeError('worker i failed: "
-                   "ValueError: ...') instead of the ValueError raised in-process")
 def test_model_returning_wrong_shape_threaded():
     atoms = fcc_bulk(size=2)
     model = _WrongShape(lambda n: (n, 1))

@@ -214,6 +214,7 @@ def _run_threads(work, count: int, hub: _Hub) -> None:
     real = [(i, e) for i, e in enumerate(errors) if e is not None and not isinstance(e, _PeerFailed)]
     if real:
         i, exc = real[0]
-        raise RuntimeError(f"worker {i} failed: {type(exc).__name__}: {exc}") from exc
+        exc.add_note(f"(raised in distmlip worker {i} of {count})")
+        raise exc
     if any(errors):
         raise RuntimeError("a worker timed out waiting for the others at a halo exchange")
