@@ -1,0 +1,255 @@
+"""NequIP and Allegro (``nequip``, ``nequip-allegro``): ``distmlip.wrap(model)`` for their models.
+
+The adapter calls the model's energy network (the ``func`` inside ``ForceStressOutput``) on a
+data dict built from the ``LocalGraph``; NequIP's ``with_edge_vectors_`` uses given
+``edge_vectors`` as they are, so the energy depends on positions only through
+``graph.edge_vec``. Conventions: NequIP's ``edge_index`` is ``[center; neighbour]`` (messages
+flow from row 1 to row 0) and its edge vector points from the center to the neighbour's image;
+distmlip's ``edge_index`` is ``[sender; receiver]`` with the vector from the receiver to the
+sender's image. So NequIP gets ``edge_index.flip(0)`` and ``edge_vec`` unchanged.
+
+- NequIP: every ``InteractionBlock`` but the first calls its ``ghost_exchange`` submodule (a
+  no-op, meant for LAMMPS) on the node features it is about to convolve. The adapter adds a
+  forward hook to those submodules that calls ``graph.halo_exchange`` on that field. The hook
+  does nothing outside ``NequIPModel.forward`` (a context variable carries the exchange of the
+  running worker), so the wrapped module still works as before on its own. The receptive field
+  (``num_layers``) is the number of interaction blocks.
+- Allegro is strictly local: every scatter in its layers goes to the edge's center atom, so an
+  atom's energy depends only on the atoms within one cutoff of it, whatever its number of
+  layers. ``num_layers`` is 1 and no exchange is needed.
+
+Per-atom energies are the model's ``atomic_energy`` (after the per-type scale and shift and any
+pair potential); they sum to the model's total energy.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+import torch
+
+from .base import DistributableModel, LocalGraph
+
+__all__ = ["NequIPModel", "supports", "wrap"]
+
+_EXCHANGE: contextvars.ContextVar = contextvars.ContextVar("distmlip_nequip_exchange", default=None)
+_HOOK_FLAG = "_distmlip_exchange_hooked"
+
+
+def _import_nequip():
+    try:
+        from nequip.data import AtomicDataDict
+        from nequip.nn import GraphModuleMixin
+        from nequip.nn._ghost_exchange_base import GhostExchangeModule, NoOpGhostExchangeModule
+        from nequip.nn.grad_output import ForceStressOutput
+        from nequip.nn.graph_model import GraphModel
+        from nequip.nn.interaction_block import InteractionBlock
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "distmlip's NequIP/Allegro adapter needs nequip (and nequip-allegro for Allegro): "
+            f"pip install distmlip[nequip] (import failed: {exc})"
+        ) from exc
+    return {
+        "AtomicDataDict": AtomicDataDict,
+        "GraphModuleMixin": GraphModuleMixin,
+        "GhostExchangeModule": GhostExchangeModule,
+        "NoOpGhostExchangeModule": NoOpGhostExchangeModule,
+        "ForceStressOutput": ForceStressOutput,
+        "GraphModel": GraphModel,
+        "InteractionBlock": InteractionBlock,
+    }
+
+
+def _energy_network(obj, nq):
+    """The module mapping a data dict to per-atom energies, or None."""
+    if isinstance(obj, nq["GraphModel"]):
+        obj = obj.model
+    if isinstance(obj, nq["ForceStressOutput"]):
+        obj = obj.func
+    if not isinstance(obj, nq["GraphModuleMixin"]):
+        return None
+    if nq["AtomicDataDict"].PER_ATOM_ENERGY_KEY not in getattr(obj, "irreps_out", {}):
+        return None
+    return obj
+
+
+def supports(obj) -> bool:
+    """True for NequIP-framework energy models (``GraphModel`` as built by ``NequIPGNNModel``,
+    ``AllegroModel`` or loaded from a checkpoint; or its ``ForceStressOutput``)."""
+    if type(obj).__module__.split(".")[0] not in ("nequip", "allegro"):
+        return False
+    try:
+        nq = _import_nequip()
+    except ImportError:
+        return False
+    return _energy_network(obj, nq) is not None
+
+
+def _exchange_hook(module, args, output):
+    exchange = _EXCHANGE.get()
+    if exchange is None:
+        return None
+    output[module.field] = exchange(output[module.field])
+    return output
+
+
+def _element_numbers(type_names, species_map):
+    from ase.data import atomic_numbers
+
+    if species_map is None:
+        species_map = {t: t for t in type_names}
+    if not isinstance(species_map, dict):
+        raise TypeError(
+            "chemical_species_to_atom_type_map: expected a dict {chemical symbol: type name}, got "
+            f"{type(species_map).__name__}"
+        )
+    out = {}
+    for symbol, type_name in species_map.items():
+        if symbol not in atomic_numbers:
+            raise ValueError(
+                "chemical_species_to_atom_type_map: expected chemical symbols as keys (the model's "
+                f"type names are {list(type_names)}), got {symbol!r}"
+            )
+        if type_name not in type_names:
+            raise ValueError(
+                f"chemical_species_to_atom_type_map: expected type names among {list(type_names)}, "
+                f"got {type_name!r} (for {symbol})"
+            )
+        out[atomic_numbers[symbol]] = type_names.index(type_name)
+    return out
+
+
+class NequIPModel(DistributableModel):
+    """A NequIP or Allegro model as a ``DistributableModel``.
+
+    Args:
+        model: a NequIP-framework ``GraphModel`` (e.g. from ``nequip.model.NequIPGNNModel`` or
+            ``allegro.model.AllegroModel``), or the ``ForceStressOutput`` inside one. Used in
+            place (not copied); hooks that are inert outside distmlip are added to its
+            ``ghost_exchange`` submodules.
+        chemical_species_to_atom_type_map: ``{chemical symbol: model type name}``; by default the
+            model's type names are taken to be chemical symbols (as NequIP's calculator does).
+        num_layers: override the receptive field (in hops) the adapter infers.
+    """
+
+    def __init__(self, model, chemical_species_to_atom_type_map: dict | None = None,
+                 num_layers: int | None = None):
+        super().__init__()
+        nq = _import_nequip()
+        energy = _energy_network(model, nq)
+        if energy is None:
+            raise TypeError(
+                "model: expected a NequIP-framework GraphModel predicting per-atom energies, got "
+                f"{type(model).__module__}.{type(model).__name__}"
+            )
+        for sub in energy.modules():
+            if isinstance(sub, nq["GhostExchangeModule"]) and not isinstance(
+                    sub, nq["NoOpGhostExchangeModule"]):
+                raise ValueError(
+                    f"model: its ghost exchange was replaced by {type(sub).__name__} (a LAMMPS "
+                    "build); wrap the model as built or loaded from a checkpoint"
+                )
+            if len(getattr(sub, "categorical_graph_field_embed_modules", ())) > 0:
+                raise ValueError(
+                    "model: NequIP models with categorical graph-field embeddings (charge, spin) "
+                    "are not supported by the distmlip adapter"
+                )
+        type_names = self._type_names(model, energy)
+        self.type_names = tuple(type_names)
+        self.cutoff = self._r_max(model, energy)
+        blocks = [m for m in energy.modules() if isinstance(m, nq["InteractionBlock"])]
+        inferred = max(1, len(blocks))
+        if num_layers is None:
+            if not blocks and not self._is_allegro(energy):
+                raise ValueError(
+                    "num_layers: could not infer the receptive field of this "
+                    f"{type(energy).__name__} (no NequIP interaction block, not Allegro); pass "
+                    "num_layers=<message-passing layers> to wrap()"
+                )
+            num_layers = inferred
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers: expected an integer >= 1, got {num_layers!r}")
+        self.num_layers = num_layers
+        self.model = model
+        self.energy = energy
+        keys = nq["AtomicDataDict"]
+        self._keys = (keys.POSITIONS_KEY, keys.ATOM_TYPE_KEY, keys.EDGE_INDEX_KEY,
+                      keys.EDGE_VECTORS_KEY, keys.PER_ATOM_ENERGY_KEY)
+        z_to_type = _element_numbers(list(type_names), chemical_species_to_atom_type_map)
+        table = torch.full((max(z_to_type) + 1,), -1, dtype=torch.long)
+        for z, t in z_to_type.items():
+            table[z] = t
+        self.register_buffer("z_to_type", table, persistent=False)
+        if not getattr(energy, _HOOK_FLAG, False):
+            for block in blocks:
+                ghost = getattr(block, "ghost_exchange", None)
+                if ghost is not None:
+                    ghost.register_forward_hook(_exchange_hook)
+            setattr(energy, _HOOK_FLAG, True)
+
+    @staticmethod
+    def _is_allegro(energy) -> bool:
+        return any(type(m).__module__.split(".")[0] == "allegro" for m in energy.modules())
+
+    @staticmethod
+    def _type_names(model, energy) -> list:
+        names = list(getattr(model, "type_names", None) or [])
+        if not names:
+            for sub in energy.modules():
+                if getattr(sub, "type_names", None):
+                    names = list(sub.type_names)
+                    break
+        if not names:
+            raise ValueError("model: could not find the model's type_names")
+        return names
+
+    @staticmethod
+    def _r_max(model, energy) -> float:
+        metadata = {}
+        try:
+            metadata = model.metadata if hasattr(model, "metadata") else {}
+        except Exception:  # noqa: BLE001 - metadata is optional
+            metadata = {}
+        if "r_max" in metadata:
+            return float(metadata["r_max"])
+        values = [float(m.r_max) for m in energy.modules()
+                  if isinstance(getattr(m, "r_max", None), (int, float))]
+        if not values:
+            raise ValueError("model: could not find the model's cutoff (r_max)")
+        return max(values)
+
+    def _atom_types(self, numbers: torch.Tensor) -> torch.Tensor:
+        size = self.z_to_type.shape[0]
+        types = torch.where(numbers < size, self.z_to_type[numbers.clamp(max=size - 1)],
+                            torch.full_like(numbers, -1))
+        if bool((types < 0).any()):
+            bad = sorted(set(numbers[types < 0].tolist()))
+            raise ValueError(
+                f"atoms: atomic numbers {bad} have no type in this model (type names "
+                f"{list(self.type_names)})"
+            )
+        return types
+
+    def forward(self, graph: LocalGraph) -> torch.Tensor:
+        pos_key, type_key, index_key, vec_key, energy_key = self._keys
+        n = graph.num_nodes
+        vec = graph.edge_vec
+        data = {
+            pos_key: torch.zeros(n, 3, dtype=vec.dtype, device=vec.device),
+            type_key: self._atom_types(graph.numbers),
+            index_key: graph.edge_index.flip(0),
+            vec_key: vec,
+        }
+        token = _EXCHANGE.set(graph.halo_exchange)
+        try:
+            out = self.energy(data)
+        finally:
+            _EXCHANGE.reset(token)
+        return out[energy_key].reshape(n)
+
+
+def wrap(obj, chemical_species_to_atom_type_map: dict | None = None,
+         num_layers: int | None = None) -> NequIPModel:
+    """``NequIPModel(obj, ...)``."""
+    return NequIPModel(obj, chemical_species_to_atom_type_map=chemical_species_to_atom_type_map,
+                       num_layers=num_layers)

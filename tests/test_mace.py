@@ -1,0 +1,230 @@
+"""MACE through ``distmlip.wrap``: equal to MACE's own ASE calculator, whatever the split.
+
+The model is a randomly initialised ``ScaleShiftMACE`` of MACE-MP-medium width (128x0e+128x1o
+hidden irreps, 2 interactions, r_max 6 Å, correlation 3, max_ell 3, 10 Bessel functions) in
+float64: foundation checkpoints are downloaded at run time and cannot be used here. Its
+interaction scale is 40 so that forces are ~0.1-1 eV/Å rather than ~0.01 eV/Å, and the
+partition-invariance errors (relative to max(max|ref|, 1)) measure forces at their own scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+mace_models = pytest.importorskip(
+    "mace.modules.models", reason="mace-torch is not installed (pip install distmlip[mace])"
+)
+
+import distmlip  # noqa: E402
+from distmlip import DistributedCalculator  # noqa: E402
+from distmlip.models.mace import MACEModel  # noqa: E402
+from distmlip.testing import assert_partition_invariant, evaluate, format_report  # noqa: E402
+
+ELEMENTS = (3, 8, 13, 29)  # Li, O, Al, Cu
+
+
+def make_mace(seed: int = 0, scale: float = 40.0):
+    from e3nn import o3
+    from mace.modules import blocks
+
+    rng = np.random.default_rng(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = mace_models.ScaleShiftMACE(
+                r_max=6.0, num_bessel=10, num_polynomial_cutoff=5, max_ell=3,
+                interaction_cls=blocks.RealAgnosticResidualInteractionBlock,
+                interaction_cls_first=blocks.RealAgnosticResidualInteractionBlock,
+                num_interactions=2, num_elements=len(ELEMENTS),
+                hidden_irreps=o3.Irreps("128x0e+128x1o"), MLP_irreps=o3.Irreps("16x0e"),
+                atomic_energies=rng.uniform(-8.0, -1.0, len(ELEMENTS)), avg_num_neighbors=60.0,
+                atomic_numbers=list(ELEMENTS), correlation=3, gate=torch.nn.functional.silu,
+                radial_MLP=[64, 64, 64], atomic_inter_scale=scale, atomic_inter_shift=-0.1,
+            )
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(torch.float64).eval()
+
+
+def oxide():
+    """Li2O (antifluorite), one conventional cell: 12 atoms, ~125 neighbours each at 6 Å."""
+    from ase.build import bulk
+
+    atoms = bulk("OLi2", "fluorite", a=4.61, cubic=True)
+    atoms.rattle(0.08, seed=1)
+    return atoms
+
+
+def metal():
+    """Cu fcc, 2x2x1 conventional cells (16 atoms; the cell is thinner than the cutoff along z)."""
+    from ase.build import bulk
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 1))
+    atoms.rattle(0.08, seed=2)
+    return atoms
+
+
+def surface():
+    """Al(100) slab 2x2x4 (16 atoms), periodic in x, y only, 5 Å of vacuum each side."""
+    from ase.build import fcc100
+
+    atoms = fcc100("Al", size=(2, 2, 4), a=4.05, vacuum=5.0)
+    atoms.pbc = [True, True, False]
+    atoms.rattle(0.08, seed=3)
+    return atoms
+
+
+STRUCTURES = {"oxide": (oxide, "grid"), "metal": (metal, "grid"), "surface": (surface, "metis")}
+
+
+@pytest.fixture(autouse=True)
+def _keep_default_dtype():
+    # MACE's calculator sets torch's default dtype globally; other tests must not see that
+    previous = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.fixture(scope="module")
+def mace_setup(tmp_path_factory):
+    """(raw module, path of its saved copy, wrapped model)."""
+    model = make_mace()
+    path = tmp_path_factory.mktemp("mace") / "random_scaleshift_mace.model"
+    torch.save(model, path)
+    return model, str(path), distmlip.wrap(model)
+
+
+@pytest.fixture(scope="module")
+def mace_calc(mace_setup):
+    from mace.calculators import MACECalculator
+
+    previous = torch.get_default_dtype()
+    try:
+        calc = MACECalculator(model_paths=mace_setup[1], device="cpu", default_dtype="float64")
+    finally:
+        torch.set_default_dtype(previous)
+    return calc
+
+
+def _mace_volume(atoms, cutoff: float = 6.0) -> float:
+    """The cell volume MACE divides the virial by: along non-periodic directions MACE replaces
+    the lattice vector by a long one ((max|position| + 1) * 5 * cutoff), so a slab's MACE stress
+    is its virial over a larger volume than the ASE cell's."""
+    from mace.data.neighborhood import get_neighborhood
+
+    cell = get_neighborhood(atoms.positions, cutoff, tuple(bool(p) for p in atoms.pbc),
+                            np.array(atoms.cell))[3]
+    return abs(float(np.linalg.det(cell)))
+
+
+def _mace_reference(calc, atoms) -> dict:
+    """MACE's results, its stress rescaled to the ASE cell's volume (see ``_mace_volume``)."""
+    previous = torch.get_default_dtype()
+    try:
+        work = atoms.copy()
+        work.calc = calc
+        stress = work.get_stress(voigt=True) * _mace_volume(atoms) / atoms.cell.volume
+        out = {"energy": work.get_potential_energy(), "forces": work.get_forces(),
+               "stress": stress,
+               # MACECalculator: "energies" are the full per-atom energies (E0s included),
+               # "node_energy" the same minus the E0s
+               "energies": np.array(calc.results["energies"])}
+    finally:
+        torch.set_default_dtype(previous)
+    return out
+
+
+def test_wrap_gives_mace_model(mace_setup):
+    model, _, wrapped = mace_setup
+    assert isinstance(wrapped, MACEModel)
+    assert wrapped.model is model
+    assert wrapped.cutoff == pytest.approx(6.0)
+    assert wrapped.num_layers == 2
+    assert distmlip.wrap(wrapped) is wrapped
+
+
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_equals_mace_calculator_and_is_partition_invariant(name, mace_setup, mace_calc):
+    build, partitioner = STRUCTURES[name]
+    atoms = build()
+    wrapped = mace_setup[2]
+    ref = _mace_reference(mace_calc, atoms)
+    assert np.abs(ref["forces"]).max() > 0.05  # the check below measures real forces
+
+    ours = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    n = len(atoms)
+    assert abs(ours["energy"] - ref["energy"]) / n <= 1e-6
+    assert np.abs(ours["forces"] - ref["forces"]).max() <= 1e-5
+    assert np.abs(ours["stress"] - ref["stress"]).max() <= 1e-6
+    assert np.abs(ours["energies"] - ref["energies"]).max() <= 1e-6
+    assert ours["energies"].sum() == pytest.approx(ours["energy"], abs=1e-9)
+
+    # 2, 3 and 5 parts in both modes against the unpartitioned result (float64: 1e-10 relative),
+    # hence also against MACE's calculator within the tolerances above
+    report = assert_partition_invariant(wrapped, atoms, num_partitions=(2, 3, 5),
+                                        partitioners=(partitioner,), modes=("halo", "extended"),
+                                        rtol=1e-10)
+    print(name, format_report(report), sep="\n")
+    for row in report:
+        if row["mode"] == "halo" and row["nonempty_parts"] > 1:
+            assert row["exchange_calls"] == 1  # before the second interaction only
+        if row["mode"] == "extended":
+            assert row["exchange_calls"] == 0
+
+
+class WithoutExchange(distmlip.DistributableModel):
+    """A wrapped model whose halo exchange is replaced by the identity."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.cutoff, self.num_layers = inner, inner.cutoff, inner.num_layers
+
+    def forward(self, graph):
+        return self.inner(dataclasses.replace(graph, halo_exchange=lambda x: x))
+
+
+def test_halo_exchange_is_needed(mace_setup):
+    """Without the exchange before the second interaction the split result is wrong: the hook
+    is what makes the invariance above hold."""
+    atoms = metal()
+    wrapped = mace_setup[2]
+
+    broken = WithoutExchange(wrapped)
+    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    split = evaluate(DistributedCalculator(broken, num_partitions=3), atoms)
+    assert np.abs(split["forces"] - one["forces"]).max() > 1e-6
+
+
+def test_wrapped_module_still_works_alone(mace_setup, mace_calc):
+    """The exchange hooks are inert outside distmlip: MACE's calculator on the wrapped module
+    (not the saved copy) still gives the saved copy's results."""
+    from mace.calculators import MACECalculator
+
+    atoms = metal()
+    model = mace_setup[0]
+    previous = torch.get_default_dtype()
+    try:
+        direct = MACECalculator(models=model, device="cpu", default_dtype="float64")
+    finally:
+        torch.set_default_dtype(previous)
+    a = _mace_reference(direct, atoms)
+    b = _mace_reference(mace_calc, atoms)
+    assert a["energy"] == pytest.approx(b["energy"], abs=1e-10)
+    assert np.abs(a["forces"] - b["forces"]).max() <= 1e-10
+
+
+def test_unknown_element_and_head_are_rejected(mace_setup):
+    from ase import Atoms
+
+    wrapped = mace_setup[2]
+    atoms = Atoms("CuAu", positions=[[0, 0, 0], [2.5, 0, 0]], cell=np.eye(3) * 12, pbc=True)
+    with pytest.raises(Exception, match=r"\[79\]"):
+        DistributedCalculator(wrapped).get_potential_energy(atoms)
+    with pytest.raises(ValueError, match="head"):
+        MACEModel(mace_setup[0], head="nonexistent")

@@ -1,0 +1,247 @@
+"""NequIP and Allegro through ``distmlip.wrap``: equal to NequIP's own ASE calculator, whatever
+the split.
+
+Small randomly initialised float64 models built with the public builders
+(``nequip.model.NequIPGNNModel``, ``allegro.model.AllegroModel``): pretrained NequIP models are
+downloaded at run time and cannot be used here. Per-type energy scales of 20-30 make forces
+~0.1-1 eV/Å, so that the partition-invariance errors (relative to max(max|ref|, 1)) measure
+forces at their own scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nequip.model", reason="nequip is not installed (pip install distmlip[nequip])")
+
+import distmlip  # noqa: E402
+from distmlip import DistributedCalculator  # noqa: E402
+from distmlip.models.nequip import NequIPModel  # noqa: E402
+from distmlip.testing import assert_partition_invariant, evaluate, format_report  # noqa: E402
+
+TYPES = ["Li", "O", "Al", "Cu"]
+R_MAX = 5.0
+
+
+def _common(seed: int) -> dict:
+    return dict(
+        seed=seed, model_dtype="float64", type_names=TYPES, r_max=R_MAX, avg_num_neighbors=40.0,
+        per_type_energy_shifts=dict(zip(TYPES, [-2.0, -4.5, -3.5, -1.5])),
+        per_type_energy_scales=dict(zip(TYPES, [20.0, 30.0, 25.0, 20.0])),
+    )
+
+
+def _build(builder, **kwargs):
+    import warnings
+
+    from nequip.utils.global_state import set_global_state
+
+    import e3nn
+
+    previous = torch.get_default_dtype()
+    e3nn_jit = e3nn.get_optimization_defaults()["jit_mode"]
+    try:
+        set_global_state()  # nequip's builders require it; it sets torch's default dtype
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = builder(**kwargs)
+    finally:
+        # restore what nequip changed globally: torch's default dtype, and e3nn's jit mode, which
+        # nequip's builder leaves at "script" (e3nn modules built later, e.g. MACE's, would then
+        # hold TorchScript functions that cannot be deep-copied)
+        torch.set_default_dtype(previous)
+        e3nn.set_optimization_defaults(jit_mode=e3nn_jit)
+    return model.eval()
+
+
+def make_nequip(seed: int = 0):
+    from nequip.model import NequIPGNNModel
+
+    return _build(NequIPGNNModel, num_layers=3, l_max=2, num_features=16, **_common(seed))
+
+
+def make_allegro(seed: int = 0):
+    allegro_models = pytest.importorskip(
+        "allegro.model", reason="nequip-allegro is not installed (pip install distmlip[nequip])")
+    return _build(
+        allegro_models.AllegroModel, l_max=2, num_layers=2, num_scalar_features=32,
+        num_tensor_features=8, allegro_mlp_hidden_layers_width=32,
+        readout_mlp_hidden_layers_width=16,
+        radial_chemical_embed={"_target_": "allegro.nn.TwoBodyBesselScalarEmbed", "num_bessels": 8},
+        **_common(seed),
+    )
+
+
+def oxide():
+    """Li2O (antifluorite), 2x1x1 conventional cells (24 atoms)."""
+    from ase.build import bulk
+
+    atoms = bulk("OLi2", "fluorite", a=4.61, cubic=True).repeat((2, 1, 1))
+    atoms.rattle(0.08, seed=1)
+    return atoms
+
+
+def metal():
+    """Cu fcc, 2x2x2 conventional cells (32 atoms)."""
+    from ase.build import bulk
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+    atoms.rattle(0.08, seed=2)
+    return atoms
+
+
+def surface():
+    """Al(100) slab 3x3x4 (36 atoms), periodic in x, y only, 5 Å of vacuum each side."""
+    from ase.build import fcc100
+
+    atoms = fcc100("Al", size=(3, 3, 4), a=4.05, vacuum=5.0)
+    atoms.pbc = [True, True, False]
+    atoms.rattle(0.08, seed=3)
+    return atoms
+
+
+STRUCTURES = {"oxide": (oxide, "grid"), "metal": (metal, "grid"), "surface": (surface, "metis")}
+BUILDERS = {"nequip": make_nequip, "allegro": make_allegro}
+
+
+@pytest.fixture(autouse=True)
+def _keep_default_dtype():
+    previous = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def setup(request):
+    """(architecture name, raw model, wrapped model, NequIP's calculator)."""
+    from nequip.integrations.ase import NequIPCalculator
+    from nequip.integrations.utils import basic_transforms
+
+    model = BUILDERS[request.param]()
+    calc = NequIPCalculator(
+        model, device="cpu",
+        transforms=basic_transforms(model.metadata, R_MAX, TYPES, {t: t for t in TYPES}),
+    )
+    return request.param, model, distmlip.wrap(model), calc
+
+
+def _reference(calc, atoms) -> dict:
+    """NequIP's calculator's results. It builds its input tensors in torch's default dtype, which
+    nequip's global state sets to float64 (restored afterwards for the other tests)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        work = atoms.copy()
+        work.calc = calc
+        out = {"energy": work.get_potential_energy(), "forces": work.get_forces(),
+               "stress": work.get_stress(voigt=True), "energies": work.get_potential_energies()}
+    finally:
+        torch.set_default_dtype(previous)
+    assert out["forces"].dtype == np.float64
+    return out
+
+
+def test_wrap_infers_cutoff_and_receptive_field(setup):
+    name, model, wrapped, _ = setup
+    assert isinstance(wrapped, NequIPModel)
+    assert wrapped.model is model
+    assert wrapped.cutoff == pytest.approx(R_MAX)
+    # NequIP: one hop per interaction block; Allegro: strictly local whatever its layers
+    assert wrapped.num_layers == {"nequip": 3, "allegro": 1}[name]
+    assert distmlip.wrap(wrapped) is wrapped
+
+
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+def test_equals_nequip_calculator_and_is_partition_invariant(structure, setup):
+    name, _, wrapped, calc = setup
+    build, partitioner = STRUCTURES[structure]
+    atoms = build()
+    ref = _reference(calc, atoms)
+    assert np.abs(ref["forces"]).max() > 0.05  # the check below measures real forces
+
+    ours = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    assert abs(ours["energy"] - ref["energy"]) / len(atoms) <= 1e-6
+    assert np.abs(ours["forces"] - ref["forces"]).max() <= 1e-5
+    assert np.abs(ours["stress"] - ref["stress"]).max() <= 1e-6
+    assert np.abs(ours["energies"] - ref["energies"]).max() <= 1e-6
+
+    report = assert_partition_invariant(wrapped, atoms, num_partitions=(2, 3, 5),
+                                        partitioners=(partitioner,), modes=("halo", "extended"),
+                                        rtol=1e-10)
+    print(name, structure, format_report(report), sep="\n")
+    for row in report:
+        expected = wrapped.num_layers - 1 if row["mode"] == "halo" else 0
+        assert row["exchange_calls"] == expected
+
+
+class WithoutExchange(distmlip.DistributableModel):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.cutoff, self.num_layers = inner, inner.cutoff, inner.num_layers
+
+    def forward(self, graph):
+        return self.inner(dataclasses.replace(graph, halo_exchange=lambda x: x))
+
+
+def test_nequip_needs_the_exchange(setup):
+    """NequIP split without the ghost-exchange hook gives wrong forces: the hook is what makes
+    the invariance above hold."""
+    name, _, wrapped, _ = setup
+    if name != "nequip":
+        pytest.skip("Allegro exchanges nothing")
+    atoms = metal()
+    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    split = evaluate(DistributedCalculator(WithoutExchange(wrapped), num_partitions=3), atoms)
+    assert np.abs(split["forces"] - one["forces"]).max() > 1e-6
+
+
+def test_receptive_field(setup):
+    """Moving an atom that is between one and two cutoffs away from atom 0 leaves Allegro's
+    energy of atom 0 unchanged (one hop) but changes NequIP's (several hops)."""
+    from ase import Atoms
+
+    name, _, wrapped, _ = setup
+    # a chain along x, 3 Å apart: atom 3 is 9 Å from atom 0 (within 2 cutoffs, not 1)
+    atoms = Atoms("Cu4", positions=[[0, 0, 0], [3, 0, 0], [6, 0, 0], [9, 0, 0]], pbc=False)
+    calc = DistributedCalculator(wrapped)
+    before = evaluate(calc, atoms)["energies"][0]
+    atoms.positions[3] += [0.2, 0.3, 0.0]
+    after = evaluate(calc, atoms)["energies"][0]
+    if name == "allegro":
+        assert abs(after - before) <= 1e-12
+    else:
+        assert abs(after - before) > 1e-8
+
+
+def test_wrapped_module_still_works_alone(setup):
+    """The exchange hooks are inert outside distmlip."""
+    _, model, _, calc = setup
+    fresh = BUILDERS[setup[0]]()  # same seed, never wrapped
+    from nequip.integrations.ase import NequIPCalculator
+    from nequip.integrations.utils import basic_transforms
+
+    fresh_calc = NequIPCalculator(
+        fresh, device="cpu",
+        transforms=basic_transforms(fresh.metadata, R_MAX, TYPES, {t: t for t in TYPES}),
+    )
+    atoms = metal()
+    a, b = _reference(calc, atoms), _reference(fresh_calc, atoms)
+    assert a["energy"] == pytest.approx(b["energy"], abs=1e-10)
+    assert np.abs(a["forces"] - b["forces"]).max() <= 1e-10
+
+
+def test_bad_arguments(setup):
+    _, model, wrapped, _ = setup
+    from ase import Atoms
+
+    atoms = Atoms("CuAu", positions=[[0, 0, 0], [2.5, 0, 0]], cell=np.eye(3) * 12, pbc=True)
+    with pytest.raises(Exception, match=r"\[79\]"):
+        DistributedCalculator(wrapped).get_potential_energy(atoms)
+    with pytest.raises(ValueError, match="chemical_species_to_atom_type_map"):
+        NequIPModel(model, chemical_species_to_atom_type_map={"Xx": "Cu"})
+    with pytest.raises(ValueError, match="num_layers"):
+        NequIPModel(model, num_layers=0)
