@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pytest
 from ase import units
 from ase.md.langevin import Langevin
 from ase.md.verlet import VelocityVerlet
