@@ -1,0 +1,277 @@
+"""CHGNet adapter: distmlip equals chgnet's own CHGNetCalculator, split or not.
+
+Reference: ``chgnet.model.dynamics.CHGNetCalculator`` on the same model, CPU.
+
+- float64: CHGNet runs in float32 by default; for an exact reference the test also runs CHGNet's
+  calculator in float64 (model ``.double()``, graph coordinates taken from the structure in float64,
+  three float32 constants of CHGNet's batching patched, see ``chgnet_float64``). distmlip in
+  float64 must then equal it to 1e-10 relative (``distmlip.testing.rel_err``) in energy, forces,
+  stress and per-atom energies, with 1, 2, 3 and 5 parts in both modes, and every split must equal
+  the unsplit distmlip result to 1e-10.
+- float32 (both as shipped): two float32 evaluations summing in different orders cannot agree to
+  1e-5 eV/Å: CHGNet's own float32 forces are ~1e-4 eV/Å from its float64 forces (measured: 9e-5 on
+  the oxide). So distmlip's float32 error (against the float64 reference) must stay within 3x
+  CHGNet's own float32 error, quantity by quantity (plus a floor at float32 resolution), and the
+  energy must agree with CHGNet's float32 energy to 1e-6 eV/atom.
+
+Structures (small: CHGNet's calculator needs ~15 GB at 864 atoms) are long thin periodic cells, so
+that 3 and 5 parts have real boundaries even with CHGNet's 6 Å cutoff and 4-hop extended halo: an
+MgO rock-salt oxide (64 atoms, 67 Å long), bcc Fe (44 atoms, 63 Å), and a Cu(100) slab (48 atoms)
+with 8 Å of vacuum on each side (periodic for CHGNet, whose converter needs a periodic cell; also
+checked with ``pbc=[True, True, False]`` on the distmlip side).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("chgnet", reason="chgnet is not installed: pip install distmlip[chgnet]")
+
+from ase import Atoms  # noqa: E402
+from ase.build import bulk, fcc100  # noqa: E402
+
+import distmlip  # noqa: E402
+from distmlip import DistributedCalculator  # noqa: E402
+from distmlip.models.base import LocalGraph  # noqa: E402
+from distmlip.models.chgnet import CHGNetModel  # noqa: E402
+from distmlip.testing import assert_partition_invariant, evaluate, rel_err  # noqa: E402
+
+PARTS = (1, 2, 3, 5)
+MODES = ("halo", "extended")
+RTOL64 = 1e-10
+
+
+def oxide() -> Atoms:
+    """MgO rock salt in a tetragonal (a/sqrt2, a/sqrt2, a) cell, repeated 16x along z."""
+    a = 4.21
+    cell = np.diag([a / np.sqrt(2), a / np.sqrt(2), a])
+    frac = [(0, 0, 0), (0.5, 0.5, 0.5), (0, 0, 0.5), (0.5, 0.5, 0)]
+    atoms = Atoms("Mg2O2", scaled_positions=frac, cell=cell, pbc=True).repeat((1, 1, 16))
+    atoms.rattle(0.05, seed=1)
+    return atoms
+
+
+def metal() -> Atoms:
+    """bcc Fe, one conventional cell repeated 22x along z (14 bonds < 3 Å per atom)."""
+    atoms = bulk("Fe", "bcc", a=2.87, cubic=True).repeat((1, 1, 22))
+    atoms.rattle(0.05, seed=2)
+    return atoms
+
+
+def slab() -> Atoms:
+    """Cu(100), 1x16x3, 8 Å vacuum each side: 16 Å between periodic images along z (> 6 Å)."""
+    atoms = fcc100("Cu", size=(1, 16, 3), a=3.61, vacuum=8.0)
+    atoms.pbc = True
+    atoms.rattle(0.05, seed=3)
+    return atoms
+
+
+STRUCTURES = {"oxide": oxide, "metal": metal, "slab": slab}
+
+
+class _Float64Converter(torch.nn.Module):
+    """CHGNet's graph converter, with the coordinates re-read from the structure in float64 (the
+    converter itself rounds them to float32)."""
+
+    def __init__(self, converter):
+        super().__init__()
+        self.converter = converter
+
+    def forward(self, structure, *args, **kwargs):
+        graph = self.converter(structure, *args, **kwargs)
+        graph.atom_frac_coord = torch.tensor(structure.frac_coords, dtype=torch.float64,
+                                             requires_grad=True)
+        graph.lattice = torch.tensor(structure.lattice.matrix, dtype=torch.float64,
+                                     requires_grad=True)
+        graph.neighbor_image = graph.neighbor_image.double()
+        return graph
+
+    def set_isolated_atom_response(self, response):
+        self.converter.set_isolated_atom_response(response)
+
+
+def chgnet_float64(atoms, chgnet) -> dict:
+    """CHGNetCalculator in float64 (results of ``distmlip.testing.evaluate``)."""
+    import chgnet.model.model as chgnet_model
+    from chgnet.model.dynamics import CHGNetCalculator
+
+    model = copy.deepcopy(chgnet).double()
+    model.graph_converter = _Float64Converter(model.graph_converter)
+
+    def composition(graphs):  # AtomRef's element fractions, in float64 (CHGNet: .float())
+        return torch.stack([
+            torch.bincount(g.atomic_number.long() - 1, minlength=94).double() / len(g.atomic_number)
+            for g in graphs
+        ])
+
+    model.composition_model._assemble_graphs = composition
+    saved = chgnet_model.TORCH_DTYPE  # strain identity and cell volume in BatchedGraph.from_graphs
+    chgnet_model.TORCH_DTYPE = torch.float64
+    try:
+        calc = CHGNetCalculator(model=model, use_device="cpu", return_site_energies=True)
+        return evaluate(calc, atoms)
+    finally:
+        chgnet_model.TORCH_DTYPE = saved
+
+
+def chgnet_float32(atoms, chgnet) -> dict:
+    from chgnet.model.dynamics import CHGNetCalculator
+
+    calc = CHGNetCalculator(model=chgnet, use_device="cpu", return_site_energies=True)
+    return evaluate(calc, atoms)
+
+
+@pytest.fixture(scope="module")
+def model() -> CHGNetModel:
+    return distmlip.load("chgnet-0.3.0")
+
+
+@pytest.fixture(scope="module")
+def references(model):
+    """name -> (atoms, CHGNet float64 results, CHGNet float32 results)."""
+    out = {}
+    for name, build in STRUCTURES.items():
+        atoms = build()
+        out[name] = (atoms, chgnet_float64(atoms, model.chgnet), chgnet_float32(atoms, model.chgnet))
+    return out
+
+
+def _errors(result: dict, reference: dict) -> dict:
+    return {q: rel_err(result[q], reference[q]) for q in reference}
+
+
+def test_load_and_wrap(model):
+    from chgnet.model import CHGNet
+
+    assert isinstance(model, CHGNetModel)
+    assert (model.cutoff, model.bond_cutoff, model.num_layers, model.halo_depth) == (6.0, 3.0, 4, 1)
+    assert "chgnet-0.3.0" in distmlip.models.available_models()
+    assert distmlip.wrap(model.chgnet).chgnet is model.chgnet
+    assert isinstance(model.chgnet, CHGNet)
+    with pytest.raises(ValueError, match="name: expected one of"):
+        distmlip.load("chgnet-9.9.9")
+    with pytest.raises(ValueError, match="max_bonds: expected an integer >= 1, got 0"):
+        distmlip.wrap(model.chgnet, max_bonds=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_equals_chgnet_float64(model, references, name, mode):
+    atoms, ref64, _ = references[name]
+    unsplit = None
+    for parts in PARTS:
+        calc = DistributedCalculator(model, num_partitions=parts, mode=mode, dtype="float64")
+        result = evaluate(calc, atoms)
+        assert calc.last_plan.num_parts == parts
+        if mode == "halo":  # every edge evaluated once; atom + bond messages exchanged per layer
+            assert calc.last_plan.redundancy() == 1.0
+            assert calc.runner.last_exchange_calls == 3
+        else:
+            assert calc.last_plan.num_hops == 4
+        for quantity, err in _errors(result, ref64).items():
+            assert err <= RTOL64, (
+                f"{name}, {parts} parts, {mode}: {quantity} differs from CHGNetCalculator (float64) "
+                f"by relative error {err:.2e}")
+        assert abs(result["energy"] - ref64["energy"]) / len(atoms) <= 1e-6
+        assert np.abs(result["forces"] - ref64["forces"]).max() <= 1e-5
+        np.testing.assert_allclose(result["energies"].sum(), result["energy"], rtol=1e-12)
+        if unsplit is None:
+            unsplit = result
+        else:
+            for quantity, err in _errors(result, unsplit).items():
+                assert err <= RTOL64, (
+                    f"{name}, {parts} parts, {mode}: {quantity} differs from the unsplit result by "
+                    f"relative error {err:.2e}")
+
+
+# float32 floors: a few float32 ulps of each quantity's scale (eV/atom, eV/Å, eV/Å^3, eV)
+_FLOOR32 = {"energy": 1e-7, "forces": 1e-6, "stress": 1e-8, "energies": 1e-7}
+
+
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_float32_as_accurate_as_chgnet(model, references, name):
+    atoms, ref64, ref32 = references[name]
+    n = len(atoms)
+    chgnet_err = {q: np.abs(np.asarray(ref32[q]) - ref64[q]).max() for q in ref64}
+    for parts, mode in ((1, "halo"), (3, "halo"), (5, "extended")):
+        calc = DistributedCalculator(model, num_partitions=parts, mode=mode)  # float32 weights
+        result = evaluate(calc, atoms)
+        assert abs(result["energy"] - ref32["energy"]) / n <= 1e-6
+        for q in ref64:
+            ours = np.abs(np.asarray(result[q]) - ref64[q]).max()
+            scale = n if q == "energy" else 1
+            bound = 3 * chgnet_err[q] + _FLOOR32[q] * scale
+            assert ours <= bound, (
+                f"{name}, {parts} parts, {mode}, float32: {q} is {ours:.2e} from the float64 "
+                f"reference, CHGNet's own float32 result {chgnet_err[q]:.2e}")
+
+
+def test_slab_without_periodicity_along_z(model, references):
+    atoms, ref64, _ = references["slab"]
+    open_z = atoms.copy()
+    open_z.pbc = [True, True, False]
+    for parts, mode in ((1, "halo"), (3, "halo"), (3, "extended")):
+        result = evaluate(DistributedCalculator(model, parts, mode=mode, dtype="float64"), open_z)
+        for quantity, err in _errors(result, ref64).items():
+            assert err <= RTOL64, f"{parts} parts, {mode}: {quantity} off by {err:.2e}"
+
+
+def test_other_partitioners(model):
+    report = assert_partition_invariant(model, metal(), num_partitions=(2, 3),
+                                        partitioners=("slab", "metis"), dtype="float64",
+                                        rtol=RTOL64)
+    assert len(report) == 8
+
+
+@pytest.mark.parametrize("name", ["chgnet-0.2.0", "chgnet-r2scan"])
+def test_other_checkpoints(name):
+    """0.2.0 (5 Å atom graph, biased bond output MLP) and r2SCAN, split in both modes."""
+    other = distmlip.load(name)
+    atoms = metal()
+    ref64 = chgnet_float64(atoms, other.chgnet)
+    for parts, mode in ((1, "halo"), (3, "halo"), (3, "extended")):
+        result = evaluate(DistributedCalculator(other, parts, mode=mode, dtype="float64"), atoms)
+        for quantity, err in _errors(result, ref64).items():
+            assert err <= RTOL64, f"{name}, {parts} parts, {mode}: {quantity} off by {err:.2e}"
+
+
+def test_extended_mode_needs_four_hops(model, references):
+    """num_layers = n_conv = 4 is the receptive field: a 3-hop extended halo is wrong."""
+    atoms, ref64, _ = references["metal"]
+    shallow = copy.deepcopy(model)
+    shallow.num_layers = 3
+    result = evaluate(DistributedCalculator(shallow, 3, mode="extended", dtype="float64"), atoms)
+    assert rel_err(result["energies"], ref64["energies"]) > 1e-3
+    assert rel_err(result["forces"], ref64["forces"]) > 1e-3
+
+
+def test_too_many_bonds_is_a_clear_error(model):
+    tight = distmlip.wrap(model.chgnet, max_bonds=8)  # bcc Fe: 14 bonds shorter than 3 Å
+    atoms = metal()
+    atoms.calc = DistributedCalculator(tight, 1)
+    with pytest.raises(ValueError, match="max_bonds: atom .* has 14 bonds shorter than .* max_bonds=8"):
+        atoms.get_potential_energy()
+    atoms.calc = DistributedCalculator(tight, 2, device=["cpu", "cpu"])  # two worker threads
+    with pytest.raises((ValueError, RuntimeError), match="max_bonds: atom .* has 14 bonds"):
+        atoms.get_potential_energy()
+
+
+def test_empty_local_graph(model):
+    """A rank without atoms still runs the model (the multi-process runtime needs that)."""
+    graph = LocalGraph.single(torch.zeros(0, dtype=torch.int64), torch.zeros((2, 0), dtype=torch.int64),
+                              torch.zeros((0, 3), requires_grad=True))
+    calls = []
+
+    def exchange(x):
+        calls.append(tuple(x.shape))
+        return x
+
+    graph = LocalGraph(graph.numbers, graph.edge_index, graph.edge_vec, exchange, graph.owned,
+                       graph.atom_ids, graph.cell)
+    out = model(graph)
+    assert out.shape == (0,)
+    assert calls == [(0, 64 + 64 * 64 + 64 * 3), (0, 64 + 64 * 64), (0, 64 + 64 * 64)]
