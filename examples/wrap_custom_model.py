@@ -12,7 +12,7 @@ forces and stress against finite differences of the energy of a split evaluation
 status 1 if any check fails. ``--without-exchange`` drops the exchange to show that the checks
 catch it.
 
-Run: ``OMP_NUM_THREADS=1 python examples/wrap_custom_model.py``  (~15 s)
+Run: ``OMP_NUM_THREADS=1 python examples/wrap_custom_model.py``  (~20 s)
 """
 
 from __future__ import annotations

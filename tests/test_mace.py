@@ -22,7 +22,8 @@ mace_models = pytest.importorskip(
 import distmlip  # noqa: E402
 from distmlip import DistributedCalculator  # noqa: E402
 from distmlip.models.mace import MACEModel  # noqa: E402
-from distmlip.testing import assert_partition_invariant, evaluate, format_report  # noqa: E402
+from distmlip.testing import (assert_partition_invariant, evaluate, format_report,  # noqa: E402
+                              rel_err)
 
 ELEMENTS = (3, 8, 13, 29)  # Li, O, Al, Cu
 
@@ -199,6 +200,19 @@ def test_halo_exchange_is_needed(mace_setup):
     one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
     split = evaluate(DistributedCalculator(broken, num_partitions=3), atoms)
     assert np.abs(split["forces"] - one["forces"]).max() > 1e-6
+
+
+def test_threaded_workers(mace_setup):
+    """Three worker threads share one replica of the module: the exchange each hook calls is the
+    one of the worker running it (a context variable, not module state)."""
+    atoms = metal()
+    wrapped = mace_setup[2]
+    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    calc = DistributedCalculator(wrapped, num_partitions=3, device=["cpu"] * 3)
+    split = evaluate(calc, atoms)
+    assert calc.runner.last_exchange_calls == 1
+    for q in one:
+        assert rel_err(split[q], one[q]) <= 1e-10, q
 
 
 def test_wrapped_module_still_works_alone(mace_setup, mace_calc):

@@ -21,7 +21,8 @@ pytest.importorskip("nequip.model", reason="nequip is not installed (pip install
 import distmlip  # noqa: E402
 from distmlip import DistributedCalculator  # noqa: E402
 from distmlip.models.nequip import NequIPModel  # noqa: E402
-from distmlip.testing import assert_partition_invariant, evaluate, format_report  # noqa: E402
+from distmlip.testing import (assert_partition_invariant, evaluate, format_report,  # noqa: E402
+                              rel_err)
 
 TYPES = ["Li", "O", "Al", "Cu"]
 R_MAX = 5.0
@@ -199,6 +200,18 @@ def test_nequip_needs_the_exchange(setup):
     assert np.abs(split["forces"] - one["forces"]).max() > 1e-6
 
 
+def test_threaded_workers(setup):
+    """Three worker threads share one replica: each hook calls its own worker's exchange."""
+    _, _, wrapped, _ = setup
+    atoms = metal()
+    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    calc = DistributedCalculator(wrapped, num_partitions=3, device=["cpu"] * 3)
+    split = evaluate(calc, atoms)
+    assert calc.runner.last_exchange_calls == wrapped.num_layers - 1
+    for q in one:
+        assert rel_err(split[q], one[q]) <= 1e-10, q
+
+
 def test_receptive_field(setup):
     """Moving an atom that is between one and two cutoffs away from atom 0 leaves Allegro's
     energy of atom 0 unchanged (one hop) but changes NequIP's (several hops)."""
@@ -245,3 +258,29 @@ def test_bad_arguments(setup):
         NequIPModel(model, chemical_species_to_atom_type_map={"Xx": "Cu"})
     with pytest.raises(ValueError, match="num_layers"):
         NequIPModel(model, num_layers=0)
+    with pytest.raises(ValueError, match="dtype"):  # would break NequIP's float64 geometry
+        DistributedCalculator(wrapped, dtype="float32")
+
+
+def test_float32_model_keeps_nequip_mixed_precision():
+    """A model built with model_dtype="float32" runs as NequIP runs it (geometry and per-type
+    scale/shift in float64, layers in float32): it matches NequIP's calculator up to float32
+    rounding of differently ordered sums (~1e-7 relative), and splitting changes nothing beyond
+    that either."""
+    from nequip.integrations.ase import NequIPCalculator
+    from nequip.integrations.utils import basic_transforms
+    from nequip.model import NequIPGNNModel
+
+    kwargs = _common(0)
+    kwargs["model_dtype"] = "float32"
+    model = _build(NequIPGNNModel, num_layers=3, l_max=2, num_features=16, **kwargs)
+    calc = NequIPCalculator(model, device="cpu", transforms=basic_transforms(
+        model.metadata, R_MAX, TYPES, {t: t for t in TYPES}))
+    atoms = metal()
+    ref = _reference(calc, atoms)
+    wrapped = distmlip.wrap(model)
+    assert wrapped.dtype == torch.float64  # edge vectors in float64, as NequIP's own pipeline
+    for parts in (1, 3):
+        ours = evaluate(DistributedCalculator(wrapped, num_partitions=parts), atoms)
+        assert abs(ours["energy"] - ref["energy"]) / len(atoms) <= 2e-6
+        assert np.abs(ours["forces"] - ref["forces"]).max() <= 1e-4

@@ -20,6 +20,13 @@ sender's image. So NequIP gets ``edge_index.flip(0)`` and ``edge_vec`` unchanged
 
 Per-atom energies are the model's ``atomic_energy`` (after the per-type scale and shift and any
 pair potential); they sum to the model's total energy.
+
+Precision: NequIP models are mixed-precision by construction. Whatever their ``model_dtype``,
+geometry (edge vectors and lengths, the Bessel embedding) and the per-type scale and shift are in
+NequIP's global dtype (float64), the layers in ``model_dtype``. The adapter keeps that: it asks for
+float64 edge vectors, ignores casts to float64 and refuses casts to another dtype (a
+``DistributedCalculator(..., dtype="float32")`` would otherwise turn NequIP's float64 parts into
+float32 or fail inside the model). A float32 NequIP model is built with ``model_dtype="float32"``.
 """
 
 from __future__ import annotations
@@ -71,6 +78,14 @@ def _energy_network(obj, nq):
     if nq["AtomicDataDict"].PER_ATOM_ENERGY_KEY not in getattr(obj, "irreps_out", {}):
         return None
     return obj
+
+
+def _input_dtype() -> torch.dtype:
+    try:
+        from nequip.utils.global_dtype import _GLOBAL_DTYPE
+    except ImportError:  # pragma: no cover - older nequip
+        return torch.float64
+    return _GLOBAL_DTYPE
 
 
 def supports(obj) -> bool:
@@ -186,6 +201,26 @@ class NequIPModel(DistributableModel):
                 if ghost is not None:
                     ghost.register_forward_hook(_exchange_hook)
             setattr(energy, _HOOK_FLAG, True)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the edge vectors the model reads: NequIP's global dtype (float64)."""
+        return _input_dtype()
+
+    def to(self, *args, **kwargs):
+        """``Module.to`` moving devices only: NequIP models keep the precision they were built
+        with (see the module docstring); a cast to another dtype than float64 is refused."""
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and dtype != _input_dtype():
+            raise ValueError(
+                f"dtype: a NequIP/Allegro model runs in the precision it was built with (its "
+                f"model_dtype for the layers, {_input_dtype()} for geometry); pass dtype=None or "
+                f"float64, got {dtype} (build the model with model_dtype='float32' for float32 "
+                "layers)"
+            )
+        if device is None:
+            return self
+        return super().to(device=device, non_blocking=non_blocking)
 
     @staticmethod
     def _is_allegro(energy) -> bool:
