@@ -148,6 +148,8 @@ class SevenNetModel(DistributableModel):
         self.module = module
 
         # fidelity of a multi-fidelity model
+        if modal is not None and not isinstance(modal, str):
+            raise TypeError(f"modal: expected None or a fidelity name (str), got {modal!r}")
         self.modal = None
         self._modal_index = None
         modal_map = module.modal_map or {}
@@ -155,15 +157,13 @@ class SevenNetModel(DistributableModel):
         if deployed is not None:  # prepare_modal_deploy() already fixed the fidelity
             fixed = [m for m, i in modal_map.items() if i == deployed.modal_idx]
             if modal is not None and (not fixed or modal.lower() != fixed[0].lower()):
-                raise ValueError(f"modal: {name} was deployed for modality {fixed or deployed.modal_idx}; "
-                                 f"got {modal!r}")
+                raise ValueError(f"modal: {name} was deployed for modality "
+                                 f"{fixed[0] if fixed else deployed.modal_idx!r}; got {modal!r}")
             self.modal = fixed[0] if fixed else None
         elif modal_map:
             if modal is None:
                 raise ValueError(f"modal: {name} is multi-fidelity; expected one of "
                                  f"{sorted(modal_map)}, got None")
-            if not isinstance(modal, str):
-                raise TypeError(f"modal: expected one of {sorted(modal_map)} (str), got {modal!r}")
             match = [m for m in modal_map if m.lower() == modal.lower()]
             if not match:
                 raise ValueError(f"modal: expected one of {sorted(modal_map)}, got {modal!r}")
