@@ -85,7 +85,7 @@ class NeighborGraph:
 
     The list is full (both directions of every pair are present), contains every image within
     ``cutoff`` (a cell smaller than the cutoff gives an atom several edges to its own images), and
-    is sorted by receiver, then sender.
+    is sorted by receiver (stable in vesin's order within a receiver).
 
     Attributes:
         positions: (N, 3) float64 Cartesian positions, Å.
@@ -116,18 +116,15 @@ class NeighborGraph:
         # vesin wants a full box; non-periodic directions may hold anything, so give them the
         # completed cell (keeps the periodic vectors untouched).
         box = complete_cell(cell, pbc) if not pbc.all() else cell
-        nl = vesin.NeighborList(cutoff=cutoff, full_list=True, sorted=True)
-        i, j, s = nl.compute(points=positions, box=box, periodic=pbc.tolist(), quantities="ijS")
-        receivers = np.asarray(i, dtype=np.int64)
-        senders = np.asarray(j, dtype=np.int64)
-        shifts = np.asarray(s, dtype=np.int64).reshape(-1, 3)
-        if not pbc.all():
-            # shifts along non-periodic directions are zero by construction; keep the real cell
-            shifts = shifts.copy()
-            shifts[:, ~pbc] = 0
-        if not _sorted_pairs(receivers, senders):  # vesin sorts; a cheap check, O(E)
-            order = np.lexsort((senders, receivers))
-            receivers, senders, shifts = receivers[order], senders[order], shifts[order]
+        nl = vesin.NeighborList(cutoff=cutoff, full_list=True, sorted=False)
+        i, j, k = nl.compute(points=positions, box=box, periodic=pbc.tolist(), quantities="ijS",
+                             copy=False)
+        # one stable sort by receiver (vesin's own sorting orders by receiver only and costs more)
+        order = np.argsort(i, kind="stable")
+        receivers = np.take(_as_int64(i), order)
+        senders = np.take(_as_int64(j), order)
+        shifts = np.take(np.asarray(k).reshape(-1, 3), order, axis=0).astype(np.int64)
+        del nl
         return cls(positions, cell, pbc, numbers, float(cutoff), senders, receivers, shifts)
 
     @classmethod
@@ -165,11 +162,9 @@ class NeighborGraph:
         return out
 
 
-def _sorted_pairs(first: np.ndarray, second: np.ndarray) -> bool:
-    if len(first) < 2:
-        return True
-    step = np.diff(first)
-    return bool(np.all(step >= 0) and np.all(np.diff(second)[step == 0] >= 0))
+def _as_int64(a) -> np.ndarray:
+    a = np.asarray(a)
+    return a.view(np.int64) if a.dtype == np.uint64 else a.astype(np.int64, copy=False)
 
 
 def _check_cutoff(cutoff) -> float:
