@@ -10,9 +10,9 @@ TORCH   := torch==2.13.0
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q $(TORCH)
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -e '.[test,all]' $(TORCH)
+	$(VPY) -m pip install -q --no-deps 'mace-torch==0.3.16'
 	touch $(STAMP)
 
 install: $(STAMP)

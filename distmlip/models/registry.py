@@ -26,7 +26,7 @@ ADAPTERS = {
 _ROOTS = {"sevenn": ("sevenn",), "chgnet": ("chgnet",), "mace": ("mace",),
           "nequip": ("nequip", "allegro")}
 
-_GUIDE = "see README.md, section 'Wrapping your own model' (examples/wrap_custom_model.py)"
+_GUIDE = "see docs/wrapping.md and examples/wrap_custom_model.py"
 
 
 def _adapter(name: str):
