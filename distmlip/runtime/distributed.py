@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 
 from ..graph import NeighborGraph, atoms_near, validate_system
-from ..models.base import DistributableModel, LocalGraph
+from ..models.base import DistributableModel, no_exchange
 from ..partition import PartitionPlan, PartPlan, assign_owners, build_part, owned_rows
 from ..partition.assign import grid_owners, slab_owners
-from .local import Evaluation, run_model
+from .local import Evaluation, add_edge_terms, build_local_graph, run_model
 
 __all__ = ["DistributedRunner", "Launch", "detect_launch", "init_distributed", "CommunicationError"]
 
@@ -389,11 +389,8 @@ class DistributedRunner:
             exchange = P2PHaloExchange(send, recv, self.device)
         t4 = time.perf_counter()
         buffer = np.zeros(4 * n + 9)  # energies (N), forces (N, 3), virial (3, 3)
-        if part is not None:
+        if part is not None or exchange is not None:
             self._compute(graph, part, ids, exchange, buffer, n)
-        elif exchange is not None:
-            # no atoms here, but the peers still expect this rank in every exchange
-            self._compute_empty(exchange)
         t5 = time.perf_counter()
         total = torch.as_tensor(buffer, device=self._comm_device())
         dist.all_reduce(total)
@@ -412,53 +409,32 @@ class DistributedRunner:
         return Evaluation(float(energies.sum()), energies.copy(),
                           total[n : 4 * n].reshape(n, 3).copy(), 0.5 * (virial + virial.T))
 
-    def _compute(self, graph: NeighborGraph, part: PartPlan, ids, exchange, buffer, n) -> None:
-        dev, dtype = self.device, self.dtype
-        vec = torch.as_tensor(graph.edge_vectors(part.edges), device=dev).to(dtype).requires_grad_(True)
-        owned = np.arange(part.num_local) < part.num_owned
-        local = LocalGraph(
-            numbers=torch.as_tensor(graph.numbers[part.atoms], device=dev),
-            edge_index=torch.as_tensor(part.edge_index, device=dev),
-            edge_vec=vec,
-            halo_exchange=exchange if exchange is not None else (lambda x: x),
-            owned=torch.as_tensor(owned, device=dev),
-            atom_ids=torch.as_tensor(ids[part.atoms], device=dev),
-            cell=torch.as_tensor(graph.cell, device=dev).to(dtype),
-        )
+    def _compute(self, graph: NeighborGraph | None, part: PartPlan | None, ids, exchange,
+                 buffer, n) -> None:
+        """Run the model on this rank's part and add its terms to ``buffer`` (energies, forces,
+        virial). A rank without atoms still runs the model on an empty graph: its peers expect it
+        in every halo exchange, forward and backward."""
+        if part is None:
+            local = build_local_graph(None, [], [], np.zeros((2, 0), np.int64), np.zeros(0, bool),
+                                      np.zeros(0, np.int64), self.device, self.dtype, exchange)
+        else:
+            owned = np.arange(part.num_local) < part.num_owned
+            local = build_local_graph(graph, part.atoms, part.edges, part.edge_index, owned,
+                                      ids[part.atoms], self.device, self.dtype,
+                                      exchange if exchange is not None else no_exchange)
         energies = run_model(self.model, local)
         loss = energies.sum()
+        wrt = [local.edge_vec]
         if exchange is not None:
             loss = loss + 0.0 * exchange.token.to(loss.device, loss.dtype)
-        grad = None
-        if exchange is not None:
-            grad, _ = torch.autograd.grad(loss, [vec, exchange.first_token], allow_unused=True)
-        elif loss.requires_grad:
-            (grad,) = torch.autograd.grad(loss, [vec], allow_unused=True)
+            wrt.append(exchange.first_token)
+        grad = torch.autograd.grad(loss, wrt, allow_unused=True)[0] if loss.requires_grad else None
+        if part is None:
+            return
         g = np.zeros((len(part.edges), 3)) if grad is None else grad.detach().to("cpu", torch.float64).numpy()
-        owned_ids = ids[part.atoms[: part.num_owned]]
-        buffer[owned_ids] = energies.detach().to("cpu", torch.float64).numpy()
+        buffer[ids[part.owned]] = energies.detach().to("cpu", torch.float64).numpy()
         if len(part.edges):
-            recv = ids[graph.receivers[part.edges]]
-            send = ids[graph.senders[part.edges]]
-            forces = buffer[n : 4 * n].reshape(n, 3)
-            for k in range(3):
-                forces[:, k] += np.bincount(recv, g[:, k], minlength=n)
-                forces[:, k] -= np.bincount(send, g[:, k], minlength=n)
-            buffer[4 * n :] += (graph.edge_vectors(part.edges).T @ g).ravel()
-
-    def _compute_empty(self, exchange: P2PHaloExchange) -> None:
-        """A rank without atoms mirrors the peers' exchange calls with empty features. It cannot
-        know the feature shapes, so the model is run on an empty graph."""
-        dev, dtype = self.device, self.dtype
-        vec = torch.zeros((0, 3), dtype=dtype, device=dev, requires_grad=True)
-        local = LocalGraph(
-            numbers=torch.zeros(0, dtype=torch.int64, device=dev),
-            edge_index=torch.zeros((2, 0), dtype=torch.int64, device=dev),
-            edge_vec=vec, halo_exchange=exchange,
-            owned=torch.zeros(0, dtype=torch.bool, device=dev),
-            atom_ids=torch.zeros(0, dtype=torch.int64, device=dev),
-            cell=torch.zeros((3, 3), dtype=dtype, device=dev),
-        )
-        energies = run_model(self.model, local)
-        loss = energies.sum() + 0.0 * exchange.token.to(energies.device, energies.dtype)
-        torch.autograd.grad(loss, [exchange.first_token], allow_unused=True)
+            buffer[4 * n :] += add_edge_terms(
+                buffer[n : 4 * n].reshape(n, 3), ids[graph.receivers[part.edges]],
+                ids[graph.senders[part.edges]], graph.edge_vectors(part.edges), g,
+            ).ravel()

@@ -15,7 +15,15 @@ from ..models.base import DistributableModel, LocalGraph, no_exchange
 from ..partition import PartitionPlan
 from .shards import Shard, build_shards
 
-__all__ = ["Evaluation", "InProcessRunner", "ShardExchange", "assemble"]
+__all__ = [
+    "Evaluation",
+    "InProcessRunner",
+    "ShardExchange",
+    "add_edge_terms",
+    "assemble",
+    "build_local_graph",
+    "run_model",
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,17 +97,41 @@ class ShardExchange:
         return x.index_copy(0, self.rows, torch.cat(values))
 
 
-def _local_graph(shard: Shard, graph: NeighborGraph, device, dtype, exchange) -> LocalGraph:
-    vec = torch.as_tensor(graph.edge_vectors(shard.edges), device=device).to(dtype)
+def build_local_graph(graph: NeighborGraph | None, rows: np.ndarray, edges: np.ndarray,
+                      edge_index: np.ndarray, owned: np.ndarray, atom_ids: np.ndarray, device,
+                      dtype, exchange) -> LocalGraph:
+    """The ``LocalGraph`` of ``rows`` (atoms of ``graph``) and ``edges`` (edges of ``graph``), with
+    edge vectors computed in float64 and cast to ``dtype``. ``graph=None`` gives an empty one."""
+    if graph is None:
+        vec = np.zeros((0, 3))
+        numbers = np.zeros(0, dtype=np.int64)
+        cell = np.zeros((3, 3))
+    else:
+        vec, numbers, cell = graph.edge_vectors(edges), graph.numbers[rows], graph.cell
     return LocalGraph(
-        numbers=torch.as_tensor(graph.numbers[shard.atoms], device=device),
-        edge_index=torch.as_tensor(shard.edge_index, device=device),
-        edge_vec=vec.requires_grad_(True),
+        numbers=torch.as_tensor(numbers, device=device),
+        edge_index=torch.as_tensor(edge_index, device=device).reshape(2, -1),
+        edge_vec=torch.as_tensor(vec, device=device).to(dtype).requires_grad_(True),
         halo_exchange=exchange,
-        owned=torch.as_tensor(shard.owned, device=device),
-        atom_ids=torch.as_tensor(shard.atoms, device=device),
-        cell=torch.as_tensor(graph.cell, device=device).to(dtype),
+        owned=torch.as_tensor(owned, device=device),
+        atom_ids=torch.as_tensor(atom_ids, device=device),
+        cell=torch.as_tensor(cell, device=device).to(dtype),
     )
+
+
+def add_edge_terms(forces: np.ndarray, receivers: np.ndarray, senders: np.ndarray,
+                   vec: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    """Add the forces of edge gradients ``grad = dE/d(vec)`` ((E, 3)) to ``forces`` ((N, 3),
+    in place) and return their virial ``vec^T grad`` ((3, 3), dE/d(strain) before symmetrising).
+
+    ``vec = pos[sender] - pos[receiver] + shift @ cell``, so the receiver gets ``+grad`` and the
+    sender ``-grad``.
+    """
+    n = len(forces)
+    for k in range(3):
+        forces[:, k] += np.bincount(receivers, grad[:, k], minlength=n)
+        forces[:, k] -= np.bincount(senders, grad[:, k], minlength=n)
+    return vec.T @ grad
 
 
 def run_model(model: DistributableModel, local: LocalGraph) -> torch.Tensor:
@@ -123,14 +155,8 @@ def assemble(graph: NeighborGraph, pieces) -> Evaluation:
     virial = np.zeros((3, 3))
     for atoms, e, edges, grad in pieces:
         energies[atoms] = e
-        if len(edges) == 0:
-            continue
-        vec = graph.edge_vectors(edges)
-        virial += vec.T @ grad
-        recv, send = graph.receivers[edges], graph.senders[edges]
-        for k in range(3):
-            forces[:, k] += np.bincount(recv, grad[:, k], minlength=n)
-            forces[:, k] -= np.bincount(send, grad[:, k], minlength=n)
+        virial += add_edge_terms(forces, graph.receivers[edges], graph.senders[edges],
+                                 graph.edge_vectors(edges), grad)
     virial = 0.5 * (virial + virial.T)
     return Evaluation(float(energies.sum()), energies, forces, virial)
 
@@ -169,8 +195,8 @@ class InProcessRunner:
             for s in shards
         ]
         locals_ = [
-            _local_graph(s, graph, self.devices[s.index], self.dtype,
-                         exchanges[s.index] or no_exchange)
+            build_local_graph(graph, s.atoms, s.edges, s.edge_index, s.owned, s.atoms,
+                              self.devices[s.index], self.dtype, exchanges[s.index] or no_exchange)
             for s in shards
         ]
         outputs: list[torch.Tensor | None] = [None] * len(shards)
