@@ -1,0 +1,222 @@
+"""SevenNet-0: SevenNet's own ASE calculator vs distmlip (1 part, 4 parts), time and peak memory.
+
+One energy + forces + stress evaluation of a rattled rutile TiO2 supercell (3x3x5, 270 atoms,
+5 Å cutoff) per configuration. Every configuration runs in a fresh Python process (so peak RSS is
+its own): it builds the calculator, evaluates once (warm-up: lazy initialisation, e3nn code
+generation), then evaluates ``--repeats`` more times on freshly rattled positions; the time is the
+best repeat, the peak RSS the process's ``ru_maxrss`` (whole process: Python, torch, model, graph
+and autograd tape). The multi-process configuration launches ``mpirun -n 4`` (one part per rank)
+and reports the largest and the summed per-rank peaks.
+
+Usage:  OMP_NUM_THREADS=1 .venv/bin/python bench/bench_pretrained_sevenn.py [--repeats 2]
+Writes bench/results/pretrained_sevenn.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "bench" / "results" / "pretrained_sevenn.md"
+REPEAT = (3, 3, 5)
+
+# (label, kind, options)
+CONFIGS = [
+    ("SevenNetCalculator('7net-0')", "sevenn", {}),
+    ("distmlip, 1 part", "distmlip", {"num_partitions": 1, "mode": "halo"}),
+    ("distmlip, 4 parts, halo (1 process, 1 worker)", "distmlip", {"num_partitions": 4, "mode": "halo"}),
+    ("distmlip, 4 parts, halo (mpirun -n 4, 1 part per rank)", "mpi", {"num_partitions": 4, "mode": "halo"}),
+    ("distmlip, 4 parts, extended (1 process, 1 worker)", "distmlip", {"num_partitions": 4, "mode": "extended"}),
+]
+EXTENDED_MIN_AVAILABLE_GB = 14.0  # the extended run holds ~4 full copies of the graph (~9 GB)
+
+
+def structure(seed: int = 0):
+    from ase.spacegroup import crystal
+
+    atoms = crystal(["Ti", "O"], basis=[(0, 0, 0), (0.3048, 0.3048, 0)], spacegroup=136,
+                    cellpar=[4.594, 4.594, 2.959, 90, 90, 90]).repeat(REPEAT)
+    atoms.rattle(0.05, seed=seed)
+    return atoms
+
+
+def _peak_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
+
+
+# ---------------------------------------------------------------- worker (one configuration)
+
+def worker(kind: str, options: dict, repeats: int) -> dict:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    if kind == "sevenn":
+        from sevenn.calculator import SevenNetCalculator
+
+        calc = SevenNetCalculator("7net-0", device="cpu")
+    else:
+        import distmlip
+
+        model = distmlip.load("sevennet-0")
+        calc = distmlip.DistributedCalculator(model, **options)
+    rss_loaded = _peak_gb()
+    times, energy, fmax = [], None, None
+    for seed in range(repeats + 1):
+        atoms = structure(seed)
+        atoms.calc = calc
+        t0 = time.perf_counter()
+        e = atoms.get_potential_energy()
+        forces = atoms.get_forces()
+        atoms.get_stress()
+        times.append(time.perf_counter() - t0)
+        if seed == 0:  # the warm-up structure is the same in every configuration: compare on it
+            energy, fmax = float(e), float(np.abs(forces).max())
+    out = {"atoms": len(atoms), "time": min(times[1:]) if repeats else times[0], "first": times[0],
+           "rss_loaded": rss_loaded, "rss_peak": _peak_gb(), "energy": energy, "fmax": fmax}
+    plan = getattr(calc, "last_plan", None)
+    if plan is not None:
+        out["edges_evaluated"] = int(plan.edges_evaluated())
+        out["redundancy"] = float(plan.redundancy())
+        out["graph_edges"] = int(plan.num_edges)
+    return out
+
+
+def mpi_worker(options: dict, repeats: int) -> None:
+    """Runs on every rank; rank 0 prints the gathered result."""
+    import torch.distributed as dist
+
+    res = worker("distmlip", {k: v for k, v in options.items() if k != "num_partitions"}, repeats)
+    peaks = [None] * dist.get_world_size()
+    dist.all_gather_object(peaks, res["rss_peak"])
+    times = [None] * dist.get_world_size()
+    dist.all_gather_object(times, res["time"])
+    if dist.get_rank() == 0:
+        res.update(rss_peak=max(peaks), rss_sum=sum(peaks), rss_ranks=peaks, time=max(times))
+        res.pop("edges_evaluated", None)
+        res.pop("redundancy", None)
+        res.pop("graph_edges", None)
+        print("RESULT " + json.dumps(res), flush=True)
+
+
+# ---------------------------------------------------------------- driver
+
+def _available_gb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+def run_config(kind: str, options: dict, repeats: int, timeout: float) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    payload = json.dumps({"kind": kind, "options": options, "repeats": repeats})
+    if kind == "mpi":
+        mpirun = str(Path(sys.executable).parent / "mpirun")
+        cmd = [mpirun, "-n", str(options["num_partitions"]), sys.executable, __file__, "--mpi-worker", payload]
+    else:
+        cmd = [sys.executable, __file__, "--worker", payload]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{shlex.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=2, help="timed evaluations after the warm-up")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--mpi-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        job = json.loads(args.worker)
+        print("RESULT " + json.dumps(worker(job["kind"], job["options"], job["repeats"])), flush=True)
+        return
+    if args.mpi_worker:
+        job = json.loads(args.mpi_worker)
+        mpi_worker(job["options"], job["repeats"])
+        return
+
+    import sevenn
+    import torch
+
+    rows = []
+    for label, kind, options in CONFIGS:
+        if options.get("mode") == "extended" and _available_gb() < EXTENDED_MIN_AVAILABLE_GB:
+            rows.append((label, None, f"skipped: {_available_gb():.1f} GB available "
+                                      f"< {EXTENDED_MIN_AVAILABLE_GB} GB"))
+            print(f"{label}: skipped (memory)", flush=True)
+            continue
+        try:
+            load = os.getloadavg()[0]
+            repeats = min(args.repeats, 1) if options.get("mode") == "extended" else args.repeats
+            res = run_config(kind, options, repeats, args.timeout)
+            res.update(load=load, repeats=repeats)
+            rows.append((label, res, ""))
+            print(f"{label}: {res}", flush=True)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            rows.append((label, None, f"failed: {str(exc).splitlines()[0][:200]}"))
+            print(f"{label}: FAILED\n{exc}", flush=True)
+
+    ref = rows[0][1]
+    lines = [
+        "## SevenNet-0: SevenNet's calculator vs distmlip",
+        "",
+        f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/bench_pretrained_sevenn.py --repeats {args.repeats}`",
+        "",
+        f"System: rattled rutile TiO2 {'x'.join(map(str, REPEAT))} supercell, "
+        f"{ref['atoms'] if ref else '?'} atoms, SevenNet-0 (5 Å cutoff, 5 convolutions), float32, "
+        f"one energy + forces + stress evaluation. Machine: {os.cpu_count()} cores (shared with other "
+        f"jobs), {platform.python_version()}, torch {torch.__version__}, sevenn {sevenn.__version__}, "
+        f"1 torch thread per process. Each row is a fresh process (mpirun: 4 processes); time = best of "
+        f"{args.repeats} evaluations after a warm-up (extended mode: 1), 'first call' = the warm-up, peak RSS = `ru_maxrss` of the whole process "
+        f"(Python + torch + model + graph + autograd tape); 'loaded' = RSS before the first evaluation.",
+        "",
+        "| configuration | time (s) | vs SevenNet | first call (s) | peak RSS (GB) | RSS loaded (GB) "
+        "| edges evaluated / graph edges | \\|ΔE\\|/atom vs SevenNet, warm-up structure (eV) | load avg at start |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, res, note in rows:
+        if res is None:
+            lines.append(f"| {label} | – | – | – | – | – | – | – | {note} |")
+            continue
+        speed = f"{res['time'] / ref['time']:.2f}×" if ref else "–"
+        peak = f"{res['rss_peak']:.2f}"
+        if "rss_sum" in res:
+            peak = f"{res['rss_peak']:.2f} per rank (max), {res['rss_sum']:.2f} total"
+        edges = (f"{res['edges_evaluated']} / {res['graph_edges']} ({res['redundancy']:.2f}×)"
+                 if res.get("edges_evaluated") is not None else "–")
+        de = f"{abs(res['energy'] - ref['energy']) / res['atoms']:.1e}" if ref else "–"
+        lines.append(f"| {label} | {res['time']:.2f} | {speed} | {res['first']:.2f} | {peak} | "
+                     f"{res['rss_loaded']:.2f} | {edges} | {de} | {res['load']:.1f} |")
+    lines += [
+        "",
+        "Notes: timings on this shared machine vary by ±30% or more with the other jobs' load (last "
+        "column: 1-minute load average on 2 cores when the row started). The mpirun row runs 4 processes on 2 cores (oversubscribed), its time is the slowest "
+        "rank's. In extended mode every part holds its 5-hop halo; at this size that is the whole "
+        "system, so each part repeats the full calculation.",
+        "",
+    ]
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
