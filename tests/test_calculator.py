@@ -181,3 +181,25 @@ def test_translation_and_wrapping_invariance(schnet_model):
     got = evaluate(DistributedCalculator(schnet_model, 2), moved)
     for q in ref:
         np.testing.assert_allclose(got[q], ref[q], rtol=0, atol=1e-10, err_msg=q)
+
+
+def test_extended_mode_warns_when_every_part_holds_the_whole_system():
+    import warnings
+
+    from distmlip.models import SchNet
+    from distmlip.testing import fcc_bulk
+
+    atoms = fcc_bulk(size=2)
+    model = SchNet(cutoff=5.0, num_interactions=3, hidden_channels=8)
+    atoms.calc = DistributedCalculator(model, num_partitions=4, mode="extended")
+    with pytest.warns(UserWarning, match="halo covers the whole system"):
+        atoms.get_potential_energy()
+    atoms.rattle(0.01, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per calculator
+        atoms.get_potential_energy()
+    halo = fcc_bulk(size=2)
+    halo.calc = DistributedCalculator(model, num_partitions=4, mode="halo")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        halo.get_potential_energy()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -143,6 +144,7 @@ class DistributedCalculator(Calculator):
         self.last_plan: PartitionPlan | None = None
         self.last_graph: NeighborGraph | None = None
         self.timings: dict[str, float] = {}
+        self._warned = False
 
     def calculate(self, atoms=None, properties=None, system_changes=all_changes):
         if properties is None:
@@ -163,11 +165,28 @@ class DistributedCalculator(Calculator):
         hops = self.model.num_layers if self.mode == "extended" else self.model.halo_depth
         plan = PartitionPlan.build(graph, self.num_partitions, self.partitioner, self.mode, hops)
         t2 = time.perf_counter()
+        self._warn_if_pointless(plan)
         result = self.runner.evaluate(graph, plan)
         t3 = time.perf_counter()
         self.last_graph, self.last_plan = graph, plan
         self.timings = {"graph": t1 - t0, "partition": t2 - t1, "evaluate": t3 - t2, "total": t3 - t0}
         self._store(result, graph.cell)
+
+    def _warn_if_pointless(self, plan: PartitionPlan) -> None:
+        """Say once when every part holds (nearly) the whole system: an extended halo as deep as
+        the model's receptive field covers a small cell, and splitting only multiplies the work."""
+        if self._warned or plan.num_parts < 2 or plan.mode != "extended":
+            return
+        largest = max(p.num_local for p in plan.parts)
+        if largest >= 0.9 * plan.num_atoms:
+            self._warned = True
+            warnings.warn(
+                f"mode='extended': the {plan.num_hops}-hop halo covers the whole system "
+                f"(largest part holds {largest} of {plan.num_atoms} atoms), so each of the "
+                f"{plan.num_parts} parts does about the work of the whole and edges are evaluated "
+                f"{plan.redundancy():.1f} times over; mode='halo' evaluates every edge once",
+                stacklevel=3,
+            )
 
     def _store(self, result: Evaluation, cell: np.ndarray) -> None:
         self.results = {
