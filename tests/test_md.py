@@ -143,3 +143,28 @@ def test_bfgs_relaxation(lj_model):
     (p1, e1, n1), (p3, e3, n3) = results
     assert n1 == n3
     assert abs(e1 - e3) <= 1e-9 and np.abs(p1 - p3).max() <= 1e-9
+
+
+def test_npt_barostat_follows_unpartitioned(lj_model):
+    """A Berendsen NPT run rescales the cell from the stress: split and whole runs agree in
+    positions, cell and energy at every step, and the cell really changes."""
+    from ase.md.nptberendsen import NPTBerendsen
+
+    atoms = fcc_bulk(size=3, a=3.5)  # compressed: the barostat must expand the cell
+    _thermalize(atoms, 300, seed=4)
+    runs = []
+    for parts in (1, 3):
+        a = atoms.copy()
+        a.calc = DistributedCalculator(lj_model, num_partitions=parts, partitioner="grid")
+        dyn = NPTBerendsen(a, timestep=2 * units.fs, temperature_K=300, pressure_au=0.0,
+                           taut=100 * units.fs, taup=200 * units.fs, compressibility_au=1e-2 / units.GPa)
+        frames = []
+        dyn.attach(lambda: frames.append((a.positions.copy(), a.cell.array.copy(),
+                                          a.get_potential_energy())), interval=1)
+        dyn.run(20)
+        runs.append(frames)
+    for (x1, c1, e1), (x2, c2, e2) in zip(*runs):
+        assert np.abs(x1 - x2).max() <= TOL_POS
+        assert np.abs(c1 - c2).max() <= TOL_POS
+        assert abs(e1 - e2) <= TOL_E
+    assert abs(np.linalg.det(runs[0][-1][1]) - np.linalg.det(runs[0][0][1])) > 1e-3
