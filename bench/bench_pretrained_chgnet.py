@@ -18,11 +18,13 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import peak_gb, report_mpi, run_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "bench" / "results" / "pretrained_chgnet.md"
@@ -52,11 +54,6 @@ def structure(seed: int = 0):
     return atoms
 
 
-def _peak_gb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
-
 
 def worker(kind: str, options: dict, repeats: int) -> dict:
     import contextlib
@@ -77,7 +74,7 @@ def worker(kind: str, options: dict, repeats: int) -> dict:
         import distmlip
 
         calc = distmlip.DistributedCalculator(distmlip.load("chgnet-0.3.0"), **options)
-    rss_loaded = _peak_gb()
+    rss_loaded = peak_gb()
     times = []
     for seed in range(repeats + 1):
         atoms = structure(seed)
@@ -89,7 +86,7 @@ def worker(kind: str, options: dict, repeats: int) -> dict:
             stress = atoms.get_stress()
         times.append(time.perf_counter() - t0)
     out = {"atoms": len(atoms), "time": min(times[1:]) if repeats else times[0], "first": times[0],
-           "rss_loaded": rss_loaded, "rss_peak": _peak_gb(), "energy": float(energy),
+           "rss_loaded": rss_loaded, "rss_peak": peak_gb(), "energy": float(energy),
            "forces": np.asarray(forces, dtype=float).tolist(), "stress": np.asarray(stress).tolist()}
     plan = getattr(calc, "last_plan", None)
     if plan is not None:
@@ -99,34 +96,7 @@ def worker(kind: str, options: dict, repeats: int) -> dict:
 
 
 def mpi_worker(options: dict, repeats: int) -> None:
-    import torch.distributed as dist
-
-    res = worker("distmlip", {k: v for k, v in options.items() if k != "num_partitions"}, repeats)
-    size = dist.get_world_size()
-    gathered = [None] * size
-    dist.all_gather_object(gathered, (res["rss_peak"], res["time"]))
-    if dist.get_rank() == 0:
-        peaks = [g[0] for g in gathered]
-        res.update(rss_peak=max(peaks), rss_sum=sum(peaks), time=max(g[1] for g in gathered))
-        for key in ("edges_evaluated", "graph_edges", "redundancy", "halo"):
-            res.pop(key, None)
-        print("RESULT " + json.dumps(res), flush=True)
-
-
-def run_config(kind: str, options: dict, repeats: int, timeout: float) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    payload = json.dumps({"kind": kind, "options": options, "repeats": repeats})
-    if kind == "mpi":
-        mpirun = str(Path(sys.executable).parent / "mpirun")
-        cmd = [mpirun, "-n", str(options["num_partitions"]), sys.executable, __file__,
-               "--mpi-worker", payload]
-    else:
-        cmd = [sys.executable, __file__, "--worker", payload]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"{shlex.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    report_mpi(worker("distmlip", {k: v for k, v in options.items() if k != "num_partitions"}, repeats))
 
 
 def main() -> None:
@@ -152,7 +122,7 @@ def main() -> None:
     rows = []
     for label, kind, options in CONFIGS:
         try:
-            res = run_config(kind, options, args.repeats, args.timeout)
+            res = run_config(__file__, kind, options, args.repeats, args.timeout)
             rows.append((label, res, ""))
             brief = {k: v for k, v in res.items() if k not in ("forces", "stress")}
             print(f"{label}: {brief}", flush=True)

@@ -18,11 +18,13 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import available_gb, peak_gb, report_mpi, run_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "bench" / "results" / "pretrained_sevenn.md"
@@ -48,13 +50,6 @@ def structure(seed: int = 0):
     return atoms
 
 
-def _peak_gb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
-
-
-# ---------------------------------------------------------------- worker (one configuration)
 
 def worker(kind: str, options: dict, repeats: int) -> dict:
     import warnings
@@ -73,7 +68,7 @@ def worker(kind: str, options: dict, repeats: int) -> dict:
 
         model = distmlip.load("sevennet-0")
         calc = distmlip.DistributedCalculator(model, **options)
-    rss_loaded = _peak_gb()
+    rss_loaded = peak_gb()
     times, energy, fmax = [], None, None
     for seed in range(repeats + 1):
         atoms = structure(seed)
@@ -86,7 +81,7 @@ def worker(kind: str, options: dict, repeats: int) -> dict:
         if seed == 0:  # the warm-up structure is the same in every configuration: compare on it
             energy, fmax = float(e), float(np.abs(forces).max())
     out = {"atoms": len(atoms), "time": min(times[1:]) if repeats else times[0], "first": times[0],
-           "rss_loaded": rss_loaded, "rss_peak": _peak_gb(), "energy": energy, "fmax": fmax}
+           "rss_loaded": rss_loaded, "rss_peak": peak_gb(), "energy": energy, "fmax": fmax}
     plan = getattr(calc, "last_plan", None)
     if plan is not None:
         out["edges_evaluated"] = int(plan.edges_evaluated())
@@ -96,45 +91,7 @@ def worker(kind: str, options: dict, repeats: int) -> dict:
 
 
 def mpi_worker(options: dict, repeats: int) -> None:
-    """Runs on every rank; rank 0 prints the gathered result."""
-    import torch.distributed as dist
-
-    res = worker("distmlip", {k: v for k, v in options.items() if k != "num_partitions"}, repeats)
-    peaks = [None] * dist.get_world_size()
-    dist.all_gather_object(peaks, res["rss_peak"])
-    times = [None] * dist.get_world_size()
-    dist.all_gather_object(times, res["time"])
-    if dist.get_rank() == 0:
-        res.update(rss_peak=max(peaks), rss_sum=sum(peaks), rss_ranks=peaks, time=max(times))
-        res.pop("edges_evaluated", None)
-        res.pop("redundancy", None)
-        res.pop("graph_edges", None)
-        print("RESULT " + json.dumps(res), flush=True)
-
-
-# ---------------------------------------------------------------- driver
-
-def _available_gb() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1e6
-    return float("nan")
-
-
-def run_config(kind: str, options: dict, repeats: int, timeout: float) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    payload = json.dumps({"kind": kind, "options": options, "repeats": repeats})
-    if kind == "mpi":
-        mpirun = str(Path(sys.executable).parent / "mpirun")
-        cmd = [mpirun, "-n", str(options["num_partitions"]), sys.executable, __file__, "--mpi-worker", payload]
-    else:
-        cmd = [sys.executable, __file__, "--worker", payload]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"{shlex.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    report_mpi(worker("distmlip", {k: v for k, v in options.items() if k != "num_partitions"}, repeats))
 
 
 def main() -> None:
@@ -158,15 +115,15 @@ def main() -> None:
 
     rows = []
     for label, kind, options in CONFIGS:
-        if options.get("mode") == "extended" and _available_gb() < EXTENDED_MIN_AVAILABLE_GB:
-            rows.append((label, None, f"skipped: {_available_gb():.1f} GB available "
+        if options.get("mode") == "extended" and available_gb() < EXTENDED_MIN_AVAILABLE_GB:
+            rows.append((label, None, f"skipped: {available_gb():.1f} GB available "
                                       f"< {EXTENDED_MIN_AVAILABLE_GB} GB"))
             print(f"{label}: skipped (memory)", flush=True)
             continue
         try:
             load = os.getloadavg()[0]
             repeats = min(args.repeats, 1) if options.get("mode") == "extended" else args.repeats
-            res = run_config(kind, options, repeats, args.timeout)
+            res = run_config(__file__, kind, options, repeats, args.timeout)
             res.update(load=load, repeats=repeats)
             rows.append((label, res, ""))
             print(f"{label}: {res}", flush=True)

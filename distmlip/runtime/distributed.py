@@ -225,7 +225,11 @@ def install_failure_hook(rank: int, mpi_abort: bool = False) -> None:
             _report_failure(rank, value)
         previous(kind, value, tb)
         if mpi_abort:
+            sys.stdout.flush()
             sys.stderr.flush()
+            # give the launcher a moment to forward this rank's output, and the peers to notice
+            # and name the failure, before the abort takes every process down
+            time.sleep(1.0)
             from mpi4py import MPI
 
             MPI.COMM_WORLD.Abort(1)
