@@ -148,7 +148,7 @@ def test_load_and_wrap(model):
     from chgnet.model import CHGNet
 
     assert isinstance(model, CHGNetModel)
-    assert (model.cutoff, model.bond_cutoff, model.num_layers, model.halo_depth) == (6.0, 3.0, 4, 1)
+    assert (model.cutoff, model.bond_cutoff, model.num_layers) == (6.0, 3.0, 4)
     assert "chgnet-0.3.0" in distmlip.models.available_models()
     assert distmlip.wrap(model.chgnet).chgnet is model.chgnet
     assert isinstance(model.chgnet, CHGNet)

@@ -162,7 +162,7 @@ class DistributedCalculator(Calculator):
         t0 = time.perf_counter()
         graph = NeighborGraph.from_atoms(self.atoms, self.model.cutoff)
         t1 = time.perf_counter()
-        hops = self.model.num_layers if self.mode == "extended" else self.model.halo_depth
+        hops = self.model.num_layers if self.mode == "extended" else 1
         plan = PartitionPlan.build(graph, self.num_partitions, self.partitioner, self.mode, hops)
         t2 = time.perf_counter()
         self._warn_if_pointless(plan)

@@ -81,10 +81,9 @@ class DistributableModel(torch.nn.Module):
       that reads neighbours' *updated* features the model calls ``graph.halo_exchange(x)`` on
       them. Every worker must call ``halo_exchange`` the same number of times.
 
-    Optional: ``halo_depth`` (int, default 1), the halo a part holds in halo mode. A model whose
-    layers also update features living on edges or angles (CHGNet's bond graph) may need 2; halo
-    features are then exchanged at every depth, and edges between halo atoms are evaluated
-    redundantly.
+    Features that live on edges or angles across atoms (CHGNet's bond graph) are not exchanged by
+    distmlip: split their update into per-atom partial sums and exchange those as node features
+    (see ``distmlip/models/chgnet.py`` and docs/wrapping.md).
 
     distmlip sums the energies of owned atoms, and obtains forces and stress from the gradient of
     that sum with respect to ``edge_vec``. Halo rows of the output are discarded.
@@ -92,7 +91,6 @@ class DistributableModel(torch.nn.Module):
 
     cutoff: float
     num_layers: int
-    halo_depth: int = 1
 
     def forward(self, graph: LocalGraph) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -34,7 +34,7 @@ features after every AtomConv (``n_conv - 1`` exchanges in all). The first excha
 each slot's edge vector, by which a worker finds, for each of its edges ``x <- y``, the slot of
 ``y`` holding the reverse edge (the one whose vector is ``-edge_vec``).
 
-With that, halo mode needs only a one-hop halo (``halo_depth = 1``): every edge is evaluated once
+With that, halo mode needs only the one-hop halo: every edge is evaluated once
 and angles only at owned atoms: zero redundancy, no halo angles. Extended mode (no exchange)
 needs ``num_layers = n_conv`` hops: per layer, atom features and bond features each lose one hop
 of exactness at the halo's edge (a bond ``x <- y`` needs ``y``'s bonds, and ``y`` is one hop
@@ -136,10 +136,8 @@ class CHGNetModel(DistributableModel):
             per halo atom and layer).
 
     Attributes: ``cutoff`` (atom graph, Å), ``bond_cutoff`` (bond graph, Å), ``num_layers``
-    (``n_conv``), ``halo_depth`` (1).
+    (``n_conv``).
     """
-
-    halo_depth = 1
 
     def __init__(self, chgnet, max_bonds: int = 64):
         super().__init__()

@@ -268,7 +268,7 @@ class DistributedRunner:
         self.model = copy.deepcopy(model).to(device=device, dtype=self.dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.hops = model.num_layers if mode == "extended" else model.halo_depth
+        self.hops = model.num_layers if mode == "extended" else 1
         self.cutoff = model.cutoff
         self.timings: dict[str, float] = {}
         self.last_part: PartPlan | None = None
