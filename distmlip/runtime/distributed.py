@@ -225,6 +225,8 @@ def install_failure_hook(rank: int, mpi_abort: bool = False) -> None:
             _report_failure(rank, value)
         previous(kind, value, tb)
         if mpi_abort:
+            print(f"distmlip: rank {rank} failed ({kind.__name__}: {value}); aborting the MPI job",
+                  file=sys.stderr, flush=True)
             sys.stdout.flush()
             sys.stderr.flush()
             # give the launcher a moment to forward this rank's output, and the peers to notice
