@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..graph import NeighborGraph, atoms_near, validate_system
 from ..models.base import DistributableModel, no_exchange
-from ..partition import PartitionPlan, PartPlan, assign_owners, build_part, owned_rows
+from ..partition import PartPlan, assign_owners, build_part, owned_rows
 from ..partition.assign import grid_owners, slab_owners
 from .local import Evaluation, add_edge_terms, build_local_graph, run_model
 
@@ -82,7 +82,6 @@ def init_distributed(launch: Launch, backend: str, timeout: float) -> None:
         )
     address = None
     if comm.Get_rank() == 0:
-        hosts = None
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
