@@ -85,3 +85,12 @@ def test_world_size_mismatch_is_an_error():
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "num_partitions: expected the number of processes (2)" in out, out[-3000:]
+
+
+def test_independent_exchanges_stay_ordered_across_ranks():
+    """Two feature tensors exchanged per layer, unordered by the data: the token chain keeps every
+    rank's backward exchanges in the same order (no deadlock, no mixed-up gradients)."""
+    proc, _ = launch("mpirun", 3, "two_exchanges.py", timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert out.count("4 exchanges") == 3, out[-4000:]
