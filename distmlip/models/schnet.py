@@ -3,6 +3,7 @@ distmlip contract. Random weights from a seed; the workhorse for tests and bench
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,7 +23,9 @@ class _ShiftedSoftplus(nn.Module):
         return _shifted_softplus(x)
 
 
+@functools.cache
 def _cfconv_class():
+    """The PyG layer, defined on first use (torch_geometric is imported lazily, once)."""
     from torch_geometric.nn import MessagePassing
 
     class CFConv(MessagePassing):

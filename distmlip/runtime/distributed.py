@@ -420,11 +420,12 @@ class DistributedRunner:
         virial). A rank without atoms still runs the model on an empty graph: its peers expect it
         in every halo exchange, forward and backward."""
         if part is None:
-            local = build_local_graph(None, [], [], np.zeros((2, 0), np.int64), np.zeros(0, bool),
+            local = build_local_graph(None, [], np.zeros((0, 3)), np.zeros((2, 0), np.int64), np.zeros(0, bool),
                                       np.zeros(0, np.int64), self.device, self.dtype, exchange)
         else:
             owned = np.arange(part.num_local) < part.num_owned
-            local = build_local_graph(graph, part.atoms, part.edges, part.edge_index, owned,
+            vec = graph.edge_vectors(part.edges)
+            local = build_local_graph(graph, part.atoms, vec, part.edge_index, owned,
                                       ids[part.atoms], self.device, self.dtype,
                                       exchange if exchange is not None else no_exchange)
         energies = run_model(self.model, local)
@@ -441,5 +442,5 @@ class DistributedRunner:
         if len(part.edges):
             buffer[4 * n :] += add_edge_terms(
                 buffer[n : 4 * n].reshape(n, 3), ids[graph.receivers[part.edges]],
-                ids[graph.senders[part.edges]], graph.edge_vectors(part.edges), g,
+                ids[graph.senders[part.edges]], vec, g,
             ).ravel()

@@ -97,17 +97,16 @@ class ShardExchange:
         return x.index_copy(0, self.rows, torch.cat(values))
 
 
-def build_local_graph(graph: NeighborGraph | None, rows: np.ndarray, edges: np.ndarray,
+def build_local_graph(graph: NeighborGraph | None, rows: np.ndarray, vec: np.ndarray,
                       edge_index: np.ndarray, owned: np.ndarray, atom_ids: np.ndarray, device,
                       dtype, exchange) -> LocalGraph:
-    """The ``LocalGraph`` of ``rows`` (atoms of ``graph``) and ``edges`` (edges of ``graph``), with
-    edge vectors computed in float64 and cast to ``dtype``. ``graph=None`` gives an empty one."""
+    """The ``LocalGraph`` of ``rows`` (atoms of ``graph``) with float64 edge vectors ``vec``
+    ((E, 3), cast to ``dtype``). ``graph=None`` gives an empty one."""
     if graph is None:
-        vec = np.zeros((0, 3))
         numbers = np.zeros(0, dtype=np.int64)
         cell = np.zeros((3, 3))
     else:
-        vec, numbers, cell = graph.edge_vectors(edges), graph.numbers[rows], graph.cell
+        numbers, cell = graph.numbers[rows], graph.cell
     return LocalGraph(
         numbers=torch.as_tensor(numbers, device=device),
         edge_index=torch.as_tensor(edge_index, device=device).reshape(2, -1),
@@ -148,15 +147,15 @@ def run_model(model: DistributableModel, local: LocalGraph) -> torch.Tensor:
 
 
 def assemble(graph: NeighborGraph, pieces) -> Evaluation:
-    """Combine per-shard ``(atoms_owned, energies_owned, edges, edge_grad)`` numpy pieces."""
+    """Combine per-shard ``(atoms_owned, energies_owned, edges, edge_vec, edge_grad)`` numpy
+    pieces (``edge_vec`` float64, as given to the model)."""
     n = graph.num_atoms
     energies = np.zeros(n)
     forces = np.zeros((n, 3))
     virial = np.zeros((3, 3))
-    for atoms, e, edges, grad in pieces:
+    for atoms, e, edges, vec, grad in pieces:
         energies[atoms] = e
-        virial += add_edge_terms(forces, graph.receivers[edges], graph.senders[edges],
-                                 graph.edge_vectors(edges), grad)
+        virial += add_edge_terms(forces, graph.receivers[edges], graph.senders[edges], vec, grad)
     virial = 0.5 * (virial + virial.T)
     return Evaluation(float(energies.sum()), energies, forces, virial)
 
@@ -194,10 +193,11 @@ class InProcessRunner:
             ShardExchange(s, self.devices[s.index], hub) if plan.mode == "halo" else None
             for s in shards
         ]
+        vec64 = [graph.edge_vectors(s.edges) for s in shards]
         locals_ = [
-            build_local_graph(graph, s.atoms, s.edges, s.edge_index, s.owned, s.atoms,
+            build_local_graph(graph, s.atoms, v, s.edge_index, s.owned, s.atoms,
                               self.devices[s.index], self.dtype, exchanges[s.index] or no_exchange)
-            for s in shards
+            for s, v in zip(shards, vec64)
         ]
         outputs: list[torch.Tensor | None] = [None] * len(shards)
 
@@ -216,9 +216,9 @@ class InProcessRunner:
         else:
             grads = [None] * len(vecs)
         pieces = []
-        for s, out, vec, grad in zip(shards, outputs, vecs, grads):
+        for s, out, vec, grad in zip(shards, outputs, vec64, grads):
             g = np.zeros((len(s.edges), 3)) if grad is None else grad.detach().to("cpu", torch.float64).numpy()
-            pieces.append((s.atoms[s.owned], out.detach().to("cpu", torch.float64).numpy(), s.edges, g))
+            pieces.append((s.atoms[s.owned], out.detach().to("cpu", torch.float64).numpy(), s.edges, vec, g))
         return assemble(graph, pieces)
 
 
