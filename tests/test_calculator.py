@@ -9,6 +9,7 @@ from ase.calculators.calculator import PropertyNotImplementedError
 from ase.neighborlist import neighbor_list
 
 from distmlip import DistributedCalculator
+from distmlip.runtime.runner import TIMING_KEYS
 from distmlip.testing import (
     awkward_structures,
     check_forces_finite_difference,
@@ -138,7 +139,7 @@ def test_results_shapes_and_sums(schnet_model, structure):
     assert calc.results["free_energy"] == e
     # Newton's third law: the total force vanishes
     assert np.abs(atoms.get_forces().sum(axis=0)).max() < 1e-10
-    assert set(calc.timings) == {"graph", "partition", "evaluate", "total"}
+    assert set(calc.timings) == set(TIMING_KEYS)
     if atoms.cell.rank == 3:
         assert atoms.get_stress().shape == (6,)
     else:
@@ -154,9 +155,21 @@ def test_caching_and_recalculation(lj_model):
     plan = calc.last_plan
     atoms.get_forces()
     assert calc.last_plan is plan, "forces after energy must not recompute"
-    atoms.positions[0] += 0.05
+    atoms.positions[0] += 0.05  # within the skin: graph and plan are reused
     e1 = atoms.get_potential_energy()
-    assert calc.last_plan is not plan and e1 != e0
+    assert calc.last_plan is plan and calc.graph_builds == 1 and e1 != e0
+    atoms.positions[0] += 0.25  # 0.3 Å in all: more than skin / 2 = 0.25 Å, a rebuild
+    e2 = atoms.get_potential_energy()
+    assert calc.last_plan is not plan and calc.graph_builds == 2 and e2 != e1
+    fresh = DistributedCalculator(lj_model, 2, skin=0.0)
+    atoms.positions[0] += 0.01
+    fresh.calculate(atoms)
+    assert fresh.graph_builds == 1
+    fresh.calculate(atoms)  # same positions: nothing to rebuild even without a skin
+    assert fresh.graph_builds == 1
+    atoms.positions[0] += 1e-6
+    fresh.calculate(atoms)
+    assert fresh.graph_builds == 2
     # a different system with the same calculator
     other = awkward_structures()["molecule"]
     other.calc = calc

@@ -45,10 +45,25 @@ def test_equivalence_under_launcher(kind, n):
         assert f"rank {rank}: 132 checks passed" in out, out[-4000:]
 
 
+@pytest.mark.parametrize("parts_per_rank", [2, 3])
+def test_several_parts_per_rank(parts_per_rank):
+    """mpirun -n 2 with 4 and 6 parts: each rank evaluates its block of parts as one shard."""
+    proc, _ = launch("mpirun", 2, "equivalence.py", str(parts_per_rank))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    for rank in range(2):
+        assert f"rank {rank}: 132 checks passed with {2 * parts_per_rank} parts" in out, out[-4000:]
+
+
 def test_md_matches_single_process():
+    """50 MD steps with graph reuse (several rebuilds, then a cell change), 2 parts per rank,
+    against fresh single-process builds at every step; every rank rebuilds at the same steps."""
     proc, _ = launch("mpirun", 2, "md.py")
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
     assert "steps 51" in proc.stdout
+    builds = [line.split("builds ")[1] for line in proc.stdout.splitlines() if "builds " in line]
+    assert len(builds) == 2 and builds[0] == builds[1], out[-4000:]
 
 
 @pytest.mark.parametrize("where", ["model", "script", "kill", "hang"])
@@ -84,7 +99,7 @@ def test_world_size_mismatch_is_an_error():
     proc, _ = launch("mpirun", 2, "mismatch.py", timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "num_partitions: expected the number of processes (2)" in out, out[-3000:]
+    assert "num_partitions: expected a multiple of the number of processes (2)" in out, out[-3000:]
 
 
 def test_independent_exchanges_stay_ordered_across_ranks():

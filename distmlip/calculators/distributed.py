@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import numpy as np
@@ -12,14 +11,18 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ..graph import NeighborGraph, as_ase_atoms
 from ..models.base import DistributableModel
 from ..partition import MODES, PARTITIONERS, PartitionPlan
-from ..runtime.distributed import DistributedRunner, detect_launch, init_distributed
-from ..runtime.local import Evaluation, InProcessRunner
+from ..runtime import Evaluation, Runner, detect_launch, init_distributed
 
 __all__ = ["DistributedCalculator"]
 
 BACKENDS = ("auto", "local", "torch")
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+#: Default Verlet skin, Å: the graph is built with cutoff + skin and reused until an atom has moved
+#: more than skin / 2. 0.5 Å keeps the graph ~1.3x the edges of a 5 Å cutoff and, at room
+#: temperature with 1-2 fs steps, rebuilds it every few tens of steps.
+DEFAULT_SKIN = 0.5
 
 
 def _parse_dtype(dtype):
@@ -63,13 +66,18 @@ class DistributedCalculator(Calculator):
 
     In one process the parts run on ``device`` (a list spreads them over several devices, one
     worker thread each). Under ``mpirun``/``mpiexec``/``torchrun`` every rank runs the same script
-    and evaluates one part; communication goes through torch.distributed (NCCL for CUDA, gloo on
-    CPU), and every rank ends each call holding the full, identical results.
+    and evaluates a block of parts; communication goes through torch.distributed (NCCL for CUDA,
+    gloo on CPU), and every rank ends each call holding the full, identical results.
+
+    The neighbour graph and the partition are reused across calls (MD steps) until some atom has
+    moved more than ``skin / 2`` or the cell, periodicity or atomic numbers change; between
+    rebuilds only the edge vectors are recomputed. Every call gives what a fresh build would.
 
     Args:
         model: a ``DistributableModel`` (see ``distmlip.models``).
         num_partitions: number of parts (>= 1; more parts than atoms is legal). Default: 1 in one
-            process, the number of processes under a launcher (where any other value is an error).
+            process, the number of processes under a launcher (where it must be a multiple of
+            the number of processes: each rank evaluates ``num_partitions / ranks`` parts).
         partitioner: ``"grid"`` (recursive coordinate bisection, default), ``"slab"`` (1-D cuts
             balanced by atom count) or ``"metis"`` (pymetis graph partitioning).
         mode: ``"halo"`` (one-hop halo, exchange between layers, zero redundancy) or
@@ -82,10 +90,13 @@ class DistributedCalculator(Calculator):
         timeout: seconds a rank waits for its peers in any collective before failing (multi-process).
         num_threads: torch threads per process (default: 1 per rank under a launcher; unchanged
             in one process).
+        skin: Verlet skin in Å (default 0.5; 0 rebuilds whenever an atom moves).
 
     Results: ``energy``/``free_energy`` (eV), ``forces`` (N, 3) eV/Å, ``stress`` (Voigt, eV/Å^3,
     ASE's sign; only for cells of full rank), ``energies`` (N,) eV. After each calculation
-    ``last_plan``, ``last_graph`` and ``timings`` (seconds per stage) describe what was done.
+    ``last_plan``, ``last_graph``, ``timings`` (seconds per stage) and ``graph_builds`` (how many
+    times graph and plan were built) describe what was done; under a launcher ``last_plan`` holds
+    this rank's parts and ``last_graph`` its region.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
@@ -93,7 +104,7 @@ class DistributedCalculator(Calculator):
     def __init__(self, model: DistributableModel, num_partitions: int | None = None,
                  partitioner: str = "grid", mode: str = "halo", device="cpu", dtype=None,
                  backend: str = "auto", timeout: float = 30.0, num_threads: int | None = None,
-                 **kwargs):
+                 skin: float = DEFAULT_SKIN, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(model, DistributableModel):
             raise TypeError(
@@ -112,6 +123,9 @@ class DistributedCalculator(Calculator):
             raise ValueError(f"partitioner: expected one of {list(PARTITIONERS)}, got {partitioner!r}")
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
+        if isinstance(skin, bool) or not isinstance(skin, (int, float, np.floating)) or not skin >= 0:
+            raise ValueError(f"skin: expected a number of Å >= 0 (default {DEFAULT_SKIN}), got {skin!r}")
+        self.skin = float(skin)
         self.model = model
         self.partitioner = partitioner
         self.mode = mode
@@ -126,25 +140,41 @@ class DistributedCalculator(Calculator):
             )
         self.backend = "torch" if launch is not None and launch.world_size > 1 else "local"
         if self.backend == "torch":
-            self.distributed = _setup_distributed(launch, self.devices, timeout, num_threads)
             world = launch.world_size
-            if num_partitions is not None and num_partitions != world:
+            if num_partitions is not None and num_partitions % world:
                 raise ValueError(
-                    f"num_partitions: expected the number of processes ({world}) under a "
-                    f"multi-process launch (one part per rank), got {num_partitions}; omit it or "
-                    f"launch {num_partitions} processes"
+                    f"num_partitions: expected a multiple of the number of processes ({world}) "
+                    f"under a multi-process launch (each rank evaluates the same number of parts), "
+                    f"got {num_partitions}; omit it for one part per rank"
                 )
-            self.num_partitions = world
-            self.runner = DistributedRunner(model, self.distributed, self.dtype, partitioner, mode)
+            self.distributed = _setup_distributed(launch, self.devices, timeout, num_threads)
+            self.num_partitions = world if num_partitions is None else int(num_partitions)
+            self.runner = Runner(model, [self.distributed], self.dtype, partitioner, mode,
+                                 self.num_partitions, self.skin, comm="torch")
         else:
             if num_threads is not None:
                 torch.set_num_threads(int(num_threads))
             self.num_partitions = 1 if num_partitions is None else int(num_partitions)
-            self.runner = InProcessRunner(model, self.devices, self.dtype, timeout=max(timeout, 600.0))
-        self.last_plan: PartitionPlan | None = None
-        self.last_graph: NeighborGraph | None = None
+            self.runner = Runner(model, self.devices, self.dtype, partitioner, mode,
+                                 self.num_partitions, self.skin, timeout=max(timeout, 600.0))
         self.timings: dict[str, float] = {}
         self._warned = False
+
+    @property
+    def last_plan(self) -> PartitionPlan | None:
+        """The partition of the last calculation (under a launcher: this rank's parts)."""
+        return self.runner.last_plan
+
+    @property
+    def last_graph(self) -> NeighborGraph | None:
+        """The neighbour graph (cutoff + skin) of the last calculation (under a launcher: this
+        rank's region)."""
+        return self.runner.last_graph
+
+    @property
+    def graph_builds(self) -> int:
+        """How many times the neighbour graph and the partition were built."""
+        return self.runner.graph_builds
 
     def calculate(self, atoms=None, properties=None, system_changes=all_changes):
         if properties is None:
@@ -152,30 +182,16 @@ class DistributedCalculator(Calculator):
         if atoms is not None:
             atoms = as_ase_atoms(atoms)
         Calculator.calculate(self, atoms, properties, system_changes)
-        if self.backend == "torch":
-            a = self.atoms
-            result = self.runner.evaluate(a.positions, a.cell.array, a.pbc, a.numbers)
-            self.timings = dict(self.runner.timings)
-            self.last_graph, self.last_plan = self.runner.last_graph, None
-            self._store(result, self.atoms.cell.array)
-            return
-        t0 = time.perf_counter()
-        graph = NeighborGraph.from_atoms(self.atoms, self.model.cutoff)
-        t1 = time.perf_counter()
-        hops = self.model.num_layers if self.mode == "extended" else 1
-        plan = PartitionPlan.build(graph, self.num_partitions, self.partitioner, self.mode, hops)
-        t2 = time.perf_counter()
-        self._warn_if_pointless(plan)
-        result = self.runner.evaluate(graph, plan)
-        t3 = time.perf_counter()
-        self.last_graph, self.last_plan = graph, plan
-        self.timings = {"graph": t1 - t0, "partition": t2 - t1, "evaluate": t3 - t2, "total": t3 - t0}
-        self._store(result, graph.cell)
+        a = self.atoms
+        result = self.runner.evaluate(a.positions, a.cell.array, a.pbc, a.numbers)
+        self.timings = dict(self.runner.timings)
+        self._warn_if_pointless(self.runner.last_plan)
+        self._store(result, a.cell.array)
 
     def _warn_if_pointless(self, plan: PartitionPlan) -> None:
         """Say once when every part holds (nearly) the whole system: an extended halo as deep as
         the model's receptive field covers a small cell, and splitting only multiplies the work."""
-        if self._warned or plan.num_parts < 2 or plan.mode != "extended":
+        if self._warned or plan is None or plan.num_parts < 2 or plan.mode != "extended" or not plan.parts:
             return
         largest = max(p.num_local for p in plan.parts)
         if largest >= 0.9 * plan.num_atoms:

@@ -2,44 +2,99 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["DistributableModel", "LocalGraph", "no_exchange"]
+__all__ = ["DistributableModel", "HaloExchange", "LocalGraph", "no_exchange"]
 
 
-def no_exchange(x: torch.Tensor) -> torch.Tensor:
-    """The halo exchange of a system that is not split: nothing to refresh."""
-    return x
+class HaloExchange:
+    """The one type of every halo exchange: ``x -> x`` on node features.
+
+    ``x`` holds either every local row, shape ``(num_rows, ...)``, or only the owned rows, shape
+    ``(num_owned, ...)`` (owned rows always come first in a ``LocalGraph``); the result always has
+    every row, the halo rows ``num_owned:`` holding their owners' values. It is differentiable:
+    the backward pass sends each halo row's gradient home to its owner.
+
+    This base class is the exchange of a system that is not split (every row owned: nothing to
+    refresh). The runtime's exchanges (in one process, across threads, across ranks) subclass it
+    and implement ``_exchange(owned)``, given the owned rows.
+
+    Attributes:
+        num_owned, num_rows: rows owned, rows in all (``None``: any, for the unsplit no-op).
+        calls: how many times it was called; ``seconds``: time spent communicating.
+    """
+
+    def __init__(self, num_owned: int | None = None, num_rows: int | None = None):
+        self.num_owned = num_owned
+        self.num_rows = num_rows
+        self.calls = 0
+        self.seconds = 0.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.num_rows is None or self.num_owned == self.num_rows:
+            return x
+        rows = x.shape[0]
+        if rows == self.num_rows:
+            owned = x[: self.num_owned]
+        elif rows == self.num_owned:
+            owned = x
+        else:
+            raise ValueError(
+                f"halo_exchange: expected node features with {self.num_rows} rows (all local "
+                f"atoms) or {self.num_owned} (the owned atoms, which come first), got {rows}"
+            )
+        return self._exchange(owned)
+
+    def _exchange(self, owned: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+#: The halo exchange of a system that is not split: nothing to refresh.
+no_exchange = HaloExchange()
 
 
 @dataclass(frozen=True, eq=False)
 class LocalGraph:
-    """The piece of the system one worker evaluates: owned atoms plus a halo.
+    """The piece of the system one worker evaluates: owned atoms first, then a halo.
 
     Attributes:
-        numbers: (n,) int64 atomic numbers of the local atoms (owned and halo).
+        numbers: (n,) int64 atomic numbers of the local atoms (owned rows first, then halo rows).
         edge_index: (2, E) int64 local ``[senders; receivers]`` (PyG's source-to-target order):
             a message flows from ``edge_index[0]`` to ``edge_index[1]``.
         edge_vec: (E, 3) edge vectors, receiver -> sender image, Å, in the model's dtype. Forces
             and stress are taken from the gradient of the energy with respect to this tensor.
-        halo_exchange: ``x -> x`` on (n, ...) node features; refreshes the halo rows from their
-            owners (autograd sends gradients home). Call it wherever a layer is about to read
+        halo_exchange: ``x -> x`` on node features (a ``HaloExchange``): given ``(n, ...)`` or the
+            owned rows ``(num_owned, ...)``, returns ``(n, ...)`` with the halo rows refreshed from
+            their owners (autograd sends gradients home). Call it wherever a layer is about to read
             neighbours' features that an earlier layer has updated. A no-op when nothing is split.
-        owned: (n,) bool, which local atoms this worker owns (their energies are the ones kept).
+        owned: (n,) bool, which local atoms this worker owns (the first ``num_owned`` rows).
         atom_ids: (n,) int64 global atom indices (for adapters that need them).
         cell: (3, 3) lattice vectors (no gradient), in the model's dtype.
+        num_owned: rows owned (default: counted from ``owned``).
+        num_needed: rows whose node-wise updates (and readouts) a layer must compute: ``num_owned``
+            when a halo exchange refreshes the halo before it is read again (halo mode), ``n``
+            otherwise (unsplit, or extended mode, where halo rows are computed redundantly).
+            Default ``n``.
     """
 
     numbers: torch.Tensor
     edge_index: torch.Tensor
     edge_vec: torch.Tensor
-    halo_exchange: Callable[[torch.Tensor], torch.Tensor]
+    halo_exchange: HaloExchange
     owned: torch.Tensor
     atom_ids: torch.Tensor
     cell: torch.Tensor
+    num_owned: int | None = field(default=None)
+    num_needed: int | None = field(default=None)
+
+    def __post_init__(self):
+        if self.num_owned is None:
+            object.__setattr__(self, "num_owned", int(self.owned.sum()))
+        if self.num_needed is None:
+            object.__setattr__(self, "num_needed", self.num_nodes)
 
     @property
     def num_nodes(self) -> int:
@@ -64,6 +119,8 @@ class LocalGraph:
             owned=torch.ones(n, dtype=torch.bool, device=device),
             atom_ids=torch.arange(n, device=device),
             cell=cell,
+            num_owned=n,
+            num_needed=n,
         )
 
 
@@ -76,10 +133,15 @@ class DistributableModel(torch.nn.Module):
     - ``num_layers`` (int >= 1): how many hops of neighbours an atom's energy depends on (the
       number of message-passing layers; 1 for a pair potential). Extended mode holds a halo this
       deep.
-    - ``forward(graph: LocalGraph) -> Tensor``: (n,) per-atom energies (eV) of the local atoms.
-      The energy must depend on positions only through ``graph.edge_vec``, and before every layer
-      that reads neighbours' *updated* features the model calls ``graph.halo_exchange(x)`` on
-      them. Every worker must call ``halo_exchange`` the same number of times.
+    - ``forward(graph: LocalGraph) -> Tensor``: per-atom energies (eV) of the local atoms, shape
+      ``(n,)``, or only of the first ``graph.num_needed`` rows (at least the ``num_owned`` owned
+      rows, which come first). The energy must depend on positions only through
+      ``graph.edge_vec``, and before every layer that reads neighbours' *updated* features the
+      model calls ``graph.halo_exchange(x)`` on them. Every worker must call ``halo_exchange``
+      the same number of times.
+
+    Zero redundant work: node-wise updates and readouts need only rows ``:graph.num_needed``;
+    ``halo_exchange`` accepts those rows and returns every row (see docs/wrapping.md).
 
     Features that live on edges or angles across atoms (CHGNet's bond graph) are not exchanged by
     distmlip: split their update into per-atom partial sums and exchange those as node features

@@ -9,7 +9,7 @@ import numpy as np
 from ..graph import NeighborGraph
 from .assign import PARTITIONERS, _check_parts, assign_owners
 
-__all__ = ["MODES", "PartPlan", "PartitionPlan", "build_part", "owned_rows"]
+__all__ = ["MODES", "PartPlan", "PartitionPlan", "build_part", "build_parts", "owned_rows"]
 
 MODES = ("halo", "extended")
 
@@ -56,7 +56,7 @@ class PartPlan:
 
 @dataclass(frozen=True, eq=False)
 class PartitionPlan:
-    """How a graph is split into parts.
+    """How a graph is split into parts (all of them, or the ones one process evaluates).
 
     Each part holds its owned atoms and a ``num_hops``-deep halo, and evaluates every edge received
     by its atoms less than ``num_hops`` hops away. ``mode="halo"`` (normally ``num_hops=1``: each
@@ -68,7 +68,11 @@ class PartitionPlan:
         mode: ``"halo"`` or ``"extended"``.
         num_hops: depth of the halo.
         owner: (N,) int64 owning part of each atom.
-        parts: one ``PartPlan`` per part.
+        parts: one ``PartPlan`` per part; under a multi-process launch, only the parts this rank
+            evaluates (their ``index`` says which), built on this rank's region of the system.
+        atom_ids: ``None`` when the graph is the whole system; else (n,) int64 global id of each
+            atom of the region graph the parts index into.
+        total_parts: number of parts of the whole plan (default ``len(parts)``).
     """
 
     num_atoms: int
@@ -77,10 +81,13 @@ class PartitionPlan:
     num_hops: int
     owner: np.ndarray
     parts: tuple[PartPlan, ...]
+    atom_ids: np.ndarray | None = None
+    total_parts: int | None = None
 
     @property
     def num_parts(self) -> int:
-        return len(self.parts)
+        """Parts of the whole plan (``len(parts)`` unless this process holds only some)."""
+        return len(self.parts) if self.total_parts is None else self.total_parts
 
     @classmethod
     def build(
@@ -124,15 +131,8 @@ class PartitionPlan:
                 f"owner: expected part indices in [0, {num_parts}), got values in "
                 f"[{owner.min()}, {owner.max()}]"
             )
-        by_part, starts, rank_in_owner = _owner_layout(owner, num_parts)
-        offsets = graph.receiver_offsets()
-        scratch = np.full(graph.num_atoms, -1, dtype=np.int64)
-        parts = tuple(
-            _build_part(
-                p, by_part[starts[p] : starts[p + 1]], hops, graph, owner, rank_in_owner, offsets, scratch
-            )
-            for p in range(num_parts)
-        )
+        rank_in_owner = _owner_layout(owner, num_parts)[2]
+        parts = build_parts(graph, range(num_parts), owner, rank_in_owner, hops)
         return cls(graph.num_atoms, graph.num_edges, mode, hops, owner, parts)
 
     # ------------------------------------------------------------------ statistics
@@ -212,9 +212,23 @@ def build_part(graph: NeighborGraph, part: int, owner: np.ndarray, rows: np.ndar
     returned ``atoms``/``edges`` index the subgraph). The subset must hold every atom within
     ``num_hops`` cutoffs of the part's owned atoms.
     """
-    owned = np.flatnonzero(owner == part)
+    return build_parts(graph, [part], owner, rows, num_hops)[0]
+
+
+def build_parts(graph: NeighborGraph, parts, owner: np.ndarray, rows: np.ndarray,
+                num_hops: int = 1) -> tuple[PartPlan, ...]:
+    """``build_part`` for several parts of one graph, sharing the work arrays. O(N + E) in all."""
+    owner = np.asarray(owner, dtype=np.int64)
+    parts = [int(p) for p in parts]
+    order = np.argsort(owner, kind="stable")
+    sorted_owner = owner[order]
+    offsets = graph.receiver_offsets()
     scratch = np.full(graph.num_atoms, -1, dtype=np.int64)
-    return _build_part(part, owned, int(num_hops), graph, owner, rows, graph.receiver_offsets(), scratch)
+    out = []
+    for p in parts:
+        lo, hi = np.searchsorted(sorted_owner, [p, p + 1])
+        out.append(_build_part(p, order[lo:hi], int(num_hops), graph, owner, rows, offsets, scratch))
+    return tuple(out)
 
 
 def _edges_received(atoms: np.ndarray, offsets: np.ndarray) -> np.ndarray:

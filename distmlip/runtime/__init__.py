@@ -1,12 +1,19 @@
 """Workers: run the model on each shard with the halo exchange between layers, then gather."""
 
-from .distributed import DistributedRunner, Launch, detect_launch, init_distributed
-from .local import Evaluation, InProcessRunner, ShardExchange, assemble
-from .shards import Shard, build_shards
+from .exchange import CommunicationError, LocalExchange, P2PExchange
+from .launch import Launch, detect_launch, init_distributed
+from .runner import Evaluation, Runner
+from .shards import Shard, build_shard
 
 __all__ = [
-    "DistributedRunner",
+    "CommunicationError",
+    "Evaluation",
     "Launch",
+    "LocalExchange",
+    "P2PExchange",
+    "Runner",
+    "Shard",
+    "build_shard",
     "detect_launch",
     "init_distributed",
-   "Evaluation", "InProcessRunner", "Shard", "ShardExchange", "assemble", "build_shards"]
+]

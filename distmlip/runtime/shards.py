@@ -1,4 +1,4 @@
-"""Shards: the parts one worker evaluates together, laid out as one local graph."""
+"""Shards: the parts one worker evaluates together, laid out as one local graph, owned rows first."""
 
 from __future__ import annotations
 
@@ -6,77 +6,120 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..partition import PartitionPlan
+from ..partition import PartPlan
 
-__all__ = ["Shard", "build_shards"]
+__all__ = ["Shard", "build_shard", "owned_row_offsets", "part_groups"]
+
+
+def part_groups(num_parts: int, num_workers: int) -> list[range]:
+    """Contiguous blocks of parts, one per worker: worker ``w`` gets parts
+    ``[w * P // W, (w + 1) * P // W)`` (spatial partitioners number neighbouring parts
+    consecutively, so a block is compact). ``num_workers`` may exceed ``num_parts``: the extra
+    workers get no parts."""
+    return [range(w * num_parts // num_workers, (w + 1) * num_parts // num_workers)
+            for w in range(num_workers)]
+
+
+def owned_row_offsets(owner: np.ndarray, groups: list[range]) -> tuple[np.ndarray, np.ndarray]:
+    """For every part: the worker it belongs to and the first row of its owned atoms in that
+    worker's owned block (the worker's parts' owned atoms, part after part, ascending ids).
+
+    Returns ``worker_of_part`` (P,) and ``offset`` (P,), int64. Every process computes the same
+    arrays from the global ``owner``: this is where "which row of which worker holds atom a" is
+    decided, for the in-process and the multi-process exchange alike.
+    """
+    num_parts = sum(len(g) for g in groups)
+    counts = np.bincount(owner, minlength=num_parts)
+    worker_of_part = np.zeros(num_parts, dtype=np.int64)
+    offset = np.zeros(num_parts, dtype=np.int64)
+    for w, group in enumerate(groups):
+        if len(group):
+            worker_of_part[group.start:group.stop] = w
+            c = counts[group.start:group.stop]
+            offset[group.start:group.stop] = np.cumsum(c) - c
+    return worker_of_part, offset
 
 
 @dataclass(frozen=True, eq=False)
 class Shard:
-    """The parts assigned to one worker, as the disjoint union of their local graphs.
+    """The parts one worker evaluates, as the disjoint union of their local graphs.
+
+    Rows: first the owned atoms of every part (part after part, each ascending), then every
+    part's halo rows, grouped by the worker that owns them (so each exchange block is contiguous).
 
     Attributes:
         index: the worker's number.
-        parts: the plan's parts in this shard, in row order.
-        atoms: (n,) int64 global atom ids of the rows.
-        owned: (n,) bool, rows whose atom this shard owns.
-        edges: (E,) int64 global edge ids evaluated here.
+        parts: the plan's part indices in this shard, in row order.
+        atoms: (n,) int64 rows of the graph the parts were built from (its atom ids).
+        num_owned: owned rows (the first ``num_owned`` rows).
+        edges: (E,) int64 edge ids of that graph evaluated here.
         edge_index: (2, E) int64 local ``[senders; receivers]`` rows.
-        halo_rows: (h,) int64 rows refreshed by the halo exchange, grouped by source shard.
-        halo_from: (h,) int64 shard owning each of those rows' atoms.
-        halo_src: (h,) int64 row of that atom in its owning shard.
+        blocks: ``(source worker, rows in that worker's owned block)`` per exchange block, in the
+            order of the halo rows: the halo rows refreshed from ``source`` are the next
+            ``len(rows)`` rows after the previous blocks'.
+        part_rows: per part, ``(part, shard row of each of its local rows, its owned count)``
+            (to evaluate the parts one at a time).
     """
 
     index: int
     parts: tuple[int, ...]
     atoms: np.ndarray
-    owned: np.ndarray
+    num_owned: int
     edges: np.ndarray
     edge_index: np.ndarray
-    halo_rows: np.ndarray
-    halo_from: np.ndarray
-    halo_src: np.ndarray
+    blocks: tuple[tuple[int, np.ndarray], ...]
+    part_rows: tuple[tuple[int, np.ndarray, int], ...]
 
     @property
     def num_rows(self) -> int:
         return len(self.atoms)
 
-    def sources(self) -> list[int]:
-        """Shards this one receives halo rows from (itself included when it does)."""
-        return [int(s) for s in np.unique(self.halo_from)]
-
-    def rows_from(self, source: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows here, rows in ``source``) of the halo rows refreshed from ``source``."""
-        mask = self.halo_from == source
-        return self.halo_rows[mask], self.halo_src[mask]
+    @property
+    def owned(self) -> np.ndarray:
+        """(n,) bool: owned rows."""
+        return np.arange(self.num_rows) < self.num_owned
 
 
-def build_shards(plan: PartitionPlan, num_shards: int) -> tuple[Shard, ...]:
-    """Group the plan's parts round-robin (part p -> shard p % num_shards) into shards."""
-    num_shards = max(1, min(int(num_shards), plan.num_parts))
-    members = [list(range(s, plan.num_parts, num_shards)) for s in range(num_shards)]
-    shard_of = np.arange(plan.num_parts) % num_shards
-    offset = np.zeros(plan.num_parts, dtype=np.int64)  # first row of each part in its shard
-    for parts in members:
-        sizes = [plan.parts[p].num_local for p in parts]
-        offset[parts] = np.concatenate(([0], np.cumsum(sizes)[:-1])) if parts else []
-    exchange = plan.mode == "halo"
-    shards = []
-    for s, parts in enumerate(members):
-        pp = [plan.parts[p] for p in parts]
-        atoms = np.concatenate([p.atoms for p in pp])
-        owned = np.concatenate([np.arange(p.num_local) < p.num_owned for p in pp])
-        edges = np.concatenate([p.edges for p in pp])
-        edge_index = np.concatenate([p.edge_index + offset[p.index] for p in pp], axis=1)
-        if exchange:
-            rows = np.concatenate([offset[p.index] + p.num_owned + np.arange(p.num_halo) for p in pp])
-            src_part = np.concatenate([p.halo_owner for p in pp])
-            src = offset[src_part] + np.concatenate([p.halo_source for p in pp])
-            frm = shard_of[src_part]
-            order = np.argsort(frm, kind="stable")
-            rows, frm, src = rows[order], frm[order], src[order]
-        else:
-            rows = frm = src = np.zeros(0, dtype=np.int64)
-        shards.append(Shard(s, tuple(parts), atoms, owned, edges, edge_index.reshape(2, -1),
-                            rows.astype(np.int64), frm.astype(np.int64), src.astype(np.int64)))
-    return tuple(shards)
+def build_shard(index: int, parts: list[PartPlan], worker_of_part: np.ndarray,
+                offset: np.ndarray) -> Shard:
+    """The shard of worker ``index`` holding ``parts`` (``PartPlan``s of one graph, in order).
+    ``worker_of_part``/``offset``: from ``owned_row_offsets``."""
+    if not parts:
+        empty = np.zeros(0, dtype=np.int64)
+        return Shard(index, (), empty, 0, empty, np.zeros((2, 0), np.int64), (), ())
+    owned_counts = np.array([p.num_owned for p in parts], dtype=np.int64)
+    halo_counts = np.array([p.num_halo for p in parts], dtype=np.int64)
+    own_off = np.cumsum(owned_counts) - owned_counts
+    halo_off = np.cumsum(halo_counts) - halo_counts
+    num_owned = int(owned_counts.sum())
+    halo_owner = np.concatenate([p.halo_owner for p in parts])
+    source = worker_of_part[halo_owner]
+    src_row = offset[halo_owner] + np.concatenate([p.halo_source for p in parts])
+    order = np.argsort(source, kind="stable")
+    position = np.empty(len(order), dtype=np.int64)
+    position[order] = np.arange(len(order))
+    halo_atoms = np.concatenate([p.halo for p in parts])[order]
+    atoms = np.concatenate([p.owned for p in parts] + [halo_atoms])
+    part_rows = []
+    edge_index = []
+    for k, p in enumerate(parts):
+        local = np.concatenate([own_off[k] + np.arange(p.num_owned),
+                                num_owned + position[halo_off[k] + np.arange(p.num_halo)]])
+        part_rows.append((p.index, local, p.num_owned))
+        edge_index.append(local[p.edge_index])
+    source, src_row = source[order], src_row[order]
+    blocks = []
+    if len(source):
+        cuts = np.flatnonzero(np.diff(source)) + 1
+        for rows_src, rows in zip(np.split(source, cuts), np.split(src_row, cuts)):
+            blocks.append((int(rows_src[0]), rows.astype(np.int64)))
+    return Shard(
+        index=index,
+        parts=tuple(p.index for p in parts),
+        atoms=atoms.astype(np.int64),
+        num_owned=num_owned,
+        edges=np.concatenate([p.edges for p in parts]).astype(np.int64),
+        edge_index=np.concatenate(edge_index, axis=1).reshape(2, -1).astype(np.int64),
+        blocks=tuple(blocks),
+        part_rows=tuple(part_rows),
+    )

@@ -1,5 +1,6 @@
 """Run under a launcher: every combination of model x structure x mode x partitioner evaluated with
-one part per rank must equal the single-process result (float64, 1e-10 relative)."""
+K parts per rank (argument; default 1) must equal the single-process result (float64, 1e-10
+relative)."""
 
 import sys
 
@@ -38,7 +39,8 @@ def rel(a, b):
 
 
 def main():
-    failures, checks, rank = [], 0, None
+    per_rank = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+    failures, checks, rank, parts = [], 0, None, None
     for mname, model in models().items():
         for sname, atoms in structures().items():
             ref = atoms.copy()
@@ -51,7 +53,10 @@ def main():
                     test = atoms.copy()
                     test.calc = DistributedCalculator(model, mode=mode, partitioner=partitioner)
                     assert test.calc.backend == "torch", test.calc.backend
-                    rank = test.calc.runner.rank
+                    rank, world = test.calc.runner.rank, test.calc.runner.world_size
+                    parts = per_rank * world
+                    test.calc = DistributedCalculator(model, num_partitions=parts, mode=mode,
+                                                      partitioner=partitioner)
                     for key, value in want.items():
                         got = test.calc.get_property(key, test)
                         checks += 1
@@ -61,7 +66,8 @@ def main():
     if failures:
         print(f"rank {rank}: {len(failures)} mismatches:\n" + "\n".join(failures), flush=True)
         sys.exit(1)
-    print(f"rank {rank}: {checks} checks passed", flush=True)
+    suffix = f" with {parts} parts" if per_rank > 1 else ""
+    print(f"rank {rank}: {checks} checks passed{suffix}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Run under a launcher: 50 steps of VelocityVerlet with one part per rank; rank 0 then runs the
-same MD in one process and compares the trajectories step by step."""
+"""Run under a launcher: 50 steps of VelocityVerlet with two parts per rank and graph reuse (the
+default skin), then the cell strained once; rank 0 then runs the same in one process with a fresh
+graph every step (skin=0) and compares the trajectories step by step."""
 
 import sys
 
@@ -15,28 +16,38 @@ from distmlip.models import SchNet
 STEPS = 50
 
 
-def run(backend):
+def run(backend, **options):
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((4, 4, 4))
-    thermalize_momenta(atoms, temperature_K=600, rng=np.random.default_rng(0))
+    thermalize_momenta(atoms, temperature_K=1500, rng=np.random.default_rng(0))
     model = SchNet(cutoff=4.0, num_interactions=2, hidden_channels=16, seed=2)
-    atoms.calc = DistributedCalculator(model, backend=backend)
+    atoms.calc = DistributedCalculator(model, backend=backend, **options)
     frames = []
-    dyn = VelocityVerlet(atoms, timestep=2 * units.fs)
+    dyn = VelocityVerlet(atoms, timestep=4 * units.fs)
     dyn.attach(lambda: frames.append((atoms.positions.copy(), atoms.get_potential_energy())), interval=1)
     dyn.run(STEPS)
-    return atoms.calc, frames
+    builds = atoms.calc.graph_builds
+    atoms.set_cell(atoms.cell.array * 1.01, scale_atoms=True)  # NPT-like: a new cell must rebuild
+    frames.append((atoms.positions.copy(), atoms.get_potential_energy()))
+    return atoms.calc, frames, builds
 
 
 def main():
-    calc, frames = run("auto")
+    from distmlip.runtime import detect_launch
+
+    world = detect_launch().world_size
+    calc, frames, builds = run("auto", num_partitions=2 * world)
     assert calc.backend == "torch"
     rank = calc.runner.rank
+    print(f"rank {rank}: builds {builds} then {calc.graph_builds}", flush=True)
+    if not 1 < builds < STEPS or calc.graph_builds != builds + 1:
+        sys.exit(f"rank {rank}: expected several rebuilds in {STEPS} steps and one for the cell, "
+                 f"got {builds} then {calc.graph_builds}")
     if rank != 0:
         return
-    _, reference = run("local")
+    _, reference, _ = run("local", skin=0.0)
     worst_x = max(np.abs(a[0] - b[0]).max() for a, b in zip(frames, reference))
     worst_e = max(abs(a[1] - b[1]) for a, b in zip(frames, reference))
-    print(f"steps {len(frames)} worst |dx| {worst_x:.3e} A, worst |dE| {worst_e:.3e} eV", flush=True)
+    print(f"steps {len(frames) - 1} worst |dx| {worst_x:.3e} A, worst |dE| {worst_e:.3e} eV", flush=True)
     if len(frames) != len(reference) or worst_x > 1e-9 or worst_e > 1e-9:
         sys.exit(1)
 

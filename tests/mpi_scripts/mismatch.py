@@ -1,4 +1,4 @@
-"""Run under a 2-process launcher: asking for 3 partitions is a clear error."""
+"""Run under a 2-process launcher: asking for 3 partitions (not a multiple of 2) is a clear error."""
 
 from distmlip import DistributedCalculator
 from distmlip.models import LennardJones

@@ -1,0 +1,165 @@
+"""The runtime's halo exchanges: one type (``HaloExchange``), two transports.
+
+- ``LocalExchange``: workers in this process. Differentiable indexing across the shards' tensors
+  (threads meet at a barrier when there are several), so one backward pass covers them all.
+- ``P2PExchange``: one worker per rank; ``isend``/``irecv`` with the ranks it shares halo atoms
+  with, inside an autograd function whose backward sends the halo rows' gradients home.
+
+Both return ``cat([owned rows] + [one block per source worker])``: a shard's halo rows are grouped
+by source (``Shard.blocks``), so no scatter is needed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from ..models.base import HaloExchange
+from .shards import Shard
+
+__all__ = ["CommunicationError", "Hub", "LocalExchange", "P2PExchange", "PeerFailed"]
+
+
+class CommunicationError(RuntimeError):
+    """A peer rank failed, died or did not answer in time."""
+
+
+class PeerFailed(RuntimeError):
+    """Another worker of this process failed; this one stops."""
+
+
+class Hub:
+    """Where the shards of one process meet at each halo exchange."""
+
+    def __init__(self, num_shards: int, timeout: float):
+        self.slots: list[torch.Tensor | None] = [None] * num_shards
+        self.barrier = threading.Barrier(num_shards, timeout=timeout)
+
+    def wait(self):
+        try:
+            self.barrier.wait()
+        except threading.BrokenBarrierError:
+            raise PeerFailed() from None
+
+
+class LocalExchange(HaloExchange):
+    """The halo exchange of a shard whose sources all live in this process (``hub`` is needed
+    when there are several shards: they post their owned rows there and read each other's)."""
+
+    def __init__(self, shard: Shard, device: torch.device, hub: Hub | None = None):
+        super().__init__(shard.num_owned, shard.num_rows)
+        self.index = shard.index
+        self.hub = hub
+        self.blocks = [(source, torch.as_tensor(rows, device=device)) for source, rows in shard.blocks]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hub is not None and self.num_owned == self.num_rows:
+            self.calls += 1  # nothing to receive, but the others may read this shard's rows
+            self._exchange(x[: self.num_owned])
+            return x
+        return super().__call__(x)
+
+    def _exchange(self, owned: torch.Tensor) -> torch.Tensor:
+        if self.hub is None:
+            values = [owned.index_select(0, rows) for _, rows in self.blocks]
+        else:
+            self.hub.slots[self.index] = owned
+            self.hub.wait()  # every shard has posted its owned rows
+            values = []
+            for source, rows in self.blocks:
+                other = owned if source == self.index else self.hub.slots[source]
+                values.append(other.index_select(0, rows.to(other.device)).to(owned.device))
+            self.hub.wait()  # every shard has read what it needs; the slots may be reused
+        return torch.cat([owned, *values]) if values else owned
+
+
+class _P2P(torch.autograd.Function):
+    """Forward: send owned rows to the peers that hold them in their halo, receive one block per
+    peer. Backward: send those blocks' gradients home, add what comes back to the owned rows.
+    A token chains the calls so that every rank runs their backward passes in the same order."""
+
+    @staticmethod
+    def forward(ctx, owned, token, exchange):
+        ctx.exchange = exchange
+        ctx.meta = (owned.shape, owned.dtype, owned.device)
+        received = exchange.swap(owned, backward=False)
+        return (token.clone(), *received)
+
+    @staticmethod
+    def backward(ctx, grad_token, *grads):
+        exchange = ctx.exchange
+        grad = torch.zeros(*ctx.meta[:1], dtype=ctx.meta[1], device=ctx.meta[2])
+        back = exchange.swap([g.contiguous() for g in grads], backward=True, meta=ctx.meta)
+        for rows, g in zip(exchange.send_rows, back):
+            grad.index_add_(0, rows, g)
+        return grad, grad_token, None
+
+
+class P2PExchange(HaloExchange):
+    """The halo exchange of one rank's shard. ``send``: ``{peer: owned rows it holds}``, from the
+    handshake; halo blocks owned by this rank itself are copied locally."""
+
+    def __init__(self, shard: Shard, send: dict[int, torch.Tensor], device: torch.device, rank: int):
+        super().__init__(shard.num_owned, shard.num_rows)
+        self.rank = rank
+        self.blocks = [(source, torch.as_tensor(rows, device=device)) for source, rows in shard.blocks]
+        self.recv_from = [(source, len(rows)) for source, rows in self.blocks if source != rank]
+        self.send_to = sorted(send)
+        self.send_rows = [send[q] for q in self.send_to]
+        # the first token is a leaf: asking autograd for its gradient makes every rank run every
+        # exchange's backward pass, in the same order, even where features carry no gradient
+        self.first_token = torch.zeros((), dtype=torch.float64, device=device, requires_grad=True)
+        self.token = self.first_token
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.num_owned == self.num_rows:  # peers may still need this rank's rows
+            self.calls += 1
+            self._exchange(x[: self.num_owned])
+            return x
+        return super().__call__(x)
+
+    def _exchange(self, owned: torch.Tensor) -> torch.Tensor:
+        self.token, *received = _P2P.apply(owned, self.token, self)
+        remote = iter(received)
+        values = [owned.index_select(0, rows) if source == self.rank else next(remote)
+                  for source, rows in self.blocks]
+        return torch.cat([owned, *values]) if values else owned
+
+    def swap(self, tensors, backward: bool, meta=None) -> list[torch.Tensor]:
+        """Forward (``tensors``: the owned rows): send each peer its rows, return the blocks
+        received (in ``recv_from`` order). Backward (``tensors``: gradients of those blocks): send
+        them home, return the gradients received for ``send_rows``."""
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        if backward:
+            outgoing = [(q, g) for (q, _), g in zip(self.recv_from, tensors)]
+            incoming = [(q, len(rows)) for q, rows in zip(self.send_to, self.send_rows)]
+            shape, dtype, device = meta
+        else:
+            outgoing = [(q, tensors.index_select(0, rows).contiguous())
+                        for q, rows in zip(self.send_to, self.send_rows)]
+            incoming = self.recv_from
+            shape, dtype, device = tensors.shape, tensors.dtype, tensors.device
+        tail = tuple(shape[1:])
+        ops, buffers = [], []
+        for peer, count in incoming:
+            buf = torch.empty((count, *tail), dtype=dtype, device=device)
+            buffers.append(buf)
+            ops.append(dist.P2POp(dist.irecv, buf, peer))
+        for peer, value in outgoing:
+            ops.append(dist.P2POp(dist.isend, value, peer))
+        if ops:
+            try:
+                for req in dist.batch_isend_irecv(ops):
+                    req.wait()
+            except RuntimeError as exc:
+                peers = sorted({q for q, _ in self.recv_from} | set(self.send_to))
+                raise CommunicationError(
+                    f"halo exchange with rank(s) {peers} failed ({'backward' if backward else 'forward'} "
+                    f"pass): a peer has failed, died or timed out. {exc}"
+                ) from exc
+        self.seconds += time.perf_counter() - t0
+        return buffers

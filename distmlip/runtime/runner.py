@@ -1,0 +1,506 @@
+"""The one runner: positions, cell, pbc, numbers -> ``Evaluation``, in one process or on every rank.
+
+Each call:
+
+1. the system (under a launcher: rank 0's, broadcast to every rank);
+2. if it is stale (first call, an atom moved more than ``skin / 2`` since the last build, or the
+   cell, periodicity or atomic numbers changed; under a launcher every rank agrees), a rebuild:
+   owners (partitioner), the neighbour graph of this process's region with cutoff + skin (the
+   whole system in one process; under a launcher the atoms near the rank's parts), the parts, the
+   shards (one per worker: a device in this process, or this rank) and their exchange maps;
+3. edge vectors from the current positions, keeping only edges shorter than the model's cutoff
+   (so every call gives exactly what a fresh build would);
+4. the model on every shard, ``halo_exchange`` between its layers, one backward pass;
+5. energies, forces (from d E / d edge_vec) and virial gathered; under a launcher one all-reduce
+   gives every rank the same full results.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..graph import NeighborGraph, atoms_near, validate_system
+from ..models.base import DistributableModel, LocalGraph, no_exchange
+from ..partition import PartitionPlan, build_parts, owned_rows
+from ..partition.assign import PARTITIONERS, grid_owners, metis_owners, slab_owners
+from ..partition.plan import MODES
+from .exchange import CommunicationError, Hub, LocalExchange, P2PExchange, PeerFailed
+from .shards import Shard, build_shard, owned_row_offsets, part_groups
+
+__all__ = ["Evaluation", "Runner", "TIMING_KEYS", "add_edge_terms", "run_model"]
+
+#: ``Runner.timings`` keys (seconds), the same on both backends: ``broadcast`` (rank 0's system to
+#: every rank), ``partition`` (owners, parts, shards), ``graph`` (neighbour list), ``handshake``
+#: (exchange maps between ranks), ``edges`` (edge vectors of the call), ``evaluate`` (model,
+#: exchanges and backward pass), ``exchange`` (time inside point-to-point halo exchanges),
+#: ``reduce`` (the all-reduce of the results), ``total``, and ``communication`` (the sum of the
+#: communicating stages under a launcher; 0 in one process). Graph, partition and handshake are 0
+#: on calls that reuse the last build.
+TIMING_KEYS = ("broadcast", "partition", "graph", "handshake", "edges", "evaluate", "exchange",
+               "reduce", "total", "communication")
+
+
+@dataclass(frozen=True, eq=False)
+class Evaluation:
+    """Results of one evaluation, float64, in the system's atom order.
+
+    Attributes:
+        energy: total energy, eV.
+        energies: (N,) per-atom energies, eV.
+        forces: (N, 3) forces, eV/Å.
+        virial: (3, 3) ``dE/d(strain)`` (symmetrised), eV; stress is ``virial / volume``.
+    """
+
+    energy: float
+    energies: np.ndarray
+    forces: np.ndarray
+    virial: np.ndarray
+
+
+def add_edge_terms(forces: np.ndarray, receivers: np.ndarray, senders: np.ndarray,
+                   vec: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    """Add the forces of edge gradients ``grad = dE/d(vec)`` ((E, 3)) to ``forces`` ((N, 3),
+    in place) and return their virial ``vec^T grad`` ((3, 3), dE/d(strain) before symmetrising).
+
+    ``vec = pos[sender] - pos[receiver] + shift @ cell``, so the receiver gets ``+grad`` and the
+    sender ``-grad``.
+    """
+    n = len(forces)
+    for k in range(3):
+        forces[:, k] += np.bincount(receivers, grad[:, k], minlength=n)
+        forces[:, k] -= np.bincount(senders, grad[:, k], minlength=n)
+    return vec.T @ grad
+
+
+def run_model(model: DistributableModel, local: LocalGraph) -> torch.Tensor:
+    """Run ``model`` on ``local`` and return the owned atoms' energies, checking the output."""
+    with torch.enable_grad():
+        out = model(local)
+    n, owned = local.num_nodes, local.num_owned
+    if not isinstance(out, torch.Tensor) or out.ndim != 1 or not owned <= out.shape[0] <= n:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"model: {type(model).__name__}.forward must return per-atom energies of shape "
+            f"({n},) (or of the first graph.num_needed = {local.num_needed} rows), got {got}"
+        )
+    return out[:owned]
+
+
+def _owners(partitioner: str, positions, cell, pbc, num_parts: int, graph=None) -> np.ndarray:
+    if partitioner == "slab":
+        return slab_owners(positions, cell, pbc, num_parts)
+    if partitioner == "grid":
+        return grid_owners(positions, cell, pbc, num_parts)
+    return metis_owners(graph, num_parts)
+
+
+class _LocalComm:
+    """The communication of a single process: nothing to communicate."""
+
+    rank, world_size = 0, 1
+
+    def system(self, positions, cell, pbc, numbers):
+        return validate_system(positions, cell, pbc, numbers)
+
+    def agree(self, flag: bool) -> bool:
+        return flag
+
+    def sum(self, buffer: np.ndarray) -> np.ndarray:
+        return buffer
+
+
+class _TorchComm:
+    """The collectives the runner needs, on torch.distributed's default group."""
+
+    def __init__(self, device: torch.device):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def system(self, positions, cell, pbc, numbers):
+        """Everyone gets rank 0's system (rank 0's positions are the truth)."""
+        if self.rank == 0:
+            positions, cell, pbc, numbers = validate_system(positions, cell, pbc, numbers)
+        dist, dev = self.dist, self.device
+        n = torch.tensor([len(positions) if self.rank == 0 else 0], dtype=torch.int64, device=dev)
+        dist.broadcast(n, 0)
+        n = int(n.item())
+        packed = torch.zeros(3 * n + 12, dtype=torch.float64, device=dev)
+        ints = torch.zeros(n, dtype=torch.int64, device=dev)
+        if self.rank == 0:
+            packed[: 3 * n] = torch.as_tensor(np.ravel(positions), dtype=torch.float64)
+            packed[3 * n : 3 * n + 9] = torch.as_tensor(np.ravel(cell), dtype=torch.float64)
+            packed[3 * n + 9 :] = torch.as_tensor(np.asarray(pbc, dtype=np.float64))
+            ints[:] = torch.as_tensor(np.asarray(numbers, dtype=np.int64))
+        dist.broadcast(packed, 0)
+        dist.broadcast(ints, 0)
+        packed = packed.cpu().numpy()
+        return validate_system(packed[: 3 * n].reshape(n, 3), packed[3 * n : 3 * n + 9].reshape(3, 3),
+                               packed[3 * n + 9 :] > 0.5, ints.cpu().numpy())
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank if it is true on any."""
+        t = torch.tensor([int(bool(flag))], dtype=torch.int64, device=self.device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def broadcast_owner(self, owner: np.ndarray | None, n: int) -> np.ndarray:
+        t = torch.zeros(n, dtype=torch.int64, device=self.device)
+        if self.rank == 0:
+            t[:] = torch.as_tensor(owner)
+        self.dist.broadcast(t, 0)
+        return t.cpu().numpy()
+
+    def handshake(self, shard: Shard, device: torch.device) -> dict[int, torch.Tensor]:
+        """Tell each source rank which of its owned rows this rank holds (in halo-row order);
+        returns ``{peer: owned rows of this rank that peer holds}``."""
+        dist, dev = self.dist, self.device
+        want = {q: rows for q, rows in shard.blocks if q != self.rank}
+        counts = torch.zeros(self.world_size, dtype=torch.int64, device=dev)
+        for q, rows in want.items():
+            counts[q] = len(rows)
+        table = [torch.zeros_like(counts) for _ in range(self.world_size)]
+        dist.all_gather(table, counts)
+        asked = {q: int(table[q][self.rank]) for q in range(self.world_size)
+                 if q != self.rank and int(table[q][self.rank]) > 0}
+        ops, bufs = [], {}
+        for q, count in asked.items():
+            bufs[q] = torch.empty(count, dtype=torch.int64, device=dev)
+            ops.append(dist.P2POp(dist.irecv, bufs[q], q))
+        for q, rows in want.items():
+            ops.append(dist.P2POp(dist.isend, torch.as_tensor(rows, device=dev), q))
+        if ops:
+            for req in dist.batch_isend_irecv(ops):
+                req.wait()
+        return {q: b.to(device) for q, b in bufs.items()}
+
+    def sum(self, buffer: np.ndarray) -> np.ndarray:
+        t = torch.as_tensor(buffer, device=self.device)
+        self.dist.all_reduce(t)
+        return t.cpu().numpy()
+
+
+@dataclass(eq=False)
+class _Built:
+    """What a rebuild makes; reused until the system moves more than skin / 2."""
+
+    positions: np.ndarray  # (N, 3) positions at the build
+    cell: np.ndarray
+    pbc: np.ndarray
+    numbers: np.ndarray
+    ids: np.ndarray | None  # region -> global atom ids (None: the region is the whole system)
+    graph: NeighborGraph | None
+    plan: PartitionPlan
+    shards: tuple[Shard, ...]
+    send: tuple[dict, ...]  # per shard, P2P send rows (multi-process only)
+
+
+class Runner:
+    """Evaluates a system split into parts: in this process (``comm=None``) or, one shard per
+    rank, on torch.distributed's default process group (``comm="torch"``).
+
+    Args:
+        model: the model; copied once per device (the caller's module is not modified).
+        devices: in one process, one worker per entry (a thread each when there are several);
+            part blocks go to workers in order. Under a launcher: this rank's device.
+        dtype: floating dtype to run in (``None`` keeps the model's).
+        partitioner, mode: as for ``DistributedCalculator``.
+        num_partitions: parts in all (under a launcher a multiple of the number of ranks; each
+            rank evaluates a contiguous block of them as one shard).
+        skin: Verlet skin, Å: the graph is built with ``cutoff + skin`` and reused until some atom
+            has moved more than ``skin / 2`` (or the cell, periodicity or numbers change).
+        timeout: seconds a worker waits for the others at a halo exchange (in one process).
+        comm: ``None`` (this process) or ``"torch"`` (torch.distributed, already initialised).
+
+    After each call: ``last_plan`` (the parts this process evaluates), ``last_graph`` (the graph
+    they index: the whole system's in one process, this rank's region under a launcher),
+    ``timings`` (seconds per stage; the same keys on both backends), ``graph_builds`` (rebuilds so
+    far), ``last_exchange_calls``, ``rank`` and ``world_size``.
+    """
+
+    def __init__(self, model: DistributableModel, devices: list[torch.device], dtype=None,
+                 partitioner: str = "grid", mode: str = "halo", num_partitions: int = 1,
+                 skin: float = 0.0, timeout: float = 600.0, comm: str | None = None):
+        if partitioner not in PARTITIONERS:
+            raise ValueError(f"partitioner: expected one of {list(PARTITIONERS)}, got {partitioner!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
+        self.devices = list(devices)
+        self.dtype = dtype or model.dtype
+        self.partitioner = partitioner
+        self.mode = mode
+        self.num_partitions = int(num_partitions)
+        self.skin = float(skin)
+        self.timeout = timeout
+        self.cutoff = float(model.cutoff)
+        self.hops = int(model.num_layers) if mode == "extended" else 1
+        self.comm = _TorchComm(self.devices[0]) if comm == "torch" else _LocalComm()
+        self.rank, self.world_size = self.comm.rank, self.comm.world_size
+        self.replicas: dict[torch.device, DistributableModel] = {}
+        for device in self.devices:
+            if device not in self.replicas:
+                replica = copy.deepcopy(model).to(device=device, dtype=self.dtype)
+                replica.eval()
+                for p in replica.parameters():
+                    p.requires_grad_(False)
+                self.replicas[device] = replica
+        self.graph_builds = 0
+        self.last_exchange_calls = 0
+        self.timings: dict[str, float] = {}
+        self._built: _Built | None = None
+
+    # ------------------------------------------------------------------ public
+    @property
+    def last_plan(self) -> PartitionPlan | None:
+        return None if self._built is None else self._built.plan
+
+    @property
+    def last_graph(self) -> NeighborGraph | None:
+        return None if self._built is None else self._built.graph
+
+    def evaluate(self, positions, cell, pbc, numbers) -> Evaluation:
+        """Evaluate the system (under a launcher: rank 0's); every rank returns the same results."""
+        if self.world_size == 1:
+            return self._evaluate(positions, cell, pbc, numbers)
+        from .launch import is_comm_failure, report_failure, reported_failures
+
+        try:
+            return self._evaluate(positions, cell, pbc, numbers)
+        except CommunicationError as exc:
+            failed = reported_failures(self.world_size, self.rank)
+            if failed:
+                raise CommunicationError(f"rank {self.rank} stopped because {failed}") from exc
+            raise
+        except RuntimeError as exc:
+            if not is_comm_failure(exc):
+                report_failure(self.rank, exc)
+                raise
+            failed = reported_failures(self.world_size, self.rank)
+            raise CommunicationError(
+                f"rank {self.rank} stopped: a collective with the other ranks failed or timed out"
+                + (f" because {failed}" if failed else " (a peer has failed, died or hung)")
+                + f". {exc}"
+            ) from exc
+        except BaseException as exc:
+            report_failure(self.rank, exc)
+            raise
+
+    # ------------------------------------------------------------------ building
+    def _stale(self, positions, cell, pbc, numbers) -> bool:
+        b = self._built
+        if b is None or len(positions) != len(b.positions):
+            return True
+        if not (np.array_equal(cell, b.cell) and np.array_equal(pbc, b.pbc)
+                and np.array_equal(numbers, b.numbers)):
+            return True
+        moved = np.einsum("ij,ij->i", positions - b.positions, positions - b.positions)
+        return bool(moved.max(initial=0.0) > (0.5 * self.skin) ** 2)
+
+    def _build(self, positions, cell, pbc, numbers, times: dict) -> _Built:
+        radius = self.cutoff + self.skin
+        n, num_parts = len(positions), self.num_partitions
+        t0 = time.perf_counter()
+        if self.world_size == 1:
+            # one process holds every part: the region is the whole system
+            graph = NeighborGraph.from_arrays(positions, cell, pbc, numbers, radius)
+            t1 = time.perf_counter()
+            owner = _owners(self.partitioner, positions, cell, pbc, num_parts, graph)
+            ids = None
+            groups = part_groups(num_parts, min(len(self.devices), num_parts))
+            mine = range(num_parts)
+        else:
+            groups = part_groups(num_parts, self.world_size)
+            mine = groups[self.rank]
+            if self.partitioner == "metis":  # needs the whole graph: rank 0 partitions
+                owner = None
+                if self.rank == 0:
+                    owner = metis_owners(NeighborGraph.from_arrays(positions, cell, pbc, numbers,
+                                                                   radius), num_parts)
+                owner = self.comm.broadcast_owner(owner, n)
+            else:
+                owner = _owners(self.partitioner, positions, cell, pbc, num_parts)
+            t1 = time.perf_counter()
+            selected = (owner >= mine.start) & (owner < mine.stop)
+            ids = atoms_near(positions, cell, pbc, selected, self.hops * radius) if selected.any() \
+                else np.zeros(0, dtype=np.int64)
+            graph = NeighborGraph.from_arrays(positions[ids], cell, pbc, numbers[ids], radius) \
+                if len(ids) else None
+        t2 = time.perf_counter()
+        rows = owned_rows(owner, num_parts)
+        if graph is None:
+            parts = ()
+        elif ids is None:
+            parts = build_parts(graph, mine, owner, rows, self.hops)
+        else:
+            parts = build_parts(graph, mine, owner[ids], rows[ids], self.hops)
+        worker_of_part, offset = owned_row_offsets(owner, groups)
+        if self.world_size == 1:
+            shards = tuple(build_shard(w, [parts[p] for p in g], worker_of_part, offset)
+                           for w, g in enumerate(groups))
+        else:
+            shards = (build_shard(self.rank, list(parts), worker_of_part, offset),)
+        plan = PartitionPlan(n, graph.num_edges if graph is not None else 0, self.mode, self.hops,
+                             owner, tuple(parts), atom_ids=ids, total_parts=num_parts)
+        t3 = time.perf_counter()
+        send: tuple[dict, ...] = tuple({} for _ in shards)
+        if self.world_size > 1 and self.mode == "halo":
+            send = (self.comm.handshake(shards[0], self.devices[0]),)
+        t4 = time.perf_counter()
+        if self.world_size == 1:
+            times.update(graph=t1 - t0, partition=t3 - t1, handshake=0.0)
+        else:
+            times.update(partition=(t1 - t0) + (t3 - t2), graph=t2 - t1, handshake=t4 - t3)
+        return _Built(positions.copy(), cell.copy(), pbc.copy(), numbers.copy(), ids, graph,
+                      plan, shards, send)
+
+    # ------------------------------------------------------------------ evaluation
+    def _device(self, shard: Shard) -> torch.device:
+        return self.devices[shard.index % len(self.devices)] if self.world_size == 1 else self.devices[0]
+
+    def _local_graph(self, b: _Built, shard: Shard, positions: np.ndarray, exchange):
+        """The shard's ``LocalGraph`` at ``positions`` (global) and what the gather needs: kept
+        edge ids and their float64 vectors."""
+        device = self._device(shard)
+        graph = b.graph
+        pos = positions if b.ids is None else positions[b.ids]
+        if graph is None or shard.num_rows == 0:
+            edges = np.zeros(0, dtype=np.int64)
+            vec = np.zeros((0, 3))
+            edge_index = np.zeros((2, 0), dtype=np.int64)
+            numbers = np.zeros(0, dtype=np.int64)
+        else:
+            s, r = graph.senders[shard.edges], graph.receivers[shard.edges]
+            vec = pos[s] - pos[r] + graph.shifts[shard.edges] @ b.cell
+            keep = np.einsum("ij,ij->i", vec, vec) < self.cutoff ** 2
+            if keep.all():
+                edges, edge_index = shard.edges, shard.edge_index
+            else:
+                edges, vec = shard.edges[keep], vec[keep]
+                edge_index = np.ascontiguousarray(shard.edge_index[:, keep])
+            numbers = graph.numbers[shard.atoms]
+        ids = shard.atoms if b.ids is None else b.ids[shard.atoms]
+        needed = shard.num_owned if self.mode == "halo" else shard.num_rows
+        local = LocalGraph(
+            numbers=torch.as_tensor(numbers, device=device),
+            edge_index=torch.as_tensor(edge_index, device=device).reshape(2, -1),
+            edge_vec=torch.as_tensor(vec, device=device).to(self.dtype).requires_grad_(True),
+            halo_exchange=exchange,
+            owned=torch.as_tensor(shard.owned, device=device),
+            atom_ids=torch.as_tensor(ids, device=device),
+            cell=torch.as_tensor(b.cell, device=device).to(self.dtype),
+            num_owned=shard.num_owned,
+            num_needed=needed,
+        )
+        return local, edges, vec
+
+    def _exchanges(self, b: _Built) -> list:
+        if self.mode != "halo":
+            return [no_exchange for _ in b.shards]
+        if self.world_size > 1:
+            shard = b.shards[0]
+            return [P2PExchange(shard, b.send[0], self.devices[0], self.rank)]
+        hub = Hub(len(b.shards), self.timeout) if len(b.shards) > 1 else None
+        return [LocalExchange(s, self._device(s), hub) for s in b.shards]
+
+    def _evaluate(self, positions, cell, pbc, numbers) -> Evaluation:
+        t0 = time.perf_counter()
+        positions, cell, pbc, numbers = self.comm.system(positions, cell, pbc, numbers)
+        t1 = time.perf_counter()
+        times = {"partition": 0.0, "graph": 0.0, "handshake": 0.0}
+        if self.comm.agree(self._stale(positions, cell, pbc, numbers)):
+            self._built = self._build(positions, cell, pbc, numbers, times)
+            self.graph_builds += 1
+        b = self._built
+        t2 = time.perf_counter()
+        exchanges = self._exchanges(b)
+        pieces = [self._local_graph(b, s, positions, ex) for s, ex in zip(b.shards, exchanges)]
+        t3 = time.perf_counter()
+        n = len(positions)
+        buffer = np.zeros(4 * n + 9)  # energies (N), forces (N, 3), virial (3, 3)
+        self._compute(b, pieces, exchanges, buffer, n)
+        t4 = time.perf_counter()
+        total = self.comm.sum(buffer)
+        t5 = time.perf_counter()
+        self.last_exchange_calls = max((getattr(e, "calls", 0) for e in exchanges if e is not no_exchange),
+                                       default=0)
+        exchange_s = sum(e.seconds for e in exchanges if isinstance(e, P2PExchange))
+        self.timings = {
+            "broadcast": t1 - t0, **times, "edges": t3 - t2, "evaluate": t4 - t3,
+            "exchange": exchange_s, "reduce": t5 - t4, "total": t5 - t0,
+        }
+        self.timings["communication"] = (self.timings["broadcast"] + times["handshake"] + exchange_s
+                                         + self.timings["reduce"]) if self.world_size > 1 else 0.0
+        energies = total[:n]
+        virial = total[4 * n :].reshape(3, 3)
+        return Evaluation(float(energies.sum()), energies.copy(), total[n : 4 * n].reshape(n, 3).copy(),
+                          0.5 * (virial + virial.T))
+
+    def _compute(self, b: _Built, pieces, exchanges, buffer: np.ndarray, n: int) -> None:
+        """Run the model on every shard, differentiate, and add each shard's energies, forces and
+        virial to ``buffer``."""
+        outputs: list[torch.Tensor | None] = [None] * len(pieces)
+
+        def work(i: int):
+            outputs[i] = run_model(self.replicas[self._device(b.shards[i])], pieces[i][0])
+
+        if len(pieces) == 1:
+            work(0)
+        else:
+            _run_threads(work, len(pieces), getattr(exchanges[0], "hub", None))
+        locals_ = [p[0] for p in pieces]
+        if isinstance(exchanges[0], P2PExchange):
+            ex = exchanges[0]
+            loss = outputs[0].sum() + 0.0 * ex.token.to(outputs[0].device, outputs[0].dtype)
+            wrt = [locals_[0].edge_vec, ex.first_token]
+        else:
+            loss = sum(o.sum().to(device="cpu", dtype=torch.float64) for o in outputs)
+            wrt = [lg.edge_vec for lg in locals_]
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            grads = torch.autograd.grad(loss, wrt, allow_unused=True)[: len(locals_)]
+        else:
+            grads = [None] * len(locals_)
+        ids_of = (lambda rows: rows) if b.ids is None else (lambda rows: b.ids[rows])
+        forces = buffer[n : 4 * n].reshape(n, 3)
+        for shard, (local, edges, vec), out, grad in zip(b.shards, pieces, outputs, grads):
+            if shard.num_rows == 0:
+                continue
+            buffer[ids_of(shard.atoms[: shard.num_owned])] = out.detach().to("cpu", torch.float64).numpy()
+            if len(edges) == 0:
+                continue
+            g = np.zeros_like(vec) if grad is None else grad.detach().to("cpu", torch.float64).numpy()
+            buffer[4 * n :] += add_edge_terms(forces, ids_of(b.graph.receivers[edges]),
+                                              ids_of(b.graph.senders[edges]), vec, g).ravel()
+
+
+def _run_threads(work, count: int, hub: Hub) -> None:
+    errors: list[BaseException | None] = [None] * count
+
+    def target(i):
+        try:
+            work(i)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            errors[i] = exc
+            if hub is not None:
+                hub.barrier.abort()
+
+    threads = [threading.Thread(target=target, args=(i,), name=f"distmlip-worker-{i}") for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    real = [(i, e) for i, e in enumerate(errors) if e is not None and not isinstance(e, PeerFailed)]
+    if real:
+        i, exc = real[0]
+        exc.add_note(f"(raised in distmlip worker {i} of {count})")
+        raise exc
+    if any(errors):
+        raise RuntimeError("a worker timed out waiting for the others at a halo exchange")
