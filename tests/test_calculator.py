@@ -97,7 +97,7 @@ def test_halo_mode_evaluates_each_edge_once(schnet_model, partitioner, parts):
     work = count_work(calc)
     assert work["edges_evaluated"] == work["graph_edges"] == calc.last_graph.num_edges
     assert work["distinct_edges_evaluated"] == work["graph_edges"]
-    assert work["redundancy"] == 1.0
+    assert work["redundancy"] == 1.0 and work["node_redundancy"] == 1.0
     assert len(work["edges_per_part"]) == parts and min(work["edges_per_part"]) > 0
 
 
@@ -113,7 +113,7 @@ def test_extended_mode_redundancy_reported(schnet_model, parts):
     evaluate(halo, atoms)
     print(f"extended, {parts} parts: redundancy {work['redundancy']:.2f}, "
           f"halo atoms {work['halo_atoms']} vs {count_work(halo)['halo_atoms']} in halo mode")
-    assert work["redundancy"] > 1.0
+    assert work["redundancy"] > 1.0 and work["node_redundancy"] > 1.0
     assert work["redundancy"] == calc.last_plan.redundancy()
     assert work["edges_evaluated"] > work["graph_edges"]
     assert work["distinct_edges_evaluated"] == work["graph_edges"]

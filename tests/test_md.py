@@ -168,3 +168,44 @@ def test_npt_barostat_follows_unpartitioned(lj_model):
         assert np.abs(c1 - c2).max() <= TOL_POS
         assert abs(e1 - e2) <= TOL_E
     assert abs(np.linalg.det(runs[0][-1][1]) - np.linalg.det(runs[0][0][1])) > 1e-3
+
+
+def _rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.abs(a - b).max()) / max(float(np.abs(b).max()), 1.0)
+
+
+def test_graph_reuse_equals_fresh_build_every_step():
+    """With a skin the graph and plan are kept across MD steps (only edge vectors recomputed) until
+    an atom moves more than skin / 2: every step equals a fresh build (skin=0) at 1e-10, through
+    several rebuilds and across a cell change (NPT); halo and extended mode, threaded workers."""
+    model = make_schnet(cutoff=4.0, num_interactions=2, hidden_channels=16, seed=2)
+    base = fcc_bulk(size=4, seed=5)
+    _thermalize(base, 1500, seed=3)
+    for kwargs in ({"mode": "halo", "partitioner": "grid"},
+                   {"mode": "extended", "partitioner": "metis"},
+                   {"mode": "halo", "partitioner": "slab", "device": ["cpu", "cpu"]}):
+        atoms = base.copy()
+        atoms.calc = DistributedCalculator(model, 3, skin=0.6, **kwargs)
+        fresh = DistributedCalculator(model, 3, skin=0.0, **kwargs)
+        dyn = VelocityVerlet(atoms, timestep=4.0 * units.fs)
+        worst = []
+
+        def check():
+            other = atoms.copy()
+            other.calc = fresh
+            pairs = [(atoms.get_potential_energy(), other.get_potential_energy()),
+                     (atoms.get_forces(), other.get_forces()),
+                     (atoms.get_stress(), other.get_stress()),
+                     (atoms.get_potential_energies(), other.get_potential_energies())]
+            worst.append(max(_rel(a, b) for a, b in pairs))
+
+        dyn.attach(check, interval=1)
+        dyn.run(30)
+        builds = atoms.calc.graph_builds
+        assert fresh.graph_builds == 31  # every step moved the atoms: a fresh build each
+        assert 2 < builds < 20, f"{kwargs}: expected several rebuilds in 30 steps, got {builds}"
+        atoms.set_cell(atoms.cell.array @ np.diag([1.01, 0.99, 1.0]), scale_atoms=True)
+        check()
+        assert atoms.calc.graph_builds == builds + 1, "a cell change must rebuild"
+        assert max(worst) <= 1e-10, f"{kwargs}: worst relative difference {max(worst):.2e}"

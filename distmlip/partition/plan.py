@@ -144,6 +144,18 @@ class PartitionPlan:
         """Edges evaluated over the graph's edges: 1.0 means zero redundancy."""
         return self.edges_evaluated() / max(self.num_edges, 1)
 
+    def nodes_updated(self) -> int:
+        """Node-wise updates per layer summed over parts, as the runtime asks for them
+        (``LocalGraph.num_needed``): the owned rows in halo mode, every local row in extended
+        mode."""
+        if self.mode == "halo":
+            return int(sum(p.num_owned for p in self.parts))
+        return int(sum(p.num_local for p in self.parts))
+
+    def node_redundancy(self) -> float:
+        """Node updates over the system's atoms: 1.0 means every atom's update computed once."""
+        return self.nodes_updated() / max(self.num_atoms, 1)
+
     def halo_fraction(self) -> float:
         """Halo atoms summed over parts, as a fraction of all atoms."""
         return sum(p.num_halo for p in self.parts) / max(self.num_atoms, 1)

@@ -249,6 +249,7 @@ def count_work(calc) -> dict:
     Returns a dict: ``graph_edges`` (edges of the whole neighbour graph), ``edges_per_part``
     (list), ``edges_evaluated`` (their sum), ``distinct_edges_evaluated``, ``redundancy``
     (``edges_evaluated / graph_edges``; 1.0 means every edge was computed once),
+    ``node_redundancy`` (node-wise updates asked for per layer over atoms; 1.0 in halo mode),
     ``halo_atoms`` (summed over parts), ``num_parts``, ``empty_parts``, ``mode``, ``num_hops``.
     """
     plan = getattr(calc, "last_plan", None)
@@ -264,6 +265,7 @@ def count_work(calc) -> dict:
         "edges_evaluated": int(sum(per_part)),
         "distinct_edges_evaluated": int(len(np.unique(all_edges))),
         "redundancy": plan.redundancy(),
+        "node_redundancy": plan.node_redundancy(),
         "halo_atoms": int(sum(p.num_halo for p in plan.parts)),
         "num_parts": plan.num_parts,
         "empty_parts": int(sum(p.num_owned == 0 for p in plan.parts)),
