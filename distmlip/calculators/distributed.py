@@ -91,6 +91,13 @@ class DistributedCalculator(Calculator):
         num_threads: torch threads per process (default: 1 per rank under a launcher; unchanged
             in one process).
         skin: Verlet skin in Å (default 0.5; 0 rebuilds whenever an atom moves).
+        max_memory: the memory one evaluation may add on each device: ``None`` (default: every
+            part of a device alive at once, fastest), bytes (int), a size (``"6GB"``, ``"500MB"``)
+            or a fraction in (0, 1] of the device's total memory. distmlip then splits the
+            system into as many parts as the budget needs (at least ``num_partitions``) and
+            evaluates each device's parts one at a time, recomputing what it must; results stay
+            exactly those of the unbounded evaluation. A budget below one atom's neighbourhood
+            plus the graph is a ``ValueError`` naming the smallest that would work.
 
     Results: ``energy``/``free_energy`` (eV), ``forces`` (N, 3) eV/Å, ``stress`` (Voigt, eV/Å^3,
     ASE's sign; only for cells of full rank), ``energies`` (N,) eV. After each calculation
@@ -104,7 +111,7 @@ class DistributedCalculator(Calculator):
     def __init__(self, model: DistributableModel, num_partitions: int | None = None,
                  partitioner: str = "grid", mode: str = "halo", device="cpu", dtype=None,
                  backend: str = "auto", timeout: float = 30.0, num_threads: int | None = None,
-                 skin: float = DEFAULT_SKIN, **kwargs):
+                 skin: float = DEFAULT_SKIN, max_memory=None, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(model, DistributableModel):
             raise TypeError(
@@ -130,6 +137,9 @@ class DistributedCalculator(Calculator):
         self.partitioner = partitioner
         self.mode = mode
         self.devices = _parse_devices(device)
+        from ..runtime.memory import parse_budget
+
+        self.max_memory = parse_budget(max_memory, self.devices[0])
         self.dtype = _parse_dtype(dtype)
         launch = detect_launch() if backend != "local" else None
         if backend == "torch" and launch is None:
@@ -150,13 +160,15 @@ class DistributedCalculator(Calculator):
             self.distributed = _setup_distributed(launch, self.devices, timeout, num_threads)
             self.num_partitions = world if num_partitions is None else int(num_partitions)
             self.runner = Runner(model, [self.distributed], self.dtype, partitioner, mode,
-                                 self.num_partitions, self.skin, comm="torch")
+                                 self.num_partitions, self.skin, comm="torch",
+                                 max_memory=self.max_memory)
         else:
             if num_threads is not None:
                 torch.set_num_threads(int(num_threads))
             self.num_partitions = 1 if num_partitions is None else int(num_partitions)
             self.runner = Runner(model, self.devices, self.dtype, partitioner, mode,
-                                 self.num_partitions, self.skin, timeout=max(timeout, 600.0))
+                                 self.num_partitions, self.skin, timeout=max(timeout, 600.0),
+                                 max_memory=self.max_memory)
         self.timings: dict[str, float] = {}
         self._warned = False
 

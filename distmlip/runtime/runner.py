@@ -111,6 +111,9 @@ class _LocalComm:
     def agree(self, flag: bool) -> bool:
         return flag
 
+    def maximum(self, value: float) -> float:
+        return value
+
     def sum(self, buffer: np.ndarray) -> np.ndarray:
         return buffer
 
@@ -152,6 +155,11 @@ class _TorchComm:
         t = torch.tensor([int(bool(flag))], dtype=torch.int64, device=self.device)
         self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
         return bool(t.item())
+
+    def maximum(self, value: float) -> float:
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return float(t.item())
 
     def broadcast_owner(self, owner: np.ndarray | None, n: int) -> np.ndarray:
         t = torch.zeros(n, dtype=torch.int64, device=self.device)
@@ -202,6 +210,7 @@ class _Built:
     plan: PartitionPlan
     shards: tuple[Shard, ...]
     send: tuple[dict, ...]  # per shard, P2P send rows (multi-process only)
+    predicted: float = 0.0  # bytes one evaluation is predicted to add (with a budget)
 
 
 class Runner:
@@ -220,6 +229,11 @@ class Runner:
             has moved more than ``skin / 2`` (or the cell, periodicity or numbers change).
         timeout: seconds a worker waits for the others at a halo exchange (in one process).
         comm: ``None`` (this process) or ``"torch"`` (torch.distributed, already initialised).
+        sequential: evaluate each worker's parts one at a time (bounded memory, exact; see
+            ``runtime/sequential.py``) instead of all at once as one union graph.
+        max_memory: bytes one evaluation may add on each device (``None``: no bound). Implies
+            ``sequential``; the number of parts is then the smallest (at least
+            ``num_partitions``) whose predicted peak (``runtime/memory.py``) fits.
 
     After each call: ``last_plan`` (the parts this process evaluates), ``last_graph`` (the graph
     they index: the whole system's in one process, this rank's region under a launcher),
@@ -229,7 +243,8 @@ class Runner:
 
     def __init__(self, model: DistributableModel, devices: list[torch.device], dtype=None,
                  partitioner: str = "grid", mode: str = "halo", num_partitions: int = 1,
-                 skin: float = 0.0, timeout: float = 600.0, comm: str | None = None):
+                 skin: float = 0.0, timeout: float = 600.0, comm: str | None = None,
+                 sequential: bool = False, max_memory: int | None = None):
         if partitioner not in PARTITIONERS:
             raise ValueError(f"partitioner: expected one of {list(PARTITIONERS)}, got {partitioner!r}")
         if mode not in MODES:
@@ -243,8 +258,16 @@ class Runner:
         self.timeout = timeout
         self.cutoff = float(model.cutoff)
         self.hops = int(model.num_layers) if mode == "extended" else 1
+        self.budget = None if max_memory is None else int(max_memory)
+        if self.budget is not None:
+            from .memory import release_memory_eagerly
+
+            release_memory_eagerly()
+        self.sequential = bool(sequential) or self.budget is not None
+        self.memory_model = None
         self.comm = _TorchComm(self.devices[0]) if comm == "torch" else _LocalComm()
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
+        self._source = model  # the caller's module: memory calibrations are cached per it
         self.replicas: dict[torch.device, DistributableModel] = {}
         for device in self.devices:
             if device not in self.replicas:
@@ -306,12 +329,19 @@ class Runner:
         return bool(moved.max(initial=0.0) > (0.5 * self.skin) ** 2)
 
     def _build(self, positions, cell, pbc, numbers, times: dict) -> _Built:
+        if self.budget is None:
+            return self._build_parts(positions, cell, pbc, numbers, times, self.num_partitions)
+        return self._build_within_budget(positions, cell, pbc, numbers, times)
+
+    def _build_parts(self, positions, cell, pbc, numbers, times: dict, num_parts: int,
+                     graph: NeighborGraph | None = None) -> _Built:
         radius = self.cutoff + self.skin
-        n, num_parts = len(positions), self.num_partitions
+        n = len(positions)
         t0 = time.perf_counter()
         if self.world_size == 1:
             # one process holds every part: the region is the whole system
-            graph = NeighborGraph.from_arrays(positions, cell, pbc, numbers, radius)
+            if graph is None:
+                graph = NeighborGraph.from_arrays(positions, cell, pbc, numbers, radius)
             t1 = time.perf_counter()
             owner = _owners(self.partitioner, positions, cell, pbc, num_parts, graph)
             ids = None
@@ -343,11 +373,12 @@ class Runner:
         else:
             parts = build_parts(graph, mine, owner[ids], rows[ids], self.hops)
         worker_of_part, offset = owned_row_offsets(owner, groups)
+        compact = self.sequential
         if self.world_size == 1:
-            shards = tuple(build_shard(w, [parts[p] for p in g], worker_of_part, offset)
+            shards = tuple(build_shard(w, [parts[p] for p in g], worker_of_part, offset, compact)
                            for w, g in enumerate(groups))
         else:
-            shards = (build_shard(self.rank, list(parts), worker_of_part, offset),)
+            shards = (build_shard(self.rank, list(parts), worker_of_part, offset, compact),)
         plan = PartitionPlan(n, graph.num_edges if graph is not None else 0, self.mode, self.hops,
                              owner, tuple(parts), atom_ids=ids, total_parts=num_parts)
         t3 = time.perf_counter()
@@ -361,6 +392,103 @@ class Runner:
             times.update(partition=(t1 - t0) + (t3 - t2), graph=t2 - t1, handshake=t4 - t3)
         return _Built(positions.copy(), cell.copy(), pbc.copy(), numbers.copy(), ids, graph,
                       plan, shards, send)
+
+    # ------------------------------------------------------------------ memory
+    def _memory(self, positions, cell, pbc, numbers):
+        """The model's calibrated memory costs (probes built from this system; cached)."""
+        if self.memory_model is None:
+            from ase import Atoms
+
+            from .memory import calibrate
+
+            atoms = Atoms(numbers=numbers, positions=positions, cell=cell, pbc=pbc)
+            self.memory_model = calibrate(self.replicas[self.devices[0]], atoms, self.dtype,
+                                          self.devices[0], limit=self.budget, key=self._source)
+        return self.memory_model
+
+    def predict(self, b: _Built, memory) -> dict:
+        """Predicted bytes one evaluation of build ``b`` adds on this process's devices.
+
+        Returns ``peak`` (the largest over devices; on CPU, the process), ``fixed`` (graph, plan,
+        stored exchange rows: what does not shrink with more parts), ``largest_part`` (the
+        biggest part's activations) and ``floor`` (``fixed`` plus one atom's neighbourhood: the
+        least any number of parts can reach)."""
+        from .memory import (CALL_BYTES_PER_EDGE, GRAPH_BUILD_BYTES_PER_EDGE, GRAPH_BYTES_PER_EDGE,
+                             PLAN_BYTES_PER_EDGE)
+
+        graph, n = b.graph, len(b.positions)
+        if graph is None or graph.num_edges == 0:
+            inside = np.zeros(0, dtype=bool)
+            max_degree = 0
+        else:
+            inside = np.empty(graph.num_edges, dtype=bool)
+            for start in range(0, graph.num_edges, 1 << 18):  # in chunks: no E x 3 temporary
+                vec = graph.edge_vectors(np.arange(start, min(start + (1 << 18), graph.num_edges)))
+                inside[start : start + len(vec)] = np.einsum("ij,ij->i", vec, vec) < self.cutoff ** 2
+            max_degree = int(np.bincount(graph.receivers[inside], minlength=graph.num_atoms).max())
+        num_edges = graph.num_edges if graph is not None else 0
+        plan_edges = sum(len(p.edges) for p in b.plan.parts)
+        host = (GRAPH_BYTES_PER_EDGE * num_edges + PLAN_BYTES_PER_EDGE * plan_edges
+                + 8 * (4 * n + 9) + 64 * n)
+        per_worker, largest, stored_all = [], 0.0, 0.0
+        by_index = {p.index: p for p in b.plan.parts}
+        for shard in b.shards:
+            parts = [by_index[i] for i in shard.parts]
+            halo = self.mode == "halo"
+            if self.sequential:
+                acts = [memory.part(p.num_owned if halo else p.num_local, int(inside[p.edges].sum()),
+                                    p.num_halo if halo else 0) + CALL_BYTES_PER_EDGE * len(p.edges)
+                        for p in parts] or [memory.part(0, 0)]
+                act = float(max(acts))
+                stored = memory.stored(shard.num_rows)
+            else:
+                kept = sum(int(inside[p.edges].sum()) for p in parts)
+                owned = shard.num_owned if halo else shard.num_rows
+                act = memory.part(owned, kept, shard.num_rows - owned) \
+                    + (CALL_BYTES_PER_EDGE + PLAN_BYTES_PER_EDGE) * len(shard.edges)
+                stored = 0.0
+            largest = max(largest, act)
+            stored_all += stored
+            per_worker.append(stored + act)
+        smallest = memory.part(1, max_degree, max_degree) + CALL_BYTES_PER_EDGE * max_degree
+        if self.devices[0].type == "cuda":
+            peak = max(per_worker, default=0.0)
+            fixed = max(per_worker, default=0.0) - largest
+        else:
+            peak = max(host + sum(per_worker), GRAPH_BUILD_BYTES_PER_EDGE * num_edges)
+            fixed = host + stored_all
+        floor = fixed + smallest * len(b.shards)
+        return {"peak": float(peak), "fixed": float(fixed), "largest_part": float(largest),
+                "floor": float(floor)}
+
+    def _build_within_budget(self, positions, cell, pbc, numbers, times: dict) -> _Built:
+        """The build with the fewest parts (at least ``num_partitions``; a multiple of the
+        workers) whose predicted peak fits ``max_memory``."""
+        memory = self._memory(positions, cell, pbc, numbers)
+        workers = len(self.devices) if self.world_size == 1 else self.world_size
+        n = len(positions)
+        parts = -(-max(self.num_partitions, workers) // workers) * workers
+        graph = None
+        for _ in range(40):
+            b = self._build_parts(positions, cell, pbc, numbers, times, parts, graph)
+            graph = b.graph if self.world_size == 1 else None
+            pred = self.predict(b, memory)
+            peak = self.comm.maximum(pred["peak"])
+            floor = self.comm.maximum(pred["floor"])
+            if peak <= self.budget:
+                b.predicted = peak
+                return b
+            if floor > self.budget or parts >= n * workers:
+                raise ValueError(
+                    f"max_memory: expected at least {_gb(max(floor, min(peak, floor * 1.5)))} for "
+                    f"this system ({n} atoms: graph, plan and stored exchange rows "
+                    f"{_gb(pred['fixed'])}, plus one atom's neighbourhood), got "
+                    f"{_gb(self.budget)}; raise max_memory or use more devices or processes"
+                )
+            room = max(self.budget - pred["fixed"], 1.0)
+            grow = min(max(1.25, 1.15 * pred["largest_part"] / room), 64.0)
+            parts = min(-(-int(parts * grow) // workers) * workers, n * workers)
+        raise RuntimeError(f"max_memory: found no partition within {_gb(self.budget)}")  # pragma: no cover
 
     # ------------------------------------------------------------------ evaluation
     def _device(self, shard: Shard) -> torch.device:
@@ -420,19 +548,23 @@ class Runner:
             self._built = self._build(positions, cell, pbc, numbers, times)
             self.graph_builds += 1
         b = self._built
-        t2 = time.perf_counter()
-        exchanges = self._exchanges(b)
-        pieces = [self._local_graph(b, s, positions, ex) for s, ex in zip(b.shards, exchanges)]
-        t3 = time.perf_counter()
         n = len(positions)
         buffer = np.zeros(4 * n + 9)  # energies (N), forces (N, 3), virial (3, 3)
-        self._compute(b, pieces, exchanges, buffer, n)
+        t2 = time.perf_counter()
+        if self.sequential:
+            exchange_s = self._compute_sequential(b, positions, buffer, n)
+            t3 = t2
+        else:
+            exchanges = self._exchanges(b)
+            pieces = [self._local_graph(b, s, positions, ex) for s, ex in zip(b.shards, exchanges)]
+            t3 = time.perf_counter()
+            self._compute(b, pieces, exchanges, buffer, n)
+            self.last_exchange_calls = max(
+                (getattr(e, "calls", 0) for e in exchanges if e is not no_exchange), default=0)
+            exchange_s = sum(e.seconds for e in exchanges if isinstance(e, P2PExchange))
         t4 = time.perf_counter()
         total = self.comm.sum(buffer)
         t5 = time.perf_counter()
-        self.last_exchange_calls = max((getattr(e, "calls", 0) for e in exchanges if e is not no_exchange),
-                                       default=0)
-        exchange_s = sum(e.seconds for e in exchanges if isinstance(e, P2PExchange))
         self.timings = {
             "broadcast": t1 - t0, **times, "edges": t3 - t2, "evaluate": t4 - t3,
             "exchange": exchange_s, "reduce": t5 - t4, "total": t5 - t0,
@@ -479,6 +611,103 @@ class Runner:
             g = np.zeros_like(vec) if grad is None else grad.detach().to("cpu", torch.float64).numpy()
             buffer[4 * n :] += add_edge_terms(forces, ids_of(b.graph.receivers[edges]),
                                               ids_of(b.graph.senders[edges]), vec, g).ravel()
+
+
+    # ------------------------------------------------------------------ bounded memory
+    def _compute_sequential(self, b: _Built, positions: np.ndarray, buffer: np.ndarray, n: int) -> float:
+        """Every worker evaluates its parts one at a time (``runtime/sequential.py``); the level
+        exchanges between them run here. Returns the seconds spent in point-to-point exchanges."""
+        from .sequential import SequentialWorker
+
+        workers = [SequentialWorker(self, b, s, self._device(s)) for s in b.shards]
+        p2p = None
+        if self.world_size > 1 and self.mode == "halo":
+            p2p = P2PExchange(b.shards[0], b.send[0], self.devices[0], self.rank)
+
+        def each(fn):
+            if len(workers) == 1:
+                return [fn(workers[0])]
+            results = [None] * len(workers)
+
+            def work(i):
+                results[i] = fn(workers[i])
+
+            _run_threads(work, len(workers), None)
+            return results
+
+        level = 0
+        while True:
+            reached = each(lambda w: w.forward_level(level, positions))
+            if any(reached) != all(reached):
+                raise RuntimeError("model: workers made different numbers of halo_exchange calls")
+            if not self.comm.agree(reached[0]):
+                break
+            self._level_forward(workers, level, p2p)
+            level += 1
+        for j in reversed(range(level)):
+            each(lambda w: w.backward_level(j, positions))
+            self._level_backward(workers, j, p2p)
+        ids_of = (lambda rows: rows) if b.ids is None else (lambda rows: b.ids[rows])
+        forces = buffer[n : 4 * n].reshape(n, 3)
+        lock = threading.Lock()
+
+        def gather(ids, e, edges, vec, grad):
+            with lock:
+                buffer[ids] = e
+                if len(edges):
+                    buffer[4 * n :] += add_edge_terms(forces, ids_of(b.graph.receivers[edges]),
+                                                      ids_of(b.graph.senders[edges]), vec, grad).ravel()
+
+        each(lambda w: w.final(positions, gather))
+        self.last_exchange_calls = level
+        return p2p.seconds if p2p is not None else 0.0
+
+    def _level_forward(self, workers, level: int, p2p: P2PExchange | None) -> None:
+        """Fill the halo rows of every worker's Z^level from the owners' posted rows."""
+        if p2p is not None:
+            w = workers[0]
+            x = w.store.X[level]
+            remote = iter(p2p.swap(x, backward=False))
+            values = [x.index_select(0, torch.as_tensor(rows, device=x.device)) if src == self.rank
+                      else next(remote) for src, rows in w.shard.blocks]
+            w.store.Z[level] = torch.cat([x, *values])
+        else:
+            for w in workers:
+                x = w.store.X[level]
+                values = [workers[src].store.X[level].index_select(
+                    0, torch.as_tensor(rows, device=workers[src].device)).to(x.device)
+                    for src, rows in w.shard.blocks]
+                w.store.Z[level] = torch.cat([x, *values])
+        for w in workers:
+            w.store.X[level] = None  # Z holds the owned rows first
+
+    def _level_backward(self, workers, level: int, p2p: P2PExchange | None) -> None:
+        """dE/dX^level: each worker's owned-row gradients plus its halo rows' gradients sent home."""
+        for w in workers:
+            w.store.Gown[level] = w.store.G[level][: w.store.num_owned].clone()
+        remote = []
+        for w in workers:
+            g, offset = w.store.G[level], w.store.num_owned
+            for src, rows in w.shard.blocks:
+                block = g[offset : offset + len(rows)]
+                offset += len(rows)
+                if p2p is not None and src != self.rank:
+                    remote.append(block.contiguous())
+                    continue
+                home = workers[0] if p2p is not None else workers[src]
+                home.store.Gown[level].index_add_(
+                    0, torch.as_tensor(rows, device=home.device), block.to(home.device))
+        if p2p is not None:
+            own = workers[0].store.Gown[level]
+            back = p2p.swap(remote, backward=True, meta=(own.shape, own.dtype, own.device))
+            for rows, g in zip(p2p.send_rows, back):
+                own.index_add_(0, rows, g)
+        for w in workers:
+            w.store.G[level] = None
+
+
+def _gb(value: float) -> str:
+    return f"{value / 1e9:.3g} GB"
 
 
 def _run_threads(work, count: int, hub: Hub) -> None:

@@ -57,8 +57,8 @@ class Shard:
         blocks: ``(source worker, rows in that worker's owned block)`` per exchange block, in the
             order of the halo rows: the halo rows refreshed from ``source`` are the next
             ``len(rows)`` rows after the previous blocks'.
-        part_rows: per part, ``(part, shard row of each of its local rows, its owned count)``
-            (to evaluate the parts one at a time).
+        part_rows: per part (in ``parts`` order), the shard row of each of its local rows (to
+            evaluate the parts one at a time).
     """
 
     index: int
@@ -68,7 +68,7 @@ class Shard:
     edges: np.ndarray
     edge_index: np.ndarray
     blocks: tuple[tuple[int, np.ndarray], ...]
-    part_rows: tuple[tuple[int, np.ndarray, int], ...]
+    part_rows: tuple[np.ndarray, ...]
 
     @property
     def num_rows(self) -> int:
@@ -81,9 +81,16 @@ class Shard:
 
 
 def build_shard(index: int, parts: list[PartPlan], worker_of_part: np.ndarray,
-                offset: np.ndarray) -> Shard:
+                offset: np.ndarray, compact: bool = False) -> Shard:
     """The shard of worker ``index`` holding ``parts`` (``PartPlan``s of one graph, in order).
-    ``worker_of_part``/``offset``: from ``owned_row_offsets``."""
+    ``worker_of_part``/``offset``: from ``owned_row_offsets``.
+
+    ``compact=False`` (all parts evaluated at once, as one union graph): each part keeps its own
+    halo rows, refreshed by the exchange even from parts of the same worker, so the union computes
+    exactly what separate devices would. ``compact=True`` (parts evaluated one at a time): a halo
+    atom owned by this worker is read from its owned row, other halo atoms are held once, and the
+    union's ``edges``/``edge_index`` are left empty (each part reads its own).
+    """
     if not parts:
         empty = np.zeros(0, dtype=np.int64)
         return Shard(index, (), empty, 0, empty, np.zeros((2, 0), np.int64), (), ())
@@ -92,34 +99,50 @@ def build_shard(index: int, parts: list[PartPlan], worker_of_part: np.ndarray,
     own_off = np.cumsum(owned_counts) - owned_counts
     halo_off = np.cumsum(halo_counts) - halo_counts
     num_owned = int(owned_counts.sum())
-    halo_owner = np.concatenate([p.halo_owner for p in parts])
+    halo_owner = np.concatenate([p.halo_owner for p in parts]).astype(np.int64)
+    halo_atoms = np.concatenate([p.halo for p in parts]).astype(np.int64)
     source = worker_of_part[halo_owner]
-    src_row = offset[halo_owner] + np.concatenate([p.halo_source for p in parts])
-    order = np.argsort(source, kind="stable")
-    position = np.empty(len(order), dtype=np.int64)
-    position[order] = np.arange(len(order))
-    halo_atoms = np.concatenate([p.halo for p in parts])[order]
-    atoms = np.concatenate([p.owned for p in parts] + [halo_atoms])
-    part_rows = []
-    edge_index = []
+    src_row = offset[halo_owner] + np.concatenate([p.halo_source for p in parts]).astype(np.int64)
+    if compact:
+        here = source == index
+        halo_row = np.empty(len(source), dtype=np.int64)
+        halo_row[here] = src_row[here]  # offset[q] + row: the owned row of part q in this shard
+        away = np.flatnonzero(~here)
+        key = source[away] * (int(src_row.max(initial=0)) + 1) + src_row[away]
+        _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        halo_row[away] = num_owned + inverse.reshape(-1)
+        pick = away[first]  # unique by (source, row), sorted by source then row
+        source, src_row, extra = source[pick], src_row[pick], halo_atoms[pick]
+    else:
+        order = np.argsort(source, kind="stable")
+        halo_row = np.empty(len(order), dtype=np.int64)
+        halo_row[order] = num_owned + np.arange(len(order))
+        source, src_row, extra = source[order], src_row[order], halo_atoms[order]
+    atoms = np.concatenate([p.owned for p in parts] + [extra])
+    part_rows, edge_index = [], []
     for k, p in enumerate(parts):
         local = np.concatenate([own_off[k] + np.arange(p.num_owned),
-                                num_owned + position[halo_off[k] + np.arange(p.num_halo)]])
-        part_rows.append((p.index, local, p.num_owned))
-        edge_index.append(local[p.edge_index])
-    source, src_row = source[order], src_row[order]
+                                halo_row[halo_off[k] : halo_off[k] + p.num_halo]])
+        part_rows.append(local)
+        if not compact:
+            edge_index.append(local[p.edge_index])
     blocks = []
     if len(source):
         cuts = np.flatnonzero(np.diff(source)) + 1
         for rows_src, rows in zip(np.split(source, cuts), np.split(src_row, cuts)):
             blocks.append((int(rows_src[0]), rows.astype(np.int64)))
+    if compact:
+        edges, edge_index = np.zeros(0, dtype=np.int64), np.zeros((2, 0), dtype=np.int64)
+    else:
+        edges = np.concatenate([p.edges for p in parts]).astype(np.int64)
+        edge_index = np.concatenate(edge_index, axis=1).reshape(2, -1).astype(np.int64)
     return Shard(
         index=index,
         parts=tuple(p.index for p in parts),
         atoms=atoms.astype(np.int64),
         num_owned=num_owned,
-        edges=np.concatenate([p.edges for p in parts]).astype(np.int64),
-        edge_index=np.concatenate(edge_index, axis=1).reshape(2, -1).astype(np.int64),
+        edges=edges,
+        edge_index=edge_index,
         blocks=tuple(blocks),
         part_rows=tuple(part_rows),
     )

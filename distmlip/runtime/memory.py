@@ -1,0 +1,337 @@
+"""Memory: what one evaluation adds on a device, measured and predicted, and a budget parser.
+
+The model's own cost is calibrated, not guessed: forward and backward passes on small probe
+systems (periodic repeats of the system being evaluated, at its density and compressed, so that
+edges per atom vary) measure the peak added memory, and a least-squares fit gives bytes per local
+row, per edge and a constant. distmlip's own arrays (graph, plan, shards, stored exchange rows) are
+counted from their sizes. Calibrations are cached per model, dtype and device.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..models.base import DistributableModel, HaloExchange, LocalGraph
+
+__all__ = ["MemoryModel", "PeakMeter", "calibrate", "device_total_memory", "estimate_memory", "parse_budget"]
+
+_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+# bytes per edge held by distmlip's own arrays (int64 ids and shifts; float64 vectors)
+GRAPH_BYTES_PER_EDGE = 40  # NeighborGraph: senders, receivers (8 + 8), shifts (3 x 8)
+GRAPH_BUILD_BYTES_PER_EDGE = 100  # while building: vesin's output, the sort order and copies
+PLAN_BYTES_PER_EDGE = 24  # per part: edge ids (8) and local edge_index (2 x 8)
+CALL_BYTES_PER_EDGE = 64  # per call, numpy: vectors (24), kept copies, gradients (24), masks
+
+
+def device_total_memory(device: torch.device) -> int:
+    """Total memory of ``device`` in bytes (CPU: the machine's RAM)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    import os
+
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def parse_budget(value, device: torch.device) -> int | None:
+    """``max_memory`` in bytes: ``None``, an int (bytes), a string (``"6GB"``, ``"500MB"``,
+    ``"2GiB"``) or a float in (0, 1] (a fraction of the device's total memory)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        pass
+    elif isinstance(value, (int, np.integer)) and value > 0:
+        return int(value)
+    elif isinstance(value, (float, np.floating)) and 0 < value <= 1:
+        return int(value * device_total_memory(device))
+    elif isinstance(value, (float, np.floating)) and value > 1 and float(value).is_integer():
+        return int(value)  # 6e9: bytes written in float notation
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*", value.upper())
+        if match and match.group(2) in _UNITS and float(match.group(1)) > 0:
+            return int(float(match.group(1)) * _UNITS[match.group(2)])
+    raise ValueError(
+        f"max_memory: expected None, a number of bytes (int > 0), a size such as '6GB' or '500MB', "
+        f"or a fraction of the device's memory in (0, 1], got {value!r}"
+    )
+
+
+class PeakMeter:
+    """Peak memory added on a device while the ``with`` block runs, in bytes (``.peak``).
+
+    CPU: the process's resident set (Linux's peak, reset through /proc/self/clear_refs) above what
+    it was on entry. CUDA: ``torch.cuda.max_memory_allocated`` above the allocation on entry."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.peak = 0
+
+    @staticmethod
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            _trim()
+            self.base = self._status("VmRSS")
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset VmHWM to the current RSS
+            except OSError:  # pragma: no cover - not Linux, or not allowed
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = int(torch.cuda.max_memory_allocated(self.device) - self.base)
+        else:
+            self.peak = max(0, self._status("VmHWM") - self.base)
+        return False
+
+
+def release_memory_eagerly() -> None:
+    """Make glibc serve every allocation of 1 MiB or more with its own mapping, returned to the
+    system when freed (by default the threshold rises after the first large free, and freed
+    tensors then stay in the heap: resident memory would keep the high-water mark of every part
+    evaluated so far). Used with a memory budget; process-wide and harmless otherwise."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
+def _trim() -> None:
+    """Give freed heap memory back to the system (glibc), so RSS measures what is in use."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Calibrated memory cost of one model on one device and dtype.
+
+    Attributes:
+        per_row: bytes per local row whose node updates are computed (owned rows in halo mode,
+            every row otherwise), for an evaluation with forces (forward + backward).
+        per_halo_row: bytes per halo row that is only read (halo mode).
+        per_edge: bytes per edge (within the cutoff).
+        constant: bytes of a part of any size.
+        widths: bytes per row of the features given to each ``halo_exchange`` call, in order.
+        probes: ``(updated rows, halo rows, edges, measured bytes)`` of the calibration runs.
+    """
+
+    per_row: float
+    per_halo_row: float
+    per_edge: float
+    constant: float
+    widths: tuple[int, ...]
+    probes: tuple[tuple[int, int, int, int], ...] = ()
+
+    def part(self, rows, edges, halo_rows=0) -> float:
+        """Peak bytes while a part is evaluated: ``rows`` updated rows, ``halo_rows`` read-only
+        rows, ``edges`` edges."""
+        return float(self.constant + self.per_row * rows + self.per_halo_row * halo_rows
+                     + self.per_edge * edges)
+
+    def stored(self, rows: int) -> float:
+        """Bytes of the exchange rows kept when parts are evaluated one at a time (Z and G per
+        level, plus one level being posted)."""
+        return float((2 * sum(self.widths) + max(self.widths, default=0)) * rows)
+
+
+class _PadExchange(HaloExchange):
+    """A probe's exchange: the owned rows, then zeros for the halo rows; records the widths."""
+
+    def __init__(self, num_owned: int, num_rows: int):
+        super().__init__(num_owned, num_rows)
+        self.widths: list[int] = []
+
+    def __call__(self, x):
+        self.calls += 1
+        owned = x[: self.num_owned]
+        self.widths.append(int(owned[0].numel() * owned.element_size()) if len(owned) else 0)
+        if self.num_owned == self.num_rows:
+            return x
+        pad = owned.new_zeros((self.num_rows - self.num_owned, *owned.shape[1:]))
+        return torch.cat([owned, pad])
+
+
+_CACHE: "weakref.WeakKeyDictionary[DistributableModel, dict]" = weakref.WeakKeyDictionary()
+
+
+def _probe_graph(atoms, cutoff: float, target_atoms: int, scale: float):
+    """A probe of about ``target_atoms`` atoms like ``atoms``, lengths scaled by ``scale`` (density
+    changes edges per atom): a periodic repeat of a small system, a cluster cut out of a large
+    one (its surface gives it fewer edges per atom), or the system itself."""
+    from ase import Atoms
+
+    from ..graph import NeighborGraph
+
+    base = atoms.copy()
+    periodic = [bool(p) for p in base.pbc]
+    if any(periodic) and len(base) < target_atoms:
+        reps = max(1, round((target_atoms / len(base)) ** (1 / sum(periodic))))
+        base = base.repeat(tuple(reps if p else 1 for p in periodic))
+    elif len(base) > 2 * target_atoms:
+        # a sphere around the middle atom, periodic images unfolded (minimum image)
+        from ..graph import complete_cell
+
+        cell = complete_cell(base.cell.array, np.asarray(base.pbc))
+        frac = (base.positions - base.positions[len(base) // 2]) @ np.linalg.inv(cell)
+        frac[:, periodic] -= np.round(frac[:, periodic])
+        d = frac @ cell
+        r2 = np.einsum("ij,ij->i", d, d)
+        keep = np.argsort(r2)[:target_atoms]
+        base = Atoms(base.numbers[keep], d[keep], pbc=False)
+    if scale != 1.0:
+        if base.pbc.any():
+            base.set_cell(base.cell.array * scale, scale_atoms=True)
+        else:
+            base.positions = base.positions * scale
+    return NeighborGraph.from_atoms(base, cutoff)
+
+
+def _part_of(graph, fraction: float):
+    """A halo-mode part of a probe graph: the ``fraction`` of atoms lowest along the first
+    Cartesian axis owned, the atoms sending to them as halo. Returns
+    (numbers, edge_index (local), edge vectors (float64), num_owned)."""
+    n = graph.num_atoms
+    owned = np.zeros(n, dtype=bool)
+    if fraction >= 1.0:
+        owned[:] = True
+    else:
+        owned[np.argsort(graph.positions[:, 0], kind="stable")[: max(1, int(fraction * n))]] = True
+    edges = np.flatnonzero(owned[graph.receivers])
+    needed = owned.copy()
+    needed[graph.senders[edges]] = True
+    order = np.concatenate([np.flatnonzero(owned), np.flatnonzero(needed & ~owned)])
+    row = np.full(n, -1, dtype=np.int64)
+    row[order] = np.arange(len(order))
+    edge_index = np.stack([row[graph.senders[edges]], row[graph.receivers[edges]]])
+    return graph.numbers[order], edge_index, graph.edge_vectors(edges), int(owned.sum())
+
+
+def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torch.device,
+              limit: float | None = None, key: DistributableModel | None = None) -> MemoryModel:
+    """Measure ``model``'s memory per updated row, per halo row and per edge on probes built from
+    ``atoms`` (cached per ``key`` model (default ``model``), dtype and device). ``model`` must
+    already be on ``device`` in ``dtype``. ``limit``: bytes the largest probe may add.
+
+    Probes: whole periodic repeats (every row updated) at two sizes and two densities, and
+    halo-mode parts of them (owned rows updated, halo rows only read), so that the three costs
+    separate; a non-negative least-squares fit gives them."""
+    cache = _CACHE.setdefault(key if key is not None else model, {})
+    key = (str(dtype), str(device))
+    if key in cache:
+        return cache[key]
+    from .runner import run_model
+
+    release_memory_eagerly()
+    def measure(graph, fraction: float = 1.0) -> tuple[int, int, int, int, list[int]]:
+        numbers, edge_index, vec, owned = _part_of(graph, fraction)
+        n = len(numbers)
+        exchange = _PadExchange(owned, n)
+        with PeakMeter(device) as meter:
+            local = LocalGraph(
+                numbers=torch.as_tensor(numbers, device=device),
+                edge_index=torch.as_tensor(edge_index, device=device).reshape(2, -1),
+                edge_vec=torch.as_tensor(vec, device=device).to(dtype).requires_grad_(True),
+                halo_exchange=exchange,
+                owned=torch.as_tensor(np.arange(n) < owned, device=device),
+                atom_ids=torch.arange(n, device=device),
+                cell=torch.as_tensor(graph.cell, device=device).to(dtype),
+                num_owned=owned, num_needed=owned,
+            )
+            energy = run_model(model, local).sum()
+            if energy.requires_grad:
+                torch.autograd.grad(energy, [local.edge_vec])
+            del energy, local
+        return owned, n - owned, edge_index.shape[1], meter.peak, exchange.widths
+
+    measure(_probe_graph(atoms, model.cutoff, 16, 1.0))  # warm-up: one-time allocations
+    # size the probes so that the model's activations dominate the allocator's granularity: grow
+    # a first probe until it adds ~150 MB (or reaches 4096 atoms), within a sixth of the limit
+    target = 150e6 if limit is None else min(150e6, limit / 6)
+    size = 64
+    while True:
+        first = measure(_probe_graph(atoms, model.cutoff, size, 1.0))
+        if first[3] > 2 * target and size > 8 and first[0] > 8:
+            size //= 4  # too big already (a heavy model): shrink
+            continue
+        if first[3] >= target or first[0] >= 4096 or first[0] < size // 2:
+            break  # big enough, or the system cannot give a bigger probe
+        size = min(4096, size * 4 if first[3] < target / 4 else size * 2)
+    ratio = 3.0 if limit is None else min(3.0, max(1.5, limit / (3 * max(first[3], 1))))
+    big_graph = _probe_graph(atoms, model.cutoff, int(ratio * first[0]), 1.0)
+    dense_graph = _probe_graph(atoms, model.cutoff, int(ratio * first[0]), 0.85)
+    probes = [first, measure(big_graph), measure(_probe_graph(atoms, model.cutoff, first[0], 0.85)),
+              measure(dense_graph), measure(big_graph, 0.35), measure(dense_graph, 0.35)]
+    a = np.array([[1.0, p[0], p[1], p[2]] for p in probes])
+    b = np.array([float(p[3]) for p in probes])
+    coef = _nonnegative_lstsq(a, b)
+    result = MemoryModel(per_row=coef[1], per_halo_row=coef[2], per_edge=coef[3], constant=coef[0],
+                         widths=tuple(first[4]), probes=tuple(p[:4] for p in probes))
+    cache[key] = result
+    return result
+
+
+def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """min |a x - b| with x >= 0 (active-set search over the few coefficients)."""
+    best, best_err = np.zeros(a.shape[1]), np.inf
+    cols = range(a.shape[1])
+    for mask in range(1, 2 ** a.shape[1]):
+        use = [c for c in cols if mask >> c & 1]
+        x_sub, *_ = np.linalg.lstsq(a[:, use], b, rcond=None)
+        if (x_sub < 0).any():
+            continue
+        x = np.zeros(a.shape[1])
+        x[use] = x_sub
+        err = float(np.sum((a @ x - b) ** 2))
+        if err < best_err:
+            best, best_err = x, err
+    return best
+
+
+def estimate_memory(model: DistributableModel, atoms, num_partitions: int = 1, mode: str = "halo",
+                    dtype=None, device="cpu", *, partitioner: str = "grid", skin: float = 0.5,
+                    max_memory=None) -> int:
+    """Predicted peak bytes one evaluation of ``atoms`` adds on each device (on CPU: the process's
+    resident memory above what it was before the call), without evaluating it.
+
+    ``num_partitions`` parts on one device, all alive at once (``max_memory=None``), or evaluated
+    one at a time within ``max_memory`` (then the number of parts is the one the calculator would
+    choose). The model's own cost comes from ``calibrate`` (probes of a few hundred atoms, cached);
+    distmlip's graph, plan and stored exchange rows are counted from their sizes.
+    """
+    from ..calculators.distributed import _parse_devices, _parse_dtype
+    from ..graph import as_ase_atoms, validate_system
+    from .runner import Runner
+
+    atoms = as_ase_atoms(atoms)
+    dev = _parse_devices(device)[0]
+    runner = Runner(model, [dev], _parse_dtype(dtype), partitioner, mode, int(num_partitions), skin,
+                    max_memory=parse_budget(max_memory, dev))
+    system = validate_system(atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers)
+    times: dict = {}
+    built = runner._build(*system, times)
+    return int(runner.predict(built, runner._memory(*system))["peak"])

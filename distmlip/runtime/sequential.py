@@ -1,0 +1,260 @@
+"""Bounded memory: a worker's parts evaluated one at a time, exactly, for any model.
+
+A model's forward on part k is a function of its edge vectors e_k and of what its ``halo_exchange``
+calls return, Z_k^0..Z_k^{L-1}; it posts y_k^j (its owned rows) to call j and returns per-atom
+energies eps_k. Let X^j be the posted owned rows of every part (N x F_j) and G^j = dE/dX^j. Then,
+with only one part's activations alive at a time:
+
+1. forward, level by level: for j = 0..L-1 every part runs from the start up to exchange j (earlier
+   exchanges return the stored Z^m), posts y^j into X^j and stops; then one level exchange fills
+   the halo rows, Z^j = gather(X^j) (across workers and ranks);
+2. backward, level by level: for j = L-1..0 every part replays its forward with every exchange
+   returning its stored rows as a detached leaf (only Z^j asks for a gradient), and back-propagates
+   S_j = sum(eps owned) + sum over m > j of <G^m[owned], y^m> to Z^j; the gradients are added into
+   G^j and the level's backward exchange sends halo rows' gradients home;
+3. a last replay differentiates S = sum(eps owned) + sum over all m of <G^m[owned], y^m> with respect
+   to the edge vectors: exactly dE/de_k, which gives forces and virial; the energies come with it.
+
+Every dependence is explicit through the leaves, so residual paths, cached edge embeddings and
+per-layer readouts stay exact. The cost is about L/2 forwards plus L + 1 forward-and-backward
+replays (extended mode, L = 0: one pass per part); the memory is one part's activations plus the
+stored Z and G (rows x feature width per exchange).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..models.base import HaloExchange, LocalGraph
+from ..partition import PartPlan
+
+__all__ = ["SequentialWorker"]
+
+
+def _release() -> None:
+    """Return the finished part's freed memory to the system before the next part starts."""
+    from .memory import _trim
+
+    _trim()
+
+
+class _Stop(Exception):
+    """Raised at the exchange a forward pass was asked to stop at."""
+
+
+class _Store:
+    """One worker's stored exchange rows: per level, X (posted owned rows), Z (owned + halo rows),
+    G (dE/dZ accumulated per row) and Gown (dE/dX, after the backward exchange)."""
+
+    def __init__(self, num_owned: int, num_rows: int):
+        self.num_owned, self.num_rows = num_owned, num_rows
+        self.X: list[torch.Tensor] = []
+        self.Z: list[torch.Tensor | None] = []
+        self.G: list[torch.Tensor | None] = []
+        self.Gown: list[torch.Tensor | None] = []
+
+    def post(self, level: int, owned_slice: slice, y: torch.Tensor) -> None:
+        while len(self.X) <= level:
+            self.X.append(None)
+            self.Z.append(None)
+            self.G.append(None)
+            self.Gown.append(None)
+        if self.X[level] is None:
+            self.X[level] = torch.zeros((self.num_owned, *y.shape[1:]), dtype=y.dtype, device=y.device)
+        self.X[level][owned_slice] = y
+
+
+class _PieceExchange(HaloExchange):
+    """``halo_exchange`` of one part while it is evaluated alone.
+
+    ``stop_at=j``: post the rows given to call j and stop. Otherwise every call returns the stored
+    rows as a detached leaf (the one of level ``grad_level`` asks for a gradient) and keeps what
+    was posted to calls ``> grad_level`` (live tensors) for the <G, y> terms.
+    """
+
+    def __init__(self, store: _Store, rows: torch.Tensor, owned_slice: slice, num_owned: int,
+                 stop_at: int | None = None, grad_level: int | None = None):
+        super().__init__(num_owned, len(rows))
+        self.store, self.rows, self.owned_slice = store, rows, owned_slice
+        self.stop_at, self.grad_level = stop_at, grad_level
+        self.posted: dict[int, torch.Tensor] = {}
+        self.leaf: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        level = self.calls
+        self.calls += 1
+        if self.num_owned is None:  # extended mode
+            return x
+        if x.shape[0] not in (self.num_owned, self.num_rows):
+            raise ValueError(
+                f"halo_exchange: expected node features with {self.num_rows} rows (all local "
+                f"atoms) or {self.num_owned} (the owned atoms, which come first), got {x.shape[0]}"
+            )
+        y = x[: self.num_owned]
+        if self.stop_at is not None:
+            if level == self.stop_at:
+                self.store.post(level, self.owned_slice, y.detach())
+                raise _Stop()
+            return self.store.Z[level].index_select(0, self.rows)
+        if level >= len(self.store.Z):
+            raise RuntimeError(
+                f"model: called halo_exchange {level + 1} times in a replay, but {len(self.store.Z)} "
+                f"times in the first pass; every pass over a part must make the same calls"
+            )
+        if self.grad_level is None or level > self.grad_level:
+            self.posted[level] = y
+        z = self.store.Z[level].index_select(0, self.rows)
+        if level == self.grad_level:
+            z.requires_grad_(True)
+            self.leaf = z
+        return z
+
+
+class SequentialWorker:
+    """Evaluates the parts of one shard one at a time (see the module docstring).
+
+    Args:
+        runner: the ``Runner`` (model replica, dtype, cutoff, mode).
+        built: the runner's current build (graph, plan, shards).
+        shard: the shard whose parts this worker evaluates.
+        device: where it runs.
+    """
+
+    def __init__(self, runner, built, shard, device: torch.device):
+        self.runner, self.built, self.shard, self.device = runner, built, shard, device
+        self.model = runner.replicas[device]
+        by_index = {p.index: p for p in built.plan.parts}
+        self.parts: list[PartPlan] = [by_index[i] for i in shard.parts]
+        offsets = np.cumsum([0] + [p.num_owned for p in self.parts])
+        self.owned_slices = [slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:])]
+        self.rows = [torch.as_tensor(r, device=device) for r in shard.part_rows]
+        self.store = _Store(shard.num_owned, shard.num_rows)
+        self.exchange_calls = 0
+
+    # ------------------------------------------------------------------ one part
+    def _piece(self, k: int | None, positions: np.ndarray, exchange, with_grad: bool):
+        """The LocalGraph of part ``k`` (``None``: an empty graph) at ``positions`` (global), its
+        kept edge ids and float64 vectors."""
+        runner, b, device = self.runner, self.built, self.device
+        if k is None or b.graph is None or self.parts[k].num_local == 0:
+            edges, vec = np.zeros(0, dtype=np.int64), np.zeros((0, 3))
+            edge_index, numbers, ids = np.zeros((2, 0), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+            num_owned = 0
+        else:
+            part, graph = self.parts[k], b.graph
+            pos = positions if b.ids is None else positions[b.ids]
+            s, r = graph.senders[part.edges], graph.receivers[part.edges]
+            vec = pos[s] - pos[r] + graph.shifts[part.edges] @ b.cell
+            keep = np.einsum("ij,ij->i", vec, vec) < runner.cutoff ** 2
+            edges, vec = part.edges[keep], vec[keep]
+            edge_index = np.ascontiguousarray(part.edge_index[:, keep])
+            numbers = graph.numbers[part.atoms]
+            ids = part.atoms if b.ids is None else b.ids[part.atoms]
+            num_owned = part.num_owned
+        n = len(numbers)
+        owned = np.arange(n) < num_owned
+        local = LocalGraph(
+            numbers=torch.as_tensor(numbers, device=device),
+            edge_index=torch.as_tensor(edge_index, device=device).reshape(2, -1),
+            edge_vec=torch.as_tensor(vec, device=device).to(runner.dtype).requires_grad_(with_grad),
+            halo_exchange=exchange,
+            owned=torch.as_tensor(owned, device=device),
+            atom_ids=torch.as_tensor(ids, device=device),
+            cell=torch.as_tensor(b.cell, device=device).to(runner.dtype),
+            num_owned=num_owned,
+            num_needed=num_owned if runner.mode == "halo" else n,
+        )
+        return local, edges, vec
+
+    def _indices(self):
+        return list(range(len(self.parts))) or [None]
+
+    def _exchange_for(self, k, **kwargs) -> _PieceExchange:
+        if self.runner.mode != "halo":  # extended mode: the exchange is a no-op
+            return _PieceExchange(self.store, torch.zeros(0, dtype=torch.long, device=self.device),
+                                  slice(0, 0), None, **kwargs)
+        if k is None:
+            return _PieceExchange(self.store, torch.zeros(0, dtype=torch.long, device=self.device),
+                                  slice(0, 0), 0, **kwargs)
+        return _PieceExchange(self.store, self.rows[k], self.owned_slices[k], self.parts[k].num_owned,
+                              **kwargs)
+
+    def _run(self, local: LocalGraph) -> torch.Tensor:
+        from .runner import run_model
+
+        return run_model(self.model, local)
+
+    # ------------------------------------------------------------------ the three phases
+    def forward_level(self, level: int, positions: np.ndarray) -> bool:
+        """Run every part up to exchange ``level`` and post its rows; False if the parts finished
+        without reaching it (the model makes only ``level`` exchange calls)."""
+        if self.runner.mode != "halo":
+            return False
+        reached = []
+        for k in self._indices():
+            exchange = self._exchange_for(k, stop_at=level)
+            local = self._piece(k, positions, exchange, with_grad=False)[0]
+            try:
+                with torch.no_grad():
+                    self._run(local)
+                reached.append(False)
+            except _Stop:
+                reached.append(True)
+            del local, exchange
+            _release()
+        if any(reached) and not all(reached):
+            raise RuntimeError(
+                f"model: some parts made {level + 1} or more halo_exchange calls and others fewer; "
+                f"every part must make the same calls"
+            )
+        return reached[0]
+
+    def backward_level(self, level: int, positions: np.ndarray) -> None:
+        """Accumulate dE/dZ^level of every part into ``store.G[level]``."""
+        store = self.store
+        z = store.Z[level]
+        store.G[level] = torch.zeros_like(z)
+        for k in self._indices():
+            exchange = self._exchange_for(k, grad_level=level)
+            local = self._piece(k, positions, exchange, with_grad=False)[0]
+            eps = self._run(local)
+            loss = self._objective(eps, exchange, k)
+            if exchange.leaf is not None and loss.requires_grad:
+                (grad,) = torch.autograd.grad(loss, [exchange.leaf], allow_unused=True)
+                if grad is not None and k is not None:
+                    store.G[level].index_add_(0, self.rows[k], grad)
+            del loss, eps, local, exchange
+            _release()
+
+    def final(self, positions: np.ndarray, gather) -> None:
+        """The last replay: ``gather(owned global ids, energies, kept edges, vectors, dE/dvec)``
+        for every part, as soon as the part is done."""
+        for k in self._indices():
+            exchange = self._exchange_for(k, grad_level=-1)
+            local, edges, vec = self._piece(k, positions, exchange, with_grad=True)
+            eps = self._run(local)
+            loss = self._objective(eps, exchange, k)
+            if loss.requires_grad and len(edges):
+                (grad,) = torch.autograd.grad(loss, [local.edge_vec], allow_unused=True)
+            else:
+                grad = None
+            self.exchange_calls = exchange.calls
+            if k is None:
+                continue
+            ids = local.atom_ids[: local.num_owned].cpu().numpy()
+            g = np.zeros_like(vec) if grad is None else grad.detach().to("cpu", torch.float64).numpy()
+            gather(ids, eps.detach().to("cpu", torch.float64).numpy(), edges, vec, g)
+            del loss, eps, local, exchange, grad, g, vec
+            _release()
+
+    def _objective(self, eps: torch.Tensor, exchange: _PieceExchange, k) -> torch.Tensor:
+        """sum(eps owned) + sum over the posted levels m of <G^m[owned rows of the part], y^m>."""
+        loss = eps.sum()
+        if k is None:
+            return loss
+        for m, y in exchange.posted.items():
+            g = self.store.Gown[m]
+            if g is not None and y.requires_grad:
+                loss = loss + (g[self.owned_slices[k]].to(y.dtype) * y).sum()
+        return loss
