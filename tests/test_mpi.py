@@ -55,6 +55,16 @@ def test_several_parts_per_rank(parts_per_rank):
         assert f"rank {rank}: 132 checks passed with {2 * parts_per_rank} parts" in out, out[-4000:]
 
 
+def test_bounded_memory_under_launcher():
+    """mpirun -n 2, 3 parts per rank evaluated one at a time (max_memory): the level exchanges
+    run point to point between ranks; every combination equals the single-process result."""
+    proc, _ = launch("mpirun", 2, "equivalence.py", "3", "--bounded")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    for rank in range(2):
+        assert f"rank {rank}: 132 checks passed with 6 parts, one at a time" in out, out[-4000:]
+
+
 def test_md_matches_single_process():
     """50 MD steps with graph reuse (several rebuilds, then a cell change), 2 parts per rank,
     against fresh single-process builds at every step; every rank rebuilds at the same steps."""

@@ -78,6 +78,9 @@ class DistributedCalculator(Calculator):
         num_partitions: number of parts (>= 1; more parts than atoms is legal). Default: 1 in one
             process, the number of processes under a launcher (where it must be a multiple of
             the number of processes: each rank evaluates ``num_partitions / ranks`` parts).
+            ``"auto"``: one part per device (or rank) if the evaluation is predicted to fit
+            ``max_memory`` (default: 80% of the device's free memory), else as many parts,
+            evaluated one at a time, as fit.
         partitioner: ``"grid"`` (recursive coordinate bisection, default), ``"slab"`` (1-D cuts
             balanced by atom count) or ``"metis"`` (pymetis graph partitioning).
         mode: ``"halo"`` (one-hop halo, exchange between layers, zero redundancy) or
@@ -117,9 +120,12 @@ class DistributedCalculator(Calculator):
             raise TypeError(
                 f"model: expected a distmlip.models.DistributableModel, got {type(model).__name__}"
             )
+        auto = num_partitions == "auto"
+        if auto:
+            num_partitions = None
         if num_partitions is not None:
             if isinstance(num_partitions, bool) or not isinstance(num_partitions, (int, np.integer)):
-                raise TypeError(f"num_partitions: expected an integer >= 1, got {num_partitions!r}")
+                raise TypeError(f"num_partitions: expected an integer >= 1 or 'auto', got {num_partitions!r}")
             if num_partitions < 1:
                 raise ValueError(f"num_partitions: expected an integer >= 1, got {num_partitions}")
         if backend not in BACKENDS:
@@ -140,6 +146,10 @@ class DistributedCalculator(Calculator):
         from ..runtime.memory import parse_budget
 
         self.max_memory = parse_budget(max_memory, self.devices[0])
+        if auto and self.max_memory is None:
+            from ..runtime.memory import device_free_memory
+
+            self.max_memory = int(0.8 * device_free_memory(self.devices[0]))
         self.dtype = _parse_dtype(dtype)
         launch = detect_launch() if backend != "local" else None
         if backend == "torch" and launch is None:
@@ -165,7 +175,8 @@ class DistributedCalculator(Calculator):
         else:
             if num_threads is not None:
                 torch.set_num_threads(int(num_threads))
-            self.num_partitions = 1 if num_partitions is None else int(num_partitions)
+            default = len(self.devices) if auto else 1
+            self.num_partitions = default if num_partitions is None else int(num_partitions)
             self.runner = Runner(model, self.devices, self.dtype, partitioner, mode,
                                  self.num_partitions, self.skin, timeout=max(timeout, 600.0),
                                  max_memory=self.max_memory)
@@ -203,7 +214,8 @@ class DistributedCalculator(Calculator):
     def _warn_if_pointless(self, plan: PartitionPlan) -> None:
         """Say once when every part holds (nearly) the whole system: an extended halo as deep as
         the model's receptive field covers a small cell, and splitting only multiplies the work."""
-        if self._warned or plan is None or plan.num_parts < 2 or plan.mode != "extended" or not plan.parts:
+        if self._warned or plan is None or plan.num_parts < 2 or plan.mode != "extended" \
+                or len(plan.parts) != plan.num_parts:  # under a launcher a rank sees its parts only
             return
         largest = max(p.num_local for p in plan.parts)
         if largest >= 0.9 * plan.num_atoms:

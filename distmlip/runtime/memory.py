@@ -19,7 +19,7 @@ import torch
 
 from ..models.base import DistributableModel, HaloExchange, LocalGraph
 
-__all__ = ["MemoryModel", "PeakMeter", "calibrate", "device_total_memory", "estimate_memory", "parse_budget"]
+__all__ = ["MemoryModel", "PeakMeter", "calibrate", "device_free_memory", "device_total_memory", "estimate_memory", "parse_budget"]
 
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -38,6 +38,17 @@ def device_total_memory(device: torch.device) -> int:
     import os
 
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def device_free_memory(device: torch.device) -> int:
+    """Memory available on ``device`` now, bytes (CPU: the kernel's MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return device_total_memory(device)  # pragma: no cover - not Linux
 
 
 def parse_budget(value, device: torch.device) -> int | None:
@@ -273,14 +284,13 @@ def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torc
     # a first probe until it adds ~150 MB (or reaches 4096 atoms), within a sixth of the limit
     target = 150e6 if limit is None else min(150e6, limit / 6)
     size = 64
-    while True:
+    first = measure(_probe_graph(atoms, model.cutoff, size, 1.0))
+    while first[3] > 2 * target and size > 8 and first[0] > 8:  # a heavy model: shrink
+        size //= 2
         first = measure(_probe_graph(atoms, model.cutoff, size, 1.0))
-        if first[3] > 2 * target and size > 8 and first[0] > 8:
-            size //= 4  # too big already (a heavy model): shrink
-            continue
-        if first[3] >= target or first[0] >= 4096 or first[0] < size // 2:
-            break  # big enough, or the system cannot give a bigger probe
-        size = min(4096, size * 4 if first[3] < target / 4 else size * 2)
+    while first[3] < target and size < 4096 and first[0] >= size // 2:  # grow (monotonic)
+        size = min(4096, int(size * min(4.0, max(1.5, target / max(first[3], 1)))))
+        first = measure(_probe_graph(atoms, model.cutoff, size, 1.0))
     ratio = 3.0 if limit is None else min(3.0, max(1.5, limit / (3 * max(first[3], 1))))
     big_graph = _probe_graph(atoms, model.cutoff, int(ratio * first[0]), 1.0)
     dense_graph = _probe_graph(atoms, model.cutoff, int(ratio * first[0]), 0.85)

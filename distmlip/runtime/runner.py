@@ -210,6 +210,7 @@ class _Built:
     plan: PartitionPlan
     shards: tuple[Shard, ...]
     send: tuple[dict, ...]  # per shard, P2P send rows (multi-process only)
+    sequential: bool = False  # parts evaluated one at a time
     predicted: float = 0.0  # bytes one evaluation is predicted to add (with a budget)
 
 
@@ -229,11 +230,12 @@ class Runner:
             has moved more than ``skin / 2`` (or the cell, periodicity or numbers change).
         timeout: seconds a worker waits for the others at a halo exchange (in one process).
         comm: ``None`` (this process) or ``"torch"`` (torch.distributed, already initialised).
-        sequential: evaluate each worker's parts one at a time (bounded memory, exact; see
-            ``runtime/sequential.py``) instead of all at once as one union graph.
-        max_memory: bytes one evaluation may add on each device (``None``: no bound). Implies
-            ``sequential``; the number of parts is then the smallest (at least
-            ``num_partitions``) whose predicted peak (``runtime/memory.py``) fits.
+        sequential: ``True``: evaluate each worker's parts one at a time (bounded memory, exact;
+            see ``runtime/sequential.py``); ``False``: all at once as one union graph; ``None``
+            (default): all at once unless ``max_memory`` needs otherwise.
+        max_memory: bytes one evaluation may add on each device (``None``: no bound). If the
+            parts all at once are predicted (``runtime/memory.py``) to fit, they run so;
+            otherwise one at a time, as few parts as fit (at least ``num_partitions``).
 
     After each call: ``last_plan`` (the parts this process evaluates), ``last_graph`` (the graph
     they index: the whole system's in one process, this rank's region under a launcher),
@@ -244,7 +246,7 @@ class Runner:
     def __init__(self, model: DistributableModel, devices: list[torch.device], dtype=None,
                  partitioner: str = "grid", mode: str = "halo", num_partitions: int = 1,
                  skin: float = 0.0, timeout: float = 600.0, comm: str | None = None,
-                 sequential: bool = False, max_memory: int | None = None):
+                 sequential: bool | None = None, max_memory: int | None = None):
         if partitioner not in PARTITIONERS:
             raise ValueError(f"partitioner: expected one of {list(PARTITIONERS)}, got {partitioner!r}")
         if mode not in MODES:
@@ -263,7 +265,7 @@ class Runner:
             from .memory import release_memory_eagerly
 
             release_memory_eagerly()
-        self.sequential = bool(sequential) or self.budget is not None
+        self._sequential = sequential
         self.memory_model = None
         self.comm = _TorchComm(self.devices[0]) if comm == "torch" else _LocalComm()
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
@@ -282,6 +284,13 @@ class Runner:
         self._built: _Built | None = None
 
     # ------------------------------------------------------------------ public
+    @property
+    def sequential(self) -> bool:
+        """Whether the last build evaluates each worker's parts one at a time."""
+        if self._built is not None:
+            return self._built.sequential
+        return bool(self._sequential)
+
     @property
     def last_plan(self) -> PartitionPlan | None:
         return None if self._built is None else self._built.plan
@@ -334,7 +343,7 @@ class Runner:
         return self._build_within_budget(positions, cell, pbc, numbers, times)
 
     def _build_parts(self, positions, cell, pbc, numbers, times: dict, num_parts: int,
-                     graph: NeighborGraph | None = None) -> _Built:
+                     graph: NeighborGraph | None = None, sequential: bool | None = None) -> _Built:
         radius = self.cutoff + self.skin
         n = len(positions)
         t0 = time.perf_counter()
@@ -373,7 +382,9 @@ class Runner:
         else:
             parts = build_parts(graph, mine, owner[ids], rows[ids], self.hops)
         worker_of_part, offset = owned_row_offsets(owner, groups)
-        compact = self.sequential
+        if sequential is None:
+            sequential = bool(self._sequential)
+        compact = sequential
         if self.world_size == 1:
             shards = tuple(build_shard(w, [parts[p] for p in g], worker_of_part, offset, compact)
                            for w, g in enumerate(groups))
@@ -391,7 +402,7 @@ class Runner:
         else:
             times.update(partition=(t1 - t0) + (t3 - t2), graph=t2 - t1, handshake=t4 - t3)
         return _Built(positions.copy(), cell.copy(), pbc.copy(), numbers.copy(), ids, graph,
-                      plan, shards, send)
+                      plan, shards, send, sequential)
 
     # ------------------------------------------------------------------ memory
     def _memory(self, positions, cell, pbc, numbers):
@@ -435,7 +446,7 @@ class Runner:
         for shard in b.shards:
             parts = [by_index[i] for i in shard.parts]
             halo = self.mode == "halo"
-            if self.sequential:
+            if b.sequential:
                 acts = [memory.part(p.num_owned if halo else p.num_local, int(inside[p.edges].sum()),
                                     p.num_halo if halo else 0) + CALL_BYTES_PER_EDGE * len(p.edges)
                         for p in parts] or [memory.part(0, 0)]
@@ -469,8 +480,17 @@ class Runner:
         n = len(positions)
         parts = -(-max(self.num_partitions, workers) // workers) * workers
         graph = None
+        if not self._sequential:  # all parts at once, if that fits: the fastest
+            b = self._build_parts(positions, cell, pbc, numbers, times, self.num_partitions,
+                                  sequential=False)
+            graph = b.graph if self.world_size == 1 else None
+            peak = self.comm.maximum(self.predict(b, memory)["peak"])
+            if peak <= self.budget or self._sequential is False:
+                b.predicted = peak
+                return b
+            del b
         for _ in range(40):
-            b = self._build_parts(positions, cell, pbc, numbers, times, parts, graph)
+            b = self._build_parts(positions, cell, pbc, numbers, times, parts, graph, sequential=True)
             graph = b.graph if self.world_size == 1 else None
             pred = self.predict(b, memory)
             peak = self.comm.maximum(pred["peak"])
@@ -480,14 +500,15 @@ class Runner:
                 return b
             if floor > self.budget or parts >= n * workers:
                 raise ValueError(
-                    f"max_memory: expected at least {_gb(max(floor, min(peak, floor * 1.5)))} for "
+                    f"max_memory: expected at least {_gb(floor)} for "
                     f"this system ({n} atoms: graph, plan and stored exchange rows "
                     f"{_gb(pred['fixed'])}, plus one atom's neighbourhood), got "
                     f"{_gb(self.budget)}; raise max_memory or use more devices or processes"
                 )
             room = max(self.budget - pred["fixed"], 1.0)
             grow = min(max(1.25, 1.15 * pred["largest_part"] / room), 64.0)
-            parts = min(-(-int(parts * grow) // workers) * workers, n * workers)
+            wanted = max(parts + workers, int(np.ceil(parts * grow)))
+            parts = min(-(-wanted // workers) * workers, n * workers)
         raise RuntimeError(f"max_memory: found no partition within {_gb(self.budget)}")  # pragma: no cover
 
     # ------------------------------------------------------------------ evaluation
@@ -551,7 +572,7 @@ class Runner:
         n = len(positions)
         buffer = np.zeros(4 * n + 9)  # energies (N), forces (N, 3), virial (3, 3)
         t2 = time.perf_counter()
-        if self.sequential:
+        if b.sequential:
             exchange_s = self._compute_sequential(b, positions, buffer, n)
             t3 = t2
         else:
@@ -707,7 +728,11 @@ class Runner:
 
 
 def _gb(value: float) -> str:
-    return f"{value / 1e9:.3g} GB"
+    """A size in bytes, readably."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.0f} B"
 
 
 def _run_threads(work, count: int, hub: Hub) -> None:
