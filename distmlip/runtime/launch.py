@@ -56,6 +56,7 @@ def init_distributed(launch: Launch, backend: str, timeout: float) -> None:
     if launch.launcher == "torchrun":
         dist.init_process_group(backend, init_method="env://", timeout=delta)
         install_failure_hook(launch.rank)
+        _close_at_exit()
         return
     try:
         from mpi4py import MPI
@@ -83,6 +84,22 @@ def init_distributed(launch: Launch, backend: str, timeout: float) -> None:
         world_size=comm.Get_size(), timeout=delta,
     )
     install_failure_hook(comm.Get_rank(), mpi_abort=True)
+    _close_at_exit()
+
+
+def _close_at_exit() -> None:
+    """Shut the process group down before the interpreter does: gloo's threads destroyed during
+    interpreter teardown abort the process ("terminate called without an active exception")."""
+    import atexit
+
+    def close():
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+    atexit.register(close)
 
 
 def _host_address() -> str:
