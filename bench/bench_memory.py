@@ -1,0 +1,175 @@
+"""Bounded memory and the memory model.
+
+    .venv/bin/python bench/bench_memory.py            # writes bench/results/memory.md
+    .venv/bin/python bench/bench_memory.py --quick    # smaller systems
+
+Every configuration runs in a fresh process; "added" is the peak resident memory of that process
+above its level just before the call (VmHWM after resetting it through /proc/self/clear_refs,
+minus VmRSS before), the quantity ``max_memory`` bounds.
+
+1. Memory model: ``distmlip.estimate_memory`` (calibrated on small probes) against the measured
+   added peak of one unbounded evaluation (1 part), for several models and sizes.
+2. Bounded evaluation: ``max_memory`` = 0.3x the unbounded added peak; measured peak, time and the
+   largest deviation of forces/energies from the unbounded run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def build(kind: str, size: int):
+    """(model, atoms, dtype) of a benchmark configuration."""
+    import numpy as np
+    import torch
+    from ase.build import bulk
+
+    import distmlip
+    from distmlip.models import SchNet
+
+    if kind.startswith("schnet"):
+        dtype = torch.float64 if kind.endswith("64") else torch.float32
+        model = SchNet(cutoff=5.0, num_interactions=3, hidden_channels=64 if dtype == torch.float32 else 32,
+                       seed=0, dtype=dtype)
+        atoms = bulk("Al", "fcc", a=4.05, cubic=True).repeat((size,) * 3)
+    elif kind == "sevennet-0":
+        from ase.spacegroup import crystal
+
+        model, dtype = distmlip.load("sevennet-0"), None
+        atoms = crystal(["Ti", "O"], basis=[(0, 0, 0), (0.3048, 0.3048, 0)], spacegroup=136,
+                        cellpar=[4.594, 4.594, 2.959, 90, 90, 90]).repeat((size, size, 2 * size))
+    elif kind == "chgnet":
+        from ase.spacegroup import crystal
+
+        model, dtype = distmlip.load("chgnet-0.3.0"), None
+        atoms = crystal(["Ti", "O"], basis=[(0, 0, 0), (0.3048, 0.3048, 0)], spacegroup=136,
+                        cellpar=[4.594, 4.594, 2.959, 90, 90, 90]).repeat((size, size, 2 * size))
+    elif kind == "mace":
+        from test_mace import make_mace
+
+        model, dtype = distmlip.wrap(make_mace()), torch.float64
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((size,) * 3)
+    else:
+        raise ValueError(kind)
+    atoms.rattle(0.03, seed=1)
+    np.random.seed(0)
+    return model, atoms, dtype
+
+
+def worker(payload: dict) -> None:
+    import numpy as np
+    import torch
+
+    from distmlip import DistributedCalculator, estimate_memory
+
+    torch.set_num_threads(1)
+    model, atoms, dtype = build(payload["kind"], payload["size"])
+    budget = payload.get("budget")
+    t0 = time.perf_counter()
+    predicted = estimate_memory(model, atoms, dtype=dtype, max_memory=budget)
+    calibration = time.perf_counter() - t0
+    calc = DistributedCalculator(model, dtype=dtype, max_memory=budget)
+    base = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    t0 = time.perf_counter()
+    calc.calculate(atoms)
+    seconds = time.perf_counter() - t0
+    added = _status("VmHWM") - base
+    np.savez(payload["out"], forces=calc.results["forces"], energies=calc.results["energies"])
+    print("RESULT " + json.dumps({
+        "atoms": len(atoms), "edges": int(calc.last_graph.num_edges), "predicted": predicted,
+        "added": added, "seconds": seconds, "calibration": calibration,
+        "parts": calc.last_plan.num_parts, "sequential": calc.runner.sequential,
+        "energy": calc.results["energy"], "load": os.getloadavg()[0]}), flush=True)
+
+
+def run(kind: str, size: int, budget=None, tag="") -> dict:
+    out = ROOT / "out" / f"bench_memory_{kind}_{size}_{tag}.npz"
+    out.parent.mkdir(exist_ok=True)
+    payload = {"kind": kind, "size": size, "budget": budget, "out": str(out)}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    print(f"  {kind} size {size} budget {budget} ...", flush=True)
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(payload)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=7200)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            res = json.loads(line[7:])
+            res["out"] = str(out)
+            return res
+    raise RuntimeError(f"{kind} {size} failed:\n{proc.stderr[-3000:]}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(json.loads(args.worker))
+    import numpy as np
+
+    quick = args.quick
+    model_sizes = {
+        "schnet32": [6, 14] if quick else [6, 14, 24],         # 864, 10976, 55296 Al atoms
+        "sevennet-0": [1, 2] if quick else [1, 2, 3],          # 48, 384 (x2: 96/768?), rutile
+        "mace": [3, 5] if quick else [3, 5, 7],                # 108, 500, 1372 Cu atoms
+        "chgnet": [1, 2],                                      # rutile
+    }
+    lines = ["## Memory: the memory model and bounded evaluation", "",
+             "Command: `.venv/bin/python bench/bench_memory.py" + (" --quick" if quick else "") + "`. "
+             "Each row is a fresh process; *added* is the peak resident memory above the level before "
+             "the call (what `max_memory` bounds). SchNet: 3 interactions, 5 Å; `schnet32` float32 "
+             "64 channels; `schnet64` float64 32 channels. SevenNet-0 and CHGNet: pretrained, rutile "
+             "TiO2; MACE: random ScaleShiftMACE (test model, 128x0e+128x1o, float64) on Cu.", "",
+             "### Memory model: `estimate_memory` vs measured (1 part, unbounded)", "",
+             "| model | atoms | edges (cutoff + skin) | predicted (MB) | measured (MB) | predicted / measured | calibration (s) | load |",
+             "|---|---|---|---|---|---|---|---|"]
+    for kind, sizes in model_sizes.items():
+        for size in sizes:
+            r = run(kind, size)
+            lines.append(f"| {kind} | {r['atoms']} | {r['edges']} | {r['predicted'] / 1e6:.0f} | "
+                         f"{r['added'] / 1e6:.0f} | {r['predicted'] / r['added']:.2f} | "
+                         f"{r['calibration']:.1f} | {r['load']:.1f} |")
+            print(lines[-1], flush=True)
+    lines += ["", "### Bounded evaluation: `max_memory` = 0.3 x the unbounded added peak", "",
+              "| model | atoms | unbounded added (MB) | budget (MB) | bounded added (MB) | ratio | parts | time unbounded (s) | time bounded (s) | time ratio | max rel. dev. forces | load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for kind, size in (("schnet64", 18), ("sevennet-0", 2 if quick else 3), ("mace", 5)):
+        free = run(kind, size, tag="free")
+        budget = int(0.3 * free["added"])
+        bounded = run(kind, size, budget=budget, tag="bounded")
+        f0, f1 = np.load(free["out"]), np.load(bounded["out"])
+        dev = float(np.abs(f1["forces"] - f0["forces"]).max() / max(np.abs(f0["forces"]).max(), 1.0))
+        lines.append(f"| {kind} | {free['atoms']} | {free['added'] / 1e6:.0f} | {budget / 1e6:.0f} | "
+                     f"{bounded['added'] / 1e6:.0f} | {bounded['added'] / free['added']:.2f} | "
+                     f"{bounded['parts']} | {free['seconds']:.1f} | {bounded['seconds']:.1f} | "
+                     f"{bounded['seconds'] / free['seconds']:.2f} | {dev:.1e} | {bounded['load']:.1f} |")
+        print(lines[-1], flush=True)
+    lines += ["", "Time of the bounded run includes nothing of the calibration (it ran in "
+              "`estimate_memory` before, cached per model). Load: 1-minute load average on 2 cores."]
+    text = "\n".join(lines) + "\n"
+    out = ROOT / "bench" / "results" / ("memory_quick.md" if quick else "memory.md")
+    out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
