@@ -41,11 +41,12 @@ only the first ``graph.num_needed`` rows (the owned rows in halo mode: every edg
 one), the packed partial messages are built for those rows, the exchange receives them and
 returns every row, and the readout (norm, MLP, composition model) runs on them only. The atom
 convolution's update is therefore written out here (``_atom_conv``) with CHGNet's own submodules
-and ``aggregate``; with every row needed it is CHGNet's ``AtomConv`` itself. Extended mode (no exchange)
-needs ``num_layers = n_conv`` hops: per layer, atom features and bond features each lose one hop
-of exactness at the halo's edge (a bond ``x <- y`` needs ``y``'s bonds, and ``y`` is one hop
-further out), so after ``n_conv - 1`` bond updates and ``n_conv`` atom convolutions the owned
-atoms are exact when the halo is ``n_conv`` hops deep, and not with fewer.
+and ``aggregate``; with every row needed it is CHGNet's ``AtomConv`` itself.
+
+Extended mode (no exchange) needs ``num_layers = n_conv`` hops: per layer, atom features and bond
+features each lose one hop of exactness at the halo's edge (a bond ``x <- y`` needs ``y``'s bonds,
+and ``y`` is one hop further out), so after ``n_conv - 1`` bond updates and ``n_conv`` atom
+convolutions the owned atoms are exact when the halo is ``n_conv`` hops deep, and not with fewer.
 
 ``max_bonds`` must be the same on every worker (it fixes the width of the exchanged features);
 an atom receiving more short bonds raises ``ValueError`` naming the option to raise.
