@@ -2,9 +2,12 @@
 
 PaiNN (Schütt, Unke, Gastegger 2021) carries a scalar feature s (n, F) and a vector feature
 v (n, 3, F) per atom; each layer is a message block (reads neighbours' s and v) and an update
-block (per atom). Written as a model author would, with one concession to distmlip: its
+block (per atom). Written as a model author would, with two concessions to distmlip: its
 ``forward`` takes an ``exchange`` callable (the identity by default) and calls it on the node
-features before every message block that reads features an earlier layer updated.
+features before every message block that reads features an earlier layer updated; and a
+``num_needed`` (all rows by default): the message blocks sum into, and the update blocks and the
+readout compute, only the first ``num_needed`` rows (``graph.num_needed``: the owned rows in halo
+mode, whose halo rows the next exchange overwrites anyway), and the exchange is given those rows.
 
 The checks: partition invariance (every partitioner x number of parts x mode gives the
 unpartitioned energy, forces, stress and per-atom energies to 1e-10) on awkward structures, and
@@ -38,12 +41,13 @@ class MessageBlock(nn.Module):
                                  nn.Linear(features, 3 * features))
         self.filter = nn.Linear(num_rbf, 3 * features)
 
-    def forward(self, s, v, senders, receivers, rbf, envelope, unit):
-        # one message per edge, from the sender's features, into the receiver
+    def forward(self, s, v, senders, receivers, rbf, envelope, unit, num_needed):
+        # one message per edge, from the sender's features (every row), into the receiver (one of
+        # the first num_needed rows, which are the only ones returned)
         x = self.phi(s)[senders] * self.filter(rbf) * envelope[:, None]
         ds, dvv, dvs = x.chunk(3, dim=-1)
         dv = v[senders] * dvv[:, None, :] + dvs[:, None, :] * unit[:, :, None]
-        return s.index_add(0, receivers, ds), v.index_add(0, receivers, dv)
+        return s[:num_needed].index_add(0, receivers, ds), v[:num_needed].index_add(0, receivers, dv)
 
 
 class UpdateBlock(nn.Module):
@@ -76,8 +80,9 @@ class PaiNN(nn.Module):
                                          nn.Linear(features, 1))
         self.double()
 
-    def forward(self, numbers, edge_index, edge_vec, exchange=lambda x: x):
+    def forward(self, numbers, edge_index, edge_vec, exchange=lambda x: x, num_needed=None):
         senders, receivers = edge_index
+        needed = len(numbers) if num_needed is None else num_needed
         r = torch.linalg.vector_norm(edge_vec, dim=-1)
         unit = edge_vec / r[:, None]
         n = torch.arange(1, self.num_rbf + 1, dtype=r.dtype, device=r.device)
@@ -87,12 +92,12 @@ class PaiNN(nn.Module):
         s = self.embedding(numbers)
         v = s.new_zeros(s.shape[0], 3, self.features)
         for k, (message, update) in enumerate(zip(self.messages, self.updates)):
-            if k > 0:  # s and v were updated by layer k-1: refresh the halo rows, in one call
+            if k > 0:  # layer k-1 updated the needed rows of s and v: every row, in one call
                 x = exchange(torch.cat([s, v.flatten(1)], dim=1))
-                s, v = x[:, :self.features], x[:, self.features:].view_as(v)
-            s, v = message(s, v, senders, receivers, rbf, envelope, unit)
+                s, v = x[:, :self.features], x[:, self.features:].reshape(-1, 3, self.features)
+            s, v = message(s, v, senders, receivers, rbf, envelope, unit, needed)
             s, v = update(s, v)
-        return self.readout(s).squeeze(-1)
+        return self.readout(s).squeeze(-1)  # the needed rows' energies
 
 
 # ------------------------------------------------------------- made distributable: a few lines
@@ -105,8 +110,10 @@ class DistributablePaiNN(DistributableModel):
         self.use_exchange = use_exchange
 
     def forward(self, graph):
-        exchange = graph.halo_exchange if self.use_exchange else (lambda x: x)
-        return self.painn(graph.numbers, graph.edge_index, graph.edge_vec, exchange=exchange)
+        if not self.use_exchange:  # nothing refreshes the halo: compute every row
+            return self.painn(graph.numbers, graph.edge_index, graph.edge_vec)
+        return self.painn(graph.numbers, graph.edge_index, graph.edge_vec,
+                          exchange=graph.halo_exchange, num_needed=graph.num_needed)
 
 
 # -------------------------------------------------------------------------------- the checks

@@ -239,6 +239,58 @@ def test_other_checkpoints(name):
             assert err <= RTOL64, f"{name}, {parts} parts, {mode}: {quantity} off by {err:.2e}"
 
 
+class _RecordExchange(CHGNetModel):
+    """Records each graph's (owned, needed, local) rows and each exchange's rows in and out."""
+
+    def __init__(self, chgnet):
+        super().__init__(chgnet)
+        self.calls, self.graphs = [], []
+
+    def forward(self, graph):
+        import dataclasses
+
+        def exchange(x):
+            y = graph.halo_exchange(x)
+            self.calls.append((graph.num_owned, graph.num_nodes, x.shape[0], y.shape[0]))
+            return y
+
+        self.graphs.append((graph.num_owned, graph.num_needed, graph.num_nodes))
+        return super().forward(dataclasses.replace(graph, halo_exchange=exchange))
+
+
+@pytest.mark.parametrize("workers", [1, 5])
+def test_atom_updates_only_on_owned_rows(model, references, workers):
+    """Halo mode, 5 parts (one worker, or 5 threads): each atom convolution's update (its output
+    MLP), the readout norm and the readout MLP see exactly the owned rows (N over all parts); each
+    exchange gets the owned rows and returns every local row; results equal CHGNet's float64
+    calculator to 1e-10. In extended mode they see every local row (owned + halo)."""
+    atoms, ref64, _ = references["oxide"]
+    n_atoms = len(atoms)
+    for mode in MODES:
+        wrapped = _RecordExchange(copy.deepcopy(model.chgnet))
+        c = wrapped.chgnet
+        watched = {f"atom_conv_{i}": layer.mlp_out for i, layer in enumerate(c.atom_conv_layers)}
+        watched.update(readout_norm=c.readout_norm, readout=c.mlp)
+        rows = {name: [] for name in watched}
+        for name, sub in watched.items():
+            sub.register_forward_hook(
+                lambda mod, inputs, out, name=name: rows[name].append(int(inputs[0].shape[0])))
+        calc = DistributedCalculator(wrapped, num_partitions=5, mode=mode, dtype="float64",
+                                     device=["cpu"] * workers)
+        result = evaluate(calc, atoms)
+        for quantity, err in _errors(result, ref64).items():
+            assert err <= RTOL64, (mode, quantity, err)
+        replica = calc.runner.replicas[torch.device("cpu")]
+        local_rows = sum(n for _, _, n in replica.graphs)
+        assert len(replica.graphs) == workers and local_rows > n_atoms
+        expected = n_atoms if mode == "halo" else local_rows
+        for name, seen in rows.items():
+            assert len(seen) == workers and sum(seen) == expected, (mode, name, seen)
+        assert len(replica.calls) == 3 * workers
+        for owned, n, given, back in replica.calls:
+            assert (given, back) == ((owned, n) if mode == "halo" else (n, n))
+
+
 def test_extended_mode_needs_four_hops(model, references):
     """num_layers = n_conv = 4 is the receptive field: a 3-hop extended halo is wrong."""
     atoms, ref64, _ = references["metal"]

@@ -35,11 +35,18 @@ each slot's edge vector, by which a worker finds, for each of its edges ``x <- y
 ``y`` holding the reverse edge (the one whose vector is ``-edge_vec``).
 
 With that, halo mode needs only the one-hop halo: every edge is evaluated once
-and angles only at owned atoms: zero redundancy, no halo angles. Extended mode (no exchange)
-needs ``num_layers = n_conv`` hops: per layer, atom features and bond features each lose one hop
-of exactness at the halo's edge (a bond ``x <- y`` needs ``y``'s bonds, and ``y`` is one hop
-further out), so after ``n_conv - 1`` bond updates and ``n_conv`` atom convolutions the owned
-atoms are exact when the halo is ``n_conv`` hops deep, and not with fewer.
+and angles only at owned atoms: zero redundancy, no halo angles. Node work is not repeated
+either: every atom convolution sums its messages into, and updates (output MLP, residual, norm),
+only the first ``graph.num_needed`` rows (the owned rows in halo mode: every edge is received by
+one), the packed partial messages are built for those rows, the exchange receives them and
+returns every row, and the readout (norm, MLP, composition model) runs on them only. The atom
+convolution's update is therefore written out here (``_atom_conv``) with CHGNet's own submodules
+and ``aggregate``; with every row needed it is CHGNet's ``AtomConv`` itself.
+
+Extended mode (no exchange) needs ``num_layers = n_conv`` hops: per layer, atom features and bond
+features each lose one hop of exactness at the halo's edge (a bond ``x <- y`` needs ``y``'s bonds,
+and ``y`` is one hop further out), so after ``n_conv - 1`` bond updates and ``n_conv`` atom
+convolutions the owned atoms are exact when the halo is ``n_conv`` hops deep, and not with fewer.
 
 ``max_bonds`` must be the same on every worker (it fixes the width of the exchanged features);
 an atom receiving more short bonds raises ``ValueError`` naming the option to raise.
@@ -57,7 +64,7 @@ import io
 
 import torch
 
-from .base import DistributableModel, LocalGraph
+from .base import DistributableModel, LocalGraph, no_exchange
 
 __all__ = ["PRETRAINED", "CHGNetModel", "load", "supports", "wrap"]
 
@@ -216,6 +223,30 @@ class CHGNetModel(DistributableModel):
         best_dev, best = dev.min(dim=1)
         return best, best_dev < _MATCH_TOL
 
+    @staticmethod
+    def _atom_conv(layer, atom, bond, weight, atom_graph, directed, rows: int):
+        """CHGNet's ``AtomConv`` (chgnet/model/layers.py) updating only the first ``rows`` atoms
+        (every edge's centre, ``atom_graph[:, 0]``, must be one of them); ``atom`` holds every
+        row (the neighbours' features are read)."""
+        if rows == len(atom):
+            return layer(atom_feas=atom, bond_feas=bond, bond_weights=weight, atom_graph=atom_graph,
+                         directed2undirected=directed)
+        from chgnet.model.functions import aggregate
+
+        center = torch.index_select(atom, 0, atom_graph[:, 0])
+        neighbour = torch.index_select(atom, 0, atom_graph[:, 1])
+        messages = layer.twoBody_atom(torch.cat([center, torch.index_select(bond, 0, directed),
+                                                 neighbour], dim=1))
+        messages = messages * torch.index_select(weight, 0, directed)
+        new = aggregate(messages, atom_graph[:, 0], average=False, num_owner=rows)
+        if layer.use_mlp_out:
+            new = layer.mlp_out(new)
+        if layer.resnet:
+            new = new + atom[:rows]
+        if layer.atom_norm is not None:
+            new = layer.atom_norm(new)
+        return new
+
     # ------------------------------------------------------------------ forward
     def forward(self, graph: LocalGraph) -> torch.Tensor:
         c = self.chgnet
@@ -225,6 +256,9 @@ class CHGNetModel(DistributableModel):
         vec = graph.edge_vec
         r = torch.linalg.vector_norm(vec, dim=-1)
         num_edges = len(r)
+        # rows whose atom updates and readout are needed (the owned rows in halo mode); every row
+        # if nothing refreshes the halo (a graph given the no-op exchange)
+        needed = n if graph.halo_exchange is no_exchange else graph.num_needed
 
         # embeddings (CHGNet._compute / BatchedGraph.from_graphs, with bonds per directed edge)
         atom = c.atom_embedding(graph.numbers - 1)
@@ -244,13 +278,14 @@ class CHGNetModel(DistributableModel):
         angle = c.angle_embedding(c.angle_basis_expansion(unit[e1], unit[e2])) if len(e1) else None
 
         width = atom.shape[1]
-        keys = torch.full((n, k_slots, 3), _EMPTY_SLOT, dtype=vec.dtype, device=vec.device)
+        keys = torch.full((needed, k_slots, 3), _EMPTY_SLOT, dtype=vec.dtype, device=vec.device)
         keys[s_recv, slot] = s_vec.detach()
         reverse = found = None
 
         for idx in range(self.num_layers - 1):
-            atom = c.atom_conv_layers[idx](atom_feas=atom, bond_feas=bond, bond_weights=weight_ag,
-                                           atom_graph=atom_graph, directed2undirected=directed)
+            # the needed rows, then (exchange) every row
+            atom = self._atom_conv(c.atom_conv_layers[idx], atom, bond, weight_ag, atom_graph,
+                                   directed, needed)
             bond_layer = c.bond_conv_layers[idx]
             if bond_layer is None:
                 atom = graph.halo_exchange(atom)
@@ -263,10 +298,10 @@ class CHGNetModel(DistributableModel):
             else:
                 partial = bond.new_zeros(len(short), bond.shape[1])
             bond_width = partial.shape[1]
-            packed = partial.new_zeros(n, k_slots, bond_width).index_put((s_recv, slot), partial)
-            pieces = [atom, packed.reshape(n, k_slots * bond_width)]
+            packed = partial.new_zeros(needed, k_slots, bond_width).index_put((s_recv, slot), partial)
+            pieces = [atom, packed.reshape(needed, k_slots * bond_width)]
             if reverse is None:
-                pieces.append(keys.reshape(n, k_slots * 3))
+                pieces.append(keys.reshape(needed, k_slots * 3))
             mixed = graph.halo_exchange(torch.cat(pieces, dim=1))
             atom = mixed[:, :width]
             packed = mixed[:, width: width + k_slots * bond_width].reshape(n, k_slots, bond_width)
@@ -295,11 +330,11 @@ class CHGNetModel(DistributableModel):
                 angle = angle_layer(atom_feas=atom, bond_feas=bond[short], angle_feas=angle,
                                     bond_graph=angle_graph)
 
-        atom = c.atom_conv_layers[-1](atom_feas=atom, bond_feas=bond, bond_weights=weight_ag,
-                                      atom_graph=atom_graph, directed2undirected=directed)
+        atom = self._atom_conv(c.atom_conv_layers[-1], atom, bond, weight_ag, atom_graph, directed,
+                               needed)
         if c.readout_norm is not None:
             atom = c.readout_norm(atom)
         energies = c.mlp(atom).squeeze(-1)
         if c.composition_model is not None:
-            energies = energies + c.composition_model.fc.weight[0, graph.numbers - 1]
+            energies = energies + c.composition_model.fc.weight[0, graph.numbers[:needed] - 1]
         return energies

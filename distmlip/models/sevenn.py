@@ -18,19 +18,26 @@ readout, the species-wise shift/scale, the energy sum and the force/stress outpu
   convolution but the first (everything before the first convolution is per-atom and depends on
   the element only, so it is already exact on the halo). This is where SevenNet's own LAMMPS
   parallel mode communicates too (``IrrepsConvolution._comm_size = irreps_x.dim``).
+- Zero redundant node work: right after the first convolution, the per-atom keys of the data dict
+  (node features, one-hot attributes, type indices, the self-connection residual, ``batch``;
+  ``_node_keys``) are narrowed to the first ``graph.num_needed`` rows (the owned rows, which
+  come first, in halo mode), and so is every convolution's output. Every node-wise module after
+  it (self-interactions, self-connections, gates, readout, shift/scale) then computes only those
+  rows; the exchange receives the owned rows and returns every row for the next convolution.
+  Before the first convolution only the self-connection's residual is computed on the needed
+  rows (it is read after the convolution); the input of the first convolution must hold every
+  row. In extended mode or unsplit ``num_needed`` is every row and nothing is narrowed.
 - The energy sum and force/stress output modules are skipped; the per-atom energies
   (``KEY.ATOMIC_ENERGY``, after the shift/scale: what ``SevenNetCalculator`` reports as
-  ``energies``) are returned.
+  ``energies``) of the needed rows are returned.
 
 Why not SevenNet's ghost-exchange hook (``sevenn/nn/_ghost_exchange.py``, used by
-``sevenn/mliap.py``)? It wraps each convolution in a module that truncates node features to the
-first ``nlocal`` rows, appends zero ghost rows and calls an autograd ``Function`` whose forward
-and backward call LAMMPS' ``forward_exchange``/``reverse_exchange``. Using it would need
-(1) owned-atoms-first row order, which ``LocalGraph`` does not promise, (2) narrowing the other
-node keys after each convolution as ``mliap.py`` does, and (3) a hand-written reverse exchange
-duplicating what distmlip's ``halo_exchange`` already gets from autograd (it is built on
-differentiable indexing). It also exchanges before the first convolution, which is unnecessary.
-Inserting the exchange calls here is shorter and leaves SevenNet's modules untouched.
+``sevenn/mliap.py``, which narrows the same node keys)? It wraps each convolution in a module
+whose autograd ``Function`` calls LAMMPS' ``forward_exchange``/``reverse_exchange``: using it would
+need a hand-written reverse exchange duplicating what distmlip's ``halo_exchange`` already gets
+from autograd (it is built on differentiable indexing). It also exchanges before the first
+convolution, which is unnecessary. Calling the exchange from this module loop is shorter and
+leaves SevenNet's modules untouched.
 
 The wrapped module is not modified (no ``set_is_batch_data``): the data dict carries a ``batch``
 vector of zeros, so modules in either batch or single mode give the same result.
@@ -40,7 +47,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DistributableModel, LocalGraph
+from .base import DistributableModel, LocalGraph, no_exchange
 
 __all__ = ["PRETRAINED", "SevenNetModel", "load", "supports", "wrap"]
 
@@ -108,6 +115,7 @@ class SevenNetModel(DistributableModel):
         from sevenn.nn.force_output import ForceOutput, ForceStressOutput, ForceStressOutputFromEdge
         from sevenn.nn.linear import AtomReduce
         from sevenn.nn.node_embedding import OnehotEmbedding
+        from sevenn.nn.self_connection import SelfConnectionIntro, SelfConnectionLinearIntro
 
         self.name = name
         if not module.type_map:
@@ -136,6 +144,8 @@ class SevenNetModel(DistributableModel):
                 role = "conv"
             elif isinstance(sub, OnehotEmbedding):
                 role = "onehot"
+            elif isinstance(sub, (SelfConnectionIntro, SelfConnectionLinearIntro)):
+                role = "intro"  # writes the residual that the self-connection outro adds
             else:
                 role = "node"
             self._plan.append((key, role))
@@ -144,7 +154,14 @@ class SevenNetModel(DistributableModel):
             raise ValueError(f"module: {name} has no convolution layer")
         # the data-dict keys (strings) this adapter writes and reads
         self._key = {k: getattr(keys, k) for k in ("EDGE_IDX", "EDGE_VEC", "ATOMIC_NUMBERS", "NODE_FEATURE",
-                                                   "BATCH", "NUM_ATOMS", "MODAL_TYPE", "ATOMIC_ENERGY")}
+                                                   "BATCH", "NUM_ATOMS", "MODAL_TYPE", "ATOMIC_ENERGY",
+                                                   "SELF_CONNECTION_TEMP")}
+        # the per-atom keys that node-wise modules read after a convolution (sevenn/mliap.py
+        # narrows the same ones, plus batch here: the adapter runs the modules in batch mode)
+        self._node_keys = tuple({getattr(keys, k) for k in ("NODE_FEATURE", "NODE_ATTR", "ATOM_TYPE",
+                                                            "ATOMIC_NUMBERS", "BATCH",
+                                                            "SELF_CONNECTION_TEMP")}
+                                | {module._modules[k].key_x for k, r in self._plan if r == "conv"})
         self.module = module
 
         # fidelity of a multi-fidelity model
@@ -205,19 +222,40 @@ class SevenNetModel(DistributableModel):
         }
         if self._modal_index is not None:
             data[key["MODAL_TYPE"]] = torch.tensor([self._modal_index], dtype=torch.long, device=device)
+        # rows whose node-wise work is needed (halo mode: the owned rows, which come first); every
+        # row if nothing refreshes the halo (a graph given the no-op exchange)
+        needed = n if graph.halo_exchange is no_exchange else graph.num_needed
+        narrow = needed < n
         convolutions = 0
         for name, role in self._plan:
             sub = self.module._modules[name]
             if role == "conv":
-                if convolutions > 0:
+                if convolutions > 0:  # the needed rows in, every row out
                     data[sub.key_x] = graph.halo_exchange(data[sub.key_x])
                 convolutions += 1
+                data = sub(data)
+                if narrow:  # from here on node-wise modules see the needed rows only
+                    data = self._narrow(data, n, needed)
+                continue
+            if role == "intro" and narrow and convolutions == 0:
+                # the first self-connection residual, read after the convolution: needed rows
+                data[key["SELF_CONNECTION_TEMP"]] = sub(self._narrow(dict(data), n, needed))[
+                    key["SELF_CONNECTION_TEMP"]]
+                continue
             data = sub(data)
             if role == "onehot":  # SevenNet's one-hot is always float32: follow the model dtype
                 for out in (sub.key_output, sub.key_additional_output):
                     if out is not None and data[out].is_floating_point():
                         data[out] = data[out].to(dtype)
-        return data[key["ATOMIC_ENERGY"]].reshape(n)
+        return data[key["ATOMIC_ENERGY"]].reshape(-1)
+
+    def _narrow(self, data: dict, n: int, rows: int) -> dict:
+        """``data`` with its per-atom keys that still hold all ``n`` rows cut to the first ``rows``."""
+        for k in self._node_keys:
+            value = data.get(k)
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == n:
+                data[k] = value[:rows]
+        return data
 
 
 def wrap(obj, modal: str | None = None, **kwargs) -> SevenNetModel:
