@@ -125,7 +125,9 @@ class _NoExchangeSchNet(SchNet):
 
         from distmlip.models import no_exchange
 
-        return super().forward(dataclasses.replace(graph, halo_exchange=no_exchange))
+        # no exchange: every row must then be computed (nothing refreshes the halo)
+        return super().forward(dataclasses.replace(graph, halo_exchange=no_exchange,
+                                                   num_needed=graph.num_nodes))
 
 
 def test_kit_catches_a_model_that_skips_the_exchange(schnet_model):

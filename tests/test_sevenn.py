@@ -253,7 +253,8 @@ def test_node_work_only_on_owned_rows(workers):
 
 class _NoExchange(SevenNetModel):
     def forward(self, graph):
-        return super().forward(dataclasses.replace(graph, halo_exchange=no_exchange))
+        return super().forward(dataclasses.replace(graph, halo_exchange=no_exchange,
+                                                   num_needed=graph.num_nodes))
 
 
 def test_exchange_is_needed(model):

@@ -64,7 +64,7 @@ import io
 
 import torch
 
-from .base import DistributableModel, LocalGraph, no_exchange
+from .base import DistributableModel, LocalGraph
 
 __all__ = ["PRETRAINED", "CHGNetModel", "load", "supports", "wrap"]
 
@@ -258,7 +258,7 @@ class CHGNetModel(DistributableModel):
         num_edges = len(r)
         # rows whose atom updates and readout are needed (the owned rows in halo mode); every row
         # if nothing refreshes the halo (a graph given the no-op exchange)
-        needed = n if graph.halo_exchange is no_exchange else graph.num_needed
+        needed = graph.num_needed
 
         # embeddings (CHGNet._compute / BatchedGraph.from_graphs, with bonds per directed edge)
         atom = c.atom_embedding(graph.numbers - 1)

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from .base import DistributableModel, LocalGraph, no_exchange
+from .base import DistributableModel, LocalGraph
 
 __all__ = ["SchNet"]
 
@@ -123,7 +123,7 @@ class SchNet(DistributableModel):
         rbf = torch.exp(-self.gamma * (r.unsqueeze(-1) - self.centers) ** 2)
         # rows whose node-wise work is needed (the owned rows in halo mode); every row if nothing
         # refreshes the halo (a graph given the no-op exchange, as tests of a broken model do)
-        needed = graph.num_nodes if graph.halo_exchange is no_exchange else graph.num_needed
+        needed = graph.num_needed
         h = self.embedding(graph.numbers)  # every row: exact on the halo too
         for k, block in enumerate(self.interactions):
             if k == 0:

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DistributableModel, LocalGraph, no_exchange
+from .base import DistributableModel, LocalGraph
 
 __all__ = ["PRETRAINED", "SevenNetModel", "load", "supports", "wrap"]
 
@@ -222,9 +222,8 @@ class SevenNetModel(DistributableModel):
         }
         if self._modal_index is not None:
             data[key["MODAL_TYPE"]] = torch.tensor([self._modal_index], dtype=torch.long, device=device)
-        # rows whose node-wise work is needed (halo mode: the owned rows, which come first); every
-        # row if nothing refreshes the halo (a graph given the no-op exchange)
-        needed = n if graph.halo_exchange is no_exchange else graph.num_needed
+        # rows whose node-wise work is needed (halo mode: the owned rows, which come first)
+        needed = graph.num_needed
         narrow = needed < n
         convolutions = 0
         for name, role in self._plan:
