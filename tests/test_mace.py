@@ -179,15 +179,25 @@ def test_equals_mace_calculator_and_is_partition_invariant(name, mace_setup, mac
             assert row["exchange_calls"] == 0
 
 
+def _stale_halo(graph):
+    """An exchange that refreshes nothing: given every row it returns them as they are, given
+    the owned rows it appends zeros for the halo rows (which were then never computed)."""
+    def exchange(x):
+        if x.shape[0] == graph.num_nodes:
+            return x
+        return torch.cat([x, x.new_zeros((graph.num_nodes - x.shape[0], *x.shape[1:]))])
+    return exchange
+
+
 class WithoutExchange(distmlip.DistributableModel):
-    """A wrapped model whose halo exchange is replaced by the identity."""
+    """A wrapped model whose halo exchange refreshes nothing."""
 
     def __init__(self, inner):
         super().__init__()
         self.inner, self.cutoff, self.num_layers = inner, inner.cutoff, inner.num_layers
 
     def forward(self, graph):
-        return self.inner(dataclasses.replace(graph, halo_exchange=lambda x: x))
+        return self.inner(dataclasses.replace(graph, halo_exchange=_stale_halo(graph)))
 
 
 def test_halo_exchange_is_needed(mace_setup):
@@ -242,3 +252,120 @@ def test_unknown_element_and_head_are_rejected(mace_setup):
         DistributedCalculator(wrapped).get_potential_energy(atoms)
     with pytest.raises(ValueError, match="head"):
         MACEModel(mace_setup[0], head="nonexistent")
+
+
+def _count_rows(replica) -> dict:
+    """Forward pre-hooks (after distmlip's slicing hooks, so they see what each block computes
+    on) counting the rows given to MACE's node-wise blocks: {block name: [rows per call]}."""
+    rows: dict = {}
+
+    def counter(name):
+        def hook(module, args, kwargs):
+            x = kwargs["node_feats"] if "node_feats" in kwargs else args[0]
+            rows.setdefault(name, []).append(int(x.shape[0]))
+        return hook
+
+    mace = replica.model
+    for i, block in enumerate(mace.products):
+        block.register_forward_pre_hook(counter(f"products.{i}"), with_kwargs=True)
+    for i, block in enumerate(mace.readouts):
+        block.register_forward_pre_hook(counter(f"readouts.{i}"), with_kwargs=True)
+    for i, block in enumerate(mace.interactions):
+        for name in ("skip_tp", "linear", "linear_up"):
+            getattr(block, name).register_forward_pre_hook(
+                counter(f"interactions.{i}.{name}"), with_kwargs=True)
+    return rows
+
+
+@pytest.mark.parametrize("threads", [False, True])
+def test_node_work_only_on_owned_rows(mace_setup, threads):
+    """4 parts in halo mode: the product basis, the readouts and the node-wise maps inside the
+    interactions compute exactly the owned rows, whose total over the parts is the number of
+    atoms (before: every local row, halo included). Only the first interaction's ``linear_up``
+    maps the halo rows too: its messages read the element embedding on senders. Results equal
+    the unsplit model's at 1e-10; extended mode still computes (and needs) every local row."""
+    from ase.build import bulk
+
+    wrapped = mace_setup[2]
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))  # 32 atoms
+    atoms.rattle(0.08, seed=4)
+    n = len(atoms)
+    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    for mode in ("halo", "extended"):
+        calc = DistributedCalculator(wrapped, num_partitions=4, mode=mode,
+                                     device=["cpu"] * 4 if threads else "cpu")
+        rows = _count_rows(next(iter(calc.runner.replicas.values())))
+        split = evaluate(calc, atoms)
+        for q in one:
+            assert rel_err(split[q], one[q]) <= 1e-10, (mode, q)
+        shards = calc.runner._built.shards
+        local = sum(s.num_rows for s in shards)
+        assert sum(s.num_owned for s in shards) == n < local  # there is a halo to skip
+        assert len(rows["products.0"]) == (4 if threads else 1)  # one call per worker
+        for name, counts in rows.items():
+            computed = sum(counts)
+            if mode == "extended" or name == "interactions.0.linear_up":
+                assert computed == local, (mode, name)
+            else:
+                assert computed == n, (mode, name, computed, local)
+        assert calc.runner.last_exchange_calls == (1 if mode == "halo" else 0)
+
+
+def make_small_mace(first: str, later: str, seed: int = 1):
+    """A small float64 ScaleShiftMACE with the given interaction block classes."""
+    from e3nn import o3
+    from mace.modules import blocks
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = mace_models.ScaleShiftMACE(
+                r_max=4.5, num_bessel=6, num_polynomial_cutoff=5, max_ell=2,
+                interaction_cls=getattr(blocks, later),
+                interaction_cls_first=getattr(blocks, first),
+                num_interactions=3, num_elements=len(ELEMENTS),
+                hidden_irreps=o3.Irreps("16x0e+16x1o"), MLP_irreps=o3.Irreps("8x0e"),
+                atomic_energies=np.linspace(-6.0, -2.0, len(ELEMENTS)), avg_num_neighbors=30.0,
+                atomic_numbers=list(ELEMENTS), correlation=2, gate=torch.nn.functional.silu,
+                radial_MLP=[16, 16], atomic_inter_scale=40.0, atomic_inter_shift=-0.1,
+            )
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(torch.float64).eval()
+
+
+@pytest.mark.parametrize("first,later", [
+    ("RealAgnosticInteractionBlock", "RealAgnosticResidualInteractionBlock"),
+    ("RealAgnosticDensityInteractionBlock", "RealAgnosticDensityResidualInteractionBlock"),
+    ("RealAgnosticResidualNonLinearInteractionBlock",
+     "RealAgnosticResidualNonLinearInteractionBlock"),
+    ("RealAgnosticAttResidualInteractionBlock", "RealAgnosticAttResidualInteractionBlock"),
+])
+def test_interaction_classes_are_sliced_exactly(first, later):
+    """Every interaction block class the adapter slices inside (three interactions: the first
+    block, and the later ones with the moved exchange) gives the unsplit result in halo and
+    extended mode, with the product and readout blocks on the owned rows only."""
+    from ase.build import bulk
+
+    wrapped = distmlip.wrap(make_small_mace(first, later))
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+    atoms.numbers[::5] = 13  # some Al
+    atoms.rattle(0.08, seed=5)
+    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    assert np.abs(one["forces"]).max() > 0.05
+    for mode in ("halo", "extended"):
+        calc = DistributedCalculator(wrapped, num_partitions=3, mode=mode)
+        mace = next(iter(calc.runner.replicas.values())).model
+        rows = []
+        for block in list(mace.products) + list(mace.readouts):
+            block.register_forward_pre_hook(
+                lambda m, a, kw: rows.append((kw["node_feats"] if "node_feats" in kw else a[0])
+                                             .shape[0]), with_kwargs=True)
+        split = evaluate(calc, atoms)
+        for q in one:
+            assert rel_err(split[q], one[q]) <= 1e-10, (mode, q)
+        if mode == "halo":
+            assert rows == [len(atoms)] * len(rows)
+            assert calc.runner.last_exchange_calls == 2

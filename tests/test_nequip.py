@@ -179,13 +179,25 @@ def test_equals_nequip_calculator_and_is_partition_invariant(structure, setup):
         assert row["exchange_calls"] == expected
 
 
+def _stale_halo(graph):
+    """An exchange that refreshes nothing: given every row it returns them as they are, given
+    the owned rows it appends zeros for the halo rows (which were then never computed)."""
+    def exchange(x):
+        if x.shape[0] == graph.num_nodes:
+            return x
+        return torch.cat([x, x.new_zeros((graph.num_nodes - x.shape[0], *x.shape[1:]))])
+    return exchange
+
+
 class WithoutExchange(distmlip.DistributableModel):
+    """A wrapped model whose halo exchange refreshes nothing."""
+
     def __init__(self, inner):
         super().__init__()
         self.inner, self.cutoff, self.num_layers = inner, inner.cutoff, inner.num_layers
 
     def forward(self, graph):
-        return self.inner(dataclasses.replace(graph, halo_exchange=lambda x: x))
+        return self.inner(dataclasses.replace(graph, halo_exchange=_stale_halo(graph)))
 
 
 def test_nequip_needs_the_exchange(setup):
@@ -284,3 +296,82 @@ def test_float32_model_keeps_nequip_mixed_precision():
         ours = evaluate(DistributedCalculator(wrapped, num_partitions=parts), atoms)
         assert abs(ours["energy"] - ref["energy"]) / len(atoms) <= 2e-6
         assert np.abs(ours["forces"] - ref["forces"]).max() <= 1e-4
+
+
+def _count_rows(energy_net) -> dict:
+    """Forward pre-hooks counting the rows given to NequIP's node-wise maps: every interaction
+    block's second linear map and self-connection, the first linear map of the blocks after the
+    first, and the readout: {name: [rows per call]}."""
+    from nequip.nn.interaction_block import InteractionBlock
+
+    rows: dict = {}
+
+    def counter(name):
+        def hook(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            if isinstance(x, dict):
+                x = x["node_features"]
+            rows.setdefault(name, []).append(int(x.shape[0]))
+        return hook
+
+    blocks = [m for m in energy_net.modules() if isinstance(m, InteractionBlock)]
+    for i, block in enumerate(blocks):
+        for name in ("linear_2", "sc") + (("linear_1",) if i > 0 else ()):
+            if getattr(block, name, None) is not None:
+                getattr(block, name).register_forward_pre_hook(counter(f"{i}.{name}"),
+                                                               with_kwargs=True)
+    energy_net.per_atom_energy_readout.register_forward_pre_hook(counter("readout"),
+                                                                 with_kwargs=True)
+    return rows
+
+
+@pytest.mark.parametrize("threads", [False, True])
+def test_nequip_node_work_only_on_owned_rows(threads):
+    """4 parts in halo mode: NequIP's node-wise maps (second linear map and self-connection of
+    every block, first linear map of the later blocks, readout) compute exactly the owned rows,
+    whose total over the parts is the number of atoms (before: every local row). Results equal
+    the unsplit model's at 1e-10; extended mode still computes every local row."""
+    from ase.build import bulk
+
+    wrapped = distmlip.wrap(make_nequip())
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((3, 3, 2))  # 72 atoms
+    atoms.rattle(0.08, seed=4)
+    n = len(atoms)
+    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    for mode in ("halo", "extended"):
+        calc = DistributedCalculator(wrapped, num_partitions=4, mode=mode,
+                                     device=["cpu"] * 4 if threads else "cpu")
+        rows = _count_rows(next(iter(calc.runner.replicas.values())).energy)
+        split = evaluate(calc, atoms)
+        for q in one:
+            assert rel_err(split[q], one[q]) <= 1e-10, (mode, q)
+        shards = calc.runner._built.shards
+        local = sum(s.num_rows for s in shards)
+        assert sum(s.num_owned for s in shards) == n < local  # there is a halo to skip
+        assert len(rows["readout"]) == (4 if threads else 1)
+        assert "2.linear_1" in rows and "1.sc" in rows
+        for name, counts in rows.items():
+            assert sum(counts) == (n if mode == "halo" else local), (mode, name)
+        assert calc.runner.last_exchange_calls == (2 if mode == "halo" else 0)
+
+
+@pytest.mark.parametrize("l_max", [0, 1])
+def test_nequip_first_layer_self_connection_and_residual(l_max):
+    """With ``learnable_shift`` the first block has a self-connection on the embedding (every
+    row), and with l_max 0 and ``convnet_resnet`` every layer adds a residual, the first one the
+    embedding: the spots NequIP's local-row path leaves to the caller. Both stay exact."""
+    from nequip.model import NequIPGNNModel
+
+    model = _build(NequIPGNNModel, num_layers=2, l_max=l_max, num_features=8, parity=l_max > 0,
+                   learnable_shift=True, convnet_resnet=True, **_common(1))
+    wrapped = distmlip.wrap(model)
+    layers = [m for m in wrapped.energy.modules() if type(m).__name__ == "ConvNetLayer"]
+    assert layers[0].conv.sc is not None
+    assert layers[0].resnet == (l_max == 0)
+    atoms = oxide()
+    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    assert np.abs(one["forces"]).max() > 0.05
+    report = assert_partition_invariant(wrapped, atoms, num_partitions=(3,),
+                                        partitioners=("grid",), modes=("halo", "extended"),
+                                        rtol=1e-10)
+    print(format_report(report))

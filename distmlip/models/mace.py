@@ -8,10 +8,28 @@ The adapter runs MACE's own ``forward`` unchanged, on a graph built from the ``L
   use ``edge_index = [senders; receivers]``). The energy then depends on positions only through
   ``edge_vec``, and MACE is asked for no derivatives (``compute_force=False``): distmlip takes
   forces and stress from the gradient with respect to ``edge_vec``.
-- a forward pre-hook on every interaction block but the first calls ``graph.halo_exchange`` on
-  the ``node_feats`` it is given. The first block reads the element embedding, which is exact on
-  halo atoms. The hook does nothing outside ``MACEModel.forward`` (a context variable carries the
-  exchange of the running worker), so the wrapped module still works as before on its own.
+- the halo exchange before interaction ``i >= 1``: for MACE's own interaction blocks it is moved
+  onto the output of the block's ``linear_up`` (a forward hook; its input is sliced to the owned
+  rows first), the node-wise linear map whose result the messages read on senders: only owned
+  rows are mapped, and the exchange refreshes the halo rows of its result instead of its input
+  (the same values, as the map is node-wise; the same data volume for MACE's blocks, where
+  ``linear_up`` keeps the irreps). For interaction blocks the adapter does not know, a forward
+  pre-hook calls ``graph.halo_exchange`` on the ``node_feats`` the block is given, as before. The
+  first block reads the element embedding, which is exact on halo atoms: no exchange.
+- zero redundant node work (halo mode, where ``graph.num_needed`` is the number of owned rows):
+  forward pre-hooks slice the inputs of every node-wise block to rows ``:num_needed``: the
+  product basis (``products[i]``: symmetric contraction, linear map and residual), the readouts
+  (whose per-atom energies are padded back to every row with zeros: MACE indexes them over all
+  atoms, and distmlip discards halo rows), and inside the interactions the self-connection
+  (``skip_tp``) and the linear map after the message aggregation (``linear``; per block class,
+  where MACE's code allows it, see ``_INTERACTIONS``). Messages are still aggregated onto every
+  row (MACE sizes the scatter by its input), but in halo mode no edge points to a halo row, and
+  the slices drop those rows before any node-wise work. Halo rows of node features are thus
+  never computed: the next exchange fills them, and readouts never see them. In extended mode or
+  unsplit (``num_needed`` = every row) nothing is sliced.
+
+All hooks do nothing outside ``MACEModel.forward`` (a context variable carries the exchange and
+row counts of the running worker), so the wrapped module still works as before on its own.
 
 MACE's LAMMPS hook (``lammps_mliap``, ``LAMMPS_MP``) is not used: it is an autograd Function
 whose backward needs a collective "reverse exchange" of the halo gradients, while distmlip's
@@ -33,10 +51,75 @@ from .base import DistributableModel, LocalGraph
 
 __all__ = ["MACEModel", "supports", "wrap"]
 
-# the halo exchange of the worker running in this thread (None outside MACEModel.forward)
-_EXCHANGE: contextvars.ContextVar = contextvars.ContextVar("distmlip_mace_exchange", default=None)
+# the running worker's ``_Run`` (None outside MACEModel.forward)
+_RUN: contextvars.ContextVar = contextvars.ContextVar("distmlip_mace_run", default=None)
 
 _HOOK_FLAG = "_distmlip_exchange_hooks"
+
+# MACE's interaction blocks whose node-wise submodules the adapter slices: per class, whether
+# the exchange moves onto ``linear_up``'s output (interactions 1..), and which submodules' inputs
+# are sliced to the needed rows in the first interaction and in the later ones. Checked against
+# mace-torch 0.3's ``forward``s: the sliced submodules' outputs meet only other needed-row
+# tensors. (The density blocks size their density scatter by the rows of their input: all rows
+# in the first interaction, whose ``linear`` output is divided by it, so it is not sliced there;
+# the owned rows later, which is exact in halo mode, where every edge is received by an owned
+# atom.) Other classes keep the exchange on their input and are not sliced inside.
+_INTERACTIONS = {
+    "RealAgnosticInteractionBlock": (True, ("linear", "skip_tp"), ("linear", "skip_tp")),
+    "RealAgnosticResidualInteractionBlock": (True, ("skip_tp", "linear"), ("skip_tp", "linear")),
+    "RealAgnosticDensityInteractionBlock": (True, ("skip_tp",), ("linear", "skip_tp")),
+    "RealAgnosticDensityResidualInteractionBlock": (True, ("skip_tp",), ("skip_tp", "linear")),
+    "RealAgnosticResidualNonLinearInteractionBlock": (True, ("skip_tp",),
+                                                      ("skip_tp", "linear_res")),
+    "RealAgnosticAttResidualInteractionBlock": (False, ("skip_linear", "linear"),
+                                                ("skip_linear", "linear")),
+}
+
+
+class _Run:
+    """What the hooks of one ``MACEModel.forward`` call need: the exchange, the local rows and
+    the rows node-wise blocks compute (``needed``; ``needed == rows``: nothing is sliced)."""
+
+    __slots__ = ("exchange", "rows", "needed")
+
+    def __init__(self, graph: LocalGraph):
+        self.exchange = graph.halo_exchange
+        self.rows = graph.num_nodes
+        # the exchange takes every row or the owned rows: only those can be left out
+        self.needed = graph.num_needed if graph.num_needed == graph.num_owned else self.rows
+
+
+def _trim(x, run: _Run):
+    if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == run.rows:
+        return x[: run.needed]
+    return x
+
+
+def _slice_hook(module, args, kwargs):
+    """Forward pre-hook of a node-wise block: its per-node inputs cut to the needed rows."""
+    run = _RUN.get()
+    if run is None or run.needed == run.rows:
+        return None
+    return tuple(_trim(a, run) for a in args), {k: _trim(v, run) for k, v in kwargs.items()}
+
+
+def _pad_hook(module, args, output):
+    """Forward hook of a readout: its needed rows padded back to every row with zeros (MACE
+    indexes the readouts over all atoms; distmlip discards halo rows)."""
+    run = _RUN.get()
+    if run is None or run.needed == run.rows or output.shape[0] != run.needed:
+        return None
+    pad = output.new_zeros((run.rows - run.needed, *output.shape[1:]))
+    return torch.cat([output, pad])
+
+
+def _exchange_output_hook(module, args, output):
+    """Forward hook of ``linear_up`` in interactions 1..: the halo rows of its (owned-row) output
+    filled from their owners. Called in every worker, sliced or not (workers meet there)."""
+    run = _RUN.get()
+    if run is None:
+        return None
+    return run.exchange(output)
 
 
 def _import_mace_models():
@@ -66,9 +149,12 @@ def supports(obj) -> bool:
 
 
 def _exchange_hook(module, args, kwargs):
-    exchange = _EXCHANGE.get()
-    if exchange is None:
+    """Forward pre-hook of an interaction block the adapter does not slice inside: the halo rows
+    of its ``node_feats`` refreshed."""
+    run = _RUN.get()
+    if run is None:
         return None
+    exchange = run.exchange
     if "node_feats" in kwargs:
         kwargs = dict(kwargs)
         kwargs["node_feats"] = exchange(kwargs["node_feats"])
@@ -81,12 +167,35 @@ def _exchange_hook(module, args, kwargs):
     )
 
 
+def _known_interaction(block):
+    if type(block).__module__.split(".")[0] != "mace":
+        return None
+    return _INTERACTIONS.get(type(block).__name__)
+
+
 def _install_hooks(model) -> None:
-    """Hook the halo exchange in front of interactions 1.. (once per module)."""
+    """Hook the halo exchange and the row slicing into the model's blocks (once per module)."""
     if getattr(model, _HOOK_FLAG, False):
         return
-    for interaction in list(model.interactions)[1:]:
-        interaction.register_forward_pre_hook(_exchange_hook, with_kwargs=True)
+    for i, interaction in enumerate(model.interactions):
+        known = _known_interaction(interaction)
+        move, first, later = known if known is not None else (False, (), ())
+        for name in (first if i == 0 else later):
+            sub = getattr(interaction, name, None)
+            if isinstance(sub, torch.nn.Module):
+                sub.register_forward_pre_hook(_slice_hook, with_kwargs=True)
+        if i == 0:
+            continue
+        if move and isinstance(getattr(interaction, "linear_up", None), torch.nn.Module):
+            interaction.linear_up.register_forward_pre_hook(_slice_hook, with_kwargs=True)
+            interaction.linear_up.register_forward_hook(_exchange_output_hook)
+        else:
+            interaction.register_forward_pre_hook(_exchange_hook, with_kwargs=True)
+    for product in model.products:
+        product.register_forward_pre_hook(_slice_hook, with_kwargs=True)
+    for readout in model.readouts:
+        readout.register_forward_pre_hook(_slice_hook, with_kwargs=True)
+        readout.register_forward_hook(_pad_hook)
     setattr(model, _HOOK_FLAG, True)
 
 
@@ -95,8 +204,8 @@ class MACEModel(DistributableModel):
 
     Args:
         model: a ``mace.modules.models.MACE`` (or ``ScaleShiftMACE``) module. It is used in place
-            (not copied); forward pre-hooks that are inert outside distmlip are added to its
-            interaction blocks.
+            (not copied); forward hooks that are inert outside distmlip are added to its
+            interaction, product and readout blocks (see the module docstring).
         head: for multi-head models, the name of the head to evaluate (default: the first one,
             as MACE's calculator does).
 
@@ -161,12 +270,12 @@ class MACEModel(DistributableModel):
             "ptr": torch.tensor([0, n], dtype=torch.long, device=device),
             "head": self.head_index,
         }
-        token = _EXCHANGE.set(graph.halo_exchange)
+        token = _RUN.set(_Run(graph))
         try:
             out = self.model(data, training=False, compute_force=False, compute_virials=False,
                              compute_stress=False)
         finally:
-            _EXCHANGE.reset(token)
+            _RUN.reset(token)
         return out["node_energy"].reshape(n)
 
 

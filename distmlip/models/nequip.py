@@ -10,13 +10,30 @@ sender's image. So NequIP gets ``edge_index.flip(0)`` and ``edge_vec`` unchanged
 
 - NequIP: every ``InteractionBlock`` but the first calls its ``ghost_exchange`` submodule (a
   no-op, meant for LAMMPS) on the node features it is about to convolve. The adapter adds a
-  forward hook to those submodules that calls ``graph.halo_exchange`` on that field. The hook
-  does nothing outside ``NequIPModel.forward`` (a context variable carries the exchange of the
-  running worker), so the wrapped module still works as before on its own. The receptive field
-  (``num_layers``) is the number of interaction blocks.
+  forward hook to those submodules that calls ``graph.halo_exchange`` on that field. The
+  receptive field (``num_layers``) is the number of interaction blocks.
+- Zero redundant node work (halo mode, where ``graph.num_needed`` is the number of owned rows):
+  NequIP's interaction blocks already know local and ghost atoms (for LAMMPS ML-IAP): given
+  ``data["lmp_mliap_data"].nlocal``, every block but the first computes its self-connection and
+  first linear map on the local rows only, its ghost exchange then fills the ghost rows (here
+  ``halo_exchange``, which takes the owned rows and returns every row), and every block keeps
+  only the local rows of the aggregated messages: the second linear map, the nonlinearity, the
+  readout and the per-type scale and shift run on the owned rows. The adapter passes a stand-in
+  with ``nlocal = num_needed`` under that key. Two spots NequIP's path leaves to the caller are
+  covered by hooks: a first block with a self-connection (``learnable_shift``; its input is the
+  embedding on every row) gets its inputs sliced to the needed rows, and a first layer that
+  adds a residual (the embedding) gets its block's output padded back to every row for the sum
+  and its own output cut back to the needed rows. In extended mode or unsplit (``num_needed`` =
+  every row) nothing is truncated.
 - Allegro is strictly local: every scatter in its layers goes to the edge's center atom, so an
   atom's energy depends only on the atoms within one cutoff of it, whatever its number of
-  layers. ``num_layers`` is 1 and no exchange is needed.
+  layers. ``num_layers`` is 1 and no exchange is needed. Its layers are edge-wise; the only
+  node-wise work on halo rows is the scatter of edge features onto them (zeros in halo mode,
+  where no edge is centred on a halo atom), its normalisation and the per-type scale and shift
+  of a zero energy: left as is.
+
+The hooks do nothing outside ``NequIPModel.forward`` (a context variable carries the exchange
+and row counts of the running worker), so the wrapped module still works as before on its own.
 
 Per-atom energies are the model's ``atomic_energy`` (after the per-type scale and shift and any
 pair potential); they sum to the model's total energy.
@@ -39,8 +56,32 @@ from .base import DistributableModel, LocalGraph
 
 __all__ = ["NequIPModel", "supports", "wrap"]
 
-_EXCHANGE: contextvars.ContextVar = contextvars.ContextVar("distmlip_nequip_exchange", default=None)
+# the running worker's ``_Run`` (None outside NequIPModel.forward)
+_RUN: contextvars.ContextVar = contextvars.ContextVar("distmlip_nequip_run", default=None)
 _HOOK_FLAG = "_distmlip_exchange_hooked"
+_FEATURES_KEY = "node_features"  # AtomicDataDict.NODE_FEATURES_KEY (checked on install)
+
+
+class _Run:
+    """What the hooks of one ``NequIPModel.forward`` call need: the exchange, the local rows and
+    the rows node-wise layers compute (``needed``; ``needed == rows``: nothing is truncated)."""
+
+    __slots__ = ("exchange", "rows", "needed")
+
+    def __init__(self, graph: LocalGraph):
+        self.exchange = graph.halo_exchange
+        self.rows = graph.num_nodes
+        # the exchange takes every row or the owned rows: only those can be left out
+        self.needed = graph.num_needed if graph.num_needed == graph.num_owned else self.rows
+
+
+class _LocalRows:
+    """Stands in for LAMMPS ML-IAP's data object: NequIP's interaction blocks read ``nlocal``."""
+
+    __slots__ = ("nlocal",)
+
+    def __init__(self, nlocal: int):
+        self.nlocal = nlocal
 
 
 def _import_nequip():
@@ -101,11 +142,79 @@ def supports(obj) -> bool:
 
 
 def _exchange_hook(module, args, output):
-    exchange = _EXCHANGE.get()
-    if exchange is None:
+    """Forward hook of a ``ghost_exchange``: the halo rows of its field filled from their owners
+    (given every row, or only the owned rows when the block truncated them)."""
+    run = _RUN.get()
+    if run is None:
         return None
-    output[module.field] = exchange(output[module.field])
+    output[module.field] = run.exchange(output[module.field])
     return output
+
+
+def _slice_hook(module, args, kwargs):
+    """Forward pre-hook of the first block's self-connection: inputs cut to the needed rows."""
+    run = _RUN.get()
+    if run is None or run.needed == run.rows:
+        return None
+
+    def trim(x):
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == run.rows:
+            return x[: run.needed]
+        return x
+
+    return tuple(trim(a) for a in args), {k: trim(v) for k, v in kwargs.items()}
+
+
+def _pad_hook(module, args, output):
+    """Forward hook of a first block whose layer adds a residual (the embedding, on every row):
+    its needed-row features padded back to every row (zeros; the next exchange fills them)."""
+    run = _RUN.get()
+    if run is None or run.needed == run.rows:
+        return None
+    x = output[_FEATURES_KEY]
+    if x.shape[0] == run.needed:
+        output[_FEATURES_KEY] = torch.cat([x, x.new_zeros((run.rows - run.needed, *x.shape[1:]))])
+    return output
+
+
+def _trim_hook(module, args, output):
+    """Forward hook of that layer: its output cut back to the needed rows (as NequIP's later
+    layers, whose residual reads it, expect)."""
+    run = _RUN.get()
+    if run is None or run.needed == run.rows:
+        return None
+    x = output[_FEATURES_KEY]
+    if x.shape[0] == run.rows:
+        output[_FEATURES_KEY] = x[: run.needed]
+    return output
+
+
+def _install_hooks(energy, nq) -> bool:
+    """Hook the halo exchange into the blocks' ghost exchanges, and the first block's self-
+    connection and residual, once per module. Returns whether the blocks truncate to local
+    rows (NequIP's local/ghost path is there)."""
+    keys = nq["AtomicDataDict"]
+    block_cls = nq["InteractionBlock"]
+    truncates = (getattr(keys, "LMP_MLIAP_DATA_KEY", None) is not None
+                 and hasattr(block_cls, "_get_mliap_num_local")
+                 and keys.NODE_FEATURES_KEY == _FEATURES_KEY)
+    if getattr(energy, _HOOK_FLAG, False):
+        return truncates
+    for sub in energy.modules():
+        if isinstance(sub, block_cls):
+            ghost = getattr(sub, "ghost_exchange", None)
+            if ghost is not None:
+                ghost.register_forward_hook(_exchange_hook)
+            if getattr(sub, "is_first_layer", False) and isinstance(getattr(sub, "sc", None),
+                                                                    torch.nn.Module):
+                sub.sc.register_forward_pre_hook(_slice_hook, with_kwargs=True)
+        conv = getattr(sub, "conv", None)
+        if (isinstance(conv, block_cls) and getattr(conv, "is_first_layer", False)
+                and getattr(sub, "resnet", False)):
+            conv.register_forward_hook(_pad_hook)
+            sub.register_forward_hook(_trim_hook)
+    setattr(energy, _HOOK_FLAG, True)
+    return truncates
 
 
 def _element_numbers(type_names, species_map):
@@ -141,7 +250,7 @@ class NequIPModel(DistributableModel):
         model: a NequIP-framework ``GraphModel`` (e.g. from ``nequip.model.NequIPGNNModel`` or
             ``allegro.model.AllegroModel``), or the ``ForceStressOutput`` inside one. Used in
             place (not copied); hooks that are inert outside distmlip are added to its
-            ``ghost_exchange`` submodules.
+            ``ghost_exchange`` submodules (and to its first interaction block, see above).
         chemical_species_to_atom_type_map: ``{chemical symbol: model type name}``; by default the
             model's type names are taken to be chemical symbols (as NequIP's calculator does).
         num_layers: override the receptive field (in hops) the adapter infers.
@@ -195,12 +304,9 @@ class NequIPModel(DistributableModel):
         for z, t in z_to_type.items():
             table[z] = t
         self.register_buffer("z_to_type", table, persistent=False)
-        if not getattr(energy, _HOOK_FLAG, False):
-            for block in blocks:
-                ghost = getattr(block, "ghost_exchange", None)
-                if ghost is not None:
-                    ghost.register_forward_hook(_exchange_hook)
-            setattr(energy, _HOOK_FLAG, True)
+        truncates = _install_hooks(energy, nq)
+        # the key NequIP's blocks read the local row count from (None: no truncation)
+        self._local_key = keys.LMP_MLIAP_DATA_KEY if truncates and blocks else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -275,12 +381,15 @@ class NequIPModel(DistributableModel):
             index_key: graph.edge_index.flip(0),
             vec_key: vec,
         }
-        token = _EXCHANGE.set(graph.halo_exchange)
+        run = _Run(graph)
+        if self._local_key is not None and run.needed < run.rows:
+            data[self._local_key] = _LocalRows(run.needed)
+        token = _RUN.set(run)
         try:
             out = self.energy(data)
         finally:
-            _EXCHANGE.reset(token)
-        return out[energy_key].reshape(n)
+            _RUN.reset(token)
+        return out[energy_key].reshape(-1)
 
 
 def wrap(obj, chemical_species_to_atom_type_map: dict | None = None,
