@@ -97,15 +97,16 @@ def test_budget_chooses_the_number_of_parts():
 
 def test_impossible_budget_is_a_clear_error():
     atoms = fcc_bulk(size=3)
-    calc = DistributedCalculator(make_schnet(), max_memory="20kB")
+    model = make_schnet()  # one model: its memory calibration is cached and reused below
+    calc = DistributedCalculator(model, max_memory="20kB")
     with pytest.raises(ValueError, match=r"max_memory: expected at least [0-9.]+ (MB|kB) .*got 20 kB; "
                                          r"raise max_memory"):
         calc.calculate(atoms)
     # the smallest budget it names works
     smallest = float(str(calc_error(calc, atoms)).split("at least ")[1].split(" ")[0])
     unit = {"kB": 1e3, "MB": 1e6}[str(calc_error(calc, atoms)).split("at least ")[1].split(" ")[1]]
-    ok = DistributedCalculator(make_schnet(), max_memory=int(smallest * unit * 1.01))
-    ref = evaluate(DistributedCalculator(make_schnet()), atoms)
+    ok = DistributedCalculator(model, max_memory=int(smallest * unit * 1.01))
+    ref = evaluate(DistributedCalculator(model), atoms)
     _compare(evaluate(ok, atoms), ref, RTOL, "smallest budget")
 
 
