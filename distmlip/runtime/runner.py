@@ -665,21 +665,25 @@ class Runner:
                 break
             self._level_forward(workers, level, p2p)
             level += 1
-        for j in reversed(range(level)):
-            each(lambda w: w.backward_level(j, positions))
-            self._level_backward(workers, j, p2p)
         ids_of = (lambda rows: rows) if b.ids is None else (lambda rows: b.ids[rows])
         forces = buffer[n : 4 * n].reshape(n, 3)
         lock = threading.Lock()
 
         def gather(ids, e, edges, vec, grad):
             with lock:
-                buffer[ids] = e
+                if e is not None:
+                    buffer[ids] = e
                 if len(edges):
                     buffer[4 * n :] += add_edge_terms(forces, ids_of(b.graph.receivers[edges]),
                                                       ids_of(b.graph.senders[edges]), vec, grad).ravel()
 
-        each(lambda w: w.final(positions, gather))
+        if level == 0:
+            each(lambda w: w.final(positions, gather))
+        for j in reversed(range(level)):
+            each(lambda w: w.backward_level(j, positions, gather if j == 0 else None))
+            self._level_backward(workers, j, p2p)
+        if level:
+            each(lambda w: w.prefix(positions, gather))
         self.last_exchange_calls = level
         return p2p.seconds if p2p is not None else 0.0
 

@@ -12,12 +12,15 @@ with only one part's activations alive at a time:
    returning its stored rows as a detached leaf (only Z^j asks for a gradient), and back-propagates
    S_j = sum(eps owned) + sum over m > j of <G^m[owned], y^m> to Z^j; the gradients are added into
    G^j and the level's backward exchange sends halo rows' gradients home;
-3. a last replay differentiates S = sum(eps owned) + sum over all m of <G^m[owned], y^m> with respect
-   to the edge vectors: exactly dE/de_k, which gives forces and virial; the energies come with it.
+3. the edge-vector gradient dE/de_k of S = sum(eps owned) + sum over all m of <G^m[owned], y^m>,
+   which gives forces and virial: the level-0 replay differentiates S_0 with respect to the edge
+   vectors too, and a short pass up to the first exchange adds the <G^0[owned], y^0> term once G^0
+   is known (no separate last replay); the energies come with the level-0 replay.
 
 Every dependence is explicit through the leaves, so residual paths, cached edge embeddings and
 per-layer readouts stay exact. The cost is about L/2 forwards plus L + 1 forward-and-backward
-replays (extended mode, L = 0: one pass per part); the memory is one part's activations plus the
+replays plus a pass up to the first exchange (extended mode, L = 0: one pass per part); the memory
+is one part's activations plus the
 stored Z and G (rows x feature width per exchange).
 """
 
@@ -80,6 +83,7 @@ class _PieceExchange(HaloExchange):
         self.stop_at, self.grad_level = stop_at, grad_level
         self.posted: dict[int, torch.Tensor] = {}
         self.leaf: torch.Tensor | None = None
+        self.on_stop = None  # called with the rows posted to call ``stop_at`` instead of storing
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         level = self.calls
@@ -94,7 +98,10 @@ class _PieceExchange(HaloExchange):
         y = x[: self.num_owned]
         if self.stop_at is not None:
             if level == self.stop_at:
-                self.store.post(level, self.owned_slice, y.detach())
+                if self.on_stop is not None:
+                    self.on_stop(y)
+                else:
+                    self.store.post(level, self.owned_slice, y.detach())
                 raise _Stop()
             return self.store.Z[level].index_select(0, self.rows)
         if level >= len(self.store.Z):
@@ -210,26 +217,58 @@ class SequentialWorker:
             )
         return reached[0]
 
-    def backward_level(self, level: int, positions: np.ndarray) -> None:
-        """Accumulate dE/dZ^level of every part into ``store.G[level]``."""
+    def backward_level(self, level: int, positions: np.ndarray, gather=None) -> None:
+        """Accumulate dE/dZ^level of every part into ``store.G[level]``. With ``gather`` (level 0:
+        the last replay merged into this one), also differentiate with respect to the edge vectors
+        and ``gather`` energies and edge gradients, still missing the <G^0, y^0> term that
+        ``prefix`` adds once G^0 is known."""
         store = self.store
-        z = store.Z[level]
-        store.G[level] = torch.zeros_like(z)
+        store.G[level] = torch.zeros_like(store.Z[level])
         for k in self._indices():
             exchange = self._exchange_for(k, grad_level=level)
-            local = self._piece(k, positions, exchange, with_grad=False)[0]
+            local, edges, vec = self._piece(k, positions, exchange, with_grad=gather is not None)
             eps = self._run(local)
             loss = self._objective(eps, exchange, k)
-            if exchange.leaf is not None and loss.requires_grad:
-                (grad,) = torch.autograd.grad(loss, [exchange.leaf], allow_unused=True)
-                if grad is not None and k is not None:
-                    store.G[level].index_add_(0, self.rows[k], grad)
-            del loss, eps, local, exchange
+            wrt = [t for t in (exchange.leaf, local.edge_vec if gather is not None else None)
+                   if t is not None]
+            grads = torch.autograd.grad(loss, wrt, allow_unused=True) if loss.requires_grad and wrt \
+                else [None] * len(wrt)
+            if exchange.leaf is not None and grads[0] is not None and k is not None:
+                store.G[level].index_add_(0, self.rows[k], grads[0])
+            if gather is not None:
+                self.exchange_calls = exchange.calls
+                if k is not None:
+                    self._gather(gather, local, eps, edges, vec, grads[-1], with_energies=True)
+            del loss, eps, local, exchange, grads
+            _release()
+
+    def prefix(self, positions: np.ndarray, gather) -> None:
+        """The <G^0[owned], y^0> term of the edge gradients: every part runs up to its first
+        exchange, differentiates that term with respect to its edge vectors, and stops."""
+        for k in self._indices():
+            if k is None:
+                continue
+            exchange = self._exchange_for(k, stop_at=0)
+            local, edges, vec = self._piece(k, positions, exchange, with_grad=True)
+            g0 = self.store.Gown[0][self.owned_slices[k]]
+
+            def first_exchange(y, g0=g0, local=local):
+                if y.requires_grad:
+                    (grad,) = torch.autograd.grad((g0.to(y.dtype) * y).sum(), [local.edge_vec],
+                                                  allow_unused=True)
+                    self._gather(gather, local, None, edges, vec, grad, with_energies=False)
+
+            exchange.on_stop = first_exchange
+            try:
+                self._run(local)
+            except _Stop:
+                pass
+            del local, exchange
             _release()
 
     def final(self, positions: np.ndarray, gather) -> None:
-        """The last replay: ``gather(owned global ids, energies, kept edges, vectors, dE/dvec)``
-        for every part, as soon as the part is done."""
+        """The last replay when the model makes no exchange calls (extended mode): energies and
+        edge gradients of every part, ``gather``-ed as soon as the part is done."""
         for k in self._indices():
             exchange = self._exchange_for(k, grad_level=-1)
             local, edges, vec = self._piece(k, positions, exchange, with_grad=True)
@@ -240,13 +279,17 @@ class SequentialWorker:
             else:
                 grad = None
             self.exchange_calls = exchange.calls
-            if k is None:
-                continue
-            ids = local.atom_ids[: local.num_owned].cpu().numpy()
-            g = np.zeros_like(vec) if grad is None else grad.detach().to("cpu", torch.float64).numpy()
-            gather(ids, eps.detach().to("cpu", torch.float64).numpy(), edges, vec, g)
-            del loss, eps, local, exchange, grad, g, vec
+            if k is not None:
+                self._gather(gather, local, eps, edges, vec, grad, with_energies=True)
+            del loss, eps, local, exchange, grad
             _release()
+
+    @staticmethod
+    def _gather(gather, local, eps, edges, vec, grad, with_energies: bool) -> None:
+        ids = local.atom_ids[: local.num_owned].cpu().numpy()
+        g = np.zeros_like(vec) if grad is None else grad.detach().to("cpu", torch.float64).numpy()
+        energies = eps.detach().to("cpu", torch.float64).numpy() if with_energies else None
+        gather(ids, energies, edges, vec, g)
 
     def _objective(self, eps: torch.Tensor, exchange: _PieceExchange, k) -> torch.Tensor:
         """sum(eps owned) + sum over the posted levels m of <G^m[owned rows of the part], y^m>."""
