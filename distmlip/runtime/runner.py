@@ -267,6 +267,7 @@ class Runner:
             release_memory_eagerly()
         self._sequential = sequential
         self.memory_model = None
+        self._levels: int | None = None  # halo_exchange calls per forward (bounded memory)
         self.comm = _TorchComm(self.devices[0]) if comm == "torch" else _LocalComm()
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self._source = model  # the caller's module: memory calibrations are cached per it
@@ -656,15 +657,20 @@ class Runner:
             _run_threads(work, len(workers), None)
             return results
 
+        # exchange levels: found by running up to one more each time on the first call; known after
+        # (the replays check that the model still makes that many calls)
         level = 0
-        while True:
+        while self._levels is None or level < self._levels:
             reached = each(lambda w: w.forward_level(level, positions))
             if any(reached) != all(reached):
                 raise RuntimeError("model: workers made different numbers of halo_exchange calls")
             if not self.comm.agree(reached[0]):
+                if self._levels is not None:
+                    raise RuntimeError(f"model: made {level} halo_exchange calls, {self._levels} before")
                 break
             self._level_forward(workers, level, p2p)
             level += 1
+        self._levels = level
         ids_of = (lambda rows: rows) if b.ids is None else (lambda rows: b.ids[rows])
         forces = buffer[n : 4 * n].reshape(n, 3)
         lock = threading.Lock()

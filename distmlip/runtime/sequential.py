@@ -237,6 +237,10 @@ class SequentialWorker:
                 store.G[level].index_add_(0, self.rows[k], grads[0])
             if gather is not None:
                 self.exchange_calls = exchange.calls
+                if exchange.calls != len(store.Z):
+                    raise RuntimeError(
+                        f"model: called halo_exchange {exchange.calls} times in a replay, but "
+                        f"{len(store.Z)} times in the first pass; every pass must make the same calls")
                 if k is not None:
                     self._gather(gather, local, eps, edges, vec, grads[-1], with_energies=True)
             del loss, eps, local, exchange, grads
