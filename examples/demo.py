@@ -180,8 +180,12 @@ def main(argv=None) -> int:
         t_md = time.perf_counter() - t_md
         drift = max(abs(e - etot[0]) for e in etot)
         print(f"MD: {t_md:.1f} s for {args.steps} steps ({t_md / args.steps:.2f} s/step), "
-              f"max |Etot - Etot(0)| = {drift:.2e} eV ({drift / len(atoms):.1e} eV/atom)")
+              f"max |Etot - Etot(0)| = {drift:.2e} eV ({drift / len(atoms):.1e} eV/atom); "
+              f"graph and plan built {calc.graph_builds} times (skin {calc.skin} Å)")
         print()
+
+    # ------------------------------------------------------------------ part 2b: bounded memory
+    failed += _bounded(args, model, atoms)
 
     if not args.no_pretrained:
         failed += _pretrained(args)
@@ -189,6 +193,33 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t_start
     print(f"total time {total:.1f} s, peak RSS {_peak_rss_gb():.2f} GB")
     return 1 if failed else 0
+
+
+def _bounded(args, model, atoms) -> list[str]:
+    """Part 2b: the same single point within a memory budget of 0.3x the predicted need."""
+    from distmlip import estimate_memory
+
+    need = estimate_memory(model, atoms, dtype=args.dtype)
+    budget = int(0.3 * need)
+    ref = DistributedCalculator(model, dtype=args.dtype, backend="local")
+    calc = DistributedCalculator(model, dtype=args.dtype, backend="local", max_memory=budget)
+    a, b = atoms.copy(), atoms.copy()
+    a.calc, b.calc = ref, calc
+    t0 = time.perf_counter()
+    fa = a.get_forces()
+    t1 = time.perf_counter()
+    fb = b.get_forces()
+    t2 = time.perf_counter()
+    dev = float(np.abs(fb - fa).max() / max(np.abs(fa).max(), 1.0))
+    de = abs(b.get_potential_energy() - a.get_potential_energy()) / max(abs(a.get_potential_energy()), 1.0)
+    print(f"Part 2b: bounded memory. Predicted need of one evaluation {need / 1e9:.2f} GB; with "
+          f"max_memory={budget / 1e9:.2f} GB the system is split into {calc.last_plan.num_parts} "
+          f"parts evaluated one at a time: {t2 - t1:.1f} s (unbounded {t1 - t0:.1f} s), "
+          f"predicted peak {calc.runner._built.predicted / 1e9:.2f} GB; relative deviation "
+          f"energy {de:.1e}, forces {dev:.1e}")
+    print()
+    tol = 1e-10 if args.dtype in (None, "float64") else 1e-5
+    return [] if de <= tol and dev <= tol else [f"bounded memory deviates: energy {de:.1e}, forces {dev:.1e}"]
 
 
 def _pretrained(args) -> list[str]:
