@@ -197,7 +197,7 @@ def main(argv=None) -> int:
 
 def _bounded(args, model, atoms) -> list[str]:
     """Part 2b: the same single point within a memory budget of 0.3x the predicted need."""
-    from distmlip import estimate_memory
+    from distmlip import DistributedCalculator, estimate_memory
 
     need = estimate_memory(model, atoms, dtype=args.dtype)
     budget = int(0.3 * need)
