@@ -4,6 +4,7 @@ Each launch is wrapped in a timeout: a broken launch must fail, never hang the s
 """
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -72,8 +73,9 @@ def test_md_matches_single_process():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "steps 51" in proc.stdout
-    builds = [line.split("builds ")[1] for line in proc.stdout.splitlines() if "builds " in line]
-    assert len(builds) == 2 and builds[0] == builds[1], out[-4000:]
+    # the ranks' lines may be interleaved in the launcher's output: find them anywhere
+    builds = re.findall(r"rank (\d): builds (\d+) then (\d+)", proc.stdout)
+    assert len(builds) == 2 and builds[0][1:] == builds[1][1:], out[-4000:]
 
 
 @pytest.mark.parametrize("where", ["model", "script", "kill", "hang"])
