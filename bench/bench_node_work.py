@@ -1,4 +1,4 @@
-"""Node-wise work of split models: SevenNet-0 and SchNet, 1/2/4/8 parts in one process and
+"""Node-wise work of split models: SevenNet-0, MACE and SchNet, 1/2/4/8 parts in one process and
 ``mpirun -n 2`` (one part per rank) against one process, one part.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_node_work.py [--compare /path/to/other/checkout]
@@ -13,7 +13,7 @@ with forward hooks on the model's modules, summed over parts (and ranks):
 - node rows / atom: rows computed by the node-wise update of every interaction layer and by the
   readout, averaged over those modules, per atom of the system (1.00: no halo row is updated);
   SevenNet: ``{i}_equivariant_gate`` and ``reduce_input_to_hidden``; SchNet: ``interactions[k].lin``
-  and ``readout[0]``;
+  and ``readout[0]``; MACE: ``products[k]`` and ``readouts[k]``;
 - conv rows / atom: rows the convolutions produce (every local row, owned + halo: the messages
   are summed into an (n, ...) tensor), same averaging; SevenNet only (SchNet sums into the needed
   rows);
@@ -44,6 +44,7 @@ MODELS = {
     # name: (structure description, repetitions)
     "sevennet-0": "rutile TiO2",
     "schnet": "FCC Cu",
+    "mace": "FCC Cu",
 }
 # (label, parts, launcher): launcher "local" (one process, one worker) or "mpi" (mpirun -n parts)
 CONFIGS = [("1 part", 1, "local"), ("2 parts", 2, "local"), ("4 parts", 4, "local"),
@@ -86,6 +87,13 @@ def build_model(model: str):
         node.append(mods["reduce_input_to_hidden"])
         conv = [m for k, m in mods.items() if k.endswith("_convolution")]
         return wrapped, node, conv
+    if model == "mace":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_node_work_mace import make_model
+
+        wrapped = distmlip.wrap(make_model())
+        mace = wrapped.model
+        return wrapped, list(mace.products) + list(mace.readouts), []
     from distmlip.models import SchNet
 
     wrapped = SchNet(cutoff=5.0, num_interactions=3, hidden_channels=32, seed=0, dtype=torch.float32)
@@ -107,7 +115,10 @@ def worker(job: dict) -> dict:
 
     def counter(kind):
         def hook(mod, inputs, out):
-            x = out if isinstance(out, torch.Tensor) else out["x"]  # SevenNet: the data dict
+            # rows that went in (MACE's readouts pad their output back to every local row);
+            # SevenNet's modules take and return the data dict
+            x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else \
+                out if isinstance(out, torch.Tensor) else out["x"]
             counts[kind] += int(x.shape[0])
         return hook
 
@@ -165,6 +176,10 @@ def run(job: dict, code: Path, timeout: float) -> dict:
     raise RuntimeError(f"{shlex.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
+def model_size(model: str, args) -> list:
+    return {"sevennet-0": args.sevenn_size, "schnet": args.schnet_size, "mace": args.mace_size}[model]
+
+
 def git_head(path: Path) -> str:
     try:
         return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -180,6 +195,8 @@ def main() -> None:
                         help="rutile repetitions (6 atoms per cell; 4 4 5: 480 atoms)")
     parser.add_argument("--schnet-size", type=int, nargs=3, default=(18, 18, 18),
                         help="cubic FCC Cu repetitions (4 atoms per cell; 18: 23328 atoms)")
+    parser.add_argument("--mace-size", type=int, nargs=3, default=(6, 6, 6),
+                        help="cubic FCC Cu repetitions for MACE (6: 864 atoms)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls after the warm-up")
     parser.add_argument("--compare", type=Path, help="another checkout to run every configuration with")
     parser.add_argument("--configs", nargs="+", help="labels of CONFIGS to run (default: all)")
@@ -199,7 +216,7 @@ def main() -> None:
     configs = [c for c in CONFIGS if not args.configs or c[0] in args.configs]
     rows = []  # (model, label, tree, result or error string, load)
     for model in args.models:
-        size = args.sevenn_size if model == "sevennet-0" else args.schnet_size
+        size = model_size(model, args)
         for label, parts, launcher in configs:
             for tree, code in trees:
                 job = {"model": model, "size": list(size), "parts": parts, "launcher": launcher,
@@ -228,11 +245,13 @@ def main() -> None:
              "the convolutions output (SevenNet); edges / atom = edges evaluated per atom; load = "
              "1-minute load average when the row started (2 cores).", ""]
     for model in args.models:
-        size = args.sevenn_size if model == "sevennet-0" else args.schnet_size
+        size = model_size(model, args)
         mine = [r for r in rows if r[0] == model]
         natoms = next((r[3]["atoms"] for r in mine if isinstance(r[3], dict)), "?")
-        desc = ("SevenNet-0 (5 Å cutoff, 5 convolutions), float32" if model == "sevennet-0" else
-                "SchNet (3 interactions, 32 channels, 5 Å cutoff), float32, random weights")
+        desc = {"sevennet-0": "SevenNet-0 (5 Å cutoff, 5 convolutions), float32",
+                "schnet": "SchNet (3 interactions, 32 channels, 5 Å cutoff), float32, random weights",
+                "mace": "ScaleShiftMACE (r_max 5 Å, 2 interactions, 64x0e+64x1o, correlation 3), "
+                        "float64, random weights"}[model]
         lines += [f"### {desc}: {MODELS[model]} {'x'.join(map(str, size))}, {natoms} atoms", "",
                   "| configuration | code | time (s) | vs 1 part | cpu (s) | vs 1 part | peak (GB) | "
                   "vs 1 part | node rows / atom | conv rows / atom | edges / atom | load |",

@@ -273,3 +273,28 @@ def test_auto_partitions():
     assert tight.runner.sequential and tight.last_plan.num_parts > 1
     with pytest.raises(TypeError, match="num_partitions: expected an integer >= 1 or 'auto'"):
         DistributedCalculator(model, "many")
+
+
+def test_progress_bar_counts_every_pass(capsys):
+    """``progress=True`` shows a bar over the passes of a one-at-a-time evaluation whose total is
+    right on the first call (found on the way) and on later ones (known up front)."""
+    import re
+
+    model = make_schnet()  # 3 layers: 2 exchanges -> 2 forward, 2 backward, 1 prefix pass a part
+    atoms = fcc_bulk(size=3, seed=4)
+    calc = DistributedCalculator(model, 4, progress=True)
+    calc.runner._sequential = True
+    for seed in (4, 5):
+        atoms.rattle(0.01, seed=seed)
+        evaluate(calc, atoms)
+        err = capsys.readouterr().err
+        assert "distmlip: parts" in err
+        counts = re.findall(r"(\d+)/(\d+)", err)
+        done, total = map(int, counts[-1])
+        # first call: 3 forward passes (the third finds no exchange) + 2 backward + 1 prefix
+        expected = 4 * (6 if seed == 4 else 5)
+        assert (done, total) == (expected, expected), counts[-3:]
+    quiet = DistributedCalculator(model, 4)
+    quiet.runner._sequential = True
+    evaluate(quiet, atoms)
+    assert "distmlip: parts" not in capsys.readouterr().err

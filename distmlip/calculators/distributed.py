@@ -101,6 +101,8 @@ class DistributedCalculator(Calculator):
             evaluates each device's parts one at a time, recomputing what it must; results stay
             exactly those of the unbounded evaluation. A budget below one atom's neighbourhood
             plus the graph is a ``ValueError`` naming the smallest that would work.
+        progress: show a progress bar (tqdm, rank 0) over the parts of an evaluation that runs
+            them one at a time (``max_memory``): a single point on a large system can take minutes.
 
     Results: ``energy``/``free_energy`` (eV), ``forces`` (N, 3) eV/Å, ``stress`` (Voigt, eV/Å^3,
     ASE's sign; only for cells of full rank), ``energies`` (N,) eV. After each calculation
@@ -114,7 +116,7 @@ class DistributedCalculator(Calculator):
     def __init__(self, model: DistributableModel, num_partitions: int | None = None,
                  partitioner: str = "grid", mode: str = "halo", device="cpu", dtype=None,
                  backend: str = "auto", timeout: float = 30.0, num_threads: int | None = None,
-                 skin: float = DEFAULT_SKIN, max_memory=None, **kwargs):
+                 skin: float = DEFAULT_SKIN, max_memory=None, progress: bool = False, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(model, DistributableModel):
             raise TypeError(
@@ -171,7 +173,7 @@ class DistributedCalculator(Calculator):
             self.num_partitions = world if num_partitions is None else int(num_partitions)
             self.runner = Runner(model, [self.distributed], self.dtype, partitioner, mode,
                                  self.num_partitions, self.skin, comm="torch",
-                                 max_memory=self.max_memory)
+                                 max_memory=self.max_memory, progress=progress)
         else:
             if num_threads is not None:
                 torch.set_num_threads(int(num_threads))
@@ -179,7 +181,7 @@ class DistributedCalculator(Calculator):
             self.num_partitions = default if num_partitions is None else int(num_partitions)
             self.runner = Runner(model, self.devices, self.dtype, partitioner, mode,
                                  self.num_partitions, self.skin, timeout=max(timeout, 600.0),
-                                 max_memory=self.max_memory)
+                                 max_memory=self.max_memory, progress=progress)
         self.timings: dict[str, float] = {}
         self._warned = False
 

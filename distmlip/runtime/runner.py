@@ -246,7 +246,8 @@ class Runner:
     def __init__(self, model: DistributableModel, devices: list[torch.device], dtype=None,
                  partitioner: str = "grid", mode: str = "halo", num_partitions: int = 1,
                  skin: float = 0.0, timeout: float = 600.0, comm: str | None = None,
-                 sequential: bool | None = None, max_memory: int | None = None):
+                 sequential: bool | None = None, max_memory: int | None = None,
+                 progress: bool = False):
         if partitioner not in PARTITIONERS:
             raise ValueError(f"partitioner: expected one of {list(PARTITIONERS)}, got {partitioner!r}")
         if mode not in MODES:
@@ -266,6 +267,7 @@ class Runner:
 
             release_memory_eagerly()
         self._sequential = sequential
+        self.progress = bool(progress)
         self.memory_model = None
         self._levels: int | None = None  # halo_exchange calls per forward (bounded memory)
         self.comm = _TorchComm(self.devices[0]) if comm == "torch" else _LocalComm()
@@ -642,6 +644,9 @@ class Runner:
         from .sequential import SequentialWorker
 
         workers = [SequentialWorker(self, b, s, self._device(s)) for s in b.shards]
+        bar = self._progress_bar(workers)
+        for w in workers:
+            w.tick = bar.tick
         p2p = None
         if self.world_size > 1 and self.mode == "halo":
             p2p = P2PExchange(b.shards[0], b.send[0], self.devices[0], self.rank)
@@ -671,6 +676,7 @@ class Runner:
             self._level_forward(workers, level, p2p)
             level += 1
         self._levels = level
+        bar.expect(level)
         ids_of = (lambda rows: rows) if b.ids is None else (lambda rows: b.ids[rows])
         forces = buffer[n : 4 * n].reshape(n, 3)
         lock = threading.Lock()
@@ -691,7 +697,14 @@ class Runner:
         if level:
             each(lambda w: w.prefix(positions, gather))
         self.last_exchange_calls = level
+        bar.close()
         return p2p.seconds if p2p is not None else 0.0
+
+    def _progress_bar(self, workers) -> "_Progress":
+        """A progress bar over the pieces the sequential evaluation runs (``progress=True``; rank 0
+        only), or a silent counter."""
+        pieces = sum(len(w._indices()) for w in workers)
+        return _Progress(pieces, self._levels, enabled=self.progress and self.rank == 0)
 
     def _level_forward(self, workers, level: int, p2p: P2PExchange | None) -> None:
         """Fill the halo rows of every worker's Z^level from the owners' posted rows."""
@@ -735,6 +748,45 @@ class Runner:
                 own.index_add_(0, rows, g)
         for w in workers:
             w.store.G[level] = None
+
+
+class _Progress:
+    """Counts the parts evaluated by a sequential (bounded-memory) evaluation and shows a tqdm bar
+    when enabled: L forward passes, L backward replays and one prefix pass per part (L: exchange
+    calls; unknown until the first call's forward passes are done)."""
+
+    def __init__(self, pieces: int, levels: int | None, enabled: bool):
+        self.pieces, self.bar, self.lock = pieces, None, threading.Lock()
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:  # pragma: no cover - tqdm is a dependency
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=self._total(levels), desc="distmlip: parts", unit="part",
+                                dynamic_ncols=True, leave=False)
+
+    def _total(self, levels):
+        if levels is None:
+            return None
+        return self.pieces * (2 * levels + 1) if levels else self.pieces
+
+    def expect(self, levels: int) -> None:
+        """The first call has found ``levels``: what remains is L backward replays and a prefix
+        pass per part (or one final pass without exchanges)."""
+        if self.bar is not None and self.bar.total is None:
+            self.bar.total = self.bar.n + self.pieces * (levels + 1 if levels else 1)
+            self.bar.refresh()
+
+    def tick(self) -> None:
+        if self.bar is not None:
+            with self.lock:
+                self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.refresh()  # the last state, whatever the bar's update interval
+            self.bar.close()
 
 
 def _gb(value: float) -> str:

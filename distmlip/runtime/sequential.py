@@ -138,6 +138,7 @@ class SequentialWorker:
         self.rows = [torch.as_tensor(r, device=device) for r in shard.part_rows]
         self.store = _Store(shard.num_owned, shard.num_rows)
         self.exchange_calls = 0
+        self.tick = lambda: None  # called after each part's pass (the runner's progress bar)
 
     # ------------------------------------------------------------------ one part
     def _piece(self, k: int | None, positions: np.ndarray, exchange, with_grad: bool):
@@ -210,6 +211,7 @@ class SequentialWorker:
                 reached.append(True)
             del local, exchange
             _release()
+            self.tick()
         if any(reached) and not all(reached):
             raise RuntimeError(
                 f"model: some parts made {level + 1} or more halo_exchange calls and others fewer; "
@@ -245,6 +247,7 @@ class SequentialWorker:
                     self._gather(gather, local, eps, edges, vec, grads[-1], with_energies=True)
             del loss, eps, local, exchange, grads
             _release()
+            self.tick()
 
     def prefix(self, positions: np.ndarray, gather) -> None:
         """The <G^0[owned], y^0> term of the edge gradients: every part runs up to its first
@@ -269,6 +272,7 @@ class SequentialWorker:
                 pass
             del local, exchange
             _release()
+            self.tick()
 
     def final(self, positions: np.ndarray, gather) -> None:
         """The last replay when the model makes no exchange calls (extended mode): energies and
@@ -287,6 +291,7 @@ class SequentialWorker:
                 self._gather(gather, local, eps, edges, vec, grad, with_energies=True)
             del loss, eps, local, exchange, grad
             _release()
+            self.tick()
 
     @staticmethod
     def _gather(gather, local, eps, edges, vec, grad, with_energies: bool) -> None:
