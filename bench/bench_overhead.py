@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -20,34 +19,85 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [(1, "halo", "grid"), (4, "halo", "grid"), (4, "halo", "metis"), (4, "halo", "slab"),
-           (4, "extended", "grid"), (16, "halo", "grid"), (16, "extended", "grid")]
+           (8, "halo", "grid"), (4, "extended", "grid"), (16, "halo", "grid"), (16, "extended", "grid")]
+PAIRED = (1, 8)  # part counts timed in turn in one process (--paired)
+
+
+def vm_hwm_mb() -> float:
+    """This process's peak resident set (VmHWM; ru_maxrss can carry the parent's over exec), MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def system(reps: int):
+    import torch
+    from ase.build import bulk
+
+    from distmlip.models import SchNet
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((reps,) * 3)
+    atoms.rattle(0.02, seed=0)
+    model = SchNet(cutoff=5.0, num_interactions=3, hidden_channels=32, seed=0, dtype=torch.float32)
+    return atoms, model
+
+
+def paired_worker(reps: int, rounds: int) -> dict:
+    """One process, a calculator of each part count in PAIRED, one call of each per round (after a
+    warm-up): per round the time relative to the 1-part call, so both see the same load."""
+    import numpy as np
+    import torch
+
+    from distmlip import DistributedCalculator
+
+    torch.set_num_threads(1)
+    atoms, model = system(reps)
+    calcs = {p: DistributedCalculator(model, num_partitions=p) for p in PAIRED}
+    ratios = {p: [] for p in PAIRED}
+    cpu_ratios = {p: [] for p in PAIRED}
+    for r in range(rounds + 1):
+        wall, cpu = {}, {}
+        for p, calc in calcs.items():
+            a = atoms.copy()
+            a.positions += 1e-4 * (r + 1)
+            a.calc = calc
+            t0, c0 = time.perf_counter(), time.process_time()
+            a.get_forces()
+            a.get_stress()
+            wall[p], cpu[p] = time.perf_counter() - t0, time.process_time() - c0
+        if r:
+            for p in PAIRED:
+                ratios[p].append(wall[p] / wall[PAIRED[0]])
+                cpu_ratios[p].append(cpu[p] / cpu[PAIRED[0]])
+    return {"wall": {p: float(np.median(v)) for p, v in ratios.items()},
+            "cpu": {p: float(np.median(v)) for p, v in cpu_ratios.items()}, "rounds": rounds}
 
 
 def worker(parts, mode, partitioner, reps, repeat):
     import torch
-    from ase.build import bulk
 
     from distmlip import DistributedCalculator
-    from distmlip.models import SchNet
 
     torch.set_num_threads(1)
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((reps,) * 3)
-    atoms.rattle(0.02, seed=0)
-    model = SchNet(cutoff=5.0, num_interactions=3, hidden_channels=32, seed=0, dtype=torch.float32)
+    atoms, model = system(reps)
     atoms.calc = DistributedCalculator(model, num_partitions=parts, mode=mode, partitioner=partitioner)
-    best = None
+    best, first = None, None
     for _ in range(repeat + 1):
         atoms.positions += 1e-4
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         atoms.get_forces()
         atoms.get_stress()
-        elapsed = time.perf_counter() - t0
-        if best is None or elapsed < best[0]:
-            best = (elapsed, dict(atoms.calc.timings))
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if first is None:  # the call that builds graph and plan
+            first = dict(atoms.calc.timings)
+        elif best is None or elapsed < best[0]:
+            best = (elapsed, cpu, dict(atoms.calc.timings))
     plan = atoms.calc.last_plan
-    return {"atoms": len(atoms), "edges": plan.num_edges, "time": best[0], "timings": best[1],
-            "redundancy": plan.redundancy(), "halo": plan.halo_fraction(),
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"atoms": len(atoms), "edges": plan.num_edges, "time": best[0], "cpu": best[1],
+            "timings": best[2], "first": first,
+            "redundancy": plan.redundancy(), "halo": plan.halo_fraction(), "peak_mb": vm_hwm_mb()}
 
 
 def main():
@@ -55,7 +105,13 @@ def main():
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--reps", type=int, default=16, help="cubic FCC Cu repetitions (4 atoms each)")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--paired", type=int, default=5, metavar="ROUNDS",
+                        help="rounds of the 1-vs-8-parts paired timing (0: skip)")
+    parser.add_argument("--paired-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.paired_worker:
+        print("RESULT " + json.dumps(paired_worker(args.reps, args.paired)))
+        return
     if args.worker:
         parts, mode, partitioner = args.worker
         print("RESULT " + json.dumps(worker(int(parts), mode, partitioner, args.reps, args.repeat)))
@@ -71,24 +127,48 @@ def main():
             raise RuntimeError(out.stderr[-3000:])
         rows.append(((parts, mode, partitioner), json.loads(line[0][7:])))
         print(rows[-1], flush=True)
+    paired = None
+    if args.paired:
+        cmd = [sys.executable, __file__, "--paired-worker", "--reps", str(args.reps),
+               "--paired", str(args.paired)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=7200,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if not line:
+            raise RuntimeError(out.stderr[-3000:])
+        paired = json.loads(line[0][7:])
+        print(paired, flush=True)
     base = rows[0][1]
+    load = os.getloadavg()[0]
     lines = ["## In-process overhead of partitioning (one device)", "",
-             f"Command: `.venv/bin/python bench/bench_overhead.py --reps {args.reps}` — SchNet float32 "
+             f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/bench_overhead.py --reps {args.reps} "
+             f"--repeat {args.repeat} --paired {args.paired}` — SchNet float32 "
              f"(3 interactions, 32 channels, cutoff 5 Å), FCC Cu, {base['atoms']} atoms, "
              f"{base['edges']} edges; one process, one torch thread; best of {args.repeat} calls "
-             "(energy + forces + stress) after a warm-up; each row in its own process.", "",
-             "| parts | mode | partitioner | time (s) | vs 1 part | graph + plan share | peak RSS (MB) | vs 1 part | edges evaluated / edges | halo atoms / atoms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(energy + forces + stress) after a warm-up (atoms moved 1e-4 Å: graph and plan reused); "
+             "each row in its own process; CPU = the best call's process time (single-threaded work: "
+             "much less sensitive than wall time to other jobs on the 2 cores; 1-minute load average "
+             f"{load:.1f} at the end); *graph + plan at a rebuild*: their share of the first call, "
+             "which builds them.", "",
+             "| parts | mode | partitioner | time (s) | vs 1 part | CPU (s) | vs 1 part | graph + plan at a rebuild | peak RSS (MB) | vs 1 part | edges evaluated / edges | halo atoms / atoms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (parts, mode, partitioner), r in rows:
-        t = r["timings"]
+        t = r["first"]
         share = (t["graph"] + t["partition"]) / t["total"]
         lines.append(f"| {parts} | {mode} | {partitioner} | {r['time']:.2f} | {r['time'] / base['time']:.2f} | "
+                     f"{r['cpu']:.2f} | {r['cpu'] / base['cpu']:.2f} | "
                      f"{share:.1%} | {r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} | "
                      f"{r['redundancy']:.2f} | {r['halo']:.2f} |")
     lines += ["", "Halo mode evaluates every edge once, so its time stays close to the unsplit model's; "
               "extended mode pays for the redundant L-hop halo. In one process all parts are alive at "
               "once, so peak memory is not expected to fall here (that is what several processes or "
               "devices are for; see the scaling section)."]
+    if paired:
+        lines += ["", f"Paired timing (one process holding a 1-part and an 8-part calculator, one call of "
+                  f"each per round, {paired['rounds']} rounds after a warm-up; median over rounds of the "
+                  "time relative to the same round's 1-part call):", "",
+                  "| parts | wall time vs 1 part | CPU time vs 1 part |", "|---|---|---|"]
+        lines += [f"| {p} | {paired['wall'][str(p)]:.2f} | {paired['cpu'][str(p)]:.2f} |" for p in PAIRED]
     text = "\n".join(lines) + "\n"
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "results" / "overhead.md").write_text(text)

@@ -295,6 +295,12 @@ class Runner:
         return bool(self._sequential)
 
     @property
+    def predicted_peak(self) -> float:
+        """Bytes the current build is predicted to add per evaluation (set when ``max_memory``
+        chose it; 0.0 otherwise)."""
+        return 0.0 if self._built is None else float(self._built.predicted)
+
+    @property
     def last_plan(self) -> PartitionPlan | None:
         return None if self._built is None else self._built.plan
 
