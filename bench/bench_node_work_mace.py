@@ -132,7 +132,7 @@ def worker(options: dict) -> dict:
     peak = status_kb("VmHWM")
     energy = float(atoms.get_potential_energy())
     forces = np.asarray(atoms.get_forces())
-    shards = calc.runner._built.shards
+    shards = calc.runner.last_shards
     replica = next(iter(calc.runner.replicas.values()))
     rows = count_rows(replica, atoms, calc)
     n = len(atoms)

@@ -215,7 +215,7 @@ def _bounded(args, model, atoms) -> list[str]:
     print(f"Part 2b: bounded memory. Predicted need of one evaluation {need / 1e9:.2f} GB; with "
           f"max_memory={budget / 1e9:.2f} GB the system is split into {calc.last_plan.num_parts} "
           f"parts evaluated one at a time: {t2 - t1:.1f} s (unbounded {t1 - t0:.1f} s), "
-          f"predicted peak {calc.runner._built.predicted / 1e9:.2f} GB; relative deviation "
+          f"predicted peak {calc.runner.predicted_peak / 1e9:.2f} GB; relative deviation "
           f"energy {de:.1e}, forces {dev:.1e}")
     print()
     tol = 1e-10 if args.dtype in (None, "float64") else 1e-5

@@ -87,7 +87,7 @@ def test_budget_chooses_the_number_of_parts():
         _compare(got, ref, RTOL, f"call {step}")
         atoms.positions += 0.01
     assert calc.last_plan.num_parts > 1 and calc.runner.sequential
-    assert calc.runner._built.predicted <= budget
+    assert calc.runner.predicted_peak <= budget
     assert calc.graph_builds == 1
     # a budget the whole evaluation fits: all parts at once (the fastest), nothing split further
     roomy = DistributedCalculator(model, 2, max_memory=int(3 * unbounded))

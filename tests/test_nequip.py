@@ -345,7 +345,7 @@ def test_nequip_node_work_only_on_owned_rows(threads):
         split = evaluate(calc, atoms)
         for q in one:
             assert rel_err(split[q], one[q]) <= 1e-10, (mode, q)
-        shards = calc.runner._built.shards
+        shards = calc.runner.last_shards
         local = sum(s.num_rows for s in shards)
         assert sum(s.num_owned for s in shards) == n < local  # there is a halo to skip
         assert len(rows["readout"]) == (4 if threads else 1)

@@ -78,6 +78,32 @@ def add_edge_terms(forces: np.ndarray, receivers: np.ndarray, senders: np.ndarra
     return vec.T @ grad
 
 
+def edges_within(graph: NeighborGraph, positions: np.ndarray, cell: np.ndarray, edges: np.ndarray,
+                 cutoff: float) -> tuple[np.ndarray, np.ndarray]:
+    """Of the graph's ``edges`` (ids), the mask of those shorter than ``cutoff`` at ``positions``
+    (the graph's atoms; it was built with cutoff + skin) and their (kept, 3) float64 vectors
+    ``pos[sender] - pos[receiver] + shift @ cell``."""
+    s, r = np.take(graph.senders, edges), np.take(graph.receivers, edges)
+    vec = np.take(positions, s, axis=0)
+    vec -= np.take(positions, r, axis=0)
+    vec += np.take(graph.shifts, edges, axis=0) @ cell
+    keep = np.einsum("ij,ij->i", vec, vec) < cutoff * cutoff
+    return keep, (vec if keep.all() else vec[keep])
+
+
+def inside_cutoff(graph: NeighborGraph | None, positions: np.ndarray, cell: np.ndarray,
+                  cutoff: float) -> np.ndarray:
+    """(E,) bool: the graph's edges shorter than ``cutoff`` at ``positions``, computed in chunks
+    (no E x 3 temporary)."""
+    if graph is None or graph.num_edges == 0:
+        return np.zeros(0, dtype=bool)
+    inside = np.empty(graph.num_edges, dtype=bool)
+    for start in range(0, graph.num_edges, 1 << 18):
+        chunk = np.arange(start, min(start + (1 << 18), graph.num_edges))
+        inside[start : start + len(chunk)] = edges_within(graph, positions, cell, chunk, cutoff)[0]
+    return inside
+
+
 def run_model(model: DistributableModel, local: LocalGraph) -> torch.Tensor:
     """Run ``model`` on ``local`` and return the owned atoms' energies, checking the output."""
     with torch.enable_grad():
@@ -301,6 +327,12 @@ class Runner:
         return 0.0 if self._built is None else float(self._built.predicted)
 
     @property
+    def last_shards(self) -> list[Shard]:
+        """The shards (one per worker of this process: its parts' rows, edges, halo blocks) of the
+        current build."""
+        return [] if self._built is None else list(self._built.shards)
+
+    @property
     def last_plan(self) -> PartitionPlan | None:
         return None if self._built is None else self._built.plan
 
@@ -426,26 +458,23 @@ class Runner:
                                           self.devices[0], limit=self.budget, key=self._source)
         return self.memory_model
 
-    def predict(self, b: _Built, memory) -> dict:
+    def predict(self, b: _Built, memory, inside: np.ndarray | None = None) -> dict:
         """Predicted bytes one evaluation of build ``b`` adds on this process's devices.
 
         Returns ``peak`` (the largest over devices; on CPU, the process), ``fixed`` (graph, plan,
         stored exchange rows: what does not shrink with more parts), ``largest_part`` (the
         biggest part's activations) and ``floor`` (``fixed`` plus one atom's neighbourhood: the
-        least any number of parts can reach)."""
+        least any number of parts can reach). ``inside``: the graph's edges within the cutoff, if
+        already known (``inside_cutoff``)."""
         from .memory import (CALL_BYTES_PER_EDGE, GRAPH_BUILD_BYTES_PER_EDGE, GRAPH_BYTES_PER_EDGE,
                              PLAN_BYTES_PER_EDGE)
 
         graph, n = b.graph, len(b.positions)
-        if graph is None or graph.num_edges == 0:
-            inside = np.zeros(0, dtype=bool)
-            max_degree = 0
-        else:
-            inside = np.empty(graph.num_edges, dtype=bool)
-            for start in range(0, graph.num_edges, 1 << 18):  # in chunks: no E x 3 temporary
-                vec = graph.edge_vectors(np.arange(start, min(start + (1 << 18), graph.num_edges)))
-                inside[start : start + len(vec)] = np.einsum("ij,ij->i", vec, vec) < self.cutoff ** 2
-            max_degree = int(np.bincount(graph.receivers[inside], minlength=graph.num_atoms).max())
+        if inside is None:
+            inside = inside_cutoff(graph, graph.positions, b.cell, self.cutoff) if graph is not None \
+                else np.zeros(0, dtype=bool)
+        max_degree = int(np.bincount(graph.receivers[inside], minlength=graph.num_atoms).max()) \
+            if len(inside) else 0
         num_edges = graph.num_edges if graph is not None else 0
         plan_edges = sum(len(p.edges) for p in b.plan.parts)
         host = (GRAPH_BYTES_PER_EDGE * num_edges + PLAN_BYTES_PER_EDGE * plan_edges
@@ -498,10 +527,14 @@ class Runner:
                 b.predicted = peak
                 return b
             del b
+        inside = None  # the graph's edges within the cutoff: one graph for every attempt
         for _ in range(40):
             b = self._build_parts(positions, cell, pbc, numbers, times, parts, graph, sequential=True)
             graph = b.graph if self.world_size == 1 else None
-            pred = self.predict(b, memory)
+            if inside is None or graph is None:
+                inside = inside_cutoff(b.graph, b.graph.positions, b.cell, self.cutoff) \
+                    if b.graph is not None else np.zeros(0, dtype=bool)
+            pred = self.predict(b, memory, inside)
             peak = self.comm.maximum(pred["peak"])
             floor = self.comm.maximum(pred["floor"])
             if peak <= self.budget:
@@ -536,13 +569,11 @@ class Runner:
             edge_index = np.zeros((2, 0), dtype=np.int64)
             numbers = np.zeros(0, dtype=np.int64)
         else:
-            s, r = graph.senders[shard.edges], graph.receivers[shard.edges]
-            vec = pos[s] - pos[r] + graph.shifts[shard.edges] @ b.cell
-            keep = np.einsum("ij,ij->i", vec, vec) < self.cutoff ** 2
-            if keep.all():
+            keep, vec = edges_within(graph, pos, b.cell, shard.edges, self.cutoff)
+            if len(vec) == len(keep):
                 edges, edge_index = shard.edges, shard.edge_index
             else:
-                edges, vec = shard.edges[keep], vec[keep]
+                edges = shard.edges[keep]
                 edge_index = np.ascontiguousarray(shard.edge_index[:, keep])
             numbers = graph.numbers[shard.atoms]
         ids = shard.atoms if b.ids is None else b.ids[shard.atoms]

@@ -145,6 +145,8 @@ class SequentialWorker:
         """The LocalGraph of part ``k`` (``None``: an empty graph) at ``positions`` (global), its
         kept edge ids and float64 vectors."""
         runner, b, device = self.runner, self.built, self.device
+        from .runner import edges_within
+
         if k is None or b.graph is None or self.parts[k].num_local == 0:
             edges, vec = np.zeros(0, dtype=np.int64), np.zeros((0, 3))
             edge_index, numbers, ids = np.zeros((2, 0), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -152,11 +154,12 @@ class SequentialWorker:
         else:
             part, graph = self.parts[k], b.graph
             pos = positions if b.ids is None else positions[b.ids]
-            s, r = graph.senders[part.edges], graph.receivers[part.edges]
-            vec = pos[s] - pos[r] + graph.shifts[part.edges] @ b.cell
-            keep = np.einsum("ij,ij->i", vec, vec) < runner.cutoff ** 2
-            edges, vec = part.edges[keep], vec[keep]
-            edge_index = np.ascontiguousarray(part.edge_index[:, keep])
+            keep, vec = edges_within(graph, pos, b.cell, part.edges, runner.cutoff)
+            if len(vec) == len(keep):
+                edges, edge_index = part.edges, part.edge_index
+            else:
+                edges = part.edges[keep]
+                edge_index = np.ascontiguousarray(part.edge_index[:, keep])
             numbers = graph.numbers[part.atoms]
             ids = part.atoms if b.ids is None else b.ids[part.atoms]
             num_owned = part.num_owned
