@@ -1,11 +1,11 @@
-"""Shared plumbing of the pretrained-model benchmarks: one configuration per fresh process (so
-each peak RSS is its own), mpirun configurations gathered on rank 0, results as a JSON line."""
+"""Shared plumbing of the benchmarks: one configuration per fresh process (so each peak RSS is its
+own), memory read from /proc/self/status, mpirun configurations gathered on rank 0, results as a
+JSON line."""
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -15,9 +15,46 @@ ROOT = Path(__file__).resolve().parents[1]
 DROP_UNDER_MPI = ("edges_evaluated", "graph_edges", "redundancy", "halo")
 
 
+def proc_status(key: str) -> int:
+    """A memory figure of this process from /proc/self/status, bytes: ``"VmRSS"`` (resident now)
+    or ``"VmHWM"`` (peak resident; unlike ``ru_maxrss`` it does not carry a parent's peak over
+    fork + exec, and /proc/self/clear_refs can reset it). 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return 0
+
+
 def peak_gb() -> float:
-    """This process's peak RSS, GB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB
+    """This process's peak RSS (VmHWM), GB."""
+    return proc_status("VmHWM") / 1e9
+
+
+def vm_hwm_mb() -> float:
+    """This process's peak RSS (VmHWM), MB."""
+    return proc_status("VmHWM") / 2**20
+
+
+def reset_peak() -> int:
+    """Reset the peak (VmHWM) to the current RSS; returns the current RSS, bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return proc_status("VmRSS")
+
+
+def gather_on_rank0(record, world: int):
+    """Every rank's ``record`` as a list on rank 0 (``None`` elsewhere); one process: ``[record]``."""
+    if world == 1:
+        return [record]
+    import torch.distributed as dist
+
+    records = [None] * dist.get_world_size()
+    dist.all_gather_object(records, record)
+    return records if dist.get_rank() == 0 else None
 
 
 def available_gb() -> float:

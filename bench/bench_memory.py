@@ -25,14 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+from _harness import proc_status, reset_peak  # noqa: E402
 
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def build(kind: str, size: int):
@@ -86,13 +81,11 @@ def worker(payload: dict) -> None:
     predicted = estimate_memory(model, atoms, dtype=dtype, max_memory=budget)
     calibration = time.perf_counter() - t0
     calc = DistributedCalculator(model, dtype=dtype, max_memory=budget)
-    base = _status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    base = reset_peak()
     t0 = time.perf_counter()
     calc.calculate(atoms)
     seconds = time.perf_counter() - t0
-    added = _status("VmHWM") - base
+    added = proc_status("VmHWM") - base
     np.savez(payload["out"], forces=calc.results["forces"], energies=calc.results["energies"])
     print("RESULT " + json.dumps({
         "atoms": len(atoms), "edges": int(calc.last_graph.num_edges), "predicted": predicted,

@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import peak_gb  # noqa: E402
 RESULT = ROOT / "bench" / "results" / "node_work.md"
 
 MODELS = {
@@ -50,14 +52,6 @@ MODELS = {
 CONFIGS = [("1 part", 1, "local"), ("2 parts", 2, "local"), ("4 parts", 4, "local"),
            ("8 parts", 8, "local"), ("mpirun -n 2", 2, "mpi")]
 
-
-def vm_hwm_gb() -> float:
-    """This process's peak resident set (VmHWM), GB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e9
-    return float("nan")
 
 
 def structure(model: str, size: tuple, seed: int):
@@ -143,7 +137,7 @@ def worker(job: dict) -> dict:
         cpu.append(time.process_time() - c0)
     plan = calc.last_plan
     res = {"atoms": len(atoms), "time": min(times[1:]), "cpu": min(cpu[1:]), "first": times[0],
-           "peak": vm_hwm_gb(),
+           "peak": peak_gb(),
            "node_rows": counts["node"] / max(len(node_mods), 1),
            "conv_rows": counts["conv"] / max(len(conv_mods), 1),
            "edges": int(plan.edges_evaluated()), "energy": float(atoms.get_potential_energy())}

@@ -39,15 +39,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import proc_status  # noqa: E402
 PARTS = (1, 2, 4)
 
-
-def status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return -1
 
 
 def make_model(seed: int = 0):
@@ -118,7 +113,7 @@ def worker(options: dict) -> dict:
     wrapped = distmlip.wrap(make_model())
     calc = DistributedCalculator(wrapped, num_partitions=options["parts"])
     atoms.calc = calc
-    rss_before = status_kb("VmRSS")
+    rss_before = proc_status("VmRSS") // 1024
     best, best_cpu = None, None
     for _ in range(options["repeat"] + 1):
         calc.reset()
@@ -129,7 +124,7 @@ def worker(options: dict) -> dict:
         if best is None or elapsed < best[0]:
             best = (elapsed, dict(calc.timings))
         best_cpu = cpu if best_cpu is None else min(best_cpu, cpu)
-    peak = status_kb("VmHWM")
+    peak = proc_status("VmHWM") // 1024
     energy = float(atoms.get_potential_energy())
     forces = np.asarray(atoms.get_forces())
     shards = calc.runner.last_shards

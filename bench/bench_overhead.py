@@ -18,18 +18,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import vm_hwm_mb  # noqa: E402
 CONFIGS = [(1, "halo", "grid"), (4, "halo", "grid"), (4, "halo", "metis"), (4, "halo", "slab"),
            (8, "halo", "grid"), (4, "extended", "grid"), (16, "halo", "grid"), (16, "extended", "grid")]
 PAIRED = (1, 8)  # part counts timed in turn in one process (--paired)
 
-
-def vm_hwm_mb() -> float:
-    """This process's peak resident set (VmHWM; ru_maxrss can carry the parent's over exec), MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def system(reps: int):

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -29,11 +28,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _harness import peak_gb  # noqa: E402
 CUTOFF = 5.0
 
-
-def _rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: kB
 
 
 def _crystal(n: int, seed: int = 0):
@@ -52,11 +50,11 @@ def run_one(n: int, parts_list, metis_max: int) -> dict:
 
     atoms = _crystal(n)
     pos, cell, pbc, numbers = atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers
-    rss_before = _rss_gb()
+    rss_before = peak_gb()
     t = time.perf_counter()
     graph = NeighborGraph.from_arrays(pos, cell, pbc, numbers, CUTOFF)
     t_graph = time.perf_counter() - t
-    rss_graph = _rss_gb()
+    rss_graph = peak_gb()
     out = {"n": n, "atoms": len(atoms), "edges": graph.num_edges, "graph_s": t_graph,
            "rss_start_gb": rss_before, "rss_graph_gb": rss_graph, "rows": []}
     for parts in parts_list:
@@ -75,10 +73,10 @@ def run_one(n: int, parts_list, metis_max: int) -> dict:
                 "halo_fraction": plan.halo_fraction(),
                 "empty_parts": int(sum(p.num_owned == 0 for p in plan.parts)),
                 "max_edge_share": float(edges.max() / max(edges.mean(), 1)),
-                "rss_gb": _rss_gb(),
+                "rss_gb": peak_gb(),
             })
             del plan, owner
-    out["rss_peak_gb"] = _rss_gb()
+    out["rss_peak_gb"] = peak_gb()
     return out
 
 

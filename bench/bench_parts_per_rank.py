@@ -24,18 +24,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import gather_on_rank0, vm_hwm_mb  # noqa: E402
 RESULT = ROOT / "bench" / "results" / "parts_per_rank.md"
 # (processes, num_partitions)
 CONFIGS = [(1, 1), (1, 8), (2, 2), (2, 4), (2, 8)]
 
-
-def vm_hwm_mb() -> float:
-    """This process's peak RSS (VmHWM), MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def worker(job: dict) -> None:
@@ -75,14 +69,8 @@ def worker(job: dict) -> None:
               "cpu": [c[2] for c in calls[1:]],
               "owned": sum(p.num_owned for p in plan.parts), "halo": halo, "remote_halo": remote,
               "builds": calc.graph_builds, "peak_mb": vm_hwm_mb(), "base_mb": base_mb}
-    if procs > 1:
-        import torch.distributed as dist
-
-        records = [None] * dist.get_world_size()
-        dist.all_gather_object(records, record)
-    else:
-        records = [record]
-    if rank == 0:
+    records = gather_on_rank0(record, procs)
+    if records is not None:
         print("RESULT " + json.dumps(records), flush=True)
 
 

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import vm_hwm_mb  # noqa: E402
 RESULT = ROOT / "bench" / "results" / "reuse.md"
 
 # name -> what the worker builds; timestep in fs
@@ -39,14 +41,6 @@ MODELS = {
                  "reps": (3, 3, 5), "timestep": 1.0, "warmup": 6, "steps": 20, "skins": [0.0, 0.5]},
 }
 
-
-def vm_hwm_mb() -> float:
-    """This process's peak RSS (VmHWM), MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def log(msg: str) -> None:

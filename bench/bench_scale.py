@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
+from _harness import proc_status, reset_peak  # noqa: E402
 RESULT = ROOT / "bench" / "results" / "scale.md"
 
 # name: (model kind, size argument of bench_memory.build, max_memory or None)
@@ -57,13 +58,6 @@ DESCRIPTION = {
     "chgnet": "CHGNet 0.3.0 (pretrained, float32), rutile TiO2",
 }
 
-
-def status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def build(kind: str, size: int):
@@ -102,19 +96,17 @@ def worker(job: dict) -> None:
     calibration = time.perf_counter() - t0
     print(f"{job['name']}: memory model calibrated in {calibration:.1f} s; evaluating", file=sys.stderr,
           flush=True)
-    base = status("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    base = reset_peak()
     t0 = time.perf_counter()
     calc.calculate(atoms)
     seconds = time.perf_counter() - t0
-    added = status("VmHWM") - base
+    added = proc_status("VmHWM") - base
     if budget:
         predicted = calc.runner.predicted_peak
     forces = calc.results["forces"]
     print("RESULT " + json.dumps({
         "atoms": len(atoms), "edges": int(calc.last_graph.num_edges), "predicted": predicted,
-        "added": added, "peak_rss": status("VmHWM"), "seconds": seconds, "calibration": calibration,
+        "added": added, "peak_rss": proc_status("VmHWM"), "seconds": seconds, "calibration": calibration,
         "parts": calc.last_plan.num_parts, "sequential": calc.runner.sequential, "budget": budget,
         "energy_per_atom": calc.results["energy"] / len(atoms),
         "max_force": float(np.abs(forces).max()), "net_force": float(np.abs(forces.sum(0)).max()),

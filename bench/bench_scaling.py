@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import gather_on_rank0, vm_hwm_mb  # noqa: E402
 
 
 def worker(args):
@@ -31,7 +32,7 @@ def worker(args):
     from distmlip import DistributedCalculator
     from distmlip.models import SchNet
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = vm_hwm_mb()
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((args.reps,) * 3)
     atoms.rattle(0.02, seed=0)
     model = SchNet(cutoff=args.cutoff, num_interactions=3, hidden_channels=32, seed=0, dtype=torch.float32)
@@ -47,18 +48,12 @@ def worker(args):
         times.append(time.perf_counter() - t0)
         comm.append(calc.timings.get("communication", 0.0))
     rank = calc.runner.rank if backend == "torch" else 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = vm_hwm_mb()
     record = {"rank": rank, "procs": args.procs, "atoms": len(atoms), "time": min(times[1:]),
               "comm": comm[1 + int(np.argmin(times[1:]))], "peak_mb": peak, "base_mb": base,
               "timings": calc.timings}
-    if backend == "torch":
-        import torch.distributed as dist
-
-        records = [None] * dist.get_world_size()
-        dist.all_gather_object(records, record)
-    else:
-        records = [record]
-    if rank == 0:
+    records = gather_on_rank0(record, args.procs)
+    if records is not None:
         print("RESULT " + json.dumps(records), flush=True)
 
 
