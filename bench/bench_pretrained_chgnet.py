@@ -4,7 +4,7 @@ System: olivine LiFePO4 (Pnma, 28 atoms per cell), 1x2x3 cells = 168 atoms, ratt
 (6 Å atom graph, 3 Å bond graph, 4 layers), float32 as shipped; one energy + forces + stress
 evaluation per call. Every configuration runs in a fresh Python process (peak RSS is its own): it
 builds the calculator, evaluates once (warm-up), then ``--repeats`` more times on freshly rattled
-positions; time = best repeat, peak RSS = ``ru_maxrss`` of the whole process (Python, torch,
+positions; time = best repeat, peak RSS = ``VmHWM`` of the whole process (Python, torch,
 model, graphs, autograd tape). The mpirun configuration runs 4 processes, one part each, and
 reports the largest and the summed per-rank peaks.
 
@@ -142,7 +142,7 @@ def main() -> None:
         f"(shared with other jobs), Python {platform.python_version()}, torch {torch.__version__}, "
         f"chgnet {chgnet.__version__}, 1 torch thread per process. Each row is a fresh process "
         f"(mpirun: 4 processes); time = best of {args.repeats} evaluations after a warm-up; peak RSS = "
-        f"`ru_maxrss` of the whole process; 'loaded' = RSS before the first evaluation.",
+        f"`VmHWM` of the whole process; 'loaded' = RSS before the first evaluation.",
         "",
         "| configuration | time (s) | vs CHGNet | peak RSS (GB) | RSS loaded (GB) | edges evaluated / graph edges | halo atoms / atoms | max abs ΔF vs CHGNet (eV/Å) | abs ΔE vs CHGNet (eV/atom) |",
         "|---|---|---|---|---|---|---|---|---|",

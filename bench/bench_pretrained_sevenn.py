@@ -4,7 +4,7 @@ One energy + forces + stress evaluation of a rattled rutile TiO2 supercell (3x3x
 5 Å cutoff) per configuration. Every configuration runs in a fresh Python process (so peak RSS is
 its own): it builds the calculator, evaluates once (warm-up: lazy initialisation, e3nn code
 generation), then evaluates ``--repeats`` more times on freshly rattled positions; the time is the
-best repeat, the peak RSS the process's ``ru_maxrss`` (whole process: Python, torch, model, graph
+best repeat, the peak RSS the process's ``VmHWM`` (whole process: Python, torch, model, graph
 and autograd tape). The multi-process configuration launches ``mpirun -n 4`` (one part per rank)
 and reports the largest and the summed per-rank peaks.
 
@@ -142,7 +142,7 @@ def main() -> None:
         f"one energy + forces + stress evaluation. Machine: {os.cpu_count()} cores (shared with other "
         f"jobs), {platform.python_version()}, torch {torch.__version__}, sevenn {sevenn.__version__}, "
         f"1 torch thread per process. Each row is a fresh process (mpirun: 4 processes); time = best of "
-        f"{args.repeats} evaluations after a warm-up (extended mode: 1), 'first call' = the warm-up, peak RSS = `ru_maxrss` of the whole process "
+        f"{args.repeats} evaluations after a warm-up (extended mode: 1), 'first call' = the warm-up, peak RSS = `VmHWM` of the whole process "
         f"(Python + torch + model + graph + autograd tape); 'loaded' = RSS before the first evaluation.",
         "",
         "| configuration | time (s) | vs SevenNet | first call (s) | peak RSS (GB) | RSS loaded (GB) "

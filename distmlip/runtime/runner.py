@@ -712,8 +712,9 @@ class Runner:
                 break
             self._level_forward(workers, level, p2p)
             level += 1
+        if self._levels is None:
+            bar.expect(level)
         self._levels = level
-        bar.expect(level)
         ids_of = (lambda rows: rows) if b.ids is None else (lambda rows: b.ids[rows])
         forces = buffer[n : 4 * n].reshape(n, 3)
         lock = threading.Lock()
@@ -741,7 +742,9 @@ class Runner:
         """A progress bar over the pieces the sequential evaluation runs (``progress=True``; rank 0
         only), or a silent counter."""
         pieces = sum(len(w._indices()) for w in workers)
-        return _Progress(pieces, self._levels, enabled=self.progress and self.rank == 0)
+        guess = None if self._levels is not None or self.mode != "halo" else \
+            max(int(self.replicas[self.devices[0]].num_layers) - 1, 0)
+        return _Progress(pieces, self._levels, enabled=self.progress and self.rank == 0, guess=guess)
 
     def _level_forward(self, workers, level: int, p2p: P2PExchange | None) -> None:
         """Fill the halo rows of every worker's Z^level from the owners' posted rows."""
@@ -792,7 +795,9 @@ class _Progress:
     when enabled: L forward passes, L backward replays and one prefix pass per part (L: exchange
     calls; unknown until the first call's forward passes are done)."""
 
-    def __init__(self, pieces: int, levels: int | None, enabled: bool):
+    def __init__(self, pieces: int, levels: int | None, enabled: bool, guess: int | None = None):
+        """``guess``: the exchange calls expected when ``levels`` is not known yet (the model's
+        layers - 1), corrected once the first call has found them."""
         self.pieces, self.bar, self.lock = pieces, None, threading.Lock()
         if enabled:
             try:
@@ -800,7 +805,9 @@ class _Progress:
             except ImportError:  # pragma: no cover - tqdm is a dependency
                 tqdm = None
             if tqdm is not None:
-                self.bar = tqdm(total=self._total(levels), desc="distmlip: parts", unit="part",
+                total = self._total(levels) if levels is not None else \
+                    None if guess is None else self.pieces * (2 * guess + 2)
+                self.bar = tqdm(total=total, desc="distmlip: parts", unit="part",
                                 dynamic_ncols=True, leave=False)
 
     def _total(self, levels):
@@ -811,7 +818,7 @@ class _Progress:
     def expect(self, levels: int) -> None:
         """The first call has found ``levels``: what remains is L backward replays and a prefix
         pass per part (or one final pass without exchanges)."""
-        if self.bar is not None and self.bar.total is None:
+        if self.bar is not None:
             self.bar.total = self.bar.n + self.pieces * (levels + 1 if levels else 1)
             self.bar.refresh()
 
