@@ -82,14 +82,14 @@ def worker(payload: dict) -> None:
     calibration = time.perf_counter() - t0
     calc = DistributedCalculator(model, dtype=dtype, max_memory=budget)
     base = reset_peak()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     calc.calculate(atoms)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     added = proc_status("VmHWM") - base
     np.savez(payload["out"], forces=calc.results["forces"], energies=calc.results["energies"])
     print("RESULT " + json.dumps({
         "atoms": len(atoms), "edges": int(calc.last_graph.num_edges), "predicted": predicted,
-        "added": added, "seconds": seconds, "calibration": calibration,
+        "added": added, "seconds": seconds, "cpu": cpu, "calibration": calibration,
         "parts": calc.last_plan.num_parts, "sequential": calc.runner.sequential,
         "energy": calc.results["energy"], "load": os.getloadavg()[0]}), flush=True)
 
@@ -116,6 +116,8 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--bounded-only", action="store_true",
                         help="only the bounded-evaluation table (the model table is kept from the last run)")
+    parser.add_argument("--bounded-kinds", nargs="+", default=["schnet64", "sevennet-0", "mace"],
+                        help="models of the bounded-evaluation table")
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
@@ -150,9 +152,13 @@ def main():
                          f"{r['calibration']:.1f} | {r['load']:.1f} |")
             print(lines[-1], flush=True)
     lines += ["", "### Bounded evaluation: `max_memory` = 0.3 x the unbounded added peak", "",
-              "| model | atoms | unbounded added (MB) | budget (MB) | bounded added (MB) | ratio | parts | time unbounded (s) | time bounded (s) | time ratio | max rel. dev. forces | load |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for kind, size in (("schnet64", 18), ("sevennet-0", 2 if quick else 3), ("mace", 5)):
+              "Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/bench_memory.py "
+              + " ".join(sys.argv[1:]) + "`", "",
+              "| model | atoms | unbounded added (MB) | budget (MB) | bounded added (MB) | ratio | parts | time unbounded (s) | time bounded (s) | time ratio | CPU ratio | max rel. dev. forces | load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    sizes = {"schnet64": 18, "sevennet-0": 2 if quick else 3, "mace": 5}
+    for kind in args.bounded_kinds:
+        size = sizes[kind]
         free = run(kind, size, tag="free")
         budget = int(0.3 * free["added"])
         bounded = run(kind, size, budget=budget, tag="bounded")
@@ -161,10 +167,13 @@ def main():
         lines.append(f"| {kind} | {free['atoms']} | {free['added'] / 1e6:.0f} | {budget / 1e6:.0f} | "
                      f"{bounded['added'] / 1e6:.0f} | {bounded['added'] / free['added']:.2f} | "
                      f"{bounded['parts']} | {free['seconds']:.1f} | {bounded['seconds']:.1f} | "
-                     f"{bounded['seconds'] / free['seconds']:.2f} | {dev:.1e} | {bounded['load']:.1f} |")
+                     f"{bounded['seconds'] / free['seconds']:.2f} | {bounded['cpu'] / free['cpu']:.2f} | "
+                     f"{dev:.1e} | {bounded['load']:.1f} |")
         print(lines[-1], flush=True)
     lines += ["", "Time of the bounded run includes nothing of the calibration (it ran in "
-              "`estimate_memory` before, cached per model). Load: 1-minute load average on 2 cores."]
+              "`estimate_memory` before, cached per model). CPU ratio: the same for the process's CPU "
+              "time (single-threaded work: much less sensitive than wall time to other jobs sharing "
+              "the 2 cores). Load: 1-minute load average at the end of the bounded run."]
     text = "\n".join(lines) + "\n"
     out.write_text(text)
     print(text)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-ORDER = ["partition", "overhead", "scaling", "parts_per_rank", "reuse", "node_work", "node_work_mace",
-         "memory", "pretrained_sevenn", "pretrained_chgnet"]
+ORDER = ["partition", "overhead", "scaling", "parts_per_rank", "reuse", "node_work", "node_work_mpi",
+         "node_work_mace", "memory", "scale", "pretrained_sevenn", "pretrained_chgnet"]
 
 HEADER = """# Benchmarks
 
