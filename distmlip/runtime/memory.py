@@ -29,6 +29,8 @@ GRAPH_BYTES_PER_EDGE = 40  # NeighborGraph: senders, receivers (8 + 8), shifts (
 GRAPH_BUILD_BYTES_PER_EDGE = 100  # while building: vesin's output, the sort order and copies
 PLAN_BYTES_PER_EDGE = 24  # per part: edge ids (8) and local edge_index (2 x 8)
 CALL_BYTES_PER_EDGE = 64  # per call, numpy: vectors (24), kept copies, gradients (24), masks
+PROBE_TARGET_BYTES = 150e6  # the first calibration probe grows until it adds about this much
+DENSE_PROBE_WEIGHT = 0.1  # weight of the compressed probes in the calibration fit
 
 
 def device_total_memory(device: torch.device) -> int:
@@ -282,7 +284,7 @@ def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torc
     measure(_probe_graph(atoms, model.cutoff, 16, 1.0))  # warm-up: one-time allocations
     # size the probes so that the model's activations dominate the allocator's granularity: grow
     # a first probe until it adds ~150 MB (or reaches 4096 atoms), within a sixth of the limit
-    target = 150e6 if limit is None else min(150e6, limit / 6)
+    target = PROBE_TARGET_BYTES if limit is None else min(PROBE_TARGET_BYTES, limit / 6)
     size = 64
     first = measure(_probe_graph(atoms, model.cutoff, size, 1.0))
     while first[3] > 2 * target and size > 8 and first[0] > 8:  # a heavy model: shrink
@@ -303,6 +305,12 @@ def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torc
         pass
     a = np.array([[1.0, p[0], p[1], p[2]] for p in probes])
     b = np.array([float(p[3]) for p in probes])
+    # the compressed probes only separate the per-edge from the per-row cost; a model whose memory
+    # is not linear in edges (CHGNet's angles grow faster than its edges) would let them pull the
+    # fit away from the system's own density: they count for less
+    weight = np.sqrt(np.array([1.0, 1.0, DENSE_PROBE_WEIGHT, DENSE_PROBE_WEIGHT]
+                              + [1.0, DENSE_PROBE_WEIGHT][: len(probes) - 4]))
+    a, b = a * weight[:, None], b * weight
     if not any(p[1] for p in probes):
         a[:, 2] = 0.0
     coef = _nonnegative_lstsq(a, b)
