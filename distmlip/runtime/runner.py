@@ -33,7 +33,8 @@ from ..partition.plan import MODES
 from .exchange import CommunicationError, Hub, LocalExchange, P2PExchange, PeerFailed
 from .shards import Shard, build_shard, owned_row_offsets, part_groups
 
-__all__ = ["Evaluation", "Runner", "TIMING_KEYS", "add_edge_terms", "run_model"]
+__all__ = ["Evaluation", "MIN_DISTANCE", "Runner", "TIMING_KEYS", "add_edge_terms", "check_distances",
+           "run_model"]
 
 #: ``Runner.timings`` keys (seconds), the same on both backends: ``broadcast`` (rank 0's system to
 #: every rank), ``partition`` (owners, parts, shards), ``graph`` (neighbour list), ``handshake``
@@ -78,6 +79,32 @@ def add_edge_terms(forces: np.ndarray, receivers: np.ndarray, senders: np.ndarra
     return vec.T @ grad
 
 
+#: Atoms closer than this (Å) are refused as coincident: a zero-length edge has no direction and
+#: gives NaN forces. No physical structure comes near it (the shortest bond, H2's, is 0.74 Å), and
+#: it is the tolerance by which the CHGNet adapter tells periodic images apart.
+MIN_DISTANCE = 1e-3
+
+
+def check_distances(d2: np.ndarray, senders: np.ndarray, receivers: np.ndarray,
+                    ids: np.ndarray | None = None) -> None:
+    """``ValueError`` naming the closest pair if any edge (squared lengths ``d2``, of graph atoms
+    ``senders``/``receivers``; ``ids``: their global ids, if the graph is a region) is shorter
+    than ``MIN_DISTANCE``. O(E) on edge lengths already computed."""
+    if not len(d2) or d2.min() >= MIN_DISTANCE ** 2:
+        return
+    e = int(np.argmin(d2))
+    i, j = int(receivers[e]), int(senders[e])
+    if ids is not None:
+        i, j = int(ids[i]), int(ids[j])
+    count = int(np.count_nonzero(d2 < MIN_DISTANCE ** 2)) // 2  # each pair is two edges
+    what = (f"atom {i} and its own periodic image" if i == j else f"atoms {min(i, j)} and {max(i, j)}")
+    raise ValueError(
+        f"positions: expected atoms at least {MIN_DISTANCE} Å apart, got {what} "
+        f"{np.sqrt(d2[e]):.3g} Å apart (coincident{f'; {count} such pairs' if count > 1 else ''}); "
+        f"remove the duplicated atom"
+    )
+
+
 def run_model(model: DistributableModel, local: LocalGraph) -> torch.Tensor:
     """Run ``model`` on ``local`` and return the owned atoms' energies, checking the output."""
     with torch.enable_grad():
@@ -88,6 +115,11 @@ def run_model(model: DistributableModel, local: LocalGraph) -> torch.Tensor:
         raise ValueError(
             f"model: {type(model).__name__}.forward must return per-atom energies of shape "
             f"({n},) (or of the first graph.num_needed = {local.num_needed} rows), got {got}"
+        )
+    if not out.is_floating_point():
+        raise ValueError(
+            f"model: {type(model).__name__}.forward must return per-atom energies as a floating "
+            f"tensor (differentiable with respect to graph.edge_vec), got dtype {out.dtype}"
         )
     return out[:owned]
 
@@ -376,19 +408,23 @@ class Runner:
                 if len(ids) else None
         t2 = time.perf_counter()
         rows = owned_rows(owner, num_parts)
+        # only parts that own atoms are built (an empty part has no halo and no edges): a build
+        # costs O(atoms + parts) however many parts are empty
+        present = np.flatnonzero(np.bincount(owner, minlength=num_parts))
+        present = present[(present >= mine.start) & (present < mine.stop)]
         if graph is None:
             parts = ()
         elif ids is None:
-            parts = build_parts(graph, mine, owner, rows, self.hops)
+            parts = build_parts(graph, present, owner, rows, self.hops)
         else:
-            parts = build_parts(graph, mine, owner[ids], rows[ids], self.hops)
+            parts = build_parts(graph, present, owner[ids], rows[ids], self.hops)
         worker_of_part, offset = owned_row_offsets(owner, groups)
         if sequential is None:
             sequential = bool(self._sequential)
         compact = sequential
         if self.world_size == 1:
-            shards = tuple(build_shard(w, [parts[p] for p in g], worker_of_part, offset, compact)
-                           for w, g in enumerate(groups))
+            shards = tuple(build_shard(w, [p for p in parts if p.index in g], worker_of_part, offset,
+                                       compact) for w, g in enumerate(groups))
         else:
             shards = (build_shard(self.rank, list(parts), worker_of_part, offset, compact),)
         plan = PartitionPlan(n, graph.num_edges if graph is not None else 0, self.mode, self.hops,
@@ -530,7 +566,9 @@ class Runner:
         else:
             s, r = graph.senders[shard.edges], graph.receivers[shard.edges]
             vec = pos[s] - pos[r] + graph.shifts[shard.edges] @ b.cell
-            keep = np.einsum("ij,ij->i", vec, vec) < self.cutoff ** 2
+            d2 = np.einsum("ij,ij->i", vec, vec)
+            check_distances(d2, s, r, b.ids)
+            keep = d2 < self.cutoff ** 2
             if keep.all():
                 edges, edge_index = shard.edges, shard.edge_index
             else:
@@ -593,10 +631,30 @@ class Runner:
         }
         self.timings["communication"] = (self.timings["broadcast"] + times["handshake"] + exchange_s
                                          + self.timings["reduce"]) if self.world_size > 1 else 0.0
+        if not np.isfinite(total).all():  # every rank holds the same sums: they all raise
+            self._refuse_non_finite(total, n)
         energies = total[:n]
         virial = total[4 * n :].reshape(3, 3)
         return Evaluation(float(energies.sum()), energies.copy(), total[n : 4 * n].reshape(n, 3).copy(),
                           0.5 * (virial + virial.T))
+
+    def _refuse_non_finite(self, total: np.ndarray, n: int) -> None:
+        name = type(self._source).__name__
+        energies, forces = total[:n], total[n : 4 * n].reshape(n, 3)
+        bad = np.flatnonzero(~np.isfinite(energies))
+        if len(bad):
+            raise ValueError(
+                f"model: {name} returned NaN or inf energies for atoms {bad[:5].tolist()} "
+                f"({len(bad)} in all); expected finite per-atom energies (check the structure "
+                f"and the model's inputs)"
+            )
+        bad = np.flatnonzero(~np.isfinite(forces).all(axis=1))
+        raise ValueError(
+            f"model: {name} gave NaN or inf " + (f"forces on atoms {bad[:5].tolist()} ({len(bad)} in all)"
+                                                 if len(bad) else "stress")
+            + "; expected finite gradients with respect to the edge vectors (a non-smooth or "
+              "singular function of distances?)"
+        )
 
     def _compute(self, b: _Built, pieces, exchanges, buffer: np.ndarray, n: int) -> None:
         """Run the model on every shard, differentiate, and add each shard's energies, forces and

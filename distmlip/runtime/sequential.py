@@ -31,6 +31,7 @@ import torch
 
 from ..models.base import HaloExchange, LocalGraph
 from ..partition import PartPlan
+from .runner import check_distances
 
 __all__ = ["SequentialWorker"]
 
@@ -153,7 +154,9 @@ class SequentialWorker:
             pos = positions if b.ids is None else positions[b.ids]
             s, r = graph.senders[part.edges], graph.receivers[part.edges]
             vec = pos[s] - pos[r] + graph.shifts[part.edges] @ b.cell
-            keep = np.einsum("ij,ij->i", vec, vec) < runner.cutoff ** 2
+            d2 = np.einsum("ij,ij->i", vec, vec)
+            check_distances(d2, s, r, b.ids)
+            keep = d2 < runner.cutoff ** 2
             edges, vec = part.edges[keep], vec[keep]
             edge_index = np.ascontiguousarray(part.edge_index[:, keep])
             numbers = graph.numbers[part.atoms]
