@@ -308,7 +308,8 @@ class DistributedCalculator(Calculator):
                 torch.set_num_threads(num_threads)
             parts = world if num_partitions is None else num_partitions
             runner = Runner(self.model, [self.distributed], dtype, params["partitioner"],
-                            params["mode"], parts, params["skin"], comm="torch", max_memory=budget)
+                            params["mode"], parts, params["skin"], timeout=timeout, comm="torch",
+                            max_memory=budget)
         else:
             if num_threads is not None:
                 torch.set_num_threads(num_threads)

@@ -336,28 +336,31 @@ class Runner:
         """Evaluate the system (under a launcher: rank 0's); every rank returns the same results."""
         if self.world_size == 1:
             return self._evaluate(positions, cell, pbc, numbers)
-        from .launch import is_comm_failure, report_failure, reported_failures
+        from .launch import is_comm_failure, peer_status, report_failure
 
         try:
             return self._evaluate(positions, cell, pbc, numbers)
         except CommunicationError as exc:
-            failed = reported_failures(self.world_size, self.rank)
-            if failed:
-                raise CommunicationError(f"rank {self.rank} stopped because {failed}") from exc
-            raise
+            raise self._peer_failure(exc, peer_status(self.rank, exc.peers or None)) from exc
         except RuntimeError as exc:
             if not is_comm_failure(exc):
                 report_failure(self.rank, exc)
                 raise
-            failed = reported_failures(self.world_size, self.rank)
-            raise CommunicationError(
-                f"rank {self.rank} stopped: a collective with the other ranks failed or timed out"
-                + (f" because {failed}" if failed else " (a peer has failed, died or hung)")
-                + f". {exc}"
-            ) from exc
+            raise self._peer_failure(exc, peer_status(self.rank)) from exc
         except BaseException as exc:
             report_failure(self.rank, exc)
             raise
+
+    def _peer_failure(self, exc: BaseException, status: str) -> CommunicationError:
+        """The error of a rank whose collective failed, naming what is known of the peers; said at
+        once on stderr too (the launcher may kill this process before Python prints the error)."""
+        import sys
+
+        message = (f"rank {self.rank} stopped: a collective with the other ranks failed or timed "
+                   f"out (timeout {self.timeout:g} s) because "
+                   + (status or "a peer has failed, died or hung") + f". {exc}")
+        print(f"distmlip: {message}", file=sys.stderr, flush=True)
+        return CommunicationError(message)
 
     # ------------------------------------------------------------------ building
     def _stale(self, positions, cell, pbc, numbers) -> bool:
