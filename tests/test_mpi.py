@@ -114,6 +114,34 @@ def test_failing_rank_stops_everyone(kind, where):
             assert died, out[-3000:]
 
 
+def test_srun_environment():
+    """Two processes given the variables srun sets in a 2-task step (SLURM is not installed
+    here): they detect the launch, meet at task 0's node and agree with one process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = _env(SLURM_JOB_ID="4242", SLURM_STEP_ID="0", SLURM_PROCID=str(rank), SLURM_NTASKS="2",
+                   SLURM_STEP_NUM_TASKS="2", SLURM_LOCALID=str(rank), SLURM_STEP_NODELIST="localhost",
+                   MASTER_PORT=str(port))
+        env = {k: v for k, v in env.items() if not (k.startswith("SLURM_") and k not in (
+            "SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS",
+            "SLURM_LOCALID", "SLURM_STEP_NODELIST"))}
+        procs.append(subprocess.Popen([sys.executable, str(SCRIPTS / "srun.py")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for rank, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, out[-3000:]
+        assert f"rank {rank}: srun launch equal to one process" in out, out[-3000:]
+
+
 def test_world_size_mismatch_is_an_error():
     proc, _ = launch("mpirun", 2, "mismatch.py", timeout=120)
     out = proc.stdout + proc.stderr
