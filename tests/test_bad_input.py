@@ -346,8 +346,9 @@ def test_num_partitions_not_a_multiple_of_ranks(fake_launch, parts):
 
 
 def test_backend_local_under_launch_warns_once(fake_launch, reference):
-    with pytest.warns(UserWarning, match=r"backend='local' under a mpich launch of 2 processes: "
-                                         r"every rank evaluates the whole system .* backend='auto'"):
+    with pytest.warns(UserWarning, match=r"backend='local' under a multi-process launch \(mpich, 2 "
+                                         r"processes\): every rank evaluates the whole system .* "
+                                         r"backend='auto'"):
         calc = DistributedCalculator(make_model(), backend="local")
     import warnings
 

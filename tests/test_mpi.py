@@ -82,7 +82,7 @@ FAULT_TIMEOUT = 5.0
 
 
 @pytest.mark.parametrize("kind,where", [("mpirun", "model"), ("mpirun", "script"), ("mpirun", "kill"),
-                                        ("mpirun", "hang"), ("torchrun", "model"),
+                                        ("mpirun", "hang"), ("torchrun", "model"), ("torchrun", "script"),
                                         ("torchrun", "kill"), ("torchrun", "hang")])
 def test_failing_rank_stops_everyone(kind, where):
     """Rank 1 raises, is SIGKILLed mid-exchange or hangs: the launcher exits non-zero within the

@@ -282,9 +282,9 @@ class DistributedCalculator(Calculator):
                 and not _warned_local_under_launch:
             _warned_local_under_launch = True
             warnings.warn(
-                f"backend='local' under a {launch.launcher} launch of {launch.world_size} "
-                f"processes: every rank evaluates the whole system by itself (rank "
-                f"{launch.rank} too), repeating the others' work without communicating; use "
+                f"backend='local' under a multi-process launch ({launch.launcher}, "
+                f"{launch.world_size} processes): every rank evaluates the whole system by itself "
+                f"(rank {launch.rank} too), repeating the others' work without communicating; use "
                 f"backend='auto' (the default) for one part per rank",
                 stacklevel=3,
             )
