@@ -239,7 +239,8 @@ def peer_status(me: int, peers=None, grace: float = 0.5) -> str:
                    f"ranks {', '.join(dead)} died (their processes are gone: killed, out of memory or exited)")
     if silent and not reported and not dead:
         out.append(f"rank{'s' if len(silent) > 1 else ''} {', '.join(silent)} "
-                   f"{'are' if len(silent) > 1 else 'is'} alive but did not answer (hung or stuck)")
+                   f"{'are' if len(silent) > 1 else 'is'} alive but did not answer (hung, or "
+                   f"itself waiting for another rank)")
     if remote and not out:
         out.append(f"rank{'s' if len(remote) > 1 else ''} {', '.join(remote)} did not answer "
                    f"(failed, died or hung on another node)")
