@@ -129,6 +129,7 @@ def test_bad_structure(name, make, exc, match, parts, reference):
     assert_good(calc, reference)
 
 
+@pytest.mark.slow  # calibrates the memory model (~5 s)
 def test_bad_structure_with_bounded_memory(reference):
     """One part at a time (max_memory) checks the edges of each part it evaluates."""
     calc = DistributedCalculator(make_model(), num_partitions=3, max_memory="2GB")

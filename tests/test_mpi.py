@@ -82,8 +82,10 @@ FAULT_TIMEOUT = 5.0
 
 
 @pytest.mark.parametrize("kind,where", [("mpirun", "model"), ("mpirun", "script"), ("mpirun", "kill"),
-                                        ("mpirun", "hang"), ("torchrun", "model"), ("torchrun", "script"),
-                                        ("torchrun", "kill"), ("torchrun", "hang")])
+                                        ("mpirun", "hang"), ("torchrun", "model"),
+                                        pytest.param("torchrun", "script", marks=pytest.mark.slow),
+                                        ("torchrun", "kill"),
+                                        pytest.param("torchrun", "hang", marks=pytest.mark.slow)])
 def test_failing_rank_stops_everyone(kind, where):
     """Rank 1 raises, is SIGKILLed mid-exchange or hangs: the launcher exits non-zero within the
     timeout of the failure, and the output names rank 1 and what happened to it."""
