@@ -42,7 +42,7 @@ def main():
     atoms.calc = DistributedCalculator(model, mode=args.mode, partitioner=args.partitioner,
                                        device=args.device)
     calc = atoms.calc
-    rank = calc.runner.rank if calc.backend == "torch" else 0
+    rank = calc.rank  # 0 in one process
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"{len(atoms)} atoms, {calc.num_partitions} partition(s), backend {calc.backend}, {args.mode} mode")
 

@@ -9,10 +9,12 @@ Reference: ``chgnet.model.dynamics.CHGNetCalculator`` on the same model, CPU.
   stress and per-atom energies, with 1, 2, 3 and 5 parts in both modes, and every split must equal
   the unsplit distmlip result to 1e-10.
 - float32 (both as shipped): two float32 evaluations summing in different orders cannot agree to
-  1e-5 eV/Å: CHGNet's own float32 forces are ~1e-4 eV/Å from its float64 forces (measured: 9e-5 on
-  the oxide). So distmlip's float32 error (against the float64 reference) must stay within 3x
-  CHGNet's own float32 error, quantity by quantity (plus a floor at float32 resolution), and the
-  energy must agree with CHGNet's float32 energy to 1e-6 eV/atom.
+  1e-5 eV/Å: CHGNet's own float32 forces are 1.5e-5 to 9e-5 eV/Å from its float64 forces here
+  (asserted > 1e-5). So distmlip's float32 error (against the float64 reference) must stay within
+  3x CHGNet's own float32 error, quantity by quantity (plus a floor at float32 resolution), the
+  energy must agree with CHGNet's float32 energy to 1e-6 eV/atom, and the forces with CHGNet's
+  float32 forces to 1e-4 eV/Å (measured 1.6e-5 to 8.5e-5, unsplit as split: float32 rounding, not
+  the split).
 
 Structures (small: CHGNet's calculator needs ~15 GB at 864 atoms) are long thin periodic cells, so
 that 3 and 5 parts have real boundaries even with CHGNet's 6 Å cutoff and 4-hop extended halo: an
@@ -197,10 +199,15 @@ def test_float32_as_accurate_as_chgnet(model, references, name):
     atoms, ref64, ref32 = references[name]
     n = len(atoms)
     chgnet_err = {q: np.abs(np.asarray(ref32[q]) - ref64[q]).max() for q in ref64}
+    # why 1e-5 eV/Å against CHGNet's own float32 calculator cannot hold: its float32 forces are
+    # themselves further than that from its float64 ones (measured 1.5e-5 to 9e-5 eV/Å here)
+    assert chgnet_err["forces"] > 1e-5
     for parts, mode in ((1, "halo"), (3, "halo"), (5, "extended")):
         calc = DistributedCalculator(model, num_partitions=parts, mode=mode)  # float32 weights
         result = evaluate(calc, atoms)
         assert abs(result["energy"] - ref32["energy"]) / n <= 1e-6
+        # the README's figure: float32 forces within 1e-4 eV/Å of CHGNet's own float32 calculator
+        assert np.abs(result["forces"] - np.asarray(ref32["forces"])).max() <= 1e-4
         for q in ref64:
             ours = np.abs(np.asarray(result[q]) - ref64[q]).max()
             scale = n if q == "energy" else 1

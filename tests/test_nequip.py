@@ -375,3 +375,14 @@ def test_nequip_first_layer_self_connection_and_residual(l_max):
                                         partitioners=("grid",), modes=("halo", "extended"),
                                         rtol=1e-10)
     print(format_report(report))
+
+
+def test_unknown_element_is_rejected(setup):
+    """An element outside the model's type names: a ValueError listing the types it knows."""
+    from ase import Atoms
+
+    _, _, wrapped, _ = setup
+    atoms = Atoms("CuAu", positions=[[0, 0, 0], [2.5, 0, 0]], cell=np.eye(3) * 12, pbc=True)
+    with pytest.raises(ValueError, match=r"^atoms: atomic numbers \[79\] have no type in this model "
+                                         r"\(type names \[.*'Cu'.*\]\)"):
+        DistributedCalculator(wrapped, num_partitions=2).get_potential_energy(atoms)

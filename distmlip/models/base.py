@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["DistributableModel", "HaloExchange", "LocalGraph", "no_exchange"]
+__all__ = ["DistributableModel", "HaloExchange", "LocalGraph", "check_model", "check_numbers",
+           "no_exchange"]
 
 
 class HaloExchange:
@@ -166,3 +167,67 @@ class DistributableModel(torch.nn.Module):
             if b.is_floating_point():
                 return b.dtype
         return torch.get_default_dtype()
+
+
+_GUIDE = "see docs/wrapping.md"
+
+
+def check_model(model) -> None:
+    """Check that ``model`` declares the ``DistributableModel`` contract: a positive, finite
+    ``cutoff`` (Å), an integer ``num_layers >= 1`` and its own ``forward``. Raises ``TypeError``
+    (not a ``DistributableModel``, a declaration missing or of the wrong type) or ``ValueError``
+    (a declaration out of range), naming the class, the attribute and what was expected."""
+    import math
+
+    import numpy as np
+
+    if not isinstance(model, DistributableModel):
+        raise TypeError(
+            f"model: expected a distmlip.models.DistributableModel, got {type(model).__name__}; "
+            f"wrap a third-party module with distmlip.wrap(module) ({_GUIDE})"
+        )
+    name = type(model).__name__
+    missing = object()
+    cutoff = getattr(model, "cutoff", missing)
+    if cutoff is missing:
+        raise TypeError(f"model: {name}.cutoff: expected a positive number (the radius of the "
+                        f"neighbour graph it reads, in Å), got no attribute 'cutoff'; set "
+                        f"self.cutoff in {name}.__init__ ({_GUIDE})")
+    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float, np.integer, np.floating)):
+        raise TypeError(f"model: {name}.cutoff: expected a positive number of Å, got "
+                        f"{type(cutoff).__name__} {cutoff!r}")
+    if not (math.isfinite(float(cutoff)) and float(cutoff) > 0):
+        raise ValueError(f"model: {name}.cutoff: expected a positive, finite number of Å, got {cutoff!r}")
+    layers = getattr(model, "num_layers", missing)
+    if layers is missing:
+        raise TypeError(f"model: {name}.num_layers: expected an integer >= 1 (how many hops of "
+                        f"neighbours an atom's energy depends on: its message-passing layers), got "
+                        f"no attribute 'num_layers'; set self.num_layers in {name}.__init__ ({_GUIDE})")
+    if isinstance(layers, bool) or not isinstance(layers, (int, np.integer)):
+        raise TypeError(f"model: {name}.num_layers: expected an integer >= 1 (message-passing "
+                        f"layers), got {type(layers).__name__} {layers!r}")
+    if layers < 1:
+        raise ValueError(f"model: {name}.num_layers: expected an integer >= 1 (message-passing "
+                         f"layers; 1 for a pair potential), got {layers}")
+    if type(model).forward is DistributableModel.forward:
+        raise TypeError(f"model: {name}.forward: expected an implementation (graph -> per-atom "
+                        f"energies), got DistributableModel's abstract forward ({_GUIDE})")
+
+
+def check_numbers(numbers: torch.Tensor, low: int, high: int, name: str) -> None:
+    """``ValueError`` (as every adapter raises it) if an atomic number is outside the range
+    ``[low, high]`` a model ``name`` has parameters for."""
+    bad = (numbers < low) | (numbers > high)
+    if bool(bad.any()):
+        from ase.data import chemical_symbols
+
+        unknown = sorted({int(z) for z in numbers[bad].tolist()})
+
+        def symbol(z):
+            return chemical_symbols[z] if 0 <= z < len(chemical_symbols) else "?"
+
+        raise ValueError(
+            f"numbers: {name} has no parameters for atomic number(s) {unknown} "
+            f"({', '.join(symbol(z) for z in unknown)}); it knows atomic numbers {low}-{high} "
+            f"({symbol(low)}-{symbol(high)})"
+        )

@@ -64,7 +64,7 @@ import io
 
 import torch
 
-from .base import DistributableModel, LocalGraph
+from .base import DistributableModel, LocalGraph, check_numbers
 
 __all__ = ["PRETRAINED", "CHGNetModel", "load", "supports", "wrap"]
 
@@ -261,6 +261,7 @@ class CHGNetModel(DistributableModel):
         needed = graph.num_needed
 
         # embeddings (CHGNet._compute / BatchedGraph.from_graphs, with bonds per directed edge)
+        check_numbers(graph.numbers, 1, c.atom_embedding.embedding.num_embeddings, "CHGNet")
         atom = c.atom_embedding(graph.numbers - 1)
         rbf_ag = c.bond_basis_expansion.rbf_expansion_ag(r)
         bond = c.bond_embedding(rbf_ag)

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from .base import DistributableModel, LocalGraph
+from .base import DistributableModel, LocalGraph, check_numbers
 
 __all__ = ["SchNet"]
 
@@ -124,6 +124,7 @@ class SchNet(DistributableModel):
         # rows whose node-wise work is needed (the owned rows in halo mode); every row if nothing
         # refreshes the halo (a graph given the no-op exchange, as tests of a broken model do)
         needed = graph.num_needed
+        check_numbers(graph.numbers, 0, self.embedding.num_embeddings - 1, "SchNet")
         h = self.embedding(graph.numbers)  # every row: exact on the halo too
         for k, block in enumerate(self.interactions):
             if k == 0:

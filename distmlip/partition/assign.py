@@ -50,6 +50,8 @@ def grid_owners(positions, cell, pbc, num_parts: int) -> np.ndarray:
     stack = [(np.arange(len(positions)), num_parts, 0)]
     while stack:
         idx, parts, first = stack.pop()
+        if len(idx) == 0:  # no atoms for these parts: they stay empty (O(N log P), not O(P))
+            continue
         if parts == 1:
             owner[idx] = first
             continue

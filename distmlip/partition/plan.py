@@ -68,8 +68,10 @@ class PartitionPlan:
         mode: ``"halo"`` or ``"extended"``.
         num_hops: depth of the halo.
         owner: (N,) int64 owning part of each atom.
-        parts: one ``PartPlan`` per part; under a multi-process launch, only the parts this rank
-            evaluates (their ``index`` says which), built on this rank's region of the system.
+        parts: one ``PartPlan`` per part (``PartitionPlan.build``/``from_owner``). The runner's
+            plans (``DistributedCalculator.last_plan``) list only the parts that own atoms (their
+            ``index`` says which) and, under a multi-process launch,
+            only the parts this rank evaluates, built on this rank's region of the system.
         atom_ids: ``None`` when the graph is the whole system; else (n,) int64 global id of each
             atom of the region graph the parts index into.
         total_parts: number of parts of the whole plan (default ``len(parts)``).
@@ -160,15 +162,26 @@ class PartitionPlan:
         """Halo atoms summed over parts, as a fraction of all atoms."""
         return sum(p.num_halo for p in self.parts) / max(self.num_atoms, 1)
 
+    def _part(self, index: int) -> PartPlan:
+        """The part numbered ``index`` (an empty one if this plan does not list it: plans built
+        by the runner list only parts that own atoms)."""
+        if index < len(self.parts) and self.parts[index].index == index:
+            return self.parts[index]
+        for p in self.parts:
+            if p.index == index:
+                return p
+        empty = np.zeros(0, dtype=np.int64)
+        return PartPlan(int(index), empty, 0, empty, empty, empty, np.zeros((2, 0), dtype=np.int64))
+
     def send_rows(self, source: int, target: int) -> np.ndarray:
         """Rows of ``source``'s owned atoms that ``target`` holds in its halo, in the order of
         ``target``'s halo rows that come from ``source``."""
-        part = self.parts[target]
+        part = self._part(target)
         return part.halo_source[part.halo_owner == source]
 
     def recv_rows(self, target: int, source: int) -> np.ndarray:
         """Local rows of ``target`` whose atoms are owned by ``source``."""
-        part = self.parts[target]
+        part = self._part(target)
         return part.num_owned + np.flatnonzero(part.halo_owner == source)
 
     def validate(self, graph: NeighborGraph | None = None) -> None:
@@ -176,14 +189,14 @@ class PartitionPlan:
         owned = np.concatenate([p.owned for p in self.parts])
         if not np.array_equal(np.sort(owned), np.arange(self.num_atoms)):
             raise ValueError("plan: every atom must be owned by exactly one part")
-        starts = np.concatenate(([0], np.cumsum([p.num_owned for p in self.parts])))
+        owned_by_part, starts, _ = _owner_layout(self.owner, self.num_parts)  # every part's owned atoms
         for p in self.parts:
             if not np.all(self.owner[p.owned] == p.index):
                 raise ValueError(f"plan: part {p.index} lists atoms it does not own")
             if not np.array_equal(self.owner[p.halo], p.halo_owner):
                 raise ValueError(f"plan: part {p.index} has wrong halo owners")
             if np.any(p.halo_source >= starts[p.halo_owner + 1] - starts[p.halo_owner]) or \
-                    not np.array_equal(owned[starts[p.halo_owner] + p.halo_source], p.halo):
+                    not np.array_equal(owned_by_part[starts[p.halo_owner] + p.halo_source], p.halo):
                 raise ValueError(f"plan: part {p.index} has wrong halo sources")
             if len(np.unique(p.atoms)) != len(p.atoms):
                 raise ValueError(f"plan: part {p.index} holds an atom twice")
@@ -236,9 +249,16 @@ def build_parts(graph: NeighborGraph, parts, owner: np.ndarray, rows: np.ndarray
     sorted_owner = owner[order]
     offsets = graph.receiver_offsets()
     scratch = np.full(graph.num_atoms, -1, dtype=np.int64)
+    # where each part's owned atoms start and end in ``order``: one vectorised search for all
+    bounds = np.searchsorted(sorted_owner, np.repeat(np.asarray(parts, dtype=np.int64), 2)
+                             + np.tile([0, 1], len(parts))).reshape(-1, 2)
+    empty = np.zeros(0, dtype=np.int64)
+    empty_index = np.zeros((2, 0), dtype=np.int64)
     out = []
-    for p in parts:
-        lo, hi = np.searchsorted(sorted_owner, [p, p + 1])
+    for p, (lo, hi) in zip(parts, bounds.tolist()):
+        if lo == hi:  # no owned atoms: no halo, no edges (more parts than atoms is legal)
+            out.append(PartPlan(p, empty, 0, empty, empty, empty, empty_index))
+            continue
         out.append(_build_part(p, order[lo:hi], int(num_hops), graph, owner, rows, offsets, scratch))
     return tuple(out)
 

@@ -23,7 +23,12 @@ __all__ = ["CommunicationError", "Hub", "LocalExchange", "P2PExchange", "PeerFai
 
 
 class CommunicationError(RuntimeError):
-    """A peer rank failed, died or did not answer in time."""
+    """A peer rank failed, died or did not answer in time. ``peers``: the ranks this one was
+    waiting for, if known."""
+
+    def __init__(self, message: str, peers=()):
+        super().__init__(message)
+        self.peers = list(peers)
 
 
 class PeerFailed(RuntimeError):
@@ -159,7 +164,7 @@ class P2PExchange(HaloExchange):
                 peers = sorted({q for q, _ in self.recv_from} | set(self.send_to))
                 raise CommunicationError(
                     f"halo exchange with rank(s) {peers} failed ({'backward' if backward else 'forward'} "
-                    f"pass): a peer has failed, died or timed out. {exc}"
+                    f"pass): a peer has failed, died or timed out. {exc}", peers
                 ) from exc
         self.seconds += time.perf_counter() - t0
         return buffers

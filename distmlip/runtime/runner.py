@@ -33,7 +33,8 @@ from ..partition.plan import MODES
 from .exchange import CommunicationError, Hub, LocalExchange, P2PExchange, PeerFailed
 from .shards import Shard, build_shard, owned_row_offsets, part_groups
 
-__all__ = ["Evaluation", "Runner", "TIMING_KEYS", "add_edge_terms", "run_model"]
+__all__ = ["Evaluation", "MIN_DISTANCE", "Runner", "TIMING_KEYS", "add_edge_terms", "check_distances",
+           "run_model"]
 
 #: ``Runner.timings`` keys (seconds), the same on both backends: ``broadcast`` (rank 0's system to
 #: every rank), ``partition`` (owners, parts, shards), ``graph`` (neighbour list), ``handshake``
@@ -78,16 +79,47 @@ def add_edge_terms(forces: np.ndarray, receivers: np.ndarray, senders: np.ndarra
     return vec.T @ grad
 
 
+#: Atoms closer than this (Å) are refused as coincident: a zero-length edge has no direction and
+#: gives NaN forces. No physical structure comes near it (the shortest bond, H2's, is 0.74 Å), and
+#: it is the tolerance by which the CHGNet adapter tells periodic images apart.
+MIN_DISTANCE = 1e-3
+
+
+def check_distances(d2: np.ndarray, senders: np.ndarray, receivers: np.ndarray,
+                    ids: np.ndarray | None = None) -> None:
+    """``ValueError`` naming the closest pair if any edge (squared lengths ``d2``, of graph atoms
+    ``senders``/``receivers``; ``ids``: their global ids, if the graph is a region) is shorter
+    than ``MIN_DISTANCE``. O(E) on edge lengths already computed."""
+    if not len(d2) or d2.min() >= MIN_DISTANCE ** 2:
+        return
+    e = int(np.argmin(d2))
+    i, j = int(receivers[e]), int(senders[e])
+    if ids is not None:
+        i, j = int(ids[i]), int(ids[j])
+    count = int(np.count_nonzero(d2 < MIN_DISTANCE ** 2)) // 2  # each pair is two edges
+    what = (f"atom {i} and its own periodic image" if i == j else f"atoms {min(i, j)} and {max(i, j)}")
+    raise ValueError(
+        f"positions: expected atoms at least {MIN_DISTANCE} Å apart, got {what} "
+        f"{np.sqrt(d2[e]):.3g} Å apart (coincident{f'; {count} such pairs' if count > 1 else ''}); "
+        f"remove the duplicated atom"
+    )
+
+
 def edges_within(graph: NeighborGraph, positions: np.ndarray, cell: np.ndarray, edges: np.ndarray,
-                 cutoff: float) -> tuple[np.ndarray, np.ndarray]:
+                 cutoff: float, check: bool = False, ids: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Of the graph's ``edges`` (ids), the mask of those shorter than ``cutoff`` at ``positions``
     (the graph's atoms; it was built with cutoff + skin) and their (kept, 3) float64 vectors
-    ``pos[sender] - pos[receiver] + shift @ cell``."""
+    ``pos[sender] - pos[receiver] + shift @ cell``. ``check``: refuse coincident atoms
+    (``check_distances``; ``ids``: the graph atoms' global ids if it is a region)."""
     s, r = np.take(graph.senders, edges), np.take(graph.receivers, edges)
     vec = np.take(positions, s, axis=0)
     vec -= np.take(positions, r, axis=0)
     vec += np.take(graph.shifts, edges, axis=0) @ cell
-    keep = np.einsum("ij,ij->i", vec, vec) < cutoff * cutoff
+    d2 = np.einsum("ij,ij->i", vec, vec)
+    if check:
+        check_distances(d2, s, r, ids)
+    keep = d2 < cutoff * cutoff
     return keep, (vec if keep.all() else vec[keep])
 
 
@@ -114,6 +146,11 @@ def run_model(model: DistributableModel, local: LocalGraph) -> torch.Tensor:
         raise ValueError(
             f"model: {type(model).__name__}.forward must return per-atom energies of shape "
             f"({n},) (or of the first graph.num_needed = {local.num_needed} rows), got {got}"
+        )
+    if not out.is_floating_point():
+        raise ValueError(
+            f"model: {type(model).__name__}.forward must return per-atom energies as a floating "
+            f"tensor (differentiable with respect to graph.edge_vec), got dtype {out.dtype}"
         )
     return out[:owned]
 
@@ -344,28 +381,31 @@ class Runner:
         """Evaluate the system (under a launcher: rank 0's); every rank returns the same results."""
         if self.world_size == 1:
             return self._evaluate(positions, cell, pbc, numbers)
-        from .launch import is_comm_failure, report_failure, reported_failures
+        from .launch import is_comm_failure, peer_status, report_failure
 
         try:
             return self._evaluate(positions, cell, pbc, numbers)
         except CommunicationError as exc:
-            failed = reported_failures(self.world_size, self.rank)
-            if failed:
-                raise CommunicationError(f"rank {self.rank} stopped because {failed}") from exc
-            raise
+            raise self._peer_failure(exc, peer_status(self.rank, exc.peers or None)) from exc
         except RuntimeError as exc:
             if not is_comm_failure(exc):
                 report_failure(self.rank, exc)
                 raise
-            failed = reported_failures(self.world_size, self.rank)
-            raise CommunicationError(
-                f"rank {self.rank} stopped: a collective with the other ranks failed or timed out"
-                + (f" because {failed}" if failed else " (a peer has failed, died or hung)")
-                + f". {exc}"
-            ) from exc
+            raise self._peer_failure(exc, peer_status(self.rank)) from exc
         except BaseException as exc:
             report_failure(self.rank, exc)
             raise
+
+    def _peer_failure(self, exc: BaseException, status: str) -> CommunicationError:
+        """The error of a rank whose collective failed, naming what is known of the peers; said at
+        once on stderr too (the launcher may kill this process before Python prints the error)."""
+        import sys
+
+        message = (f"rank {self.rank} stopped: a collective with the other ranks failed or timed "
+                   f"out (timeout {self.timeout:g} s) because "
+                   + (status or "a peer has failed, died or hung") + f". {exc}")
+        print(f"distmlip: {message}", file=sys.stderr, flush=True)
+        return CommunicationError(message)
 
     # ------------------------------------------------------------------ building
     def _stale(self, positions, cell, pbc, numbers) -> bool:
@@ -416,19 +456,23 @@ class Runner:
                 if len(ids) else None
         t2 = time.perf_counter()
         rows = owned_rows(owner, num_parts)
+        # only parts that own atoms are built (an empty part has no halo and no edges): a build
+        # costs O(atoms + parts) however many parts are empty
+        present = np.flatnonzero(np.bincount(owner, minlength=num_parts))
+        present = present[(present >= mine.start) & (present < mine.stop)]
         if graph is None:
             parts = ()
         elif ids is None:
-            parts = build_parts(graph, mine, owner, rows, self.hops)
+            parts = build_parts(graph, present, owner, rows, self.hops)
         else:
-            parts = build_parts(graph, mine, owner[ids], rows[ids], self.hops)
+            parts = build_parts(graph, present, owner[ids], rows[ids], self.hops)
         worker_of_part, offset = owned_row_offsets(owner, groups)
         if sequential is None:
             sequential = bool(self._sequential)
         compact = sequential
         if self.world_size == 1:
-            shards = tuple(build_shard(w, [parts[p] for p in g], worker_of_part, offset, compact)
-                           for w, g in enumerate(groups))
+            shards = tuple(build_shard(w, [p for p in parts if p.index in g], worker_of_part, offset,
+                                       compact) for w, g in enumerate(groups))
         else:
             shards = (build_shard(self.rank, list(parts), worker_of_part, offset, compact),)
         plan = PartitionPlan(n, graph.num_edges if graph is not None else 0, self.mode, self.hops,
@@ -569,7 +613,7 @@ class Runner:
             edge_index = np.zeros((2, 0), dtype=np.int64)
             numbers = np.zeros(0, dtype=np.int64)
         else:
-            keep, vec = edges_within(graph, pos, b.cell, shard.edges, self.cutoff)
+            keep, vec = edges_within(graph, pos, b.cell, shard.edges, self.cutoff, check=True, ids=b.ids)
             if len(vec) == len(keep):
                 edges, edge_index = shard.edges, shard.edge_index
             else:
@@ -632,10 +676,30 @@ class Runner:
         }
         self.timings["communication"] = (self.timings["broadcast"] + times["handshake"] + exchange_s
                                          + self.timings["reduce"]) if self.world_size > 1 else 0.0
+        if not np.isfinite(total).all():  # every rank holds the same sums: they all raise
+            self._refuse_non_finite(total, n)
         energies = total[:n]
         virial = total[4 * n :].reshape(3, 3)
         return Evaluation(float(energies.sum()), energies.copy(), total[n : 4 * n].reshape(n, 3).copy(),
                           0.5 * (virial + virial.T))
+
+    def _refuse_non_finite(self, total: np.ndarray, n: int) -> None:
+        name = type(self._source).__name__
+        energies, forces = total[:n], total[n : 4 * n].reshape(n, 3)
+        bad = np.flatnonzero(~np.isfinite(energies))
+        if len(bad):
+            raise ValueError(
+                f"model: {name} returned NaN or inf energies for atoms {bad[:5].tolist()} "
+                f"({len(bad)} in all); expected finite per-atom energies (check the structure "
+                f"and the model's inputs)"
+            )
+        bad = np.flatnonzero(~np.isfinite(forces).all(axis=1))
+        raise ValueError(
+            f"model: {name} gave NaN or inf " + (f"forces on atoms {bad[:5].tolist()} ({len(bad)} in all)"
+                                                 if len(bad) else "stress")
+            + "; expected finite gradients with respect to the edge vectors (a non-smooth or "
+              "singular function of distances?)"
+        )
 
     def _compute(self, b: _Built, pieces, exchanges, buffer: np.ndarray, n: int) -> None:
         """Run the model on every shard, differentiate, and add each shard's energies, forces and

@@ -31,6 +31,7 @@ import torch
 
 from ..models.base import HaloExchange, LocalGraph
 from ..partition import PartPlan
+from .runner import edges_within
 
 __all__ = ["SequentialWorker"]
 
@@ -145,8 +146,6 @@ class SequentialWorker:
         """The LocalGraph of part ``k`` (``None``: an empty graph) at ``positions`` (global), its
         kept edge ids and float64 vectors."""
         runner, b, device = self.runner, self.built, self.device
-        from .runner import edges_within
-
         if k is None or b.graph is None or self.parts[k].num_local == 0:
             edges, vec = np.zeros(0, dtype=np.int64), np.zeros((0, 3))
             edge_index, numbers, ids = np.zeros((2, 0), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -154,7 +153,7 @@ class SequentialWorker:
         else:
             part, graph = self.parts[k], b.graph
             pos = positions if b.ids is None else positions[b.ids]
-            keep, vec = edges_within(graph, pos, b.cell, part.edges, runner.cutoff)
+            keep, vec = edges_within(graph, pos, b.cell, part.edges, runner.cutoff, check=True, ids=b.ids)
             if len(vec) == len(keep):
                 edges, edge_index = part.edges, part.edge_index
             else:

@@ -54,7 +54,7 @@ def main():
                     test = atoms.copy()
                     test.calc = DistributedCalculator(model, mode=mode, partitioner=partitioner)
                     assert test.calc.backend == "torch", test.calc.backend
-                    rank, world = test.calc.runner.rank, test.calc.runner.world_size
+                    rank, world = test.calc.rank, test.calc.world_size
                     parts = per_rank * world
                     test.calc = DistributedCalculator(model, num_partitions=parts, mode=mode,
                                                       partitioner=partitioner)

@@ -37,7 +37,7 @@ def main():
     world = detect_launch().world_size
     calc, frames, builds = run("auto", num_partitions=2 * world)
     assert calc.backend == "torch"
-    rank = calc.runner.rank
+    rank = calc.rank
     print(f"rank {rank}: builds {builds} then {calc.graph_builds}", flush=True)
     if not 1 < builds < STEPS or calc.graph_builds != builds + 1:
         sys.exit(f"rank {rank}: expected several rebuilds in {STEPS} steps and one for the cell, "
