@@ -12,19 +12,20 @@ from .base import DistributableModel
 
 __all__ = ["ADAPTERS", "available_models", "load", "wrap"]
 
-# adapter module -> (pip extra, what it wraps). Each module provides
-#   supports(obj) -> bool, wrap(obj, **kwargs) -> DistributableModel
-#   PRETRAINED: dict[name, description] and load(name, **kwargs) -> DistributableModel
+# adapter module -> (pip extra, what it wraps). Each module follows the adapter protocol
+# (``_adapter.Adapter``: PACKAGES, supports, wrap, PRETRAINED, load; see ``_adapter.py``).
 ADAPTERS = {
     "sevenn": ("sevenn", "SevenNet AtomGraphSequential models (sevenn)"),
     "chgnet": ("chgnet", "CHGNet models (chgnet)"),
     "mace": ("mace", "MACE / ScaleShiftMACE modules (mace-torch)"),
     "nequip": ("nequip", "NequIP / Allegro models (nequip, nequip-allegro)"),
+    "matgl": ("matgl", "matgl TensorNet, or a matgl Potential holding one (matgl)"),
 }
 
-# top-level packages whose objects each adapter may accept
+# top-level packages whose objects each adapter may accept (its ``PACKAGES``; listed here so that
+# rejecting an object imports nothing)
 _ROOTS = {"sevenn": ("sevenn",), "chgnet": ("chgnet",), "mace": ("mace",),
-          "nequip": ("nequip", "allegro")}
+          "nequip": ("nequip", "allegro"), "matgl": ("matgl",)}
 
 _GUIDE = "see docs/wrapping.md and examples/wrap_custom_model.py"
 
