@@ -20,12 +20,14 @@ ADAPTERS = {
     "mace": ("mace", "MACE / ScaleShiftMACE modules (mace-torch)"),
     "nequip": ("nequip", "NequIP / Allegro models (nequip, nequip-allegro)"),
     "matgl": ("matgl", "matgl TensorNet, or a matgl Potential holding one (matgl)"),
+    "orb": ("orb", "Orb v3 conservative regressors, or an ORBCalculator holding one (orb-models)"),
 }
 
 # top-level packages whose objects each adapter may accept (its ``PACKAGES``; listed here so that
 # rejecting an object imports nothing)
 _ROOTS = {"sevenn": ("sevenn",), "chgnet": ("chgnet",), "mace": ("mace",),
-          "nequip": ("nequip", "allegro"), "matgl": ("matgl",)}
+          "nequip": ("nequip", "allegro"), "matgl": ("matgl",),
+          "orb": ("orb_models",)}
 
 _GUIDE = "see docs/wrapping.md and examples/wrap_custom_model.py"
 

@@ -21,6 +21,10 @@ def make(name):
         from test_matgl import make_potential
 
         return wrap(make_potential().double())
+    if name == "orb":
+        from test_orb import make_orb
+
+        return wrap(make_orb().double())
     raise SystemExit(f"unknown adapter {name!r}")
 
 
