@@ -1,9 +1,10 @@
-"""matgl TensorNet through ``distmlip.wrap``: equal to matgl's own ``PESCalculator``, whatever
-the split.
+"""matgl TensorNet and M3GNet through ``distmlip.wrap``: equal to matgl's own ``PESCalculator``,
+whatever the split.
 
-The model is a randomly initialised TensorNet (16 units, 2 interactions, 8 Gaussians, 4 Å) in a
-``Potential`` with a scale (``data_std=1000``, so that forces are ~0.1-5 eV/Å), a shift and
-per-element references: matgl's pretrained weights download at run time. The float64 reference
+The models are a randomly initialised TensorNet (16 units, 2 interactions, 8 Gaussians, 4 Å) and
+M3GNet (16 units, 2 blocks, 5 Å, three-body 4 Å), each in a ``Potential`` with a scale
+(``data_std`` 1000 and 3000, so that forces are ~0.1-5 eV/Å), a shift and per-element references:
+matgl's pretrained weights download at run time. The float64 reference
 is matgl's calculator with ``matgl.set_default_dtype("float", 64)`` and its pymatgen neighbour list
 (its Warp neighbour list casts the cell to float32); the float32 one is matgl's defaults.
 matgl treats any non-periodic direction as a molecule, so the slab (periodic in x, y) is compared
@@ -23,7 +24,7 @@ import torch
 matgl = pytest.importorskip("matgl", reason="matgl is not installed (pip install distmlip[matgl])")
 
 import distmlip  # noqa: E402
-from distmlip.models.matgl import TensorNetModel  # noqa: E402
+from distmlip.models.matgl import M3GNetModel, TensorNetModel  # noqa: E402
 from distmlip.testing import assert_partition_invariant  # noqa: E402
 from distmlip.testing.adapters import (ADAPTER_ELEMENTS, adapter_structures,  # noqa: E402
                                        assert_matches_calculator)
@@ -49,16 +50,23 @@ def matgl_dtype(bits: int):
         mase._alchmtk_available = saved[3]
 
 
-def make_potential(seed: int = 0, use_warp: bool = False):
+def make_potential(seed: int = 0, use_warp: bool = False, arch: str = "TensorNet"):
     from matgl.apps.pes import Potential
-    from matgl.models import TensorNet
+    from matgl.models import M3GNet, TensorNet
 
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(seed)
-        model = TensorNet(element_types=ADAPTER_ELEMENTS, units=16, nblocks=2, num_rbf=8, cutoff=4.0,
-                          is_intensive=False, use_warp=use_warp)
-        return Potential(model=model, data_mean=0.7, data_std=1000.0, element_refs=REFS,
+        if arch == "M3GNet":
+            model = M3GNet(element_types=ADAPTER_ELEMENTS, dim_node_embedding=16,
+                           dim_edge_embedding=16, units=16, nblocks=2, max_n=3, max_l=3,
+                           cutoff=5.0, threebody_cutoff=4.0, is_intensive=False)
+            scale = 3000.0
+        else:
+            model = TensorNet(element_types=ADAPTER_ELEMENTS, units=16, nblocks=2, num_rbf=8,
+                              cutoff=4.0, is_intensive=False, use_warp=use_warp)
+            scale = 1000.0
+        return Potential(model=model, data_mean=0.7, data_std=scale, element_refs=REFS,
                          calc_stresses=True)
 
 
@@ -70,6 +78,16 @@ def potential():
 @pytest.fixture(scope="module")
 def potential64(potential):
     return copy.deepcopy(potential).double()
+
+
+@pytest.fixture(scope="module")
+def m3gnet():
+    return make_potential(arch="M3GNet")
+
+
+@pytest.fixture(scope="module")
+def m3gnet64(m3gnet):
+    return copy.deepcopy(m3gnet).double()
 
 
 def matgl_reference(potential, atoms, bits: int) -> dict:
@@ -118,6 +136,35 @@ def test_float32_equals_matgl(potential, name):
 def test_split_equals_whole(potential64, name):
     """float64, every partitioner, 1, 2, 3, 5 parts, both modes: 1e-10."""
     report = assert_partition_invariant(TensorNetModel(potential64), STRUCTURES[name],
+                                        num_partitions=(1, 2, 3, 5), rtol=1e-10)
+    assert max(r["max_err"] for r in report) <= 1e-10
+
+
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_m3gnet_float64_equals_matgl(m3gnet64, name):
+    """M3GNet (three-body terms): every split, both modes, equals matgl's float64 calculator."""
+    atoms = STRUCTURES[name]
+    model = distmlip.wrap(m3gnet64)
+    assert isinstance(model, M3GNetModel)
+    worst = assert_matches_calculator(
+        model, None, atoms, reference=matgl_reference(m3gnet64, atoms, 64),
+        energy_atol=1e-9, forces_atol=1e-8, stress_atol=1e-9, partitioners=SPLITS[name])
+    print(name, worst)
+
+
+@pytest.mark.parametrize("name", ["oxide", "molecule"])
+def test_m3gnet_float32_equals_matgl(m3gnet, name):
+    """M3GNet float32 against matgl's float32 calculator (tolerances as for TensorNet)."""
+    atoms = STRUCTURES[name]
+    worst = assert_matches_calculator(
+        distmlip.wrap(m3gnet), None, atoms, reference=matgl_reference(m3gnet, atoms, 32),
+        energy_atol=5e-5, forces_atol=2e-5, stress_atol=1e-6, num_partitions=(1, 3))
+    print(name, worst)
+
+
+@pytest.mark.parametrize("name", ["oxide", "slab"])
+def test_m3gnet_split_equals_whole(m3gnet64, name):
+    report = assert_partition_invariant(M3GNetModel(m3gnet64), STRUCTURES[name],
                                         num_partitions=(1, 2, 3, 5), rtol=1e-10)
     assert max(r["max_err"] for r in report) <= 1e-10
 
@@ -182,11 +229,13 @@ def test_errors(potential):
 @pytest.mark.mpi
 @pytest.mark.slow
 def test_under_mpirun():
-    """mpirun -n 2: TensorNet split over two ranks equals the single-process result (1e-10)."""
+    """mpirun -n 2: TensorNet and M3GNet split over two ranks equal the single-process result
+    (1e-10)."""
     from test_mpi import launch
 
-    proc, _ = launch("mpirun", 2, "adapter.py", "matgl")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    for rank in range(2):
-        assert f"rank {rank}: matgl 24 checks passed" in out, out[-4000:]
+    for name in ("matgl", "matgl-m3gnet"):
+        proc, _ = launch("mpirun", 2, "adapter.py", name)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-4000:]
+        for rank in range(2):
+            assert f"rank {rank}: {name} 24 checks passed" in out, out[-4000:]

@@ -19,7 +19,7 @@ ADAPTERS = {
     "chgnet": ("chgnet", "CHGNet models (chgnet)"),
     "mace": ("mace", "MACE / ScaleShiftMACE modules (mace-torch)"),
     "nequip": ("nequip", "NequIP / Allegro models (nequip, nequip-allegro)"),
-    "matgl": ("matgl", "matgl TensorNet, or a matgl Potential holding one (matgl)"),
+    "matgl": ("matgl", "matgl TensorNet / M3GNet, or a matgl Potential holding one (matgl)"),
     "orb": ("orb", "Orb v3 conservative regressors, or an ORBCalculator holding one (orb-models)"),
 }
 

@@ -21,6 +21,10 @@ def make(name):
         from test_matgl import make_potential
 
         return wrap(make_potential().double())
+    if name == "matgl-m3gnet":
+        from test_matgl import make_potential
+
+        return wrap(make_potential(arch="M3GNet").double())
     if name == "orb":
         from test_orb import make_orb
 
