@@ -21,13 +21,15 @@ ADAPTERS = {
     "nequip": ("nequip", "NequIP / Allegro models (nequip, nequip-allegro)"),
     "matgl": ("matgl", "matgl TensorNet / M3GNet, or a matgl Potential holding one (matgl)"),
     "orb": ("orb", "Orb v3 conservative regressors, or an ORBCalculator holding one (orb-models)"),
+    "mattersim": ("mattersim", "MatterSim M3Gnet, or a Potential / MatterSimCalculator holding one "
+                               "(mattersim)"),
 }
 
 # top-level packages whose objects each adapter may accept (its ``PACKAGES``; listed here so that
 # rejecting an object imports nothing)
 _ROOTS = {"sevenn": ("sevenn",), "chgnet": ("chgnet",), "mace": ("mace",),
           "nequip": ("nequip", "allegro"), "matgl": ("matgl",),
-          "orb": ("orb_models",)}
+          "orb": ("orb_models",), "mattersim": ("mattersim",)}
 
 _GUIDE = "see docs/wrapping.md and examples/wrap_custom_model.py"
 

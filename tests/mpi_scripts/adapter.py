@@ -25,6 +25,10 @@ def make(name):
         from test_matgl import make_potential
 
         return wrap(make_potential(arch="M3GNet").double())
+    if name == "mattersim":
+        from test_mattersim import make_potential as make_mattersim
+
+        return wrap(make_mattersim()).double()
     if name == "orb":
         from test_orb import make_orb
 
