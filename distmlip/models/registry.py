@@ -21,6 +21,7 @@ ADAPTERS = {
     "nequip": ("nequip", "NequIP / Allegro models (nequip, nequip-allegro)"),
     "matgl": ("matgl", "matgl TensorNet / M3GNet, or a matgl Potential holding one (matgl)"),
     "orb": ("orb", "Orb v3 conservative regressors, or an ORBCalculator holding one (orb-models)"),
+    "fairchem": ("fairchem", "fairchem HydraModelV2 with an eSCN-MD (UMA) backbone (fairchem-core)"),
     "mattersim": ("mattersim", "MatterSim M3Gnet, or a Potential / MatterSimCalculator holding one "
                                "(mattersim)"),
 }
@@ -29,7 +30,8 @@ ADAPTERS = {
 # rejecting an object imports nothing)
 _ROOTS = {"sevenn": ("sevenn",), "chgnet": ("chgnet",), "mace": ("mace",),
           "nequip": ("nequip", "allegro"), "matgl": ("matgl",),
-          "orb": ("orb_models",), "mattersim": ("mattersim",)}
+          "orb": ("orb_models",), "mattersim": ("mattersim",),
+          "fairchem": ("fairchem",)}
 
 _GUIDE = "see docs/wrapping.md and examples/wrap_custom_model.py"
 

@@ -29,6 +29,10 @@ def make(name):
         from test_mattersim import make_potential as make_mattersim
 
         return wrap(make_mattersim()).double()
+    if name == "fairchem":
+        from test_fairchem import make_uma
+
+        return wrap(make_uma().double(), task="omat")
     if name == "orb":
         from test_orb import make_orb
 
