@@ -18,7 +18,6 @@ import contextlib
 import copy
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
