@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q $(TORCH)
 	$(VPY) -m pip install -q -e '.[test,all]' $(TORCH)
-	$(VPY) -m pip install -q --no-deps 'mace-torch==0.3.16'
+	$(VPY) -m pip install -q --no-deps 'mace-torch==0.3.16' 'mattersim==1.2.3'
 	touch $(STAMP)
 
 install: $(STAMP)

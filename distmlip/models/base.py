@@ -6,8 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["DistributableModel", "HaloExchange", "LocalGraph", "check_model", "check_numbers",
-           "no_exchange"]
+__all__ = ["DistributableModel", "HaloExchange", "LocalGraph", "NUM_ELEMENTS", "check_model",
+           "check_numbers", "no_exchange"]
+
+#: Length of ``LocalGraph.composition``: atomic numbers 0..118.
+NUM_ELEMENTS = 119
 
 
 class HaloExchange:
@@ -22,18 +25,41 @@ class HaloExchange:
     refresh). The runtime's exchanges (in one process, across threads, across ranks) subclass it
     and implement ``_exchange(owned)``, given the owned rows.
 
+    It also carries the system-wide sum (``global_sum``, reached through
+    ``LocalGraph.global_sum``): the sum of a per-atom quantity over the owned rows of every part,
+    differentiable, equal on every worker. The base class's is the sum of an unsplit system.
+
     Attributes:
         num_owned, num_rows: rows owned, rows in all (``None``: any, for the unsplit no-op).
-        calls: how many times it was called; ``seconds``: time spent communicating.
+        halo: whether ``__call__`` refreshes halo rows (``False`` in extended mode, where the
+            halo is deep enough and only ``global_sum`` communicates).
+        calls: how many times it was called; ``reductions``: ``global_sum`` calls;
+        ``seconds``: time spent communicating.
     """
 
-    def __init__(self, num_owned: int | None = None, num_rows: int | None = None):
+    def __init__(self, num_owned: int | None = None, num_rows: int | None = None,
+                 halo: bool = True):
         self.num_owned = num_owned
         self.num_rows = num_rows
+        self.halo = halo
         self.calls = 0
+        self.reductions = 0
         self.seconds = 0.0
 
+    def global_sum(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum over every worker of ``partial`` (this worker's sum over its owned rows, any
+        shape), differentiable: the gradient of each worker's ``partial`` is the sum over all
+        workers of the gradients of the result. Every worker must call it the same number of
+        times, in the same order relative to ``__call__``."""
+        self.reductions += 1
+        return self._global_sum(partial)
+
+    def _global_sum(self, partial: torch.Tensor) -> torch.Tensor:
+        return partial
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.halo:
+            return x
         self.calls += 1
         if self.num_rows is None or self.num_owned == self.num_rows:
             return x
@@ -79,6 +105,13 @@ class LocalGraph:
             when a halo exchange refreshes the halo before it is read again (halo mode), ``n``
             otherwise (unsplit, or extended mode, where halo rows are computed redundantly).
             Default ``n``.
+        composition: (119,) int64 counts of each atomic number (index = Z) in the *whole*
+            system, on every worker alike (default: counted from the owned rows, right for an
+            unsplit system). ``num_system_atoms`` is its sum.
+
+    System-wide quantities (a readout of the mean node feature, a mixture of experts weighted by
+    the composition) use ``global_sum`` and ``composition``; nothing else couples parts except
+    ``halo_exchange``.
     """
 
     numbers: torch.Tensor
@@ -90,12 +123,40 @@ class LocalGraph:
     cell: torch.Tensor
     num_owned: int | None = field(default=None)
     num_needed: int | None = field(default=None)
+    composition: torch.Tensor | None = field(default=None)
 
     def __post_init__(self):
         if self.num_owned is None:
             object.__setattr__(self, "num_owned", int(self.owned.sum()))
         if self.num_needed is None:
             object.__setattr__(self, "num_needed", self.num_nodes)
+        if self.composition is None:
+            counts = torch.bincount(self.numbers[: self.num_owned], minlength=NUM_ELEMENTS)
+            object.__setattr__(self, "composition", counts[:NUM_ELEMENTS].to(torch.int64))
+
+    @property
+    def num_system_atoms(self) -> int:
+        """Atoms in the whole system (every part's owned atoms)."""
+        return int(self.composition.sum())
+
+    def global_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``sum`` over the owned atoms of the *whole* system of a per-atom quantity.
+
+        ``x``: ``(rows, ...)`` with ``rows`` any of ``num_owned``, ``num_needed`` or ``n`` (only
+        the first ``num_owned`` rows, the owned ones, are summed). Returns ``(...)``, the same
+        on every worker, differentiable (forces through it are exact). Every worker must make
+        the same ``global_sum`` calls, in the same order relative to ``halo_exchange``, even on
+        an empty part. Example, a readout of the mean feature: ``graph.global_sum(h) /
+        graph.num_system_atoms``.
+        """
+        if x.ndim == 0 or x.shape[0] < self.num_owned:
+            got = tuple(x.shape)
+            raise ValueError(
+                f"global_sum: expected a per-atom tensor with at least num_owned = "
+                f"{self.num_owned} rows (owned rows first), got shape {got}; pass the node "
+                f"features themselves, not a sum over them"
+            )
+        return self.halo_exchange.global_sum(x[: self.num_owned].sum(0))
 
     @property
     def num_nodes(self) -> int:
@@ -150,6 +211,11 @@ class DistributableModel(torch.nn.Module):
 
     distmlip sums the energies of owned atoms, and obtains forces and stress from the gradient of
     that sum with respect to ``edge_vec``. Halo rows of the output are discarded.
+
+    An energy that is not a sum of per-atom terms (a readout of the system's mean feature, a
+    mixture of experts weighted by the composition) uses ``graph.global_sum(x)`` and
+    ``graph.composition`` (the whole system's, on every part) and returns per-atom shares that
+    add up to it (docs/wrapping.md, section 4a). The bounded-memory mode does not support it.
     """
 
     cutoff: float

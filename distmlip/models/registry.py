@@ -12,19 +12,26 @@ from .base import DistributableModel
 
 __all__ = ["ADAPTERS", "available_models", "load", "wrap"]
 
-# adapter module -> (pip extra, what it wraps). Each module provides
-#   supports(obj) -> bool, wrap(obj, **kwargs) -> DistributableModel
-#   PRETRAINED: dict[name, description] and load(name, **kwargs) -> DistributableModel
+# adapter module -> (pip extra, what it wraps). Each module follows the adapter protocol
+# (``_adapter.Adapter``: PACKAGES, supports, wrap, PRETRAINED, load; see ``_adapter.py``).
 ADAPTERS = {
     "sevenn": ("sevenn", "SevenNet AtomGraphSequential models (sevenn)"),
     "chgnet": ("chgnet", "CHGNet models (chgnet)"),
     "mace": ("mace", "MACE / ScaleShiftMACE modules (mace-torch)"),
     "nequip": ("nequip", "NequIP / Allegro models (nequip, nequip-allegro)"),
+    "matgl": ("matgl", "matgl TensorNet / M3GNet, or a matgl Potential holding one (matgl)"),
+    "orb": ("orb", "Orb v3 conservative regressors, or an ORBCalculator holding one (orb-models)"),
+    "fairchem": ("fairchem", "fairchem HydraModelV2 with an eSCN-MD (UMA) backbone (fairchem-core)"),
+    "mattersim": ("mattersim", "MatterSim M3Gnet, or a Potential / MatterSimCalculator holding one "
+                               "(mattersim)"),
 }
 
-# top-level packages whose objects each adapter may accept
+# top-level packages whose objects each adapter may accept (its ``PACKAGES``; listed here so that
+# rejecting an object imports nothing)
 _ROOTS = {"sevenn": ("sevenn",), "chgnet": ("chgnet",), "mace": ("mace",),
-          "nequip": ("nequip", "allegro")}
+          "nequip": ("nequip", "allegro"), "matgl": ("matgl",),
+          "orb": ("orb_models",), "mattersim": ("mattersim",),
+          "fairchem": ("fairchem",)}
 
 _GUIDE = "see docs/wrapping.md and examples/wrap_custom_model.py"
 

@@ -6,7 +6,12 @@
   with, inside an autograd function whose backward sends the halo rows' gradients home.
 
 Both return ``cat([owned rows] + [one block per source worker])``: a shard's halo rows are grouped
-by source (``Shard.blocks``), so no scatter is needed.
+by source (``Shard.blocks``), so no scatter is needed. Both also implement ``global_sum`` (the
+contract's system-wide sum): in one process each shard posts its partial sum at the hub and adds
+all of them in shard order (so every shard holds the identical value, and autograd sums the
+gradients of every shard into each partial sum); across ranks an all-reduce whose backward is an
+all-reduce of the gradients, on the same token chain as the halo exchanges. In extended mode
+(``halo=False``) only ``global_sum`` communicates.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class Hub:
 
     def __init__(self, num_shards: int, timeout: float):
         self.slots: list[torch.Tensor | None] = [None] * num_shards
+        self.sums: list[torch.Tensor | None] = [None] * num_shards
         self.barrier = threading.Barrier(num_shards, timeout=timeout)
 
     def wait(self):
@@ -53,13 +59,29 @@ class LocalExchange(HaloExchange):
     """The halo exchange of a shard whose sources all live in this process (``hub`` is needed
     when there are several shards: they post their owned rows there and read each other's)."""
 
-    def __init__(self, shard: Shard, device: torch.device, hub: Hub | None = None):
-        super().__init__(shard.num_owned, shard.num_rows)
+    def __init__(self, shard: Shard, device: torch.device, hub: Hub | None = None,
+                 halo: bool = True):
+        super().__init__(shard.num_owned, shard.num_rows, halo)
         self.index = shard.index
         self.hub = hub
-        self.blocks = [(source, torch.as_tensor(rows, device=device)) for source, rows in shard.blocks]
+        self.blocks = [(source, torch.as_tensor(rows, device=device)) for source, rows in shard.blocks] \
+            if halo else []
+
+    def _global_sum(self, partial: torch.Tensor) -> torch.Tensor:
+        if self.hub is None:
+            return partial
+        self.hub.sums[self.index] = partial
+        self.hub.wait()  # every shard has posted its partial sum
+        total = None
+        for other in self.hub.sums:  # the same order on every shard: identical totals
+            other = other.to(partial.device)
+            total = other if total is None else total + other
+        self.hub.wait()  # every shard has read them
+        return total
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.halo:
+            return x
         if self.hub is not None and self.num_owned == self.num_rows:
             self.calls += 1  # nothing to receive, but the others may read this shard's rows
             self._exchange(x[: self.num_owned])
@@ -102,12 +124,28 @@ class _P2P(torch.autograd.Function):
         return grad, grad_token, None
 
 
+class _AllReduce(torch.autograd.Function):
+    """Forward: the sum over ranks of each rank's partial sum. Backward: the gradient of each
+    rank's partial sum is the sum over ranks of the result's gradients (an all-reduce too), run
+    in token order with the halo exchanges."""
+
+    @staticmethod
+    def forward(ctx, partial, token, exchange):
+        ctx.exchange = exchange
+        return exchange.all_reduce(partial, backward=False), token.clone()
+
+    @staticmethod
+    def backward(ctx, grad, grad_token):
+        return ctx.exchange.all_reduce(grad, backward=True), grad_token, None
+
+
 class P2PExchange(HaloExchange):
     """The halo exchange of one rank's shard. ``send``: ``{peer: owned rows it holds}``, from the
     handshake; halo blocks owned by this rank itself are copied locally."""
 
-    def __init__(self, shard: Shard, send: dict[int, torch.Tensor], device: torch.device, rank: int):
-        super().__init__(shard.num_owned, shard.num_rows)
+    def __init__(self, shard: Shard, send: dict[int, torch.Tensor], device: torch.device, rank: int,
+                 halo: bool = True):
+        super().__init__(shard.num_owned, shard.num_rows, halo)
         self.rank = rank
         self.blocks = [(source, torch.as_tensor(rows, device=device)) for source, rows in shard.blocks]
         self.recv_from = [(source, len(rows)) for source, rows in self.blocks if source != rank]
@@ -119,6 +157,8 @@ class P2PExchange(HaloExchange):
         self.token = self.first_token
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.halo:
+            return x
         if self.num_owned == self.num_rows:  # peers may still need this rank's rows
             self.calls += 1
             self._exchange(x[: self.num_owned])
@@ -131,6 +171,26 @@ class P2PExchange(HaloExchange):
         values = [owned.index_select(0, rows) if source == self.rank else next(remote)
                   for source, rows in self.blocks]
         return torch.cat([owned, *values]) if values else owned
+
+    def _global_sum(self, partial: torch.Tensor) -> torch.Tensor:
+        total, self.token = _AllReduce.apply(partial, self.token, self)
+        return total
+
+    def all_reduce(self, value: torch.Tensor, backward: bool) -> torch.Tensor:
+        """The sum over ranks of ``value`` (a new tensor)."""
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        out = value.detach().clone().contiguous()
+        try:
+            dist.all_reduce(out)
+        except RuntimeError as exc:
+            raise CommunicationError(
+                f"global_sum: the all-reduce across ranks failed ({'backward' if backward else 'forward'} "
+                f"pass): a peer has failed, died or timed out. {exc}"
+            ) from exc
+        self.seconds += time.perf_counter() - t0
+        return out
 
     def swap(self, tensors, backward: bool, meta=None) -> list[torch.Tensor]:
         """Forward (``tensors``: the owned rows): send each peer its rows, return the blocks

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..graph import NeighborGraph, atoms_near, validate_system
-from ..models.base import DistributableModel, LocalGraph, no_exchange
+from ..models.base import NUM_ELEMENTS, DistributableModel, LocalGraph, no_exchange
 from ..partition import PartitionPlan, build_parts, owned_rows
 from ..partition.assign import PARTITIONERS, grid_owners, metis_owners, slab_owners
 from ..partition.plan import MODES
@@ -153,6 +153,12 @@ def run_model(model: DistributableModel, local: LocalGraph) -> torch.Tensor:
             f"tensor (differentiable with respect to graph.edge_vec), got dtype {out.dtype}"
         )
     return out[:owned]
+
+
+def composition_of(numbers: np.ndarray, device) -> torch.Tensor:
+    """``LocalGraph.composition`` of a whole system: (119,) int64 counts per atomic number."""
+    return torch.as_tensor(np.bincount(numbers, minlength=NUM_ELEMENTS)[:NUM_ELEMENTS],
+                           dtype=torch.int64, device=device)
 
 
 def _owners(partitioner: str, positions, cell, pbc, num_parts: int, graph=None) -> np.ndarray:
@@ -632,17 +638,21 @@ class Runner:
             cell=torch.as_tensor(b.cell, device=device).to(self.dtype),
             num_owned=shard.num_owned,
             num_needed=needed,
+            composition=composition_of(b.numbers, device),
         )
         return local, edges, vec
 
     def _exchanges(self, b: _Built) -> list:
-        if self.mode != "halo":
-            return [no_exchange for _ in b.shards]
+        """One exchange per shard. In extended mode they refresh nothing but still carry
+        ``global_sum`` between shards and ranks."""
+        halo = self.mode == "halo"
         if self.world_size > 1:
             shard = b.shards[0]
-            return [P2PExchange(shard, b.send[0], self.devices[0], self.rank)]
+            return [P2PExchange(shard, b.send[0], self.devices[0], self.rank, halo=halo)]
+        if not halo and len(b.shards) == 1:
+            return [no_exchange]
         hub = Hub(len(b.shards), self.timeout) if len(b.shards) > 1 else None
-        return [LocalExchange(s, self._device(s), hub) for s in b.shards]
+        return [LocalExchange(s, self._device(s), hub, halo=halo) for s in b.shards]
 
     def _evaluate(self, positions, cell, pbc, numbers) -> Evaluation:
         t0 = time.perf_counter()

@@ -31,7 +31,7 @@ import torch
 
 from ..models.base import HaloExchange, LocalGraph
 from ..partition import PartPlan
-from .runner import edges_within
+from .runner import composition_of, edges_within
 
 __all__ = ["SequentialWorker"]
 
@@ -85,6 +85,15 @@ class _PieceExchange(HaloExchange):
         self.posted: dict[int, torch.Tensor] = {}
         self.leaf: torch.Tensor | None = None
         self.on_stop = None  # called with the rows posted to call ``stop_at`` instead of storing
+
+    def _global_sum(self, partial: torch.Tensor) -> torch.Tensor:
+        raise ValueError(
+            "model: expected a model without system-wide sums in the bounded-memory mode (parts "
+            "evaluated one at a time, chosen for max_memory), got one that calls "
+            "graph.global_sum (an energy that is not a sum of per-atom terms, such as Orb's). "
+            "Run it without max_memory, or with more devices or processes so that all parts fit "
+            "at once (max_memory then only checks the prediction)"
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         level = self.calls
@@ -174,6 +183,7 @@ class SequentialWorker:
             cell=torch.as_tensor(b.cell, device=device).to(runner.dtype),
             num_owned=num_owned,
             num_needed=num_owned if runner.mode == "halo" else n,
+            composition=composition_of(b.numbers, device),
         )
         return local, edges, vec
 

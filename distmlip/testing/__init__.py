@@ -12,6 +12,7 @@ Example::
 Every check raises ``AssertionError`` with a message naming what failed; nothing here needs pytest.
 """
 
+from .adapters import ADAPTER_ELEMENTS, adapter_structures, assert_matches_calculator
 from .checks import (
     assert_partition_invariant,
     check_forces_finite_difference,
@@ -32,7 +33,10 @@ from .structures import (
 )
 
 __all__ = [
+    "ADAPTER_ELEMENTS",
     "ISOLATED_CUTOFF",
+    "adapter_structures",
+    "assert_matches_calculator",
     "assert_partition_invariant",
     "awkward_structures",
     "check_forces_finite_difference",

@@ -1,0 +1,90 @@
+"""What every adapter of a third-party package shares: the protocol, lazy imports, element tables.
+
+An adapter is a module ``distmlip/models/<name>.py`` listed in ``registry.ADAPTERS`` that provides
+(the ``Adapter`` protocol below):
+
+- ``PACKAGES``: the top-level packages whose objects it may accept (``wrap`` only asks adapters
+  whose packages match the object's module, so nothing is imported to reject an object);
+- ``supports(obj) -> bool``: whether ``obj`` is something it wraps (``False``, never an error,
+  when its package is not installed);
+- ``wrap(obj, **options) -> DistributableModel``: the wrapped model, ``XModel(module, *, ...)``,
+  holding the package's module under ``.module``;
+- ``PRETRAINED``: ``{name: one-line description}`` of the weights ``load`` can give without
+  downloading (may be empty), and ``load(name, **options)``.
+
+Adapters import their package lazily with ``optional_import`` (one error format) and map atomic
+numbers to the model's type indices with ``ElementTable`` (one error for an element the model
+does not cover).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["Adapter", "ElementTable", "optional_import"]
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """The module-level interface of an adapter (see the module docstring)."""
+
+    PACKAGES: tuple[str, ...]
+    PRETRAINED: dict[str, str]
+
+    def supports(self, obj) -> bool: ...
+
+    def wrap(self, obj, **options): ...
+
+    def load(self, name: str, **options): ...
+
+
+def optional_import(module: str, extra: str, what: str):
+    """Import ``module`` (a dotted name) or raise ``ImportError`` naming the extra to install.
+
+    ``extra``: the ``distmlip[...]`` extra that brings it; ``what``: what it is needed for.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f"{module.split('.')[0]}: expected the package installed to {what}, got "
+            f"{type(exc).__name__}: {exc}. Install it with `pip install 'distmlip[{extra}]'` "
+            f"(or `make install`)"
+        ) from exc
+
+
+class ElementTable(torch.nn.Module):
+    """Atomic number -> the model's type index, with one error for elements it does not cover.
+
+    Args:
+        numbers: the atomic number of each type index, in type order (``numbers[t]`` is type t).
+        name: the model's name, for the error message.
+    """
+
+    def __init__(self, numbers, name: str):
+        super().__init__()
+        numbers = [int(z) for z in numbers]
+        table = torch.full((max(numbers, default=0) + 1,), -1, dtype=torch.long)
+        for t, z in enumerate(numbers):
+            table[z] = t
+        self.name = name
+        self.numbers = tuple(numbers)
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, numbers: torch.Tensor) -> torch.Tensor:
+        size = self.table.shape[0]
+        types = torch.where((numbers >= 0) & (numbers < size),
+                            self.table[numbers.clamp(0, size - 1)], -1)
+        if bool((types < 0).any()):
+            from ase.data import chemical_symbols
+
+            unknown = sorted({int(z) for z in numbers[types < 0].tolist()})
+            known = ", ".join(chemical_symbols[z] for z in sorted(self.numbers))
+            raise ValueError(
+                f"numbers: expected elements {self.name} has parameters for ({known}), got atomic "
+                f"number(s) {unknown}; use a model trained on these elements"
+            )
+        return types

@@ -1,0 +1,282 @@
+"""matgl's TensorNet and M3GNet (PyTorch Geometric backend) as ``DistributableModel``s.
+
+``distmlip.wrap`` accepts a ``matgl.apps.pes.Potential`` holding a ``TensorNet`` or an ``M3GNet``,
+or the model itself (M3GNet: see ``M3GNetModel``). The adapter runs matgl's own submodules in matgl's order; only the halo
+exchanges are added.
+
+Conventions (matgl → distmlip):
+
+- matgl's ``edge_index`` is ``[centre; neighbour]`` and messages are summed onto the centre
+  (``edge_index[0]``); its bond vector is ``pos[neighbour] + image shift - pos[centre]``. distmlip's
+  receiver is that centre, its sender the neighbour, so the adapter passes ``edge_index.flip(0)``
+  and distmlip's ``edge_vec`` unchanged (``pos[sender] - pos[receiver] + shift @ cell``).
+- Atomic numbers become matgl's node types through ``model.element_types``.
+- ``Potential`` adds ``data_std * E + data_mean`` per structure and per-element references
+  (``element_refs``) per atom. Per-atom energies here are ``data_std * eps_i + ref(Z_i) +
+  data_mean / N`` (``N`` the whole system's atoms, from ``LocalGraph.num_system_atoms``), which
+  sum to matgl's total.
+
+Halo exchanges: TensorNet's embedding already sums over neighbours (``TensorEmbedding`` builds
+each atom's tensor from its edges), so the halo rows are stale *before* the first interaction:
+the adapter exchanges the node tensors ``X`` (``(n, units, 3, 3)``) before every interaction
+(``nblocks`` exchanges) and declares ``num_layers = nblocks + 1`` hops. The embedding and the
+interactions are matgl's modules, called whole: their node-wise work on halo rows is done and
+then overwritten (the readout runs on the needed rows only).
+
+Not supported (a ``ValueError`` says so): matgl's Warp kernels (build the model with
+``use_warp=False``; the adapter accepts a Warp-built model by rebuilding it without Warp, same
+weights), intensive (per-structure) targets, multi-state element references and the ZBL
+repulsion (``calc_repuls=True``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ._adapter import ElementTable, optional_import
+from .base import DistributableModel, LocalGraph
+
+__all__ = ["M3GNetModel", "PACKAGES", "PRETRAINED", "TensorNetModel", "load", "supports", "wrap"]
+
+PACKAGES = ("matgl",)
+PRETRAINED: dict[str, str] = {}  # matgl's pretrained weights download at run time
+
+
+def _matgl(arch: str | None = None):
+    """``(Potential, the architecture class)``; with ``arch=None``, ``(Potential, {name: class})``."""
+    optional_import("matgl", "matgl", "wrap matgl models")
+    pes = optional_import("matgl.apps.pes", "matgl", "wrap matgl models")
+    models = optional_import("matgl.models", "matgl", "wrap matgl models")
+    classes = {name: getattr(models, name) for name in ("TensorNet", "M3GNet")}
+    return pes.Potential, (classes if arch is None else classes[arch])
+
+
+def _architecture(obj) -> str | None:
+    potential_cls, classes = _matgl()
+    inner = obj.model if isinstance(obj, potential_cls) else obj
+    for name, cls in classes.items():
+        if isinstance(inner, cls):
+            return name
+    return None
+
+
+def supports(obj) -> bool:
+    """Whether ``obj`` is a matgl ``TensorNet`` or ``M3GNet``, or a ``Potential`` holding one."""
+    if type(obj).__module__.split(".")[0] not in PACKAGES:
+        return False
+    try:
+        return _architecture(obj) is not None
+    except ImportError:
+        return False
+
+
+def _detached_copy(module):
+    """A deep copy of ``module`` without the intermediate features matgl models keep from their
+    last call (``feature_dict``: non-leaf tensors, which ``copy.deepcopy`` refuses)."""
+    saved = {sub: sub.__dict__.pop("feature_dict") for sub in module.modules()
+             if "feature_dict" in sub.__dict__}
+    try:
+        return copy.deepcopy(module)
+    finally:
+        for sub, value in saved.items():
+            sub.feature_dict = value
+
+
+def _without_warp(model):
+    """``model`` with matgl's plain PyTorch layers (same weights) if it was built with Warp.
+
+    The Warp embedding holds the three distance projections as one ``distance_proj``
+    (``3 * units`` outputs, in the order 1, 2, 3); the interaction layers have the same
+    parameters in both."""
+    if not getattr(model, "_use_warp", False):
+        return model
+    from matgl.layers._embedding import TensorEmbedding
+    from matgl.layers._graph_convolution import TensorNetInteraction
+
+    plain = copy.deepcopy(model)
+    dtype = next(model.parameters()).dtype
+    emb = model.tensor_embedding
+    state = dict(emb.state_dict())
+    weight, bias = state.pop("distance_proj.weight"), state.pop("distance_proj.bias")
+    for i, (w, b) in enumerate(zip(weight.chunk(3, 0), bias.chunk(3, 0)), start=1):
+        state[f"distance_proj{i}.weight"], state[f"distance_proj{i}.bias"] = w, b
+    new_emb = TensorEmbedding(emb.units, emb.distance_proj.in_features, model.activation,
+                              emb.emb.num_embeddings, emb.cutoff, dtype=dtype)
+    new_emb.load_state_dict(state)
+    new_layers = torch.nn.ModuleList(
+        TensorNetInteraction(layer.num_rbf, layer.units, model.activation, layer.cutoff,
+                             layer.equivariance_invariance_group, dtype=dtype)
+        for layer in model.layers)
+    new_layers.load_state_dict(model.layers.state_dict())
+    plain.tensor_embedding = new_emb
+    plain.layers = new_layers
+    plain._use_warp = False
+    return plain
+
+
+class _MatGLModel(DistributableModel):
+    """What matgl's energy models share: the ``Potential`` around them (scale, shift, element
+    references), the element table, the per-atom energies."""
+
+    ARCH = ""  # the matgl class name, for messages
+
+    def __init__(self, module):
+        super().__init__()
+        potential_cls, arch_cls = _matgl(self.ARCH)
+        potential = module if isinstance(module, potential_cls) else None
+        model = potential.model if potential is not None else module
+        if not isinstance(model, arch_cls):
+            raise TypeError(f"module: expected a matgl {self.ARCH} or a Potential holding one, got "
+                            f"{type(model).__module__}.{type(model).__name__}")
+        if model.is_intensive:
+            raise ValueError(
+                f"module: expected a {self.ARCH} energy model (is_intensive=False: a sum of "
+                "per-atom energies), got is_intensive=True (a per-structure property); build it "
+                "with is_intensive=False")
+        if getattr(model, "include_state", False):
+            raise ValueError(f"module: expected a {self.ARCH} without state features, got "
+                             "include_state=True")
+        if potential is not None:
+            if potential.calc_repuls:
+                raise ValueError("module: expected a Potential with calc_repuls=False, got "
+                                 "calc_repuls=True (the ZBL repulsion is not supported yet)")
+            refs = potential.element_refs
+            if refs is not None and refs.property_offset.ndim > 1:
+                raise ValueError("module: expected per-element references of one state, got "
+                                 f"shape {tuple(refs.property_offset.shape)}")
+        self.module = _detached_copy(module)  # the caller's module is not modified
+        model = self.module.model if potential is not None else self.module
+        from ase.data import atomic_numbers
+
+        self.elements = ElementTable([atomic_numbers[s] for s in model.element_types], self.ARCH)
+        self.cutoff = float(model.cutoff)
+        dtype = next(model.parameters()).dtype
+        if potential is not None:
+            std, mean = potential.data_std.detach(), potential.data_mean.detach()
+            refs = potential.element_refs
+            offset = refs.property_offset.detach() if refs is not None else None
+        else:
+            std, mean, offset = torch.tensor(1.0), torch.tensor(0.0), None
+        if offset is None:
+            offset = torch.zeros(len(model.element_types))
+        self.register_buffer("data_std", std.to(dtype).reshape(()))
+        self.register_buffer("data_mean", mean.to(dtype).reshape(()))
+        self.register_buffer("element_refs", offset.to(dtype).reshape(-1))
+
+    def _energies(self, graph: LocalGraph, eps: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        """matgl's ``data_std * E + data_mean + sum refs`` as per-atom energies: the shift is
+        shared equally over the whole system's atoms."""
+        needed = graph.num_needed
+        share = self.data_mean / max(graph.num_system_atoms, 1)
+        return self.data_std * eps[:needed] + self.element_refs[types[:needed]] + share
+
+
+class TensorNetModel(_MatGLModel):
+    """A matgl ``TensorNet`` (or a ``Potential`` holding one), split exactly.
+
+    Args:
+        module: a ``matgl.apps.pes.Potential`` whose ``model`` is a ``TensorNet``, or a
+            ``TensorNet`` (energy in its own units: no scale, shift or references).
+
+    Attributes:
+        module: a copy of the wrapped ``Potential`` or ``TensorNet`` (evaluated through its
+            submodules).
+        cutoff: ``model.cutoff``; ``num_layers``: ``nblocks + 1`` (the embedding is a hop).
+    """
+
+    ARCH = "TensorNet"
+
+    def __init__(self, module):
+        super().__init__(module)
+        model = self.module.model if hasattr(self.module, "data_std") else self.module
+        self._tensornet = _without_warp(model)
+        self.num_layers = len(model.layers) + 1
+
+    def forward(self, graph: LocalGraph) -> torch.Tensor:
+        from matgl.utils.maths import decompose_tensor, tensor_norm
+
+        m = self._tensornet
+        needed = graph.num_needed
+        types = self.elements(graph.numbers)
+        edge_index = graph.edge_index.flip(0)  # matgl: [centre (receiver); neighbour (sender)]
+        vec = graph.edge_vec
+        dist = torch.norm(vec, dim=1)
+        edge_attr = m.bond_expansion(dist)
+        X, _ = m.tensor_embedding(types, edge_index, edge_attr, dist, vec, None)
+        for layer in m.layers:
+            X = graph.halo_exchange(X[:needed])  # the embedding and every layer sum over edges
+            X = layer(edge_index, dist, edge_attr, X)
+        scalars, skew, traceless = decompose_tensor(X[:needed])
+        x = torch.cat((tensor_norm(scalars), tensor_norm(skew), tensor_norm(traceless)), dim=-1)
+        x = m.linear(m.out_norm(x))
+        return self._energies(graph, m.final_layer(x).view(-1), types)
+
+
+class M3GNetModel(_MatGLModel):
+    """A matgl ``M3GNet`` (or a ``Potential`` holding one), split exactly.
+
+    M3GNet's bonds are directed, ``[centre; neighbour]``; three-body terms couple bonds sharing
+    a centre, and both the bond and the node updates are summed onto the centre. A part holds
+    every bond centred on its owned atoms (distmlip's received edges), hence every triplet around
+    them: bond features stay exact with the node features exchanged before every block after the
+    first (the embedding is per element). ``num_layers = n_blocks``.
+
+    Args:
+        module: a ``matgl.apps.pes.Potential`` whose ``model`` is an ``M3GNet``, or an ``M3GNet``.
+    """
+
+    ARCH = "M3GNet"
+
+    def __init__(self, module):
+        super().__init__(module)
+        model = self.module.model if hasattr(self.module, "data_std") else self.module
+        self._m3gnet = model
+        self.num_layers = int(model.n_blocks)
+
+    def forward(self, graph: LocalGraph) -> torch.Tensor:
+        from matgl.graph._compute import compute_theta_and_phi, create_line_graph
+        from matgl.utils.cutoff import polynomial_cutoff
+
+        m = self._m3gnet
+        needed, n = graph.num_needed, graph.num_nodes
+        types = self.elements(graph.numbers)
+        # matgl: [centre (receiver); neighbour (sender)], sorted by centre for its triplets
+        order = torch.argsort(graph.edge_index[1], stable=True)
+        edge_index = graph.edge_index.flip(0)[:, order]
+        vec = graph.edge_vec[order]
+        dist = torch.norm(vec, dim=1)
+        expanded = m.bond_expansion(dist)
+        line = create_line_graph(edge_index, dist, vec, None, n, m.threebody_cutoff)
+        angles = compute_theta_and_phi(vec, dist, line["line_edge_index"])
+        basis = m.basis_expansion(angles["triple_bond_lengths"], angles["cos_theta"], angles["phi"])
+        three_cut = polynomial_cutoff(dist, m.threebody_cutoff)
+        node_feat, edge_feat, state_feat = m.embedding(types, expanded, None)
+        for i in range(m.n_blocks):
+            if i > 0:
+                node_feat = graph.halo_exchange(node_feat[:needed])
+            edge_feat = m.three_body_interactions[i](
+                edge_index[1], line["line_edge_index"], line["n_triple_ij"], edge_index.shape[1],
+                basis, three_cut, node_feat, edge_feat)
+            edge_feat, node_feat, state_feat = m.graph_layers[i](
+                edge_index, edge_feat, node_feat, state_feat, expanded, None, None, n, 1)
+        return self._energies(graph, m.final_layer(node_feat[:needed]).view(-1), types)
+
+
+_MODELS = {"TensorNet": TensorNetModel, "M3GNet": M3GNetModel}
+
+
+def wrap(obj, **options) -> _MatGLModel:
+    if options:
+        raise TypeError(f"options: expected none for matgl models, got {sorted(options)}")
+    arch = _architecture(obj)
+    if arch is None:
+        raise TypeError(f"obj: expected a matgl TensorNet or M3GNet, or a Potential holding one, "
+                        f"got {type(obj).__module__}.{type(obj).__name__}")
+    return _MODELS[arch](obj)
+
+
+def load(name: str, **options):
+    raise ValueError(f"name: expected a pretrained model shipped in an installed package, got "
+                     f"{name!r}: matgl's weights download at run time; build the model and wrap it")

@@ -1,0 +1,217 @@
+"""Orb v3 conservative models (``orb-models``) as a ``DistributableModel``.
+
+``distmlip.wrap`` accepts an ``orb_models.forcefield.conservative_regressor.
+ConservativeForcefieldRegressor`` (what ``pretrained.orb_v3_conservative_*`` and
+``orb_v3_conservative_architecture`` build) whose base model is a ``MoleculeGNS``, or an
+``ORBCalculator`` holding one (its ``system_config`` and ``max_num_neighbors`` are used). The adapter
+calls Orb's own modules (edge and node featurisation, encoder, interaction networks, energy head).
+
+Conventions (Orb → distmlip):
+
+- Orb's edges run from a *sender* (an atom of the central cell) to a *receiver*, vector
+  ``pos[receiver] + shift - pos[sender]``, and each sender keeps only its ``max_num_neighbors``
+  nearest neighbours within ``radius``. distmlip's edge (sender s, receiver r) has vector
+  ``pos[s] - pos[r] + shift``: it is Orb's edge with sender ``r`` and receiver ``s``, same vector.
+  So a part holds every candidate edge *sent* by its owned atoms in Orb's sense, and applies the
+  neighbour cap to them exactly.
+- Orb updates each node from the edges it sends *and* the edges it receives. An owned atom also
+  receives edges from halo atoms, whose cap is decided by their owners: every owner computes, for
+  its atoms, the distance of the ``max_num_neighbors``-th nearest neighbour, and one halo exchange
+  (before the encoder) gives it to the halo; the reversed edge ``halo → owned`` (vector
+  ``-edge_vec``) is kept if it is not longer than that. Boundary edges are therefore evaluated in
+  the two parts that own their ends (Orb's edge state is updated from both ends).
+- The cap keeps every neighbour not farther than the k-th nearest: when several neighbours tie
+  at exactly the k-th distance (an unperturbed high-symmetry crystal), all are kept, where Orb
+  keeps k of them in an order its neighbour search decides. Otherwise the graphs are identical.
+- Halo exchanges: node features before every interaction after the first (the encoder is per
+  atom and per edge), plus the cap distances: ``num_message_passing_steps`` calls. Receptive field
+  ``num_layers = num_message_passing_steps + 1`` hops (whether an edge exists depends on its
+  sender's neighbourhood), which extended mode needs.
+- Energy: Orb's head is ``N * denorm(MLP(mean of node features)) + sum_i ref(Z_i)`` (or, with
+  ``predict_atom_avg=False``, ``denorm(MLP(sum)) + refs``): the mean is ``graph.global_sum`` over
+  the whole system. Per-atom energies are ``denorm(MLP(mean)) + ref(Z_i)``: an equal share of the
+  learned part plus each atom's reference (docs/wrapping.md, section 4a); they are not Orb
+  outputs (Orb has none). The bounded-memory mode cannot run this model.
+
+Orb v3's ZBL pair repulsion is included as Orb computes it: summed over the capped edges each
+atom sends, then *averaged* over the system's atoms (``ZBLBasis(node_aggregation="mean")``, the
+default), so each atom's share is its own sum over ``N``.
+
+Not supported (``ValueError``): charge/spin conditioning, extra node or edge input features,
+atom-type embedding bags. Direct (non-conservative) force heads are ignored:
+forces are always the energy's gradient.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from ._adapter import optional_import
+from .base import DistributableModel, LocalGraph
+
+__all__ = ["PACKAGES", "PRETRAINED", "OrbModel", "load", "supports", "wrap"]
+
+PACKAGES = ("orb_models",)
+PRETRAINED: dict[str, str] = {}  # Orb's weights download at run time
+
+
+def _orb():
+    what = "wrap Orb models"
+    regressor = optional_import("orb_models.forcefield.conservative_regressor", "orb", what)
+    calculator = optional_import("orb_models.forcefield.calculator", "orb", what)
+    return regressor.ConservativeForcefieldRegressor, calculator.ORBCalculator
+
+
+def supports(obj) -> bool:
+    """Whether ``obj`` is an Orb ``ConservativeForcefieldRegressor`` or an ``ORBCalculator``."""
+    if type(obj).__module__.split(".")[0] not in PACKAGES:
+        return False
+    try:
+        regressor, calculator = _orb()
+    except ImportError:
+        return False
+    return isinstance(obj, (regressor, calculator))
+
+
+class OrbModel(DistributableModel):
+    """An Orb v3 conservative regressor, split exactly.
+
+    Args:
+        module: a ``ConservativeForcefieldRegressor`` or an ``ORBCalculator`` holding one.
+        max_num_neighbors: the neighbour cap (default: the calculator's, else the model's
+            ``system_config``'s).
+        radius: the graph radius, Å (default: likewise).
+
+    Attributes:
+        module: the regressor (its submodules are evaluated).
+        cutoff: ``radius``; ``num_layers``: message-passing steps + 1.
+    """
+
+    def __init__(self, module, *, max_num_neighbors: int | None = None, radius: float | None = None):
+        super().__init__()
+        regressor_cls, calculator_cls = _orb()
+        config = None
+        if isinstance(module, calculator_cls):
+            config = module.system_config
+            if max_num_neighbors is None:
+                max_num_neighbors = getattr(module, "max_num_neighbors", None)
+            module = module.model
+        if not isinstance(module, regressor_cls):
+            raise TypeError(f"module: expected an Orb ConservativeForcefieldRegressor or an "
+                            f"ORBCalculator holding one, got {type(module).__module__}."
+                            f"{type(module).__name__}")
+        config = config or module.system_config
+        if config is None and (max_num_neighbors is None or radius is None):
+            raise ValueError("module: expected a model with a system_config (radius, "
+                             "max_num_neighbors), got None; pass radius= and max_num_neighbors=")
+        gns = module.model
+        if module.pair_repulsion and module.pair_repulsion_fn.node_aggregation not in ("mean", "sum"):
+            raise ValueError(f"module: expected the ZBL term aggregated by 'mean' or 'sum', got "
+                             f"{module.pair_repulsion_fn.node_aggregation!r}")
+        if gns.conditioner is not None:
+            raise ValueError("module: expected a model without charge/spin conditioning, got "
+                             f"{type(gns.conditioner).__name__}")
+        extra = [k for k in (*gns.node_feature_names, *gns.edge_feature_names) if k != "feat"]
+        if extra or not gns.use_embedding or gns.expects_atom_type_embedding:
+            raise ValueError("module: expected Orb v3's featurisation (an atom embedding table, no "
+                             f"extra input features), got extra features {extra}, use_embedding="
+                             f"{gns.use_embedding}, expects_atom_type_embedding="
+                             f"{gns.expects_atom_type_embedding}")
+        self.module = module
+        self.cutoff = float(radius if radius is not None else config.radius)
+        self.max_num_neighbors = int(max_num_neighbors if max_num_neighbors is not None
+                                     else config.max_num_neighbors)
+        if self.max_num_neighbors < 1:
+            raise ValueError(f"max_num_neighbors: expected an integer >= 1, got {self.max_num_neighbors}")
+        self.num_layers = len(gns.gnn_stacks) + 1
+
+    def _cap(self, receivers: torch.Tensor, length: torch.Tensor, n: int) -> torch.Tensor:
+        """Per row, the distance of its k-th nearest neighbour among the edges it receives here
+        (infinite with fewer than k), k = ``max_num_neighbors``."""
+        k = self.max_num_neighbors
+        kth = torch.full((n,), float("inf"), dtype=length.dtype, device=length.device)
+        if length.numel() == 0:
+            return kth
+        order = torch.argsort(length, stable=True)
+        order = order[torch.argsort(receivers[order], stable=True)]
+        grouped = receivers[order]
+        counts = torch.bincount(receivers, minlength=n)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(len(order), device=length.device) - starts[grouped]
+        at_k = rank == k - 1
+        kth[grouped[at_k]] = length[order][at_k]
+        return kth
+
+    def forward(self, graph: LocalGraph) -> torch.Tensor:
+        from orb_models.forcefield.nn_util import get_cutoff
+
+        gns = self.module.model
+        n, needed = graph.num_nodes, graph.num_needed
+        senders, receivers = graph.edge_index  # distmlip: message from senders to receivers
+        vec = graph.edge_vec
+        length = vec.detach().norm(dim=1)
+        kth = self._cap(receivers, length, n)
+        # halo rows: their owners' cap distances (a no-op in extended mode)
+        kth = graph.halo_exchange(kth[:needed].unsqueeze(1)).squeeze(1)
+        keep = length <= kth[receivers]
+        # Orb edges sent by halo atoms to owned ones (halo mode only: rows >= num_needed)
+        back = (senders >= needed) & (length <= kth[senders])
+        orb_senders = torch.cat([receivers[keep], senders[back]])
+        orb_receivers = torch.cat([senders[keep], receivers[back]])
+        orb_vec = torch.cat([vec[keep], -vec[back]])
+
+        edge_features = gns.featurize_edges(SimpleNamespace(edge_features={"vectors": orb_vec}))
+        node_features = gns.atom_emb(graph.numbers)
+        nodes, edges = gns._encoder(node_features, edge_features)
+        cutoff = get_cutoff(orb_vec.norm(dim=-1))
+        for i, gnn in enumerate(gns.gnn_stacks):
+            if i > 0:
+                nodes = graph.halo_exchange(nodes[:needed])
+            nodes, edges = gnn(nodes, edges, orb_senders, orb_receivers, cutoff)
+
+        head = self.module.heads[self.module.energy_name]
+        total = graph.global_sum(nodes[:needed])
+        count = max(graph.num_system_atoms, 1)
+        if head.atom_avg:
+            share = head.normalizer.inverse(head.mlp((total / count).unsqueeze(0))).reshape(())
+        else:
+            share = head.normalizer.inverse(head.mlp(total.unsqueeze(0))).reshape(()) / count
+        reference = head.reference.linear.weight.reshape(-1).to(vec.dtype)[graph.numbers[:needed]]
+        energies = share + reference
+        if self.module.pair_repulsion:
+            zbl = self._zbl(graph.numbers, receivers[keep], senders[keep], vec[keep], n)[:needed]
+            if self.module.pair_repulsion_fn.node_aggregation == "mean":
+                zbl = zbl / count
+            energies = energies + zbl
+        return energies
+
+    def _zbl(self, numbers, senders, receivers, vec, n) -> torch.Tensor:
+        """Orb's ZBL pair repulsion per sending atom (``ZBLBasis.forward`` before its reduction
+        over atoms), on the capped edges each atom sends. Orb's atomic numbers there are one more
+        than the elements' (``argmax(one_hot(Z)) + 1``); kept as Orb has it."""
+        zbl = self.module.pair_repulsion_fn
+        z_u = (numbers[senders] + 1).to(vec.dtype)
+        z_v = (numbers[receivers] + 1).to(vec.dtype)
+        a = zbl.a_prefactor * 0.529 / (torch.pow(z_u, zbl.a_exp) + torch.pow(z_v, zbl.a_exp))
+        x = vec.norm(dim=1)
+        phi = torch.sum(zbl.c * torch.exp(-zbl.d * (x / a).unsqueeze(0)), dim=0)
+        raw = 14.3996 * z_u * z_v / x * phi
+        r_max = zbl.covalent_radii[numbers[senders] + 1] + zbl.covalent_radii[numbers[receivers] + 1]
+        envelope, _ = zbl._polynomial_cutoff_with_derivative(x, r_max, zbl.p)
+        out = torch.zeros(n, dtype=vec.dtype, device=vec.device)
+        return out.index_add(0, senders, 0.5 * raw * envelope)
+
+
+def wrap(obj, *, max_num_neighbors: int | None = None, radius: float | None = None,
+         **options) -> OrbModel:
+    if options:
+        raise TypeError(f"options: expected max_num_neighbors or radius for Orb models, got "
+                        f"{sorted(options)}")
+    return OrbModel(obj, max_num_neighbors=max_num_neighbors, radius=radius)
+
+
+def load(name: str, **options):
+    raise ValueError(f"name: expected a pretrained model shipped in an installed package, got "
+                     f"{name!r}: Orb's weights download at run time; build the model and wrap it")
