@@ -525,6 +525,9 @@ class Runner:
                 else np.zeros(0, dtype=bool)
         max_degree = int(np.bincount(graph.receivers[inside], minlength=graph.num_atoms).max()) \
             if len(inside) else 0
+        # with the skin: a one-atom part holds up to this many halo rows and edges to filter
+        max_listed = int(np.bincount(graph.receivers, minlength=graph.num_atoms).max()) \
+            if len(inside) else 0
         num_edges = graph.num_edges if graph is not None else 0
         plan_edges = sum(len(p.edges) for p in b.plan.parts)
         host = (GRAPH_BYTES_PER_EDGE * num_edges + PLAN_BYTES_PER_EDGE * plan_edges
@@ -549,7 +552,9 @@ class Runner:
             largest = max(largest, act)
             stored_all += stored
             per_worker.append(stored + act)
-        smallest = memory.part(1, max_degree, max_degree) + CALL_BYTES_PER_EDGE * max_degree
+        # the largest one-atom part (what the most parts reach): an upper bound, so that a budget
+        # of ``floor`` is always met
+        smallest = memory.part(1, max_degree, max_listed) + CALL_BYTES_PER_EDGE * max_listed
         if self.devices[0].type == "cuda":
             peak = max(per_worker, default=0.0)
             fixed = max(per_worker, default=0.0) - largest
