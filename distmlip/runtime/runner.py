@@ -123,6 +123,18 @@ def edges_within(graph: NeighborGraph, positions: np.ndarray, cell: np.ndarray, 
     return keep, (vec if keep.all() else vec[keep])
 
 
+def local_edges(graph: NeighborGraph, positions: np.ndarray, ids: np.ndarray | None, cell: np.ndarray,
+                edges: np.ndarray, edge_index: np.ndarray, cutoff: float):
+    """A part's (or shard's) edges within ``cutoff`` at ``positions`` (global; ``ids``: the graph
+    atoms' global ids if it is a region), coincident atoms refused: kept edge ids, their local
+    (2, kept) ``edge_index`` and (kept, 3) float64 vectors."""
+    pos = positions if ids is None else positions[ids]
+    keep, vec = edges_within(graph, pos, cell, edges, cutoff, check=True, ids=ids)
+    if len(vec) == len(keep):
+        return edges, edge_index, vec
+    return edges[keep], np.ascontiguousarray(edge_index[:, keep]), vec
+
+
 def inside_cutoff(graph: NeighborGraph | None, positions: np.ndarray, cell: np.ndarray,
                   cutoff: float) -> np.ndarray:
     """(E,) bool: the graph's edges shorter than ``cutoff`` at ``positions``, computed in chunks
@@ -617,19 +629,14 @@ class Runner:
         edge ids and their float64 vectors."""
         device = self._device(shard)
         graph = b.graph
-        pos = positions if b.ids is None else positions[b.ids]
         if graph is None or shard.num_rows == 0:
             edges = np.zeros(0, dtype=np.int64)
             vec = np.zeros((0, 3))
             edge_index = np.zeros((2, 0), dtype=np.int64)
             numbers = np.zeros(0, dtype=np.int64)
         else:
-            keep, vec = edges_within(graph, pos, b.cell, shard.edges, self.cutoff, check=True, ids=b.ids)
-            if len(vec) == len(keep):
-                edges, edge_index = shard.edges, shard.edge_index
-            else:
-                edges = shard.edges[keep]
-                edge_index = np.ascontiguousarray(shard.edge_index[:, keep])
+            edges, edge_index, vec = local_edges(graph, positions, b.ids, b.cell, shard.edges,
+                                                 shard.edge_index, self.cutoff)
             numbers = graph.numbers[shard.atoms]
         ids = shard.atoms if b.ids is None else b.ids[shard.atoms]
         needed = shard.num_owned if self.mode == "halo" else shard.num_rows

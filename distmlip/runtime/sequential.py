@@ -31,7 +31,7 @@ import torch
 
 from ..models.base import HaloExchange, LocalGraph
 from ..partition import PartPlan
-from .runner import composition_of, edges_within
+from .runner import composition_of, local_edges
 
 __all__ = ["SequentialWorker"]
 
@@ -161,13 +161,8 @@ class SequentialWorker:
             num_owned = 0
         else:
             part, graph = self.parts[k], b.graph
-            pos = positions if b.ids is None else positions[b.ids]
-            keep, vec = edges_within(graph, pos, b.cell, part.edges, runner.cutoff, check=True, ids=b.ids)
-            if len(vec) == len(keep):
-                edges, edge_index = part.edges, part.edge_index
-            else:
-                edges = part.edges[keep]
-                edge_index = np.ascontiguousarray(part.edge_index[:, keep])
+            edges, edge_index, vec = local_edges(graph, positions, b.ids, b.cell, part.edges,
+                                                 part.edge_index, runner.cutoff)
             numbers = graph.numbers[part.atoms]
             ids = part.atoms if b.ids is None else b.ids[part.atoms]
             num_owned = part.num_owned
