@@ -15,6 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DROP_UNDER_MPI = ("edges_evaluated", "graph_edges", "redundancy", "halo")
 
 
+def progress(iterable, desc: str, total: int | None = None):
+    """A tqdm progress bar (ETA) over a benchmark's configurations, each of which can take
+    minutes; rows printed meanwhile go above it."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit="run", dynamic_ncols=True)
+
+
 def proc_status(key: str) -> int:
     """A memory figure of this process from /proc/self/status, bytes: ``"VmRSS"`` (resident now)
     or ``"VmHWM"`` (peak resident; unlike ``ru_maxrss`` it does not carry a parent's peak over

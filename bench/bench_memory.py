@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from _harness import proc_status, reset_peak  # noqa: E402
+from _harness import progress, proc_status, reset_peak  # noqa: E402
 
 
 
@@ -145,7 +145,7 @@ def main():
         lines = previous
         model_sizes = {}
     for kind, sizes in model_sizes.items():
-        for size in sizes:
+        for size in progress(sizes, f"memory model: {kind}"):
             r = run(kind, size)
             lines.append(f"| {kind} | {r['atoms']} | {r['edges']} | {r['predicted'] / 1e6:.0f} | "
                          f"{r['added'] / 1e6:.0f} | {r['predicted'] / r['added']:.2f} | "
@@ -157,7 +157,7 @@ def main():
               "| model | atoms | unbounded added (MB) | budget (MB) | bounded added (MB) | ratio | parts | time unbounded (s) | time bounded (s) | time ratio | CPU ratio | max rel. dev. forces | load |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     sizes = {"schnet64": 18, "sevennet-0": 2 if quick else 3, "mace": 5}
-    for kind in args.bounded_kinds:
+    for kind in progress(args.bounded_kinds, "bounded runs"):
         size = sizes[kind]
         free = run(kind, size, tag="free")
         budget = int(0.3 * free["added"])

@@ -39,7 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import peak_gb  # noqa: E402
+from _harness import peak_gb, progress  # noqa: E402
 RESULT = ROOT / "bench" / "results" / "node_work.md"
 
 MODELS = {
@@ -211,7 +211,7 @@ def main() -> None:
     rows = []  # (model, label, tree, result or error string, load)
     for model in args.models:
         size = model_size(model, args)
-        for label, parts, launcher in configs:
+        for label, parts, launcher in progress(configs, f"node work: {model}"):
             for tree, code in trees:
                 job = {"model": model, "size": list(size), "parts": parts, "launcher": launcher,
                        "repeats": args.repeats}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import vm_hwm_mb  # noqa: E402
+from _harness import progress, vm_hwm_mb  # noqa: E402
 CONFIGS = [(1, "halo", "grid"), (4, "halo", "grid"), (4, "halo", "metis"), (4, "halo", "slab"),
            (8, "halo", "grid"), (4, "extended", "grid"), (16, "halo", "grid"), (16, "extended", "grid")]
 PAIRED = (1, 8)  # part counts timed in turn in one process (--paired)
@@ -111,7 +111,7 @@ def main():
         print("RESULT " + json.dumps(worker(int(parts), mode, partitioner, args.reps, args.repeat)))
         return
     rows = []
-    for parts, mode, partitioner in CONFIGS:
+    for parts, mode, partitioner in progress(CONFIGS, "overhead configurations"):
         cmd = [sys.executable, __file__, "--worker", str(parts), mode, partitioner,
                "--reps", str(args.reps), "--repeat", str(args.repeat)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
-from _harness import proc_status, reset_peak  # noqa: E402
+from _harness import progress, proc_status, reset_peak  # noqa: E402
 RESULT = ROOT / "bench" / "results" / "scale.md"
 
 # name: (model kind, size argument of bench_memory.build, max_memory or None)
@@ -158,7 +158,7 @@ def main() -> None:
             cells = [c.strip() for c in line.split("|")]
             if len(cells) > 2 and cells[1] in JOBS:
                 rows[cells[1]] = line
-    for name in args.only or list(JOBS):
+    for name in progress(args.only or list(JOBS), "bench_scale jobs"):
         print(f"== {name}", flush=True)
         r = run(name, args.timeout)
         rows[name] = row(name, r)
