@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Adapter", "ElementTable", "optional_import"]
+__all__ = ["Adapter", "ElementTable", "RunRows", "optional_import"]
 
 
 @runtime_checkable
@@ -54,6 +54,20 @@ def optional_import(module: str, extra: str, what: str):
             f"{type(exc).__name__}: {exc}. Install it with `pip install 'distmlip[{extra}]'` "
             f"(or `make install`)"
         ) from exc
+
+
+class RunRows:
+    """What an adapter's forward hooks need during one forward call (kept in a ``ContextVar`` of the
+    adapter module, so that worker threads do not see each other's): the exchange, the local rows
+    and the rows node-wise blocks compute (``needed``; ``needed == rows``: nothing is sliced)."""
+
+    __slots__ = ("exchange", "rows", "needed")
+
+    def __init__(self, graph):
+        self.exchange = graph.halo_exchange
+        self.rows = graph.num_nodes
+        # the exchange takes every row or the owned rows: only those can be left out
+        self.needed = graph.num_needed if graph.num_needed == graph.num_owned else self.rows
 
 
 class ElementTable(torch.nn.Module):

@@ -47,6 +47,7 @@ import contextvars
 
 import torch
 
+from ._adapter import RunRows as _Run
 from .base import DistributableModel, LocalGraph
 
 __all__ = ["MACEModel", "supports", "wrap"]
@@ -76,17 +77,6 @@ _INTERACTIONS = {
 }
 
 
-class _Run:
-    """What the hooks of one ``MACEModel.forward`` call need: the exchange, the local rows and
-    the rows node-wise blocks compute (``needed``; ``needed == rows``: nothing is sliced)."""
-
-    __slots__ = ("exchange", "rows", "needed")
-
-    def __init__(self, graph: LocalGraph):
-        self.exchange = graph.halo_exchange
-        self.rows = graph.num_nodes
-        # the exchange takes every row or the owned rows: only those can be left out
-        self.needed = graph.num_needed if graph.num_needed == graph.num_owned else self.rows
 
 
 def _trim(x, run: _Run):

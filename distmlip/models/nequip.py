@@ -52,6 +52,7 @@ import contextvars
 
 import torch
 
+from ._adapter import RunRows as _Run
 from .base import DistributableModel, LocalGraph
 
 __all__ = ["NequIPModel", "supports", "wrap"]
@@ -62,17 +63,6 @@ _HOOK_FLAG = "_distmlip_exchange_hooked"
 _FEATURES_KEY = "node_features"  # AtomicDataDict.NODE_FEATURES_KEY (checked on install)
 
 
-class _Run:
-    """What the hooks of one ``NequIPModel.forward`` call need: the exchange, the local rows and
-    the rows node-wise layers compute (``needed``; ``needed == rows``: nothing is truncated)."""
-
-    __slots__ = ("exchange", "rows", "needed")
-
-    def __init__(self, graph: LocalGraph):
-        self.exchange = graph.halo_exchange
-        self.rows = graph.num_nodes
-        # the exchange takes every row or the owned rows: only those can be left out
-        self.needed = graph.num_needed if graph.num_needed == graph.num_owned else self.rows
 
 
 class _LocalRows:
