@@ -383,6 +383,6 @@ def test_unknown_element_is_rejected(setup):
 
     _, _, wrapped, _ = setup
     atoms = Atoms("CuAu", positions=[[0, 0, 0], [2.5, 0, 0]], cell=np.eye(3) * 12, pbc=True)
-    with pytest.raises(ValueError, match=r"^atoms: atomic numbers \[79\] have no type in this model "
-                                         r"\(type names \[.*'Cu'.*\]\)"):
+    with pytest.raises(ValueError, match=r"^numbers: this NequIP model has no parameters for atomic "
+                                         r"number\(s\) \[79\] \(Au\); it knows the types \[.*'Cu'.*\]"):
         DistributedCalculator(wrapped, num_partitions=2).get_potential_energy(atoms)

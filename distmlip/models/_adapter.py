@@ -95,10 +95,8 @@ class ElementTable(torch.nn.Module):
         if bool((types < 0).any()):
             from ase.data import chemical_symbols
 
-            unknown = sorted({int(z) for z in numbers[types < 0].tolist()})
+            from .base import unknown_elements
+
             known = ", ".join(chemical_symbols[z] for z in sorted(self.numbers))
-            raise ValueError(
-                f"numbers: expected elements {self.name} has parameters for ({known}), got atomic "
-                f"number(s) {unknown}; use a model trained on these elements"
-            )
+            raise unknown_elements(self.name, numbers[types < 0].tolist(), known)
         return types

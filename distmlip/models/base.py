@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["DistributableModel", "HaloExchange", "LocalGraph", "NUM_ELEMENTS", "check_model",
-           "check_numbers", "no_exchange"]
+           "check_numbers", "no_exchange", "unknown_elements"]
 
 #: Length of ``LocalGraph.composition``: atomic numbers 0..118.
 NUM_ELEMENTS = 119
@@ -280,20 +280,28 @@ def check_model(model) -> None:
                         f"energies), got DistributableModel's abstract forward ({_GUIDE})")
 
 
+def unknown_elements(name: str, unknown, knows: str) -> ValueError:
+    """The error every adapter raises for atomic numbers its model has no parameters for:
+    ``name`` the model, ``unknown`` the atomic numbers, ``knows`` what it covers (text)."""
+    from ase.data import chemical_symbols
+
+    unknown = sorted({int(z) for z in unknown})
+    symbols = ", ".join(chemical_symbols[z] if 0 <= z < len(chemical_symbols) else "?" for z in unknown)
+    return ValueError(
+        f"numbers: {name} has no parameters for atomic number(s) {unknown} ({symbols}); it knows "
+        f"{knows}; use a model trained on these elements"
+    )
+
+
 def check_numbers(numbers: torch.Tensor, low: int, high: int, name: str) -> None:
-    """``ValueError`` (as every adapter raises it) if an atomic number is outside the range
+    """``ValueError`` (``unknown_elements``) if an atomic number is outside the range
     ``[low, high]`` a model ``name`` has parameters for."""
     bad = (numbers < low) | (numbers > high)
     if bool(bad.any()):
         from ase.data import chemical_symbols
 
-        unknown = sorted({int(z) for z in numbers[bad].tolist()})
-
         def symbol(z):
             return chemical_symbols[z] if 0 <= z < len(chemical_symbols) else "?"
 
-        raise ValueError(
-            f"numbers: {name} has no parameters for atomic number(s) {unknown} "
-            f"({', '.join(symbol(z) for z in unknown)}); it knows atomic numbers {low}-{high} "
-            f"({symbol(low)}-{symbol(high)})"
-        )
+        raise unknown_elements(name, numbers[bad].tolist(),
+                               f"atomic numbers {low}-{high} ({symbol(low)}-{symbol(high)})")

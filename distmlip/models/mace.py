@@ -48,7 +48,7 @@ import contextvars
 import torch
 
 from ._adapter import RunRows as _Run
-from .base import DistributableModel, LocalGraph
+from .base import DistributableModel, LocalGraph, unknown_elements
 
 __all__ = ["MACEModel", "supports", "wrap"]
 
@@ -238,11 +238,8 @@ class MACEModel(DistributableModel):
         idx = torch.where(known, self.z_index[numbers.clamp(max=self.z_index.shape[0] - 1)],
                           torch.full_like(numbers, -1))
         if bool((idx < 0).any()):
-            bad = sorted(set(numbers[idx < 0].tolist()))
-            raise ValueError(
-                f"atoms: atomic numbers {bad} are not among the elements this MACE model was "
-                f"trained on ({list(self.elements)})"
-            )
+            raise unknown_elements("this MACE model", numbers[idx < 0].tolist(),
+                                   f"atomic numbers {list(self.elements)}")
         return torch.nn.functional.one_hot(idx, len(self.elements)).to(dtype)
 
     def forward(self, graph: LocalGraph) -> torch.Tensor:

@@ -53,7 +53,7 @@ import contextvars
 import torch
 
 from ._adapter import RunRows as _Run
-from .base import DistributableModel, LocalGraph
+from .base import DistributableModel, LocalGraph, unknown_elements
 
 __all__ = ["NequIPModel", "supports", "wrap"]
 
@@ -354,11 +354,8 @@ class NequIPModel(DistributableModel):
         types = torch.where(numbers < size, self.z_to_type[numbers.clamp(max=size - 1)],
                             torch.full_like(numbers, -1))
         if bool((types < 0).any()):
-            bad = sorted(set(numbers[types < 0].tolist()))
-            raise ValueError(
-                f"atoms: atomic numbers {bad} have no type in this model (type names "
-                f"{list(self.type_names)})"
-            )
+            raise unknown_elements("this NequIP model", numbers[types < 0].tolist(),
+                                   f"the types {list(self.type_names)}")
         return types
 
     def forward(self, graph: LocalGraph) -> torch.Tensor:

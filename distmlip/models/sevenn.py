@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DistributableModel, LocalGraph
+from .base import DistributableModel, LocalGraph, unknown_elements
 
 __all__ = ["PRETRAINED", "SevenNetModel", "load", "supports", "wrap"]
 
@@ -196,11 +196,7 @@ class SevenNetModel(DistributableModel):
         types = self.z_to_type[numbers.clamp(0, self.z_to_type.shape[0] - 1)]
         bad |= types < 0
         if bool(bad.any()):
-            unknown = sorted({int(z) for z in numbers[bad].tolist()})
-            raise ValueError(
-                f"numbers: {self.name} has no parameters for atomic number(s) {unknown}; it knows "
-                f"{sorted(self.type_map)}"
-            )
+            raise unknown_elements(self.name, numbers[bad].tolist(), str(sorted(self.type_map)))
         return types
 
     def forward(self, graph: LocalGraph) -> torch.Tensor:
