@@ -64,11 +64,11 @@ import io
 
 import torch
 
+from ._adapter import optional_import
 from .base import DistributableModel, LocalGraph, check_numbers
 
 __all__ = ["PRETRAINED", "CHGNetModel", "load", "supports", "wrap"]
 
-_INSTALL = "CHGNet models need the 'chgnet' package: pip install distmlip[chgnet]"
 
 # distmlip name -> (CHGNet.load's model_name, description). All three checkpoints ship inside the
 # chgnet wheel (chgnet/pretrained); nothing is downloaded.
@@ -90,11 +90,7 @@ _EMPTY_SLOT = 1.0e6  # Å, edge vector stored in unused slots (never matches)
 
 
 def _chgnet_class():
-    try:
-        from chgnet.model.model import CHGNet
-    except ImportError as exc:  # pragma: no cover - exercised only without chgnet
-        raise ImportError(_INSTALL) from exc
-    return CHGNet
+    return optional_import("chgnet.model.model", "chgnet", "wrap or load CHGNet models").CHGNet
 
 
 def supports(obj) -> bool:

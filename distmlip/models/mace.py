@@ -48,6 +48,7 @@ import contextvars
 import torch
 
 from ._adapter import RunRows as _Run
+from ._adapter import optional_import
 from .base import DistributableModel, LocalGraph, unknown_elements
 
 __all__ = ["MACEModel", "supports", "wrap"]
@@ -113,14 +114,7 @@ def _exchange_output_hook(module, args, output):
 
 
 def _import_mace_models():
-    try:
-        from mace.modules import models
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "distmlip's MACE adapter needs mace-torch: pip install distmlip[mace] "
-            f"(import failed: {exc})"
-        ) from exc
-    return models
+    return optional_import("mace.modules.models", "mace", "wrap MACE models")
 
 
 def _is_mace(obj) -> bool:

@@ -47,11 +47,11 @@ from __future__ import annotations
 
 import torch
 
+from ._adapter import optional_import
 from .base import DistributableModel, LocalGraph, unknown_elements
 
 __all__ = ["PRETRAINED", "SevenNetModel", "load", "supports", "wrap"]
 
-_INSTALL = "SevenNet models need the 'sevenn' package: pip install distmlip[sevenn]"
 
 # distmlip name -> (sevenn's pretrained name, description). All three checkpoints ship inside
 # the sevenn wheel (sevenn/pretrained_potentials); nothing is downloaded.
@@ -69,13 +69,9 @@ _DEFAULT_MODAL = {"sevennet-mf-0": "PBE"}
 
 
 def _sevenn():
-    try:
-        import sevenn  # noqa: F401
-        import sevenn._keys as keys
-        from sevenn.nn.sequential import AtomGraphSequential
-    except ImportError as exc:  # pragma: no cover - exercised only without sevenn
-        raise ImportError(_INSTALL) from exc
-    return keys, AtomGraphSequential
+    what = "wrap or load SevenNet models"
+    keys = optional_import("sevenn._keys", "sevenn", what)
+    return keys, optional_import("sevenn.nn.sequential", "sevenn", what).AtomGraphSequential
 
 
 def supports(obj) -> bool:
