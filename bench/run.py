@@ -19,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 ORDER = ["partition", "overhead", "scaling", "parts_per_rank", "reuse", "node_work", "node_work_mpi",
-         "node_work_mace", "memory", "scale", "pretrained_sevenn", "pretrained_chgnet"]
+         "node_work_mace", "memory", "scale", "longrun", "property", "pretrained_sevenn",
+         "pretrained_chgnet"]
 
 HEADER = """# Benchmarks
 
