@@ -52,7 +52,7 @@ DEEP_EXAMPLES = int(os.environ.get("PROPERTY_DEEP_EXAMPLES", "3500"))
 _COMMON = dict(deadline=None, derandomize=True, database=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                       HealthCheck.filter_too_much])
-FAST = settings(max_examples=40, **_COMMON)
+FAST = settings(max_examples=25, **_COMMON)
 DEEP = settings(max_examples=DEEP_EXAMPLES, **_COMMON)
 
 
