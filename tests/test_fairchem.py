@@ -24,7 +24,7 @@ pytest.importorskip("fairchem.core", reason="fairchem-core is not installed (pip
 import distmlip  # noqa: E402
 from distmlip.models.fairchem import UMAModel  # noqa: E402
 from distmlip.testing import assert_partition_invariant  # noqa: E402
-from distmlip.testing.adapters import adapter_structures, assert_matches_calculator  # noqa: E402
+from distmlip.testing.adapters import ADAPTER_SPLITS, adapter_structures, assert_matches_calculator  # noqa: E402
 
 
 def make_uma(seed: int = 0, **extra):
@@ -80,8 +80,7 @@ def fairchem_reference(model, atoms, dtype) -> dict:
 
 
 STRUCTURES = adapter_structures()
-SPLITS = {"oxide": ("grid", "metis"), "metal": ("slab",), "slab": ("metis",),
-          "small_cell": ("grid",), "molecule": ("grid", "slab")}
+SPLITS = ADAPTER_SPLITS
 
 
 @pytest.mark.parametrize("name", list(STRUCTURES))

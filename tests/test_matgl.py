@@ -26,8 +26,9 @@ matgl = pytest.importorskip("matgl", reason="matgl is not installed (pip install
 import distmlip  # noqa: E402
 from distmlip.models.matgl import M3GNetModel, TensorNetModel  # noqa: E402
 from distmlip.testing import assert_partition_invariant  # noqa: E402
-from distmlip.testing.adapters import (ADAPTER_ELEMENTS, adapter_structures,  # noqa: E402
-                                       assert_matches_calculator)
+from distmlip.testing.adapters import (ADAPTER_ELEMENTS, ADAPTER_SPLITS,  # noqa: E402
+                                       adapter_structures, assert_matches_calculator,
+                                       calculator_reference)
 
 REFS = np.array([-1.1, -1.9, -7.3, -4.9, -3.7, -3.5])  # per-element references, eV
 
@@ -93,21 +94,13 @@ def m3gnet64(m3gnet):
 def matgl_reference(potential, atoms, bits: int) -> dict:
     from matgl.ext.ase import PESCalculator
 
-    work = atoms.copy()
-    if not work.pbc.all() and work.pbc.any():  # a slab: matgl needs a periodic cell
-        work.pbc = True
-    with matgl_dtype(bits), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        work.calc = PESCalculator(potential, stress_unit="eV/A3")
-        out = {"energy": work.get_potential_energy(), "forces": work.get_forces().copy()}
-        if atoms.cell.rank == 3:
-            out["stress"] = work.get_stress().copy()
-    return out
+    with matgl_dtype(bits):  # a slab: matgl needs a periodic cell
+        return calculator_reference(PESCalculator(potential, stress_unit="eV/A3"), atoms,
+                                    full_periodicity=True)
 
 
 STRUCTURES = adapter_structures()
-SPLITS = {"oxide": ("grid", "metis"), "metal": ("slab",), "slab": ("metis",),
-          "small_cell": ("grid",), "molecule": ("grid", "slab")}
+SPLITS = ADAPTER_SPLITS
 
 
 @pytest.mark.parametrize("name", list(STRUCTURES))

@@ -24,7 +24,8 @@ pytest.importorskip("mattersim", reason="mattersim is not installed (pip install
 import distmlip  # noqa: E402
 from distmlip.models.mattersim import MatterSimModel, triplets  # noqa: E402
 from distmlip.testing import assert_partition_invariant  # noqa: E402
-from distmlip.testing.adapters import adapter_structures, assert_matches_calculator  # noqa: E402
+from distmlip.testing.adapters import (ADAPTER_SPLITS, adapter_structures,  # noqa: E402
+                                       assert_matches_calculator, calculator_reference)
 
 
 def make_potential(seed: int = 0):
@@ -49,21 +50,13 @@ def potential():
 def mattersim_reference(potential, atoms) -> dict:
     from mattersim.forcefield.potential import MatterSimCalculator
 
-    work = atoms.copy()
-    if not work.pbc.all() and work.pbc.any():  # a slab: MatterSim needs full periodicity
-        work.pbc = True
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        work.calc = MatterSimCalculator(potential, device="cpu")
-        out = {"energy": work.get_potential_energy(), "forces": work.get_forces().copy()}
-        if atoms.cell.rank == 3:
-            out["stress"] = work.get_stress().copy()
-    return out
+    # a slab: MatterSim needs full periodicity
+    return calculator_reference(MatterSimCalculator(potential, device="cpu"), atoms,
+                                full_periodicity=True)
 
 
 STRUCTURES = adapter_structures()
-SPLITS = {"oxide": ("grid", "metis"), "metal": ("slab",), "slab": ("metis",),
-          "small_cell": ("grid",), "molecule": ("grid",)}
+SPLITS = {**ADAPTER_SPLITS, "molecule": ("grid",)}
 
 
 @pytest.mark.parametrize("name", list(STRUCTURES))

@@ -26,7 +26,8 @@ pytest.importorskip("orb_models", reason="orb-models is not installed (pip insta
 import distmlip  # noqa: E402
 from distmlip.models.orb import OrbModel  # noqa: E402
 from distmlip.testing import assert_partition_invariant, evaluate  # noqa: E402
-from distmlip.testing.adapters import adapter_structures, assert_matches_calculator, metal  # noqa: E402
+from distmlip.testing.adapters import (ADAPTER_SPLITS, adapter_structures,  # noqa: E402
+                                       assert_matches_calculator, calculator_reference, metal)
 
 CAP = 8
 
@@ -70,21 +71,12 @@ def orb64(orb32):
 def orb_reference(model, atoms, dtype) -> dict:
     from orb_models.forcefield.calculator import ORBCalculator
 
-    work = atoms.copy()
-    if not work.pbc.all() and work.pbc.any():  # a slab: Orb needs full periodicity
-        work.pbc = True
-    with default_dtype(dtype), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        work.calc = ORBCalculator(model, device="cpu")
-        out = {"energy": work.get_potential_energy(), "forces": work.get_forces().copy()}
-        if atoms.cell.rank == 3:
-            out["stress"] = work.get_stress().copy()
-    return out
+    with default_dtype(dtype):  # a slab: Orb needs full periodicity
+        return calculator_reference(ORBCalculator(model, device="cpu"), atoms, full_periodicity=True)
 
 
 STRUCTURES = adapter_structures()
-SPLITS = {"oxide": ("grid", "metis"), "metal": ("slab",), "slab": ("metis",),
-          "small_cell": ("grid",), "molecule": ("grid", "slab")}
+SPLITS = ADAPTER_SPLITS
 
 
 @pytest.mark.parametrize("name", list(STRUCTURES))

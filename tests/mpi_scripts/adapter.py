@@ -6,11 +6,11 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests directory
 
-from distmlip import DistributedCalculator, wrap  # noqa: E402
+from _splits import check_splits, report  # noqa: E402
+
+from distmlip import wrap  # noqa: E402
 from distmlip.testing.adapters import adapter_structures  # noqa: E402
 
 RTOL = 1e-10
@@ -40,37 +40,12 @@ def make(name):
     raise SystemExit(f"unknown adapter {name!r}")
 
 
-def rel(a, b):
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) / max(float(np.max(np.abs(b))), 1.0)
-
-
 def main():
     warnings.simplefilter("ignore")
     name = sys.argv[1]
-    model = make(name)
-    structures = adapter_structures()
-    failures, checks, rank = [], 0, None
-    for sname in ("oxide", "slab", "molecule"):
-        atoms = structures[sname]
-        ref = atoms.copy()
-        ref.calc = DistributedCalculator(model, backend="local")
-        want = {k: ref.calc.get_property(k, ref) for k in ("energy", "forces")}
-        for mode in ("halo", "extended"):
-            for partitioner in ("grid", "metis"):
-                test = atoms.copy()
-                test.calc = DistributedCalculator(model, num_partitions=2, mode=mode,
-                                                  partitioner=partitioner)
-                assert test.calc.backend == "torch", test.calc.backend
-                rank = test.calc.runner.rank
-                for key, value in want.items():
-                    checks += 1
-                    err = rel(test.calc.get_property(key, test), value)
-                    if not err <= RTOL:
-                        failures.append(f"{sname}/{mode}/{partitioner}/{key}: {err:.3e}")
-    if failures:
-        print(f"rank {rank}: {len(failures)} mismatches:\n" + "\n".join(failures), flush=True)
-        sys.exit(1)
-    print(f"rank {rank}: {name} {checks} checks passed", flush=True)
+    structures = {k: v for k, v in adapter_structures().items() if k in ("oxide", "slab", "molecule")}
+    result = check_splits(make(name), structures, 2, ("grid", "metis"), RTOL)
+    report(*result, f"{name} {{checks}} checks passed")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import numpy as np
 from ase import Atoms
 from ase.build import bulk, fcc111, molecule
 
-from distmlip import DistributedCalculator
+from _splits import check_splits, report
 from distmlip.testing.models import GlobalReadoutToy
 
 RTOL = 1e-10
@@ -27,36 +27,12 @@ def structures():
     return {"salt": salt, "slab": slab, "water": Atoms(water.numbers, water.positions, pbc=False)}
 
 
-def rel(a, b):
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) / max(float(np.max(np.abs(b))), 1.0)
-
-
 def main():
     per_rank = int(sys.argv[1]) if len(sys.argv) > 1 else 1
     model = GlobalReadoutToy(cutoff=4.0, seed=3, scale=4.0).double()
-    failures, checks, rank = [], 0, None
-    for sname, atoms in structures().items():
-        ref = atoms.copy()
-        ref.calc = DistributedCalculator(model, backend="local")
-        want = {k: ref.calc.get_property(k, ref) for k in ("energy", "forces", "energies")}
-        if atoms.cell.rank == 3:
-            want["stress"] = ref.get_stress()
-        for mode in ("halo", "extended"):
-            for partitioner in ("grid", "slab", "metis"):
-                test = atoms.copy()
-                test.calc = DistributedCalculator(model, num_partitions=2 * per_rank, mode=mode,
-                                                  partitioner=partitioner)
-                assert test.calc.backend == "torch", test.calc.backend
-                rank = test.calc.runner.rank
-                for key, value in want.items():
-                    checks += 1
-                    err = rel(test.calc.get_property(key, test), value)
-                    if not err <= RTOL:
-                        failures.append(f"{sname}/{mode}/{partitioner}/{key}: {err:.3e}")
-    if failures:
-        print(f"rank {rank}: {len(failures)} mismatches:\n" + "\n".join(failures), flush=True)
-        sys.exit(1)
-    print(f"rank {rank}: {checks} global-sum checks passed with {2 * per_rank} parts", flush=True)
+    result = check_splits(model, structures(), 2 * per_rank, ("grid", "slab", "metis"), RTOL,
+                          keys=("energy", "forces", "energies"), stress=True)
+    report(*result, "{checks} global-sum checks passed with " f"{2 * per_rank} parts")
 
 
 if __name__ == "__main__":
