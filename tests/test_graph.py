@@ -183,3 +183,23 @@ def test_single_atom_and_no_edges():
     atoms = Atoms("Ar", positions=[[0, 0, 0]], pbc=False)
     g = NeighborGraph.from_atoms(atoms, CUTOFF)
     assert g.num_atoms == 1 and g.num_edges == 0
+
+
+def test_rebuilds_do_not_grow_ctypes_caches():
+    """vesin's own pointer-to-numpy helper (numpy.ctypeslib.as_array) makes a ctypes array type per
+    new neighbour-list length, kept for the life of the process: a long MD's RSS grew ~0.3 MB per
+    1,000 steps (LJ, 1,372 atoms). NeighborGraph routes it through numpy's array interface."""
+    import ctypes
+
+    from ase.build import bulk
+
+    def build(n):
+        atoms = bulk("Cu", cubic=True).repeat((1 + n % 4, 2, 2))
+        atoms.rattle(0.3, seed=n)
+        return NeighborGraph.from_atoms(atoms, 3.0 + 0.05 * n)
+
+    build(0)
+    before = len(ctypes._pointer_type_cache)
+    sizes = {build(n).num_edges for n in range(1, 30)}
+    assert len(sizes) > 20  # many distinct edge counts
+    assert len(ctypes._pointer_type_cache) == before

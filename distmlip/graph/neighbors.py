@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,6 +115,7 @@ class NeighborGraph:
         positions, cell, pbc, numbers = validate_system(positions, cell, pbc, numbers)
         import vesin
 
+        _avoid_ctypes_type_cache()
         # vesin wants a full box; non-periodic directions may hold anything, so give them the
         # completed cell (keeps the periodic vectors untouched).
         box = complete_cell(cell, pbc) if not pbc.all() else cell
@@ -165,6 +168,44 @@ class NeighborGraph:
 def _as_int64(a) -> np.ndarray:
     a = np.asarray(a)
     return a.view(np.int64) if a.dtype == np.uint64 else a.astype(np.int64, copy=False)
+
+
+class _Buffer:
+    """A foreign buffer exposed through numpy's array interface."""
+
+    def __init__(self, interface: dict):
+        self.__array_interface__ = interface
+
+
+def _pointer_as_array(ptr, shape, dtype, owner, device):
+    """vesin's result buffer as a numpy array (the same view vesin's own helper returns).
+
+    vesin's helper goes through ``numpy.ctypeslib.as_array``, which makes a ctypes array type per
+    distinct length, and ctypes keeps every such type for the life of the process: ~4 KB per
+    neighbour list of a new size, so a long MD (thousands of rebuilds, each with its own edge count)
+    grows its RSS steadily. The array interface makes the same view without creating a type."""
+    import vesin._neighbors as vn
+
+    if device.type != vn.VesinCPU:  # only the numpy path is replaced
+        raise RuntimeError(f"vesin returned a buffer on device {device.type}, expected the CPU")
+    np_dtype = np.dtype(dtype)
+    address = ctypes.cast(ptr, ctypes.c_void_p).value
+    if not address or 0 in shape:
+        return np.empty(shape, dtype=np_dtype)
+    return np.asarray(_Buffer({"data": (address, False), "shape": tuple(int(n) for n in shape),
+                               "typestr": np_dtype.str, "version": 3}))
+
+
+def _avoid_ctypes_type_cache() -> None:
+    """Route vesin's pointer-to-numpy conversion through ``_pointer_as_array`` (once; only where
+    vesin has the helper with the signature this module knows)."""
+    import vesin._neighbors as vn
+
+    helper = getattr(vn, "_ptr_to_numpy", None)
+    if helper is None or helper is _pointer_as_array or not hasattr(vn, "VesinCPU"):
+        return
+    if list(inspect.signature(helper).parameters) == ["ptr", "shape", "dtype", "owner", "device"]:
+        vn._ptr_to_numpy = _pointer_as_array
 
 
 def _check_cutoff(cutoff) -> float:
