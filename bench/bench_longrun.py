@@ -64,6 +64,7 @@ def make_system(reps: int, temperature: float, seed: int):
 def run_nve(parts: int, steps: int, reps: int, temperature: float, timestep: float, skin: float,
             seed: int, **calc_options) -> dict:
     """One NVE trajectory in this process; returns drift, RSS and timing figures."""
+    import ctypes
     import gc
 
     import numpy as np
@@ -78,14 +79,24 @@ def run_nve(parts: int, steps: int, reps: int, temperature: float, timestep: flo
     atoms = make_system(reps, temperature, seed)
     atoms.calc = DistributedCalculator(make_lj(), num_partitions=parts, skin=skin, **calc_options)
     dyn = VelocityVerlet(atoms, timestep=timestep * units.fs)
+    # glibc keeps freed heap pages in its arenas; malloc_trim hands them back so VmRSS counts the
+    # memory in use (the raw reading is kept too)
+    libc = ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else None
+
+    def trim():
+        if libc is not None:
+            libc.malloc_trim(0)
+
     etot = []
-    rss = {}
+    rss, raw = {}, {}
 
     def observe():
         etot.append(atoms.get_potential_energy() + atoms.get_kinetic_energy())
         n = dyn.nsteps
         if n == 100 or (n and n % 1000 == 0) or n == steps:
             gc.collect()
+            raw[n] = proc_status("VmRSS") / 2**20
+            trim()
             rss[n] = proc_status("VmRSS") / 2**20
 
     dyn.attach(observe, interval=1)
@@ -99,6 +110,7 @@ def run_nve(parts: int, steps: int, reps: int, temperature: float, timestep: flo
     return {"parts": parts, "atoms": n, "steps": int(dyn.nsteps), "graph_builds": atoms.calc.graph_builds,
             "drift_max": float(np.abs(etot - etot[0]).max() / n), "drift_end": float((etot[-1] - etot[0]) / n),
             "slope": slope, "rss_100": rss.get(100), "rss_end": rss.get(steps), "rss": rss,
+            "raw_100": raw.get(100), "raw_end": raw.get(steps), "raw": raw,
             "time": elapsed, "temperature_end": float(atoms.get_temperature()),
             "etot0": float(etot[0]), "positions": atoms.get_positions().tolist(),
             "etot_trace": etot[:: max(1, steps // 100)].tolist()}
