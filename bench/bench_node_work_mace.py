@@ -41,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import proc_status  # noqa: E402
+
 PARTS = (1, 2, 4)
 
 

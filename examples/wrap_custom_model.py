@@ -28,9 +28,13 @@ import torch
 from torch import nn
 
 from distmlip import DistributableModel, DistributedCalculator
-from distmlip.testing import (assert_partition_invariant, awkward_structures,
-                              check_forces_finite_difference, check_stress_finite_difference,
-                              format_report)
+from distmlip.testing import (
+    assert_partition_invariant,
+    awkward_structures,
+    check_forces_finite_difference,
+    check_stress_finite_difference,
+    format_report,
+)
 
 
 # ----------------------------------------------------------------- the model, as a user writes it

@@ -24,8 +24,12 @@ pytest.importorskip("mattersim", reason="mattersim is not installed (pip install
 import distmlip  # noqa: E402
 from distmlip.models.mattersim import MatterSimModel, triplets  # noqa: E402
 from distmlip.testing import assert_partition_invariant  # noqa: E402
-from distmlip.testing.adapters import (ADAPTER_SPLITS, adapter_structures,  # noqa: E402
-                                       assert_matches_calculator, calculator_reference)
+from distmlip.testing.adapters import (  # noqa: E402
+    ADAPTER_SPLITS,
+    adapter_structures,
+    assert_matches_calculator,
+    calculator_reference,
+)
 
 
 def make_potential(seed: int = 0):

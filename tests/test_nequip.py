@@ -21,8 +21,7 @@ pytest.importorskip("nequip.model", reason="nequip is not installed (pip install
 import distmlip  # noqa: E402
 from distmlip import DistributedCalculator  # noqa: E402
 from distmlip.models.nequip import NequIPModel  # noqa: E402
-from distmlip.testing import (assert_partition_invariant, evaluate, format_report,  # noqa: E402
-                              rel_err)
+from distmlip.testing import assert_partition_invariant, evaluate, format_report, rel_err  # noqa: E402
 
 TYPES = ["Li", "O", "Al", "Cu"]
 R_MAX = 5.0
@@ -39,9 +38,8 @@ def _common(seed: int) -> dict:
 def _build(builder, **kwargs):
     import warnings
 
-    from nequip.utils.global_state import set_global_state
-
     import e3nn
+    from nequip.utils.global_state import set_global_state
 
     previous = torch.get_default_dtype()
     e3nn_jit = e3nn.get_optimization_defaults()["jit_mode"]

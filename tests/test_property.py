@@ -32,11 +32,10 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
 from ase import Atoms  # noqa: E402
 from ase.neighborlist import neighbor_list  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from distmlip import DistributedCalculator  # noqa: E402
 from distmlip.models import LennardJones  # noqa: E402

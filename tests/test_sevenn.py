@@ -334,7 +334,8 @@ def test_errors(model):
 
     atoms = Atoms("CuAm", positions=[[0, 0, 0], [2.5, 0, 0]], cell=[8, 8, 8], pbc=True)
     atoms.calc = DistributedCalculator(model)
-    with pytest.raises(ValueError, match=r"numbers: sevennet-0 has no parameters for atomic number\(s\) \[95\]"):
+    with pytest.raises(ValueError,
+                       match=r"numbers: sevennet-0 has no parameters for atomic number\(s\) \[95\]"):
         atoms.get_potential_energy()
 
 

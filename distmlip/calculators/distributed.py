@@ -43,7 +43,8 @@ def _parse_dtype(dtype):
         return dtype
     if isinstance(dtype, str) and dtype in _DTYPES:
         return _DTYPES[dtype]
-    raise ValueError(f"dtype: expected None, torch.float32/torch.float64 or one of {list(_DTYPES)}, got {dtype!r}")
+    raise ValueError(f"dtype: expected None, torch.float32/torch.float64 or one of {list(_DTYPES)}, "
+                     f"got {dtype!r}")
 
 
 def _parse_devices(device) -> list[torch.device]:
@@ -55,7 +56,8 @@ def _parse_devices(device) -> list[torch.device]:
         try:
             dev = torch.device(item)
         except (RuntimeError, TypeError):
-            raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {item!r}") from None
+            raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', "
+                             f"got {item!r}") from None
         if dev.type == "cuda":
             if not torch.cuda.is_available():
                 raise ValueError(

@@ -167,7 +167,7 @@ class LocalGraph:
         return int(self.edge_index.shape[1])
 
     @classmethod
-    def single(cls, numbers, edge_index, edge_vec, cell=None) -> "LocalGraph":
+    def single(cls, numbers, edge_index, edge_vec, cell=None) -> LocalGraph:
         """A whole, unsplit system (every atom owned, exchange a no-op)."""
         n = int(numbers.shape[0])
         device = edge_vec.device

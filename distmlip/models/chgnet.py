@@ -104,7 +104,7 @@ def supports(obj) -> bool:
     return isinstance(obj, chgnet_cls)
 
 
-def wrap(obj, **kwargs) -> "CHGNetModel":
+def wrap(obj, **kwargs) -> CHGNetModel:
     """A ``CHGNetModel`` around ``obj`` (a ``chgnet.model.CHGNet``); ``kwargs`` go to
     ``CHGNetModel`` (``max_bonds``)."""
     if not supports(obj):
@@ -113,7 +113,7 @@ def wrap(obj, **kwargs) -> "CHGNetModel":
     return CHGNetModel(obj, **kwargs)
 
 
-def load(name: str, **kwargs) -> "CHGNetModel":
+def load(name: str, **kwargs) -> CHGNetModel:
     """A pretrained CHGNet shipped in the chgnet wheel, by distmlip name (see ``PRETRAINED``)."""
     if not isinstance(name, str):
         raise TypeError(f"name: expected a model name (str), got {type(name).__name__}")

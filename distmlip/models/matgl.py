@@ -1,8 +1,8 @@
 """matgl's TensorNet and M3GNet (PyTorch Geometric backend) as ``DistributableModel``s.
 
 ``distmlip.wrap`` accepts a ``matgl.apps.pes.Potential`` holding a ``TensorNet`` or an ``M3GNet``,
-or the model itself (M3GNet: see ``M3GNetModel``). The adapter runs matgl's own submodules in matgl's order; only the halo
-exchanges are added.
+or the model itself (M3GNet: see ``M3GNetModel``). The adapter runs matgl's own submodules in
+matgl's order; only the halo exchanges are added.
 
 Conventions (matgl → distmlip):
 

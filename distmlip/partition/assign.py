@@ -33,7 +33,8 @@ def _extent(frac: np.ndarray, spacing: np.ndarray) -> np.ndarray:
 def slab_owners(positions, cell, pbc, num_parts: int) -> np.ndarray:
     """1-D cuts along the longest axis, balanced by atom count (not by width)."""
     num_parts = _check_parts(num_parts)
-    frac, spacing = fractional_coordinates(np.asarray(positions, dtype=np.float64), cell, np.asarray(pbc, dtype=bool))
+    frac, spacing = fractional_coordinates(np.asarray(positions, dtype=np.float64), cell,
+                                           np.asarray(pbc, dtype=bool))
     axis = int(np.argmax(_extent(frac, spacing)))
     order = np.argsort(frac[:, axis], kind="stable")
     owner = np.empty(len(positions), dtype=np.int64)
@@ -45,7 +46,8 @@ def grid_owners(positions, cell, pbc, num_parts: int) -> np.ndarray:
     """Recursive coordinate bisection: split the atoms along their widest physical extent into
     two sets whose sizes are proportional to the number of parts each side receives."""
     num_parts = _check_parts(num_parts)
-    frac, spacing = fractional_coordinates(np.asarray(positions, dtype=np.float64), cell, np.asarray(pbc, dtype=bool))
+    frac, spacing = fractional_coordinates(np.asarray(positions, dtype=np.float64), cell,
+                                           np.asarray(pbc, dtype=bool))
     owner = np.empty(len(positions), dtype=np.int64)
     stack = [(np.arange(len(positions)), num_parts, 0)]
     while stack:

@@ -99,7 +99,7 @@ class PartitionPlan:
         partitioner: str = "grid",
         mode: str = "halo",
         num_hops: int = 1,
-    ) -> "PartitionPlan":
+    ) -> PartitionPlan:
         """Partition ``graph`` with the named partitioner and build every part."""
         num_parts = _check_parts(num_parts)
         if partitioner not in PARTITIONERS:
@@ -117,7 +117,7 @@ class PartitionPlan:
         num_parts: int,
         mode: str = "halo",
         num_hops: int = 1,
-    ) -> "PartitionPlan":
+    ) -> PartitionPlan:
         """Build the parts for a given owner assignment ((N,) ints in ``[0, num_parts)``)."""
         num_parts = _check_parts(num_parts)
         if mode not in MODES:

@@ -19,7 +19,8 @@ import torch
 
 from ..models.base import DistributableModel, HaloExchange, LocalGraph
 
-__all__ = ["MemoryModel", "PeakMeter", "calibrate", "device_free_memory", "device_total_memory", "estimate_memory", "parse_budget"]
+__all__ = ["MemoryModel", "PeakMeter", "calibrate", "device_free_memory", "device_total_memory",
+           "estimate_memory", "parse_budget"]
 
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -189,7 +190,7 @@ class _PadExchange(HaloExchange):
         return torch.cat([owned, pad])
 
 
-_CACHE: "weakref.WeakKeyDictionary[DistributableModel, dict]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[DistributableModel, dict] = weakref.WeakKeyDictionary()
 
 
 def _probe_graph(atoms, cutoff: float, target_atoms: int, scale: float):

@@ -528,8 +528,12 @@ class Runner:
         biggest part's activations) and ``floor`` (``fixed`` plus one atom's neighbourhood: the
         least any number of parts can reach). ``inside``: the graph's edges within the cutoff, if
         already known (``inside_cutoff``)."""
-        from .memory import (CALL_BYTES_PER_EDGE, GRAPH_BUILD_BYTES_PER_EDGE, GRAPH_BYTES_PER_EDGE,
-                             PLAN_BYTES_PER_EDGE)
+        from .memory import (
+            CALL_BYTES_PER_EDGE,
+            GRAPH_BUILD_BYTES_PER_EDGE,
+            GRAPH_BYTES_PER_EDGE,
+            PLAN_BYTES_PER_EDGE,
+        )
 
         graph, n = b.graph, len(b.positions)
         if inside is None:
@@ -749,7 +753,7 @@ class Runner:
             grads = [None] * len(locals_)
         ids_of = (lambda rows: rows) if b.ids is None else (lambda rows: b.ids[rows])
         forces = buffer[n : 4 * n].reshape(n, 3)
-        for shard, (local, edges, vec), out, grad in zip(b.shards, pieces, outputs, grads):
+        for shard, (_local, edges, vec), out, grad in zip(b.shards, pieces, outputs, grads):
             if shard.num_rows == 0:
                 continue
             buffer[ids_of(shard.atoms[: shard.num_owned])] = out.detach().to("cpu", torch.float64).numpy()
@@ -824,7 +828,7 @@ class Runner:
         bar.close()
         return p2p.seconds if p2p is not None else 0.0
 
-    def _progress_bar(self, workers) -> "_Progress":
+    def _progress_bar(self, workers) -> _Progress:
         """A progress bar over the pieces the sequential evaluation runs (``progress=True``; rank 0
         only), or a silent counter."""
         pieces = sum(len(w._indices()) for w in workers)

@@ -157,7 +157,8 @@ class SequentialWorker:
         runner, b, device = self.runner, self.built, self.device
         if k is None or b.graph is None or self.parts[k].num_local == 0:
             edges, vec = np.zeros(0, dtype=np.int64), np.zeros((0, 3))
-            edge_index, numbers, ids = np.zeros((2, 0), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+            edge_index = np.zeros((2, 0), np.int64)
+            numbers, ids = np.zeros(0, np.int64), np.zeros(0, np.int64)
             num_owned = 0
         else:
             part, graph = self.parts[k], b.graph

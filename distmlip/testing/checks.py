@@ -273,7 +273,8 @@ def count_work(calc) -> dict:
         "node_redundancy": plan.node_redundancy(),
         "halo_atoms": int(sum(p.num_halo for p in plan.parts)),
         "num_parts": plan.num_parts,
-        "empty_parts": int(plan.num_parts - np.count_nonzero(np.bincount(plan.owner, minlength=plan.num_parts))),
+        "empty_parts": int(plan.num_parts
+                           - np.count_nonzero(np.bincount(plan.owner, minlength=plan.num_parts))),
         "mode": plan.mode,
         "num_hops": plan.num_hops,
     }
