@@ -175,7 +175,7 @@ def paired_worker(options: dict) -> dict:
     for _ in range(options["pairs"]):
         for p, calc in calcs.items():
             times[p].append(call(calc))
-    return {"ratio": {p: statistics.median(t / b for t, b in zip(times[p], times[1]))
+    return {"ratio": {p: statistics.median(t / b for t, b in zip(times[p], times[1], strict=True))
                       for p in PARTS},
             "times": times}
 

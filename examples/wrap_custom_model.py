@@ -95,7 +95,7 @@ class PaiNN(nn.Module):
                                torch.zeros_like(r))
         s = self.embedding(numbers)
         v = s.new_zeros(s.shape[0], 3, self.features)
-        for k, (message, update) in enumerate(zip(self.messages, self.updates)):
+        for k, (message, update) in enumerate(zip(self.messages, self.updates, strict=True)):
             if k > 0:  # layer k-1 updated the needed rows of s and v: every row, in one call
                 x = exchange(torch.cat([s, v.flatten(1)], dim=1))
                 s, v = x[:, :self.features], x[:, self.features:].reshape(-1, 3, self.features)

@@ -16,7 +16,7 @@ CUTOFF = 5.0
 
 
 def _triples(i, j, shifts) -> set:
-    return {(int(a), int(b), *map(int, s)) for a, b, s in zip(i, j, shifts)}
+    return {(int(a), int(b), *map(int, s)) for a, b, s in zip(i, j, shifts, strict=True)}
 
 
 @pytest.mark.parametrize("cutoff", [2.6, 3.7, CUTOFF])

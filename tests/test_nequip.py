@@ -30,8 +30,8 @@ R_MAX = 5.0
 def _common(seed: int) -> dict:
     return dict(
         seed=seed, model_dtype="float64", type_names=TYPES, r_max=R_MAX, avg_num_neighbors=40.0,
-        per_type_energy_shifts=dict(zip(TYPES, [-2.0, -4.5, -3.5, -1.5])),
-        per_type_energy_scales=dict(zip(TYPES, [20.0, 30.0, 25.0, 20.0])),
+        per_type_energy_shifts=dict(zip(TYPES, [-2.0, -4.5, -3.5, -1.5], strict=True)),
+        per_type_energy_scales=dict(zip(TYPES, [20.0, 30.0, 25.0, 20.0], strict=True)),
     )
 
 

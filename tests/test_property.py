@@ -105,7 +105,7 @@ def systems(draw, max_atoms: int = 400, min_dist_range=(0.05, 1.8)):
     i, j = neighbor_list("ij", atoms, min_dist)
     assert not np.any(i == j), "a lattice vector shorter than min_dist"  # diag >= 2 > min_dist
     keep = np.ones(n, dtype=bool)
-    for a, b in sorted(zip(np.minimum(i, j), np.maximum(i, j))):
+    for a, b in sorted(zip(np.minimum(i, j), np.maximum(i, j), strict=True)):
         if keep[a] and keep[b]:
             keep[b] = False
     atoms = atoms[keep]

@@ -69,7 +69,7 @@ def complete_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
             null = np.linalg.svd(cell[kept], full_matrices=True)[2][len(kept):]
         else:
             null = np.eye(3)
-        for axis, vector in zip(missing, null):
+        for axis, vector in zip(missing, null, strict=True):
             cell[axis] = vector
     return cell
 

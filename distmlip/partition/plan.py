@@ -255,7 +255,7 @@ def build_parts(graph: NeighborGraph, parts, owner: np.ndarray, rows: np.ndarray
     empty = np.zeros(0, dtype=np.int64)
     empty_index = np.zeros((2, 0), dtype=np.int64)
     out = []
-    for p, (lo, hi) in zip(parts, bounds.tolist()):
+    for p, (lo, hi) in zip(parts, bounds.tolist(), strict=True):
         if lo == hi:  # no owned atoms: no halo, no edges (more parts than atoms is legal)
             out.append(PartPlan(p, empty, 0, empty, empty, empty, empty_index))
             continue

@@ -687,7 +687,8 @@ class Runner:
             t3 = t2
         else:
             exchanges = self._exchanges(b)
-            pieces = [self._local_graph(b, s, positions, ex) for s, ex in zip(b.shards, exchanges)]
+            pieces = [self._local_graph(b, s, positions, ex)
+                      for s, ex in zip(b.shards, exchanges, strict=True)]
             t3 = time.perf_counter()
             self._compute(b, pieces, exchanges, buffer, n)
             self.last_exchange_calls = max(
@@ -753,7 +754,7 @@ class Runner:
             grads = [None] * len(locals_)
         ids_of = (lambda rows: rows) if b.ids is None else (lambda rows: b.ids[rows])
         forces = buffer[n : 4 * n].reshape(n, 3)
-        for shard, (_local, edges, vec), out, grad in zip(b.shards, pieces, outputs, grads):
+        for shard, (_local, edges, vec), out, grad in zip(b.shards, pieces, outputs, grads, strict=True):
             if shard.num_rows == 0:
                 continue
             buffer[ids_of(shard.atoms[: shard.num_owned])] = out.detach().to("cpu", torch.float64).numpy()
@@ -874,7 +875,7 @@ class Runner:
         if p2p is not None:
             own = workers[0].store.Gown[level]
             back = p2p.swap(remote, backward=True, meta=(own.shape, own.dtype, own.device))
-            for rows, g in zip(p2p.send_rows, back):
+            for rows, g in zip(p2p.send_rows, back, strict=True):
                 own.index_add_(0, rows, g)
         for w in workers:
             w.store.G[level] = None

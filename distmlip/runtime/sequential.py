@@ -144,7 +144,7 @@ class SequentialWorker:
         by_index = {p.index: p for p in built.plan.parts}
         self.parts: list[PartPlan] = [by_index[i] for i in shard.parts]
         offsets = np.cumsum([0] + [p.num_owned for p in self.parts])
-        self.owned_slices = [slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:])]
+        self.owned_slices = [slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
         self.rows = [torch.as_tensor(r, device=device) for r in shard.part_rows]
         self.store = _Store(shard.num_owned, shard.num_rows)
         self.exchange_calls = 0

@@ -129,7 +129,7 @@ def build_shard(index: int, parts: list[PartPlan], worker_of_part: np.ndarray,
     blocks = []
     if len(source):
         cuts = np.flatnonzero(np.diff(source)) + 1
-        for rows_src, rows in zip(np.split(source, cuts), np.split(src_row, cuts)):
+        for rows_src, rows in zip(np.split(source, cuts), np.split(src_row, cuts), strict=True):
             blocks.append((int(rows_src[0]), rows.astype(np.int64)))
     if compact:
         edges, edge_index = np.zeros(0, dtype=np.int64), np.zeros((2, 0), dtype=np.int64)
