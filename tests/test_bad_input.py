@@ -163,7 +163,7 @@ OPTIONS = [
     ({"num_partitions": "4"}, TypeError, r"^num_partitions: expected .* got '4'"),
     ({"num_partitions": True}, TypeError, r"^num_partitions: expected .* got True"),
     ({"partitioner": "kmeans"}, ValueError,
-     r"^partitioner: expected one of \['slab', 'grid', 'metis'\], got 'kmeans'"),
+     r"^partitioner: expected one of \['grid', 'slab', 'metis'\], got 'kmeans'"),
     ({"partitioner": None}, ValueError, r"^partitioner: expected one of .* got None"),
     ({"mode": "ghost"}, ValueError, r"^mode: expected one of \['halo', 'extended'\], got 'ghost'"),
     ({"mode": 1}, ValueError, r"^mode: expected one of .* got 1"),

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 import distmlip  # noqa: E402
 from distmlip import DistributedCalculator  # noqa: E402
-from distmlip.models import no_exchange  # noqa: E402
+from distmlip.models.base import no_exchange  # noqa: E402
 from distmlip.models.sevenn import SevenNetModel  # noqa: E402
 from distmlip.testing import assert_partition_invariant, evaluate  # noqa: E402
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -97,10 +98,12 @@ class LocalGraph:
             owned rows ``(num_owned, ...)``, returns ``(n, ...)`` with the halo rows refreshed from
             their owners (autograd sends gradients home). Call it wherever a layer is about to read
             neighbours' features that an earlier layer has updated. A no-op when nothing is split.
-        owned: (n,) bool, which local atoms this worker owns (the first ``num_owned`` rows).
+        owned_mask: (n,) bool, which local atoms this worker owns (the first ``num_owned`` rows).
+            (Reading ``owned``, its old name, still works until the next release, with a
+            ``DeprecationWarning``.)
         atom_ids: (n,) int64 global atom indices (for adapters that need them).
         cell: (3, 3) lattice vectors (no gradient), in the model's dtype.
-        num_owned: rows owned (default: counted from ``owned``).
+        num_owned: rows owned (default: counted from ``owned_mask``).
         num_needed: rows whose node-wise updates (and readouts) a layer must compute: ``num_owned``
             when a halo exchange refreshes the halo before it is read again (halo mode), ``n``
             otherwise (unsplit, or extended mode, where halo rows are computed redundantly).
@@ -118,7 +121,7 @@ class LocalGraph:
     edge_index: torch.Tensor
     edge_vec: torch.Tensor
     halo_exchange: HaloExchange
-    owned: torch.Tensor
+    owned_mask: torch.Tensor
     atom_ids: torch.Tensor
     cell: torch.Tensor
     num_owned: int | None = field(default=None)
@@ -127,12 +130,20 @@ class LocalGraph:
 
     def __post_init__(self):
         if self.num_owned is None:
-            object.__setattr__(self, "num_owned", int(self.owned.sum()))
+            object.__setattr__(self, "num_owned", int(self.owned_mask.sum()))
         if self.num_needed is None:
             object.__setattr__(self, "num_needed", self.num_nodes)
         if self.composition is None:
             counts = torch.bincount(self.numbers[: self.num_owned], minlength=NUM_ELEMENTS)
             object.__setattr__(self, "composition", counts[:NUM_ELEMENTS].to(torch.int64))
+
+    @property
+    def owned(self) -> torch.Tensor:
+        """Deprecated alias of ``owned_mask`` (removed in the next release)."""
+        warnings.warn("LocalGraph.owned is deprecated: use LocalGraph.owned_mask (the (n,) bool mask "
+                      "of owned rows) or num_owned (they are the first rows); it is removed in the "
+                      "next release", DeprecationWarning, stacklevel=2)
+        return self.owned_mask
 
     @property
     def num_system_atoms(self) -> int:
@@ -178,7 +189,7 @@ class LocalGraph:
             edge_index=edge_index,
             edge_vec=edge_vec,
             halo_exchange=no_exchange,
-            owned=torch.ones(n, dtype=torch.bool, device=device),
+            owned_mask=torch.ones(n, dtype=torch.bool, device=device),
             atom_ids=torch.arange(n, device=device),
             cell=cell,
             num_owned=n,

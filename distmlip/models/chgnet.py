@@ -305,7 +305,7 @@ class CHGNetModel(DistributableModel):
             if reverse is None:
                 keys = mixed[:, width + k_slots * bond_width:].reshape(n, k_slots, 3).detach()
                 reverse, found = self._match_reverse(keys, s_send, s_vec)
-                missing = ~found & graph.owned[s_recv]
+                missing = ~found & graph.owned_mask[s_recv]
                 if bool(missing.any()):
                     i = int(torch.nonzero(missing)[0])
                     raise RuntimeError(

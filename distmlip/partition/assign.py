@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph import NeighborGraph, fractional_coordinates
+from ..graph import NeighborGraph
+from ..graph.region import fractional_coordinates
+from ..typing import PARTITIONERS, Partitioner
 
-__all__ = ["PARTITIONERS", "assign_owners", "slab_owners", "grid_owners", "metis_owners"]
+__all__ = ["assign_owners", "grid_owners", "metis_owners", "slab_owners"]
 
 
 def _check_parts(num_parts) -> int:
@@ -100,11 +102,8 @@ def metis_owners(graph: NeighborGraph, num_parts: int, seed: int = 0) -> np.ndar
     return np.asarray(parts, dtype=np.int64)
 
 
-PARTITIONERS = ("slab", "grid", "metis")
-
-
-def assign_owners(graph: NeighborGraph, num_parts: int, partitioner: str = "grid") -> np.ndarray:
-    """(N,) owning part of each atom, by the named partitioner (one of ``PARTITIONERS``)."""
+def assign_owners(graph: NeighborGraph, num_parts: int, partitioner: Partitioner = "grid") -> np.ndarray:
+    """(N,) owning part of each atom, by the named partitioner (``distmlip.typing.Partitioner``)."""
     if partitioner == "slab":
         return slab_owners(graph.positions, graph.cell, graph.pbc, num_parts)
     if partitioner == "grid":

@@ -21,15 +21,19 @@ import copy
 import threading
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
-from ..graph import NeighborGraph, atoms_near, validate_system
+from ..graph import NeighborGraph
+from ..graph.neighbors import validate_system
+from ..graph.region import atoms_near
 from ..models.base import NUM_ELEMENTS, DistributableModel, LocalGraph, no_exchange
-from ..partition import PartitionPlan, build_parts, owned_rows
-from ..partition.assign import PARTITIONERS, grid_owners, metis_owners, slab_owners
-from ..partition.plan import MODES
+from ..partition import PartitionPlan
+from ..partition.assign import grid_owners, metis_owners, slab_owners
+from ..partition.plan import build_parts, owned_rows
+from ..typing import MODES, PARTITIONERS, Mode, Partitioner
 from .exchange import CommunicationError, Hub, LocalExchange, P2PExchange, PeerFailed
 from .shards import Shard, build_shard, owned_row_offsets, part_groups
 
@@ -173,7 +177,7 @@ def composition_of(numbers: np.ndarray, device) -> torch.Tensor:
                            dtype=torch.int64, device=device)
 
 
-def _owners(partitioner: str, positions, cell, pbc, num_parts: int, graph=None) -> np.ndarray:
+def _owners(partitioner: Partitioner, positions, cell, pbc, num_parts: int, graph=None) -> np.ndarray:
     if partitioner == "slab":
         return slab_owners(positions, cell, pbc, num_parts)
     if partitioner == "grid":
@@ -325,8 +329,8 @@ class Runner:
     """
 
     def __init__(self, model: DistributableModel, devices: list[torch.device], dtype=None,
-                 partitioner: str = "grid", mode: str = "halo", num_partitions: int = 1,
-                 skin: float = 0.0, timeout: float = 600.0, comm: str | None = None,
+                 partitioner: Partitioner = "grid", mode: Mode = "halo", num_partitions: int = 1,
+                 skin: float = 0.0, timeout: float = 600.0, comm: Literal["torch"] | None = None,
                  sequential: bool | None = None, max_memory: int | None = None,
                  progress: bool = False):
         if partitioner not in PARTITIONERS:
@@ -649,7 +653,7 @@ class Runner:
             edge_index=torch.as_tensor(edge_index, device=device).reshape(2, -1),
             edge_vec=torch.as_tensor(vec, device=device).to(self.dtype).requires_grad_(True),
             halo_exchange=exchange,
-            owned=torch.as_tensor(shard.owned, device=device),
+            owned_mask=torch.as_tensor(shard.owned_mask, device=device),
             atom_ids=torch.as_tensor(ids, device=device),
             cell=torch.as_tensor(b.cell, device=device).to(self.dtype),
             num_owned=shard.num_owned,

@@ -174,7 +174,7 @@ class SequentialWorker:
             edge_index=torch.as_tensor(edge_index, device=device).reshape(2, -1),
             edge_vec=torch.as_tensor(vec, device=device).to(runner.dtype).requires_grad_(with_grad),
             halo_exchange=exchange,
-            owned=torch.as_tensor(owned, device=device),
+            owned_mask=torch.as_tensor(owned, device=device),
             atom_ids=torch.as_tensor(ids, device=device),
             cell=torch.as_tensor(b.cell, device=device).to(runner.dtype),
             num_owned=num_owned,

@@ -32,7 +32,7 @@ def run(backend, **options):
 
 
 def main():
-    from distmlip.runtime import detect_launch
+    from distmlip.runtime.launch import detect_launch
 
     world = detect_launch().world_size
     calc, frames, builds = run("auto", num_partitions=2 * world)
