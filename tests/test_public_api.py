@@ -230,6 +230,14 @@ def test_owned_ids_and_owned_mask_and_their_deprecated_aliases():
     assert graph.owned_mask.tolist() == [True, True] and graph.num_owned == 2
     with pytest.warns(DeprecationWarning, match="owned_mask"):
         assert graph.owned is graph.owned_mask
+    with pytest.warns(DeprecationWarning, match="owned_mask"):
+        old = LocalGraph(graph.numbers, graph.edge_index, graph.edge_vec, graph.halo_exchange,
+                         owned=graph.owned_mask, atom_ids=graph.atom_ids, cell=graph.cell)
+    assert old.owned_mask is graph.owned_mask and old.num_owned == 2
+    with pytest.raises(TypeError, match="owned_mask only"):
+        LocalGraph(graph.numbers, graph.edge_index, graph.edge_vec, graph.halo_exchange,
+                   owned=graph.owned_mask, owned_mask=graph.owned_mask, atom_ids=graph.atom_ids,
+                   cell=graph.cell)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         graph.owned_mask  # noqa: B018 - the new name does not warn

@@ -169,7 +169,8 @@ class DistributedCalculator(Calculator):
     defaults, and ``calc.set(mode="extended")`` changes one for the next calculation (the runner is
     rebuilt). Under a launcher ``backend``, ``device`` and ``timeout`` are fixed once the process
     group exists: changing them raises ``ValueError``. A keyword that is not an option raises
-    ``TypeError``, here and in ``set``.
+    ``TypeError``, here and in ``set``. The string options' values are the ``Literal`` aliases of
+    ``distmlip.typing`` (``Mode``, ``Partitioner``, ``Backend``, ``DTypeName``).
 
     Args:
         model: a ``DistributableModel`` (see ``distmlip.models``), checked here: ``cutoff``,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -84,6 +85,27 @@ class HaloExchange:
 no_exchange = HaloExchange()
 
 
+def _accept_owned_keyword(cls):
+    """``LocalGraph(..., owned=mask)``, the field's old name, still works until the next release
+    (with a ``DeprecationWarning``)."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, owned=None, **kwargs):
+        if owned is not None:
+            if "owned_mask" in kwargs or len(args) > 4:
+                raise TypeError("owned: got both owned and owned_mask; pass owned_mask only")
+            warnings.warn("LocalGraph(owned=...) is deprecated: pass owned_mask=... (the (n,) bool "
+                          "mask of owned rows); owned is removed in the next release",
+                          DeprecationWarning, stacklevel=2)
+            kwargs["owned_mask"] = owned
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_accept_owned_keyword
 @dataclass(frozen=True, eq=False)
 class LocalGraph:
     """The piece of the system one worker evaluates: owned atoms first, then a halo.
@@ -99,8 +121,8 @@ class LocalGraph:
             their owners (autograd sends gradients home). Call it wherever a layer is about to read
             neighbours' features that an earlier layer has updated. A no-op when nothing is split.
         owned_mask: (n,) bool, which local atoms this worker owns (the first ``num_owned`` rows).
-            (Reading ``owned``, its old name, still works until the next release, with a
-            ``DeprecationWarning``.)
+            Its old name ``owned`` (reading ``graph.owned``, constructing with ``owned=``) still
+            works until the next release, with a ``DeprecationWarning``.
         atom_ids: (n,) int64 global atom indices (for adapters that need them).
         cell: (3, 3) lattice vectors (no gradient), in the model's dtype.
         num_owned: rows owned (default: counted from ``owned_mask``).
