@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 test: $(STAMP)
+	$(VPY) -m ruff check .
 	OMP_NUM_THREADS=1 $(VPY) -m pytest -q -ra
 
 demo: $(STAMP)

@@ -72,9 +72,9 @@ def run_nve(parts: int, steps: int, reps: int, temperature: float, timestep: flo
     from ase.md.verlet import VelocityVerlet
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_lj
-
     from distmlip import DistributedCalculator
+
+    from conftest import make_lj
 
     atoms = make_system(reps, temperature, seed)
     atoms.calc = DistributedCalculator(make_lj(), num_partitions=parts, skin=skin, **calc_options)

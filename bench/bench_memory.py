@@ -26,8 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from _harness import progress, proc_status, reset_peak  # noqa: E402
-
+from _harness import proc_status, progress, reset_peak  # noqa: E402
 
 
 def build(kind: str, size: int):

@@ -40,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import peak_gb, progress  # noqa: E402
+
 RESULT = ROOT / "bench" / "results" / "node_work.md"
 
 MODELS = {
@@ -98,7 +99,6 @@ def worker(job: dict) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
-    import numpy as np
     import torch
 
     import distmlip

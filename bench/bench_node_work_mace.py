@@ -41,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import proc_status  # noqa: E402
+
 PARTS = (1, 2, 4)
 
 
@@ -174,7 +175,7 @@ def paired_worker(options: dict) -> dict:
     for _ in range(options["pairs"]):
         for p, calc in calcs.items():
             times[p].append(call(calc))
-    return {"ratio": {p: statistics.median(t / b for t, b in zip(times[p], times[1]))
+    return {"ratio": {p: statistics.median(t / b for t, b in zip(times[p], times[1], strict=True))
                       for p in PARTS},
             "times": times}
 

@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import progress, vm_hwm_mb  # noqa: E402
+
 CONFIGS = [(1, "halo", "grid"), (4, "halo", "grid"), (4, "halo", "metis"), (4, "halo", "slab"),
            (8, "halo", "grid"), (4, "extended", "grid"), (16, "halo", "grid"), (16, "extended", "grid")]
 PAIRED = (1, 8)  # part counts timed in turn in one process (--paired)

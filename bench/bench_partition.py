@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _harness import peak_gb  # noqa: E402
+
 CUTOFF = 5.0
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import gather_on_rank0, vm_hwm_mb  # noqa: E402
+
 RESULT = ROOT / "bench" / "results" / "parts_per_rank.md"
 # (processes, num_partitions)
 CONFIGS = [(1, 1), (1, 8), (2, 2), (2, 4), (2, 8)]

@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import vm_hwm_mb  # noqa: E402
+
 RESULT = ROOT / "bench" / "results" / "reuse.md"
 
 # name -> what the worker builds; timestep in fs

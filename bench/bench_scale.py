@@ -33,7 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
-from _harness import progress, proc_status, reset_peak  # noqa: E402
+from _harness import proc_status, progress, reset_peak  # noqa: E402
+
 RESULT = ROOT / "bench" / "results" / "scale.md"
 
 # name: (model kind, size argument of bench_memory.build, max_memory or None)
@@ -66,6 +67,7 @@ def build(kind: str, size: int):
         from ase.build import bulk
 
         import distmlip
+
         from bench_node_work_mace import make_model
 
         atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((size,) * 3)

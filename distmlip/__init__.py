@@ -3,12 +3,18 @@
 Atoms -> NeighborGraph -> PartitionPlan -> workers (model + halo exchange) -> gathered results.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from .calculators import DistributedCalculator
 from .graph import NeighborGraph
 from .models import DistributableModel, LocalGraph, load, wrap
 from .partition import PartitionPlan
-from .runtime.memory import estimate_memory
+from .runtime import CommunicationError, estimate_memory
 
-__all__ = ["DistributableModel", "DistributedCalculator", "LocalGraph", "NeighborGraph", "PartitionPlan",
-           "estimate_memory", "load", "wrap"]
-__version__ = "0.1.0"
+__all__ = ["CommunicationError", "DistributableModel", "DistributedCalculator", "LocalGraph", "NeighborGraph",
+           "PartitionPlan", "estimate_memory", "load", "wrap"]
+
+try:
+    __version__ = version("distmlip")
+except PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"

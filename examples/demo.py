@@ -34,7 +34,8 @@ def _parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--atoms", type=int, default=10976,
-                   help="approximate number of atoms: Cu fcc, n^3 cubic cells of 4 atoms, n = round((atoms/4)^(1/3))")
+                   help="approximate number of atoms: Cu fcc, n^3 cubic cells of 4 atoms, "
+                        "n = round((atoms/4)^(1/3))")
     p.add_argument("--parts", type=int, default=4, help="number of partitions")
     p.add_argument("--partitioners", nargs="+", default=["grid", "slab", "metis"],
                    choices=["grid", "slab", "metis"])

@@ -26,7 +26,8 @@ from distmlip.models import SchNet
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=10, help="cubic FCC Cu repetitions (4 atoms each)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (rank -> local GPU)")

@@ -28,9 +28,13 @@ import torch
 from torch import nn
 
 from distmlip import DistributableModel, DistributedCalculator
-from distmlip.testing import (assert_partition_invariant, awkward_structures,
-                              check_forces_finite_difference, check_stress_finite_difference,
-                              format_report)
+from distmlip.testing import (
+    assert_partition_invariant,
+    awkward_structures,
+    check_forces_finite_difference,
+    check_stress_finite_difference,
+    format_report,
+)
 
 
 # ----------------------------------------------------------------- the model, as a user writes it
@@ -91,7 +95,7 @@ class PaiNN(nn.Module):
                                torch.zeros_like(r))
         s = self.embedding(numbers)
         v = s.new_zeros(s.shape[0], 3, self.features)
-        for k, (message, update) in enumerate(zip(self.messages, self.updates)):
+        for k, (message, update) in enumerate(zip(self.messages, self.updates, strict=True)):
             if k > 0:  # layer k-1 updated the needed rows of s and v: every row, in one call
                 x = exchange(torch.cat([s, v.flatten(1)], dim=1))
                 s, v = x[:, :self.features], x[:, self.features:].reshape(-1, 3, self.features)

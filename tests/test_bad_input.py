@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -97,7 +96,8 @@ def _nearly_coincident():
 STRUCTURES = [
     ("nan-position", _with(position=(5, 1, np.nan)), ValueError, r"^positions: expected finite.*\[5\]"),
     ("inf-position", _with(position=(7, 0, np.inf)), ValueError, r"^positions: expected finite.*\[7\]"),
-    ("minus-inf-position", _with(position=(0, 2, -np.inf)), ValueError, r"^positions: expected finite.*\[0\]"),
+    ("minus-inf-position", _with(position=(0, 2, -np.inf)), ValueError,
+     r"^positions: expected finite.*\[0\]"),
     ("coincident-atoms", _with(same=(3, 9)), ValueError,
      r"^positions: expected atoms at least 0.001 Å apart, got atoms 3 and 9 0 Å apart \(coincident\)"),
     ("nearly-coincident-atoms", _nearly_coincident, ValueError,
@@ -112,7 +112,8 @@ STRUCTURES = [
     ("empty-system", lambda: Atoms(cell=np.eye(3) * 5, pbc=True), ValueError,
      r"^atoms: expected at least one atom, got an empty system"),
     ("unknown-element", _with(number=(4, 118)), ValueError,
-     r"^numbers: SchNet has no parameters for atomic number\(s\) \[118\] \(Og\); it knows atomic numbers 0-100"),
+     r"^numbers: SchNet has no parameters for atomic number\(s\) \[118\] \(Og\); "
+     r"it knows atomic numbers 0-100"),
     ("not-a-structure", _pymatgen_like, TypeError,
      r"^atoms: expected ase.Atoms or a pymatgen Structure/Molecule, got dict"),
     ("a-string", lambda: "Cu32.cif", TypeError, r"^atoms: expected ase.Atoms .* got str"),
@@ -134,7 +135,8 @@ def test_bad_structure_with_bounded_memory(reference):
     """One part at a time (max_memory) checks the edges of each part it evaluates."""
     calc = DistributedCalculator(make_model(), num_partitions=3, max_memory="2GB")
     calc.runner._sequential = True
-    refused(ValueError, r"^positions: .*atoms 3 and 9 0 Å apart", lambda: calc.get_forces(_with(same=(3, 9))()))
+    refused(ValueError, r"^positions: .*atoms 3 and 9 0 Å apart",
+            lambda: calc.get_forces(_with(same=(3, 9))()))
     assert calc.runner.sequential
     assert_good(calc, reference)
 
@@ -160,7 +162,8 @@ OPTIONS = [
     ({"num_partitions": 2.5}, TypeError, r"^num_partitions: expected an integer >= 1 or 'auto', got 2.5"),
     ({"num_partitions": "4"}, TypeError, r"^num_partitions: expected .* got '4'"),
     ({"num_partitions": True}, TypeError, r"^num_partitions: expected .* got True"),
-    ({"partitioner": "kmeans"}, ValueError, r"^partitioner: expected one of \['slab', 'grid', 'metis'\], got 'kmeans'"),
+    ({"partitioner": "kmeans"}, ValueError,
+     r"^partitioner: expected one of \['grid', 'slab', 'metis'\], got 'kmeans'"),
     ({"partitioner": None}, ValueError, r"^partitioner: expected one of .* got None"),
     ({"mode": "ghost"}, ValueError, r"^mode: expected one of \['halo', 'extended'\], got 'ghost'"),
     ({"mode": 1}, ValueError, r"^mode: expected one of .* got 1"),
@@ -168,7 +171,8 @@ OPTIONS = [
     ({"device": []}, ValueError, r"^device: expected a device or a non-empty list of devices, got \[\]"),
     ({"device": 3.5}, ValueError, r"^device: expected a torch device .* got 3.5"),
     ({"device": ["cpu", "gpu:0"]}, ValueError, r"^device: expected a torch device .* got 'gpu:0'"),
-    ({"dtype": "float16"}, ValueError, r"^dtype: expected None, torch.float32/torch.float64 .* got 'float16'"),
+    ({"dtype": "float16"}, ValueError,
+     r"^dtype: expected None, torch.float32/torch.float64 .* got 'float16'"),
     ({"dtype": torch.int32}, ValueError, r"^dtype: expected .* got torch.int32"),
     ({"backend": "mpi"}, ValueError, r"^backend: expected one of \['auto', 'local', 'torch'\], got 'mpi'"),
     ({"backend": "torch"}, ValueError, r"^backend: 'torch' needs a multi-process launch .* got none"),
@@ -198,8 +202,8 @@ if not torch.cuda.is_available():
                     r"torch.cuda.is_available\(\) is False"))
 
 
-@pytest.mark.parametrize("options,exc,match", OPTIONS, ids=[next(iter(c[0])) + "=" + repr(next(iter(c[0].values())))
-                                                            for c in OPTIONS])
+@pytest.mark.parametrize("options,exc,match", OPTIONS,
+                         ids=[next(iter(c[0])) + "=" + repr(next(iter(c[0].values()))) for c in OPTIONS])
 def test_bad_option(options, exc, match, reference):
     """Refused by the constructor, and by ``set`` on a working calculator, which stays as it was."""
     refused(exc, match, lambda: DistributedCalculator(make_model(), **options))
@@ -257,7 +261,8 @@ MODELS = [
     ("no-forward", _NoForward, TypeError, r"^model: _NoForward.forward: expected an implementation"),
     ("plain-module", lambda: torch.nn.Linear(3, 1), TypeError,
      r"^model: expected a distmlip.models.DistributableModel, got Linear; wrap .* distmlip.wrap"),
-    ("not-a-model", lambda: "sevennet-0", TypeError, r"^model: expected a distmlip.models.DistributableModel, got str"),
+    ("not-a-model", lambda: "sevennet-0", TypeError,
+     r"^model: expected a distmlip.models.DistributableModel, got str"),
 ]
 
 
@@ -289,7 +294,8 @@ MISBEHAVIOURS = [
     ("too-short", lambda e: e[:0] if len(e) else e, ValueError,
      r"^model: _Misbehaving.forward must return per-atom energies of shape"),
     ("integer", lambda e: e.round().to(torch.int64), ValueError,
-     r"^model: _Misbehaving.forward must return per-atom energies as a floating tensor .* got dtype torch.int64"),
+     r"^model: _Misbehaving.forward must return per-atom energies as a floating tensor .* "
+     r"got dtype torch.int64"),
     ("list", lambda e: e.tolist(), ValueError, r"^model: _Misbehaving.forward must return .* got list"),
     ("nan", lambda e: e * torch.nan, ValueError,
      r"^model: _Misbehaving returned NaN or inf energies for atoms \[\d+"),
@@ -323,7 +329,8 @@ def test_nan_gradient_named(reference):
                                             num_gaussians=10, seed=3), num_partitions=2)
     helium = good_atoms()
     helium.numbers[0] = 2
-    refused(ValueError, r"^model: SqrtAtZero gave NaN or inf forces on atoms \[", lambda: calc.get_forces(helium))
+    refused(ValueError, r"^model: SqrtAtZero gave NaN or inf forces on atoms \[",
+            lambda: calc.get_forces(helium))
     assert_good(calc, reference)
 
 
@@ -343,7 +350,8 @@ def fake_launch(monkeypatch):
 @pytest.mark.parametrize("parts", [3, 5])
 def test_num_partitions_not_a_multiple_of_ranks(fake_launch, parts):
     refused(ValueError, rf"^num_partitions: expected a multiple of the number of processes \(2\) .* "
-                        rf"got {parts}; omit it", lambda: DistributedCalculator(make_model(), num_partitions=parts))
+                        rf"got {parts}; omit it",
+            lambda: DistributedCalculator(make_model(), num_partitions=parts))
 
 
 def test_backend_local_under_launch_warns_once(fake_launch, reference):

@@ -142,65 +142,65 @@ def _adapter_cases():
     cases = {}
 
     def mace():
-        from test_mace import make_mace, oxide
-
         import distmlip
+
+        from test_mace import make_mace, oxide
 
         return distmlip.wrap(make_mace()), oxide(), torch.float64
 
     def nequip():
-        from test_nequip import make_nequip, oxide
-
         import distmlip
+
+        from test_nequip import make_nequip, oxide
 
         return distmlip.wrap(make_nequip()), oxide(), None
 
     def allegro():
-        from test_nequip import make_allegro, metal
-
         import distmlip
+
+        from test_nequip import make_allegro, metal
 
         return distmlip.wrap(make_allegro()), metal(), None
 
     def sevenn():
-        from test_sevenn import rutile
-
         import distmlip
+
+        from test_sevenn import rutile
 
         return distmlip.load("sevennet-0"), rutile(), torch.float64
 
     def chgnet():
-        from test_chgnet import oxide
-
         import distmlip
+
+        from test_chgnet import oxide
 
         return distmlip.load("chgnet-0.3.0"), oxide(), torch.float64
 
     def tensornet():
-        from test_matgl import make_potential
-
         import distmlip
+
+        from test_matgl import make_potential
 
         return distmlip.wrap(make_potential().double()), oxide_adapter(), None
 
     def m3gnet():
-        from test_matgl import make_potential
-
         import distmlip
+
+        from test_matgl import make_potential
 
         return distmlip.wrap(make_potential(arch="M3GNet").double()), oxide_adapter(), None
 
     def uma():
-        from test_fairchem import make_uma
-
         import distmlip
+
+        from test_fairchem import make_uma
 
         return distmlip.wrap(make_uma().double()), oxide_adapter(), None
 
     def mattersim():  # MatterSim runs float32 only
-        from test_mattersim import make_potential
-
         import distmlip
+
+        from test_mattersim import make_potential
 
         return distmlip.wrap(make_potential()), oxide_adapter(), None
 

@@ -329,7 +329,7 @@ def test_empty_local_graph(model):
         calls.append(tuple(x.shape))
         return x
 
-    graph = LocalGraph(graph.numbers, graph.edge_index, graph.edge_vec, exchange, graph.owned,
+    graph = LocalGraph(graph.numbers, graph.edge_index, graph.edge_vec, exchange, graph.owned_mask,
                        graph.atom_ids, graph.cell)
     out = model(graph)
     assert out.shape == (0,)

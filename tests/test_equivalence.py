@@ -123,7 +123,7 @@ class _NoExchangeSchNet(SchNet):
     def forward(self, graph):
         import dataclasses
 
-        from distmlip.models import no_exchange
+        from distmlip.models.base import no_exchange
 
         # no exchange: every row must then be computed (nothing refreshes the halo)
         return super().forward(dataclasses.replace(graph, halo_exchange=no_exchange,

@@ -132,7 +132,8 @@ def test_model_not_distributable():
 
 def test_atoms_not_atoms():
     calc = _calc()
-    with pytest.raises(TypeError, match=r"atoms: expected ase.Atoms or a pymatgen Structure/Molecule, got dict"):
+    with pytest.raises(TypeError,
+                       match=r"atoms: expected ase.Atoms or a pymatgen Structure/Molecule, got dict"):
         calc.calculate({"positions": [[0, 0, 0]]})
 
 
@@ -189,7 +190,8 @@ def test_lj_bad_parameters(kwargs, arg):
         LennardJones(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs,arg", [({"cutoff": -5.0}, "cutoff"), ({"num_interactions": 0}, "num_interactions"),
+@pytest.mark.parametrize("kwargs,arg", [({"cutoff": -5.0}, "cutoff"),
+                                        ({"num_interactions": 0}, "num_interactions"),
                                         ({"hidden_channels": 2.5}, "hidden_channels")])
 def test_schnet_bad_parameters(kwargs, arg):
     with pytest.raises(ValueError, match=rf"^{arg}: expected"):

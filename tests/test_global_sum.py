@@ -10,8 +10,12 @@ from ase.build import bulk, fcc111, molecule
 
 from distmlip import DistributedCalculator
 from distmlip.models import LocalGraph
-from distmlip.testing import (assert_partition_invariant, check_forces_finite_difference,
-                              check_stress_finite_difference, evaluate)
+from distmlip.testing import (
+    assert_partition_invariant,
+    check_forces_finite_difference,
+    check_stress_finite_difference,
+    evaluate,
+)
 from distmlip.testing.models import GlobalReadoutToy
 
 from test_mpi import launch
@@ -46,7 +50,8 @@ def test_energy_is_the_global_formula(model):
 
     g = NeighborGraph.from_atoms(atoms, model.cutoff)
     vec = torch.as_tensor(g.edge_vectors(np.arange(g.num_edges)))
-    local = LocalGraph.single(torch.as_tensor(g.numbers), torch.as_tensor(np.stack([g.senders, g.receivers])), vec)
+    local = LocalGraph.single(torch.as_tensor(g.numbers),
+                              torch.as_tensor(np.stack([g.senders, g.receivers])), vec)
     eps = model(local).detach().numpy()
     assert abs(out["energy"] - eps.sum()) <= RTOL * abs(eps.sum())
     assert np.max(np.abs(out["energies"] - eps)) <= RTOL * np.max(np.abs(eps))

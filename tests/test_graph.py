@@ -16,7 +16,7 @@ CUTOFF = 5.0
 
 
 def _triples(i, j, shifts) -> set:
-    return {(int(a), int(b), *map(int, s)) for a, b, s in zip(i, j, shifts)}
+    return {(int(a), int(b), *map(int, s)) for a, b, s in zip(i, j, shifts, strict=True)}
 
 
 @pytest.mark.parametrize("cutoff", [2.6, 3.7, CUTOFF])
@@ -71,8 +71,9 @@ def test_structures_are_small_deterministic_and_rattled():
         np.testing.assert_array_equal(a[name].positions, b[name].positions)
         assert not np.allclose(a[name].positions, c[name].positions), f"{name}: seed has no effect"
     # rattled: the perfect fcc crystal has zero forces, the rattled one does not
-    from distmlip.models import LennardJones
     from ase.build import bulk
+
+    from distmlip.models import LennardJones
 
     perfect = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((3, 3, 3))
     lj = LennardJones(0.4, 2.3, CUTOFF)

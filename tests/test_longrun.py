@@ -10,8 +10,9 @@ Across partitioners and part counts the results are not bit-identical -- a diffe
 the same per-edge terms in a different order (a per-atom energy is summed inside one part, the
 total over parts; forces on halo atoms are sent back and added to the owner's) -- so float64 agrees
 to <= 1e-10 relative (measured ~2e-16) and float32 only to ~1e-7 (measured 7.6e-8; bound 1e-5): its
-24-bit mantissa makes each reordered sum differ by ~6e-8 relative per addition, and a SchNet forward and backward pass chains
-several such sums through the exchanges. ``test_float32_differs_by_summation_order`` measures it.
+24-bit mantissa makes each reordered sum differ by ~6e-8 relative per addition, and a SchNet forward
+and backward pass chains several such sums through the exchanges.
+``test_float32_differs_by_summation_order`` measures it.
 
 Long run (slow marker): ``bench/bench_longrun.py`` -- NVE, Lennard-Jones, 1,372 atoms, 4 parts vs
 unsplit, graph reuse with rebuilds; energy drift and RSS bounds stated there.

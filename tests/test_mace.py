@@ -22,8 +22,7 @@ mace_models = pytest.importorskip(
 import distmlip  # noqa: E402
 from distmlip import DistributedCalculator  # noqa: E402
 from distmlip.models.mace import MACEModel  # noqa: E402
-from distmlip.testing import (assert_partition_invariant, evaluate, format_report,  # noqa: E402
-                              rel_err)
+from distmlip.testing import assert_partition_invariant, evaluate, format_report, rel_err  # noqa: E402
 
 ELEMENTS = (3, 8, 13, 29)  # Li, O, Al, Cu
 

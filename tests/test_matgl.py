@@ -26,9 +26,13 @@ matgl = pytest.importorskip("matgl", reason="matgl is not installed (pip install
 import distmlip  # noqa: E402
 from distmlip.models.matgl import M3GNetModel, TensorNetModel  # noqa: E402
 from distmlip.testing import assert_partition_invariant  # noqa: E402
-from distmlip.testing.adapters import (ADAPTER_ELEMENTS, ADAPTER_SPLITS,  # noqa: E402
-                                       adapter_structures, assert_matches_calculator,
-                                       calculator_reference)
+from distmlip.testing.adapters import (  # noqa: E402
+    ADAPTER_ELEMENTS,
+    ADAPTER_SPLITS,
+    adapter_structures,
+    assert_matches_calculator,
+    calculator_reference,
+)
 
 REFS = np.array([-1.1, -1.9, -7.3, -4.9, -3.7, -3.5])  # per-element references, eV
 
@@ -204,7 +208,8 @@ def test_errors(potential):
     from matgl.models import TensorNet
 
     model = distmlip.wrap(potential)
-    with pytest.raises(ValueError, match=r"numbers: TensorNet has no parameters for atomic number\(s\) \[26\] \(Fe\); it knows "):
+    with pytest.raises(ValueError, match=r"numbers: TensorNet has no parameters for atomic "
+                                         r"number\(s\) \[26\] \(Fe\); it knows "):
         calc = distmlip.DistributedCalculator(model)
         atoms = bulk("Fe", "bcc", a=2.87)
         atoms.calc = calc

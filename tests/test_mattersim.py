@@ -24,8 +24,12 @@ pytest.importorskip("mattersim", reason="mattersim is not installed (pip install
 import distmlip  # noqa: E402
 from distmlip.models.mattersim import MatterSimModel, triplets  # noqa: E402
 from distmlip.testing import assert_partition_invariant  # noqa: E402
-from distmlip.testing.adapters import (ADAPTER_SPLITS, adapter_structures,  # noqa: E402
-                                       assert_matches_calculator, calculator_reference)
+from distmlip.testing.adapters import (  # noqa: E402
+    ADAPTER_SPLITS,
+    adapter_structures,
+    assert_matches_calculator,
+    calculator_reference,
+)
 
 
 def make_potential(seed: int = 0):
@@ -90,7 +94,7 @@ def test_triplets_match_mattersim():
     bonds = np.stack([centres, rng.integers(0, 6, 40)], axis=1)
     want = compute_threebody_indices(bonds, length, 6, np.ones(6, dtype=int), 4.0)[0]
     ij, ik = triplets(torch.as_tensor(centres), torch.as_tensor(length <= 4.0))
-    assert sorted(map(tuple, want.tolist())) == sorted(zip(ij.tolist(), ik.tolist()))
+    assert sorted(map(tuple, want.tolist())) == sorted(zip(ij.tolist(), ik.tolist(), strict=True))
 
 
 def test_wrap_accepts_calculator_and_model(potential):

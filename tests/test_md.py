@@ -163,7 +163,7 @@ def test_npt_barostat_follows_unpartitioned(lj_model):
                                           a.get_potential_energy())), interval=1)
         dyn.run(20)
         runs.append(frames)
-    for (x1, c1, e1), (x2, c2, e2) in zip(*runs):
+    for (x1, c1, e1), (x2, c2, e2) in zip(*runs, strict=True):
         assert np.abs(x1 - x2).max() <= TOL_POS
         assert np.abs(c1 - c2).max() <= TOL_POS
         assert abs(e1 - e2) <= TOL_E

@@ -139,7 +139,7 @@ def test_srun_environment():
     finally:
         for p in procs:
             p.kill()
-    for rank, (p, out) in enumerate(zip(procs, outs)):
+    for rank, (p, out) in enumerate(zip(procs, outs, strict=True)):
         assert p.returncode == 0, out[-3000:]
         assert f"rank {rank}: srun launch equal to one process" in out, out[-3000:]
 

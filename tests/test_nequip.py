@@ -21,8 +21,7 @@ pytest.importorskip("nequip.model", reason="nequip is not installed (pip install
 import distmlip  # noqa: E402
 from distmlip import DistributedCalculator  # noqa: E402
 from distmlip.models.nequip import NequIPModel  # noqa: E402
-from distmlip.testing import (assert_partition_invariant, evaluate, format_report,  # noqa: E402
-                              rel_err)
+from distmlip.testing import assert_partition_invariant, evaluate, format_report, rel_err  # noqa: E402
 
 TYPES = ["Li", "O", "Al", "Cu"]
 R_MAX = 5.0
@@ -31,17 +30,16 @@ R_MAX = 5.0
 def _common(seed: int) -> dict:
     return dict(
         seed=seed, model_dtype="float64", type_names=TYPES, r_max=R_MAX, avg_num_neighbors=40.0,
-        per_type_energy_shifts=dict(zip(TYPES, [-2.0, -4.5, -3.5, -1.5])),
-        per_type_energy_scales=dict(zip(TYPES, [20.0, 30.0, 25.0, 20.0])),
+        per_type_energy_shifts=dict(zip(TYPES, [-2.0, -4.5, -3.5, -1.5], strict=True)),
+        per_type_energy_scales=dict(zip(TYPES, [20.0, 30.0, 25.0, 20.0], strict=True)),
     )
 
 
 def _build(builder, **kwargs):
     import warnings
 
-    from nequip.utils.global_state import set_global_state
-
     import e3nn
+    from nequip.utils.global_state import set_global_state
 
     previous = torch.get_default_dtype()
     e3nn_jit = e3nn.get_optimization_defaults()["jit_mode"]

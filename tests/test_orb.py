@@ -26,8 +26,13 @@ pytest.importorskip("orb_models", reason="orb-models is not installed (pip insta
 import distmlip  # noqa: E402
 from distmlip.models.orb import OrbModel  # noqa: E402
 from distmlip.testing import assert_partition_invariant, evaluate  # noqa: E402
-from distmlip.testing.adapters import (ADAPTER_SPLITS, adapter_structures,  # noqa: E402
-                                       assert_matches_calculator, calculator_reference, metal)
+from distmlip.testing.adapters import (  # noqa: E402
+    ADAPTER_SPLITS,
+    adapter_structures,
+    assert_matches_calculator,
+    calculator_reference,
+    metal,
+)
 
 CAP = 8
 

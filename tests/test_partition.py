@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from distmlip import DistributedCalculator, NeighborGraph, PartitionPlan
-from distmlip.partition import PARTITIONERS, assign_owners, grid_owners, slab_owners
+from distmlip.partition import assign_owners
+from distmlip.partition.assign import grid_owners, slab_owners
 from distmlip.testing import awkward_structures, evaluate, rel_err
 from distmlip.testing.structures import fcc_bulk
+from distmlip.typing import PARTITIONERS
 
 CUTOFF = 5.0
 
@@ -26,24 +28,24 @@ def test_plan_owns_every_atom_once_and_validates(structure, partitioner, num_par
     plan = PartitionPlan.build(graph, num_parts, partitioner, mode, hops)
     plan.validate(graph)
     assert plan.num_parts == num_parts
-    owned = np.concatenate([p.owned for p in plan.parts])
+    owned = np.concatenate([p.owned_ids for p in plan.parts])
     assert np.array_equal(np.sort(owned), np.arange(len(atoms))), f"{name}: ownership not a partition"
     for p in plan.parts:
-        assert np.all(plan.owner[p.owned] == p.index)
+        assert np.all(plan.owner[p.owned_ids] == p.index)
         # a part's edges are exactly those received by its atoms fewer than `hops` hops away
         if p.num_local:
             received = np.isin(graph.receivers, p.atoms)
             assert set(p.edges.tolist()) <= set(np.flatnonzero(received).tolist())
-            own_edges = np.flatnonzero(np.isin(graph.receivers, p.owned))
+            own_edges = np.flatnonzero(np.isin(graph.receivers, p.owned_ids))
             assert set(own_edges.tolist()) <= set(p.edges.tolist()), "an owned atom misses an edge"
     if mode == "halo" and hops == 1:
         all_edges = np.concatenate([p.edges for p in plan.parts])
         assert np.array_equal(np.sort(all_edges), np.arange(graph.num_edges))
         # the one-hop halo is exactly the non-owned senders of owned atoms' edges
         for p in plan.parts:
-            senders = graph.senders[np.isin(graph.receivers, p.owned)]
-            expect = np.setdiff1d(senders, p.owned)
-            assert np.array_equal(np.sort(p.halo), expect)
+            senders = graph.senders[np.isin(graph.receivers, p.owned_ids)]
+            expect = np.setdiff1d(senders, p.owned_ids)
+            assert np.array_equal(np.sort(p.halo_ids), expect)
 
 
 def test_slab_balanced_by_count():

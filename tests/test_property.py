@@ -32,11 +32,10 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
 from ase import Atoms  # noqa: E402
 from ase.neighborlist import neighbor_list  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from distmlip import DistributedCalculator  # noqa: E402
 from distmlip.models import LennardJones  # noqa: E402
@@ -106,7 +105,7 @@ def systems(draw, max_atoms: int = 400, min_dist_range=(0.05, 1.8)):
     i, j = neighbor_list("ij", atoms, min_dist)
     assert not np.any(i == j), "a lattice vector shorter than min_dist"  # diag >= 2 > min_dist
     keep = np.ones(n, dtype=bool)
-    for a, b in sorted(zip(np.minimum(i, j), np.maximum(i, j))):
+    for a, b in sorted(zip(np.minimum(i, j), np.maximum(i, j), strict=True)):
         if keep[a] and keep[b]:
             keep[b] = False
     atoms = atoms[keep]

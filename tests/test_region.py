@@ -4,8 +4,10 @@ rank must hold) and ``build_part`` on that region's own graph, checked against t
 import numpy as np
 import pytest
 
-from distmlip.graph import NeighborGraph, atoms_near
-from distmlip.partition import PartitionPlan, build_part, owned_rows
+from distmlip.graph import NeighborGraph
+from distmlip.graph.region import atoms_near
+from distmlip.partition import PartitionPlan
+from distmlip.partition.plan import build_part, owned_rows
 from distmlip.testing import awkward_structures
 
 CUTOFF = 5.0

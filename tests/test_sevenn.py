@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 import distmlip  # noqa: E402
 from distmlip import DistributedCalculator  # noqa: E402
-from distmlip.models import no_exchange  # noqa: E402
+from distmlip.models.base import no_exchange  # noqa: E402
 from distmlip.models.sevenn import SevenNetModel  # noqa: E402
 from distmlip.testing import assert_partition_invariant, evaluate  # noqa: E402
 
@@ -334,7 +334,8 @@ def test_errors(model):
 
     atoms = Atoms("CuAm", positions=[[0, 0, 0], [2.5, 0, 0]], cell=[8, 8, 8], pbc=True)
     atoms.calc = DistributedCalculator(model)
-    with pytest.raises(ValueError, match=r"numbers: sevennet-0 has no parameters for atomic number\(s\) \[95\]"):
+    with pytest.raises(ValueError,
+                       match=r"numbers: sevennet-0 has no parameters for atomic number\(s\) \[95\]"):
         atoms.get_potential_energy()
 
 

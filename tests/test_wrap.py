@@ -77,12 +77,11 @@ def test_nequip_model_is_wrapped():
     pytest.importorskip("nequip.model", reason="nequip is not installed")
     import warnings
 
+    import e3nn
     from nequip.model import NequIPGNNModel
     from nequip.utils.global_state import set_global_state
 
     from distmlip.models.nequip import NequIPModel
-
-    import e3nn
 
     previous = torch.get_default_dtype()
     e3nn_jit = e3nn.get_optimization_defaults()["jit_mode"]

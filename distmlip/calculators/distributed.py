@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import difflib
 import warnings
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes, equal
 
-from ..graph import NeighborGraph, as_ase_atoms
+from ..graph import NeighborGraph
+from ..graph.neighbors import as_ase_atoms
 from ..models.base import DistributableModel, check_model
-from ..partition import MODES, PARTITIONERS, PartitionPlan
-from ..runtime import Evaluation, Runner, detect_launch, init_distributed
+from ..partition import PartitionPlan
+from ..runtime import Evaluation, Runner
+from ..runtime.launch import detect_launch, init_distributed
+from ..typing import BACKENDS, DTYPE_NAMES, MODES, PARTITIONERS, Backend, DTypeLike, Mode, Partitioner
 
 __all__ = ["DistributedCalculator"]
 
-BACKENDS = ("auto", "local", "torch")
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 #: Default Verlet skin, Å: the graph is built with cutoff + skin and reused until an atom has moved
 #: more than skin / 2. 0.5 Å keeps the graph ~1.3x the edges of a 5 Å cutoff and, at room
@@ -43,7 +46,8 @@ def _parse_dtype(dtype):
         return dtype
     if isinstance(dtype, str) and dtype in _DTYPES:
         return _DTYPES[dtype]
-    raise ValueError(f"dtype: expected None, torch.float32/torch.float64 or one of {list(_DTYPES)}, got {dtype!r}")
+    raise ValueError(f"dtype: expected None, torch.float32/torch.float64 or one of {list(_DTYPES)}, "
+                     f"got {dtype!r}")
 
 
 def _parse_devices(device) -> list[torch.device]:
@@ -55,7 +59,8 @@ def _parse_devices(device) -> list[torch.device]:
         try:
             dev = torch.device(item)
         except (RuntimeError, TypeError):
-            raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {item!r}") from None
+            raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', "
+                             f"got {item!r}") from None
         if dev.type == "cuda":
             if not torch.cuda.is_available():
                 raise ValueError(
@@ -164,7 +169,8 @@ class DistributedCalculator(Calculator):
     defaults, and ``calc.set(mode="extended")`` changes one for the next calculation (the runner is
     rebuilt). Under a launcher ``backend``, ``device`` and ``timeout`` are fixed once the process
     group exists: changing them raises ``ValueError``. A keyword that is not an option raises
-    ``TypeError``, here and in ``set``.
+    ``TypeError``, here and in ``set``. The string options' values are the ``Literal`` aliases of
+    ``distmlip.typing`` (``Mode``, ``Partitioner``, ``Backend``, ``DTypeName``).
 
     Args:
         model: a ``DistributableModel`` (see ``distmlip.models``), checked here: ``cutoff``,
@@ -216,10 +222,12 @@ class DistributedCalculator(Calculator):
         "skin": DEFAULT_SKIN, "max_memory": None, "progress": False,
     }
 
-    def __init__(self, model: DistributableModel, num_partitions: int | None = None,
-                 partitioner: str = "grid", mode: str = "halo", device="cpu", dtype=None,
-                 backend: str = "auto", timeout: float = 30.0, num_threads: int | None = None,
-                 skin: float = DEFAULT_SKIN, max_memory=None, progress: bool = False, **kwargs):
+    def __init__(self, model: DistributableModel, num_partitions: int | Literal["auto"] | None = None,
+                 partitioner: Partitioner = "grid", mode: Mode = "halo",
+                 device: str | torch.device | Sequence[str | torch.device] = "cpu",
+                 dtype: DTypeLike = None, backend: Backend = "auto", timeout: float = 30.0,
+                 num_threads: int | None = None, skin: float = DEFAULT_SKIN,
+                 max_memory: int | float | str | None = None, progress: bool = False, **kwargs):
         for key in kwargs:
             if key not in _ASE_KEYWORDS:
                 raise _unknown_keyword(key, [*self.default_parameters, *_ASE_KEYWORDS])

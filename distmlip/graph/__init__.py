@@ -1,13 +1,9 @@
-"""Atoms -> NeighborGraph: the periodic neighbour graph of a whole system (built with vesin)."""
+"""Atoms -> NeighborGraph: the periodic neighbour graph of a whole system (built with vesin).
 
-from .neighbors import NeighborGraph, as_ase_atoms, complete_cell, validate_system
-from .region import atoms_near, fractional_coordinates
+Helpers used inside distmlip (``as_ase_atoms``, ``validate_system``, ``atoms_near``, ...) are
+imported from their modules, ``distmlip.graph.neighbors`` and ``distmlip.graph.region``.
+"""
 
-__all__ = [
-    "NeighborGraph",
-    "as_ase_atoms",
-    "atoms_near",
-    "complete_cell",
-    "fractional_coordinates",
-    "validate_system",
-]
+from .neighbors import NeighborGraph
+
+__all__ = ["NeighborGraph"]

@@ -71,7 +71,7 @@ def complete_cell(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
             null = np.linalg.svd(cell[kept], full_matrices=True)[2][len(kept):]
         else:
             null = np.eye(3)
-        for axis, vector in zip(missing, null):
+        for axis, vector in zip(missing, null, strict=True):
             cell[axis] = vector
     return cell
 
@@ -109,7 +109,7 @@ class NeighborGraph:
     shifts: np.ndarray
 
     @classmethod
-    def from_arrays(cls, positions, cell, pbc, numbers, cutoff: float) -> "NeighborGraph":
+    def from_arrays(cls, positions, cell, pbc, numbers, cutoff: float) -> NeighborGraph:
         """Build the graph of a system given as arrays (see the class docstring for shapes)."""
         cutoff = _check_cutoff(cutoff)
         positions, cell, pbc, numbers = validate_system(positions, cell, pbc, numbers)
@@ -131,7 +131,7 @@ class NeighborGraph:
         return cls(positions, cell, pbc, numbers, float(cutoff), senders, receivers, shifts)
 
     @classmethod
-    def from_atoms(cls, atoms, cutoff: float) -> "NeighborGraph":
+    def from_atoms(cls, atoms, cutoff: float) -> NeighborGraph:
         """Build the graph of an ``ase.Atoms`` (or pymatgen ``Structure``/``Molecule``)."""
         atoms = as_ase_atoms(atoms)
         return cls.from_arrays(

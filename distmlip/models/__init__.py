@@ -1,6 +1,11 @@
-"""Models: the DistributableModel contract, reference models, adapters for third-party models."""
+"""Models: the DistributableModel contract, reference models, adapters for third-party models.
 
-from .base import DistributableModel, LocalGraph, no_exchange
+``load(name)`` and ``wrap(module)`` return the adapters (``distmlip.models.sevenn``,
+``distmlip.models.mace``, ...); model authors' helpers (``check_numbers``, ``unknown_elements``)
+live in ``distmlip.models.base``.
+"""
+
+from .base import DistributableModel, LocalGraph
 from .lj import LennardJones
 from .registry import available_models, load, wrap
 from .schnet import SchNet
@@ -12,6 +17,5 @@ __all__ = [
     "SchNet",
     "available_models",
     "load",
-    "no_exchange",
     "wrap",
 ]

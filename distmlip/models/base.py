@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +85,27 @@ class HaloExchange:
 no_exchange = HaloExchange()
 
 
+def _accept_owned_keyword(cls):
+    """``LocalGraph(..., owned=mask)``, the field's old name, still works until the next release
+    (with a ``DeprecationWarning``)."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, owned=None, **kwargs):
+        if owned is not None:
+            if "owned_mask" in kwargs or len(args) > 4:
+                raise TypeError("owned: got both owned and owned_mask; pass owned_mask only")
+            warnings.warn("LocalGraph(owned=...) is deprecated: pass owned_mask=... (the (n,) bool "
+                          "mask of owned rows); owned is removed in the next release",
+                          DeprecationWarning, stacklevel=2)
+            kwargs["owned_mask"] = owned
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_accept_owned_keyword
 @dataclass(frozen=True, eq=False)
 class LocalGraph:
     """The piece of the system one worker evaluates: owned atoms first, then a halo.
@@ -97,10 +120,12 @@ class LocalGraph:
             owned rows ``(num_owned, ...)``, returns ``(n, ...)`` with the halo rows refreshed from
             their owners (autograd sends gradients home). Call it wherever a layer is about to read
             neighbours' features that an earlier layer has updated. A no-op when nothing is split.
-        owned: (n,) bool, which local atoms this worker owns (the first ``num_owned`` rows).
+        owned_mask: (n,) bool, which local atoms this worker owns (the first ``num_owned`` rows).
+            Its old name ``owned`` (reading ``graph.owned``, constructing with ``owned=``) still
+            works until the next release, with a ``DeprecationWarning``.
         atom_ids: (n,) int64 global atom indices (for adapters that need them).
         cell: (3, 3) lattice vectors (no gradient), in the model's dtype.
-        num_owned: rows owned (default: counted from ``owned``).
+        num_owned: rows owned (default: counted from ``owned_mask``).
         num_needed: rows whose node-wise updates (and readouts) a layer must compute: ``num_owned``
             when a halo exchange refreshes the halo before it is read again (halo mode), ``n``
             otherwise (unsplit, or extended mode, where halo rows are computed redundantly).
@@ -118,7 +143,7 @@ class LocalGraph:
     edge_index: torch.Tensor
     edge_vec: torch.Tensor
     halo_exchange: HaloExchange
-    owned: torch.Tensor
+    owned_mask: torch.Tensor
     atom_ids: torch.Tensor
     cell: torch.Tensor
     num_owned: int | None = field(default=None)
@@ -127,12 +152,20 @@ class LocalGraph:
 
     def __post_init__(self):
         if self.num_owned is None:
-            object.__setattr__(self, "num_owned", int(self.owned.sum()))
+            object.__setattr__(self, "num_owned", int(self.owned_mask.sum()))
         if self.num_needed is None:
             object.__setattr__(self, "num_needed", self.num_nodes)
         if self.composition is None:
             counts = torch.bincount(self.numbers[: self.num_owned], minlength=NUM_ELEMENTS)
             object.__setattr__(self, "composition", counts[:NUM_ELEMENTS].to(torch.int64))
+
+    @property
+    def owned(self) -> torch.Tensor:
+        """Deprecated alias of ``owned_mask`` (removed in the next release)."""
+        warnings.warn("LocalGraph.owned is deprecated: use LocalGraph.owned_mask (the (n,) bool mask "
+                      "of owned rows) or num_owned (they are the first rows); it is removed in the "
+                      "next release", DeprecationWarning, stacklevel=2)
+        return self.owned_mask
 
     @property
     def num_system_atoms(self) -> int:
@@ -167,7 +200,7 @@ class LocalGraph:
         return int(self.edge_index.shape[1])
 
     @classmethod
-    def single(cls, numbers, edge_index, edge_vec, cell=None) -> "LocalGraph":
+    def single(cls, numbers, edge_index, edge_vec, cell=None) -> LocalGraph:
         """A whole, unsplit system (every atom owned, exchange a no-op)."""
         n = int(numbers.shape[0])
         device = edge_vec.device
@@ -178,7 +211,7 @@ class LocalGraph:
             edge_index=edge_index,
             edge_vec=edge_vec,
             halo_exchange=no_exchange,
-            owned=torch.ones(n, dtype=torch.bool, device=device),
+            owned_mask=torch.ones(n, dtype=torch.bool, device=device),
             atom_ids=torch.arange(n, device=device),
             cell=cell,
             num_owned=n,

@@ -104,7 +104,7 @@ def supports(obj) -> bool:
     return isinstance(obj, chgnet_cls)
 
 
-def wrap(obj, **kwargs) -> "CHGNetModel":
+def wrap(obj, **kwargs) -> CHGNetModel:
     """A ``CHGNetModel`` around ``obj`` (a ``chgnet.model.CHGNet``); ``kwargs`` go to
     ``CHGNetModel`` (``max_bonds``)."""
     if not supports(obj):
@@ -113,7 +113,7 @@ def wrap(obj, **kwargs) -> "CHGNetModel":
     return CHGNetModel(obj, **kwargs)
 
 
-def load(name: str, **kwargs) -> "CHGNetModel":
+def load(name: str, **kwargs) -> CHGNetModel:
     """A pretrained CHGNet shipped in the chgnet wheel, by distmlip name (see ``PRETRAINED``)."""
     if not isinstance(name, str):
         raise TypeError(f"name: expected a model name (str), got {type(name).__name__}")
@@ -305,7 +305,7 @@ class CHGNetModel(DistributableModel):
             if reverse is None:
                 keys = mixed[:, width + k_slots * bond_width:].reshape(n, k_slots, 3).detach()
                 reverse, found = self._match_reverse(keys, s_send, s_vec)
-                missing = ~found & graph.owned[s_recv]
+                missing = ~found & graph.owned_mask[s_recv]
                 if bool(missing.any()):
                     i = int(torch.nonzero(missing)[0])
                     raise RuntimeError(

@@ -1,8 +1,8 @@
 """matgl's TensorNet and M3GNet (PyTorch Geometric backend) as ``DistributableModel``s.
 
 ``distmlip.wrap`` accepts a ``matgl.apps.pes.Potential`` holding a ``TensorNet`` or an ``M3GNet``,
-or the model itself (M3GNet: see ``M3GNetModel``). The adapter runs matgl's own submodules in matgl's order; only the halo
-exchanges are added.
+or the model itself (M3GNet: see ``M3GNetModel``). The adapter runs matgl's own submodules in
+matgl's order; only the halo exchanges are added.
 
 Conventions (matgl → distmlip):
 
@@ -100,7 +100,7 @@ def _without_warp(model):
     emb = model.tensor_embedding
     state = dict(emb.state_dict())
     weight, bias = state.pop("distance_proj.weight"), state.pop("distance_proj.bias")
-    for i, (w, b) in enumerate(zip(weight.chunk(3, 0), bias.chunk(3, 0)), start=1):
+    for i, (w, b) in enumerate(zip(weight.chunk(3, 0), bias.chunk(3, 0), strict=True), start=1):
         state[f"distance_proj{i}.weight"], state[f"distance_proj{i}.bias"] = w, b
     new_emb = TensorEmbedding(emb.units, emb.distance_proj.in_features, model.activation,
                               emb.emb.num_embeddings, emb.cutoff, dtype=dtype)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 
+from ..typing import PretrainedName
 from .base import DistributableModel
 
 __all__ = ["ADAPTERS", "available_models", "load", "wrap"]
@@ -51,7 +52,7 @@ def available_models() -> dict[str, str]:
     return out
 
 
-def load(name: str, **kwargs) -> DistributableModel:
+def load(name: PretrainedName, **kwargs) -> DistributableModel:
     """A pretrained model shipped inside a PyPI package, by name (e.g. ``"sevennet-0"``).
 
     Nothing is downloaded: only weights inside installed packages are used.

@@ -1,18 +1,11 @@
-"""NeighborGraph -> PartitionPlan: owners (slab, grid, METIS), halos, local edges, exchange maps."""
+"""NeighborGraph -> PartitionPlan: owners (slab, grid, METIS), halos, local edges, exchange maps.
 
-from .assign import PARTITIONERS, assign_owners, grid_owners, metis_owners, slab_owners
-from .plan import MODES, PartitionPlan, PartPlan, build_part, build_parts, owned_rows
+The partitioners' names are ``distmlip.typing.Partitioner``; the building blocks the runtime uses
+(``build_parts``, ``owned_rows``, the single partitioners) are imported from
+``distmlip.partition.plan`` and ``distmlip.partition.assign``.
+"""
 
-__all__ = [
-    "MODES",
-    "PARTITIONERS",
-    "PartPlan",
-    "PartitionPlan",
-    "assign_owners",
-    "build_part",
-    "build_parts",
-    "owned_rows",
-    "grid_owners",
-    "metis_owners",
-    "slab_owners",
-]
+from .assign import assign_owners
+from .plan import PartitionPlan, PartPlan
+
+__all__ = ["PartPlan", "PartitionPlan", "assign_owners"]

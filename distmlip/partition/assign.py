@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph import NeighborGraph, fractional_coordinates
+from ..graph import NeighborGraph
+from ..graph.region import fractional_coordinates
+from ..typing import PARTITIONERS, Partitioner
 
-__all__ = ["PARTITIONERS", "assign_owners", "slab_owners", "grid_owners", "metis_owners"]
+__all__ = ["assign_owners", "grid_owners", "metis_owners", "slab_owners"]
 
 
 def _check_parts(num_parts) -> int:
@@ -33,7 +35,8 @@ def _extent(frac: np.ndarray, spacing: np.ndarray) -> np.ndarray:
 def slab_owners(positions, cell, pbc, num_parts: int) -> np.ndarray:
     """1-D cuts along the longest axis, balanced by atom count (not by width)."""
     num_parts = _check_parts(num_parts)
-    frac, spacing = fractional_coordinates(np.asarray(positions, dtype=np.float64), cell, np.asarray(pbc, dtype=bool))
+    frac, spacing = fractional_coordinates(np.asarray(positions, dtype=np.float64), cell,
+                                           np.asarray(pbc, dtype=bool))
     axis = int(np.argmax(_extent(frac, spacing)))
     order = np.argsort(frac[:, axis], kind="stable")
     owner = np.empty(len(positions), dtype=np.int64)
@@ -45,7 +48,8 @@ def grid_owners(positions, cell, pbc, num_parts: int) -> np.ndarray:
     """Recursive coordinate bisection: split the atoms along their widest physical extent into
     two sets whose sizes are proportional to the number of parts each side receives."""
     num_parts = _check_parts(num_parts)
-    frac, spacing = fractional_coordinates(np.asarray(positions, dtype=np.float64), cell, np.asarray(pbc, dtype=bool))
+    frac, spacing = fractional_coordinates(np.asarray(positions, dtype=np.float64), cell,
+                                           np.asarray(pbc, dtype=bool))
     owner = np.empty(len(positions), dtype=np.int64)
     stack = [(np.arange(len(positions)), num_parts, 0)]
     while stack:
@@ -98,11 +102,8 @@ def metis_owners(graph: NeighborGraph, num_parts: int, seed: int = 0) -> np.ndar
     return np.asarray(parts, dtype=np.int64)
 
 
-PARTITIONERS = ("slab", "grid", "metis")
-
-
-def assign_owners(graph: NeighborGraph, num_parts: int, partitioner: str = "grid") -> np.ndarray:
-    """(N,) owning part of each atom, by the named partitioner (one of ``PARTITIONERS``)."""
+def assign_owners(graph: NeighborGraph, num_parts: int, partitioner: Partitioner = "grid") -> np.ndarray:
+    """(N,) owning part of each atom, by the named partitioner (``distmlip.typing.Partitioner``)."""
     if partitioner == "slab":
         return slab_owners(graph.positions, graph.cell, graph.pbc, num_parts)
     if partitioner == "grid":

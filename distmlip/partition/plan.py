@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..graph import NeighborGraph
-from .assign import PARTITIONERS, _check_parts, assign_owners
+from ..typing import MODES, PARTITIONERS, Mode, Partitioner
+from .assign import _check_parts, assign_owners
 
-__all__ = ["MODES", "PartPlan", "PartitionPlan", "build_part", "build_parts", "owned_rows"]
-
-MODES = ("halo", "extended")
+__all__ = ["PartPlan", "PartitionPlan", "build_part", "build_parts", "owned_rows"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,12 +46,28 @@ class PartPlan:
         return len(self.atoms) - self.num_owned
 
     @property
-    def owned(self) -> np.ndarray:
+    def owned_ids(self) -> np.ndarray:
+        """(num_owned,) int64 global ids of the owned atoms (ascending)."""
         return self.atoms[: self.num_owned]
 
     @property
-    def halo(self) -> np.ndarray:
+    def halo_ids(self) -> np.ndarray:
+        """(n_halo,) int64 global ids of the halo atoms."""
         return self.atoms[self.num_owned :]
+
+    @property
+    def owned(self) -> np.ndarray:
+        """Deprecated alias of ``owned_ids`` (removed in the next release)."""
+        warnings.warn("PartPlan.owned is deprecated: use PartPlan.owned_ids (the owned atoms' global "
+                      "ids); it is removed in the next release", DeprecationWarning, stacklevel=2)
+        return self.owned_ids
+
+    @property
+    def halo(self) -> np.ndarray:
+        """Deprecated alias of ``halo_ids`` (removed in the next release)."""
+        warnings.warn("PartPlan.halo is deprecated: use PartPlan.halo_ids (the halo atoms' global "
+                      "ids); it is removed in the next release", DeprecationWarning, stacklevel=2)
+        return self.halo_ids
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,7 +95,7 @@ class PartitionPlan:
 
     num_atoms: int
     num_edges: int
-    mode: str
+    mode: Mode
     num_hops: int
     owner: np.ndarray
     parts: tuple[PartPlan, ...]
@@ -96,10 +112,10 @@ class PartitionPlan:
         cls,
         graph: NeighborGraph,
         num_parts: int = 1,
-        partitioner: str = "grid",
-        mode: str = "halo",
+        partitioner: Partitioner = "grid",
+        mode: Mode = "halo",
         num_hops: int = 1,
-    ) -> "PartitionPlan":
+    ) -> PartitionPlan:
         """Partition ``graph`` with the named partitioner and build every part."""
         num_parts = _check_parts(num_parts)
         if partitioner not in PARTITIONERS:
@@ -115,9 +131,9 @@ class PartitionPlan:
         graph: NeighborGraph,
         owner: np.ndarray,
         num_parts: int,
-        mode: str = "halo",
+        mode: Mode = "halo",
         num_hops: int = 1,
-    ) -> "PartitionPlan":
+    ) -> PartitionPlan:
         """Build the parts for a given owner assignment ((N,) ints in ``[0, num_parts)``)."""
         num_parts = _check_parts(num_parts)
         if mode not in MODES:
@@ -186,17 +202,17 @@ class PartitionPlan:
 
     def validate(self, graph: NeighborGraph | None = None) -> None:
         """Check the plan's invariants; raises ``ValueError`` on the first one broken."""
-        owned = np.concatenate([p.owned for p in self.parts])
-        if not np.array_equal(np.sort(owned), np.arange(self.num_atoms)):
+        owned_ids = np.concatenate([p.owned_ids for p in self.parts])
+        if not np.array_equal(np.sort(owned_ids), np.arange(self.num_atoms)):
             raise ValueError("plan: every atom must be owned by exactly one part")
         owned_by_part, starts, _ = _owner_layout(self.owner, self.num_parts)  # every part's owned atoms
         for p in self.parts:
-            if not np.all(self.owner[p.owned] == p.index):
+            if not np.all(self.owner[p.owned_ids] == p.index):
                 raise ValueError(f"plan: part {p.index} lists atoms it does not own")
-            if not np.array_equal(self.owner[p.halo], p.halo_owner):
+            if not np.array_equal(self.owner[p.halo_ids], p.halo_owner):
                 raise ValueError(f"plan: part {p.index} has wrong halo owners")
             if np.any(p.halo_source >= starts[p.halo_owner + 1] - starts[p.halo_owner]) or \
-                    not np.array_equal(owned_by_part[starts[p.halo_owner] + p.halo_source], p.halo):
+                    not np.array_equal(owned_by_part[starts[p.halo_owner] + p.halo_source], p.halo_ids):
                 raise ValueError(f"plan: part {p.index} has wrong halo sources")
             if len(np.unique(p.atoms)) != len(p.atoms):
                 raise ValueError(f"plan: part {p.index} holds an atom twice")
@@ -255,7 +271,7 @@ def build_parts(graph: NeighborGraph, parts, owner: np.ndarray, rows: np.ndarray
     empty = np.zeros(0, dtype=np.int64)
     empty_index = np.zeros((2, 0), dtype=np.int64)
     out = []
-    for p, (lo, hi) in zip(parts, bounds.tolist()):
+    for p, (lo, hi) in zip(parts, bounds.tolist(), strict=True):
         if lo == hi:  # no owned atoms: no halo, no edges (more parts than atoms is legal)
             out.append(PartPlan(p, empty, 0, empty, empty, empty, empty_index))
             continue

@@ -1,19 +1,12 @@
-"""Workers: run the model on each shard with the halo exchange between layers, then gather."""
+"""Workers: run the model on each shard with the halo exchange between layers, then gather.
 
-from .exchange import CommunicationError, LocalExchange, P2PExchange
-from .launch import Launch, detect_launch, init_distributed
+``Runner`` is the calculator's engine without ASE (positions, cell, pbc, numbers -> ``Evaluation``);
+``CommunicationError`` is what a rank raises when a peer fails, dies or hangs. Shards, exchanges and
+launch detection are internal: import them from their modules (``distmlip.runtime.shards``, ...).
+"""
+
+from .exchange import CommunicationError
+from .memory import estimate_memory
 from .runner import Evaluation, Runner
-from .shards import Shard, build_shard
 
-__all__ = [
-    "CommunicationError",
-    "Evaluation",
-    "Launch",
-    "LocalExchange",
-    "P2PExchange",
-    "Runner",
-    "Shard",
-    "build_shard",
-    "detect_launch",
-    "init_distributed",
-]
+__all__ = ["CommunicationError", "Evaluation", "Runner", "estimate_memory"]

@@ -119,7 +119,7 @@ class _P2P(torch.autograd.Function):
         exchange = ctx.exchange
         grad = torch.zeros(*ctx.meta[:1], dtype=ctx.meta[1], device=ctx.meta[2])
         back = exchange.swap([g.contiguous() for g in grads], backward=True, meta=ctx.meta)
-        for rows, g in zip(exchange.send_rows, back):
+        for rows, g in zip(exchange.send_rows, back, strict=True):
             grad.index_add_(0, rows, g)
         return grad, grad_token, None
 
@@ -200,12 +200,12 @@ class P2PExchange(HaloExchange):
 
         t0 = time.perf_counter()
         if backward:
-            outgoing = [(q, g) for (q, _), g in zip(self.recv_from, tensors)]
-            incoming = [(q, len(rows)) for q, rows in zip(self.send_to, self.send_rows)]
+            outgoing = [(q, g) for (q, _), g in zip(self.recv_from, tensors, strict=True)]
+            incoming = [(q, len(rows)) for q, rows in zip(self.send_to, self.send_rows, strict=True)]
             shape, dtype, device = meta
         else:
             outgoing = [(q, tensors.index_select(0, rows).contiguous())
-                        for q, rows in zip(self.send_to, self.send_rows)]
+                        for q, rows in zip(self.send_to, self.send_rows, strict=True)]
             incoming = self.recv_from
             shape, dtype, device = tensors.shape, tensors.dtype, tensors.device
         tail = tuple(shape[1:])

@@ -236,7 +236,8 @@ def peer_status(me: int, peers=None, grace: float = 0.5) -> str:
     if dead:
         out.append(f"rank {', '.join(dead)} died (its process is gone: killed, out of memory or "
                    f"exited)" if len(dead) == 1 else
-                   f"ranks {', '.join(dead)} died (their processes are gone: killed, out of memory or exited)")
+                   f"ranks {', '.join(dead)} died (their processes are gone: killed, out of memory or "
+                   f"exited)")
     if silent and not reported and not dead:
         out.append(f"rank{'s' if len(silent) > 1 else ''} {', '.join(silent)} "
                    f"{'are' if len(silent) > 1 else 'is'} alive but did not answer (hung, or "

@@ -19,7 +19,8 @@ import torch
 
 from ..models.base import DistributableModel, HaloExchange, LocalGraph
 
-__all__ = ["MemoryModel", "PeakMeter", "calibrate", "device_free_memory", "device_total_memory", "estimate_memory", "parse_budget"]
+__all__ = ["MemoryModel", "PeakMeter", "calibrate", "device_free_memory", "device_total_memory",
+           "estimate_memory", "parse_budget"]
 
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -189,7 +190,7 @@ class _PadExchange(HaloExchange):
         return torch.cat([owned, pad])
 
 
-_CACHE: "weakref.WeakKeyDictionary[DistributableModel, dict]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[DistributableModel, dict] = weakref.WeakKeyDictionary()
 
 
 def _probe_graph(atoms, cutoff: float, target_atoms: int, scale: float):
@@ -207,7 +208,7 @@ def _probe_graph(atoms, cutoff: float, target_atoms: int, scale: float):
         base = base.repeat(tuple(reps if p else 1 for p in periodic))
     elif len(base) > 2 * target_atoms:
         # a sphere around the middle atom, periodic images unfolded (minimum image)
-        from ..graph import complete_cell
+        from ..graph.neighbors import complete_cell
 
         cell = complete_cell(base.cell.array, np.asarray(base.pbc))
         frac = (base.positions - base.positions[len(base) // 2]) @ np.linalg.inv(cell)
@@ -270,7 +271,7 @@ def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torc
                 edge_index=torch.as_tensor(edge_index, device=device).reshape(2, -1),
                 edge_vec=torch.as_tensor(vec, device=device).to(dtype).requires_grad_(True),
                 halo_exchange=exchange,
-                owned=torch.as_tensor(np.arange(n) < owned, device=device),
+                owned_mask=torch.as_tensor(np.arange(n) < owned, device=device),
                 atom_ids=torch.arange(n, device=device),
                 cell=torch.as_tensor(graph.cell, device=device).to(dtype),
                 num_owned=owned, num_needed=owned,
@@ -351,7 +352,7 @@ def estimate_memory(model: DistributableModel, atoms, num_partitions: int = 1, m
     distmlip's graph, plan and stored exchange rows are counted from their sizes.
     """
     from ..calculators.distributed import _parse_devices, _parse_dtype
-    from ..graph import as_ase_atoms, validate_system
+    from ..graph.neighbors import as_ase_atoms, validate_system
     from .runner import Runner
 
     atoms = as_ase_atoms(atoms)

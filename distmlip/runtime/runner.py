@@ -21,15 +21,19 @@ import copy
 import threading
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
-from ..graph import NeighborGraph, atoms_near, validate_system
+from ..graph import NeighborGraph
+from ..graph.neighbors import validate_system
+from ..graph.region import atoms_near
 from ..models.base import NUM_ELEMENTS, DistributableModel, LocalGraph, no_exchange
-from ..partition import PartitionPlan, build_parts, owned_rows
-from ..partition.assign import PARTITIONERS, grid_owners, metis_owners, slab_owners
-from ..partition.plan import MODES
+from ..partition import PartitionPlan
+from ..partition.assign import grid_owners, metis_owners, slab_owners
+from ..partition.plan import build_parts, owned_rows
+from ..typing import MODES, PARTITIONERS, Mode, Partitioner
 from .exchange import CommunicationError, Hub, LocalExchange, P2PExchange, PeerFailed
 from .shards import Shard, build_shard, owned_row_offsets, part_groups
 
@@ -173,7 +177,7 @@ def composition_of(numbers: np.ndarray, device) -> torch.Tensor:
                            dtype=torch.int64, device=device)
 
 
-def _owners(partitioner: str, positions, cell, pbc, num_parts: int, graph=None) -> np.ndarray:
+def _owners(partitioner: Partitioner, positions, cell, pbc, num_parts: int, graph=None) -> np.ndarray:
     if partitioner == "slab":
         return slab_owners(positions, cell, pbc, num_parts)
     if partitioner == "grid":
@@ -325,8 +329,8 @@ class Runner:
     """
 
     def __init__(self, model: DistributableModel, devices: list[torch.device], dtype=None,
-                 partitioner: str = "grid", mode: str = "halo", num_partitions: int = 1,
-                 skin: float = 0.0, timeout: float = 600.0, comm: str | None = None,
+                 partitioner: Partitioner = "grid", mode: Mode = "halo", num_partitions: int = 1,
+                 skin: float = 0.0, timeout: float = 600.0, comm: Literal["torch"] | None = None,
                  sequential: bool | None = None, max_memory: int | None = None,
                  progress: bool = False):
         if partitioner not in PARTITIONERS:
@@ -528,8 +532,12 @@ class Runner:
         biggest part's activations) and ``floor`` (``fixed`` plus one atom's neighbourhood: the
         least any number of parts can reach). ``inside``: the graph's edges within the cutoff, if
         already known (``inside_cutoff``)."""
-        from .memory import (CALL_BYTES_PER_EDGE, GRAPH_BUILD_BYTES_PER_EDGE, GRAPH_BYTES_PER_EDGE,
-                             PLAN_BYTES_PER_EDGE)
+        from .memory import (
+            CALL_BYTES_PER_EDGE,
+            GRAPH_BUILD_BYTES_PER_EDGE,
+            GRAPH_BYTES_PER_EDGE,
+            PLAN_BYTES_PER_EDGE,
+        )
 
         graph, n = b.graph, len(b.positions)
         if inside is None:
@@ -645,7 +653,7 @@ class Runner:
             edge_index=torch.as_tensor(edge_index, device=device).reshape(2, -1),
             edge_vec=torch.as_tensor(vec, device=device).to(self.dtype).requires_grad_(True),
             halo_exchange=exchange,
-            owned=torch.as_tensor(shard.owned, device=device),
+            owned_mask=torch.as_tensor(shard.owned_mask, device=device),
             atom_ids=torch.as_tensor(ids, device=device),
             cell=torch.as_tensor(b.cell, device=device).to(self.dtype),
             num_owned=shard.num_owned,
@@ -683,7 +691,8 @@ class Runner:
             t3 = t2
         else:
             exchanges = self._exchanges(b)
-            pieces = [self._local_graph(b, s, positions, ex) for s, ex in zip(b.shards, exchanges)]
+            pieces = [self._local_graph(b, s, positions, ex)
+                      for s, ex in zip(b.shards, exchanges, strict=True)]
             t3 = time.perf_counter()
             self._compute(b, pieces, exchanges, buffer, n)
             self.last_exchange_calls = max(
@@ -749,7 +758,7 @@ class Runner:
             grads = [None] * len(locals_)
         ids_of = (lambda rows: rows) if b.ids is None else (lambda rows: b.ids[rows])
         forces = buffer[n : 4 * n].reshape(n, 3)
-        for shard, (local, edges, vec), out, grad in zip(b.shards, pieces, outputs, grads):
+        for shard, (_local, edges, vec), out, grad in zip(b.shards, pieces, outputs, grads, strict=True):
             if shard.num_rows == 0:
                 continue
             buffer[ids_of(shard.atoms[: shard.num_owned])] = out.detach().to("cpu", torch.float64).numpy()
@@ -824,7 +833,7 @@ class Runner:
         bar.close()
         return p2p.seconds if p2p is not None else 0.0
 
-    def _progress_bar(self, workers) -> "_Progress":
+    def _progress_bar(self, workers) -> _Progress:
         """A progress bar over the pieces the sequential evaluation runs (``progress=True``; rank 0
         only), or a silent counter."""
         pieces = sum(len(w._indices()) for w in workers)
@@ -870,7 +879,7 @@ class Runner:
         if p2p is not None:
             own = workers[0].store.Gown[level]
             back = p2p.swap(remote, backward=True, meta=(own.shape, own.dtype, own.device))
-            for rows, g in zip(p2p.send_rows, back):
+            for rows, g in zip(p2p.send_rows, back, strict=True):
                 own.index_add_(0, rows, g)
         for w in workers:
             w.store.G[level] = None

@@ -144,7 +144,7 @@ class SequentialWorker:
         by_index = {p.index: p for p in built.plan.parts}
         self.parts: list[PartPlan] = [by_index[i] for i in shard.parts]
         offsets = np.cumsum([0] + [p.num_owned for p in self.parts])
-        self.owned_slices = [slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:])]
+        self.owned_slices = [slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
         self.rows = [torch.as_tensor(r, device=device) for r in shard.part_rows]
         self.store = _Store(shard.num_owned, shard.num_rows)
         self.exchange_calls = 0
@@ -157,7 +157,8 @@ class SequentialWorker:
         runner, b, device = self.runner, self.built, self.device
         if k is None or b.graph is None or self.parts[k].num_local == 0:
             edges, vec = np.zeros(0, dtype=np.int64), np.zeros((0, 3))
-            edge_index, numbers, ids = np.zeros((2, 0), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+            edge_index = np.zeros((2, 0), np.int64)
+            numbers, ids = np.zeros(0, np.int64), np.zeros(0, np.int64)
             num_owned = 0
         else:
             part, graph = self.parts[k], b.graph
@@ -173,7 +174,7 @@ class SequentialWorker:
             edge_index=torch.as_tensor(edge_index, device=device).reshape(2, -1),
             edge_vec=torch.as_tensor(vec, device=device).to(runner.dtype).requires_grad_(with_grad),
             halo_exchange=exchange,
-            owned=torch.as_tensor(owned, device=device),
+            owned_mask=torch.as_tensor(owned, device=device),
             atom_ids=torch.as_tensor(ids, device=device),
             cell=torch.as_tensor(b.cell, device=device).to(runner.dtype),
             num_owned=num_owned,

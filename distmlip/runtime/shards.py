@@ -75,7 +75,7 @@ class Shard:
         return len(self.atoms)
 
     @property
-    def owned(self) -> np.ndarray:
+    def owned_mask(self) -> np.ndarray:
         """(n,) bool: owned rows."""
         return np.arange(self.num_rows) < self.num_owned
 
@@ -100,7 +100,7 @@ def build_shard(index: int, parts: list[PartPlan], worker_of_part: np.ndarray,
     halo_off = np.cumsum(halo_counts) - halo_counts
     num_owned = int(owned_counts.sum())
     halo_owner = np.concatenate([p.halo_owner for p in parts]).astype(np.int64)
-    halo_atoms = np.concatenate([p.halo for p in parts]).astype(np.int64)
+    halo_atoms = np.concatenate([p.halo_ids for p in parts]).astype(np.int64)
     source = worker_of_part[halo_owner]
     src_row = offset[halo_owner] + np.concatenate([p.halo_source for p in parts]).astype(np.int64)
     if compact:
@@ -118,7 +118,7 @@ def build_shard(index: int, parts: list[PartPlan], worker_of_part: np.ndarray,
         halo_row = np.empty(len(order), dtype=np.int64)
         halo_row[order] = num_owned + np.arange(len(order))
         source, src_row, extra = source[order], src_row[order], halo_atoms[order]
-    atoms = np.concatenate([p.owned for p in parts] + [extra])
+    atoms = np.concatenate([p.owned_ids for p in parts] + [extra])
     part_rows, edge_index = [], []
     for k, p in enumerate(parts):
         local = np.concatenate([own_off[k] + np.arange(p.num_owned),
@@ -129,7 +129,7 @@ def build_shard(index: int, parts: list[PartPlan], worker_of_part: np.ndarray,
     blocks = []
     if len(source):
         cuts = np.flatnonzero(np.diff(source)) + 1
-        for rows_src, rows in zip(np.split(source, cuts), np.split(src_row, cuts)):
+        for rows_src, rows in zip(np.split(source, cuts), np.split(src_row, cuts), strict=True):
             blocks.append((int(rows_src[0]), rows.astype(np.int64)))
     if compact:
         edges, edge_index = np.zeros(0, dtype=np.int64), np.zeros((2, 0), dtype=np.int64)

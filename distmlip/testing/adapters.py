@@ -153,7 +153,7 @@ def assert_matches_calculator(model, reference_calculator, atoms, *, energy_atol
         AssertionError naming the split and quantity that exceeded its tolerance.
     """
     from ..calculators import DistributedCalculator
-    from ..graph import as_ase_atoms
+    from ..graph.neighbors import as_ase_atoms
 
     atoms = as_ase_atoms(atoms)
     if stress is None:

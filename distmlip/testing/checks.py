@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
+
+from ..typing import MODES, PARTITIONERS, Mode, Partitioner
 
 __all__ = [
     "assert_partition_invariant",
@@ -76,8 +79,8 @@ def assert_partition_invariant(
     model,
     atoms,
     num_partitions=(1, 2, 3, 7, 16),
-    partitioners=("slab", "grid", "metis"),
-    modes=("halo", "extended"),
+    partitioners: Sequence[Partitioner] = PARTITIONERS,
+    modes: Sequence[Mode] = MODES,
     dtype=None,
     rtol: float = 1e-10,
     device="cpu",
@@ -109,7 +112,7 @@ def assert_partition_invariant(
         with the error found.
     """
     from ..calculators import DistributedCalculator
-    from ..graph import as_ase_atoms
+    from ..graph.neighbors import as_ase_atoms
 
     atoms = as_ase_atoms(atoms)
     # backend="local": the partitions run in this process even under a multi-process launcher
@@ -273,7 +276,8 @@ def count_work(calc) -> dict:
         "node_redundancy": plan.node_redundancy(),
         "halo_atoms": int(sum(p.num_halo for p in plan.parts)),
         "num_parts": plan.num_parts,
-        "empty_parts": int(plan.num_parts - np.count_nonzero(np.bincount(plan.owner, minlength=plan.num_parts))),
+        "empty_parts": int(plan.num_parts
+                           - np.count_nonzero(np.bincount(plan.owner, minlength=plan.num_parts))),
         "mode": plan.mode,
         "num_hops": plan.num_hops,
     }

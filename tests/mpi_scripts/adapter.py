@@ -8,10 +8,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests directory
 
-from _splits import check_splits, report  # noqa: E402
-
 from distmlip import wrap  # noqa: E402
 from distmlip.testing.adapters import adapter_structures  # noqa: E402
+
+from _splits import check_splits, report  # noqa: E402
 
 RTOL = 1e-10
 

@@ -25,7 +25,7 @@ def evaluate(model, atoms, world, **settings):
 
 
 def main():
-    from distmlip.runtime import detect_launch
+    from distmlip.runtime.launch import detect_launch
 
     world = detect_launch().world_size
     model = SchNet(cutoff=4.0, num_interactions=2, hidden_channels=16, seed=2)

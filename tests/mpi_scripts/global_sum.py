@@ -10,8 +10,9 @@ import numpy as np
 from ase import Atoms
 from ase.build import bulk, fcc111, molecule
 
-from _splits import check_splits, report
 from distmlip.testing.models import GlobalReadoutToy
+
+from _splits import check_splits, report
 
 RTOL = 1e-10
 

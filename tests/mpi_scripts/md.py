@@ -32,7 +32,7 @@ def run(backend, **options):
 
 
 def main():
-    from distmlip.runtime import detect_launch
+    from distmlip.runtime.launch import detect_launch
 
     world = detect_launch().world_size
     calc, frames, builds = run("auto", num_partitions=2 * world)
@@ -45,8 +45,8 @@ def main():
     if rank != 0:
         return
     _, reference, _ = run("local", skin=0.0)
-    worst_x = max(np.abs(a[0] - b[0]).max() for a, b in zip(frames, reference))
-    worst_e = max(abs(a[1] - b[1]) for a, b in zip(frames, reference))
+    worst_x = max(np.abs(a[0] - b[0]).max() for a, b in zip(frames, reference, strict=True))
+    worst_e = max(abs(a[1] - b[1]) for a, b in zip(frames, reference, strict=True))
     print(f"steps {len(frames) - 1} worst |dx| {worst_x:.3e} A, worst |dE| {worst_e:.3e} eV", flush=True)
     if len(frames) != len(reference) or worst_x > 1e-9 or worst_e > 1e-9:
         sys.exit(1)

@@ -19,7 +19,8 @@ class TwoStreams(DistributableModel):
         g = torch.Generator().manual_seed(seed)
         self.embed_a = torch.nn.Parameter(torch.randn(100, width, generator=g, dtype=torch.float64))
         self.embed_b = torch.nn.Parameter(torch.randn(100, width, generator=g, dtype=torch.float64))
-        self.mix = torch.nn.Parameter(0.3 * torch.randn(layers, width, width, generator=g, dtype=torch.float64))
+        self.mix = torch.nn.Parameter(0.3 * torch.randn(layers, width, width, generator=g,
+                                                        dtype=torch.float64))
 
     def forward(self, graph):
         r = torch.linalg.vector_norm(graph.edge_vec, dim=-1)
