@@ -34,7 +34,7 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 from ase import Atoms  # noqa: E402
 from ase.neighborlist import neighbor_list  # noqa: E402
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from distmlip import DistributedCalculator  # noqa: E402
