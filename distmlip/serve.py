@@ -250,29 +250,72 @@ def _follow(atoms, control: _Control) -> int:
 
 
 def _lead(atoms, control: _Control, where: IpiAddress, timeout: float | None) -> int:
-    from ase.calculators.socketio import IPIProtocol, SocketClosed
+    from ase.calculators.socketio import IPIProtocol
 
-    told = evaluating = False
     try:
         sock = _connect(where, timeout)
     except BaseException:
         control.send(_ABORT)
         raise
-    protocol = IPIProtocol(sock)
-    served, state, result = 0, "READY", None
+    session = _Session(IPIProtocol(sock), atoms, control, where, timeout)
     try:
+        return session.run()
+    except BaseException:
+        # The other ranks wait for the next step unless the failure came from inside an
+        # evaluation, where they fail too (the calculator's collectives time out).
+        if not session.told and not session.evaluating:
+            try:
+                control.send(_ABORT)
+            except Exception:  # noqa: BLE001, S110 - the original error matters more
+                pass
+        raise
+    finally:
+        sock.close()
+
+
+class _Session:
+    """Rank 0's side of one connection: the client loop of ASE's ``SocketClient.irun``, with
+    the other ranks told of every step and of the end."""
+
+    def __init__(self, protocol, atoms, control: _Control, where: IpiAddress, timeout: float | None):
+        self.protocol, self.atoms, self.control = protocol, atoms, control
+        self.where, self.timeout = where, timeout
+        self.told = self.evaluating = False
+        self.served = 0
+
+    def run(self) -> int:
+        from ase.calculators.socketio import SocketClosed
+
+        try:
+            return self._loop()
+        except (SocketClosed, TimeoutError, ConnectionError, UnicodeDecodeError) as exc:
+            if self.evaluating:  # the calculator's own error: not the socket's
+                raise
+            if isinstance(exc, SocketClosed):
+                raise ConnectionError(f"address: the i-PI server at {self.where} closed the "
+                                      f"connection in the middle of a message") from None
+            if isinstance(exc, TimeoutError):
+                raise TimeoutError(f"address: the i-PI server at {self.where} sent nothing for "
+                                   f"{self.timeout:g} s (the timeout); it may have hung or died") from None
+            if isinstance(exc, UnicodeDecodeError):
+                raise RuntimeError(f"address: the server at {self.where} sent a message header that "  # noqa: TRY004
+                                   f"is not ASCII: not the i-PI protocol") from None
+            raise ConnectionError(f"address: lost the connection to the i-PI server at {self.where} "
+                                  f"({type(exc).__name__}: {exc})") from None
+
+    def _loop(self) -> int:
+        from ase.calculators.socketio import SocketClosed
+
+        protocol, atoms, state, result = self.protocol, self.atoms, "READY", None
         while True:
             try:
                 message = protocol.recvmsg().upper()
             except SocketClosed:
-                message = "EXIT"  # the server closed the connection: the run is over
-            except TimeoutError:
-                raise TimeoutError(f"address: the i-PI server at {where} sent nothing for "
-                                   f"{timeout:g} s (the timeout); it may have hung or died") from None
+                message = "EXIT"  # the server closed the connection between steps: the run is over
             if message == "EXIT":
-                told = True
-                control.send(_EXIT)
-                return served
+                self.told = True
+                self.control.send(_EXIT)
+                return self.served
             if message == "STATUS":
                 protocol.sendmsg(state)
             elif message == "INIT":
@@ -282,33 +325,21 @@ def _lead(atoms, control: _Control, where: IpiAddress, timeout: float | None) ->
                 cell, _, positions = protocol.recvposdata()
                 if len(positions) != len(atoms):
                     raise ValueError(
-                        f"atoms: expected the server at {where} to send the {len(atoms)} atoms of "
-                        f"the structure served, got {len(positions)}; give serve_ipi the "
+                        f"atoms: expected the server at {self.where} to send the {len(atoms)} "
+                        f"atoms of the structure served, got {len(positions)}; give serve_ipi the "
                         f"structure the server simulates, in its atom order")
-                control.send(_EVALUATE, cell, positions)
-                evaluating = True
-                result = _evaluate(atoms, control.buffer)
-                evaluating = False
-                served += 1
+                self.control.send(_EVALUATE, cell, positions)
+                self.evaluating = True
+                result = _evaluate(atoms, self.control.buffer)
+                self.evaluating = False
+                self.served += 1
                 state = "HAVEDATA"
             elif message == "GETFORCE" and state == "HAVEDATA":
                 protocol.sendforce(*result)
                 state = "READY"
             else:
-                raise RuntimeError(f"address: the server at {where} sent {message!r} while this "
-                                   f"client was {state}: not the i-PI protocol")
-    except BaseException:
-        # The other ranks wait for the next step unless the failure came from inside an
-        # evaluation, where they fail too (the calculator's collectives time out).
-        if not told and not evaluating:
-            told = True
-            try:
-                control.send(_ABORT)
-            except Exception:  # noqa: BLE001, S110 - the original error matters more
-                pass
-        raise
-    finally:
-        sock.close()
+                raise RuntimeError(f"address: the server at {self.where} sent {message!r} while "
+                                   f"this client was {state}: not the i-PI protocol")
 
 
 def mpich_lib_dir() -> str | None:

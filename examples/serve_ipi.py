@@ -4,6 +4,8 @@ i-PI (pip install ipi) owns the integrator and thermostat; distmlip connects to 
 client over a unix socket and answers each configuration with energy, forces and virial:
 
     python examples/serve_ipi.py                       # Langevin NVT of 256 Cu atoms, 20 steps
+    python examples/serve_ipi.py --nbeads 4            # path-integral MD (PILE-L): 4 evaluations a step
+    python examples/serve_ipi.py --port 31415          # over TCP instead of a unix socket
     mpirun -n 2 python examples/serve_ipi.py --mpi     # the same, one part per rank
 
 The script writes i-PI's input (input.xml, init.extxyz) to --workdir, starts i-PI there, serves
@@ -34,9 +36,9 @@ INPUT = """<simulation verbosity='low' safe_stride='100000'>
   </output>
   <total_steps>{steps}</total_steps>
   <prng><seed>31415</seed></prng>
-  <ffsocket name='distmlip' mode='unix'><address>{socket}</address></ffsocket>
+  {forcefield}
   <system>
-    <initialize nbeads='1'>
+    <initialize nbeads='{nbeads}'>
       <file mode='ase'>init.extxyz</file>
       <velocities mode='thermal' units='kelvin'>{temperature}</velocities>
     </initialize>
@@ -45,7 +47,7 @@ INPUT = """<simulation verbosity='low' safe_stride='100000'>
     <motion mode='dynamics'>
       <dynamics mode='nvt'>
         <timestep units='femtosecond'>2</timestep>
-        <thermostat mode='langevin'><tau units='femtosecond'>100</tau></thermostat>
+        <thermostat mode='pile_l'><tau units='femtosecond'>100</tau></thermostat>
       </dynamics>
     </motion>
   </system>
@@ -61,19 +63,28 @@ def main():
     parser.add_argument("--partitions", type=int, default=2, help="parts in one process")
     parser.add_argument("--mpi", action="store_true", help="launched by mpirun: one part per rank")
     parser.add_argument("--workdir", default=None, help="where i-PI runs (default: a temporary folder)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="talk over TCP on localhost:PORT instead of a unix socket")
+    parser.add_argument("--nbeads", type=int, default=1, help="path-integral beads (1: classical)")
     args = parser.parse_args()
 
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((args.reps,) * 3)
     atoms.rattle(0.02, seed=0)
     model = SchNet(cutoff=5.0, num_interactions=3, hidden_channels=32, seed=0)
     calc = DistributedCalculator(model, num_partitions=None if args.mpi else args.partitions)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="distmlip-ipi-"))
     name = f"distmlip-example-{uuid.uuid4().hex[:8]}"  # the socket file is /tmp/ipi_<name>
+    if args.port is None:
+        forcefield = f"<ffsocket name='distmlip' mode='unix'><address>{name}</address></ffsocket>"
+    else:
+        forcefield = (f"<ffsocket name='distmlip' mode='inet'><address>localhost</address>"
+                      f"<port>{args.port}</port></ffsocket>")
     server = None
     if calc.rank == 0:
+        workdir = Path(args.workdir or tempfile.mkdtemp(prefix="distmlip-ipi-"))
         write(workdir / "init.extxyz", atoms)
-        (workdir / "input.xml").write_text(INPUT.format(steps=args.steps, socket=name, stride=max(args.steps // 4, 1),
-                                                        temperature=args.temperature))
+        (workdir / "input.xml").write_text(INPUT.format(
+            steps=args.steps, forcefield=forcefield, stride=max(args.steps // 4, 1),
+            temperature=args.temperature, nbeads=args.nbeads))
         ipi = Path(sys.executable).parent / "i-pi"
         server = subprocess.Popen([str(ipi), "input.xml"], cwd=workdir, stdout=open(workdir / "ipi.log", "w"),  # noqa: SIM115 - open while i-PI runs
                                   stderr=subprocess.STDOUT)
@@ -88,7 +99,8 @@ def main():
     t0 = time.perf_counter()
     try:
         # i-PI needs a moment to open its socket: wait for it up to 60 s
-        served = serve_ipi(calc, atoms, f"unix:{name}", timeout=60)
+        address = f"unix:{name}" if args.port is None else f"localhost:{args.port}"
+        served = serve_ipi(calc, atoms, address, timeout=60)
     except BaseException:
         if server is not None:
             server.kill()
