@@ -413,6 +413,10 @@ def lammps_fix_external(lmp, calculator, elements, fix_id: str = "distmlip") -> 
         else:
             raise ValueError(f"elements: expected chemical symbols or atomic numbers, one per "
                              f"LAMMPS atom type, got {element!r}")
+    ntypes = lmp.extract_global("ntypes") or 0  # 0 before the box exists
+    if ntypes > len(table):
+        raise ValueError(f"elements: expected an element for each of the {ntypes} LAMMPS atom types, "
+                         f"got {len(table)}: {list(elements)}")
     table = np.asarray([0, *table])
     state = {"atoms": None}
 

