@@ -156,7 +156,7 @@ class _Control:
     def __init__(self, calculator, natoms: int):
         self.buffer = np.zeros(10 + 3 * natoms)
         self.group = None
-        if calculator.world_size > 1:
+        if getattr(calculator, "world_size", 1) > 1:  # any ASE calculator serves in one process
             import torch.distributed as dist
 
             self.group = dist.new_group(backend="gloo", timeout=_FOLLOW_TIMEOUT)

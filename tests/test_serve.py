@@ -430,7 +430,9 @@ def test_silent_server_times_out():
 
 def test_server_sending_another_atom_count_is_refused():
     """ASE's socket server sends 31 atoms to a client serving 32: a clear ValueError, and the
-    client closes the connection (the server sees it closed instead of waiting)."""
+    client closes the connection (the server sees it closed instead of waiting). The client's
+    calculator is a plain ASE one: serve_ipi takes any in one process."""
+    from ase.calculators.lj import LennardJones
     from ase.calculators.socketio import SocketIOCalculator
 
     name = _name("count")
@@ -447,7 +449,7 @@ def test_server_sending_another_atom_count_is_refused():
         thread = threading.Thread(target=drive)
         thread.start()
         with pytest.raises(ValueError, match=r"atoms: expected the server .* to send the 32 atoms"):
-            serve_ipi(DistributedCalculator(_model()), _structure(), f"unix:{name}", timeout=30)
+            serve_ipi(LennardJones(sigma=2.3, epsilon=0.4, rc=5.0), _structure(), f"unix:{name}", timeout=30)
         thread.join(30)
     assert not thread.is_alive() and errors, "the server was left waiting"
 
@@ -515,3 +517,40 @@ def test_lammps_fix_external_refuses_other_units_and_bad_elements():
             lammps_fix_external(lmp, calc, ["Cu"])
     finally:
         lmp.close()
+
+
+def test_any_ase_calculator_is_served_until_exit():
+    """ASE's socket server asks twice (the second time with a strained cell), then sends EXIT:
+    serve_ipi, with a plain ASE calculator, returns 2; energy, forces and stress arrive as the
+    calculator gives them (up to the Hartree/Bohr round trip)."""
+    from ase.calculators.lj import LennardJones
+    from ase.calculators.socketio import SocketIOCalculator
+
+    name, results, errors = _name("exit"), [], []
+    lj = {"sigma": 2.3, "epsilon": 0.4, "rc": 5.0}
+    atoms = _structure()
+
+    def drive(server):
+        try:
+            probe = atoms.copy()
+            probe.calc = server
+            for _ in range(2):
+                results.append((probe.positions.copy(), probe.cell.array.copy(), probe.get_potential_energy(),
+                                probe.get_forces(), probe.get_stress()))
+                probe.set_cell(probe.cell.array * 1.01, scale_atoms=True)
+            server.server.protocol.end()
+        except Exception as exc:  # noqa: BLE001 - the test checks it
+            errors.append(exc)
+
+    with SocketIOCalculator(unixsocket=name, timeout=30) as server:
+        thread = threading.Thread(target=drive, args=(server,))
+        thread.start()
+        served = serve_ipi(LennardJones(**lj), atoms, f"unix:{name}", timeout=30)
+        thread.join(30)
+    assert not errors and served == 2 and len(results) == 2, (errors, served)
+    for positions, cell, energy, forces, stress in results:
+        direct = atoms.copy()
+        direct.cell, direct.positions, direct.calc = cell, positions, LennardJones(**lj)
+        assert abs(energy - direct.get_potential_energy()) <= 1e-12 * max(1, abs(energy))
+        np.testing.assert_allclose(forces, direct.get_forces(), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(stress, direct.get_stress(), rtol=0, atol=1e-12)
