@@ -87,12 +87,12 @@ def run_nve(parts: int, steps: int, reps: int, temperature: float, timestep: flo
         if libc is not None:
             libc.malloc_trim(0)
 
-    etot = []
+    etot = np.empty(steps + 1)  # preallocated: a growing list would count in the RSS
     rss, raw = {}, {}
 
     def observe():
-        etot.append(atoms.get_potential_energy() + atoms.get_kinetic_energy())
         n = dyn.nsteps
+        etot[n] = atoms.get_potential_energy() + atoms.get_kinetic_energy()
         if n == 100 or (n and n % 1000 == 0) or n == steps:
             gc.collect()
             raw[n] = proc_status("VmRSS") / 2**20
@@ -103,7 +103,6 @@ def run_nve(parts: int, steps: int, reps: int, temperature: float, timestep: flo
     t0 = time.perf_counter()
     dyn.run(steps)
     elapsed = time.perf_counter() - t0
-    etot = np.array(etot)
     n = len(atoms)
     t_ps = np.arange(len(etot)) * timestep / 1000
     slope = float(np.polyfit(t_ps, etot / n, 1)[0])

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["UNIX_PREFIX", "IpiAddress", "lammps_fix_external", "lammps_instance", "mpich_lib_dir", "parse_address",
+__all__ = ["UNIX_PREFIX", "IpiAddress", "lammps_fix_external", "lammps_instance", "mpich_lib_dir",
+           "parse_address",
            "serve_ipi"]
 
 #: Where a ``unix:NAME`` socket lives: i-PI and LAMMPS ``fix ipi`` put it at ``/tmp/ipi_NAME``.
@@ -223,7 +224,7 @@ def serve_ipi(calculator, atoms, address: str, *, timeout: float | None = None) 
         ConnectionError: nothing listening at the address (within ``timeout``).
         TimeoutError: the server was silent for longer than ``timeout`` mid-run.
     """
-    from .graph import as_ase_atoms
+    from .graph.neighbors import as_ase_atoms
 
     where = parse_address(address)
     timeout = _check_timeout(timeout)

@@ -31,7 +31,9 @@ from distmlip.serve import serve_ipi
 
 INPUT = """<simulation verbosity='low' safe_stride='100000'>
   <output prefix='sim'>
-    <properties stride='1' filename='out'> [ step, time{{picosecond}}, temperature{{kelvin}}, potential{{ase}}, conserved{{ase}} ] </properties>
+    <properties stride='1' filename='out'>
+      [ step, time{{picosecond}}, temperature{{kelvin}}, potential{{ase}}, conserved{{ase}} ]
+    </properties>
     <trajectory filename='pos' stride='{stride}' format='ase'> positions </trajectory>
   </output>
   <total_steps>{steps}</total_steps>
@@ -56,7 +58,8 @@ INPUT = """<simulation verbosity='low' safe_stride='100000'>
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=4, help="cubic FCC Cu repetitions (4 atoms each)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=300.0)

@@ -27,10 +27,11 @@ from ase import units
 from ase.build import bulk
 from ase.io import read, write
 from ase.md.verlet import VelocityVerlet
-from conftest import make_schnet
 
 from distmlip import DistributedCalculator
 from distmlip.serve import UNIX_PREFIX, mpich_lib_dir, parse_address, serve_ipi
+
+from conftest import make_schnet
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -175,7 +176,7 @@ def test_ipi_nvt_logs_distmlip_energies_and_forces(tmp_path, processes):
     reference = DistributedCalculator(_model())
     moved = np.abs(frames[-1].positions - atoms.positions).max()
     assert moved > 1e-3, "the dynamics did not move the atoms: nothing was tested"
-    for step, (frame, logged) in enumerate(zip(frames, forces)):
+    for step, (frame, logged) in enumerate(zip(frames, forces, strict=True)):
         energy, f = _evaluate(reference, atoms, frame.positions, frame.cell)
         assert abs(table[step, 2] - energy) <= 3e-7, (step, table[step, 2], energy)
         np.testing.assert_allclose(logged.get_forces(), f, rtol=0, atol=1e-7, err_msg=f"step {step}")
@@ -279,7 +280,8 @@ def test_lammps_fix_external_nve_matches_ase(tmp_path, box):
     assert np.abs(final - atoms.positions).max() > 0.02
     # ASE's frame -> LAMMPS' (rotated for a triclinic cell), compared modulo the box: LAMMPS wraps
     box_vectors = np.array([[hi[0] - lo[0], 0, 0], [xy, hi[1] - lo[1], 0], [xz, yz, hi[2] - lo[2]]])
-    d = np.linalg.solve(box_vectors.T, (x - np.asarray(lo) - Prism(atoms.cell.array).vector_to_lammps(final)).T).T
+    expected = Prism(atoms.cell.array).vector_to_lammps(final)
+    d = np.linalg.solve(box_vectors.T, (x - np.asarray(lo) - expected).T).T
     d = (d - np.round(d)) @ box_vectors
     assert np.abs(d).max() <= 1e-8, np.abs(d).max()
     probe = atoms.copy()
@@ -287,7 +289,8 @@ def test_lammps_fix_external_nve_matches_ase(tmp_path, box):
     probe.calc = DistributedCalculator(_model())
     assert abs(pe - probe.get_potential_energy()) <= 1e-8
     virial_pressure = -np.trace(probe.get_stress(voigt=False)) / 3 / units.bar
-    assert abs(pressure - virial_pressure) <= 1e-6 * max(1.0, abs(virial_pressure)), (pressure, virial_pressure)
+    assert abs(pressure - virial_pressure) <= 1e-6 * max(1.0, abs(virial_pressure)), \
+        (pressure, virial_pressure)
 
 
 LAMMPS_FIX_EXTERNAL = """units metal
@@ -355,8 +358,9 @@ def test_serve_under_mpirun_without_server_stops_every_rank(tmp_path):
                           env=_launch_env())
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-4000:]
-    assert "rank 0: stopped: ConnectionError: address: no i-PI server accepted a connection" in out, out[-4000:]
-    assert "rank 1: stopped: RuntimeError: serve_ipi: rank 0 stopped serving with an error" in out, out[-4000:]
+    for expected in ("rank 0: stopped: ConnectionError: address: no i-PI server accepted a connection",
+                     "rank 1: stopped: RuntimeError: serve_ipi: rank 0 stopped serving with an error"):
+        assert expected in out, out[-4000:]
 
 
 def _launch_env():
@@ -460,8 +464,8 @@ def test_example_serve_ipi_runs(tmp_path, monkeypatch, capsys):
     import runpy
 
     _ipi_command()
-    monkeypatch.setattr(sys, "argv", ["serve_ipi.py", "--reps", "2", "--steps", "4", "--workdir", str(tmp_path),
-                                      "--port", str(_free_port())])
+    monkeypatch.setattr(sys, "argv", ["serve_ipi.py", "--reps", "2", "--steps", "4",
+                                      "--workdir", str(tmp_path), "--port", str(_free_port())])
     runpy.run_path(str(ROOT / "examples" / "serve_ipi.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "served 5 force evaluations" in out, out
@@ -506,14 +510,16 @@ def test_lammps_fix_external_refuses_other_units_and_bad_elements():
     lmp = lammps_instance()
     try:
         lmp.command("units real")
-        with pytest.raises(ValueError, match=r"lmp: expected a LAMMPS instance with `units metal`.*got units 'real'"):
+        with pytest.raises(ValueError,
+                           match=r"lmp: expected a LAMMPS instance with `units metal`.*got units 'real'"):
             lammps_fix_external(lmp, calc, ["Cu"])
         lmp.command("clear")
         lmp.command("units metal")
         with pytest.raises(ValueError, match=r"elements: expected chemical symbols or atomic numbers.*'Xx'"):
             lammps_fix_external(lmp, calc, ["Cu", "Xx"])
         lmp.commands_string("region box block 0 5 0 5 0 5\ncreate_box 2 box")
-        with pytest.raises(ValueError, match=r"elements: expected an element for each of the 2 LAMMPS atom types"):
+        with pytest.raises(ValueError,
+                           match=r"elements: expected an element for each of the 2 LAMMPS atom types"):
             lammps_fix_external(lmp, calc, ["Cu"])
     finally:
         lmp.close()
