@@ -7,8 +7,8 @@
    through ``distmlip md`` itself: progress bar, trajectory, log, checkpoint and plots in
    ``demo-output/md``, and a picture of the partition in ``demo-output/partition.png``.
 2. The last frame evaluated by SevenNet's own calculator, by distmlip whole and split.
-3. A ~11k-atom Cu crystal with SchNet (random weights): whole vs split (halo and extended modes)
-   vs within a memory budget. Exit status 1 if a split result differs beyond rounding.
+3. A ~11k-atom Cu crystal with SchNet (random weights): whole vs split vs within a memory
+   budget. Exit status 1 if a split result differs beyond rounding.
 
 See ``distmlip demo --help`` for the options.
 """

@@ -30,7 +30,8 @@ def main():
     plan = PartitionPlan.build(graph, args.parts, args.partitioner, args.mode, num_hops=hops)
 
     owned = np.array([part.num_owned for part in plan.parts])
-    print(f"{len(atoms)} atoms, {graph.num_edges} edges, {args.parts} parts ({args.partitioner}, {args.mode})")
+    print(f"{len(atoms)} atoms, {graph.num_edges} edges, {args.parts} parts "
+          f"({args.partitioner}, {args.mode})")
     print(f"{'part':>4} {'owned':>7} {'halo':>7} {'edges':>8}")
     for part in plan.parts:
         print(f"{part.index:>4} {part.num_owned:>7} {part.num_halo:>7} {len(part.edges):>8}")

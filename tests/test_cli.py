@@ -178,9 +178,12 @@ def _error_cases(tmp_path: Path, cu: Path):
         "element the model lacks": ([*base[:3], "schnet:max_z=10", *base[4:]],
                                     "no parameters for atomic number(s) [29] (Cu)"),
         "bad supercell": ([*base, "--supercell", "2x2"], "--supercell: expected AxBxC"),
-        "partitions < 1": ([*base, "--partitions", "0"], "--partitions (num_partitions): expected an integer >= 1"),
-        "bad partitions": ([*base, "--partitions", "many"], "--partitions (num_partitions): expected an integer"),
-        "output not writable": ([*base, "-o", str(blocker / "run")], "--output: expected a directory distmlip can write"),
+        "partitions < 1": ([*base, "--partitions", "0"],
+                           "--partitions (num_partitions): expected an integer >= 1"),
+        "bad partitions": ([*base, "--partitions", "many"],
+                           "--partitions (num_partitions): expected an integer"),
+        "output not writable": ([*base, "-o", str(blocker / "run")],
+                                "--output: expected a directory distmlip can write"),
         "restart without checkpoint": (["md", "--restart", str(empty), "--steps", "3"],
                                        "has none; start a run with --output DIR first"),
         "restart changing physics": (["md", "--restart", str(empty), "--steps", "3", "--temperature", "10"],
@@ -318,7 +321,8 @@ def test_serve_hands_calculator_and_address_to_serve_ipi(cu, monkeypatch, capsys
         return 7
 
     monkeypatch.setitem(sys.modules, "distmlip.serve", types.SimpleNamespace(serve_ipi=serve_ipi))
-    assert main(["serve", str(cu), "--model", LJ, "-p", "2", "--ipi", "unix:dm", "--socket-timeout", "5"]) == 0
+    assert main(["serve", str(cu), "--model", LJ, "-p", "2", "--ipi", "unix:dm",
+                 "--socket-timeout", "5"]) == 0
     assert seen["address"] == "unix:dm" and seen["timeout"] == 5.0 and len(seen["atoms"]) == 32
     assert isinstance(seen["calc"], DistributedCalculator) and seen["calc"].num_partitions == 2
     assert "served 7 force evaluations" in capsys.readouterr().out

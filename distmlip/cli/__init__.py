@@ -1,4 +1,4 @@
-"""The ``distmlip`` command line (also ``python -m distmlip``).
+"""The distmlip command line (also: python -m distmlip).
 
     distmlip md STRUCTURE --model sevennet-0 --steps 1000 --ensemble nvt --partitions 4 -o run
     distmlip md --restart run --steps 2000

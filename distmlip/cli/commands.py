@@ -9,9 +9,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import (REFERENCE_MODELS, CLIError, add_calculator_options, add_model_option,
-                      build_calculator, calculator_kwargs, load_model, parse_supercell,
-                      read_structure)
+from ._common import (
+    REFERENCE_MODELS,
+    CLIError,
+    add_calculator_options,
+    add_model_option,
+    build_calculator,
+    calculator_kwargs,
+    load_model,
+    parse_supercell,
+    read_structure,
+)
 
 __all__ = ["add_parsers", "bench", "partition_table", "plot_partition"]
 
@@ -112,7 +120,8 @@ def run(args) -> int:
     print(f"max |force|   {norms.max():18.8f} eV/Å  (atom {int(norms.argmax())})")
     if stress is not None:
         gpa = stress / units.GPa
-        print("stress (GPa)  " + "  ".join(f"{k} {v:10.5f}" for k, v in zip(("xx", "yy", "zz", "yz", "xz", "xy"), gpa)))
+        labels = ("xx", "yy", "zz", "yz", "xz", "xy")
+        print("stress (GPa)  " + "  ".join(f"{k} {v:10.5f}" for k, v in zip(labels, gpa, strict=True)))
         print(f"pressure      {-gpa[:3].mean():18.8f} GPa")
     shown = min(n, max(args.show, 0))
     if shown:
@@ -167,7 +176,7 @@ def partition_table(plan) -> str:
     halo = np.array([p.num_halo for p in plan.parts])
     edges = np.array([len(p.edges) for p in plan.parts])
     lines = [f"{'part':>5} {'owned':>8} {'halo':>8} {'halo/owned':>10} {'edges':>10}"]
-    for p, o, h, e in zip(plan.parts, owned, halo, edges):
+    for p, o, h, e in zip(plan.parts, owned, halo, edges, strict=True):
         lines.append(f"{p.index:>5} {o:>8} {h:>8} {h / max(o, 1):>10.2f} {e:>10}")
     mean = owned.mean() if len(owned) else 0.0
     lines.append(f"{'total':>5} {owned.sum():>8} {halo.sum():>8} {halo.sum() / max(owned.sum(), 1):>10.2f} "
@@ -199,7 +208,8 @@ def plot_partition(atoms, plan, path, show_part: int = 0) -> None:
     part = next(p for p in plan.parts if p.index == show_part)
     owned, halo = part.atoms[:part.num_owned], part.atoms[part.num_owned:]
     right.scatter(xy[:, 0], xy[:, 1], c="0.85", s=size, lw=0, label="other atoms")
-    right.scatter(*xy[owned].T, color=cmap(show_part % cmap.N), s=size, lw=0, label=f"owned by part {show_part}")
+    right.scatter(*xy[owned].T, color=cmap(show_part % cmap.N), s=size, lw=0,
+                  label=f"owned by part {show_part}")
     right.scatter(*xy[halo].T, facecolors="none", edgecolors="k", s=size * 1.6, lw=0.6,
                   label=f"halo ({plan.num_hops} hop{'s' if plan.num_hops > 1 else ''})")
     right.set_title(f"part {show_part}: {part.num_owned} owned, {part.num_halo} halo ({plan.mode} mode)")
@@ -243,7 +253,8 @@ def partition(args) -> int:
     print(partition_table(plan))
     if args.plot:
         if not any(p.index == args.show_part for p in plan.parts):
-            raise CLIError(f"--show-part: expected a part index in [0, {args.partitions}), got {args.show_part}")
+            raise CLIError(f"--show-part: expected a part index in [0, {args.partitions}), "
+                           f"got {args.show_part}")
         plot_partition(atoms, plan, args.plot, args.show_part)
         print(f"wrote {args.plot}")
     return 0
@@ -297,15 +308,14 @@ def models(args) -> int:
                 continue
             rows.append((name, f"{model.cutoff:g}", str(model.num_layers), _elements(model),
                          description.rsplit("(", 1)[-1].rstrip(")")))
-    for name, description in REFERENCE_MODELS.items():
+    for name in REFERENCE_MODELS:
         model = load_model(name)
         elements = "any" if name == "lj" else f"Z 0-{model.embedding.num_embeddings - 1}"
         rows.append((name, f"{model.cutoff:g}", str(model.num_layers), elements, "distmlip (reference)"))
     head = ("name", "cutoff Å", "layers", "elements", "package")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    for r in (head, *rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     for note in notes:
         print(f"note: {note}")
     print("--model also takes a saved model file (SevenNet .pth checkpoint, CHGNet file, "

@@ -26,9 +26,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import (CLIError, add_calculator_options, add_model_option, build_calculator,
-                      calculator_kwargs, check_writable_dir, load_model, parse_supercell,
-                      read_structure)
+from ._common import (
+    CLIError,
+    add_calculator_options,
+    add_model_option,
+    build_calculator,
+    calculator_kwargs,
+    check_writable_dir,
+    load_model,
+    parse_supercell,
+    read_structure,
+)
 
 __all__ = ["CHECKPOINT", "LOG_COLUMNS", "MDSettings", "add_parser", "load_checkpoint", "plot_run",
            "run_md"]
@@ -62,10 +70,10 @@ class MDSettings:
     def __post_init__(self):
         if self.ensemble not in ENSEMBLES:
             raise CLIError(f"--ensemble: expected one of {list(ENSEMBLES)}, got {self.ensemble!r}")
-        for flag, value, low in (("--timestep", self.timestep_fs, 0.0), ("--friction", self.friction_per_ps, 0.0),
-                                 ("--taut", self.taut_fs, 0.0), ("--taup", self.taup_fs, 0.0),
-                                 ("--compressibility", self.compressibility_per_GPa, 0.0)):
-            if not (math.isfinite(value) and value > low):
+        for flag, value in (("--timestep", self.timestep_fs), ("--friction", self.friction_per_ps),
+                            ("--taut", self.taut_fs), ("--taup", self.taup_fs),
+                            ("--compressibility", self.compressibility_per_GPa)):
+            if not (math.isfinite(value) and value > 0):
                 raise CLIError(f"{flag}: expected a positive number, got {value!r}")
         if not (math.isfinite(self.temperature_K) and self.temperature_K >= 0):
             raise CLIError(f"--temperature: expected a number of K >= 0, got {self.temperature_K!r}")
@@ -222,7 +230,7 @@ def _observables(atoms) -> tuple[float, float, float, float]:
 # ----------------------------------------------------------------------------- the loop
 def run_md(atoms, calc, settings: MDSettings, directory, steps: int, *, write_every: int = 100,
            log_every: int = 1, checkpoint: dict | None = None, progress: bool = True,
-           say=print, calculator_options: dict | None = None) -> dict:
+           calculator_options: dict | None = None) -> dict:
     """Run (or continue, from ``checkpoint``) MD until ``steps`` steps in total.
 
     ``atoms`` must hold the initial momenta; only rank 0 (``calc.rank``) writes and prints, every
@@ -328,7 +336,7 @@ def plot_run(directory) -> list[Path]:
             continue  # e.g. no pressure without a periodic cell
         fig = Figure(figsize=(6, 3.6), layout="constrained")
         axes = fig.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
-        for ax, (col, title) in zip(axes, series):
+        for ax, (col, title) in zip(axes, series, strict=True):
             ax.plot(t, data[col], lw=1)
             ax.set_ylabel(label if title is None else f"{title} (eV)")
             ax.grid(alpha=0.3)
@@ -430,8 +438,8 @@ def command(args) -> int:
         f"{calc.world_size} process(es)")
     if state is not None:
         say(f"restarting from step {state['step']} in {directory}")
-    summary = run_md(atoms, calc, settings, directory, args.steps, **output, checkpoint=state, progress=not args.quiet, say=say,
-                     calculator_options=options)
+    summary = run_md(atoms, calc, settings, directory, args.steps, **output, checkpoint=state,
+                     progress=not args.quiet, calculator_options=options)
     if summary["steps_run"]:
         say(f"{summary['steps_run']} steps in {summary['seconds']:.2f} s: "
             f"{summary['seconds'] / summary['steps_run']:.3g} s/step, {summary['ns_per_day']:.3g} ns/day, "
