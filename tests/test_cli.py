@@ -382,3 +382,23 @@ def test_md_under_mpirun_matches_one_process(cu, tmp_path):
         np.testing.assert_allclose([float(r[col]) for r in mpi], [float(r[col]) for r in one], rtol=1e-10)
     np.testing.assert_allclose(final(tmp_path / "mpi").positions, final(tmp_path / "one").positions,
                                atol=1e-10)
+
+
+@pytest.mark.slow
+def test_model_from_a_sevennet_checkpoint(tmp_path, capsys):
+    """--model PATH to a SevenNet checkpoint gives what `distmlip.load("sevennet-0")` gives."""
+    pytest.importorskip("sevenn")
+    import sevenn.util
+
+    from distmlip import load
+
+    atoms = bulk("Si", "diamond", a=5.43)
+    atoms.rattle(0.05, seed=2)
+    ase.io.write(tmp_path / "si.cif", atoms)
+    path = sevenn.util.pretrained_name_to_path("7net-0")
+    assert main(["run", str(tmp_path / "si.cif"), "--model", path, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    atoms = ase.io.read(tmp_path / "si.cif")
+    atoms.calc = DistributedCalculator(load("sevennet-0"))
+    assert result["energy_eV"] == pytest.approx(atoms.get_potential_energy(), rel=1e-6)
+    np.testing.assert_allclose(result["forces_eV_per_A"], atoms.get_forces(), atol=1e-5)
