@@ -14,13 +14,13 @@ from ase.build import fcc111
 from ase.constraints import FixAtoms
 from ase.optimize import FIRE
 
-from distmlip import DistributedCalculator
-from distmlip.cli._common import load_model  # `--model` names: those of distmlip.load, lj, schnet
+from distmlip import DistributedCalculator, load
+from distmlip.models import LennardJones
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="sevennet-0")
+    p.add_argument("--model", default="sevennet-0", help="a name distmlip.load accepts, or lj")
     p.add_argument("--size", type=int, default=6, help="surface cells along each in-plane axis")
     p.add_argument("--layers", type=int, default=5)
     p.add_argument("--partitions", type=int, default=2)
@@ -30,8 +30,9 @@ def main():
     slab = fcc111("Cu", size=(args.size, args.size, args.layers), a=3.61, vacuum=8.0, periodic=True)
     tags = slab.get_tags()  # 1 = top layer ... layers = bottom layer
     slab.set_constraint(FixAtoms(mask=tags >= args.layers - 1))
-    slab.calc = DistributedCalculator(load_model(args.model), num_partitions=args.partitions,
-                                      partitioner="slab")
+    # lj: Lennard-Jones roughly fitted to Cu (minimum at 2.58 Å), for a quick run
+    model = LennardJones(epsilon=0.4, sigma=2.3, cutoff=5.0) if args.model == "lj" else load(args.model)
+    slab.calc = DistributedCalculator(model, num_partitions=args.partitions, partitioner="slab")
     top = tags == 1
     z0 = slab.positions[top, 2].mean()
     e0 = slab.get_potential_energy()

@@ -338,7 +338,7 @@ def test_bench_forwards_or_explains(monkeypatch, tmp_path, capsys):
 
 
 def test_examples_at_reduced_size(monkeypatch, capsys, tmp_path):
-    for script, argv in (("relax_slab.py", ["--model", LJ, "--size", "2", "--layers", "3"]),
+    for script, argv in (("relax_slab.py", ["--model", "lj", "--size", "2", "--layers", "3"]),
                          ("inspect_partition.py", ["--reps", "3", "--plot", str(tmp_path / "p.png")])):
         monkeypatch.setattr(sys, "argv", [script, *argv])
         runpy.run_path(str(ROOT / "examples" / script), run_name="__main__")
