@@ -22,7 +22,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(VPY) -m pytest -q -ra
 
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(VPY) examples/demo.py
+	OMP_NUM_THREADS=1 $(VENV)/bin/distmlip demo
 
 bench: $(STAMP)
 	$(VPY) bench/run.py

@@ -1,0 +1,7 @@
+"""``python -m distmlip``: the command line (see ``distmlip.cli``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

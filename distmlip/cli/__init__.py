@@ -1,0 +1,106 @@
+"""The distmlip command line (also: python -m distmlip).
+
+    distmlip md STRUCTURE --model sevennet-0 --steps 1000 --ensemble nvt --partitions 4 -o run
+    distmlip md --restart run --steps 2000
+    distmlip run STRUCTURE --model sevennet-0 [--json]
+    distmlip relax STRUCTURE --model sevennet-0 --fmax 0.02 --cell -o relaxed.cif
+    distmlip partition STRUCTURE --partitions 8 --model sevennet-0 --plot parts.png
+    distmlip models | plot DIR | bench ... | demo | serve STRUCTURE --model ... --ipi HOST:PORT
+
+Under ``mpirun -n P distmlip md ...`` every rank runs one part; only rank 0 prints and writes.
+A mistake a user can make prints one line (``distmlip md: error: ...``) and exits with status 2;
+``--verbose`` prints the traceback too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from ._common import CLIError, is_root, translate
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (no usage block)."""
+
+    def error(self, message):
+        raise CLIError(f"{message} (see `{self.prog} --help`)", self.prog)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import commands, md
+
+    parser = _Parser(prog="distmlip", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--version", action="version", version=f"distmlip {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    md.add_parser(sub)
+    commands.add_parsers(sub)
+    for p in sub.choices.values():
+        p.add_argument("--verbose", "-v", action="store_true", help="print tracebacks of errors")
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("distmlip")
+    except PackageNotFoundError:  # pragma: no cover - a source tree on sys.path
+        return "unknown"
+
+
+#: exceptions that carry a message meant for the user (the library's ``arg: expected X, got Y``)
+_USER_ERRORS = (CLIError, ValueError, TypeError, OSError, ImportError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 success, 2 a user error, 1 a failure)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = "--verbose" in argv or "-v" in argv
+    prog = "distmlip"
+    try:
+        parser = build_parser()
+        if argv and argv[0] in ("bench",):  # everything after `bench` belongs to bench/run.py
+            from .commands import bench
+
+            return bench(argv[1:])
+        args, unknown = parser.parse_known_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        prog = f"distmlip {args.command}"
+        if unknown:
+            raise CLIError(f"unrecognized arguments: {' '.join(unknown)} (see `{prog} --help`)")
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        _say(f"{prog}: interrupted")
+        return 130
+    except CLIError as exc:
+        _fail(exc.prog or prog, str(exc), verbose, argv)
+        return 2
+    except _USER_ERRORS as exc:
+        _fail(prog, translate(str(exc)) or type(exc).__name__, verbose, argv)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - anything else: one line, the traceback on request
+        _fail(prog, f"{type(exc).__name__}: {exc}" + ("" if verbose else " (--verbose shows where)"),
+              verbose, argv)
+        return 1
+
+
+def _say(line: str) -> None:
+    if is_root():
+        print(line, file=sys.stderr)
+
+
+def _fail(prog: str, message: str, verbose: bool, argv) -> None:
+    if verbose:
+        traceback.print_exc()
+    if is_root() or verbose:  # under a launcher rank 0 speaks for all
+        first = message.strip().splitlines()[0] if message.strip() else "failed"
+        print(f"{prog}: error: {first}", file=sys.stderr)

@@ -1,0 +1,253 @@
+"""What the commands share: reading structures, resolving ``--model``, the calculator options."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+__all__ = ["CLIError", "add_calculator_options", "add_model_option", "build_calculator",
+           "calculator_kwargs", "check_writable_dir", "is_root", "load_model", "read_structure",
+           "parse_supercell", "translate"]
+
+
+class CLIError(Exception):
+    """A mistake on the command line: printed as one line, never with a traceback. ``prog``: the
+    command to name (default: the one that ran)."""
+
+    def __init__(self, message: str, prog: str | None = None):
+        super().__init__(message)
+        self.prog = prog
+
+
+# DistributedCalculator option -> the flag that sets it (error messages name the flag)
+FLAGS = {"num_partitions": "--partitions", "partitioner": "--partitioner", "mode": "--mode",
+         "device": "--device", "dtype": "--dtype", "backend": "--backend", "timeout": "--timeout",
+         "num_threads": "--threads", "skin": "--skin", "max_memory": "--max-memory"}
+
+
+def translate(message: str) -> str:
+    """An error of ``DistributedCalculator`` (``num_partitions: expected ...``) with the flag in
+    front (``--partitions (num_partitions): expected ...``)."""
+    key, sep, rest = message.partition(":")
+    if sep and key in FLAGS:
+        return f"{FLAGS[key]} ({key}):{rest}"
+    return message
+
+
+# ----------------------------------------------------------------------------- structures
+def read_structure(path: str):
+    """The structure in ``path`` as ``ase.Atoms`` (the last frame of a trajectory): any format
+    ``ase.io.read`` reads, else pymatgen's ``Structure.from_file`` / ``Molecule.from_file``."""
+    p = Path(path)
+    if not p.exists():
+        raise CLIError(f"STRUCTURE: expected a structure file, got {path!r}, which does not exist")
+    if not p.is_file():
+        raise CLIError(f"STRUCTURE: expected a structure file, got {path!r}, which is a directory")
+    import ase.io
+
+    errors = []
+    try:
+        atoms = ase.io.read(p)
+        if len(atoms):
+            return atoms
+        errors.append("ase: no atoms")
+    except Exception as exc:  # noqa: BLE001 - any reader failure: try pymatgen next
+        errors.append(f"ase: {type(exc).__name__}: {exc}".strip())
+    try:
+        from pymatgen.core import Molecule, Structure
+        from pymatgen.io.ase import AseAtomsAdaptor
+    except ImportError as exc:  # pragma: no cover - pymatgen is a dependency
+        errors.append(f"pymatgen: {exc}")
+    else:
+        for cls in (Structure, Molecule):
+            try:
+                return AseAtomsAdaptor.get_atoms(cls.from_file(str(p)))
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"pymatgen {cls.__name__}: {type(exc).__name__}: {exc}".strip())
+    detail = "; ".join(e.splitlines()[0][:120] for e in errors)
+    raise CLIError(f"STRUCTURE: expected a file ASE or pymatgen can read (CIF, POSCAR, extxyz, ...), "
+                   f"got {path!r}, which neither could read ({detail})")
+
+
+def parse_supercell(text: str | None) -> tuple[int, int, int] | None:
+    """``"4x4x2"`` -> ``(4, 4, 2)``."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
+    if not match or min(int(g) for g in match.groups()) < 1:
+        raise CLIError(f"--supercell: expected AxBxC with integers >= 1 (e.g. 4x4x2), got {text!r}")
+    return tuple(int(g) for g in match.groups())
+
+
+# ----------------------------------------------------------------------------- models
+#: Reference models built here (not pretrained: for tests and examples), ``--model lj`` or with
+#: options ``--model lj:epsilon=0.0104,sigma=3.4,cutoff=8.5``.
+REFERENCE_MODELS = {
+    "lj": "Lennard-Jones (distmlip.models.LennardJones); options epsilon (eV), sigma (Å), cutoff (Å)",
+    "schnet": "SchNet with random weights (distmlip.models.SchNet), for testing; options cutoff, "
+              "num_interactions, hidden_channels, num_gaussians, seed",
+}
+
+
+def _reference_model(spec: str):
+    from ..models import LennardJones, SchNet
+
+    name, _, rest = spec.partition(":")
+    cls = {"lj": LennardJones, "schnet": SchNet}[name.lower()]
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        number = _number_or_text(value.strip())
+        if not eq or isinstance(number, str):
+            raise CLIError(f"--model: expected {name}:key=number,..., got {spec!r}")
+        options[key.strip()] = number
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"--model: {exc} (model {spec!r})") from None
+
+
+def load_model(spec: str):
+    """``--model``: a name ``distmlip.load`` accepts, ``lj``/``schnet`` (reference models, with
+    ``:key=value,...`` options), or a path to a saved model file of a supported package (a
+    SevenNet checkpoint, a CHGNet file, a ``torch.save``-d module)."""
+    from ..models import registry
+
+    if Path(spec).is_file():
+        return _model_from_file(Path(spec))
+    if spec.split(":")[0].lower() in REFERENCE_MODELS:
+        return _reference_model(spec)
+    try:
+        return registry.load(spec)
+    except ValueError as exc:
+        if not str(exc).startswith("name:"):
+            raise
+        known = sorted(registry.available_models()) + sorted(REFERENCE_MODELS)
+        raise CLIError(f"--model: expected one of {known} (see `distmlip models`) or a path to a "
+                       f"saved model file, got {spec!r}") from None
+
+
+def _model_from_file(path: Path):
+    """A model from a file: a SevenNet checkpoint (``.pth`` with its config), a CHGNet file, or any
+    ``torch.save``-d module that ``distmlip.wrap`` accepts."""
+    import torch
+
+    from ..models import wrap
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - not a torch file at all
+        raise CLIError(f"--model: expected a model name or a saved model file, got {str(path)!r}, "
+                       f"which torch.load cannot read ({type(exc).__name__}: {exc})") from None
+    if isinstance(obj, dict) and "config" in obj and "model_state_dict" in obj:  # SevenNet
+        from ..models._adapter import optional_import
+
+        util = optional_import("sevenn.util", "sevenn", "load a SevenNet checkpoint")
+        module = util.load_checkpoint(str(path)).build_model()
+        module.eval()
+        return wrap(module)
+    if isinstance(obj, dict) and "model" in obj and "state_dict" in obj.get("model", {}):  # CHGNet
+        from ..models._adapter import optional_import
+
+        chgnet = optional_import("chgnet.model.model", "chgnet", "load a CHGNet file")
+        return wrap(chgnet.CHGNet.from_file(str(path)))
+    if isinstance(obj, torch.nn.Module):
+        obj.eval()
+        try:
+            return wrap(obj)
+        except TypeError as exc:
+            raise CLIError(f"--model: {exc}") from None
+    raise CLIError(f"--model: expected a SevenNet checkpoint, a CHGNet file or a torch.save-d model "
+                   f"in {str(path)!r}, got a {type(obj).__name__}")
+
+
+def add_model_option(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--model", required=required, default=None, metavar="NAME|FILE",
+                        help="a name from `distmlip models` (e.g. sevennet-0), lj/schnet[:k=v,...] "
+                             "(reference models), or a saved model file (SevenNet .pth, CHGNet, "
+                             "torch.save-d module)")
+
+
+# ----------------------------------------------------------------------------- calculator
+def add_calculator_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``DistributedCalculator``, one flag each (its own checks validate them)."""
+    from ..typing import MODES, PARTITIONERS
+
+    g = parser.add_argument_group("calculator (DistributedCalculator options)")
+    g.add_argument("--partitions", "-p", default=None, metavar="P|auto",
+                   help="number of parts (num_partitions; default 1, or one per rank under mpirun)")
+    g.add_argument("--partitioner", choices=PARTITIONERS, default=None, help="default grid")
+    g.add_argument("--mode", choices=MODES, default=None,
+                   help="halo: exchange between layers (default); extended: deep halo, no exchange")
+    g.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, or a comma list")
+    g.add_argument("--dtype", default=None, help="float32 or float64 (default: the model's)")
+    g.add_argument("--backend", default=None, help="auto (default), local or torch")
+    g.add_argument("--skin", type=float, default=None, help="Verlet skin, Å (default 0.5)")
+    g.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory one evaluation may add per device: 6GB, 500MB, bytes, or a fraction")
+    g.add_argument("--threads", type=int, default=None, help="torch threads per process (num_threads)")
+    g.add_argument("--timeout", type=float, default=None, help="seconds to wait for peer ranks")
+
+
+def _number_or_text(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def calculator_kwargs(args) -> dict:
+    """The ``DistributedCalculator`` keywords given on the command line (the rest keep their
+    defaults)."""
+    out = {}
+    if args.partitions is not None:
+        out["num_partitions"] = _number_or_text(args.partitions)
+    if args.max_memory is not None:
+        out["max_memory"] = _number_or_text(args.max_memory)
+    if args.device is not None:
+        devices = [d.strip() for d in args.device.split(",")]
+        out["device"] = devices if len(devices) > 1 else devices[0]
+    for key, attr in (("partitioner", "partitioner"), ("mode", "mode"), ("dtype", "dtype"),
+                      ("backend", "backend"), ("skin", "skin"), ("num_threads", "threads"),
+                      ("timeout", "timeout")):
+        value = getattr(args, attr)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def build_calculator(model, options: dict, **extra):
+    from ..calculators import DistributedCalculator
+
+    try:
+        return DistributedCalculator(model, **options, **extra)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(translate(str(exc))) from exc
+
+
+def is_root() -> bool:
+    """Whether this process prints and writes: rank 0 of a launch, or the only process."""
+    from ..runtime.launch import detect_launch
+
+    launch = detect_launch()
+    return launch is None or launch.rank == 0
+
+
+def check_writable_dir(path: str, flag: str = "--output") -> Path:
+    """Create ``path`` (a directory) if needed and check a file can be written in it."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".distmlip-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CLIError(f"{flag}: expected a directory distmlip can write, got {path!r} "
+                       f"({type(exc).__name__}: {exc.strerror or exc})") from None
+    return p

@@ -1,0 +1,353 @@
+"""``distmlip run | relax | partition | models | plot | bench | serve | demo``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ._common import (
+    REFERENCE_MODELS,
+    CLIError,
+    add_calculator_options,
+    add_model_option,
+    build_calculator,
+    calculator_kwargs,
+    load_model,
+    parse_supercell,
+    read_structure,
+)
+
+__all__ = ["add_parsers", "bench", "partition_table", "plot_partition"]
+
+
+def _structure_args(p, model_required: bool = True) -> None:
+    p.add_argument("structure", metavar="STRUCTURE", help="structure file (CIF, POSCAR, extxyz, ...)")
+    add_model_option(p, required=model_required)
+    p.add_argument("--supercell", default=None, metavar="AxBxC", help="repeat the structure, e.g. 2x2x2")
+
+
+def _setup(args):
+    """Structure (repeated), model, calculator from the common options."""
+    supercell = parse_supercell(args.supercell)
+    atoms = read_structure(args.structure)
+    if supercell:
+        atoms = atoms.repeat(supercell)
+    calc = build_calculator(load_model(args.model), calculator_kwargs(args))
+    atoms.calc = calc
+    return atoms, calc
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("run", help="single point: energy, forces, stress")
+    _structure_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON (energy, forces, stress, ...)")
+    p.add_argument("--show", type=int, default=10, metavar="N", help="atoms listed in the force table")
+    add_calculator_options(p)
+    p.set_defaults(func=run)
+
+    p = sub.add_parser("relax", help="relax positions (and --cell) with FIRE")
+    _structure_args(p)
+    p.add_argument("--fmax", type=float, default=0.05, help="force criterion, eV/Å (default 0.05)")
+    p.add_argument("--steps", type=int, default=500, help="most optimiser steps (default 500)")
+    p.add_argument("--cell", action="store_true", help="relax the cell too (FrechetCellFilter)")
+    p.add_argument("--output", "-o", default=None, metavar="FILE",
+                   help="relaxed structure (format from the extension; default relaxed.extxyz)")
+    add_calculator_options(p)
+    p.set_defaults(func=relax)
+
+    p = sub.add_parser("partition", help="partition statistics and a picture of parts and halos")
+    _structure_args(p, model_required=False)
+    p.add_argument("--cutoff", type=float, default=None, help="graph cutoff, Å (instead of --model)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="message-passing layers (extended mode's halo depth; from --model if given)")
+    p.add_argument("--partitions", "-p", type=int, default=2, help="number of parts (default 2)")
+    from ..typing import MODES, PARTITIONERS
+
+    p.add_argument("--partitioner", choices=PARTITIONERS, default="grid")
+    p.add_argument("--mode", choices=MODES, default="halo")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write a picture of parts and halos")
+    p.add_argument("--show-part", type=int, default=0, help="the part whose halo the picture marks")
+    p.set_defaults(func=partition)
+
+    sub.add_parser("models", help="models --model accepts on this installation").set_defaults(func=models)
+
+    p = sub.add_parser("plot", help="energy/temperature/pressure PNGs of an md run directory")
+    p.add_argument("directory", metavar="DIR")
+    p.set_defaults(func=plot)
+
+    sub.add_parser("bench", help="the benchmark suite (bench/run.py of a source checkout)",
+                   add_help=False)
+
+    p = sub.add_parser("serve", help="evaluate forces for i-PI / LAMMPS fix ipi (socket client)")
+    _structure_args(p)
+    p.add_argument("--ipi", required=True, metavar="ADDRESS", help="HOST:PORT or unix:NAME")
+    p.add_argument("--socket-timeout", type=float, default=None, help="seconds to wait for the server")
+    add_calculator_options(p)
+    p.set_defaults(func=serve)
+
+    from . import demo
+
+    demo.add_parser(sub)
+
+
+# ----------------------------------------------------------------------------- run
+def run(args) -> int:
+    atoms, calc = _setup(args)
+    energy = atoms.get_potential_energy()
+    forces = atoms.get_forces()
+    stress = atoms.get_stress() if atoms.cell.rank == 3 else None
+    if calc.rank != 0:
+        return 0
+    if args.json:
+        json.dump({"natoms": len(atoms), "formula": atoms.get_chemical_formula(), "energy_eV": energy,
+                   "forces_eV_per_A": forces.tolist(),
+                   "stress_eV_per_A3_voigt": None if stress is None else stress.tolist(),
+                   "num_partitions": calc.num_partitions, "timings_s": calc.timings},
+                  sys.stdout, indent=1)
+        print()
+        return 0
+    from ase import units
+
+    n = len(atoms)
+    print(f"{n} atoms ({atoms.get_chemical_formula()}), model {args.model}, {calc.num_partitions} "
+          f"part(s) ({calc.partitioner}, {calc.mode})")
+    print(f"energy        {energy:18.8f} eV   ({energy / n:.8f} eV/atom)")
+    norms = np.linalg.norm(forces, axis=1)
+    print(f"max |force|   {norms.max():18.8f} eV/Å  (atom {int(norms.argmax())})")
+    if stress is not None:
+        gpa = stress / units.GPa
+        labels = ("xx", "yy", "zz", "yz", "xz", "xy")
+        print("stress (GPa)  " + "  ".join(f"{k} {v:10.5f}" for k, v in zip(labels, gpa, strict=True)))
+        print(f"pressure      {-gpa[:3].mean():18.8f} GPa")
+    shown = min(n, max(args.show, 0))
+    if shown:
+        print(f"\n{'atom':>6} {'el':>3} {'Fx (eV/Å)':>14} {'Fy (eV/Å)':>14} {'Fz (eV/Å)':>14}")
+        for i in range(shown):
+            fx, fy, fz = forces[i]
+            print(f"{i:>6} {atoms[i].symbol:>3} {fx:14.8f} {fy:14.8f} {fz:14.8f}")
+        if shown < n:
+            print(f"... {n - shown} more atoms (--show N, or --json for all)")
+    t = calc.timings
+    print("\ntime: " + ", ".join(f"{k} {v:.3f} s" for k, v in t.items()))
+    return 0
+
+
+# ----------------------------------------------------------------------------- relax
+def relax(args) -> int:
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import FIRE
+
+    if not args.fmax > 0:
+        raise CLIError(f"--fmax: expected a positive number of eV/Å, got {args.fmax}")
+    if args.steps < 0:
+        raise CLIError(f"--steps: expected an integer >= 0, got {args.steps}")
+    output = Path(args.output or "relaxed.extxyz")
+    if not output.parent.is_dir():
+        raise CLIError(f"--output: expected a file in an existing directory, got {str(output)!r}")
+    atoms, calc = _setup(args)
+    if args.cell and atoms.cell.rank < 3:
+        raise CLIError("--cell: needs a periodic cell with three lattice vectors; this structure "
+                       "has none (relax positions only)")
+    root = calc.rank == 0
+    e0 = atoms.get_potential_energy()
+    target = FrechetCellFilter(atoms) if args.cell else atoms
+    opt = FIRE(target, logfile="-" if root else None)
+    converged = opt.run(fmax=args.fmax, steps=args.steps)
+    e1 = atoms.get_potential_energy()
+    fmax = float(np.linalg.norm(target.get_forces(), axis=1).max())
+    if root:
+        import ase.io
+
+        atoms_out = atoms.copy()
+        ase.io.write(output, atoms_out, parallel=False)
+        print(f"{'converged' if converged else 'NOT converged'} after {opt.nsteps} steps: energy "
+              f"{e0:.6f} -> {e1:.6f} eV, max force {fmax:.4f} eV/Å (fmax {args.fmax}); wrote {output}")
+    return 0 if converged else 1
+
+
+# ----------------------------------------------------------------------------- partition
+def partition_table(plan) -> str:
+    """A per-part table of a ``PartitionPlan``: owned atoms, halo, local edges; then totals."""
+    owned = np.array([p.num_owned for p in plan.parts])
+    halo = np.array([p.num_halo for p in plan.parts])
+    edges = np.array([len(p.edges) for p in plan.parts])
+    lines = [f"{'part':>5} {'owned':>8} {'halo':>8} {'halo/owned':>10} {'edges':>10}"]
+    for p, o, h, e in zip(plan.parts, owned, halo, edges, strict=True):
+        lines.append(f"{p.index:>5} {o:>8} {h:>8} {h / max(o, 1):>10.2f} {e:>10}")
+    mean = owned.mean() if len(owned) else 0.0
+    lines.append(f"{'total':>5} {owned.sum():>8} {halo.sum():>8} {halo.sum() / max(owned.sum(), 1):>10.2f} "
+                 f"{edges.sum():>10}")
+    lines.append(f"imbalance (max/mean owned) {owned.max() / mean if mean else float('nan'):.3f}; "
+                 f"edge imbalance {edges.max() / edges.mean() if edges.sum() else float('nan'):.3f}; "
+                 f"redundancy (edges evaluated / graph edges {plan.num_edges}) {plan.redundancy():.3f}; "
+                 f"halo {plan.halo_fraction():.3f} of the atoms")
+    return "\n".join(lines)
+
+
+def plot_partition(atoms, plan, path, show_part: int = 0) -> None:
+    """Two panels projected on the cell's two longest axes: every atom coloured by its owner, and
+    part ``show_part``'s owned atoms and halo."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    pos = atoms.positions
+    axes_order = np.argsort(-np.ptp(pos, axis=0))[:2] if len(pos) > 1 else np.array([0, 1])
+    a, b = (int(i) for i in sorted(axes_order))
+    xy = pos[:, [a, b]]
+    names = "xyz"
+    cmap = colormaps["tab20" if plan.num_parts > 10 else "tab10"]
+    size = max(2.0, min(40.0, 6000.0 / max(len(pos), 1)))
+    fig = Figure(figsize=(11, 5), layout="constrained")
+    left, right = fig.subplots(1, 2, sharex=True, sharey=True)
+    left.scatter(xy[:, 0], xy[:, 1], c=[cmap(o % cmap.N) for o in plan.owner], s=size, lw=0)
+    left.set_title(f"{plan.num_parts} parts: atoms coloured by owner")
+    part = next(p for p in plan.parts if p.index == show_part)
+    owned, halo = part.atoms[:part.num_owned], part.atoms[part.num_owned:]
+    right.scatter(xy[:, 0], xy[:, 1], c="0.85", s=size, lw=0, label="other atoms")
+    right.scatter(*xy[owned].T, color=cmap(show_part % cmap.N), s=size, lw=0,
+                  label=f"owned by part {show_part}")
+    right.scatter(*xy[halo].T, facecolors="none", edgecolors="k", s=size * 1.6, lw=0.6,
+                  label=f"halo ({plan.num_hops} hop{'s' if plan.num_hops > 1 else ''})")
+    right.set_title(f"part {show_part}: {part.num_owned} owned, {part.num_halo} halo ({plan.mode} mode)")
+    right.legend(loc="upper right", fontsize=8, markerscale=1.5)
+    for ax in (left, right):
+        ax.set_xlabel(f"{names[a]} (Å)")
+        ax.set_aspect("equal")
+    left.set_ylabel(f"{names[b]} (Å)")
+    fig.savefig(path, dpi=120)
+
+
+def partition(args) -> int:
+    from ..graph import NeighborGraph
+    from ..partition import PartitionPlan
+
+    if (args.model is None) == (args.cutoff is None):
+        raise CLIError("--cutoff/--model: expected exactly one (the graph's cutoff, or a model's), "
+                       f"got {'both' if args.model else 'neither'}")
+    if args.partitions < 1:
+        raise CLIError(f"--partitions: expected an integer >= 1, got {args.partitions}")
+    supercell = parse_supercell(args.supercell)
+    atoms = read_structure(args.structure)
+    if supercell:
+        atoms = atoms.repeat(supercell)
+    if args.model is not None:
+        model = load_model(args.model)
+        cutoff, layers = float(model.cutoff), int(model.num_layers)
+        if args.layers is not None:
+            layers = args.layers
+    else:
+        cutoff, layers = args.cutoff, args.layers or 1
+        if args.mode == "extended" and args.layers is None:
+            raise CLIError("--layers: extended mode needs the halo depth (the model's layers) with "
+                           "--cutoff, got none; pass --layers L or --model")
+    hops = layers if args.mode == "extended" else 1
+    graph = NeighborGraph.from_atoms(atoms, cutoff)
+    plan = PartitionPlan.build(graph, args.partitions, args.partitioner, args.mode, num_hops=hops)
+    print(f"{len(atoms)} atoms ({atoms.get_chemical_formula()}), cutoff {cutoff} Å, "
+          f"{graph.num_edges} edges; {args.partitions} parts, {args.partitioner}, {args.mode} mode "
+          f"({hops}-hop halo)")
+    print(partition_table(plan))
+    if args.plot:
+        if not any(p.index == args.show_part for p in plan.parts):
+            raise CLIError(f"--show-part: expected a part index in [0, {args.partitions}), "
+                           f"got {args.show_part}")
+        plot_partition(atoms, plan, args.plot, args.show_part)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- models
+def _elements(model) -> str:
+    """The elements a model covers, as a count or a range, from what its adapter holds."""
+    from ase.data import chemical_symbols
+
+    numbers = None
+    for holder in (model, getattr(model, "elements", None)):
+        if holder is None:
+            continue
+        if isinstance(getattr(holder, "type_map", None), dict):
+            numbers = sorted(holder.type_map)
+        elif isinstance(getattr(holder, "numbers", None), tuple):
+            numbers = sorted(holder.numbers)
+        if numbers:
+            break
+    if numbers:
+        return f"{len(numbers)} ({chemical_symbols[numbers[0]]}-{chemical_symbols[numbers[-1]]})"
+    inner = getattr(model, "module", None) or getattr(model, "chgnet", None)
+    embedding = getattr(getattr(inner, "atom_embedding", None), "embedding", None)
+    if embedding is not None:  # CHGNet: one row per atomic number from 1
+        return f"Z 1-{embedding.num_embeddings} (H-{chemical_symbols[embedding.num_embeddings]})"
+    return "any"
+
+
+def models(args) -> int:
+    import importlib
+
+    from ..models import registry
+
+    rows, notes = [], []
+    for adapter, (extra, description) in registry.ADAPTERS.items():
+        try:
+            module = importlib.import_module(f"distmlip.models.{adapter}")
+            pretrained = getattr(module, "PRETRAINED", {})
+        except ImportError as exc:
+            notes.append(f"{adapter}: not available ({exc}); pip install 'distmlip[{extra}]'")
+            continue
+        if not pretrained:
+            notes.append(f"{adapter}: no weights shipped offline (wrap a model object or pass a "
+                         f"saved model file)")
+        for name in pretrained:
+            try:
+                model = module.load(name)
+            except ImportError as exc:
+                notes.append(f"{name}: package missing ({str(exc).splitlines()[0]})")
+                continue
+            rows.append((name, f"{model.cutoff:g}", str(model.num_layers), _elements(model),
+                         description.rsplit("(", 1)[-1].rstrip(")")))
+    for name in REFERENCE_MODELS:
+        model = load_model(name)
+        elements = "any" if name == "lj" else f"Z 0-{model.embedding.num_embeddings - 1}"
+        rows.append((name, f"{model.cutoff:g}", str(model.num_layers), elements, "distmlip (reference)"))
+    head = ("name", "cutoff Å", "layers", "elements", "package")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
+    for r in (head, *rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    for note in notes:
+        print(f"note: {note}")
+    print("--model also takes a saved model file (SevenNet .pth checkpoint, CHGNet file, "
+          "torch.save-d module)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- plot, bench, serve
+def plot(args) -> int:
+    from .md import plot_run
+
+    for path in plot_run(args.directory):
+        print(f"wrote {path}")
+    return 0
+
+
+def bench(argv: list[str]) -> int:
+    """Forward to ``bench/run.py`` of the source checkout this package runs from."""
+    script = Path(__file__).resolve().parents[2] / "bench" / "run.py"
+    if not script.is_file():
+        raise CLIError(f"bench: expected the benchmark suite at {script} (it ships with a source "
+                       f"checkout, not with the package); clone the repository and run there")
+    return subprocess.call([sys.executable, str(script), *argv])
+
+
+def serve(args) -> int:
+    atoms, calc = _setup(args)
+    try:
+        from ..serve import serve_ipi
+    except ImportError as exc:
+        raise CLIError(f"serve: expected distmlip.serve in this installation, got {exc}") from None
+    count = serve_ipi(calc, atoms, args.ipi, timeout=args.socket_timeout)
+    if calc.rank == 0:
+        print(f"served {count} force evaluations to {args.ipi}")
+    return 0
