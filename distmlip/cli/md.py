@@ -443,7 +443,8 @@ def command(args) -> int:
     if summary["steps_run"]:
         say(f"{summary['steps_run']} steps in {summary['seconds']:.2f} s: "
             f"{summary['seconds'] / summary['steps_run']:.3g} s/step, {summary['ns_per_day']:.3g} ns/day, "
-            f"{summary['atom_steps_per_s']:.3g} atom-steps/s; graph built {summary['graph_builds']} times")
+            f"{summary['atom_steps_per_s']:.3g} atom-steps/s; graph built "
+            f"{summary['graph_builds']} time{'' if summary['graph_builds'] == 1 else 's'}")
     else:
         say(f"the run in {directory} is already at step {summary['step']} >= --steps {args.steps}; "
             f"nothing to do")
