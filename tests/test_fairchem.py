@@ -245,20 +245,21 @@ def _task(name, dataset, prop, level, dim, rmsd, refs=None) -> dict:
     return task
 
 
-def write_uma_checkpoint(path, seed: int = 2) -> None:
+def write_uma_checkpoint(path, seed: int = 2, experts: int = 4, **backbone) -> None:
     """An inference checkpoint in UMA's layout (a ``HydraModel`` config with the MoE backbone,
     ``model_id`` "UMA-S-1.2", a ``DatasetSpecificSingleHeadWrapper`` energy/forces/stress head,
     tasks with normalisers (energy scale 30 / 20) and element references), random weights.
     The element references are multiples of 1/64, so that fairchem's float32 sum of them is
-    exact (fairchem adds them in the references' dtype, float32)."""
+    exact (fairchem adds them in the references' dtype, float32). ``backbone``: options of
+    the backbone that replace the test's small ones (bench/bench_families.py uses larger)."""
     import hydra
     from fairchem.core.units.mlip_unit.api.inference import MLIPInferenceCheckpoint
 
     uma = "fairchem.core.models.uma"
     config = {"_target_": "fairchem.core.models.base.HydraModel", "model_id": "UMA-S-1.2",
               "pass_through_head_outputs": True,
-              "backbone": {"model": f"{uma}.escn_moe.eSCNMDMoeBackbone", "num_experts": 4,
-                           "use_composition_embedding": True, **_MOE_BACKBONE},
+              "backbone": {"model": f"{uma}.escn_moe.eSCNMDMoeBackbone", "num_experts": experts,
+                           "use_composition_embedding": True, **{**_MOE_BACKBONE, **backbone}},
               "heads": {"efs": {"module": f"{uma}.escn_moe.DatasetSpecificSingleHeadWrapper",
                                 "head_cls": f"{uma}.escn_md.MLP_EFS_Head",
                                 "dataset_names": ["omat", "omol"],
