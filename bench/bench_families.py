@@ -254,8 +254,8 @@ def main() -> None:
             print(family, label, f"load {load:.2f}", res, flush=True)
     after = uptime()
 
-    cmd = "OMP_NUM_THREADS=1 .venv/bin/python bench/bench_families.py " + " ".join(
-        shlex.quote(a) for a in sys.argv[1:])
+    cmd = " ".join(["OMP_NUM_THREADS=1 .venv/bin/python bench/bench_families.py",
+                    *(shlex.quote(a) for a in sys.argv[1:])])
     natoms = 12 * args.size[0] * args.size[1] * args.size[2]
     lines = ["## Newer model families against their packages' calculators", "",
              f"Command: `{cmd}`", "",
