@@ -104,6 +104,38 @@ def test_model_that_changes_its_calls_is_refused(toy):
         atoms.get_potential_energy()
 
 
+def test_model_that_changes_its_calls_between_evaluations(toy):
+    """The levels found on the first evaluation are replayed on the next ones: a model that then
+    makes other calls (here a global sum before its halo exchange, then one more at the end) gets
+    a clear error."""
+
+    class Changing(GlobalReadoutToy):
+        extra = None
+
+        def forward(self, graph):
+            h = self.embedding[graph.numbers].to(graph.edge_vec.dtype)
+            first = graph.global_sum(h).sum() if self.extra == "first" else 0.0
+            out = super().forward(graph) + 0.0 * first
+            if self.extra == "last":
+                out = out + 0.0 * graph.global_sum(out.unsqueeze(1)).sum()
+            return out
+
+    model = Changing(cutoff=4.0, seed=3).double()
+    calc = one_at_a_time(model, 3)
+    atoms = salt()
+    evaluate(calc, atoms)
+    for extra, match in (("first", "call 1 to halo_exchange/global_sum was a halo_exchange on the "
+                                   "first evaluation and now .on this rank. global_sum"),
+                         ("last", "made call 3 to halo_exchange/global_sum a global_sum in a replay, "
+                                  "but the first pass made 2")):
+        for replica in calc.runner.replicas.values():
+            replica.extra = extra
+        atoms.positions += 0.01
+        atoms.calc = calc
+        with pytest.raises(RuntimeError, match=match):
+            atoms.get_potential_energy()
+
+
 @pytest.mark.parametrize("name", ["oxide", "slab"])
 def test_orb_one_at_a_time(name):
     """Orb v3 (mean readout, ZBL averaged over atoms, neighbour cap): bounded equals unbounded,

@@ -805,23 +805,24 @@ class Runner:
                 raise RuntimeError(f"model: workers made different halo_exchange/global_sum calls "
                                    f"(call {level + 1}: {sorted(map(str, set(kinds)))})")
             kind = kinds[0]
-            if first and self.world_size > 1:  # every rank must make the same call
-                code = {None: 0, "halo_exchange": 1, "global_sum": 2}[kind]
-                if self.comm.maximum(code) != -self.comm.maximum(-code):
-                    raise RuntimeError(f"model: ranks made different halo_exchange/global_sum "
-                                       f"calls (call {level + 1}: this rank {kind})")
-            if kind is None:
-                if self._levels is not None:
-                    raise RuntimeError(f"model: made {level} halo_exchange/global_sum calls, "
-                                       f"{len(self._levels)} before")
-                break
-            if self._levels is not None and self._levels[level] != kind:
-                raise RuntimeError(f"model: call {level + 1} was a {kind}, a {self._levels[level]} "
-                                   f"before; every evaluation must make the same calls")
+            if first:
+                if self.world_size > 1:  # every rank must make the same call
+                    code = {None: 0, "halo_exchange": 1, "global_sum": 2}[kind]
+                    if self.comm.maximum(code) != -self.comm.maximum(-code):
+                        raise RuntimeError(f"model: ranks made different halo_exchange/global_sum "
+                                           f"calls (call {level + 1}: this rank {kind})")
+                if kind is None:
+                    break
+            elif self.comm.agree(kind != self._levels[level]):  # every rank raises together
+                raise RuntimeError(
+                    f"model: call {level + 1} to halo_exchange/global_sum was a "
+                    f"{self._levels[level]} on the first evaluation and now (on this rank) "
+                    f"{kind or 'not made'} or differs on another rank; every evaluation must make "
+                    f"the same calls")
             self._level_forward(workers, level, p2p, kind)
             level += 1
         if first:
-            self._levels = tuple(w for w in workers[0].store.kinds)
+            self._levels = tuple(workers[0].store.kinds)
             bar.expect(level)
         levels = self._levels
         ids_of = (lambda rows: rows) if b.ids is None else (lambda rows: b.ids[rows])
