@@ -221,8 +221,8 @@ def oxide_adapter():
 def test_every_adapter_is_exact_one_part_at_a_time(adapter):
     """The generic bounded path needs nothing from an adapter: each package's model, split into 3
     parts evaluated one at a time (halo and extended mode), equals its unsplit evaluation (float64:
-    1e-10; MatterSim, float32 only: 1e-5). Orb's readout needs a global sum, which the bounded
-    path refuses (tests/test_orb.py)."""
+    1e-10; MatterSim, float32 only: 1e-5). Orb's readout (a global sum) is checked in
+    tests/test_global_sum_bounded.py."""
     previous = torch.get_default_dtype()
     try:
         model, atoms, dtype = _adapter_cases()[adapter]()

@@ -88,17 +88,6 @@ def test_forces_and_stress_are_gradients(model):
     check_stress_finite_difference(calc, salt(), atol=1e-6)
 
 
-def test_bounded_memory_refuses_global_sum(model):
-    """The bounded-memory mode evaluates parts one at a time and cannot form a system-wide sum:
-    a clear error, not a wrong result."""
-    calc = DistributedCalculator(model, num_partitions=2)
-    calc.runner._sequential = True  # the path a tight max_memory takes
-    atoms = salt()
-    atoms.calc = calc
-    with pytest.raises(ValueError, match="global_sum.*max_memory"):
-        atoms.get_potential_energy()
-
-
 def test_global_sum_rejects_a_reduced_tensor(model):
     local = LocalGraph.single(torch.tensor([1, 1]), torch.zeros(2, 0, dtype=torch.long),
                               torch.zeros(0, 3))

@@ -136,15 +136,6 @@ def test_calculator_and_energies(orb64):
     assert abs(out["energies"].sum() - out["energy"]) <= 1e-10 * abs(out["energy"])
 
 
-def test_bounded_memory_is_refused(orb64):
-    calc = distmlip.DistributedCalculator(OrbModel(orb64), num_partitions=2)
-    calc.runner._sequential = True
-    atoms = STRUCTURES["oxide"].copy()
-    atoms.calc = calc
-    with pytest.raises(ValueError, match="global_sum"):
-        atoms.get_potential_energy()
-
-
 def test_errors(orb64):
     with pytest.raises(TypeError, match="options: expected max_num_neighbors or radius"):
         distmlip.wrap(orb64, task="omat")

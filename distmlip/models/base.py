@@ -248,7 +248,8 @@ class DistributableModel(torch.nn.Module):
     An energy that is not a sum of per-atom terms (a readout of the system's mean feature, a
     mixture of experts weighted by the composition) uses ``graph.global_sum(x)`` and
     ``graph.composition`` (the whole system's, on every part) and returns per-atom shares that
-    add up to it (docs/wrapping.md, section 4a). The bounded-memory mode does not support it.
+    add up to it (docs/wrapping.md, section 4a); exact in every runner, the bounded-memory mode
+    included.
     """
 
     cutoff: float

@@ -1,10 +1,31 @@
 """fairchem's eSCN-MD (UMA) models as a ``DistributableModel``.
 
-``distmlip.wrap(model, task="omat")`` accepts a ``fairchem.core.models.base.HydraModelV2`` whose
-backbone is an ``eSCNMDBackbone`` (UMA's architecture; fairchem's inference with merged experts
-gives this too) and whose heads include an energy (or energy/forces/stress) head
-(``MLP_EFS_Head`` / ``MLP_Energy_Head`` with ``reduce="sum"``). The adapter runs the backbone's
-own modules in the backbone's order; only the halo exchanges are added.
+``distmlip.wrap(obj, task="omat")`` accepts
+
+- a ``fairchem.core.models.base.HydraModelV2`` or ``HydraModel`` whose backbone is an
+  ``eSCNMDBackbone`` or the mixture-of-experts ``eSCNMDMoeBackbone`` (UMA's architecture, experts
+  merged or not) and whose heads include one energy (or energy/forces/stress) head
+  (``MLP_EFS_Head`` / ``MLP_Energy_Head`` with ``reduce="sum"``, possibly inside UMA's
+  ``DatasetSpecificSingleHeadWrapper`` or ``DatasetSpecificMoEWrapper``): the model's own output;
+- what a ``FAIRChemCalculator`` holds: an ``MLIPPredictUnit`` (what
+  ``pretrained_mlip.get_predict_unit`` returns for a checkpoint), or the calculator itself (its
+  task is the default). The predict unit's energy is the model's, denormalised by the task's
+  normaliser, plus its element references: distmlip's energy includes both, as the calculator's
+  does.
+
+The adapter runs the backbone's own modules in the backbone's order; only the halo exchanges are
+added.
+
+Mixture of experts (``eSCNMDMoeBackbone`` with ``num_experts > 0``): fairchem mixes each expert
+layer's weights with coefficients from a routing MLP of the system's embedding (its task, charge
+and spin) and of the mean composition embedding over the *whole* system's atoms. A part computes
+that mean from ``LocalGraph.composition`` (the whole system's element counts, on every part:
+sum over elements of count x embedding / N), so every part mixes the experts exactly as fairchem
+does for the whole system; the coefficients do not depend on positions. The mixed weights are set
+on the model's shared expert state for each evaluation (every part of one system sets the same).
+A predict unit whose experts were already merged for one composition (fairchem's ``merge_mole``
+after a first prediction) is accepted too; a system of another reduced composition, task, charge
+or spin is then refused, as fairchem refuses it (or merges again).
 
 Conventions (fairchem → distmlip): fairchem's ``edge_index`` is ``[source; target]``, messages are
 summed onto the target (``edge_index[1]``) and its edge vector is ``pos[source] - pos[target] +
@@ -18,15 +39,16 @@ overwritten; the final norm and the energy head run on the needed rows only.
 The task (``task=``: the dataset embedding, e.g. ``"omat"``, ``"omol"``), total ``charge`` and
 ``spin`` are options of ``wrap``: they are per system, the same for every part.
 
-Not supported (``ValueError``): the mixture-of-experts backbone with unmerged experts
-(``eSCNMDMoeBackbone`` with ``num_experts > 0``), charge/spin-balanced channels, direct force
-heads, ``reduce="mean"`` energy heads; element references applied outside the model (fairchem's
-predict unit) are not included.
+Not supported (``ValueError``): charge/spin-balanced channels, direct force heads,
+``reduce="mean"`` energy heads, a predict unit whose force or stress normaliser is not the
+energy's (forces would then not be the energy's gradient). The predict unit's lookup table for
+single isolated atoms is not used (the model is evaluated on them).
 """
 
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import torch
 
@@ -39,83 +61,242 @@ PACKAGES = ("fairchem",)
 PRETRAINED: dict[str, str] = {}  # UMA's weights download at run time (and are gated)
 
 
+#: Experts' rows processed per call: larger than any part (fairchem's per-system segment sizes).
+_ONE_SYSTEM = 1 << 62
+
+
 def _fairchem():
     what = "wrap fairchem UMA models"
     base = optional_import("fairchem.core.models.base", "fairchem", what)
     escn = optional_import("fairchem.core.models.uma.escn_md", "fairchem", what)
-    return base.HydraModelV2, escn.eSCNMDBackbone
+    return (base.HydraModelV2, base.HydraModel), escn.eSCNMDBackbone
+
+
+def _unwrap(obj):
+    """(hydra model, tasks or None, default task or None) of a model, a predict unit or a
+    ``FAIRChemCalculator``."""
+    task = None
+    if hasattr(obj, "predictor") and hasattr(obj, "task_name"):  # a FAIRChemCalculator
+        task, obj = obj.task_name, obj.predictor
+    if hasattr(obj, "model") and hasattr(obj, "dataset_to_tasks"):  # an MLIPPredictUnit
+        model = obj.model
+        model = getattr(model, "module", model)  # fairchem's AveragedModel / _ModelWrapper
+        return model, dict(obj.tasks), task
+    return obj, None, task
 
 
 def supports(obj) -> bool:
-    """Whether ``obj`` is a ``HydraModelV2`` with an eSCN-MD backbone."""
+    """Whether ``obj`` is a fairchem Hydra model with an eSCN-MD backbone, an ``MLIPPredictUnit``
+    holding one, or a ``FAIRChemCalculator``."""
     if type(obj).__module__.split(".")[0] not in PACKAGES:
         return False
     try:
-        hydra, backbone = _fairchem()
-    except ImportError:
+        hydras, backbone = _fairchem()
+        model = _unwrap(obj)[0]
+    except (ImportError, AttributeError):
         return False
-    return isinstance(obj, hydra) and isinstance(obj.backbone, backbone)
+    return isinstance(model, hydras) and isinstance(getattr(model, "backbone", None), backbone)
+
+
+def _copy(module):
+    """A deep copy of ``module``; the expert state fairchem's last forward left (tensors that may
+    belong to an autograd graph, which ``deepcopy`` refuses) is copied detached."""
+    memo = {}
+    for sub in module.modules():
+        state = getattr(sub, "global_mole_tensors", None)
+        for value in vars(state).values() if state is not None else ():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(module, memo)
+
+
+def _energy_head(module):
+    """The one energy head (``energy_block``) of the Hydra model, unwrapped from UMA's
+    dataset-specific wrappers."""
+    heads = []
+    for h in module.output_heads.values():
+        inner = getattr(h, "head", h)
+        if hasattr(inner, "energy_block"):
+            heads.append((h, inner))
+    if len(heads) != 1:
+        raise ValueError(f"module: expected one energy head (MLP_EFS_Head / MLP_Energy_Head), "
+                         f"got {len(heads)} among {list(module.output_heads)}")
+    return heads[0]
 
 
 class UMAModel(DistributableModel):
     """A fairchem ``HydraModelV2`` with an eSCN-MD backbone, split exactly.
 
     Args:
-        module: the ``HydraModelV2``.
-        task: the dataset (task) embedding to use, e.g. ``"omat"`` (default: the only one if the
-            model has one).
-        charge, spin: the system's total charge and spin multiplicity (fairchem's defaults 0, 0).
+        module: the ``HydraModelV2`` / ``HydraModel``, an ``MLIPPredictUnit`` or a
+            ``FAIRChemCalculator``.
+        task: the dataset (task) embedding to use, e.g. ``"omat"`` (default: the calculator's, or
+            the only one if the model has one).
+        charge, spin: the system's total charge and spin multiplicity (default: the
+            ``FAIRChemCalculator``'s, charge 0 and spin 1 for the "omol" task, 0 otherwise).
 
     Attributes:
-        module: a copy of the model; ``cutoff``: the backbone's; ``num_layers``: blocks + 1.
+        module: a copy of the Hydra model; ``cutoff``: the backbone's; ``num_layers``: blocks + 1;
+        ``num_experts``: unmerged experts (0: none); ``energy_scale``, ``energy_shift`` (eV, per
+        system) and ``references`` (per element, eV): the predict unit's denormalisation and
+        element references (1, 0 and ``None`` for a bare model).
     """
 
-    def __init__(self, module, *, task: str | None = None, charge: int = 0, spin: int = 0):
+    def __init__(self, module, *, task: str | None = None, charge: int = 0,
+                 spin: int | None = None):
         super().__init__()
         hydra_cls, backbone_cls = _fairchem()
-        if not (isinstance(module, hydra_cls) and isinstance(module.backbone, backbone_cls)):
-            raise TypeError(f"module: expected a fairchem HydraModelV2 with an eSCN-MD backbone, "
-                            f"got {type(module).__module__}.{type(module).__name__}")
+        source = module
+        module, tasks, default_task = _unwrap(module)
+        if task is None:
+            task = default_task
+        if not (isinstance(module, hydra_cls) and isinstance(getattr(module, "backbone", None),
+                                                             backbone_cls)):
+            raise TypeError(f"module: expected a fairchem HydraModelV2/HydraModel with an eSCN-MD "
+                            f"backbone, an MLIPPredictUnit or a FAIRChemCalculator, got "
+                            f"{type(source).__module__}.{type(source).__name__}")
         bb = module.backbone
-        if getattr(bb, "num_experts", 0) > 0:
-            raise ValueError(
-                f"module: expected an eSCN-MD backbone without unmerged experts, got "
-                f"{type(bb).__name__} with num_experts={bb.num_experts}; merge the experts for "
-                f"the system's composition first (fairchem's inference setting merge_mole=True)")
         if bb.charge_channel_end > bb.charge_channel_start or bb.spin_channel_end > bb.spin_channel_start:
             raise ValueError("module: expected no charge/spin-balanced channels, got some "
                              "(a system-wide balance, not supported yet)")
         if bb.regress_config.direct_forces:
             raise ValueError("module: expected forces from the energy's gradient, got "
                              "direct_forces=True (a direct force head)")
-        heads = [h for h in module.output_heads.values() if hasattr(h, "energy_block")]
-        if len(heads) != 1:
-            raise ValueError(f"module: expected one energy head (MLP_EFS_Head / MLP_Energy_Head), "
-                             f"got {len(heads)} among {list(module.output_heads)}")
-        if heads[0].reduce != "sum":
+        wrapper, head = _energy_head(module)
+        if head.reduce != "sum":
             raise ValueError(f"module: expected an energy head with reduce='sum', got "
-                             f"{heads[0].reduce!r}")
+                             f"{head.reduce!r}")
         names = sorted(getattr(bb, "dataset_mapping", None) or {})
-        if bb.use_dataset_embedding:
+        if tasks is not None:
+            names = sorted({d for t in tasks.values() for d in t.datasets}) or names
+        if bb.use_dataset_embedding or tasks is not None:
             if task is None and len(names) == 1:
                 task = names[0]
             if task not in names:
                 raise ValueError(f"task: expected one of {names}, got {task!r}")
-        self.module = copy.deepcopy(module)  # the caller's module is not modified
         self.task = task
+        if spin is None:  # fairchem's calculator: multiplicity 1 for molecules (omol), else 0
+            spin = 1 if task == "omol" else 0
         self.charge, self.spin = int(charge), int(spin)
+        self.energy_scale, self.energy_shift = 1.0, 0.0
+        self.register_buffer("references", None)
+        if tasks is not None:
+            self._predict_unit_outputs(tasks, task)
+        self.merged = getattr(bb, "_merged_composition", None)
+        if self.merged is not None:
+            self._check_merged_conditions()
+        self.module = _copy(module)  # the caller's module is not modified
+        wrapper = next(h for h in self.module.output_heads.values()
+                       if hasattr(getattr(h, "head", h), "energy_block"))
+        if type(wrapper).__name__ == "DatasetSpecificMoEWrapper" and wrapper.merged_on_dataset is None:
+            if task not in wrapper.dataset_name_to_exp:
+                raise ValueError(f"task: expected one of {sorted(wrapper.dataset_name_to_exp)} "
+                                 f"(the energy head's experts), got {task!r}")
+            dtype = next(self.module.parameters()).dtype
+            wrapper.merge_MOLE_model(SimpleNamespace(dataset=[task], pos=torch.zeros(1, dtype=dtype)))
+        if type(wrapper).__name__.startswith("DatasetSpecific") and \
+                wrapper.merged_on_dataset not in (None, task):
+            raise ValueError(f"task: expected {wrapper.merged_on_dataset!r} (the energy head was "
+                             f"merged for it), got {task!r}")
+        self.head = getattr(wrapper, "head", wrapper)
+        bb = self.module.backbone
+        self.num_experts = int(getattr(bb, "num_experts", 0) or 0)
         self.cutoff = float(bb.cutoff)
         self.num_layers = len(bb.blocks) + 1
 
+    def _predict_unit_outputs(self, tasks: dict, task: str) -> None:
+        """The predict unit's energy = scale * model energy + shift + sum of element references,
+        from the task's normalisers; its forces and stress must use the same scale (then they are
+        the gradient of that energy)."""
+        by_property = {}
+        for t in tasks.values():
+            if task in t.datasets:
+                by_property.setdefault(t.property, t)
+        if "energy" not in by_property:
+            raise ValueError(f"task: expected a task with an energy output, got none for {task!r} "
+                             f"among {sorted(tasks)}")
+        energy = by_property["energy"]
+        scale = float(energy.normalizer.rmsd)
+        for name in ("forces", "stress"):
+            other = by_property.get(name)
+            if other is None:
+                continue
+            if float(other.normalizer.rmsd) != scale or float(other.normalizer.mean) != 0.0:
+                raise ValueError(
+                    f"module: expected the {name} normaliser of task {task!r} to scale like the "
+                    f"energy's (rmsd {scale:g}, mean 0), got rmsd "
+                    f"{float(other.normalizer.rmsd):g}, mean {float(other.normalizer.mean):g}: "
+                    f"its {name} would not be the energy's gradient")
+        self.energy_scale, self.energy_shift = scale, float(energy.normalizer.mean)
+        refs = energy.element_references
+        if refs is not None:
+            self.register_buffer("references", refs.element_references.detach().clone().double())
+
+    def _check_merged_conditions(self) -> None:
+        """A backbone merged for one system by fairchem: the task, charge and spin must be those
+        it was merged with (the composition is checked per call)."""
+        _, charge, spin, dataset = self.merged
+        def value(v):
+            return v.reshape(-1)[0].item() if isinstance(v, torch.Tensor) else v
+        got = {"task": self.task, "charge": self.charge, "spin": self.spin}
+        want = {"task": list(dataset)[0] if dataset is not None else self.task,
+                "charge": value(charge) if charge is not None else self.charge,
+                "spin": value(spin) if spin is not None else self.spin}
+        for key in got:
+            if got[key] != want[key]:
+                raise ValueError(
+                    f"{key}: expected {want[key]!r} (the experts of this predict unit were merged "
+                    f"for it), got {got[key]!r}; pass a predict unit that has not predicted yet, "
+                    f"or one loaded with inference_settings merge_mole=False")
+
+    def _set_experts(self, graph: LocalGraph, csd: torch.Tensor) -> None:
+        """The expert coefficients of the whole system (fairchem's ``set_MOLE_coefficients``
+        with the mean composition embedding over every atom computed from ``graph.composition``),
+        set on the shared expert state, with one segment covering any part's edges."""
+        bb = self.module.backbone
+        embeddings = []
+        if bb.use_composition_embedding:
+            table = bb.composition_embedding.weight
+            counts = graph.composition[: table.shape[0]].to(table.dtype)
+            n = max(graph.num_system_atoms, 1)
+            if getattr(bb, "model_id", None) == "UMA-S-1.2":  # fairchem: the zero self value counts
+                n = graph.num_system_atoms + 1
+            embeddings.append((counts @ table / n).unsqueeze(0))
+        embeddings.append(csd)
+        with torch.autocast(device_type=csd.device.type, enabled=False):
+            logits = bb.routing_mlp(torch.cat(embeddings, dim=1))
+            coefficients = bb.mole_expert_coefficient_norm(bb.mole_dropout(logits))
+        state = bb.global_mole_tensors
+        state.expert_mixing_coefficients = coefficients.detach()
+        state.mole_sizes = torch.tensor([_ONE_SYSTEM])
+        state.ac_start_idx = 0
+
+    def _check_merged_composition(self, graph: LocalGraph) -> None:
+        merged = self.merged[0].to("cpu").double()
+        counts = graph.composition.to("cpu").double()
+        size = max(len(merged), len(counts))
+        merged = torch.nn.functional.pad(merged, (0, size - len(merged)))
+        counts = torch.nn.functional.pad(counts, (0, size - len(counts)))
+        if not torch.allclose(merged / merged.sum(), counts / max(counts.sum(), 1.0), rtol=1e-5, atol=0):
+            raise ValueError(
+                "numbers: expected the reduced composition the experts of this predict unit were "
+                "merged for (fairchem's merge_mole after its first prediction), got another; pass "
+                "a predict unit that has not predicted yet, or one loaded with inference_settings "
+                "merge_mole=False")
+
     def forward(self, graph: LocalGraph) -> torch.Tensor:
         bb = self.module.backbone
-        head = next(h for h in self.module.output_heads.values() if hasattr(h, "energy_block"))
+        head = self.head
         n, needed = graph.num_nodes, graph.num_needed
         vec = graph.edge_vec
         device, dtype = vec.device, vec.dtype
         charge = torch.tensor([self.charge], device=device, dtype=torch.long)
         spin = torch.tensor([self.spin], device=device, dtype=torch.long)
         csd = bb.csd_embedding(charge=charge, spin=spin, dataset=[self.task])
+        if self.num_experts > 0:
+            self._set_experts(graph, csd)
+        elif self.merged is not None:
+            self._check_merged_composition(graph)
         width = (bb.sph_feature_size, bb.sphere_channels)
         if n == 0:  # an empty part: fairchem's layers need an edge; just meet the others
             x = torch.zeros((0, *width), dtype=dtype, device=device)
@@ -149,10 +330,16 @@ class UMAModel(DistributableModel):
                       total_atoms_across_gp_ranks=n, sys_node_embedding=sys_node_embedding,
                       scatter_target=edge_index[1], gp_ctx=None)
         x = bb.norm(x[:needed])
-        return head.energy_block(x[:, 0, :]).view(-1)
+        energies = head.energy_block(x[:, 0, :]).view(-1)
+        if self.energy_scale != 1.0 or self.energy_shift != 0.0:
+            energies = self.energy_scale * energies + self.energy_shift / max(graph.num_system_atoms, 1)
+        if self.references is not None:
+            energies = energies + self.references.to(dtype)[numbers[:needed]]
+        return energies
 
 
-def wrap(obj, *, task: str | None = None, charge: int = 0, spin: int = 0, **options) -> UMAModel:
+def wrap(obj, *, task: str | None = None, charge: int = 0, spin: int | None = None,
+         **options) -> UMAModel:
     if options:
         raise TypeError(f"options: expected task, charge or spin for fairchem models, got "
                         f"{sorted(options)}")

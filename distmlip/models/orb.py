@@ -31,7 +31,7 @@ Conventions (Orb → distmlip):
   ``predict_atom_avg=False``, ``denorm(MLP(sum)) + refs``): the mean is ``graph.global_sum`` over
   the whole system. Per-atom energies are ``denorm(MLP(mean)) + ref(Z_i)``: an equal share of the
   learned part plus each atom's reference (docs/wrapping.md, section 4a); they are not Orb
-  outputs (Orb has none). The bounded-memory mode cannot run this model.
+  outputs (Orb has none). Exact in the bounded-memory mode too (the global sum is a level there).
 
 Orb v3's ZBL pair repulsion is included as Orb computes it: summed over the capped edges each
 atom sends, then *averaged* over the system's atoms (``ZBLBasis(node_aggregation="mean")``, the

@@ -22,7 +22,9 @@ ADAPTERS = {
     "nequip": ("nequip", "NequIP / Allegro models (nequip, nequip-allegro)"),
     "matgl": ("matgl", "matgl TensorNet / M3GNet, or a matgl Potential holding one (matgl)"),
     "orb": ("orb", "Orb v3 conservative regressors, or an ORBCalculator holding one (orb-models)"),
-    "fairchem": ("fairchem", "fairchem HydraModelV2 with an eSCN-MD (UMA) backbone (fairchem-core)"),
+    "fairchem": ("fairchem", "fairchem Hydra models with an eSCN-MD (UMA) backbone, mixture of "
+                             "experts included, or an MLIPPredictUnit / FAIRChemCalculator holding "
+                             "one (fairchem-core)"),
     "mattersim": ("mattersim", "MatterSim M3Gnet, or a Potential / MatterSimCalculator holding one "
                                "(mattersim)"),
 }

@@ -202,6 +202,9 @@ class _LocalComm:
     def sum(self, buffer: np.ndarray) -> np.ndarray:
         return buffer
 
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
 
 class _TorchComm:
     """The collectives the runner needs, on torch.distributed's default group."""
@@ -281,6 +284,12 @@ class _TorchComm:
         self.dist.all_reduce(t)
         return t.cpu().numpy()
 
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of ``value`` (a tensor; a new one, on ``value``'s device)."""
+        t = value.detach().to(self.device).clone().contiguous()
+        self.dist.all_reduce(t)
+        return t.to(value.device)
+
 
 @dataclass(eq=False)
 class _Built:
@@ -354,7 +363,9 @@ class Runner:
         self._sequential = sequential
         self.progress = bool(progress)
         self.memory_model = None
-        self._levels: int | None = None  # halo_exchange calls per forward (bounded memory)
+        # per forward, the kinds of its communicating calls, "halo_exchange" (halo mode) or
+        # "global_sum", in order (bounded memory; found on the first call)
+        self._levels: tuple[str, ...] | None = None
         self.comm = _TorchComm(self.devices[0]) if comm == "torch" else _LocalComm()
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self._source = model  # the caller's module: memory calibrations are cached per it
@@ -794,22 +805,35 @@ class Runner:
             _run_threads(work, len(workers), None)
             return results
 
-        # exchange levels: found by running up to one more each time on the first call; known after
-        # (the replays check that the model still makes that many calls)
-        level = 0
-        while self._levels is None or level < self._levels:
-            reached = each(lambda w: w.forward_level(level, positions))
-            if any(reached) != all(reached):
-                raise RuntimeError("model: workers made different numbers of halo_exchange calls")
-            if not self.comm.agree(reached[0]):
-                if self._levels is not None:
-                    raise RuntimeError(f"model: made {level} halo_exchange calls, {self._levels} before")
-                break
-            self._level_forward(workers, level, p2p)
+        # levels (halo exchanges in halo mode, global sums): found by running up to one more each
+        # time on the first call; known after (the replays check that the model still makes them)
+        level, first = 0, self._levels is None
+        while self._levels is None or level < len(self._levels):
+            kinds = each(lambda w: w.forward_level(level, positions))
+            if len(set(kinds)) > 1:
+                raise RuntimeError(f"model: workers made different halo_exchange/global_sum calls "
+                                   f"(call {level + 1}: {sorted(map(str, set(kinds)))})")
+            kind = kinds[0]
+            if first:
+                if self.world_size > 1:  # every rank must make the same call
+                    code = {None: 0, "halo_exchange": 1, "global_sum": 2}[kind]
+                    if self.comm.maximum(code) != -self.comm.maximum(-code):
+                        raise RuntimeError(f"model: ranks made different halo_exchange/global_sum "
+                                           f"calls (call {level + 1}: this rank {kind})")
+                if kind is None:
+                    break
+            elif self.comm.agree(kind != self._levels[level]):  # every rank raises together
+                raise RuntimeError(
+                    f"model: call {level + 1} to halo_exchange/global_sum was a "
+                    f"{self._levels[level]} on the first evaluation and now (on this rank) "
+                    f"{kind or 'not made'} or differs on another rank; every evaluation must make "
+                    f"the same calls")
+            self._level_forward(workers, level, p2p, kind)
             level += 1
-        if self._levels is None:
+        if first:
+            self._levels = tuple(workers[0].store.kinds)
             bar.expect(level)
-        self._levels = level
+        levels = self._levels
         ids_of = (lambda rows: rows) if b.ids is None else (lambda rows: b.ids[rows])
         forces = buffer[n : 4 * n].reshape(n, 3)
         lock = threading.Lock()
@@ -822,14 +846,14 @@ class Runner:
                     buffer[4 * n :] += add_edge_terms(forces, ids_of(b.graph.receivers[edges]),
                                                       ids_of(b.graph.senders[edges]), vec, grad).ravel()
 
-        if level == 0:
+        if not levels:
             each(lambda w: w.final(positions, gather))
-        for j in reversed(range(level)):
+        for j in reversed(range(len(levels))):
             each(lambda w: w.backward_level(j, positions, gather if j == 0 else None))
-            self._level_backward(workers, j, p2p)
-        if level:
+            self._level_backward(workers, j, p2p, levels[j])
+        if levels:
             each(lambda w: w.prefix(positions, gather))
-        self.last_exchange_calls = level
+        self.last_exchange_calls = levels.count("halo_exchange")
         bar.close()
         return p2p.seconds if p2p is not None else 0.0
 
@@ -839,10 +863,22 @@ class Runner:
         pieces = sum(len(w._indices()) for w in workers)
         guess = None if self._levels is not None or self.mode != "halo" else \
             max(int(self.replicas[self.devices[0]].num_layers) - 1, 0)
-        return _Progress(pieces, self._levels, enabled=self.progress and self.rank == 0, guess=guess)
+        levels = None if self._levels is None else len(self._levels)
+        return _Progress(pieces, levels, enabled=self.progress and self.rank == 0, guess=guess)
 
-    def _level_forward(self, workers, level: int, p2p: P2PExchange | None) -> None:
-        """Fill the halo rows of every worker's Z^level from the owners' posted rows."""
+    def _level_forward(self, workers, level: int, p2p: P2PExchange | None, kind: str) -> None:
+        """Fill the halo rows of every worker's Z^level from the owners' posted rows (a sum
+        level: Z^level is the sum of every worker's partial sums, over the ranks too)."""
+        if kind == "global_sum":
+            total = None
+            for w in workers:  # the same order everywhere: every worker holds the same total
+                x = w.store.X[level].to(workers[0].device)
+                total = x if total is None else total + x
+            total = self.comm.total(total)
+            for w in workers:
+                w.store.Z[level] = total.to(w.device)
+                w.store.X[level] = None
+            return
         if p2p is not None:
             w = workers[0]
             x = w.store.X[level]
@@ -860,8 +896,19 @@ class Runner:
         for w in workers:
             w.store.X[level] = None  # Z holds the owned rows first
 
-    def _level_backward(self, workers, level: int, p2p: P2PExchange | None) -> None:
-        """dE/dX^level: each worker's owned-row gradients plus its halo rows' gradients sent home."""
+    def _level_backward(self, workers, level: int, p2p: P2PExchange | None, kind: str) -> None:
+        """dE/dX^level: each worker's owned-row gradients plus its halo rows' gradients sent home
+        (a sum level: every part's partial sum gets dE/dZ^level summed over all workers)."""
+        if kind == "global_sum":
+            total = None
+            for w in workers:
+                g = w.store.G[level].to(workers[0].device)
+                total = g if total is None else total + g
+            total = self.comm.total(total)
+            for w in workers:
+                w.store.Gown[level] = total.to(w.device)
+                w.store.G[level] = None
+            return
         for w in workers:
             w.store.Gown[level] = w.store.G[level][: w.store.num_owned].clone()
         remote = []

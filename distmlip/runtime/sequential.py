@@ -1,5 +1,13 @@
 """Bounded memory: a worker's parts evaluated one at a time, exactly, for any model.
 
+Levels: the calls that couple parts, in the order a forward pass makes them: every
+``halo_exchange`` call (halo mode; in extended mode they are no-ops) and every ``global_sum``
+call. A ``global_sum`` level is treated like an exchange whose gather is a sum: part k posts its
+partial sum p_k^j, every part receives Z^j = sum over all parts (workers, ranks) of p^j, and
+since dZ^j/dp_k^j is the identity, dE/dp_k^j = G^j = the sum over all parts of the gradient of
+their objective with respect to the (shared) Z^j. Below, "exchange j" means level j of either
+kind.
+
 A model's forward on part k is a function of its edge vectors e_k and of what its ``halo_exchange``
 calls return, Z_k^0..Z_k^{L-1}; it posts y_k^j (its owned rows) to call j and returns per-atom
 energies eps_k. Let X^j be the posted owned rows of every part (N x F_j) and G^j = dE/dX^j. Then,
@@ -18,10 +26,11 @@ with only one part's activations alive at a time:
    is known (no separate last replay); the energies come with the level-0 replay.
 
 Every dependence is explicit through the leaves, so residual paths, cached edge embeddings and
-per-layer readouts stay exact. The cost is about L/2 forwards plus L + 1 forward-and-backward
-replays plus a pass up to the first exchange (extended mode, L = 0: one pass per part); the memory
-is one part's activations plus the
-stored Z and G (rows x feature width per exchange).
+per-layer readouts stay exact; so does a readout of the whole system (a mean node feature, Orb's
+energy) through ``global_sum``. The cost is about L/2 forwards plus L + 1 forward-and-backward
+replays plus a pass up to the first exchange (no level, as in extended mode without
+``global_sum``: one pass per part, after a forward on the first call that finds none); the memory
+is one part's activations plus the stored Z and G (rows x feature width per exchange).
 """
 
 from __future__ import annotations
@@ -43,85 +52,116 @@ def _release() -> None:
     _trim()
 
 
+HALO, SUM = "halo_exchange", "global_sum"  # the kinds of level
+
+
 class _Stop(Exception):
     """Raised at the exchange a forward pass was asked to stop at."""
 
 
 class _Store:
-    """One worker's stored exchange rows: per level, X (posted owned rows), Z (owned + halo rows),
-    G (dE/dZ accumulated per row) and Gown (dE/dX, after the backward exchange)."""
+    """One worker's stored communication values, per level (a level is one ``halo_exchange``
+    call in halo mode, or one ``global_sum`` call; ``kinds[level]`` says which):
+
+    - halo level: X (posted owned rows), Z (owned + halo rows), G (dE/dZ accumulated per row) and
+      Gown (dE/dX, after the backward exchange);
+    - sum level: X (the sum of this worker's parts' partial sums), Z (the system's total), G
+      (dE/dZ summed over this worker's parts) and Gown (dE/dZ summed over every worker: the
+      gradient of each part's partial sum)."""
 
     def __init__(self, num_owned: int, num_rows: int):
         self.num_owned, self.num_rows = num_owned, num_rows
-        self.X: list[torch.Tensor] = []
+        self.kinds: list[str | None] = []
+        self.X: list[torch.Tensor | None] = []
         self.Z: list[torch.Tensor | None] = []
         self.G: list[torch.Tensor | None] = []
         self.Gown: list[torch.Tensor | None] = []
 
-    def post(self, level: int, owned_slice: slice, y: torch.Tensor) -> None:
+    def post(self, level: int, kind: str, owned_slice: slice, y: torch.Tensor) -> None:
         while len(self.X) <= level:
-            self.X.append(None)
-            self.Z.append(None)
-            self.G.append(None)
-            self.Gown.append(None)
+            for values in (self.kinds, self.X, self.Z, self.G, self.Gown):
+                values.append(None)
+        if self.kinds[level] is None:
+            self.kinds[level] = kind
+        elif self.kinds[level] != kind:
+            raise RuntimeError(
+                f"model: call {level + 1} to halo_exchange/global_sum was a {self.kinds[level]} "
+                f"on one part and a {kind} on another; every part must make the same calls in the "
+                f"same order")
+        if kind == SUM:
+            if self.X[level] is None:
+                self.X[level] = y.clone()
+            elif self.X[level].shape != y.shape:
+                raise RuntimeError(
+                    f"global_sum: expected the same shape on every part, got "
+                    f"{tuple(self.X[level].shape)} and {tuple(y.shape)}")
+            else:
+                self.X[level] = self.X[level] + y
+            return
         if self.X[level] is None:
             self.X[level] = torch.zeros((self.num_owned, *y.shape[1:]), dtype=y.dtype, device=y.device)
         self.X[level][owned_slice] = y
 
 
 class _PieceExchange(HaloExchange):
-    """``halo_exchange`` of one part while it is evaluated alone.
+    """``halo_exchange`` and ``global_sum`` of one part while it is evaluated alone.
 
-    ``stop_at=j``: post the rows given to call j and stop. Otherwise every call returns the stored
-    rows as a detached leaf (the one of level ``grad_level`` asks for a gradient) and keeps what
-    was posted to calls ``> grad_level`` (live tensors) for the <G, y> terms.
+    Levels are the calls that communicate: every ``halo_exchange`` call in halo mode and every
+    ``global_sum`` call, in the order made. ``stop_at=j``: post what is given to level j and stop.
+    Otherwise every level returns its stored value as a detached leaf (the one of level
+    ``grad_level`` asks for a gradient) and keeps what was posted to levels ``> grad_level``
+    (live tensors) for the <G, y> terms.
     """
 
-    def __init__(self, store: _Store, rows: torch.Tensor, owned_slice: slice, num_owned: int,
+    def __init__(self, store: _Store, rows: torch.Tensor, owned_slice: slice, num_owned: int | None,
                  stop_at: int | None = None, grad_level: int | None = None):
         super().__init__(num_owned, len(rows))
         self.store, self.rows, self.owned_slice = store, rows, owned_slice
         self.stop_at, self.grad_level = stop_at, grad_level
+        self.levels = 0  # level calls so far
         self.posted: dict[int, torch.Tensor] = {}
         self.leaf: torch.Tensor | None = None
-        self.on_stop = None  # called with the rows posted to call ``stop_at`` instead of storing
+        self.on_stop = None  # called with what is posted to level ``stop_at`` instead of storing
 
     def _global_sum(self, partial: torch.Tensor) -> torch.Tensor:
-        raise ValueError(
-            "model: expected a model without system-wide sums in the bounded-memory mode (parts "
-            "evaluated one at a time, chosen for max_memory), got one that calls "
-            "graph.global_sum (an energy that is not a sum of per-atom terms, such as Orb's). "
-            "Run it without max_memory, or with more devices or processes so that all parts fit "
-            "at once (max_memory then only checks the prediction)"
-        )
+        return self._level(SUM, partial)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        level = self.calls
         self.calls += 1
-        if self.num_owned is None:  # extended mode
+        if self.num_owned is None:  # extended mode: only global_sum communicates
             return x
         if x.shape[0] not in (self.num_owned, self.num_rows):
             raise ValueError(
                 f"halo_exchange: expected node features with {self.num_rows} rows (all local "
                 f"atoms) or {self.num_owned} (the owned atoms, which come first), got {x.shape[0]}"
             )
-        y = x[: self.num_owned]
+        return self._level(HALO, x[: self.num_owned])
+
+    def _stored(self, level: int, kind: str) -> torch.Tensor:
+        if kind == HALO:
+            return self.store.Z[level].index_select(0, self.rows)
+        return self.store.Z[level].clone()
+
+    def _level(self, kind: str, y: torch.Tensor) -> torch.Tensor:
+        level = self.levels
+        self.levels += 1
         if self.stop_at is not None:
             if level == self.stop_at:
                 if self.on_stop is not None:
                     self.on_stop(y)
                 else:
-                    self.store.post(level, self.owned_slice, y.detach())
+                    self.store.post(level, kind, self.owned_slice, y.detach())
                 raise _Stop()
-            return self.store.Z[level].index_select(0, self.rows)
-        if level >= len(self.store.Z):
+            return self._stored(level, kind)
+        if level >= len(self.store.Z) or self.store.kinds[level] != kind:
             raise RuntimeError(
-                f"model: called halo_exchange {level + 1} times in a replay, but {len(self.store.Z)} "
-                f"times in the first pass; every pass over a part must make the same calls"
-            )
+                f"model: made call {level + 1} to halo_exchange/global_sum a {kind} in a replay, "
+                f"but the first pass made {len(self.store.Z)} such calls"
+                + (f" (that one a {self.store.kinds[level]})" if level < len(self.store.Z) else "")
+                + "; every pass over a part must make the same calls")
         if self.grad_level is None or level > self.grad_level:
             self.posted[level] = y
-        z = self.store.Z[level].index_select(0, self.rows)
+        z = self._stored(level, kind)
         if level == self.grad_level:
             z.requires_grad_(True)
             self.leaf = z
@@ -202,11 +242,10 @@ class SequentialWorker:
         return run_model(self.model, local)
 
     # ------------------------------------------------------------------ the three phases
-    def forward_level(self, level: int, positions: np.ndarray) -> bool:
-        """Run every part up to exchange ``level`` and post its rows; False if the parts finished
-        without reaching it (the model makes only ``level`` exchange calls)."""
-        if self.runner.mode != "halo":
-            return False
+    def forward_level(self, level: int, positions: np.ndarray) -> str | None:
+        """Run every part up to level ``level`` and post its rows (or partial sum); its kind
+        (``HALO`` or ``SUM``), or None if the parts finished without reaching it (the model makes
+        only ``level`` level calls)."""
         reached = []
         for k in self._indices():
             exchange = self._exchange_for(k, stop_at=level)
@@ -222,10 +261,10 @@ class SequentialWorker:
             self.tick()
         if any(reached) and not all(reached):
             raise RuntimeError(
-                f"model: some parts made {level + 1} or more halo_exchange calls and others fewer; "
-                f"every part must make the same calls"
+                f"model: some parts made {level + 1} or more halo_exchange/global_sum calls and "
+                f"others fewer; every part must make the same calls"
             )
-        return reached[0]
+        return self.store.kinds[level] if reached[0] else None
 
     def backward_level(self, level: int, positions: np.ndarray, gather=None) -> None:
         """Accumulate dE/dZ^level of every part into ``store.G[level]``. With ``gather`` (level 0:
@@ -244,13 +283,17 @@ class SequentialWorker:
             grads = torch.autograd.grad(loss, wrt, allow_unused=True) if loss.requires_grad and wrt \
                 else [None] * len(wrt)
             if exchange.leaf is not None and grads[0] is not None and k is not None:
-                store.G[level].index_add_(0, self.rows[k], grads[0])
+                if store.kinds[level] == HALO:
+                    store.G[level].index_add_(0, self.rows[k], grads[0])
+                else:
+                    store.G[level] += grads[0]
             if gather is not None:
-                self.exchange_calls = exchange.calls
-                if exchange.calls != len(store.Z):
+                self.exchange_calls = store.kinds.count(HALO)
+                if exchange.levels != len(store.Z):
                     raise RuntimeError(
-                        f"model: called halo_exchange {exchange.calls} times in a replay, but "
-                        f"{len(store.Z)} times in the first pass; every pass must make the same calls")
+                        f"model: made {exchange.levels} halo_exchange/global_sum calls in a "
+                        f"replay, but {len(store.Z)} in the first pass; every pass must make the "
+                        f"same calls")
                 if k is not None:
                     self._gather(gather, local, eps, edges, vec, grads[-1], with_energies=True)
             del loss, eps, local, exchange, grads
@@ -265,7 +308,9 @@ class SequentialWorker:
                 continue
             exchange = self._exchange_for(k, stop_at=0)
             local, edges, vec = self._piece(k, positions, exchange, with_grad=True)
-            g0 = self.store.Gown[0][self.owned_slices[k]]
+            g0 = self.store.Gown[0]
+            if self.store.kinds[0] == HALO:
+                g0 = g0[self.owned_slices[k]]
 
             def first_exchange(y, g0=g0, local=local):
                 if y.requires_grad:
@@ -294,7 +339,7 @@ class SequentialWorker:
                 (grad,) = torch.autograd.grad(loss, [local.edge_vec], allow_unused=True)
             else:
                 grad = None
-            self.exchange_calls = exchange.calls
+            self.exchange_calls = 0
             if k is not None:
                 self._gather(gather, local, eps, edges, vec, grad, with_energies=True)
             del loss, eps, local, exchange, grad
@@ -309,12 +354,15 @@ class SequentialWorker:
         gather(ids, energies, edges, vec, g)
 
     def _objective(self, eps: torch.Tensor, exchange: _PieceExchange, k) -> torch.Tensor:
-        """sum(eps owned) + sum over the posted levels m of <G^m[owned rows of the part], y^m>."""
+        """sum(eps owned) + sum over the posted levels m of <G^m[owned rows of the part], y^m>
+        (of a sum level: <G^m, the part's partial sum>)."""
         loss = eps.sum()
         if k is None:
             return loss
         for m, y in exchange.posted.items():
             g = self.store.Gown[m]
             if g is not None and y.requires_grad:
-                loss = loss + (g[self.owned_slices[k]].to(y.dtype) * y).sum()
+                if self.store.kinds[m] == HALO:
+                    g = g[self.owned_slices[k]]
+                loss = loss + (g.to(y.dtype) * y).sum()
         return loss

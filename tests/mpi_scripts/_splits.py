@@ -13,9 +13,11 @@ def rel(a, b) -> float:
 
 
 def check_splits(model, structures: dict, num_partitions: int, partitioners, rtol: float,
-                 keys=("energy", "forces"), stress: bool = False):
+                 keys=("energy", "forces"), stress: bool = False, bounded: bool = False):
     """Every structure x mode x partitioner, split over the launch into ``num_partitions`` parts,
-    against a single-process (``backend="local"``) evaluation. Returns (failures, checks, rank)."""
+    against a single-process (``backend="local"``) evaluation. ``bounded``: each rank evaluates
+    its parts one at a time (the path a tight ``max_memory`` takes). Returns (failures, checks,
+    rank)."""
     failures, checks, rank = [], 0, None
     for sname, atoms in structures.items():
         ref = atoms.copy()
@@ -29,6 +31,12 @@ def check_splits(model, structures: dict, num_partitions: int, partitioners, rto
                 test.calc = DistributedCalculator(model, num_partitions=num_partitions, mode=mode,
                                                   partitioner=partitioner)
                 assert test.calc.backend == "torch", test.calc.backend
+                if bounded:
+                    from distmlip.runtime import Runner
+
+                    c = test.calc
+                    c.runner = Runner(model, [c.distributed], c.dtype, partitioner, mode,
+                                      num_partitions, c.skin, comm="torch", sequential=True)
                 rank = test.calc.rank
                 for key, value in want.items():
                     checks += 1

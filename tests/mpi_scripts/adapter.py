@@ -33,6 +33,10 @@ def make(name):
         from test_fairchem import make_uma
 
         return wrap(make_uma().double(), task="omat")
+    if name == "fairchem-moe":  # the experts mixed by the whole system's composition
+        from test_fairchem import make_uma_moe
+
+        return wrap(make_uma_moe().double(), task="omat")
     if name == "orb":
         from test_orb import make_orb
 

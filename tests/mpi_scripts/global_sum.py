@@ -2,7 +2,7 @@
 system's composition, split over the ranks (K parts per rank, argument; default 1), must equal the
 single-process result (float64, 1e-10 relative) in both modes, with a grid, slab and METIS
 partition, including a molecule with fewer atoms than parts (empty parts still meet at the
-all-reduce)."""
+all-reduce). ``--bounded``: each rank evaluates its parts one at a time (bounded memory)."""
 
 import sys
 
@@ -29,11 +29,14 @@ def structures():
 
 
 def main():
-    per_rank = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    per_rank = int(args[0]) if args else 1
+    bounded = "--bounded" in sys.argv
     model = GlobalReadoutToy(cutoff=4.0, seed=3, scale=4.0).double()
     result = check_splits(model, structures(), 2 * per_rank, ("grid", "slab", "metis"), RTOL,
-                          keys=("energy", "forces", "energies"), stress=True)
-    report(*result, "{checks} global-sum checks passed with " f"{2 * per_rank} parts")
+                          keys=("energy", "forces", "energies"), stress=True, bounded=bounded)
+    report(*result, "{checks} global-sum checks passed with " f"{2 * per_rank} parts"
+           + (", one at a time" if bounded else ""))
 
 
 if __name__ == "__main__":
