@@ -109,6 +109,7 @@ def build(family: str, workdir: Path):
         sys.path.insert(0, str(ROOT / "tests"))
         from fairchem.core.calculate.ase_calculator import FAIRChemCalculator
         from fairchem.core.units.mlip_unit.predict import MLIPPredictUnit
+
         from test_fairchem import write_uma_checkpoint
 
         path = workdir / "uma-random.pt"
@@ -184,7 +185,7 @@ def uptime() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
     except (subprocess.CalledProcessError, FileNotFoundError):
-        return "load average %.2f, %.2f, %.2f" % os.getloadavg()
+        return "load average {:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
 
 
 def git_head() -> str:
@@ -208,7 +209,7 @@ def table(family: str, rows: list) -> list[str]:
         ratio = (lambda key: f"{res[key] / base[key]:.2f}") if base else (lambda key: "–")
         peak = f"{res['peak']:.2f}" + (f" (sum {res['peak_sum']:.2f})" if "peak_sum" in res else "")
         if base:
-            de = max(abs(a - b) for a, b in zip(res["energies"], base["energies"])) / res["atoms"]
+            de = max(abs(a - b) for a, b in zip(res["energies"], base["energies"], strict=True)) / res["atoms"]
             de = f"{de:.1e}"
         else:
             de = "–"

@@ -10,9 +10,7 @@ and the backward replays accumulate dE/d(total), which is the gradient of every 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
 
 from distmlip import DistributedCalculator, estimate_memory
 from distmlip.testing import evaluate, rel_err
@@ -141,9 +139,9 @@ def test_orb_one_at_a_time(name):
     """Orb v3 (mean readout, ZBL averaged over atoms, neighbour cap): bounded equals unbounded,
     float64, 1e-10, both modes, 2 and 3 parts, and 1 part (parts one at a time by construction)."""
     pytest.importorskip("orb_models", reason="orb-models is not installed")
-    from test_orb import STRUCTURES, make_orb
-
     from distmlip.models.orb import OrbModel
+
+    from test_orb import STRUCTURES, make_orb
 
     model = OrbModel(make_orb().double())
     atoms = STRUCTURES[name]
