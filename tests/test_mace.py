@@ -248,7 +248,7 @@ def test_unknown_element_and_head_are_rejected(mace_setup):
     wrapped = mace_setup[2]
     atoms = Atoms("CuAu", positions=[[0, 0, 0], [2.5, 0, 0]], cell=np.eye(3) * 12, pbc=True)
     with pytest.raises(ValueError, match=r"^numbers: this MACE model has no parameters for atomic "
-                                         r"number\(s\) \[79\] \(Au\); it knows atomic numbers \[.*29.*\]"):
+                                         r"number\(s\) \[79\] \(Au\); it knows [A-Za-z, ]*\bCu\b"):
         DistributedCalculator(wrapped).get_potential_energy(atoms)
     with pytest.raises(ValueError, match="head"):
         MACEModel(mace_setup[0], head="nonexistent")

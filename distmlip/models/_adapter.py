@@ -19,12 +19,15 @@ does not cover).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
+from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Adapter", "ElementTable", "RunRows", "optional_import"]
+__all__ = ["Adapter", "ElementTable", "HookState", "RunRows", "optional_import"]
 
 
 @runtime_checkable
@@ -56,6 +59,28 @@ def optional_import(module: str, extra: str, what: str):
         ) from exc
 
 
+class HookState:
+    """The state an adapter's forward hooks read during one forward call: a ``ContextVar`` per
+    adapter, so worker threads (one per device) never see each other's call.
+
+    ``with state.active(RunRows(graph)): model(...)`` installs it for the call; a hook reads
+    ``state.get()`` (``None`` outside a distmlip call: the hooked package then runs unchanged)."""
+
+    def __init__(self, name: str):
+        self._var: contextvars.ContextVar = contextvars.ContextVar(name, default=None)
+
+    def get(self):
+        return self._var.get()
+
+    @contextlib.contextmanager
+    def active(self, value):
+        token = self._var.set(value)
+        try:
+            yield value
+        finally:
+            self._var.reset(token)
+
+
 class RunRows:
     """What an adapter's forward hooks need during one forward call (kept in a ``ContextVar`` of the
     adapter module, so that worker threads do not see each other's): the exchange, the local rows
@@ -74,21 +99,25 @@ class ElementTable(torch.nn.Module):
     """Atomic number -> the model's type index, with one error for elements it does not cover.
 
     Args:
-        numbers: the atomic number of each type index, in type order (``numbers[t]`` is type t).
+        numbers: the atomic number of each type index, in type order (``numbers[t]`` is type t), or a
+            mapping ``{atomic number: type index}`` (several elements may share a type).
         name: the model's name, for the error message.
     """
 
     def __init__(self, numbers, name: str):
         super().__init__()
-        numbers = [int(z) for z in numbers]
-        table = torch.full((max(numbers, default=0) + 1,), -1, dtype=torch.long)
-        for t, z in enumerate(numbers):
+        mapping = ({int(z): int(t) for z, t in numbers.items()} if isinstance(numbers, Mapping)
+                   else {int(z): t for t, z in enumerate(numbers)})
+        table = torch.full((max(mapping, default=0) + 1,), -1, dtype=torch.long)
+        for z, t in mapping.items():
             table[z] = t
         self.name = name
-        self.numbers = tuple(numbers)
+        self.numbers = tuple(mapping)
+        self.num_types = max(mapping.values(), default=-1) + 1
         self.register_buffer("table", table, persistent=False)
 
     def forward(self, numbers: torch.Tensor) -> torch.Tensor:
+        numbers = numbers.to(torch.long)
         size = self.table.shape[0]
         types = torch.where((numbers >= 0) & (numbers < size),
                             self.table[numbers.clamp(0, size - 1)], -1)

@@ -43,18 +43,16 @@ repulsion (``MACE``); they add up to MACE's total energy.
 
 from __future__ import annotations
 
-import contextvars
-
 import torch
 
+from ._adapter import ElementTable, HookState, optional_import
 from ._adapter import RunRows as _Run
-from ._adapter import optional_import
-from .base import DistributableModel, LocalGraph, unknown_elements
+from .base import DistributableModel, LocalGraph
 
 __all__ = ["MACEModel", "supports", "wrap"]
 
 # the running worker's ``_Run`` (None outside MACEModel.forward)
-_RUN: contextvars.ContextVar = contextvars.ContextVar("distmlip_mace_run", default=None)
+_RUN = HookState("distmlip_mace_run")
 
 _HOOK_FLAG = "_distmlip_exchange_hooks"
 
@@ -219,22 +217,13 @@ class MACEModel(DistributableModel):
         self.head = heads[head_index]
         self.cutoff = float(model.r_max)
         self.num_layers = int(model.num_interactions)
-        z = [int(v) for v in model.atomic_numbers.tolist()]
-        self.elements = tuple(z)
-        index = torch.full((max(z) + 1,), -1, dtype=torch.long)
-        index[torch.tensor(z, dtype=torch.long)] = torch.arange(len(z))
-        self.register_buffer("z_index", index, persistent=False)
+        self.elements = ElementTable([int(v) for v in model.atomic_numbers.tolist()], "this MACE model")
         self.register_buffer("head_index", torch.tensor([head_index]), persistent=False)
         _install_hooks(model)
 
     def _node_attrs(self, numbers: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        known = numbers < self.z_index.shape[0]
-        idx = torch.where(known, self.z_index[numbers.clamp(max=self.z_index.shape[0] - 1)],
-                          torch.full_like(numbers, -1))
-        if bool((idx < 0).any()):
-            raise unknown_elements("this MACE model", numbers[idx < 0].tolist(),
-                                   f"atomic numbers {list(self.elements)}")
-        return torch.nn.functional.one_hot(idx, len(self.elements)).to(dtype)
+        idx = self.elements(numbers)
+        return torch.nn.functional.one_hot(idx, self.elements.num_types).to(dtype)
 
     def forward(self, graph: LocalGraph) -> torch.Tensor:
         vec = graph.edge_vec
@@ -251,12 +240,9 @@ class MACEModel(DistributableModel):
             "ptr": torch.tensor([0, n], dtype=torch.long, device=device),
             "head": self.head_index,
         }
-        token = _RUN.set(_Run(graph))
-        try:
+        with _RUN.active(_Run(graph)):
             out = self.model(data, training=False, compute_force=False, compute_virials=False,
                              compute_stress=False)
-        finally:
-            _RUN.reset(token)
         return out["node_energy"].reshape(n)
 
 

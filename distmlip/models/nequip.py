@@ -48,17 +48,16 @@ float32 or fail inside the model). A float32 NequIP model is built with ``model_
 
 from __future__ import annotations
 
-import contextvars
-
 import torch
 
+from ._adapter import ElementTable, HookState
 from ._adapter import RunRows as _Run
-from .base import DistributableModel, LocalGraph, unknown_elements
+from .base import DistributableModel, LocalGraph
 
 __all__ = ["NequIPModel", "supports", "wrap"]
 
 # the running worker's ``_Run`` (None outside NequIPModel.forward)
-_RUN: contextvars.ContextVar = contextvars.ContextVar("distmlip_nequip_run", default=None)
+_RUN = HookState("distmlip_nequip_run")
 _HOOK_FLAG = "_distmlip_exchange_hooked"
 _FEATURES_KEY = "node_features"  # AtomicDataDict.NODE_FEATURES_KEY (checked on install)
 
@@ -289,11 +288,8 @@ class NequIPModel(DistributableModel):
         keys = nq["AtomicDataDict"]
         self._keys = (keys.POSITIONS_KEY, keys.ATOM_TYPE_KEY, keys.EDGE_INDEX_KEY,
                       keys.EDGE_VECTORS_KEY, keys.PER_ATOM_ENERGY_KEY)
-        z_to_type = _element_numbers(list(type_names), chemical_species_to_atom_type_map)
-        table = torch.full((max(z_to_type) + 1,), -1, dtype=torch.long)
-        for z, t in z_to_type.items():
-            table[z] = t
-        self.register_buffer("z_to_type", table, persistent=False)
+        self.elements = ElementTable(_element_numbers(list(type_names), chemical_species_to_atom_type_map),
+                                     "this NequIP model")
         truncates = _install_hooks(energy, nq)
         # the key NequIP's blocks read the local row count from (None: no truncation)
         self._local_key = keys.LMP_MLIAP_DATA_KEY if truncates and blocks else None
@@ -350,13 +346,7 @@ class NequIPModel(DistributableModel):
         return max(values)
 
     def _atom_types(self, numbers: torch.Tensor) -> torch.Tensor:
-        size = self.z_to_type.shape[0]
-        types = torch.where(numbers < size, self.z_to_type[numbers.clamp(max=size - 1)],
-                            torch.full_like(numbers, -1))
-        if bool((types < 0).any()):
-            raise unknown_elements("this NequIP model", numbers[types < 0].tolist(),
-                                   f"the types {list(self.type_names)}")
-        return types
+        return self.elements(numbers)
 
     def forward(self, graph: LocalGraph) -> torch.Tensor:
         pos_key, type_key, index_key, vec_key, energy_key = self._keys
@@ -371,11 +361,8 @@ class NequIPModel(DistributableModel):
         run = _Run(graph)
         if self._local_key is not None and run.needed < run.rows:
             data[self._local_key] = _LocalRows(run.needed)
-        token = _RUN.set(run)
-        try:
+        with _RUN.active(run):
             out = self.energy(data)
-        finally:
-            _RUN.reset(token)
         return out[energy_key].reshape(-1)
 
 

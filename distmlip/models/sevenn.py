@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import torch
 
-from ._adapter import optional_import
-from .base import DistributableModel, LocalGraph, unknown_elements
+from ._adapter import ElementTable, optional_import
+from .base import DistributableModel, LocalGraph
 
 __all__ = ["PRETRAINED", "SevenNetModel", "load", "supports", "wrap"]
 
@@ -122,10 +122,7 @@ class SevenNetModel(DistributableModel):
             raise ValueError(f"module: {name} has no cutoff (got {module.cutoff!r})")
         self.cutoff = cutoff
         self.type_map = {int(z): int(t) for z, t in module.type_map.items()}
-        z_to_type = torch.full((128,), -1, dtype=torch.long)
-        for z, t in self.type_map.items():
-            z_to_type[z] = t
-        self.register_buffer("z_to_type", z_to_type, persistent=False)
+        self.elements = ElementTable(self.type_map, self.name)
 
         skip = (ForceOutput, ForceStressOutput, ForceStressOutputFromEdge, AtomReduce)
         convolutions = (IrrepsConvolution, IrrepsScatterGatterFusedConvolution)
@@ -187,13 +184,7 @@ class SevenNetModel(DistributableModel):
 
     def type_indices(self, numbers: torch.Tensor) -> torch.Tensor:
         """SevenNet's type index of each atomic number (ValueError for unknown elements)."""
-        numbers = numbers.to(torch.long)
-        bad = (numbers < 0) | (numbers >= self.z_to_type.shape[0])
-        types = self.z_to_type[numbers.clamp(0, self.z_to_type.shape[0] - 1)]
-        bad |= types < 0
-        if bool(bad.any()):
-            raise unknown_elements(self.name, numbers[bad].tolist(), str(sorted(self.type_map)))
-        return types
+        return self.elements(numbers)
 
     def forward(self, graph: LocalGraph) -> torch.Tensor:
         key = self._key
