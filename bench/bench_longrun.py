@@ -131,9 +131,10 @@ def check(split: dict, whole: dict) -> list[str]:
         if r["rss_end"] > limit:
             problems.append(f"{r['parts']} part(s): RSS {r['rss_end']:.1f} MB at the end > "
                             f"{limit:.1f} MB (step 100: {r['rss_100']:.1f} MB)")
-        half = max((k for k in r["rss"] if k <= r["steps"] // 2), default=None)
-        if half is not None and r["rss_end"] > r["rss"][half] + RSS_FLAT_MB:
-            problems.append(f"{r['parts']} part(s): RSS grew {r['rss_end'] - r['rss'][half]:.2f} MB "
+        rss = {int(k): v for k, v in r["rss"].items()}  # (JSON keys are strings)
+        half = max((k for k in rss if k <= r["steps"] // 2), default=None)
+        if half is not None and r["rss_end"] > rss[half] + RSS_FLAT_MB:
+            problems.append(f"{r['parts']} part(s): RSS grew {r['rss_end'] - rss[half]:.2f} MB "
                             f"over the second half of the run (> {RSS_FLAT_MB} MB)")
     return problems
 
