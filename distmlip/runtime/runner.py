@@ -870,11 +870,7 @@ class Runner:
         """Fill the halo rows of every worker's Z^level from the owners' posted rows (a sum
         level: Z^level is the sum of every worker's partial sums, over the ranks too)."""
         if kind == "global_sum":
-            total = None
-            for w in workers:  # the same order everywhere: every worker holds the same total
-                x = w.store.X[level].to(workers[0].device)
-                total = x if total is None else total + x
-            total = self.comm.total(total)
+            total = self._total(workers, [w.store.X[level] for w in workers])
             for w in workers:
                 w.store.Z[level] = total.to(w.device)
                 w.store.X[level] = None
@@ -896,15 +892,20 @@ class Runner:
         for w in workers:
             w.store.X[level] = None  # Z holds the owned rows first
 
+    def _total(self, workers, values: list[torch.Tensor]) -> torch.Tensor:
+        """The sum of the workers' ``values`` (one each), added in worker order on the first worker's
+        device (the same order everywhere, so every worker holds the same total), then over the
+        ranks."""
+        total = values[0]
+        for v in values[1:]:
+            total = total + v.to(total.device)
+        return self.comm.total(total)
+
     def _level_backward(self, workers, level: int, p2p: P2PExchange | None, kind: str) -> None:
         """dE/dX^level: each worker's owned-row gradients plus its halo rows' gradients sent home
         (a sum level: every part's partial sum gets dE/dZ^level summed over all workers)."""
         if kind == "global_sum":
-            total = None
-            for w in workers:
-                g = w.store.G[level].to(workers[0].device)
-                total = g if total is None else total + g
-            total = self.comm.total(total)
+            total = self._total(workers, [w.store.G[level] for w in workers])
             for w in workers:
                 w.store.Gown[level] = total.to(w.device)
                 w.store.G[level] = None
