@@ -87,7 +87,7 @@ def build_model(model: str):
         from bench_node_work_mace import make_model
 
         wrapped = distmlip.wrap(make_model())
-        mace = wrapped.model
+        mace = wrapped.module
         return wrapped, list(mace.products) + list(mace.readouts), []
     from distmlip.models import SchNet
 

@@ -83,7 +83,7 @@ def count_rows(replica, atoms, calc) -> dict:
             counts[kind][1] += 1
         return hook
 
-    mace = replica.model
+    mace = replica.module
     for m in list(mace.products) + list(mace.readouts):
         handles.append(m.register_forward_pre_hook(counter("blocks"), with_kwargs=True))
     for inter in mace.interactions:

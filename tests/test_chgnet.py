@@ -138,7 +138,7 @@ def references(model):
     out = {}
     for name, build in STRUCTURES.items():
         atoms = build()
-        out[name] = (atoms, chgnet_float64(atoms, model.chgnet), chgnet_float32(atoms, model.chgnet))
+        out[name] = (atoms, chgnet_float64(atoms, model.module), chgnet_float32(atoms, model.module))
     return out
 
 
@@ -152,12 +152,12 @@ def test_load_and_wrap(model):
     assert isinstance(model, CHGNetModel)
     assert (model.cutoff, model.bond_cutoff, model.num_layers) == (6.0, 3.0, 4)
     assert "chgnet-0.3.0" in distmlip.models.available_models()
-    assert distmlip.wrap(model.chgnet).chgnet is model.chgnet
-    assert isinstance(model.chgnet, CHGNet)
+    assert distmlip.wrap(model.module).module is model.module
+    assert isinstance(model.module, CHGNet)
     with pytest.raises(ValueError, match="name: expected one of"):
         distmlip.load("chgnet-9.9.9")
     with pytest.raises(ValueError, match="max_bonds: expected an integer >= 1, got 0"):
-        distmlip.wrap(model.chgnet, max_bonds=0)
+        distmlip.wrap(model.module, max_bonds=0)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -239,7 +239,7 @@ def test_other_checkpoints(name):
     """0.2.0 (5 Å atom graph, biased bond output MLP) and r2SCAN, split in both modes."""
     other = distmlip.load(name)
     atoms = metal()
-    ref64 = chgnet_float64(atoms, other.chgnet)
+    ref64 = chgnet_float64(atoms, other.module)
     for parts, mode in ((1, "halo"), (3, "halo"), (3, "extended")):
         result = evaluate(DistributedCalculator(other, parts, mode=mode, dtype="float64"), atoms)
         for quantity, err in _errors(result, ref64).items():
@@ -274,8 +274,8 @@ def test_atom_updates_only_on_owned_rows(model, references, workers):
     atoms, ref64, _ = references["oxide"]
     n_atoms = len(atoms)
     for mode in MODES:
-        wrapped = _RecordExchange(copy.deepcopy(model.chgnet))
-        c = wrapped.chgnet
+        wrapped = _RecordExchange(copy.deepcopy(model.module))
+        c = wrapped.module
         watched = {f"atom_conv_{i}": layer.mlp_out for i, layer in enumerate(c.atom_conv_layers)}
         watched.update(readout_norm=c.readout_norm, readout=c.mlp)
         rows = {name: [] for name in watched}
@@ -309,7 +309,7 @@ def test_extended_mode_needs_four_hops(model, references):
 
 
 def test_too_many_bonds_is_a_clear_error(model):
-    tight = distmlip.wrap(model.chgnet, max_bonds=8)  # bcc Fe: 14 bonds shorter than 3 Å
+    tight = distmlip.wrap(model.module, max_bonds=8)  # bcc Fe: 14 bonds shorter than 3 Å
     atoms = metal()
     atoms.calc = DistributedCalculator(tight, 1)
     with pytest.raises(ValueError, match="max_bonds: atom .* has 14 bonds shorter than .* max_bonds=8"):

@@ -143,7 +143,7 @@ def _mace_reference(calc, atoms) -> dict:
 def test_wrap_gives_mace_model(mace_setup):
     model, _, wrapped = mace_setup
     assert isinstance(wrapped, MACEModel)
-    assert wrapped.model is model
+    assert wrapped.module is model
     assert wrapped.cutoff == pytest.approx(6.0)
     assert wrapped.num_layers == 2
     assert distmlip.wrap(wrapped) is wrapped
@@ -265,7 +265,7 @@ def _count_rows(replica) -> dict:
             rows.setdefault(name, []).append(int(x.shape[0]))
         return hook
 
-    mace = replica.model
+    mace = replica.module
     for i, block in enumerate(mace.products):
         block.register_forward_pre_hook(counter(f"products.{i}"), with_kwargs=True)
     for i, block in enumerate(mace.readouts):
@@ -357,7 +357,7 @@ def test_interaction_classes_are_sliced_exactly(first, later):
     assert np.abs(one["forces"]).max() > 0.05
     for mode in ("halo", "extended"):
         calc = DistributedCalculator(wrapped, num_partitions=3, mode=mode)
-        mace = next(iter(calc.runner.replicas.values())).model
+        mace = next(iter(calc.runner.replicas.values())).module
         rows = []
         for block in list(mace.products) + list(mace.readouts):
             block.register_forward_pre_hook(

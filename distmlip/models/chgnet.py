@@ -142,34 +142,34 @@ class CHGNetModel(DistributableModel):
     (``n_conv``).
     """
 
-    def __init__(self, chgnet, max_bonds: int = 64):
+    def __init__(self, module, *, max_bonds: int = 64):
         super().__init__()
         chgnet_cls = _chgnet_class()
-        if not isinstance(chgnet, chgnet_cls):
-            raise TypeError(f"chgnet: expected a chgnet.model.CHGNet, got {type(chgnet).__name__}")
+        if not isinstance(module, chgnet_cls):
+            raise TypeError(f"module: expected a chgnet.model.CHGNet, got {type(module).__name__}")
         if isinstance(max_bonds, bool) or not isinstance(max_bonds, int) or max_bonds < 1:
             raise ValueError(f"max_bonds: expected an integer >= 1, got {max_bonds!r}")
-        if not chgnet.mlp_first:
+        if not module.mlp_first:
             raise ValueError(
-                "chgnet: expected a CHGNet with mlp_first=True (per-atom energies, as in every "
+                "module: expected a CHGNet with mlp_first=True (per-atom energies, as in every "
                 "pretrained CHGNet), got mlp_first=False: its energy is not a sum over atoms, so it "
                 "cannot be split"
             )
-        comp = chgnet.composition_model
+        comp = module.composition_model
         if comp is not None and not (hasattr(comp, "fc") and hasattr(comp, "get_site_energies")
                                      and getattr(comp.fc, "bias", None) is None):
             raise ValueError(
-                f"chgnet: expected composition_model None or an AtomRef (per-element reference "
+                f"module: expected composition_model None or an AtomRef (per-element reference "
                 f"energies), got {type(comp).__name__}, which does not give per-atom energies"
             )
-        if len(chgnet.atom_conv_layers) != chgnet.n_conv:
-            raise ValueError(f"chgnet: expected {chgnet.n_conv} atom convolutions, got "
-                             f"{len(chgnet.atom_conv_layers)}")
-        converter = chgnet.graph_converter
-        self.chgnet = chgnet
+        if len(module.atom_conv_layers) != module.n_conv:
+            raise ValueError(f"module: expected {module.n_conv} atom convolutions, got "
+                             f"{len(module.atom_conv_layers)}")
+        converter = module.graph_converter
+        self.module = module
         self.cutoff = float(converter.atom_graph_cutoff)
         self.bond_cutoff = float(converter.bond_graph_cutoff)
-        self.num_layers = int(chgnet.n_conv)
+        self.num_layers = int(module.n_conv)
         self.max_bonds = int(max_bonds)
 
     def extra_repr(self) -> str:
@@ -245,7 +245,7 @@ class CHGNetModel(DistributableModel):
 
     # ------------------------------------------------------------------ forward
     def forward(self, graph: LocalGraph) -> torch.Tensor:
-        c = self.chgnet
+        c = self.module
         n = graph.num_nodes
         k_slots = self.max_bonds
         send, recv = graph.edge_index[0], graph.edge_index[1]

@@ -194,32 +194,32 @@ class MACEModel(DistributableModel):
     ``cutoff`` is the model's ``r_max`` and ``num_layers`` its number of interactions.
     """
 
-    def __init__(self, model, head: str | None = None):
+    def __init__(self, module, *, head: str | None = None):
         super().__init__()
-        if not _is_mace(model):
+        if not _is_mace(module):
             raise TypeError(
-                "model: expected a mace.modules.models.MACE or ScaleShiftMACE module, got "
-                f"{type(model).__module__}.{type(model).__name__}"
+                "module: expected a mace.modules.models.MACE or ScaleShiftMACE module, got "
+                f"{type(module).__module__}.{type(module).__name__}"
             )
-        if hasattr(model, "joint_embedding"):
+        if hasattr(module, "joint_embedding"):
             raise ValueError(
-                "model: MACE models with extra per-graph embeddings (embedding_specs) are not "
+                "module: MACE models with extra per-graph embeddings (embedding_specs) are not "
                 "supported by the distmlip adapter"
             )
-        heads = list(getattr(model, "heads", None) or ["Default"])
+        heads = list(getattr(module, "heads", None) or ["Default"])
         if head is None:
             head_index = 0
         elif head in heads:
             head_index = heads.index(head)
         else:
             raise ValueError(f"head: expected one of {heads}, got {head!r}")
-        self.model = model
+        self.module = module
         self.head = heads[head_index]
-        self.cutoff = float(model.r_max)
-        self.num_layers = int(model.num_interactions)
-        self.elements = ElementTable([int(v) for v in model.atomic_numbers.tolist()], "this MACE model")
+        self.cutoff = float(module.r_max)
+        self.num_layers = int(module.num_interactions)
+        self.elements = ElementTable([int(v) for v in module.atomic_numbers.tolist()], "this MACE model")
         self.register_buffer("head_index", torch.tensor([head_index]), persistent=False)
-        _install_hooks(model)
+        _install_hooks(module)
 
     def _node_attrs(self, numbers: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         idx = self.elements(numbers)
@@ -241,7 +241,7 @@ class MACEModel(DistributableModel):
             "head": self.head_index,
         }
         with _RUN.active(_Run(graph)):
-            out = self.model(data, training=False, compute_force=False, compute_virials=False,
+            out = self.module(data, training=False, compute_force=False, compute_virials=False,
                              compute_stress=False)
         return out["node_energy"].reshape(n)
 

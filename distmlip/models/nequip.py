@@ -245,31 +245,31 @@ class NequIPModel(DistributableModel):
         num_layers: override the receptive field (in hops) the adapter infers.
     """
 
-    def __init__(self, model, chemical_species_to_atom_type_map: dict | None = None,
+    def __init__(self, module, *, chemical_species_to_atom_type_map: dict | None = None,
                  num_layers: int | None = None):
         super().__init__()
         nq = _import_nequip()
-        energy = _energy_network(model, nq)
+        energy = _energy_network(module, nq)
         if energy is None:
             raise TypeError(
-                "model: expected a NequIP-framework GraphModel predicting per-atom energies, got "
-                f"{type(model).__module__}.{type(model).__name__}"
+                "module: expected a NequIP-framework GraphModel predicting per-atom energies, got "
+                f"{type(module).__module__}.{type(module).__name__}"
             )
         for sub in energy.modules():
             if isinstance(sub, nq["GhostExchangeModule"]) and not isinstance(
                     sub, nq["NoOpGhostExchangeModule"]):
                 raise ValueError(
-                    f"model: its ghost exchange was replaced by {type(sub).__name__} (a LAMMPS "
+                    f"module: its ghost exchange was replaced by {type(sub).__name__} (a LAMMPS "
                     "build); wrap the model as built or loaded from a checkpoint"
                 )
             if len(getattr(sub, "categorical_graph_field_embed_modules", ())) > 0:
                 raise ValueError(
-                    "model: NequIP models with categorical graph-field embeddings (charge, spin) "
+                    "module: NequIP models with categorical graph-field embeddings (charge, spin) "
                     "are not supported by the distmlip adapter"
                 )
-        type_names = self._type_names(model, energy)
+        type_names = self._type_names(module, energy)
         self.type_names = tuple(type_names)
-        self.cutoff = self._r_max(model, energy)
+        self.cutoff = self._r_max(module, energy)
         blocks = [m for m in energy.modules() if isinstance(m, nq["InteractionBlock"])]
         inferred = max(1, len(blocks))
         if num_layers is None:
@@ -283,7 +283,7 @@ class NequIPModel(DistributableModel):
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers: expected an integer >= 1, got {num_layers!r}")
         self.num_layers = num_layers
-        self.model = model
+        self.module = module
         self.energy = energy
         keys = nq["AtomicDataDict"]
         self._keys = (keys.POSITIONS_KEY, keys.ATOM_TYPE_KEY, keys.EDGE_INDEX_KEY,

@@ -99,7 +99,7 @@ class SevenNetModel(DistributableModel):
     or ``DistributedCalculator(dtype="float64")`` casts it).
     """
 
-    def __init__(self, module, modal: str | None = None, name: str = "SevenNet"):
+    def __init__(self, module, *, modal: str | None = None, name: str = "SevenNet"):
         super().__init__()
         keys, sequential = _sevenn()
         if not isinstance(module, sequential):
