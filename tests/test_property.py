@@ -34,7 +34,7 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 from ase import Atoms  # noqa: E402
 from ase.neighborlist import neighbor_list  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from distmlip import DistributedCalculator  # noqa: E402
@@ -174,10 +174,25 @@ def _check_schnet_split(params, atoms, split):
     _check_split(model, atoms, split)
 
 
-def _check_lj_ase(params, atoms, split):
+def _pair_at_cutoff(atoms, cutoff, tol=1e-9):
+    """Whether some pair (or atom and image) is within ``tol * cutoff`` of the cutoff."""
+    d = neighbor_list("d", atoms, cutoff * (1 + tol))
+    return bool(np.any(np.abs(d - cutoff) <= tol * cutoff))
+
+
+def _check_lj_ase(params, atoms, split, skip_near_cutoff=True):
     from ase.calculators.lj import LennardJones as AseLJ
 
     partitioner, parts, mode = split
+    # The truncated LJ force jumps at rc, so a pair within rounding of rc is counted or not
+    # depending on how its distance is rounded, and ASE (positions + offsets @ cell) and distmlip
+    # (pos[s] - pos[r] + shift @ cell) round differently. Found by the deep profile: one H atom
+    # periodic along x (cell 2.625 Å = rc) at x = 2.4099...: its two images are rc and rc + 1 ulp
+    # away; ASE counts one (a net force on a lone atom), distmlip both (zero force). Such inputs
+    # compare rounding, not physics, and are skipped (~0.4% of cases); a pair exactly at rc,
+    # representable both ways, is compared in test_lennard_jones_pair_exactly_at_cutoff.
+    if skip_near_cutoff:
+        assume(not _pair_at_cutoff(atoms, params["cutoff"]))
     ref = evaluate(AseLJ(epsilon=params["epsilon"], sigma=params["sigma"], rc=params["cutoff"],
                          smooth=False), atoms)
     got = evaluate(_calc(LennardJones(**params), parts, partitioner, mode), atoms)
@@ -219,12 +234,13 @@ def test_lennard_jones_equals_ase(params, atoms, split):
 
 def test_lennard_jones_pair_exactly_at_cutoff():
     """Found by the deep profile: one H atom, cell 2 Å, periodic along z only, rc = 2.0 Å — the atom
-    and its images exactly rc apart. ASE's LennardJones keeps such a pair (it zeroes r > rc); the
-    graph keeps it too (NeighborGraph widens the search by CUTOFF_SLACK, the runner keeps
-    r**2 <= rc**2). Before that fix the forces/stress of such a pair differed (stress rel_err 1.0)."""
+    and its images exactly rc apart. ASE's LennardJones keeps such a pair (it zeroes r > rc); so does
+    distmlip's (the model declares rc widened by 1e-12 as its graph radius and keeps r**2 <= rc**2).
+    Before that fix the forces/stress of such a pair differed (stress rel_err 1.0)."""
     atoms = Atoms("H", positions=[[0.0, 0.0, 0.0]], cell=[2.0, 2.0, 2.0],
                   pbc=[False, False, True])
-    _check_lj_ase({"epsilon": 0.4, "sigma": 2.3, "cutoff": 2.0}, atoms, ("grid", 1, "halo"))
+    _check_lj_ase({"epsilon": 0.4, "sigma": 2.3, "cutoff": 2.0}, atoms, ("grid", 1, "halo"),
+                  skip_near_cutoff=False)
     stress = _calc(LennardJones(epsilon=0.4, sigma=2.3, cutoff=2.0), 1, "grid", "halo")
     atoms.calc = stress
     assert abs(atoms.get_stress()[2]) > 1e-3  # the pair at the cutoff is counted
