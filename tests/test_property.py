@@ -156,8 +156,24 @@ def _assert_close(got, ref, rtol, what, atoms):
         assert err <= rtol, f"{what}: {q} relative error {err:.3e} > {rtol:.0e} on {_describe(atoms)}"
 
 
+#: at most this many edges (estimated) per case: a 400-atom system in a 2 Å periodic cell with a 7 Å
+#: cutoff has ~28 million (SchNet needed 22 GB: the first 10,000-case profile was OOM-killed there)
+MAX_EDGES = 1_000_000
+
+
+def _not_too_dense(atoms, cutoff):
+    """Skip (``assume``) systems whose neighbour list would exceed ``MAX_EDGES``: n x the number of
+    atoms (images included) in a sphere of radius ``cutoff`` at the system's density (every pair of a
+    molecule without a cell)."""
+    n = len(atoms)
+    volume = abs(np.linalg.det(atoms.cell[:])) if atoms.cell.rank == 3 else 0.0
+    per_atom = n / volume * 4.0 / 3.0 * np.pi * cutoff**3 if volume > 0 else n
+    assume(n * per_atom <= MAX_EDGES)
+
+
 def _check_split(model, atoms, split):
     partitioner, parts, mode = split
+    _not_too_dense(atoms, model.cutoff)
     ref = evaluate(_calc(model, 1), atoms)
     got = evaluate(_calc(model, parts, partitioner, mode), atoms)
     _assert_close(got, ref, RTOL_SPLIT,
@@ -184,6 +200,7 @@ def _check_lj_ase(params, atoms, split, skip_near_cutoff=True):
     from ase.calculators.lj import LennardJones as AseLJ
 
     partitioner, parts, mode = split
+    _not_too_dense(atoms, params["cutoff"])
     # The truncated LJ force jumps at rc, so a pair within rounding of rc is counted or not
     # depending on how its distance is rounded, and ASE (positions + offsets @ cell) and distmlip
     # (pos[s] - pos[r] + shift @ cell) round differently. Found by the deep profile: one H atom
