@@ -156,24 +156,27 @@ def _assert_close(got, ref, rtol, what, atoms):
         assert err <= rtol, f"{what}: {q} relative error {err:.3e} > {rtol:.0e} on {_describe(atoms)}"
 
 
-#: at most this many edges (estimated) per case: a 400-atom system in a 2 Å periodic cell with a 7 Å
-#: cutoff has ~28 million (SchNet needed 22 GB: the first 10,000-case profile was OOM-killed there)
+#: at most this many edges (estimated) per evaluation: the first 10,000-case profile was OOM-killed
+#: (22 GB) by SchNet on 143 atoms in 181 Å^3 with a 6.3 Å cutoff split into 500 parts in extended
+#: mode: every part's halo is the whole system, 500 copies of its 120,000 edges
 MAX_EDGES = 1_000_000
 
 
-def _not_too_dense(atoms, cutoff):
-    """Skip (``assume``) systems whose neighbour list would exceed ``MAX_EDGES``: n x the number of
-    atoms (images included) in a sphere of radius ``cutoff`` at the system's density (every pair of a
-    molecule without a cell)."""
+def _not_too_dense(atoms, cutoff, split):
+    """Skip (``assume``) cases whose evaluation would hold more than ``MAX_EDGES`` edges: n x the
+    number of atoms (images included) in a sphere of radius ``cutoff`` at the system's density (every
+    pair of a molecule without a cell), times the copies extended mode makes (up to one per part)."""
+    _, parts, mode = split
     n = len(atoms)
     volume = abs(np.linalg.det(atoms.cell[:])) if atoms.cell.rank == 3 else 0.0
     per_atom = n / volume * 4.0 / 3.0 * np.pi * cutoff**3 if volume > 0 else n
-    assume(n * per_atom <= MAX_EDGES)
+    copies = min(parts, n) if mode == "extended" else 1
+    assume(n * per_atom * copies <= MAX_EDGES)
 
 
 def _check_split(model, atoms, split):
     partitioner, parts, mode = split
-    _not_too_dense(atoms, model.cutoff)
+    _not_too_dense(atoms, model.cutoff, split)
     ref = evaluate(_calc(model, 1), atoms)
     got = evaluate(_calc(model, parts, partitioner, mode), atoms)
     _assert_close(got, ref, RTOL_SPLIT,
@@ -200,7 +203,7 @@ def _check_lj_ase(params, atoms, split, skip_near_cutoff=True):
     from ase.calculators.lj import LennardJones as AseLJ
 
     partitioner, parts, mode = split
-    _not_too_dense(atoms, params["cutoff"])
+    _not_too_dense(atoms, params["cutoff"], split)
     # The truncated LJ force jumps at rc, so a pair within rounding of rc is counted or not
     # depending on how its distance is rounded, and ASE (positions + offsets @ cell) and distmlip
     # (pos[s] - pos[r] + shift @ cell) round differently. Found by the deep profile: one H atom
