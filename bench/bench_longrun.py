@@ -184,7 +184,7 @@ def main():
     cmd = "OMP_NUM_THREADS=1 .venv/bin/python bench/bench_longrun.py" + "".join(
         f" --{k} {getattr(args, k)}" for k in DEFAULTS if getattr(args, k) != DEFAULTS[k])
     lines = [
-        "# Long NVE run: drift and memory, 4 parts vs unsplit", "",
+        "## Long NVE run: drift and memory, 4 parts vs unsplit", "",
         f"Command: `{cmd}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{platform.machine()}, {os.cpu_count()} cores shared with other work, Python "
         f"{platform.python_version()}; the two runs side by side, one process each, one torch thread; "
