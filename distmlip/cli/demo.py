@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="SevenNet-0 MD of rutile, split vs whole vs sevenn, a large SchNet",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--output", "-o", default="demo-output", metavar="DIR")
-    p.add_argument("--supercell", default="3x3x4", metavar="AxBxC",
+    p.add_argument("--supercell", default="4x4x4", metavar="AxBxC",
                    help="rutile TiO2 unit cells (6 atoms each) for SevenNet-0")
     p.add_argument("--steps", type=int, default=20, help="MD steps (1 fs)")
     p.add_argument("--partitions", type=int, default=2)
