@@ -359,19 +359,22 @@ def test_demo_at_reduced_size(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- mpirun
 @pytest.mark.mpi
-def test_md_under_mpirun_matches_one_process(cu, tmp_path):
-    """`mpirun -n 2 python -m distmlip md` (one part per rank, Langevin): rank 0 alone writes,
-    and the log equals the single-process run's."""
-    mpirun = Path(sys.executable).parent / "mpirun"
-    assert mpirun.exists(), f"{mpirun} is missing: install the project with `make install`"
+@pytest.mark.parametrize("launcher", ["mpirun", "torchrun"])
+def test_md_under_a_launcher_matches_one_process(cu, tmp_path, launcher):
+    """`mpirun -n 2 python -m distmlip md` and `torchrun --nproc-per-node 2 -m distmlip md` (one part
+    per rank, Langevin): rank 0 alone writes, and the log equals the single-process run's."""
+    exe = Path(sys.executable).parent / launcher
+    assert exe.exists(), f"{exe} is missing: install the project with `make install`"
+    launch = ([str(exe), "-n", "2", sys.executable, "-m", "distmlip"] if launcher == "mpirun"
+              else [str(exe), "--nproc-per-node", "2", "-m", "distmlip"])
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PMI_", "OMPI_", "TORCHELASTIC", "MASTER_", "LOCAL_RANK"))
            and k not in ("RANK", "WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
     args = ["md", str(cu), "--model", LJ, "--steps", "8", "--ensemble", "nvt", "--write-every", "4",
             "--quiet"]
-    proc = subprocess.run([str(mpirun), "-n", "2", sys.executable, "-m", "distmlip", *args,
-                           "-o", str(tmp_path / "mpi")], capture_output=True, text=True, env=env, timeout=240)
+    proc = subprocess.run([*launch, *args, "-o", str(tmp_path / "mpi")], capture_output=True, text=True,
+                          env=env, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("distmlip md: 32 atoms") == 1  # rank 0 only
     assert "2 part(s) (grid, halo), backend torch, 2 process(es)" in proc.stdout
