@@ -87,6 +87,40 @@ def test_restart_equals_uninterrupted_run(cu, tmp_path, ensemble):
         assert np.abs(a.cell.array - bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2).cell.array).max() > 1e-4
 
 
+def test_killed_run_restarts_losing_nothing(cu, tmp_path):
+    """A running `python -m distmlip md` killed with SIGKILL (issue 10, section 3): `--restart`
+    continues from its last checkpoint, every step is logged exactly once and the run ends where an
+    uninterrupted run ends (Langevin: its random state is in the checkpoint)."""
+    import signal
+    import time
+
+    opts = ["--ensemble", "nvt", "--write-every", "10", "--temperature", "500", "--seed", "3"]
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, "-m", "distmlip", "md", str(cu), "--model", LJ,
+                             "--steps", "1000000", "--output", str(out), "--quiet", *opts], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, step = time.monotonic() + 180, 0
+    try:
+        while step < 30 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            if (out / "checkpoint.npz").exists():
+                step = md_module.load_checkpoint(out)["step"]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert step >= 30, "the run did not reach its third checkpoint"
+    saved = md_module.load_checkpoint(out)["step"]
+    total = saved + 25
+    assert main(["md", "--restart", str(out), "--steps", str(total), "--quiet"]) == 0
+    assert md(cu, tmp_path / "full", total, *opts) == 0
+    assert np.abs(final(out).positions - final(tmp_path / "full").positions).max() <= 1e-8
+    killed, full = read_log(out), read_log(tmp_path / "full")
+    assert [r["step"] for r in killed] == [r["step"] for r in full] == [str(i) for i in range(total + 1)]
+    np.testing.assert_allclose([float(r["etot"]) for r in killed], [float(r["etot"]) for r in full],
+                               rtol=1e-10)
+
+
 def test_crash_while_writing_a_checkpoint(cu, tmp_path, monkeypatch):
     """A write that dies half-way leaves the previous checkpoint whole (and a stray temporary
     file); the restart drops the log rows and frames written after that checkpoint and ends
