@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -102,12 +103,9 @@ def test_impossible_budget_is_a_clear_error():
     with pytest.raises(ValueError, match=r"max_memory: expected at least [0-9.]+ (MB|kB) .*got 20 kB; "
                                          r"raise max_memory"):
         calc.calculate(atoms)
-    # the smallest budget it names works
-    smallest = float(str(calc_error(calc, atoms)).split("at least ")[1].split(" ")[0])
-    unit = {"kB": 1e3, "MB": 1e6}[str(calc_error(calc, atoms)).split("at least ")[1].split(" ")[1]]
-    # KNOWN BUG (session 4 CI, 1 run in 3): the named smallest budget is not always met (554 kB named,
-    # 560 kB refused on 108 atoms): 10% margin until the floor and the check share one computation
-    ok = DistributedCalculator(model, max_memory=int(smallest * unit * 1.1))
+    # the smallest budget it names, exactly as written (rounded up), works
+    named = re.search(r"at least ([0-9.]+ (?:kB|MB))", str(calc_error(calc, atoms))).group(1)
+    ok = DistributedCalculator(model, max_memory=named)
     ref = evaluate(DistributedCalculator(model), atoms)
     _compare(evaluate(ok, atoms), ref, RTOL, "smallest budget")
 
@@ -338,3 +336,17 @@ def test_progress_bar_counts_every_pass(capsys):
     quiet.runner._sequential = True
     evaluate(quiet, atoms)
     assert "distmlip: parts" not in capsys.readouterr().err
+
+
+def test_sizes_named_in_errors_round_up():
+    """A size an error names as the least needed, given back as ``max_memory``, is never less."""
+    from distmlip.runtime.runner import _gb
+
+    cpu = torch.device("cpu")
+    rng = np.random.default_rng(0)
+    for value in [1.0, 999.5, 588_258.01, 999_500.0, 1e6, 1e9 + 1, 5.5e12,
+                  *10 ** rng.uniform(0, 13, 500)]:
+        named = _gb(value, up=True)
+        assert parse_budget(named, cpu) >= value, (value, named)
+        assert parse_budget(named, cpu) <= value * 1.01 + 1, (value, named)
+    assert _gb(999_500.0) == "1 MB" and _gb(588_258.01) == "588 kB"

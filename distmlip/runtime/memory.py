@@ -31,6 +31,9 @@ GRAPH_BUILD_BYTES_PER_EDGE = 100  # while building: vesin's output, the sort ord
 PLAN_BYTES_PER_EDGE = 24  # per part: edge ids (8) and local edge_index (2 x 8)
 CALL_BYTES_PER_EDGE = 64  # per call, numpy: vectors (24), kept copies, gradients (24), masks
 PROBE_TARGET_BYTES = 150e6  # the first calibration probe grows until it adds about this much
+# ... but a budget limits it to a sixth of the budget, never below this: smaller probes are
+# measured in the allocator's granularity (pages, arenas) and their fit is noise
+MIN_PROBE_BYTES = 4e6
 DENSE_PROBE_WEIGHT = 0.1  # weight of the compressed probes in the calibration fit
 
 
@@ -249,15 +252,22 @@ def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torc
               limit: float | None = None, key: DistributableModel | None = None) -> MemoryModel:
     """Measure ``model``'s memory per updated row, per halo row and per edge on probes built from
     ``atoms`` (cached per ``key`` model (default ``model``), dtype and device). ``model`` must
-    already be on ``device`` in ``dtype``. ``limit``: bytes the largest probe may add.
+    already be on ``device`` in ``dtype``. ``limit``: the budget (bytes); the first probe grows to a
+    sixth of it at most (never below ``MIN_PROBE_BYTES``).
 
     Probes: whole periodic repeats (every row updated) at two sizes and two densities, and
     halo-mode parts of them (owned rows updated, halo rows only read), so that the three costs
     separate; a non-negative least-squares fit gives them."""
     cache = _CACHE.setdefault(key if key is not None else model, {})
-    key = (str(dtype), str(device))
-    if key in cache:
-        return cache[key]
+    # the room the probes may take; a calibration made with at least as much room is reused (its
+    # larger probes are the better measurement), so every budget below 6 x MIN_PROBE_BYTES shares
+    # one calibration and the smallest budget an error names is the one the next call checks
+    room = np.inf if limit is None else max(float(limit), 6 * MIN_PROBE_BYTES)
+    usable = [(r, m) for (d, dev, r), m in cache.items() if (d, dev) == (str(dtype), str(device))
+              and r >= room]
+    if usable:
+        return max(usable, key=lambda item: item[0])[1]
+    key = (str(dtype), str(device), room)
     from .runner import run_model
 
     release_memory_eagerly()
@@ -285,7 +295,7 @@ def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torc
     measure(_probe_graph(atoms, model.cutoff, 16, 1.0))  # warm-up: one-time allocations
     # size the probes so that the model's activations dominate the allocator's granularity: grow
     # a first probe until it adds ~150 MB (or reaches 4096 atoms), within a sixth of the limit
-    target = PROBE_TARGET_BYTES if limit is None else min(PROBE_TARGET_BYTES, limit / 6)
+    target = min(PROBE_TARGET_BYTES, room / 6)
     size = 64
     first = measure(_probe_graph(atoms, model.cutoff, size, 1.0))
     while first[3] > 2 * target and size > 8 and first[0] > 8:  # a heavy model: shrink
@@ -294,7 +304,7 @@ def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torc
     while first[3] < target and size < 4096 and first[0] >= size // 2:  # grow (monotonic)
         size = min(4096, int(size * min(4.0, max(1.5, target / max(first[3], 1)))))
         first = measure(_probe_graph(atoms, model.cutoff, size, 1.0))
-    ratio = 3.0 if limit is None else min(3.0, max(1.5, limit / (3 * max(first[3], 1))))
+    ratio = min(3.0, max(1.5, room / (3 * max(first[3], 1))))
     big_graph = _probe_graph(atoms, model.cutoff, int(ratio * first[0]), 1.0)
     dense_graph = _probe_graph(atoms, model.cutoff, int(ratio * first[0]), 0.85)
     probes = [first, measure(big_graph), measure(_probe_graph(atoms, model.cutoff, first[0], 0.85)),

@@ -540,9 +540,9 @@ class Runner:
 
         Returns ``peak`` (the largest over devices; on CPU, the process), ``fixed`` (graph, plan,
         stored exchange rows: what does not shrink with more parts), ``largest_part`` (the
-        biggest part's activations) and ``floor`` (``fixed`` plus one atom's neighbourhood: the
-        least any number of parts can reach). ``inside``: the graph's edges within the cutoff, if
-        already known (``inside_cutoff``)."""
+        biggest part's activations) and ``floor`` (``fixed`` plus the largest one-atom part on
+        every worker: about the peak of the finest partition, the least more parts can reach).
+        ``inside``: the graph's edges within the cutoff, if already known (``inside_cutoff``)."""
         from .memory import (
             CALL_BYTES_PER_EDGE,
             GRAPH_BUILD_BYTES_PER_EDGE,
@@ -563,38 +563,38 @@ class Runner:
         plan_edges = sum(len(p.edges) for p in b.plan.parts)
         host = (GRAPH_BYTES_PER_EDGE * num_edges + PLAN_BYTES_PER_EDGE * plan_edges
                 + 8 * (4 * n + 9) + 64 * n)
-        per_worker, largest, stored_all = [], 0.0, 0.0
+        stored, acts = [], []  # per worker: exchange rows kept between parts, the largest part
         by_index = {p.index: p for p in b.plan.parts}
         for shard in b.shards:
             parts = [by_index[i] for i in shard.parts]
             halo = self.mode == "halo"
             if b.sequential:
-                acts = [memory.part(p.num_owned if halo else p.num_local, int(inside[p.edges].sum()),
-                                    p.num_halo if halo else 0) + CALL_BYTES_PER_EDGE * len(p.edges)
-                        for p in parts] or [memory.part(0, 0)]
-                act = float(max(acts))
-                stored = memory.stored(shard.num_rows)
+                act = max((memory.part(p.num_owned if halo else p.num_local,
+                                       int(inside[p.edges].sum()), p.num_halo if halo else 0)
+                           + CALL_BYTES_PER_EDGE * len(p.edges) for p in parts),
+                          default=memory.part(0, 0))
+                stored.append(memory.stored(shard.num_rows))
             else:
                 kept = sum(int(inside[p.edges].sum()) for p in parts)
                 owned = shard.num_owned if halo else shard.num_rows
                 act = memory.part(owned, kept, shard.num_rows - owned) \
                     + (CALL_BYTES_PER_EDGE + PLAN_BYTES_PER_EDGE) * len(shard.edges)
-                stored = 0.0
-            largest = max(largest, act)
-            stored_all += stored
-            per_worker.append(stored + act)
-        # the largest one-atom part (what the most parts reach): an upper bound, so that a budget
-        # of ``floor`` is always met
+                stored.append(0.0)
+            acts.append(float(act))
+        # the largest one-atom part (what the most parts reach; at most this): the floor estimates
+        # the peak of the finest partition, which the budget search tries last
         smallest = memory.part(1, max_degree, max_listed) + CALL_BYTES_PER_EDGE * max_listed
-        if self.devices[0].type == "cuda":
-            peak = max(per_worker, default=0.0)
-            fixed = max(per_worker, default=0.0) - largest
-        else:
-            peak = max(host + sum(per_worker), GRAPH_BUILD_BYTES_PER_EDGE * num_edges)
-            fixed = host + stored_all
-        floor = fixed + smallest * len(b.shards)
-        return {"peak": float(peak), "fixed": float(fixed), "largest_part": float(largest),
-                "floor": float(floor)}
+
+        def total(workers: list[float]) -> float:
+            """The peak from each worker's bytes: on a GPU each device holds its worker alone; on
+            CPU the process holds them all, the host arrays, and the graph while it is built."""
+            if self.devices[0].type == "cuda":
+                return max(workers, default=0.0)
+            return max(host + sum(workers), GRAPH_BUILD_BYTES_PER_EDGE * num_edges)
+
+        return {"peak": float(total([s + a for s, a in zip(stored, acts, strict=True)])),
+                "fixed": float(total(stored)), "largest_part": max(acts, default=0.0),
+                "floor": float(total([s + smallest for s in stored]))}
 
     def _build_within_budget(self, positions, cell, pbc, numbers, times: dict) -> _Built:
         """The build with the fewest parts (at least ``num_partitions``; a multiple of the
@@ -614,7 +614,8 @@ class Runner:
                 return b
             del b
         inside = None  # the graph's edges within the cutoff: one graph for every attempt
-        for _ in range(40):
+        finest = n * workers  # one atom per part (every partitioner): the last attempt
+        while True:
             b = self._build_parts(positions, cell, pbc, numbers, times, parts, graph, sequential=True)
             graph = b.graph if self.world_size == 1 else None
             if inside is None or graph is None:
@@ -622,22 +623,24 @@ class Runner:
                     if b.graph is not None else np.zeros(0, dtype=bool)
             pred = self.predict(b, memory, inside)
             peak = self.comm.maximum(pred["peak"])
-            floor = self.comm.maximum(pred["floor"])
             if peak <= self.budget:
                 b.predicted = peak
                 return b
-            if floor > self.budget or parts >= n * workers:
+            if parts >= finest:
+                # the smallest budget named is this very prediction: a budget of it is met here
                 raise ValueError(
-                    f"max_memory: expected at least {_gb(floor)} for "
+                    f"max_memory: expected at least {_gb(peak, up=True)} for "
                     f"this system ({n} atoms: graph, plan and stored exchange rows "
                     f"{_gb(pred['fixed'])}, plus one atom's neighbourhood), got "
                     f"{_gb(self.budget)}; raise max_memory or use more devices or processes"
                 )
+            if self.comm.maximum(pred["floor"]) > self.budget:
+                parts = finest  # not even one-atom parts would fit: try them once, to name the need
+                continue
             room = max(self.budget - pred["fixed"], 1.0)
             grow = min(max(1.25, 1.15 * pred["largest_part"] / room), 64.0)
             wanted = max(parts + workers, int(np.ceil(parts * grow)))
-            parts = min(-(-wanted // workers) * workers, n * workers)
-        raise RuntimeError(f"max_memory: found no partition within {_gb(self.budget)}")  # pragma: no cover
+            parts = min(-(-wanted // workers) * workers, finest)
 
     # ------------------------------------------------------------------ evaluation
     def _device(self, shard: Shard) -> torch.device:
@@ -976,12 +979,16 @@ class _Progress:
             self.bar.close()
 
 
-def _gb(value: float) -> str:
-    """A size in bytes, readably."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+def _gb(value: float, up: bool = False) -> str:
+    """A size in bytes, readably (three significant digits; ``up``: rounded up, so that the size
+    named is never below ``value``)."""
+    if value >= 1:
+        step = 10.0 ** (int(np.floor(np.log10(value))) - 2)
+        value = (np.ceil(value / step) if up else np.round(value / step)) * step
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if value >= scale:
             return f"{value / scale:.3g} {unit}"
-    return f"{value:.0f} B"
+    return f"{np.ceil(value) if up else np.round(value):.0f} B"
 
 
 def _run_threads(work, count: int, hub: Hub) -> None:
