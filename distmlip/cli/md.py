@@ -126,7 +126,7 @@ def make_dynamics(atoms, s: MDSettings):
         raise CLIError("--ensemble: npt needs a periodic cell with three lattice vectors, got "
                        f"pbc={atoms.pbc.tolist()}; use nve or nvt for molecules and slabs")
     if s.mtk:
-        from ase.md.nose_hoover_chain import IsotropicMTKNPT, MTKNPT
+        from ase.md.nose_hoover_chain import MTKNPT, IsotropicMTKNPT
 
         if atoms.constraints:
             names = sorted({type(c).__name__ for c in atoms.constraints})
