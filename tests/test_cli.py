@@ -240,6 +240,32 @@ def test_constraints_and_info_hold_in_md_and_restart(cu_fixed, tmp_path, capsys)
                                                    rel=1e-12)
 
 
+def test_checkpoint_round_trips_the_structure(tmp_path):
+    """Constraints of several kinds, info, initial charges, magnetic moments and tags survive a
+    checkpoint bit for bit; an info entry JSON cannot hold is named, not silently lost."""
+    from ase.constraints import FixAtoms, FixCartesian, FixScaled
+
+    atoms = bulk("NaCl", "rocksalt", a=5.6).repeat((2, 1, 1))
+    atoms.set_initial_charges(np.linspace(-1, 1, len(atoms)))
+    atoms.set_initial_magnetic_moments(np.arange(len(atoms)) * 0.5)
+    atoms.set_tags(np.arange(len(atoms)) % 3)
+    atoms.set_momenta(np.random.default_rng(0).normal(size=(len(atoms), 3)), apply_constraint=False)
+    atoms.set_constraint([FixAtoms([0]), FixCartesian([1], mask=(True, False, True)),
+                          FixScaled(2, mask=(False, True, False))])
+    atoms.info.update(charge=1, spin=2, label="x", opaque=object())
+    settings = md_module.MDSettings(model="lj")
+    md_module.write_checkpoint(tmp_path / md_module.CHECKPOINT, atoms, 3, settings, None,
+                               {"log": 0, "trajectory": 0}, {}, {})
+    state = md_module.load_checkpoint(tmp_path)
+    back = state["atoms"]
+    assert [c.todict() for c in back.constraints] == [c.todict() for c in atoms.constraints]
+    assert back.info == {"charge": 1, "spin": 2, "label": "x"}
+    for name in ("initial_charges", "initial_magmoms", "tags"):
+        assert np.array_equal(back.arrays[name], atoms.arrays[name])
+    assert np.array_equal(back.get_momenta(), atoms.get_momenta())
+    assert md_module._structure_meta(atoms)["dropped_info"] == ["opaque"]
+
+
 def test_relax_keeps_selective_dynamics(tmp_path, capsys):
     """A POSCAR with selective dynamics (F F F on two atoms): FIRE leaves them where they are and
     the relaxed extxyz holds the constraint; `run` reports the model's forces on them."""

@@ -288,6 +288,8 @@ def _elements(model) -> str:
 _DISTRIBUTIONS = {"sevenn": "sevenn", "chgnet": "chgnet", "mace": "mace-torch", "nequip": "nequip",
                   "matgl": "matgl", "orb": "orb-models", "fairchem": "fairchem-core",
                   "mattersim": "mattersim"}
+#: packages whose own requirements conflict with the others': installed without them, after the extra
+_NO_DEPS = {"mace": "mace-torch", "mattersim": "mattersim"}
 
 
 def _installed(adapter: str) -> tuple[str, str | None]:
@@ -336,7 +338,8 @@ def models(args) -> int:
         what = description.rsplit(" (", 1)[0]
         adapters.append((adapter, dist, state, what))
         if ver is None:
-            missing.append(f"pip install 'distmlip[{extra}]'")
+            missing.append(f"pip install 'distmlip[{extra}]'" + (
+                f" && pip install --no-deps {_NO_DEPS[adapter]}" if adapter in _NO_DEPS else ""))
         rows.extend((name, dist, state, desc.rsplit(" (", 1)[0]) for name, desc in pretrained.items())
     for name, desc in REFERENCE_MODELS.items():
         rows.append((name, "distmlip", "yes", desc.split(";")[0]))
@@ -361,9 +364,8 @@ def _check_models(rows) -> int:
         if state == "no":
             table.append((name, "-", "-", "-", dist, "package not installed"))
             continue
-        spec = name
         try:
-            model = load_model(spec)
+            model = load_model(name)
         except Exception as exc:  # noqa: BLE001 - report and go on
             failed += 1
             table.append((name, "-", "-", "-", dist,

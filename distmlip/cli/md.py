@@ -35,6 +35,7 @@ from ._common import (
     build_calculator,
     calculator_kwargs,
     check_writable_dir,
+    is_root,
     load_model,
     parse_supercell,
     read_structure,
@@ -574,6 +575,10 @@ def command(args) -> int:
             raise CLIError(f"--output: {str(directory)!r} already holds a run ({CHECKPOINT}); "
                            f"continue it with --restart {directory}, or pass --overwrite")
         atoms = repeat_structure(read_structure(args.structure), supercell)
+        dropped = _structure_meta(atoms)["dropped_info"]
+        if dropped and is_root():
+            print(f"distmlip md: note: info entries {dropped} are not JSON: the frames and checkpoints "
+                  f"leave them out", file=sys.stderr)
         initial_velocities(atoms, settings.temperature_K, settings.seed)
         state = None
         options = calculator_kwargs(args)
