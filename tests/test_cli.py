@@ -612,6 +612,15 @@ def test_serve_hands_calculator_and_address_to_serve_ipi(cu, monkeypatch, capsys
     assert seen["address"] == "unix:dm" and seen["timeout"] == 5.0 and len(seen["atoms"]) == 32
     assert isinstance(seen["calc"], DistributedCalculator) and seen["calc"].num_partitions == 2
     assert "served 7 force evaluations" in capsys.readouterr().out
+    # i-PI applies its own constraints: the forces served are the model's, on fixed atoms too
+    from ase.constraints import FixAtoms
+
+    atoms = ase.io.read(cu)
+    atoms.set_constraint(FixAtoms([0, 1]))
+    ase.io.write(cu, atoms)
+    assert main(["serve", str(cu), "--model", LJ, "--ipi", "unix:dm"]) == 0
+    assert seen["atoms"].constraints == [] and len(seen["atoms"]) == 32
+    assert "constraints (FixAtoms) are not applied to the forces sent" in capsys.readouterr().err
 
 
 def test_bench_forwards_or_explains(monkeypatch, tmp_path, capsys):

@@ -402,6 +402,13 @@ def bench(argv: list[str]) -> int:
 
 def serve(args) -> int:
     atoms, calc = _setup(args)
+    if atoms.constraints:  # i-PI integrates and constrains; a force server sends the model's forces
+        names = sorted({type(c).__name__ for c in atoms.constraints})
+        atoms.set_constraint()
+        if calc.rank == 0:
+            print(f"distmlip serve: note: the structure's constraints ({', '.join(names)}) are not "
+                  f"applied to the forces sent; constrain the atoms in i-PI (e.g. <fixatoms>)",
+                  file=sys.stderr)
     try:
         from ..serve import serve_ipi
     except ImportError as exc:
