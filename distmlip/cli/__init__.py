@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         running = True
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        _say(f"{prog}: interrupted", running)
+        _say(f"{prog}: interrupted", False)  # every rank gets the signal: rank 0 says it
         return 130
     except CLIError as exc:
         _fail(exc.prog or prog, str(exc), verbose, running)
