@@ -9,7 +9,9 @@
 
 Under ``mpirun -n P distmlip md ...`` every rank runs one part; only rank 0 prints and writes.
 A mistake a user can make prints one line (``distmlip md: error: ...``) and exits with status 2;
-``--verbose`` prints the traceback too.
+``--verbose`` prints the traceback too. Under a launcher a bad command line is reported by rank 0
+alone (every rank parses the same one); an error while a command runs is reported by the rank it
+happened on, prefixed ``[rank R/P]``, so a failure on one rank only is seen.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import sys
 import traceback
 
-from ._common import CLIError, is_root, translate
+from ._common import CLIError, translate
 
 __all__ = ["main"]
 
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = "--verbose" in argv or "-v" in argv
     prog = "distmlip"
+    running = False  # parsing the command line (the same on every rank) or running the command
     try:
         parser = build_parser()
         if argv and argv[0] in ("bench",):  # everything after `bench` belongs to bench/run.py
@@ -77,30 +80,54 @@ def main(argv: list[str] | None = None) -> int:
         prog = f"distmlip {args.command}"
         if unknown:
             raise CLIError(f"unrecognized arguments: {' '.join(unknown)} (see `{prog} --help`)")
+        running = True
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        _say(f"{prog}: interrupted")
+        _say(f"{prog}: interrupted", False)  # every rank gets the signal: rank 0 says it
         return 130
     except CLIError as exc:
-        _fail(exc.prog or prog, str(exc), verbose, argv)
+        _fail(exc.prog or prog, str(exc), verbose, running)
         return 2
     except _USER_ERRORS as exc:
-        _fail(prog, translate(str(exc)) or type(exc).__name__, verbose, argv)
+        _fail(prog, translate(str(exc)) or type(exc).__name__, verbose, running)
         return 2
     except Exception as exc:  # noqa: BLE001 - anything else: one line, the traceback on request
         _fail(prog, f"{type(exc).__name__}: {exc}" + ("" if verbose else " (--verbose shows where)"),
-              verbose, argv)
+              verbose, running)
         return 1
 
 
-def _say(line: str) -> None:
-    if is_root():
-        print(line, file=sys.stderr)
+def _rank_prefix(every_rank: bool) -> str | None:
+    """What this process puts before its error line: ``""`` alone, ``"[rank R/P] "`` under a
+    launcher when ``every_rank``; ``None``: stay silent (a rank other than 0 while the command line
+    is parsed, which every rank does alike)."""
+    try:
+        from ..runtime.launch import detect_launch
+
+        launch = detect_launch()
+    except Exception:  # noqa: BLE001 - cannot tell: speak
+        return ""
+    if launch is None or launch.world_size <= 1:
+        return ""
+    if every_rank:
+        return f"[rank {launch.rank}/{launch.world_size}] "
+    return "" if launch.rank == 0 else None
 
 
-def _fail(prog: str, message: str, verbose: bool, argv) -> None:
+def _say(line: str, every_rank: bool) -> None:
+    prefix = _rank_prefix(every_rank)
+    if prefix is not None:
+        print(prefix + line, file=sys.stderr, flush=True)
+
+
+def _fail(prog: str, message: str, verbose: bool, every_rank: bool) -> None:
+    """One line on stderr: ``PROG: error: MESSAGE`` (its first line). Under a launcher an error of
+    the running command is printed by every rank it happened on, prefixed with the rank (a launcher
+    may kill the others moments later: flushed at once); a command-line error by rank 0 alone."""
+    prefix = _rank_prefix(every_rank or verbose)
+    if prefix is None:
+        return
     if verbose:
         traceback.print_exc()
-    if is_root() or verbose:  # under a launcher rank 0 speaks for all
-        first = message.strip().splitlines()[0] if message.strip() else "failed"
-        print(f"{prog}: error: {first}", file=sys.stderr)
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    print(f"{prefix}{prog}: error: {first}", file=sys.stderr, flush=True)

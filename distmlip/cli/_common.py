@@ -9,7 +9,7 @@ from pathlib import Path
 
 __all__ = ["CLIError", "add_calculator_options", "add_model_option", "build_calculator",
            "calculator_kwargs", "check_writable_dir", "is_root", "load_model", "read_structure",
-           "parse_supercell", "translate"]
+           "parse_supercell", "repeat_structure", "translate"]
 
 
 class CLIError(Exception):
@@ -79,6 +79,23 @@ def parse_supercell(text: str | None) -> tuple[int, int, int] | None:
     if not match or min(int(g) for g in match.groups()) < 1:
         raise CLIError(f"--supercell: expected AxBxC with integers >= 1 (e.g. 4x4x2), got {text!r}")
     return tuple(int(g) for g in match.groups())
+
+
+def repeat_structure(atoms, supercell: tuple[int, int, int] | None):
+    """``atoms`` repeated ``supercell`` times (``None``: as is). ASE repeats the constraints that
+    name atoms (FixAtoms, FixCartesian, FixScaled, ...) with them and ``info`` as is; a structure
+    whose constraints cannot be repeated is refused rather than repeated without them."""
+    if not supercell or tuple(supercell) == (1, 1, 1):
+        return atoms
+    try:
+        return atoms.repeat(supercell)
+    except NotImplementedError:
+        names = sorted({type(c).__name__ for c in atoms.constraints})
+        raise CLIError(f"--supercell: the structure's constraints ({', '.join(names)}) cannot be "
+                       f"repeated by ASE; repeat the structure and set its constraints yourself, or "
+                       f"drop --supercell") from None
+    except ValueError as exc:  # a lattice direction the structure does not have
+        raise CLIError(f"--supercell: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- models

@@ -19,6 +19,7 @@ from ._common import (
     load_model,
     parse_supercell,
     read_structure,
+    repeat_structure,
 )
 
 __all__ = ["add_parsers", "bench", "partition_table", "plot_partition"]
@@ -33,9 +34,7 @@ def _structure_args(p, model_required: bool = True) -> None:
 def _setup(args):
     """Structure (repeated), model, calculator from the common options."""
     supercell = parse_supercell(args.supercell)
-    atoms = read_structure(args.structure)
-    if supercell:
-        atoms = atoms.repeat(supercell)
+    atoms = repeat_structure(read_structure(args.structure), supercell)
     calc = build_calculator(load_model(args.model), calculator_kwargs(args))
     atoms.calc = calc
     return atoms, calc
@@ -73,7 +72,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--show-part", type=int, default=0, help="the part whose halo the picture marks")
     p.set_defaults(func=partition)
 
-    sub.add_parser("models", help="models --model accepts on this installation").set_defaults(func=models)
+    p = sub.add_parser("models", help="models --model accepts on this installation (loads nothing)")
+    p.add_argument("--check", action="store_true",
+                   help="load each model: its cutoff, layers and elements (tens of seconds)")
+    p.set_defaults(func=models)
 
     p = sub.add_parser("plot", help="energy/temperature/pressure PNGs of an md run directory")
     p.add_argument("directory", metavar="DIR")
@@ -98,7 +100,7 @@ def add_parsers(sub) -> None:
 def run(args) -> int:
     atoms, calc = _setup(args)
     energy = atoms.get_potential_energy()
-    forces = atoms.get_forces()
+    forces = atoms.get_forces(apply_constraint=False)  # the model's, on fixed atoms too
     stress = atoms.get_stress() if atoms.cell.rank == 3 else None
     if calc.rank != 0:
         return 0
@@ -231,9 +233,7 @@ def partition(args) -> int:
     if args.partitions < 1:
         raise CLIError(f"--partitions: expected an integer >= 1, got {args.partitions}")
     supercell = parse_supercell(args.supercell)
-    atoms = read_structure(args.structure)
-    if supercell:
-        atoms = atoms.repeat(supercell)
+    atoms = repeat_structure(read_structure(args.structure), supercell)
     if args.model is not None:
         model = load_model(args.model)
         cutoff, layers = float(model.cutoff), int(model.num_layers)
@@ -284,43 +284,102 @@ def _elements(model) -> str:
     return "any"
 
 
+#: adapter -> the distribution that brings its package (for its version; pip's name)
+_DISTRIBUTIONS = {"sevenn": "sevenn", "chgnet": "chgnet", "mace": "mace-torch", "nequip": "nequip",
+                  "matgl": "matgl", "orb": "orb-models", "fairchem": "fairchem-core",
+                  "mattersim": "mattersim"}
+#: packages whose own requirements conflict with the others': installed without them, after the extra
+_NO_DEPS = {"mace": "mace-torch", "mattersim": "mattersim"}
+
+
+def _installed(adapter: str) -> tuple[str, str | None]:
+    """``(distribution, version)`` of the package an adapter wraps; version ``None`` when the
+    package is not installed. Asks the import system and the installed metadata only: imports
+    nothing."""
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ..models import registry
+
+    dist = _DISTRIBUTIONS.get(adapter, adapter)
+    root = getattr(registry, "_ROOTS", {}).get(adapter, (adapter,))[0]
+    try:
+        found = importlib.util.find_spec(root) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return dist, None
+    try:
+        return dist, version(dist)
+    except PackageNotFoundError:
+        return dist, "installed"
+
+
+def _table(head, rows) -> None:
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in (head, *rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
 def models(args) -> int:
+    """The names ``--model`` accepts: from each adapter's ``PRETRAINED`` table and the installed
+    packages' metadata, loading nothing (the adapters import torch only); ``--check`` loads each
+    model to show its cutoff, layers and elements (tens of seconds)."""
     import importlib
 
     from ..models import registry
 
-    rows, notes = [], []
+    rows, adapters, missing = [], [], []
     for adapter, (extra, description) in registry.ADAPTERS.items():
-        try:
-            module = importlib.import_module(f"distmlip.models.{adapter}")
-            pretrained = getattr(module, "PRETRAINED", {})
-        except ImportError as exc:
-            notes.append(f"{adapter}: not available ({exc}); pip install 'distmlip[{extra}]'")
-            continue
-        if not pretrained:
-            notes.append(f"{adapter}: no weights shipped offline (wrap a model object or pass a "
-                         f"saved model file)")
-        for name in pretrained:
-            try:
-                model = module.load(name)
-            except ImportError as exc:
-                notes.append(f"{name}: package missing ({str(exc).splitlines()[0]})")
-                continue
-            rows.append((name, f"{model.cutoff:g}", str(model.num_layers), _elements(model),
-                         description.rsplit("(", 1)[-1].rstrip(")")))
-    for name in REFERENCE_MODELS:
-        model = load_model(name)
-        elements = "any" if name == "lj" else f"Z 0-{model.embedding.num_embeddings - 1}"
-        rows.append((name, f"{model.cutoff:g}", str(model.num_layers), elements, "distmlip (reference)"))
-    head = ("name", "cutoff Å", "layers", "elements", "package")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
-    for r in (head, *rows):
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    for note in notes:
-        print(f"note: {note}")
-    print("--model also takes a saved model file (SevenNet .pth checkpoint, CHGNet file, "
-          "torch.save-d module)")
+        module = importlib.import_module(f"distmlip.models.{adapter}")
+        pretrained = getattr(module, "PRETRAINED", {})
+        dist, ver = _installed(adapter)
+        state = ver if ver is not None else "no"
+        what = description.rsplit(" (", 1)[0]
+        adapters.append((adapter, dist, state, what))
+        if ver is None:
+            missing.append(f"pip install 'distmlip[{extra}]'" + (
+                f" && pip install --no-deps {_NO_DEPS[adapter]}" if adapter in _NO_DEPS else ""))
+        rows.extend((name, dist, state, desc.rsplit(" (", 1)[0]) for name, desc in pretrained.items())
+    for name, desc in REFERENCE_MODELS.items():
+        rows.append((name, "distmlip", "yes", desc.split(";")[0]))
+    if args.check:
+        return _check_models(rows)
+    _table(("name", "package", "installed", "description"), rows)
+    print("\nadapters (distmlip.wrap(obj), or --model FILE of a saved model of the package):")
+    _table(("adapter", "package", "installed", "wraps"), adapters)
+    if missing:
+        print("not installed: " + "; ".join(missing))
+    print("--model also takes a saved model file (SevenNet .pth checkpoint, CHGNet file, torch.save-d "
+          "module); `distmlip models --check` loads each model listed (slow) to show its cutoff, "
+          "layers and elements")
     return 0
+
+
+def _check_models(rows) -> int:
+    """Load each listed model: its cutoff, layers and elements, or why it does not load. Exit
+    status 1 if one whose package is installed does not load."""
+    table, failed = [], 0
+    for name, dist, state, _ in rows:
+        if state == "no":
+            table.append((name, "-", "-", "-", dist, "package not installed"))
+            continue
+        try:
+            model = load_model(name)
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            failed += 1
+            table.append((name, "-", "-", "-", dist,
+                          f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"))
+            continue
+        if name == "lj":
+            elements = "any"
+        elif name == "schnet":
+            elements = f"Z 0-{model.embedding.num_embeddings - 1}"
+        else:
+            elements = _elements(model)
+        table.append((name, f"{model.cutoff:g}", str(model.num_layers), elements, dist, "ok"))
+    _table(("name", "cutoff Å", "layers", "elements", "package", "loads"), table)
+    return 1 if failed else 0
 
 
 # ----------------------------------------------------------------------------- plot, bench, serve
@@ -343,6 +402,13 @@ def bench(argv: list[str]) -> int:
 
 def serve(args) -> int:
     atoms, calc = _setup(args)
+    if atoms.constraints:  # i-PI integrates and constrains; a force server sends the model's forces
+        names = sorted({type(c).__name__ for c in atoms.constraints})
+        atoms.set_constraint()
+        if calc.rank == 0:
+            print(f"distmlip serve: note: the structure's constraints ({', '.join(names)}) are not "
+                  f"applied to the forces sent; constrain the atoms in i-PI (e.g. <fixatoms>)",
+                  file=sys.stderr)
     try:
         from ..serve import serve_ipi
     except ImportError as exc:
