@@ -205,7 +205,107 @@ def test_graph_reuse_equals_fresh_build_every_step():
         builds = atoms.calc.graph_builds
         assert fresh.graph_builds == 31  # every step moved the atoms: a fresh build each
         assert 2 < builds < 20, f"{kwargs}: expected several rebuilds in 30 steps, got {builds}"
-        atoms.set_cell(atoms.cell.array @ np.diag([1.01, 0.99, 1.0]), scale_atoms=True)
+        # compressing by 15 % brings pairs listed beyond cutoff + skin within the cutoff
+        atoms.set_cell(atoms.cell.array @ np.diag([0.85, 1.0, 1.0]), scale_atoms=True)
         check()
-        assert atoms.calc.graph_builds == builds + 1, "a cell change must rebuild"
+        assert atoms.calc.graph_builds == builds + 1, "a large compression must rebuild"
         assert max(worst) <= 1e-10, f"{kwargs}: worst relative difference {max(worst):.2e}"
+
+
+def _one_at_a_time(model, parts, **options) -> DistributedCalculator:
+    from distmlip.runtime import Runner
+
+    calc = DistributedCalculator(model, parts, **options)
+    calc.runner = Runner(model, calc.devices, calc.dtype, calc.partitioner, calc.mode, parts,
+                         calc.skin, sequential=True)
+    return calc
+
+
+def test_deformed_cell_reuses_the_graph_exactly():
+    """A small deformation of a periodic cell (NPT, cell relaxation) keeps the graph and plan while
+    the bound of ``Runner._stale`` holds (every pair within the cutoff is still listed): each
+    evaluation equals a fresh build (skin=0) at 1e-10 (energy, forces, stress, per-atom energies),
+    in halo and extended mode and one part at a time; a compression beyond the bound, or any cell
+    change with an open direction, rebuilds."""
+    model = make_schnet(cutoff=4.0, num_interactions=2, hidden_channels=16, seed=4)
+    base = fcc_bulk(size=4, seed=6)
+    rng = np.random.default_rng(7)
+    strains = [np.eye(3) + 0.004 * (e + e.T) for e in rng.uniform(-1, 1, size=(8, 3, 3))]
+    moves = [0.04 * rng.uniform(-1, 1, size=(len(base), 3)) for _ in strains]
+
+    def compare(calc, fresh, atoms) -> float:
+        other = atoms.copy()
+        atoms.calc, other.calc = calc, fresh
+        pairs = [(atoms.get_potential_energy(), other.get_potential_energy()),
+                 (atoms.get_forces(), other.get_forces()), (atoms.get_stress(), other.get_stress()),
+                 (atoms.get_potential_energies(), other.get_potential_energies())]
+        return max(_rel(a, b) for a, b in pairs)
+
+    for make in (lambda skin: DistributedCalculator(model, 3, skin=skin),
+                 lambda skin: DistributedCalculator(model, 4, skin=skin, mode="extended",
+                                                    partitioner="metis"),
+                 lambda skin: _one_at_a_time(model, 3, skin=skin, device=["cpu", "cpu"])):
+        calc, fresh = make(0.6), make(0.0)
+        worst = [compare(calc, fresh, base)]
+        for strain, move in zip(strains, moves, strict=True):
+            atoms = base.copy()
+            atoms.set_cell(base.cell.array @ strain, scale_atoms=True)
+            atoms.positions += move
+            worst.append(compare(calc, fresh, atoms))
+        assert calc.graph_builds == 1, f"small deformations rebuilt: {calc.graph_builds} builds"
+        assert fresh.graph_builds == len(strains) + 1
+        atoms.set_cell(atoms.cell.array @ np.diag([1.0, 0.85, 1.0]), scale_atoms=True)
+        worst.append(compare(calc, fresh, atoms))
+        assert calc.graph_builds == 2, "a compression beyond the bound must rebuild"
+        assert max(worst) <= 1e-10, f"worst relative difference {max(worst):.2e}"
+
+    slab = base.copy()
+    slab.pbc = [True, True, False]
+    calc, fresh = DistributedCalculator(model, 3, skin=0.6), DistributedCalculator(model, 3, skin=0.0)
+    worst = [compare(calc, fresh, slab)]
+    slab.set_cell(slab.cell.array @ strains[0], scale_atoms=True)
+    worst.append(compare(calc, fresh, slab))
+    assert calc.graph_builds == 2, "a cell change with an open direction must rebuild"
+    assert max(worst) <= 1e-10
+
+
+def test_npt_reuses_the_graph(lj_model):
+    """ASE's MTK NPT (cell and positions change every step) with graph reuse equals a fresh build
+    every step, split in 3, with far fewer builds than steps."""
+    from ase.md.nose_hoover_chain import MTKNPT
+
+    atoms = fcc_bulk(size=3, a=3.5)
+    _thermalize(atoms, 300, seed=8)
+    from ase.calculators.calculator import Calculator
+
+    class Fresh(Calculator):
+        """A new calculator (a fresh build) at every evaluation."""
+
+        implemented_properties = ["energy", "forces", "stress"]
+        graph_builds = 0
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+            super().calculate(atoms, properties, system_changes)
+            calc = DistributedCalculator(lj_model, num_partitions=3)
+            calc.calculate(self.atoms.copy(), ["energy", "forces", "stress"])
+            self.results = dict(calc.results)
+            self.graph_builds += calc.graph_builds
+
+    runs = []
+    for calc in (DistributedCalculator(lj_model, num_partitions=3, skin=0.5), Fresh()):
+        a = atoms.copy()
+        a.calc = calc
+        dyn = MTKNPT(a, timestep=2 * units.fs, temperature_K=300, pressure_au=1.0 * units.GPa,
+                     tdamp=50 * units.fs, pdamp=200 * units.fs)
+        frames = []
+        dyn.attach(lambda a=a, frames=frames: frames.append(
+            (a.positions.copy(), a.cell.array.copy(), a.get_potential_energy(), a.get_stress())),
+            interval=1)
+        dyn.run(40)
+        runs.append((frames, a.calc.graph_builds))
+    (reuse, builds), (fresh, fresh_builds) = runs
+    assert fresh_builds >= 41 and builds < 10, (builds, fresh_builds)
+    for (x1, c1, e1, s1), (x2, c2, e2, s2) in zip(reuse, fresh, strict=True):
+        assert np.abs(x1 - x2).max() <= TOL_POS and np.abs(c1 - c2).max() <= TOL_POS
+        assert abs(e1 - e2) <= TOL_E and np.abs(s1 - s2).max() <= 1e-10
+    assert abs(np.linalg.det(reuse[-1][1]) - np.linalg.det(reuse[0][1])) > 1e-3

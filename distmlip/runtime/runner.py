@@ -306,6 +306,8 @@ class _Built:
     send: tuple[dict, ...]  # per shard, P2P send rows (multi-process only)
     sequential: bool = False  # parts evaluated one at a time
     predicted: float = 0.0  # bytes one evaluation is predicted to add (with a budget)
+    now_cell: np.ndarray | None = None  # the cell of the evaluation under way (may differ from
+    # ``cell`` when a deformed cell reuses the build: see ``Runner._stale``)
 
 
 class Runner:
@@ -442,14 +444,37 @@ class Runner:
 
     # ------------------------------------------------------------------ building
     def _stale(self, positions, cell, pbc, numbers) -> bool:
+        """Whether the build must be redone for this system: a different atom count, periodicity or
+        elements, or an atom moved too far for the graph to still hold every pair within the cutoff.
+
+        Unchanged cell: the graph (built with cutoff + skin) holds every such pair while no atom has
+        moved more than skin / 2. Changed cell (fully periodic; NPT, cell relaxations): write each
+        atom as the build position carried along by the cell's deformation ``M = inv(h0) h`` plus
+        ``u``; a pair at distance ``d0 >= cutoff + skin`` at the build is now at least
+        ``sigma_min(M) d0 - 2 max|u|`` apart, so the graph still holds every pair while
+        ``2 max|u| <= sigma_min(M) (cutoff + skin) - cutoff`` (with M = 1 this is the rule above)."""
         b = self._built
         if b is None or len(positions) != len(b.positions):
             return True
-        if not (np.array_equal(cell, b.cell) and np.array_equal(pbc, b.pbc)
-                and np.array_equal(numbers, b.numbers)):
+        if not (np.array_equal(pbc, b.pbc) and np.array_equal(numbers, b.numbers)):
             return True
-        moved = np.einsum("ij,ij->i", positions - b.positions, positions - b.positions)
-        return bool(moved.max(initial=0.0) > (0.5 * self.skin) ** 2)
+        if np.array_equal(cell, b.cell):
+            moved = positions - b.positions
+            room = self.skin
+        elif pbc.all():
+            try:
+                deform = np.linalg.solve(b.cell, cell)  # rows: x = f h, so x0 @ inv(h0) @ h
+            except np.linalg.LinAlgError:
+                return True
+            moved = positions - b.positions @ deform
+            room = float(np.linalg.svd(deform, compute_uv=False).min()) * (self.cutoff + self.skin) \
+                - self.cutoff
+            if not room > 0:
+                return True
+        else:  # a changed cell with open directions: rebuild
+            return True
+        moved = np.einsum("ij,ij->i", moved, moved)
+        return bool(moved.max(initial=0.0) > (0.5 * room) ** 2)
 
     def _build(self, positions, cell, pbc, numbers, times: dict) -> _Built:
         if self.budget is None:
@@ -657,7 +682,7 @@ class Runner:
             edge_index = np.zeros((2, 0), dtype=np.int64)
             numbers = np.zeros(0, dtype=np.int64)
         else:
-            edges, edge_index, vec = local_edges(graph, positions, b.ids, b.cell, shard.edges,
+            edges, edge_index, vec = local_edges(graph, positions, b.ids, b.now_cell, shard.edges,
                                                  shard.edge_index, self.cutoff)
             numbers = graph.numbers[shard.atoms]
         ids = shard.atoms if b.ids is None else b.ids[shard.atoms]
@@ -669,7 +694,7 @@ class Runner:
             halo_exchange=exchange,
             owned_mask=torch.as_tensor(shard.owned_mask, device=device),
             atom_ids=torch.as_tensor(ids, device=device),
-            cell=torch.as_tensor(b.cell, device=device).to(self.dtype),
+            cell=torch.as_tensor(b.now_cell, device=device).to(self.dtype),
             num_owned=shard.num_owned,
             num_needed=needed,
             composition=composition_of(b.numbers, device),
@@ -697,6 +722,7 @@ class Runner:
             self._built = self._build(positions, cell, pbc, numbers, times)
             self.graph_builds += 1
         b = self._built
+        b.now_cell = cell
         n = len(positions)
         buffer = np.zeros(4 * n + 9)  # energies (N), forces (N, 3), virial (3, 3)
         t2 = time.perf_counter()

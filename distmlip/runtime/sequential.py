@@ -202,7 +202,7 @@ class SequentialWorker:
             num_owned = 0
         else:
             part, graph = self.parts[k], b.graph
-            edges, edge_index, vec = local_edges(graph, positions, b.ids, b.cell, part.edges,
+            edges, edge_index, vec = local_edges(graph, positions, b.ids, b.now_cell, part.edges,
                                                  part.edge_index, runner.cutoff)
             numbers = graph.numbers[part.atoms]
             ids = part.atoms if b.ids is None else b.ids[part.atoms]
@@ -216,7 +216,7 @@ class SequentialWorker:
             halo_exchange=exchange,
             owned_mask=torch.as_tensor(owned, device=device),
             atom_ids=torch.as_tensor(ids, device=device),
-            cell=torch.as_tensor(b.cell, device=device).to(runner.dtype),
+            cell=torch.as_tensor(b.now_cell, device=device).to(runner.dtype),
             num_owned=num_owned,
             num_needed=num_owned if runner.mode == "halo" else n,
             composition=composition_of(b.numbers, device),
