@@ -725,6 +725,9 @@ def test_an_error_on_one_rank_is_reported_by_that_rank(cu, tmp_path):
     assert proc.returncode != 0
     line = "[rank 1/2] distmlip md: error: numbers: FailsOnRankOne refuses rank 1's part (on purpose)"
     assert proc.stderr.splitlines().count(line) == 1, proc.stderr
+    # rank 0 learns of it from the failed collective: said once (by the runner), not repeated
+    stopped = [x for x in proc.stderr.splitlines() if "rank 0 stopped" in x]
+    assert len(stopped) == 1 and "rank 1" in stopped[0], proc.stderr
     proc = subprocess.run([*launch, "--temprature", "3"], capture_output=True, text=True, env=env,
                           timeout=240)
     assert proc.returncode == 2

@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         _fail(prog, translate(str(exc)) or type(exc).__name__, verbose, running)
         return 2
     except Exception as exc:  # noqa: BLE001 - anything else: one line, the traceback on request
+        if getattr(exc, "printed", False) and not verbose:  # a peer's failure, said by the runner
+            return 1
         _fail(prog, f"{type(exc).__name__}: {exc}" + ("" if verbose else " (--verbose shows where)"),
               verbose, running)
         return 1

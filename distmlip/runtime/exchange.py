@@ -29,11 +29,13 @@ __all__ = ["CommunicationError", "Hub", "LocalExchange", "P2PExchange", "PeerFai
 
 class CommunicationError(RuntimeError):
     """A peer rank failed, died or did not answer in time. ``peers``: the ranks this one was
-    waiting for, if known."""
+    waiting for, if known. ``printed``: the message was already written to stderr (the runner
+    does so at once, before a launcher may kill the process), so a caller need not repeat it."""
 
     def __init__(self, message: str, peers=()):
         super().__init__(message)
         self.peers = list(peers)
+        self.printed = False
 
 
 class PeerFailed(RuntimeError):

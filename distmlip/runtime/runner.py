@@ -440,7 +440,9 @@ class Runner:
                    f"out (timeout {self.timeout:g} s) because "
                    + (status or "a peer has failed, died or hung") + f". {exc}")
         print(f"distmlip: {message}", file=sys.stderr, flush=True)
-        return CommunicationError(message)
+        error = CommunicationError(message)
+        error.printed = True
+        return error
 
     # ------------------------------------------------------------------ building
     def _stale(self, positions, cell, pbc, numbers) -> bool:
