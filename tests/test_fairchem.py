@@ -26,6 +26,8 @@ from distmlip.models.fairchem import UMAModel  # noqa: E402
 from distmlip.testing import assert_partition_invariant, evaluate  # noqa: E402
 from distmlip.testing.adapters import ADAPTER_SPLITS, adapter_structures, assert_matches_calculator  # noqa: E402
 
+from conftest import assert_ranks_pass  # noqa: E402
+
 
 def make_uma(seed: int = 0, **extra):
     from fairchem.core.models.base import HydraModelV2
@@ -150,13 +152,7 @@ def test_errors(uma32):
 @pytest.mark.slow
 def test_under_mpirun():
     """mpirun -n 2: the model split over two ranks equals the single-process result (1e-10)."""
-    from test_mpi import launch
-
-    proc, _ = launch("mpirun", 2, "adapter.py", "fairchem")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    for rank in range(2):
-        assert f"rank {rank}: fairchem 24 checks passed" in out, out[-4000:]
+    assert_ranks_pass("adapter.py", "fairchem", expect="fairchem 24 checks passed")
 
 
 # ---------------------------------------------------------------- mixture of experts
@@ -362,10 +358,4 @@ def test_predict_unit_errors(checkpoint):
 @pytest.mark.slow
 def test_moe_under_mpirun():
     """mpirun -n 2: the mixture of experts split over two ranks equals one process (1e-10)."""
-    from test_mpi import launch
-
-    proc, _ = launch("mpirun", 2, "adapter.py", "fairchem-moe")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    for rank in range(2):
-        assert f"rank {rank}: fairchem-moe 24 checks passed" in out, out[-4000:]
+    assert_ranks_pass("adapter.py", "fairchem-moe", expect="fairchem-moe 24 checks passed")
