@@ -110,15 +110,21 @@ STRUCTURES = adapter_structures()
 SPLITS = ADAPTER_SPLITS
 
 
+def assert_float64_equals_fairchem(model, name: str) -> None:
+    """``wrap(model, task="omat")`` on structure ``name``, every split (1, 2, 3, 5 parts, both
+    modes, the structure's partitioners) against fairchem's float64 forward: 1e-11 absolute."""
+    atoms = STRUCTURES[name]
+    worst = assert_matches_calculator(
+        distmlip.wrap(model, task="omat"), None, atoms,
+        reference=fairchem_reference(model, atoms, torch.float64),
+        energy_atol=1e-11, forces_atol=1e-11, stress_atol=1e-11, partitioners=SPLITS[name])
+    print(name, worst)
+
+
 @pytest.mark.parametrize("name", list(STRUCTURES))
 def test_float64_equals_fairchem(uma64, name):
     """Every split (1, 2, 3, 5 parts), both modes, equals fairchem's float64 forward."""
-    atoms = STRUCTURES[name]
-    worst = assert_matches_calculator(
-        distmlip.wrap(uma64, task="omat"), None, atoms,
-        reference=fairchem_reference(uma64, atoms, torch.float64),
-        energy_atol=1e-11, forces_atol=1e-11, stress_atol=1e-11, partitioners=SPLITS[name])
-    print(name, worst)
+    assert_float64_equals_fairchem(uma64, name)
 
 
 @pytest.mark.parametrize("name", ["oxide", "molecule"])
@@ -171,12 +177,7 @@ def test_moe_float64_equals_fairchem(moe64, name):
     """UMA's mixture of experts, unmerged (4 experts mixed by the whole system's composition
     embedding and the task): every split (1, 2, 3, 5 parts), both modes, equals fairchem's float64
     forward (1e-11 absolute; the parts of a split hold different compositions)."""
-    atoms = STRUCTURES[name]
-    worst = assert_matches_calculator(
-        distmlip.wrap(moe64, task="omat"), None, atoms,
-        reference=fairchem_reference(moe64, atoms, torch.float64),
-        energy_atol=1e-11, forces_atol=1e-11, stress_atol=1e-11, partitioners=SPLITS[name])
-    print(name, worst)
+    assert_float64_equals_fairchem(moe64, name)
 
 
 def test_moe_other_task_threads_and_bounded(moe64):
