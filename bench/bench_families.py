@@ -37,19 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (  # noqa: E402
-    best_call,
-    failure,
-    gather_max,
-    git_head,
-    launch,
-    main_or_worker,
-    peak_gb,
-    progress,
-    timed_calls,
-    uptime,
-    write_result,
-)
+import _harness as harness  # noqa: E402
 
 RESULT = ROOT / "bench" / "results" / "families.md"
 
@@ -152,12 +140,12 @@ def worker(job: dict) -> dict:
             calc = distmlip.DistributedCalculator(model)  # one part per rank
         else:
             calc = distmlip.DistributedCalculator(model, num_partitions=job["parts"])
-        calls = timed_calls(calc, lambda seed: structure(tuple(job["size"]), seed), job["repeats"])
-    best = calls[best_call(calls)]
+        calls = harness.timed_calls(calc, lambda seed: structure(tuple(job["size"]), seed), job["repeats"])
+    best = calls[harness.best_call(calls)]
     res = {"atoms": best["atoms"], "time": best["time"], "cpu": best["cpu"], "first": calls[0]["time"],
-           "peak": peak_gb(), "energies": [c["energy"] for c in calls]}
+           "peak": harness.peak_gb(), "energies": [c["energy"] for c in calls]}
     # mpirun: the slowest rank's times, the largest peak and the sum of the peaks
-    return gather_max(res, maximum=("time", "cpu", "first", "peak"), total=("peak",))
+    return harness.gather_max(res, maximum=("time", "cpu", "first", "peak"), total=("peak",))
 
 
 def table(family: str, rows: list) -> list[str]:
@@ -196,30 +184,30 @@ def main() -> None:
 
     import torch
 
-    before = uptime()
+    before = harness.uptime()
     configs = [c for c in CONFIGS if not args.configs or c[0] in args.configs]
     results: dict[str, list] = {}
     for family in args.families:
         rows = results.setdefault(family, [])
-        for label, launcher, parts in progress(configs, f"families: {family}"):
+        for label, launcher, parts in harness.progress(configs, f"families: {family}"):
             job = {"family": family, "size": list(args.size), "launcher": launcher, "parts": parts,
                    "repeats": args.repeats}
             load = os.getloadavg()[0]
             try:
-                res = launch(__file__, job, procs=parts if launcher == "mpi" else None,
+                res = harness.launch(__file__, job, procs=parts if launcher == "mpi" else None,
                              timeout=args.timeout)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                res = failure(exc)
+                res = harness.failure(exc)
             rows.append((label, res, load))
             print(family, label, f"load {load:.2f}", res, flush=True)
-    after = uptime()
+    after = harness.uptime()
 
     cmd = " ".join(["OMP_NUM_THREADS=1 .venv/bin/python bench/bench_families.py",
                     *(shlex.quote(a) for a in sys.argv[1:])])
     natoms = 12 * args.size[0] * args.size[1] * args.size[2]
     lines = ["## Newer model families against their packages' calculators", "",
              f"Command: `{cmd}`", "",
-             f"Code: `{git_head()}`. Machine: {os.cpu_count()} cores shared with other jobs, Python "
+             f"Code: `{harness.git_head()}`. Machine: {os.cpu_count()} cores shared with other jobs, Python "
              f"{platform.python_version()}, torch {torch.__version__}, one torch thread per process, "
              f"float32, random weights. System: Li2O {'x'.join(map(str, args.size))} conventional "
              f"cells, {natoms} atoms, rattled 0.08 Å. Each row is a fresh process (mpirun: 2 "
@@ -234,8 +222,8 @@ def main() -> None:
              f"Machine state: before `{before}`; after `{after}`.", ""]
     for family in args.families:
         lines += [f"### {FAMILIES[family]}", ""] + table(family, results[family]) + [""]
-    write_result(args.output, lines)
+    harness.write_result(args.output, lines)
 
 
 if __name__ == "__main__":
-    main_or_worker(main, worker)
+    harness.main_or_worker(main, worker)

@@ -38,16 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (  # noqa: E402
-    failure,
-    gather_on_rank0,
-    git_head,
-    launch,
-    main_or_worker,
-    peak_gb,
-    progress,
-    write_result,
-)
+import _harness as harness  # noqa: E402
 
 RESULT = ROOT / "bench" / "results" / "node_work.md"
 
@@ -145,13 +136,13 @@ def worker(job: dict) -> dict:
         cpu.append(time.process_time() - c0)
     plan = calc.last_plan
     res = {"atoms": len(atoms), "time": min(times[1:]), "cpu": min(cpu[1:]), "first": times[0],
-           "peak": peak_gb(),
+           "peak": harness.peak_gb(),
            "node_rows": counts["node"] / max(len(node_mods), 1),
            "conv_rows": counts["conv"] / max(len(conv_mods), 1),
            "edges": int(plan.edges_evaluated()), "energy": float(atoms.get_potential_energy())}
     if job["launcher"] != "mpi":
         return res
-    gathered = gather_on_rank0(res, calc.world_size)
+    gathered = harness.gather_on_rank0(res, calc.world_size)
     if gathered is None:
         return None
     return {"atoms": res["atoms"], "time": max(g["time"] for g in gathered),
@@ -190,22 +181,22 @@ def main() -> None:
     rows = []  # (model, label, tree, result or error string, load)
     for model in args.models:
         size = model_size(model, args)
-        for label, parts, launcher in progress(configs, f"node work: {model}"):
+        for label, parts, launcher in harness.progress(configs, f"node work: {model}"):
             for tree, code in trees:
                 job = {"model": model, "size": list(size), "parts": parts, "launcher": launcher,
                        "repeats": args.repeats}
                 load = os.getloadavg()[0]
                 try:
-                    res = launch(__file__, job, procs=parts if launcher == "mpi" else None,
+                    res = harness.launch(__file__, job, procs=parts if launcher == "mpi" else None,
                                  code=code, cwd=code, timeout=args.timeout)
                 except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                    res = failure(exc)
+                    res = harness.failure(exc)
                 rows.append((model, label, tree, res, load))
                 print(model, label, tree, f"load {load:.2f}", res, flush=True)
 
     cmd = "OMP_NUM_THREADS=1 .venv/bin/python bench/bench_node_work.py " + " ".join(
         shlex.quote(a) for a in sys.argv[1:])
-    heads = ", ".join(f"{tree}: `{git_head(code)}`" for tree, code in trees)
+    heads = ", ".join(f"{tree}: `{harness.git_head(code)}`" for tree, code in trees)
     lines = ["## Node-wise work of split models (halo mode)", "", f"Command: `{cmd}`", "",
              f"Code: {heads}. Machine: {os.cpu_count()} cores shared with other jobs, Python "
              f"{platform.python_version()}, torch {torch.__version__}, one torch thread per process. "
@@ -246,8 +237,8 @@ def main() -> None:
                          f"{peak} | {ratio_m} | "
                          f"{res['node_rows'] / n:.2f} | {conv} | {res['edges'] / n:.1f} | {load:.1f} |")
         lines.append("")
-    write_result(args.output, lines)
+    harness.write_result(args.output, lines)
 
 
 if __name__ == "__main__":
-    main_or_worker(main, worker)
+    harness.main_or_worker(main, worker)

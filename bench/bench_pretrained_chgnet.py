@@ -21,18 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (  # noqa: E402
-    best_call,
-    config_worker,
-    edges_cell,
-    main_or_worker,
-    peak_cell,
-    peak_gb,
-    plan_figures,
-    run_configs,
-    timed_calls,
-    write_result,
-)
+import _harness as harness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "bench" / "results" / "pretrained_chgnet.md"
@@ -81,12 +70,12 @@ def worker(kind: str, options: dict, repeats: int) -> dict:
         import distmlip
 
         calc = distmlip.DistributedCalculator(distmlip.load("chgnet-0.3.0"), **options)
-    rss_loaded = peak_gb()
-    calls = timed_calls(calc, structure, repeats, quiet=True)
+    rss_loaded = harness.peak_gb()
+    calls = harness.timed_calls(calc, structure, repeats, quiet=True)
     last = calls[-1]  # compared with the package's last call (the same structure)
-    return {"atoms": last["atoms"], "time": calls[best_call(calls)]["time"], "first": calls[0]["time"],
-            "rss_loaded": rss_loaded, "rss_peak": peak_gb(), "energy": last["energy"],
-            "forces": last["forces"].tolist(), "stress": last["stress"].tolist(), **plan_figures(calc)}
+    return {"atoms": last["atoms"], "time": calls[harness.best_call(calls)]["time"], "first": calls[0]["time"],
+            "rss_loaded": rss_loaded, "rss_peak": harness.peak_gb(), "energy": last["energy"],
+            "forces": last["forces"].tolist(), "stress": last["stress"].tolist(), **harness.plan_figures(calc)}
 
 
 def main() -> None:
@@ -99,7 +88,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    rows = run_configs(__file__, CONFIGS, args.repeats, args.timeout)
+    rows = harness.run_configs(__file__, CONFIGS, args.repeats, args.timeout)
 
     ref = rows[0][1]
     lines = [
@@ -129,8 +118,8 @@ def main() -> None:
             denergy = f"{abs(res['energy'] - ref['energy']) / res['atoms']:.1e}"
         else:
             dforce = denergy = "–"
-        lines.append(f"| {label} | {res['time']:.2f} | {speed} | {peak_cell(res)} | {res['rss_loaded']:.2f} | "
-                     f"{edges_cell(res)} | {halo} | {dforce} | {denergy} |")
+        lines.append(f"| {label} | {res['time']:.2f} | {speed} | {harness.peak_cell(res)} | {res['rss_loaded']:.2f} | "
+                     f"{harness.edges_cell(res)} | {halo} | {dforce} | {denergy} |")
     lines += [
         "",
         "Notes: CHGNet's calculator always runs its full task (energy, forces, stress, magnetic "
@@ -143,8 +132,8 @@ def main() -> None:
         "float32 evaluations summing in different orders).",
         "",
     ]
-    write_result(RESULT, lines)
+    harness.write_result(RESULT, lines)
 
 
 if __name__ == "__main__":
-    main_or_worker(main, config_worker(worker))
+    harness.main_or_worker(main, harness.config_worker(worker))

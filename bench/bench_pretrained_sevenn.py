@@ -21,19 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import (  # noqa: E402
-    available_gb,
-    best_call,
-    config_worker,
-    edges_cell,
-    main_or_worker,
-    peak_cell,
-    peak_gb,
-    plan_figures,
-    run_configs,
-    timed_calls,
-    write_result,
-)
+import _harness as harness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "bench" / "results" / "pretrained_sevenn.md"
@@ -77,12 +65,12 @@ def worker(kind: str, options: dict, repeats: int) -> dict:
 
         model = distmlip.load("sevennet-0")
         calc = distmlip.DistributedCalculator(model, **options)
-    rss_loaded = peak_gb()
-    calls = timed_calls(calc, structure, repeats)
+    rss_loaded = harness.peak_gb()
+    calls = harness.timed_calls(calc, structure, repeats)
     warmup = calls[0]  # the warm-up structure is the same in every configuration: compare on it
-    return {"atoms": warmup["atoms"], "time": calls[best_call(calls)]["time"], "first": warmup["time"],
-            "rss_loaded": rss_loaded, "rss_peak": peak_gb(), "energy": warmup["energy"],
-            "fmax": float(np.abs(warmup["forces"]).max()), **plan_figures(calc)}
+    return {"atoms": warmup["atoms"], "time": calls[harness.best_call(calls)]["time"], "first": warmup["time"],
+            "rss_loaded": rss_loaded, "rss_peak": harness.peak_gb(), "energy": warmup["energy"],
+            "fmax": float(np.abs(warmup["forces"]).max()), **harness.plan_figures(calc)}
 
 
 def main() -> None:
@@ -95,14 +83,14 @@ def main() -> None:
     import torch
 
     def skip(options):
-        if options.get("mode") == "extended" and available_gb() < EXTENDED_MIN_AVAILABLE_GB:
-            return f"{available_gb():.1f} GB available < {EXTENDED_MIN_AVAILABLE_GB} GB"
+        if options.get("mode") == "extended" and harness.available_gb() < EXTENDED_MIN_AVAILABLE_GB:
+            return f"{harness.available_gb():.1f} GB available < {EXTENDED_MIN_AVAILABLE_GB} GB"
         return None
 
     def repeats_for(options):  # extended mode: one timed call
         return min(args.repeats, 1) if options.get("mode") == "extended" else args.repeats
 
-    rows = run_configs(__file__, CONFIGS, args.repeats, args.timeout, skip=skip, repeats_for=repeats_for)
+    rows = harness.run_configs(__file__, CONFIGS, args.repeats, args.timeout, skip=skip, repeats_for=repeats_for)
 
     ref = rows[0][1]
     lines = [
@@ -128,8 +116,8 @@ def main() -> None:
             continue
         speed = f"{res['time'] / ref['time']:.2f}×" if ref else "–"
         de = f"{abs(res['energy'] - ref['energy']) / res['atoms']:.1e}" if ref else "–"
-        lines.append(f"| {label} | {res['time']:.2f} | {speed} | {res['first']:.2f} | {peak_cell(res)} | "
-                     f"{res['rss_loaded']:.2f} | {edges_cell(res)} | {de} | {res['load']:.1f} |")
+        lines.append(f"| {label} | {res['time']:.2f} | {speed} | {res['first']:.2f} | {harness.peak_cell(res)} | "
+                     f"{res['rss_loaded']:.2f} | {harness.edges_cell(res)} | {de} | {res['load']:.1f} |")
     lines += [
         "",
         "Notes: timings on this shared machine vary by ±30% or more with the other jobs' load (last "
@@ -138,8 +126,8 @@ def main() -> None:
         "system, so each part repeats the full calculation.",
         "",
     ]
-    write_result(RESULT, lines)
+    harness.write_result(RESULT, lines)
 
 
 if __name__ == "__main__":
-    main_or_worker(main, config_worker(worker))
+    harness.main_or_worker(main, harness.config_worker(worker))
