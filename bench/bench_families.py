@@ -27,19 +27,17 @@ Writes a section to bench/results/families.md (``--output`` to change).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import peak_gb, progress  # noqa: E402
+import _harness as harness  # noqa: E402
 
 RESULT = ROOT / "bench" / "results" / "families.md"
 
@@ -129,7 +127,6 @@ def build(family: str, workdir: Path):
 
 
 def worker(job: dict) -> dict:
-    import numpy as np
     import torch
 
     import distmlip
@@ -143,57 +140,12 @@ def worker(job: dict) -> dict:
             calc = distmlip.DistributedCalculator(model)  # one part per rank
         else:
             calc = distmlip.DistributedCalculator(model, num_partitions=job["parts"])
-        times, cpu, energies = [], [], []
-        for seed in range(job["repeats"] + 1):
-            atoms = structure(tuple(job["size"]), seed)
-            atoms.calc = calc
-            t0, c0 = time.perf_counter(), time.process_time()
-            energies.append(float(atoms.get_potential_energy()))
-            atoms.get_forces()
-            atoms.get_stress()
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-    best = 1 + int(np.argmin(times[1:]))
-    res = {"atoms": len(atoms), "time": times[best], "cpu": cpu[best], "first": times[0],
-           "peak": peak_gb(), "energies": energies}
-    if job["launcher"] != "mpi":
-        return res
-    import torch.distributed as dist
-
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, res)
-    if dist.get_rank() != 0:
-        return {}
-    return {**res, "time": max(g["time"] for g in gathered), "cpu": max(g["cpu"] for g in gathered),
-            "first": max(g["first"] for g in gathered), "peak": max(g["peak"] for g in gathered),
-            "peak_sum": sum(g["peak"] for g in gathered)}
-
-
-def run(job: dict, timeout: float) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, __file__, "--worker", json.dumps(job)]
-    if job["launcher"] == "mpi":
-        cmd = [str(Path(sys.executable).parent / "mpirun"), "-n", str(job["parts"])] + cmd
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"{shlex.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "load average {:.2f}, {:.2f}, {:.2f}".format(*os.getloadavg())
-
-
-def git_head() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "?"
+        calls = harness.timed_calls(calc, lambda seed: structure(tuple(job["size"]), seed), job["repeats"])
+    best = calls[harness.best_call(calls)]
+    res = {"atoms": best["atoms"], "time": best["time"], "cpu": best["cpu"], "first": calls[0]["time"],
+           "peak": harness.peak_gb(), "energies": [c["energy"] for c in calls]}
+    # mpirun: the slowest rank's times, the largest peak and the sum of the peaks
+    return harness.gather_max(res, maximum=("time", "cpu", "first", "peak"), total=("peak",))
 
 
 def table(family: str, rows: list) -> list[str]:
@@ -228,39 +180,34 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", help="labels of CONFIGS to run (default: all)")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--output", type=Path, default=RESULT)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        res = worker(json.loads(args.worker))
-        if res:
-            print("RESULT " + json.dumps(res), flush=True)
-        return
 
     import torch
 
-    before = uptime()
+    before = harness.uptime()
     configs = [c for c in CONFIGS if not args.configs or c[0] in args.configs]
     results: dict[str, list] = {}
     for family in args.families:
         rows = results.setdefault(family, [])
-        for label, launcher, parts in progress(configs, f"families: {family}"):
+        for label, launcher, parts in harness.progress(configs, f"families: {family}"):
             job = {"family": family, "size": list(args.size), "launcher": launcher, "parts": parts,
                    "repeats": args.repeats}
             load = os.getloadavg()[0]
             try:
-                res = run(job, args.timeout)
+                res = harness.launch(__file__, job, procs=parts if launcher == "mpi" else None,
+                             timeout=args.timeout)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                res = f"failed: {str(exc).splitlines()[0][:150]}"
+                res = harness.failure(exc)
             rows.append((label, res, load))
             print(family, label, f"load {load:.2f}", res, flush=True)
-    after = uptime()
+    after = harness.uptime()
 
     cmd = " ".join(["OMP_NUM_THREADS=1 .venv/bin/python bench/bench_families.py",
                     *(shlex.quote(a) for a in sys.argv[1:])])
     natoms = 12 * args.size[0] * args.size[1] * args.size[2]
     lines = ["## Newer model families against their packages' calculators", "",
              f"Command: `{cmd}`", "",
-             f"Code: `{git_head()}`. Machine: {os.cpu_count()} cores shared with other jobs, Python "
+             f"Code: `{harness.git_head()}`. Machine: {os.cpu_count()} cores shared with other jobs, Python "
              f"{platform.python_version()}, torch {torch.__version__}, one torch thread per process, "
              f"float32, random weights. System: Li2O {'x'.join(map(str, args.size))} conventional "
              f"cells, {natoms} atoms, rattled 0.08 Å. Each row is a fresh process (mpirun: 2 "
@@ -275,11 +222,8 @@ def main() -> None:
              f"Machine state: before `{before}`; after `{after}`.", ""]
     for family in args.families:
         lines += [f"### {FAMILIES[family]}", ""] + table(family, results[family]) + [""]
-    text = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text)
+    harness.write_result(args.output, lines)
 
 
 if __name__ == "__main__":
-    main()
+    harness.main_or_worker(main, worker)

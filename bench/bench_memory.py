@@ -16,9 +16,7 @@ minus VmRSS before), the quantity ``max_memory`` bounds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from _harness import proc_status, progress, reset_peak  # noqa: E402
+from _harness import launch, main_or_worker, proc_status, progress, reset_peak, write_result  # noqa: E402
 
 
 def build(kind: str, size: int):
@@ -67,7 +65,7 @@ def build(kind: str, size: int):
     return model, atoms, dtype
 
 
-def worker(payload: dict) -> None:
+def worker(payload: dict) -> dict:
     import numpy as np
     import torch
 
@@ -86,40 +84,28 @@ def worker(payload: dict) -> None:
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     added = proc_status("VmHWM") - base
     np.savez(payload["out"], forces=calc.results["forces"], energies=calc.results["energies"])
-    print("RESULT " + json.dumps({
-        "atoms": len(atoms), "edges": int(calc.last_graph.num_edges), "predicted": predicted,
-        "added": added, "seconds": seconds, "cpu": cpu, "calibration": calibration,
-        "parts": calc.last_plan.num_parts, "sequential": calc.runner.sequential,
-        "energy": calc.results["energy"], "load": os.getloadavg()[0]}), flush=True)
+    return {"atoms": len(atoms), "edges": int(calc.last_graph.num_edges), "predicted": predicted,
+            "added": added, "seconds": seconds, "cpu": cpu, "calibration": calibration,
+            "parts": calc.last_plan.num_parts, "sequential": calc.runner.sequential,
+            "energy": calc.results["energy"], "load": os.getloadavg()[0]}
 
 
 def run(kind: str, size: int, budget=None, tag="") -> dict:
     out = ROOT / "out" / f"bench_memory_{kind}_{size}_{tag}.npz"
     out.parent.mkdir(exist_ok=True)
     payload = {"kind": kind, "size": size, "budget": budget, "out": str(out)}
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     print(f"  {kind} size {size} budget {budget} ...", flush=True)
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(payload)],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=7200)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            res = json.loads(line[7:])
-            res["out"] = str(out)
-            return res
-    raise RuntimeError(f"{kind} {size} failed:\n{proc.stderr[-3000:]}")
+    return dict(launch(__file__, payload, timeout=7200), out=str(out))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--bounded-only", action="store_true",
                         help="only the bounded-evaluation table (the model table is kept from the last run)")
     parser.add_argument("--bounded-kinds", nargs="+", default=["schnet64", "sevennet-0", "mace"],
                         help="models of the bounded-evaluation table")
     args = parser.parse_args()
-    if args.worker:
-        return worker(json.loads(args.worker))
     import numpy as np
 
     quick = args.quick
@@ -173,10 +159,8 @@ def main():
               "`estimate_memory` before, cached per model). CPU ratio: the same for the process's CPU "
               "time (single-threaded work: much less sensitive than wall time to other jobs sharing "
               "the 2 cores). Load: 1-minute load average at the end of the bounded run."]
-    text = "\n".join(lines) + "\n"
-    out.write_text(text)
-    print(text)
+    write_result(out, lines)
 
 
 if __name__ == "__main__":
-    main()
+    main_or_worker(main, worker)

@@ -28,7 +28,6 @@ Writes a section to bench/results/node_work.md (``--output`` to change).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -39,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import peak_gb, progress  # noqa: E402
+import _harness as harness  # noqa: E402
 
 RESULT = ROOT / "bench" / "results" / "node_work.md"
 
@@ -137,18 +136,15 @@ def worker(job: dict) -> dict:
         cpu.append(time.process_time() - c0)
     plan = calc.last_plan
     res = {"atoms": len(atoms), "time": min(times[1:]), "cpu": min(cpu[1:]), "first": times[0],
-           "peak": peak_gb(),
+           "peak": harness.peak_gb(),
            "node_rows": counts["node"] / max(len(node_mods), 1),
            "conv_rows": counts["conv"] / max(len(conv_mods), 1),
            "edges": int(plan.edges_evaluated()), "energy": float(atoms.get_potential_energy())}
     if job["launcher"] != "mpi":
         return res
-    import torch.distributed as dist
-
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, res)
-    if dist.get_rank() != 0:
-        return {}
+    gathered = harness.gather_on_rank0(res, calc.world_size)
+    if gathered is None:
+        return None
     return {"atoms": res["atoms"], "time": max(g["time"] for g in gathered),
             "cpu": max(g["cpu"] for g in gathered),
             "first": max(g["first"] for g in gathered), "peak": max(g["peak"] for g in gathered),
@@ -158,28 +154,8 @@ def worker(job: dict) -> dict:
             "edges": sum(g["edges"] for g in gathered), "energy": res["energy"]}
 
 
-def run(job: dict, code: Path, timeout: float) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(code), PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, __file__, "--worker", json.dumps(job)]
-    if job["launcher"] == "mpi":
-        cmd = [str(Path(sys.executable).parent / "mpirun"), "-n", str(job["parts"])] + cmd
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=code)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"{shlex.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-
-
 def model_size(model: str, args) -> list:
     return {"sevennet-0": args.sevenn_size, "schnet": args.schnet_size, "mace": args.mace_size}[model]
-
-
-def git_head(path: Path) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "?"
 
 
 def main() -> None:
@@ -196,13 +172,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", help="labels of CONFIGS to run (default: all)")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--output", type=Path, default=RESULT)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        res = worker(json.loads(args.worker))
-        if res:
-            print("RESULT " + json.dumps(res), flush=True)
-        return
 
     import torch
 
@@ -211,21 +181,22 @@ def main() -> None:
     rows = []  # (model, label, tree, result or error string, load)
     for model in args.models:
         size = model_size(model, args)
-        for label, parts, launcher in progress(configs, f"node work: {model}"):
+        for label, parts, launcher in harness.progress(configs, f"node work: {model}"):
             for tree, code in trees:
                 job = {"model": model, "size": list(size), "parts": parts, "launcher": launcher,
                        "repeats": args.repeats}
                 load = os.getloadavg()[0]
                 try:
-                    res = run(job, code, args.timeout)
+                    res = harness.launch(__file__, job, procs=parts if launcher == "mpi" else None,
+                                 code=code, cwd=code, timeout=args.timeout)
                 except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                    res = f"failed: {str(exc).splitlines()[0][:150]}"
+                    res = harness.failure(exc)
                 rows.append((model, label, tree, res, load))
                 print(model, label, tree, f"load {load:.2f}", res, flush=True)
 
     cmd = "OMP_NUM_THREADS=1 .venv/bin/python bench/bench_node_work.py " + " ".join(
         shlex.quote(a) for a in sys.argv[1:])
-    heads = ", ".join(f"{tree}: `{git_head(code)}`" for tree, code in trees)
+    heads = ", ".join(f"{tree}: `{harness.git_head(code)}`" for tree, code in trees)
     lines = ["## Node-wise work of split models (halo mode)", "", f"Command: `{cmd}`", "",
              f"Code: {heads}. Machine: {os.cpu_count()} cores shared with other jobs, Python "
              f"{platform.python_version()}, torch {torch.__version__}, one torch thread per process. "
@@ -266,11 +237,8 @@ def main() -> None:
                          f"{peak} | {ratio_m} | "
                          f"{res['node_rows'] / n:.2f} | {conv} | {res['edges'] / n:.1f} | {load:.1f} |")
         lines.append("")
-    text = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(text)
+    harness.write_result(args.output, lines)
 
 
 if __name__ == "__main__":
-    main()
+    harness.main_or_worker(main, worker)

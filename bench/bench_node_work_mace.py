@@ -31,16 +31,14 @@ each round's ratio to its 1-part call: a wall-time ratio that a changing load af
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import proc_status  # noqa: E402
+from _harness import launch, main_or_worker, proc_status, write_result  # noqa: E402
 
 PARTS = (1, 2, 4)
 
@@ -180,22 +178,21 @@ def paired_worker(options: dict) -> dict:
             "times": times}
 
 
+def child(options: dict) -> dict:
+    """What a child process runs: the paired timing or one configuration."""
+    return paired_worker(options) if options["paired"] else worker(options)
+
+
 def run_child(src: Path, parts: int, args, paired: bool = False) -> dict:
     options = {"parts": parts, "reps": args.reps, "repeat": args.repeat,
                "paired": paired, "pairs": args.paired}
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(src))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(options)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600, cwd="/")
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"{cmd} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    # cwd "/": the distmlip imported is the one of ``src`` alone
+    return launch(Path(__file__).resolve(), options, code=src, cwd="/", timeout=3600)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--before", type=Path, default=None,
                         help="source tree of distmlip before the change (run side by side)")
     parser.add_argument("--reps", type=int, default=6, help="cubic FCC Cu repetitions (4 atoms each)")
@@ -206,11 +203,6 @@ def main():
                              "many rounds (median ratio per round: robust to a changing load)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "node_work_mace.md")
     args = parser.parse_args()
-    if args.worker:
-        options = json.loads(args.worker)
-        result = paired_worker(options) if options["paired"] else worker(options)
-        print("RESULT " + json.dumps(result), flush=True)
-        return
     import numpy as np
 
     versions = [("after", ROOT)]
@@ -298,11 +290,8 @@ def main():
             ratio = paired[name]["ratio"]
             lines.append(f"| {name} | " + " | ".join(f"{ratio[str(p)]:.2f}" for p in PARTS)
                          + " |")
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    write_result(args.out, lines)
 
 
 if __name__ == "__main__":
-    main()
+    main_or_worker(main, child)

@@ -10,16 +10,14 @@ peak RSS, and edges evaluated / graph edges (1.00 = no redundant work).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import progress, vm_hwm_mb  # noqa: E402
+from _harness import launch, main_or_worker, progress, vm_hwm_mb, write_result  # noqa: E402
 
 CONFIGS = [(1, "halo", "grid"), (4, "halo", "grid"), (4, "halo", "metis"), (4, "halo", "slab"),
            (8, "halo", "grid"), (4, "extended", "grid"), (16, "halo", "grid"), (16, "extended", "grid")]
@@ -95,43 +93,29 @@ def worker(parts, mode, partitioner, reps, repeat):
             "redundancy": plan.redundancy(), "halo": plan.halo_fraction(), "peak_mb": vm_hwm_mb()}
 
 
+def child(job: dict) -> dict:
+    """What a child process runs: the paired timing or one configuration."""
+    if job.get("paired"):
+        return paired_worker(job["reps"], job["paired"])
+    return worker(job["parts"], job["mode"], job["partitioner"], job["reps"], job["repeat"])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--reps", type=int, default=16, help="cubic FCC Cu repetitions (4 atoms each)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--paired", type=int, default=5, metavar="ROUNDS",
                         help="rounds of the 1-vs-8-parts paired timing (0: skip)")
-    parser.add_argument("--paired-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.paired_worker:
-        print("RESULT " + json.dumps(paired_worker(args.reps, args.paired)))
-        return
-    if args.worker:
-        parts, mode, partitioner = args.worker
-        print("RESULT " + json.dumps(worker(int(parts), mode, partitioner, args.reps, args.repeat)))
-        return
     rows = []
     for parts, mode, partitioner in progress(CONFIGS, "overhead configurations"):
-        cmd = [sys.executable, __file__, "--worker", str(parts), mode, partitioner,
-               "--reps", str(args.reps), "--repeat", str(args.repeat)]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
-                             env=dict(os.environ, OMP_NUM_THREADS="1"))
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if not line:
-            raise RuntimeError(out.stderr[-3000:])
-        rows.append(((parts, mode, partitioner), json.loads(line[0][7:])))
+        job = {"parts": parts, "mode": mode, "partitioner": partitioner, "reps": args.reps,
+               "repeat": args.repeat}
+        rows.append(((parts, mode, partitioner), launch(__file__, job, timeout=3600)))
         print(rows[-1], flush=True)
     paired = None
     if args.paired:
-        cmd = [sys.executable, __file__, "--paired-worker", "--reps", str(args.reps),
-               "--paired", str(args.paired)]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=7200,
-                             env=dict(os.environ, OMP_NUM_THREADS="1"))
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if not line:
-            raise RuntimeError(out.stderr[-3000:])
-        paired = json.loads(line[0][7:])
+        paired = launch(__file__, {"paired": args.paired, "reps": args.reps}, timeout=7200)
         print(paired, flush=True)
     base = rows[0][1]
     load = os.getloadavg()[0]
@@ -164,11 +148,8 @@ def main():
                   "time relative to the same round's 1-part call):", "",
                   "| parts | wall time vs 1 part | CPU time vs 1 part |", "|---|---|---|"]
         lines += [f"| {p} | {paired['wall'][str(p)]:.2f} | {paired['cpu'][str(p)]:.2f} |" for p in PAIRED]
-    text = "\n".join(lines) + "\n"
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / "overhead.md").write_text(text)
-    print(text)
+    write_result(ROOT / "bench" / "results" / "overhead.md", lines)
 
 
 if __name__ == "__main__":
-    main()
+    main_or_worker(main, child)

@@ -15,10 +15,8 @@ atoms summed over parts / atoms) and the largest part's share of edges. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _harness import peak_gb  # noqa: E402
+from _harness import WorkerFailed, launch, main_or_worker, peak_gb  # noqa: E402
 
 CUTOFF = 5.0
 
@@ -173,6 +171,11 @@ def _table(results, command: str) -> str:
     return "\n".join(lines)
 
 
+def measure(job: dict) -> dict:
+    """A child's job: one size."""
+    return run_one(job["n"], job["parts"], job["metis_max"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[14, 29, 63],
@@ -183,7 +186,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-write", action="store_true", help="print only, do not write the results file")
     p.add_argument("--output", default=str(HERE / "results" / "partition.md"))
     p.add_argument("--profile", type=int, metavar="N", help="profile plan building for size N and exit")
-    p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one size, print JSON
     args = p.parse_args(argv)
 
     if args.profile:
@@ -196,21 +198,16 @@ def main(argv=None) -> int:
             out.write_text((head + "\n\n" if head else "") + text)
             print(f"appended the profile to {out}")
         return 0
-    if args.one:
-        print("RESULT " + json.dumps(run_one(args.one, args.parts, args.metis_max)))
-        return 0
 
     results = []
     for n in args.sizes:
-        cmd = [sys.executable, __file__, "--one", str(n), "--metis-max", str(args.metis_max),
-               "--parts", *map(str, args.parts)]
         t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-        if proc.returncode != 0:
-            print(proc.stdout, proc.stderr, file=sys.stderr)
-            raise SystemExit(f"size {n} failed (exit {proc.returncode})")
-        line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-        r = json.loads(line[len("RESULT "):])
+        try:
+            r = launch(__file__, {"n": n, "parts": args.parts, "metis_max": args.metis_max},
+                       timeout=3600)
+        except WorkerFailed as exc:
+            print(exc, file=sys.stderr)
+            raise SystemExit(f"size {n} failed (exit {exc.returncode})") from None
         results.append(r)
         print(f"{r['atoms']:>9,} atoms, {r['edges']:>11,} edges: graph {r['graph_s']:.2f} s, "
               f"peak RSS {r['rss_peak_gb']:.2f} GB ({time.perf_counter() - t:.0f} s in all)", flush=True)
@@ -234,4 +231,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main_or_worker(main, measure))

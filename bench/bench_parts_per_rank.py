@@ -15,17 +15,15 @@ cost of the same split. Peak memory is each rank's VmHWM (/proc/self/status).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import gather_on_rank0, vm_hwm_mb  # noqa: E402
+from _harness import gather_on_rank0, launch, main_or_worker, vm_hwm_mb, write_result  # noqa: E402
 
 RESULT = ROOT / "bench" / "results" / "parts_per_rank.md"
 # (processes, num_partitions)
@@ -33,7 +31,8 @@ CONFIGS = [(1, 1), (1, 8), (2, 2), (2, 4), (2, 8)]
 
 
 
-def worker(job: dict) -> None:
+def worker(job: dict) -> list[dict] | None:
+    """Every rank's record, on rank 0 (``None`` on the others)."""
     import torch
     from ase.build import bulk
 
@@ -70,21 +69,7 @@ def worker(job: dict) -> None:
               "cpu": [c[2] for c in calls[1:]],
               "owned": sum(p.num_owned for p in plan.parts), "halo": halo, "remote_halo": remote,
               "builds": calc.graph_builds, "peak_mb": vm_hwm_mb(), "base_mb": base_mb}
-    records = gather_on_rank0(record, procs)
-    if records is not None:
-        print("RESULT " + json.dumps(records), flush=True)
-
-
-def launch(job: dict, timeout: float) -> list[dict]:
-    cmd = [sys.executable, __file__, "--worker", json.dumps(job)]
-    if job["procs"] > 1:
-        cmd = [str(Path(sys.executable).parent / "mpirun"), "-n", str(job["procs"])] + cmd
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=timeout, cwd=ROOT)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"{job} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}")
+    return gather_on_rank0(record, procs)
 
 
 def summarise(records: list[dict]) -> dict:
@@ -98,14 +83,11 @@ def summarise(records: list[dict]) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--reps", type=int, default=24, help="cubic FCC Cu repetitions (4 atoms each)")
     parser.add_argument("--cutoff", type=float, default=4.0)
     parser.add_argument("--repeat", type=int, default=3, help="timed calls after the first")
     parser.add_argument("--timeout", type=float, default=1800.0)
     args = parser.parse_args()
-    if args.worker:
-        return worker(json.loads(args.worker))
 
     import torch
 
@@ -114,7 +96,8 @@ def main():
         job = {"procs": procs, "parts": parts, "reps": args.reps, "cutoff": args.cutoff, "repeat": args.repeat}
         load0 = os.getloadavg()[0]
         print(f"== {procs} process(es), {parts} parts (load {load0:.2f}) ...", flush=True)
-        records = launch(job, args.timeout)
+        records = launch(__file__, job, procs=procs if procs > 1 else None, timeout=args.timeout,
+                         capture_stderr=False)
         load1 = os.getloadavg()[0]
         s = summarise(records)
         rows.append((procs, parts, records, s, (load0, load1)))
@@ -158,11 +141,8 @@ def main():
         "shared cores disturb much less than wall time; its ratio to the 1-part process estimates the "
         "speed-up on idle cores (it does not count time spent blocked waiting for the other rank).",
     ]
-    text = "\n".join(lines) + "\n"
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(text)
-    print(text)
+    write_result(RESULT, lines)
 
 
 if __name__ == "__main__":
-    main()
+    main_or_worker(main, worker)

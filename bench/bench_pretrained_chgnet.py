@@ -15,16 +15,13 @@ Writes bench/results/pretrained_chgnet.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import peak_gb, report_mpi, run_config  # noqa: E402
+import _harness as harness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "bench" / "results" / "pretrained_chgnet.md"
@@ -61,7 +58,6 @@ def worker(kind: str, options: dict, repeats: int) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
-    import numpy as np
     import torch
 
     torch.set_num_threads(1)
@@ -74,61 +70,25 @@ def worker(kind: str, options: dict, repeats: int) -> dict:
         import distmlip
 
         calc = distmlip.DistributedCalculator(distmlip.load("chgnet-0.3.0"), **options)
-    rss_loaded = peak_gb()
-    times = []
-    for seed in range(repeats + 1):
-        atoms = structure(seed)
-        atoms.calc = calc
-        t0 = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):
-            energy = atoms.get_potential_energy()
-            forces = atoms.get_forces()
-            stress = atoms.get_stress()
-        times.append(time.perf_counter() - t0)
-    out = {"atoms": len(atoms), "time": min(times[1:]) if repeats else times[0], "first": times[0],
-           "rss_loaded": rss_loaded, "rss_peak": peak_gb(), "energy": float(energy),
-           "forces": np.asarray(forces, dtype=float).tolist(), "stress": np.asarray(stress).tolist()}
-    plan = getattr(calc, "last_plan", None)
-    if plan is not None:
-        out.update(edges_evaluated=int(plan.edges_evaluated()), graph_edges=int(plan.num_edges),
-                   redundancy=float(plan.redundancy()), halo=float(plan.halo_fraction()))
-    return out
-
-
-def mpi_worker(options: dict, repeats: int) -> None:
-    report_mpi(worker("distmlip", {k: v for k, v in options.items() if k != "num_partitions"}, repeats))
+    rss_loaded = harness.peak_gb()
+    calls = harness.timed_calls(calc, structure, repeats, quiet=True)
+    last = calls[-1]  # compared with the package's last call (the same structure)
+    return {"atoms": last["atoms"], "time": calls[harness.best_call(calls)]["time"], "first": calls[0]["time"],
+            "rss_loaded": rss_loaded, "rss_peak": harness.peak_gb(), "energy": last["energy"],
+            "forces": last["forces"].tolist(), "stress": last["stress"].tolist(), **harness.plan_figures(calc)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=2, help="timed evaluations after the warm-up")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--mpi-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        job = json.loads(args.worker)
-        print("RESULT " + json.dumps(worker(job["kind"], job["options"], job["repeats"])), flush=True)
-        return
-    if args.mpi_worker:
-        job = json.loads(args.mpi_worker)
-        mpi_worker(job["options"], job["repeats"])
-        return
 
     import chgnet
     import numpy as np
     import torch
 
-    rows = []
-    for label, kind, options in CONFIGS:
-        try:
-            res = run_config(__file__, kind, options, args.repeats, args.timeout)
-            rows.append((label, res, ""))
-            brief = {k: v for k, v in res.items() if k not in ("forces", "stress")}
-            print(f"{label}: {brief}", flush=True)
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            rows.append((label, None, f"failed: {str(exc).splitlines()[0][:200]}"))
-            print(f"{label}: FAILED\n{exc}", flush=True)
+    rows = harness.run_configs(__file__, CONFIGS, args.repeats, args.timeout)
 
     ref = rows[0][1]
     lines = [
@@ -152,19 +112,14 @@ def main() -> None:
             lines.append(f"| {label} | – | – | – | – | – | – | – | {note} |")
             continue
         speed = f"{res['time'] / ref['time']:.2f}×" if ref else "–"
-        peak = f"{res['rss_peak']:.2f}"
-        if "rss_sum" in res:
-            peak = f"{res['rss_peak']:.2f} per rank (max), {res['rss_sum']:.2f} total"
-        edges = (f"{res['edges_evaluated']} / {res['graph_edges']} ({res['redundancy']:.2f}×)"
-                 if "edges_evaluated" in res else "–")
         halo = f"{res['halo']:.2f}" if "halo" in res else "–"
         if ref:
             dforce = f"{np.abs(np.array(res['forces']) - np.array(ref['forces'])).max():.1e}"
             denergy = f"{abs(res['energy'] - ref['energy']) / res['atoms']:.1e}"
         else:
             dforce = denergy = "–"
-        lines.append(f"| {label} | {res['time']:.2f} | {speed} | {peak} | {res['rss_loaded']:.2f} | "
-                     f"{edges} | {halo} | {dforce} | {denergy} |")
+        lines.append(f"| {label} | {res['time']:.2f} | {speed} | {harness.peak_cell(res)} | {res['rss_loaded']:.2f} | "
+                     f"{harness.edges_cell(res)} | {halo} | {dforce} | {denergy} |")
     lines += [
         "",
         "Notes: CHGNet's calculator always runs its full task (energy, forces, stress, magnetic "
@@ -177,10 +132,8 @@ def main() -> None:
         "float32 evaluations summing in different orders).",
         "",
     ]
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text("\n".join(lines))
-    print("\n".join(lines))
+    harness.write_result(RESULT, lines)
 
 
 if __name__ == "__main__":
-    main()
+    harness.main_or_worker(main, harness.config_worker(worker))

@@ -15,16 +15,13 @@ Writes bench/results/pretrained_sevenn.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import available_gb, peak_gb, report_mpi, run_config  # noqa: E402
+import _harness as harness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "bench" / "results" / "pretrained_sevenn.md"
@@ -68,68 +65,32 @@ def worker(kind: str, options: dict, repeats: int) -> dict:
 
         model = distmlip.load("sevennet-0")
         calc = distmlip.DistributedCalculator(model, **options)
-    rss_loaded = peak_gb()
-    times, energy, fmax = [], None, None
-    for seed in range(repeats + 1):
-        atoms = structure(seed)
-        atoms.calc = calc
-        t0 = time.perf_counter()
-        e = atoms.get_potential_energy()
-        forces = atoms.get_forces()
-        atoms.get_stress()
-        times.append(time.perf_counter() - t0)
-        if seed == 0:  # the warm-up structure is the same in every configuration: compare on it
-            energy, fmax = float(e), float(np.abs(forces).max())
-    out = {"atoms": len(atoms), "time": min(times[1:]) if repeats else times[0], "first": times[0],
-           "rss_loaded": rss_loaded, "rss_peak": peak_gb(), "energy": energy, "fmax": fmax}
-    plan = getattr(calc, "last_plan", None)
-    if plan is not None:
-        out["edges_evaluated"] = int(plan.edges_evaluated())
-        out["redundancy"] = float(plan.redundancy())
-        out["graph_edges"] = int(plan.num_edges)
-    return out
-
-
-def mpi_worker(options: dict, repeats: int) -> None:
-    report_mpi(worker("distmlip", {k: v for k, v in options.items() if k != "num_partitions"}, repeats))
+    rss_loaded = harness.peak_gb()
+    calls = harness.timed_calls(calc, structure, repeats)
+    warmup = calls[0]  # the warm-up structure is the same in every configuration: compare on it
+    return {"atoms": warmup["atoms"], "time": calls[harness.best_call(calls)]["time"], "first": warmup["time"],
+            "rss_loaded": rss_loaded, "rss_peak": harness.peak_gb(), "energy": warmup["energy"],
+            "fmax": float(np.abs(warmup["forces"]).max()), **harness.plan_figures(calc)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=2, help="timed evaluations after the warm-up")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--mpi-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        job = json.loads(args.worker)
-        print("RESULT " + json.dumps(worker(job["kind"], job["options"], job["repeats"])), flush=True)
-        return
-    if args.mpi_worker:
-        job = json.loads(args.mpi_worker)
-        mpi_worker(job["options"], job["repeats"])
-        return
 
     import sevenn
     import torch
 
-    rows = []
-    for label, kind, options in CONFIGS:
-        if options.get("mode") == "extended" and available_gb() < EXTENDED_MIN_AVAILABLE_GB:
-            rows.append((label, None, f"skipped: {available_gb():.1f} GB available "
-                                      f"< {EXTENDED_MIN_AVAILABLE_GB} GB"))
-            print(f"{label}: skipped (memory)", flush=True)
-            continue
-        try:
-            load = os.getloadavg()[0]
-            repeats = min(args.repeats, 1) if options.get("mode") == "extended" else args.repeats
-            res = run_config(__file__, kind, options, repeats, args.timeout)
-            res.update(load=load, repeats=repeats)
-            rows.append((label, res, ""))
-            print(f"{label}: {res}", flush=True)
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            rows.append((label, None, f"failed: {str(exc).splitlines()[0][:200]}"))
-            print(f"{label}: FAILED\n{exc}", flush=True)
+    def skip(options):
+        if options.get("mode") == "extended" and harness.available_gb() < EXTENDED_MIN_AVAILABLE_GB:
+            return f"{harness.available_gb():.1f} GB available < {EXTENDED_MIN_AVAILABLE_GB} GB"
+        return None
+
+    def repeats_for(options):  # extended mode: one timed call
+        return min(args.repeats, 1) if options.get("mode") == "extended" else args.repeats
+
+    rows = harness.run_configs(__file__, CONFIGS, args.repeats, args.timeout, skip=skip, repeats_for=repeats_for)
 
     ref = rows[0][1]
     lines = [
@@ -154,14 +115,9 @@ def main() -> None:
             lines.append(f"| {label} | – | – | – | – | – | – | – | {note} |")
             continue
         speed = f"{res['time'] / ref['time']:.2f}×" if ref else "–"
-        peak = f"{res['rss_peak']:.2f}"
-        if "rss_sum" in res:
-            peak = f"{res['rss_peak']:.2f} per rank (max), {res['rss_sum']:.2f} total"
-        edges = (f"{res['edges_evaluated']} / {res['graph_edges']} ({res['redundancy']:.2f}×)"
-                 if res.get("edges_evaluated") is not None else "–")
         de = f"{abs(res['energy'] - ref['energy']) / res['atoms']:.1e}" if ref else "–"
-        lines.append(f"| {label} | {res['time']:.2f} | {speed} | {res['first']:.2f} | {peak} | "
-                     f"{res['rss_loaded']:.2f} | {edges} | {de} | {res['load']:.1f} |")
+        lines.append(f"| {label} | {res['time']:.2f} | {speed} | {res['first']:.2f} | {harness.peak_cell(res)} | "
+                     f"{res['rss_loaded']:.2f} | {harness.edges_cell(res)} | {de} | {res['load']:.1f} |")
     lines += [
         "",
         "Notes: timings on this shared machine vary by ±30% or more with the other jobs' load (last "
@@ -170,10 +126,8 @@ def main() -> None:
         "system, so each part repeats the full calculation.",
         "",
     ]
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text("\n".join(lines))
-    print("\n".join(lines))
+    harness.write_result(RESULT, lines)
 
 
 if __name__ == "__main__":
-    main()
+    harness.main_or_worker(main, harness.config_worker(worker))

@@ -17,17 +17,15 @@ Peak memory is VmHWM of the worker process (/proc/self/status).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import vm_hwm_mb  # noqa: E402
+from _harness import launch, main_or_worker, vm_hwm_mb, write_result  # noqa: E402
 
 RESULT = ROOT / "bench" / "results" / "reuse.md"
 
@@ -123,16 +121,6 @@ def worker(job: dict) -> dict:
             "warmup": spec["warmup"]}
 
 
-def run_config(job: dict, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--worker", json.dumps(job)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=timeout, cwd=ROOT)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"{name_of(job)} failed (exit {proc.returncode})")
-
-
 def name_of(job: dict) -> str:
     return f"{job['model']} skin={job['skin']}"
 
@@ -174,15 +162,11 @@ def pct(x) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--parts", type=int, default=1, help="num_partitions (one process)")
     parser.add_argument("--temperature", type=float, default=300.0, help="target K (velocities drawn at twice it)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
     args = parser.parse_args()
-    if args.worker:
-        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
-        return
 
     import torch
 
@@ -193,7 +177,7 @@ def main():
             job = {"model": name, "skin": skin, "parts": args.parts, "temperature": args.temperature}
             load0 = os.getloadavg()
             print(f"== {name_of(job)} (load {load0[0]:.2f}) ...", flush=True)
-            res = run_config(job, args.timeout)
+            res = launch(__file__, job, timeout=args.timeout, capture_stderr=False)
             load1 = os.getloadavg()
             res.update(summarise(res), load=(load0[0], load1[0]))
             rows.append((name, skin, res))
@@ -250,11 +234,8 @@ def main():
         "the model evaluates at the last step. SchNet with random weights exerts almost no force, "
         "so its atoms fly ballistically and stay near the initial temperature.",
     ]
-    text = "\n".join(lines) + "\n"
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(text)
-    print(text)
+    write_result(RESULT, lines)
 
 
 if __name__ == "__main__":
-    main()
+    main_or_worker(main, worker)

@@ -33,7 +33,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
-from _harness import proc_status, progress, reset_peak  # noqa: E402
+from _harness import (  # noqa: E402
+    WorkerFailed,
+    launch,
+    main_or_worker,
+    proc_status,
+    progress,
+    reset_peak,
+)
 
 RESULT = ROOT / "bench" / "results" / "scale.md"
 
@@ -78,7 +85,7 @@ def build(kind: str, size: int):
     return build_memory(kind, size)
 
 
-def worker(job: dict) -> None:
+def worker(job: dict) -> dict:
     import numpy as np
     import torch
 
@@ -106,29 +113,23 @@ def worker(job: dict) -> None:
     if budget:
         predicted = calc.runner.predicted_peak
     forces = calc.results["forces"]
-    print("RESULT " + json.dumps({
+    return {
         "atoms": len(atoms), "edges": int(calc.last_graph.num_edges), "predicted": predicted,
         "added": added, "peak_rss": proc_status("VmHWM"), "seconds": seconds, "calibration": calibration,
         "parts": calc.last_plan.num_parts, "sequential": calc.runner.sequential, "budget": budget,
         "energy_per_atom": calc.results["energy"] / len(atoms),
         "max_force": float(np.abs(forces).max()), "net_force": float(np.abs(forces.sum(0)).max()),
         "timings": {k: round(v, 2) for k, v in calc.timings.items()},
-        "load": os.getloadavg()[0]}), flush=True)
+        "load": os.getloadavg()[0]}
 
 
 def run(name: str, timeout: float) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, __file__, "--worker", json.dumps({"name": name})]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env, cwd=ROOT)
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        return launch(__file__, {"name": name}, timeout=timeout, capture_stderr=False)
     except subprocess.TimeoutExpired:
-        proc.kill()
         return {"error": f"timed out after {timeout:.0f} s"}
-    for line in out.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    return {"error": f"exit {proc.returncode}"}
+    except WorkerFailed as exc:  # its stderr went to the terminal
+        return {"error": f"exit {exc.returncode}"}
 
 
 def row(name: str, r: dict) -> str:
@@ -147,10 +148,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(JOBS), help="jobs to run (default: all)")
     parser.add_argument("--timeout", type=float, default=7200.0)
     parser.add_argument("--output", type=Path, default=RESULT)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        return worker(json.loads(args.worker))
 
     import torch
 
@@ -192,4 +190,4 @@ def write(path: Path, rows: dict, torch_version: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main_or_worker(main, worker)

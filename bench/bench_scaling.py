@@ -12,19 +12,17 @@ Memory: peak RSS of each rank for P = 1, 2, 4 on a >=100k-atom crystal (P = 4 ov
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import gather_on_rank0, vm_hwm_mb  # noqa: E402
+from _harness import gather_on_rank0, launch, main_or_worker, vm_hwm_mb, write_result  # noqa: E402
 
 
-def worker(args):
+def worker(job: dict) -> list[dict] | None:
+    """Every rank's record, on rank 0 (``None`` on the others)."""
     import numpy as np
     import torch
     from ase.build import bulk
@@ -33,14 +31,14 @@ def worker(args):
     from distmlip.models import SchNet
 
     base = vm_hwm_mb()
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((args.reps,) * 3)
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((job["reps"],) * 3)
     atoms.rattle(0.02, seed=0)
-    model = SchNet(cutoff=args.cutoff, num_interactions=3, hidden_channels=32, seed=0, dtype=torch.float32)
-    backend = "local" if args.procs == 1 else "torch"
+    model = SchNet(cutoff=job["cutoff"], num_interactions=3, hidden_channels=32, seed=0, dtype=torch.float32)
+    backend = "local" if job["procs"] == 1 else "torch"
     atoms.calc = DistributedCalculator(model, backend=backend, num_threads=1, timeout=600)
     calc = atoms.calc
     times, comm = [], []
-    for _ in range(args.repeat + 1):
+    for _ in range(job["repeat"] + 1):
         atoms.positions += 1e-4  # force a new evaluation
         t0 = time.perf_counter()
         atoms.get_forces()
@@ -49,43 +47,29 @@ def worker(args):
         comm.append(calc.timings.get("communication", 0.0))
     rank = calc.runner.rank if backend == "torch" else 0
     peak = vm_hwm_mb()
-    record = {"rank": rank, "procs": args.procs, "atoms": len(atoms), "time": min(times[1:]),
+    record = {"rank": rank, "procs": job["procs"], "atoms": len(atoms), "time": min(times[1:]),
               "comm": comm[1 + int(np.argmin(times[1:]))], "peak_mb": peak, "base_mb": base,
               "timings": calc.timings}
-    records = gather_on_rank0(record, args.procs)
-    if records is not None:
-        print("RESULT " + json.dumps(records), flush=True)
+    return gather_on_rank0(record, job["procs"])
 
 
-def launch(procs, reps, cutoff, repeat):
-    cmd = [sys.executable, __file__, "--worker", "--procs", str(procs), "--reps", str(reps),
-           "--cutoff", str(cutoff), "--repeat", str(repeat)]
-    if procs > 1:
-        cmd = [str(Path(sys.executable).parent / "mpirun"), "-n", str(procs)] + cmd
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"benchmark run failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+def run(procs, reps, cutoff, repeat):
+    job = {"procs": procs, "reps": reps, "cutoff": cutoff, "repeat": repeat}
+    return launch(__file__, job, procs=procs if procs > 1 else None, timeout=3600)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--procs", type=int, default=1)
     parser.add_argument("--reps", type=int, default=24, help="cubic FCC repetitions (4 atoms each)")
     parser.add_argument("--cutoff", type=float, default=4.0)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--memory-reps", type=int, default=30)
     args = parser.parse_args()
-    if args.worker:
-        return worker(args)
     lines = ["## Multi-process runtime: strong scaling and per-rank memory", "",
              "Command: `.venv/bin/python bench/bench_scaling.py` (SchNet float32, 3 interactions, 32 "
              f"channels, cutoff {args.cutoff} Å, FCC Cu; grid partitioner, halo mode; gloo on CPU, one "
              "torch thread per rank; best of repeated energy+forces+stress calls after a warm-up).", ""]
-    scaling = {p: launch(p, args.reps, args.cutoff, args.repeat) for p in (1, 2)}
+    scaling = {p: run(p, args.reps, args.cutoff, args.repeat) for p in (1, 2)}
     t1 = scaling[1][0]["time"]
     lines += [f"### Strong scaling, {scaling[1][0]['atoms']} atoms", "",
               "| processes | time per call (s) | speedup | communication (s, rank 0) | communication share |",
@@ -94,18 +78,14 @@ def main():
         t = max(r["time"] for r in recs)
         c = recs[0]["comm"]
         lines.append(f"| {p} | {t:.2f} | {t1 / t:.2f} | {c:.3f} | {c / t:.1%} |")
-    memory = {p: launch(p, args.memory_reps, args.cutoff, 1) for p in (1, 2, 4)}
+    memory = {p: run(p, args.memory_reps, args.cutoff, 1) for p in (1, 2, 4)}
     lines += ["", f"### Peak memory per rank, {memory[1][0]['atoms']} atoms", "",
               "| processes | peak RSS per rank (MB) | after imports (MB) | time per call (s) |", "|---|---|---|---|"]
     for p, recs in memory.items():
         peaks = ", ".join(f"{r['peak_mb']:.0f}" for r in recs)
         lines.append(f"| {p} | {peaks} | {recs[0]['base_mb']:.0f} | {max(r['time'] for r in recs):.2f} |")
-    text = "\n".join(lines) + "\n"
-    out = ROOT / "bench" / "results" / "scaling.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+    write_result(ROOT / "bench" / "results" / "scaling.md", lines)
 
 
 if __name__ == "__main__":
-    main()
+    main_or_worker(main, worker)

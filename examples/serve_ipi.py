@@ -29,32 +29,39 @@ from distmlip import DistributedCalculator
 from distmlip.models import SchNet
 from distmlip.serve import serve_ipi
 
+# i-PI's input.xml: what it writes ({outputs}), the sockets it asks for forces ({forcefields}; i-PI
+# sums the forces of every <force> in {forces}), the start (init.extxyz, thermal velocities) and the
+# integrator ({dynamics}). tests/test_serve.py fills in the same template.
 INPUT = """<simulation verbosity='low' safe_stride='100000'>
   <output prefix='sim'>
-    <properties stride='1' filename='out'>
-      [ step, time{{picosecond}}, temperature{{kelvin}}, potential{{ase}}, conserved{{ase}} ]
-    </properties>
-    <trajectory filename='pos' stride='{stride}' format='ase'> positions </trajectory>
+{outputs}
   </output>
   <total_steps>{steps}</total_steps>
   <prng><seed>31415</seed></prng>
-  {forcefield}
+{forcefields}
   <system>
     <initialize nbeads='{nbeads}'>
       <file mode='ase'>init.extxyz</file>
       <velocities mode='thermal' units='kelvin'>{temperature}</velocities>
     </initialize>
-    <forces><force forcefield='distmlip'/></forces>
+    <forces>{forces}</forces>
     <ensemble><temperature units='kelvin'>{temperature}</temperature></ensemble>
     <motion mode='dynamics'>
-      <dynamics mode='nvt'>
-        <timestep units='femtosecond'>2</timestep>
-        <thermostat mode='pile_l'><tau units='femtosecond'>100</tau></thermostat>
-      </dynamics>
+      {dynamics}
     </motion>
   </system>
 </simulation>
 """
+# this example's output: a properties table (sim.out) and a trajectory (sim.pos_0.extxyz)
+OUTPUTS = """    <properties stride='1' filename='out'>
+      [ step, time{{picosecond}}, temperature{{kelvin}}, potential{{ase}}, conserved{{ase}} ]
+    </properties>
+    <trajectory filename='pos' stride='{stride}' format='ase'> positions </trajectory>"""
+# Langevin NVT (path-integral: PILE-L), 2 fs steps
+DYNAMICS = """<dynamics mode='nvt'>
+        <timestep units='femtosecond'>2</timestep>
+        <thermostat mode='pile_l'><tau units='femtosecond'>100</tau></thermostat>
+      </dynamics>"""
 
 
 def main():
@@ -77,17 +84,18 @@ def main():
     calc = DistributedCalculator(model, num_partitions=None if args.mpi else args.partitions)
     name = f"distmlip-example-{uuid.uuid4().hex[:8]}"  # the socket file is /tmp/ipi_<name>
     if args.port is None:
-        forcefield = f"<ffsocket name='distmlip' mode='unix'><address>{name}</address></ffsocket>"
+        forcefield = f"  <ffsocket name='distmlip' mode='unix'><address>{name}</address></ffsocket>"
     else:
-        forcefield = (f"<ffsocket name='distmlip' mode='inet'><address>localhost</address>"
+        forcefield = (f"  <ffsocket name='distmlip' mode='inet'><address>localhost</address>"
                       f"<port>{args.port}</port></ffsocket>")
     server = None
     if calc.rank == 0:
         workdir = Path(args.workdir or tempfile.mkdtemp(prefix="distmlip-ipi-"))
         write(workdir / "init.extxyz", atoms)
         (workdir / "input.xml").write_text(INPUT.format(
-            steps=args.steps, forcefield=forcefield, stride=max(args.steps // 4, 1),
-            temperature=args.temperature, nbeads=args.nbeads))
+            outputs=OUTPUTS.format(stride=max(args.steps // 4, 1)), steps=args.steps,
+            forcefields=forcefield, forces="<force forcefield='distmlip'/>", nbeads=args.nbeads,
+            temperature=args.temperature, dynamics=DYNAMICS))
         ipi = Path(sys.executable).parent / "i-pi"
         server = subprocess.Popen([str(ipi), "input.xml"], cwd=workdir, stdout=open(workdir / "ipi.log", "w"),  # noqa: SIM115 - open while i-PI runs
                                   stderr=subprocess.STDOUT)

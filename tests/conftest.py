@@ -57,3 +57,16 @@ def structures():
 def structure(request):
     """(name, atoms) for each awkward structure."""
     return request.param, awkward_structures()[request.param]
+
+
+def assert_ranks_pass(script: str, *args: str, expect: str, ranks: int = 2) -> None:
+    """Run ``tests/mpi_scripts/<script> *args`` under ``mpirun -n ranks`` and check that it
+    exited 0 and that every rank printed ``rank R: <expect>`` (its count of passed checks); the
+    output's tail is the failure message."""
+    from test_mpi import launch
+
+    proc, _ = launch("mpirun", ranks, script, *args)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    for rank in range(ranks):
+        assert f"rank {rank}: {expect}" in out, out[-4000:]

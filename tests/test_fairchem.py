@@ -26,6 +26,8 @@ from distmlip.models.fairchem import UMAModel  # noqa: E402
 from distmlip.testing import assert_partition_invariant, evaluate  # noqa: E402
 from distmlip.testing.adapters import ADAPTER_SPLITS, adapter_structures, assert_matches_calculator  # noqa: E402
 
+from conftest import assert_ranks_pass  # noqa: E402
+
 
 def make_uma(seed: int = 0, **extra):
     from fairchem.core.models.base import HydraModelV2
@@ -108,15 +110,21 @@ STRUCTURES = adapter_structures()
 SPLITS = ADAPTER_SPLITS
 
 
+def assert_float64_equals_fairchem(model, name: str) -> None:
+    """``wrap(model, task="omat")`` on structure ``name``, every split (1, 2, 3, 5 parts, both
+    modes, the structure's partitioners) against fairchem's float64 forward: 1e-11 absolute."""
+    atoms = STRUCTURES[name]
+    worst = assert_matches_calculator(
+        distmlip.wrap(model, task="omat"), None, atoms,
+        reference=fairchem_reference(model, atoms, torch.float64),
+        energy_atol=1e-11, forces_atol=1e-11, stress_atol=1e-11, partitioners=SPLITS[name])
+    print(name, worst)
+
+
 @pytest.mark.parametrize("name", list(STRUCTURES))
 def test_float64_equals_fairchem(uma64, name):
     """Every split (1, 2, 3, 5 parts), both modes, equals fairchem's float64 forward."""
-    atoms = STRUCTURES[name]
-    worst = assert_matches_calculator(
-        distmlip.wrap(uma64, task="omat"), None, atoms,
-        reference=fairchem_reference(uma64, atoms, torch.float64),
-        energy_atol=1e-11, forces_atol=1e-11, stress_atol=1e-11, partitioners=SPLITS[name])
-    print(name, worst)
+    assert_float64_equals_fairchem(uma64, name)
 
 
 @pytest.mark.parametrize("name", ["oxide", "molecule"])
@@ -150,13 +158,7 @@ def test_errors(uma32):
 @pytest.mark.slow
 def test_under_mpirun():
     """mpirun -n 2: the model split over two ranks equals the single-process result (1e-10)."""
-    from test_mpi import launch
-
-    proc, _ = launch("mpirun", 2, "adapter.py", "fairchem")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    for rank in range(2):
-        assert f"rank {rank}: fairchem 24 checks passed" in out, out[-4000:]
+    assert_ranks_pass("adapter.py", "fairchem", expect="fairchem 24 checks passed")
 
 
 # ---------------------------------------------------------------- mixture of experts
@@ -175,12 +177,7 @@ def test_moe_float64_equals_fairchem(moe64, name):
     """UMA's mixture of experts, unmerged (4 experts mixed by the whole system's composition
     embedding and the task): every split (1, 2, 3, 5 parts), both modes, equals fairchem's float64
     forward (1e-11 absolute; the parts of a split hold different compositions)."""
-    atoms = STRUCTURES[name]
-    worst = assert_matches_calculator(
-        distmlip.wrap(moe64, task="omat"), None, atoms,
-        reference=fairchem_reference(moe64, atoms, torch.float64),
-        energy_atol=1e-11, forces_atol=1e-11, stress_atol=1e-11, partitioners=SPLITS[name])
-    print(name, worst)
+    assert_float64_equals_fairchem(moe64, name)
 
 
 def test_moe_other_task_threads_and_bounded(moe64):
@@ -362,10 +359,4 @@ def test_predict_unit_errors(checkpoint):
 @pytest.mark.slow
 def test_moe_under_mpirun():
     """mpirun -n 2: the mixture of experts split over two ranks equals one process (1e-10)."""
-    from test_mpi import launch
-
-    proc, _ = launch("mpirun", 2, "adapter.py", "fairchem-moe")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    for rank in range(2):
-        assert f"rank {rank}: fairchem-moe 24 checks passed" in out, out[-4000:]
+    assert_ranks_pass("adapter.py", "fairchem-moe", expect="fairchem-moe 24 checks passed")

@@ -18,7 +18,7 @@ from distmlip.testing import (
 )
 from distmlip.testing.models import GlobalReadoutToy
 
-from test_mpi import launch
+from conftest import assert_ranks_pass
 
 RTOL = 1e-10
 
@@ -99,18 +99,10 @@ def test_global_sum_rejects_a_reduced_tensor(model):
 def test_global_sum_under_mpirun():
     """mpirun -n 2, 1 part per rank: the all-reduce and its backward across ranks (salt, slab,
     a molecule with fewer atoms than parts; both modes; grid, slab, METIS)."""
-    proc, _ = launch("mpirun", 2, "global_sum.py")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    for rank in range(2):
-        assert f"rank {rank}: 66 global-sum checks passed with 2 parts" in out, out[-4000:]
+    assert_ranks_pass("global_sum.py", expect="66 global-sum checks passed with 2 parts")
 
 
 @pytest.mark.mpi
 @pytest.mark.slow
 def test_global_sum_several_parts_per_rank():
-    proc, _ = launch("mpirun", 2, "global_sum.py", "2")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    for rank in range(2):
-        assert f"rank {rank}: 66 global-sum checks passed with 4 parts" in out, out[-4000:]
+    assert_ranks_pass("global_sum.py", "2", expect="66 global-sum checks passed with 4 parts")

@@ -31,6 +31,8 @@ from distmlip.testing.adapters import (  # noqa: E402
     calculator_reference,
 )
 
+from conftest import assert_ranks_pass  # noqa: E402
+
 
 def make_potential(seed: int = 0):
     from mattersim.forcefield.m3gnet.m3gnet import M3Gnet
@@ -111,10 +113,4 @@ def test_wrap_accepts_calculator_and_model(potential):
 @pytest.mark.slow
 def test_under_mpirun():
     """mpirun -n 2: MatterSim split over two ranks equals the single-process result (1e-10)."""
-    from test_mpi import launch
-
-    proc, _ = launch("mpirun", 2, "adapter.py", "mattersim")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    for rank in range(2):
-        assert f"rank {rank}: mattersim 24 checks passed" in out, out[-4000:]
+    assert_ranks_pass("adapter.py", "mattersim", expect="mattersim 24 checks passed")

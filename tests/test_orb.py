@@ -34,6 +34,8 @@ from distmlip.testing.adapters import (  # noqa: E402
     metal,
 )
 
+from conftest import assert_ranks_pass  # noqa: E402
+
 CAP = 8
 
 
@@ -147,10 +149,4 @@ def test_errors(orb64):
 @pytest.mark.slow
 def test_under_mpirun():
     """mpirun -n 2: Orb split over two ranks equals the single-process result (1e-10)."""
-    from test_mpi import launch
-
-    proc, _ = launch("mpirun", 2, "adapter.py", "orb")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    for rank in range(2):
-        assert f"rank {rank}: orb 24 checks passed" in out, out[-4000:]
+    assert_ranks_pass("adapter.py", "orb", expect="orb 24 checks passed")
