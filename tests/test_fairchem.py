@@ -242,10 +242,12 @@ def _task(name, dataset, prop, level, dim, rmsd, refs=None) -> dict:
     return task
 
 
-def write_uma_checkpoint(path, seed: int = 2, experts: int = 4, **backbone) -> None:
+def write_uma_checkpoint(path, seed: int = 2, experts: int = 4, head: str = "DatasetSpecificSingleHeadWrapper",
+                         **backbone) -> None:
     """An inference checkpoint in UMA's layout (a ``HydraModel`` config with the MoE backbone,
     ``model_id`` "UMA-S-1.2", a ``DatasetSpecificSingleHeadWrapper`` energy/forces/stress head,
     tasks with normalisers (energy scale 30 / 20) and element references), random weights.
+    ``head``: the energy head's wrapper (``DatasetSpecificMoEWrapper``: one expert per dataset).
     The element references are multiples of 1/64, so that fairchem's float32 sum of them is
     exact (fairchem adds them in the references' dtype, float32). ``backbone``: options of
     the backbone that replace the test's small ones (bench/bench_families.py uses larger)."""
@@ -257,7 +259,7 @@ def write_uma_checkpoint(path, seed: int = 2, experts: int = 4, **backbone) -> N
               "pass_through_head_outputs": True,
               "backbone": {"model": f"{uma}.escn_moe.eSCNMDMoeBackbone", "num_experts": experts,
                            "use_composition_embedding": True, **{**_MOE_BACKBONE, **backbone}},
-              "heads": {"efs": {"module": f"{uma}.escn_moe.DatasetSpecificSingleHeadWrapper",
+              "heads": {"efs": {"module": f"{uma}.escn_moe.{head}",
                                 "head_cls": f"{uma}.escn_md.MLP_EFS_Head",
                                 "dataset_names": ["omat", "omol"],
                                 "head_kwargs": {"wrap_property": False}}}}
@@ -319,6 +321,36 @@ def test_predict_unit_equals_fairchem_calculator(checkpoint, name):
                                                    dtype="float64"), atoms)
     refs = float(model.references[torch.as_tensor(atoms.numbers)].sum())
     assert abs(want["energy"] - (20.0 * bare["energy"] + refs)) <= 1e-9 * len(atoms)
+
+
+def test_dataset_specific_moe_head(tmp_path):
+    """UMA's ``DatasetSpecificMoEWrapper`` head (one expert per dataset, mixed by the task): the
+    adapter merges the task's expert; equal to FAIRChemCalculator for each task, float64, 1e-11,
+    1 and 3 parts; the two tasks' experts really differ."""
+    from fairchem.core.calculate.ase_calculator import FAIRChemCalculator
+
+    from distmlip.testing.adapters import calculator_reference
+
+    path = tmp_path / "uma-moe-head.pt"
+    write_uma_checkpoint(path, seed=5, head="DatasetSpecificMoEWrapper")
+    unit = predict_unit(path)
+    wrapper = unit.model.module.output_heads["efs"]
+    assert type(wrapper).__name__ == "DatasetSpecificMoEWrapper" and wrapper.merged_on_dataset is None
+    atoms = STRUCTURES["oxide"]
+    energies = {}
+    for task in ("omat", "omol"):
+        calc = FAIRChemCalculator(unit, task_name=task)
+        model = distmlip.wrap(unit, task=task)
+        want = calculator_reference(calc, atoms, full_periodicity=True)
+        assert_matches_calculator(model, None, atoms, reference=want, energy_atol=1e-11,
+                                  forces_atol=1e-11, stress_atol=1e-11, num_partitions=(1, 3),
+                                  dtype="float64")
+        energies[task] = (want["energy"] - float(model.references[torch.as_tensor(atoms.numbers)].sum())) \
+            / model.energy_scale
+    assert abs(energies["omat"] - energies["omol"]) > 1e-6, energies  # different experts
+    assert wrapper.merged_on_dataset is None  # the caller's module is not modified
+    with pytest.raises(ValueError, match=r"task: expected one of \['omat', 'omol'\]"):
+        distmlip.wrap(unit.model.module, task="oc20")
 
 
 def test_merged_predict_unit(checkpoint):
