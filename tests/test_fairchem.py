@@ -242,8 +242,8 @@ def _task(name, dataset, prop, level, dim, rmsd, refs=None) -> dict:
     return task
 
 
-def write_uma_checkpoint(path, seed: int = 2, experts: int = 4, head: str = "DatasetSpecificSingleHeadWrapper",
-                         **backbone) -> None:
+def write_uma_checkpoint(path, seed: int = 2, experts: int = 4,
+                         head: str = "DatasetSpecificSingleHeadWrapper", **backbone) -> None:
     """An inference checkpoint in UMA's layout (a ``HydraModel`` config with the MoE backbone,
     ``model_id`` "UMA-S-1.2", a ``DatasetSpecificSingleHeadWrapper`` energy/forces/stress head,
     tasks with normalisers (energy scale 30 / 20) and element references), random weights.
