@@ -1,5 +1,5 @@
 """Graph and plan reuse with a Verlet skin: MD step time with skin = 0 (rebuild every step) vs the
-default skin (0.5 Å) and 1.0 Å.
+default skin (0.5 Å) and 1.0 Å; NVE, and NPT (the cell changes every step).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_reuse.py      # writes bench/results/reuse.md
 
@@ -38,6 +38,10 @@ MODELS = {
                "skins": [0.0, 0.5, 1.0]},
     "sevennet": {"label": "SevenNet-0 (5 Å cutoff, 5 convolutions, float32)", "crystal": "tio2",
                  "reps": (3, 3, 5), "timestep": 1.0, "warmup": 6, "steps": 20, "skins": [0.0, 0.5]},
+    # NPT: the cell changes every step; the graph is kept while the strain-aware bound holds
+    "lj-npt": {"label": "Lennard-Jones as lj, ASE's MTKNPT at 0 GPa (tdamp 50 fs, pdamp 500 fs): "
+                        "the cell changes every step", "crystal": "cu", "reps": 24, "timestep": 2.0,
+               "warmup": 10, "steps": 40, "skins": [0.0, 0.5], "ensemble": "npt"},
 }
 
 
@@ -57,7 +61,7 @@ def build_system(name: str, spec: dict):
 
         atoms = crystal(["Ti", "O"], basis=[(0, 0, 0), (0.3048, 0.3048, 0)], spacegroup=136,
                         cellpar=[4.594, 4.594, 2.959, 90, 90, 90]).repeat(spec["reps"])
-    if name == "lj":
+    if name in ("lj", "lj-npt"):
         from distmlip.models import LennardJones
 
         model = LennardJones(epsilon=0.4, sigma=2.3, cutoff=5.0)
@@ -92,7 +96,13 @@ def worker(job: dict) -> dict:
     atoms.calc = calc
     MaxwellBoltzmannDistribution(atoms, temperature_K=2 * job["temperature"], rng=np.random.default_rng(0))
     Stationary(atoms)
-    dyn = VelocityVerlet(atoms, timestep=spec["timestep"] * units.fs)
+    if spec.get("ensemble") == "npt":
+        from ase.md.nose_hoover_chain import MTKNPT
+
+        dyn = MTKNPT(atoms, timestep=spec["timestep"] * units.fs, temperature_K=job["temperature"],
+                     pressure_au=0.0, tdamp=50 * units.fs, pdamp=500 * units.fs)
+    else:
+        dyn = VelocityVerlet(atoms, timestep=spec["timestep"] * units.fs)
     tag = f"{name} skin={skin}"
     t0 = time.perf_counter()
     for i in range(spec["warmup"]):
@@ -196,7 +206,7 @@ def main():
     lines = [
         "## Graph and plan reuse in MD (Verlet skin)", "",
         f"Command: `{cmd}`", "",
-        f"ASE VelocityVerlet from a perfect crystal with Maxwell-Boltzmann velocities at "
+        f"ASE VelocityVerlet (lj-npt: MTKNPT) from a perfect crystal with Maxwell-Boltzmann velocities at "
         f"{2 * args.temperature:g} K (equipartition brings a real potential's crystal to about "
         f"{args.temperature:g} K); warm-up steps untimed, then timed steps one at a time. One process, "
         f"{args.parts} part{'s' if args.parts != 1 else ''}, halo mode, one torch thread; each row a fresh "
