@@ -7,7 +7,11 @@ and modes:
 - the split result equals the unsplit one (LennardJones and SchNet, float64, ``rel_err`` <= 1e-10
   for energy, forces, per-atom energies and stress);
 - LennardJones equals ``ase.calculators.lj.LennardJones(epsilon, sigma, rc=cutoff, smooth=False)``
-  (the same truncated-and-shifted potential; tolerance 1e-8 as in tests/test_equivalence.py).
+  (the same truncated-and-shifted potential; tolerance 1e-8 as in tests/test_equivalence.py);
+- a calculator that built its graph (with a random skin) on a system and is then given the system
+  strained (random 3x3 deformation of up to 6 %) with atoms moved (up to 0.3 Å) equals a new
+  calculator built on the strained system, whether it kept its graph (``Runner._stale``'s bound)
+  or rebuilt.
 
 Inputs the calculator rightly refuses are avoided by construction: cells are lower-triangular with
 diagonal entries >= 2 Å (never singular; no lattice vector shorter than 2 Å, so no atom is close
@@ -34,7 +38,7 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 from ase import Atoms  # noqa: E402
 from ase.neighborlist import neighbor_list  # noqa: E402
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from distmlip import DistributedCalculator  # noqa: E402
@@ -219,6 +223,38 @@ def _check_lj_ase(params, atoms, split, skip_near_cutoff=True):
     _assert_close(got, ref, RTOL_ASE, f"LennardJones {partitioner}/{parts}/{mode} vs ASE", atoms)
 
 
+deformations = st.fixed_dictionaries({
+    "strain": st.lists(st.floats(-0.06, 0.06), min_size=9, max_size=9),
+    "move": st.floats(0.0, 0.3),
+    "skin": st.floats(0.05, 1.5),
+    "seed": st.integers(0, 2**32 - 1),
+})
+
+
+def _check_deformed_reuse(params, atoms, split, deformation):
+    """Build on ``atoms``, then evaluate ``atoms`` deformed: equal to a fresh build there."""
+    partitioner, parts, mode = split
+    _not_too_dense(atoms, params["cutoff"] + deformation["skin"], split)
+    model = LennardJones(**params)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="backend='local' under")
+        kept = DistributedCalculator(model, num_partitions=parts, partitioner=partitioner, mode=mode,
+                                     backend="local", skin=deformation["skin"])
+    evaluate(kept, atoms)
+    strained = atoms.copy()
+    strain = np.eye(3) + np.reshape(deformation["strain"], (3, 3))
+    strained.set_cell(atoms.cell[:] @ strain, scale_atoms=True)
+    rng = np.random.default_rng(deformation["seed"])
+    strained.positions += deformation["move"] * rng.uniform(-1, 1, size=(len(atoms), 3)) / np.sqrt(3)
+    # the strain and moves may bring two atoms within the calculator's refusal distance: skip
+    assume(len(atoms) < 2 or neighbor_list("d", strained, 0.01).size == 0)
+    got = evaluate(kept, strained)
+    event("kept the graph" if kept.graph_builds == 1 else "rebuilt")
+    ref = evaluate(_calc(model, 1), strained)
+    _assert_close(got, ref, RTOL_SPLIT, f"LennardJones {partitioner}/{parts}/{mode}, skin "
+                  f"{deformation['skin']:.3f}, deformed, vs a fresh build", strained)
+
+
 # LJ with sigma up to 3 Å: keep atoms >= 0.6 Å apart so that energies stay below ~1e9 eV, where
 # ASE's own float64 sums remain meaningful at 1e-8.
 LJ_SYSTEMS = systems(min_dist_range=(0.6, 1.8))
@@ -250,6 +286,12 @@ def test_schnet_split_equals_unsplit_few_atoms(params, atoms, split):
 @given(params=lj_params, atoms=LJ_SYSTEMS, split=splits)
 def test_lennard_jones_equals_ase(params, atoms, split):
     _check_lj_ase(params, atoms, split)
+
+
+@FAST
+@given(params=lj_params, atoms=LJ_SYSTEMS, split=splits, deformation=deformations)
+def test_deformed_cell_reuse_equals_fresh_build(params, atoms, split, deformation):
+    _check_deformed_reuse(params, atoms, split, deformation)
 
 
 def test_lennard_jones_pair_exactly_at_cutoff():
@@ -294,3 +336,10 @@ def test_deep_schnet_split_equals_unsplit_few_atoms(params, atoms, split):
 @given(params=lj_params, atoms=LJ_SYSTEMS, split=splits)
 def test_deep_lennard_jones_equals_ase(params, atoms, split):
     _check_lj_ase(params, atoms, split)
+
+
+@pytest.mark.slow
+@DEEP
+@given(params=lj_params, atoms=LJ_SYSTEMS, split=splits, deformation=deformations)
+def test_deep_deformed_cell_reuse_equals_fresh_build(params, atoms, split, deformation):
+    _check_deformed_reuse(params, atoms, split, deformation)
