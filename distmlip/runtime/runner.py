@@ -450,11 +450,13 @@ class Runner:
         elements, or an atom moved too far for the graph to still hold every pair within the cutoff.
 
         Unchanged cell: the graph (built with cutoff + skin) holds every such pair while no atom has
-        moved more than skin / 2. Changed cell (fully periodic; NPT, cell relaxations): write each
-        atom as the build position carried along by the cell's deformation ``M = inv(h0) h`` plus
-        ``u``; a pair at distance ``d0 >= cutoff + skin`` at the build is now at least
-        ``sigma_min(M) d0 - 2 max|u|`` apart, so the graph still holds every pair while
-        ``2 max|u| <= sigma_min(M) (cutoff + skin) - cutoff`` (with M = 1 this is the rule above)."""
+        moved more than skin / 2. Changed cell (NPT, cell relaxations): write each atom as the build
+        position carried along by the cell's deformation ``M = inv(h0) h`` plus ``u``; a pair at
+        distance ``d0 >= cutoff + skin`` at the build (image shifts ``S``: ``S h = S h0 M``) is now
+        at least ``sigma_min(M) d0 - 2 max|u|`` apart, so the graph still holds every pair while
+        ``2 max|u| <= sigma_min(M) (cutoff + skin) - cutoff`` (with M = 1 this is the rule above).
+        Open directions have no images: both cells take the build's completed vectors there, so a
+        changed vacuum vector does not count (a molecule's cell never does)."""
         b = self._built
         if b is None or len(positions) != len(b.positions):
             return True
@@ -463,9 +465,15 @@ class Runner:
         if np.array_equal(cell, b.cell):
             moved = positions - b.positions
             room = self.skin
-        elif pbc.all():
+        else:
+            from ..graph.neighbors import complete_cell
+
+            # open directions carry no images: their vectors keep the build's (completed) ones
+            old = complete_cell(b.cell, pbc)
+            new = old.copy()
+            new[pbc] = cell[pbc]
             try:
-                deform = np.linalg.solve(b.cell, cell)  # rows: x = f h, so x0 @ inv(h0) @ h
+                deform = np.linalg.solve(old, new)  # rows: x = f h, so x0 @ inv(h0) @ h
             except np.linalg.LinAlgError:
                 return True
             moved = positions - b.positions @ deform
@@ -473,8 +481,6 @@ class Runner:
                 - self.cutoff
             if not room > 0:
                 return True
-        else:  # a changed cell with open directions: rebuild
-            return True
         moved = np.einsum("ij,ij->i", moved, moved)
         return bool(moved.max(initial=0.0) > (0.5 * room) ** 2)
 
