@@ -24,6 +24,7 @@ from distmlip import DistributedCalculator
 from distmlip.testing.structures import fcc_bulk
 
 from conftest import make_schnet
+from test_bounded_memory import one_at_a_time
 
 TOL_POS = 1e-9  # Å
 TOL_E = 1e-9  # eV
@@ -212,15 +213,6 @@ def test_graph_reuse_equals_fresh_build_every_step():
         assert max(worst) <= 1e-10, f"{kwargs}: worst relative difference {max(worst):.2e}"
 
 
-def _one_at_a_time(model, parts, **options) -> DistributedCalculator:
-    from distmlip.runtime import Runner
-
-    calc = DistributedCalculator(model, parts, **options)
-    calc.runner = Runner(model, calc.devices, calc.dtype, calc.partitioner, calc.mode, parts,
-                         calc.skin, sequential=True)
-    return calc
-
-
 def test_deformed_cell_reuses_the_graph_exactly():
     """A small deformation of the cell (NPT, cell relaxation) keeps the graph and plan while
     the bound of ``Runner._stale`` holds (every pair within the cutoff is still listed): each
@@ -244,7 +236,7 @@ def test_deformed_cell_reuses_the_graph_exactly():
     for make in (lambda skin: DistributedCalculator(model, 3, skin=skin),
                  lambda skin: DistributedCalculator(model, 4, skin=skin, mode="extended",
                                                     partitioner="metis"),
-                 lambda skin: _one_at_a_time(model, 3, skin=skin, device=["cpu", "cpu"])):
+                 lambda skin: one_at_a_time(model, 3, skin=skin, device=["cpu", "cpu"])):
         calc, fresh = make(0.6), make(0.0)
         worst = [compare(calc, fresh, base)]
         for strain, move in zip(strains, moves, strict=True):
@@ -313,7 +305,7 @@ def test_npt_reuses_the_graph(lj_model):
         dyn.run(40)
         runs.append((frames, a.calc.graph_builds))
     (reuse, builds), (fresh, fresh_builds) = runs
-    assert fresh_builds >= 41 and builds < 10, (builds, fresh_builds)
+    assert fresh_builds >= 41 and builds <= 3, (builds, fresh_builds)
     for (x1, c1, e1, s1), (x2, c2, e2, s2) in zip(reuse, fresh, strict=True):
         assert np.abs(x1 - x2).max() <= TOL_POS and np.abs(c1 - c2).max() <= TOL_POS
         assert abs(e1 - e2) <= TOL_E and np.abs(s1 - s2).max() <= 1e-10

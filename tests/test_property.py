@@ -139,11 +139,11 @@ schnet_params = st.fixed_dictionaries({
 
 # ---------------------------------------------------------------------------------- checks
 
-def _calc(model, parts, partitioner="grid", mode="halo"):
+def _calc(model, parts, partitioner="grid", mode="halo", **options):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="backend='local' under")
         return DistributedCalculator(model, num_partitions=parts, partitioner=partitioner,
-                                     mode=mode, backend="local")
+                                     mode=mode, backend="local", **options)
 
 
 def _describe(atoms):
@@ -236,10 +236,7 @@ def _check_deformed_reuse(params, atoms, split, deformation):
     partitioner, parts, mode = split
     _not_too_dense(atoms, params["cutoff"] + deformation["skin"], split)
     model = LennardJones(**params)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="backend='local' under")
-        kept = DistributedCalculator(model, num_partitions=parts, partitioner=partitioner, mode=mode,
-                                     backend="local", skin=deformation["skin"])
+    kept = _calc(model, parts, partitioner, mode, skin=deformation["skin"])
     evaluate(kept, atoms)
     strained = atoms.copy()
     strain = np.eye(3) + np.reshape(deformation["strain"], (3, 3))

@@ -302,7 +302,7 @@ def _installed(adapter: str) -> tuple[str, str | None]:
     from ..models import registry
 
     dist = _DISTRIBUTIONS.get(adapter, adapter)
-    root = getattr(registry, "_ROOTS", {}).get(adapter, (adapter,))[0]
+    root = registry._ROOTS[adapter][0]
     try:
         found = importlib.util.find_spec(root) is not None
     except (ImportError, ValueError):

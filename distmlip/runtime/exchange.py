@@ -32,10 +32,10 @@ class CommunicationError(RuntimeError):
     waiting for, if known. ``printed``: the message was already written to stderr (the runner
     does so at once, before a launcher may kill the process), so a caller need not repeat it."""
 
-    def __init__(self, message: str, peers=()):
+    def __init__(self, message: str, peers=(), printed: bool = False):
         super().__init__(message)
         self.peers = list(peers)
-        self.printed = False
+        self.printed = printed
 
 
 class PeerFailed(RuntimeError):

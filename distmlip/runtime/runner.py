@@ -440,9 +440,7 @@ class Runner:
                    f"out (timeout {self.timeout:g} s) because "
                    + (status or "a peer has failed, died or hung") + f". {exc}")
         print(f"distmlip: {message}", file=sys.stderr, flush=True)
-        error = CommunicationError(message)
-        error.printed = True
-        return error
+        return CommunicationError(message, printed=True)
 
     # ------------------------------------------------------------------ building
     def _stale(self, positions, cell, pbc, numbers) -> bool:
