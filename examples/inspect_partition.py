@@ -38,7 +38,7 @@ def main():
     print(f"imbalance {owned.max() / owned.mean():.3f}, redundancy {plan.redundancy():.3f}, "
           f"halo {plan.halo_fraction():.2f} x the atoms")
     if args.plot:
-        from distmlip.cli.commands import plot_partition
+        from distmlip.partition.plot import plot_partition
 
         plot_partition(atoms, plan, args.plot, show_part=0)
         print(f"wrote {args.plot}")

@@ -26,8 +26,8 @@ from ase.build import bulk
 from ase.io import write
 
 from distmlip import DistributedCalculator
+from distmlip.drivers.ipi import serve_ipi
 from distmlip.models import SchNet
-from distmlip.serve import serve_ipi
 
 # i-PI's input.xml: what it writes ({outputs}), the sockets it asks for forces ({forcefields}; i-PI
 # sums the forces of every <force> in {forces}), the start (init.extxyz, thermal velocities) and the

@@ -12,7 +12,6 @@ import os
 import runpy
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import ase.io
@@ -20,9 +19,11 @@ import numpy as np
 import pytest
 from ase.build import bulk
 
+import distmlip.md as md_module
 from distmlip import DistributedCalculator
 from distmlip.cli import main
-from distmlip.cli import md as md_module
+from distmlip.md import checkpoint as md_checkpoint
+from distmlip.md import loop as md_loop
 from distmlip.models import LennardJones
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +129,7 @@ def test_crash_while_writing_a_checkpoint(cu, tmp_path, monkeypatch):
     opts = ["--ensemble", "nvt", "--write-every", "4"]
     assert md(cu, tmp_path / "full", 14, *opts) == 0
     calls = []
-    real = md_module._savez
+    real = md_checkpoint._savez
 
     def dying(f, **arrays):
         calls.append(1)
@@ -137,10 +138,10 @@ def test_crash_while_writing_a_checkpoint(cu, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         real(f, **arrays)
 
-    monkeypatch.setattr(md_module, "_savez", dying)
+    monkeypatch.setattr(md_checkpoint, "_savez", dying)
     out = tmp_path / "crash"
     assert md(cu, out, 14, *opts) == 2
-    monkeypatch.setattr(md_module, "_savez", real)
+    monkeypatch.setattr(md_checkpoint, "_savez", real)
     assert (out / "checkpoint.npz.tmp").exists()
     assert md_module.load_checkpoint(out)["step"] == 4
     assert read_log(out)[-1]["step"] == "8"  # rows past the checkpoint, to be dropped
@@ -263,7 +264,7 @@ def test_checkpoint_round_trips_the_structure(tmp_path):
     for name in ("initial_charges", "initial_magmoms", "tags"):
         assert np.array_equal(back.arrays[name], atoms.arrays[name])
     assert np.array_equal(back.get_momenta(), atoms.get_momenta())
-    assert md_module._structure_meta(atoms)["dropped_info"] == ["opaque"]
+    assert md_checkpoint._structure_meta(atoms)["dropped_info"] == ["opaque"]
 
 
 def test_relax_keeps_selective_dynamics(tmp_path, capsys):
@@ -342,13 +343,13 @@ def test_npt_mtk_runs_compresses_and_restarts_exactly(cu, tmp_path, barostat, mo
 
     # without the chains' state the continued run is a different one
     assert md(cu, tmp_path / "lossy", 12, *opts, "--pressure", "5") == 0
-    monkeypatch.setattr(md_module, "restore_dynamics_state", lambda dyn, settings, state: None)
+    monkeypatch.setattr(md_loop, "restore_dynamics_state", lambda dyn, settings, state: None)
     assert main(["md", "--restart", str(tmp_path / "lossy"), "--steps", "30", "--quiet"]) == 0
     assert np.abs(final(tmp_path / "lossy").positions - end.positions).max() > 1e-6
     monkeypatch.undo()
 
     # an integrator whose state the checkpoint could not take: the restart is refused
-    monkeypatch.setattr(md_module, "dynamics_state", lambda dyn, settings: None)
+    monkeypatch.setattr(md_loop, "dynamics_state", lambda dyn, settings: None)
     assert md(cu, tmp_path / "stateless", 4, *opts) == 0
     monkeypatch.undo()
     capsys.readouterr()
@@ -360,7 +361,7 @@ def test_npt_mtk_runs_compresses_and_restarts_exactly(cu, tmp_path, barostat, mo
 def test_restart_of_a_log_without_the_volume_column(cu, tmp_path, monkeypatch):
     """A run directory written before ``volume_A3`` was logged continues with its own columns."""
     old = tuple(c for c in md_module.LOG_COLUMNS if c != "volume_A3")
-    monkeypatch.setattr(md_module, "LOG_COLUMNS", old)
+    monkeypatch.setattr(md_loop, "LOG_COLUMNS", old)
     assert md(cu, tmp_path / "r", 3) == 0
     monkeypatch.undo()
     assert main(["md", "--restart", str(tmp_path / "r"), "--steps", "6", "--quiet"]) == 0
@@ -606,7 +607,9 @@ def test_serve_hands_calculator_and_address_to_serve_ipi(cu, monkeypatch, capsys
         seen.update(calc=calculator, atoms=atoms, address=address, timeout=timeout)
         return 7
 
-    monkeypatch.setitem(sys.modules, "distmlip.serve", types.SimpleNamespace(serve_ipi=serve_ipi))
+    from distmlip.cli import commands
+
+    monkeypatch.setattr(commands, "serve_ipi", serve_ipi)
     assert main(["serve", str(cu), "--model", LJ, "-p", "2", "--ipi", "unix:dm",
                  "--socket-timeout", "5"]) == 0
     assert seen["address"] == "unix:dm" and seen["timeout"] == 5.0 and len(seen["atoms"]) == 32

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: the subpackages whose ``__all__`` README.md lists in full
 LISTED = ("distmlip.models", "distmlip.partition", "distmlip.runtime", "distmlip.graph",
-          "distmlip.calculators")
+          "distmlip.calculators", "distmlip.md", "distmlip.drivers")
 
 
 def _public_api_section() -> str:

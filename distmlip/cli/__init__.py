@@ -21,27 +21,24 @@ import os
 import sys
 import traceback
 
+from ..runtime.launch import detect_launch
+from . import commands, demo, md
 from ._common import CLIError, translate
+from ._parser import Parser
 
 __all__ = ["main"]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one line (no usage block)."""
-
-    def error(self, message):
-        raise CLIError(f"{message} (see `{self.prog} --help`)", self.prog)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from . import commands, md
-
-    parser = _Parser(prog="distmlip", description=__doc__.split("\n\n")[0],
+    """The ``distmlip`` parser: the subcommands of ``md``, ``commands`` and ``demo``, which import
+    no other subcommand's module."""
+    parser = Parser(prog="distmlip", description=__doc__.split("\n\n")[0],
                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--version", action="version", version=f"distmlip {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     md.add_parser(sub)
     commands.add_parsers(sub)
+    demo.add_parser(sub)
     for p in sub.choices.values():
         p.add_argument("--verbose", "-v", action="store_true", help="print tracebacks of errors")
     return parser
@@ -70,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         if argv and argv[0] in ("bench",):  # everything after `bench` belongs to bench/run.py
-            from .commands import bench
-
-            return bench(argv[1:])
+            return commands.bench(argv[1:])
         args, unknown = parser.parse_known_args(argv)
         if args.command is None:
             parser.print_help()
@@ -104,8 +99,6 @@ def _rank_prefix(every_rank: bool) -> str | None:
     launcher when ``every_rank``; ``None``: stay silent (a rank other than 0 while the command line
     is parsed, which every rank does alike)."""
     try:
-        from ..runtime.launch import detect_launch
-
         launch = detect_launch()
     except Exception:  # noqa: BLE001 - cannot tell: speak
         return ""

@@ -1,4 +1,4 @@
-"""``distmlip run | relax | partition | models | plot | bench | serve | demo``."""
+"""``distmlip run | relax | partition | models | plot | bench | serve``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..drivers.ipi import serve_ipi
+from ..graph import NeighborGraph
+from ..md import plot_run
+from ..partition import PartitionPlan
+from ..partition.plot import partition_table, plot_partition
+from ..typing import MODES, PARTITIONERS
 from ._common import (
     REFERENCE_MODELS,
     CLIError,
@@ -21,8 +27,9 @@ from ._common import (
     read_structure,
     repeat_structure,
 )
+from .md import library_errors
 
-__all__ = ["add_parsers", "bench", "partition_table", "plot_partition"]
+__all__ = ["add_parsers", "bench"]
 
 
 def _structure_args(p, model_required: bool = True) -> None:
@@ -64,8 +71,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--layers", type=int, default=None,
                    help="message-passing layers (extended mode's halo depth; from --model if given)")
     p.add_argument("--partitions", "-p", type=int, default=2, help="number of parts (default 2)")
-    from ..typing import MODES, PARTITIONERS
-
     p.add_argument("--partitioner", choices=PARTITIONERS, default="grid")
     p.add_argument("--mode", choices=MODES, default="halo")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a picture of parts and halos")
@@ -90,10 +95,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--socket-timeout", type=float, default=None, help="seconds to wait for the server")
     add_calculator_options(p)
     p.set_defaults(func=serve)
-
-    from . import demo
-
-    demo.add_parser(sub)
 
 
 # ----------------------------------------------------------------------------- run
@@ -172,60 +173,7 @@ def relax(args) -> int:
 
 
 # ----------------------------------------------------------------------------- partition
-def partition_table(plan) -> str:
-    """A per-part table of a ``PartitionPlan``: owned atoms, halo, local edges; then totals."""
-    owned = np.array([p.num_owned for p in plan.parts])
-    halo = np.array([p.num_halo for p in plan.parts])
-    edges = np.array([len(p.edges) for p in plan.parts])
-    lines = [f"{'part':>5} {'owned':>8} {'halo':>8} {'halo/owned':>10} {'edges':>10}"]
-    for p, o, h, e in zip(plan.parts, owned, halo, edges, strict=True):
-        lines.append(f"{p.index:>5} {o:>8} {h:>8} {h / max(o, 1):>10.2f} {e:>10}")
-    mean = owned.mean() if len(owned) else 0.0
-    lines.append(f"{'total':>5} {owned.sum():>8} {halo.sum():>8} {halo.sum() / max(owned.sum(), 1):>10.2f} "
-                 f"{edges.sum():>10}")
-    lines.append(f"imbalance (max/mean owned) {owned.max() / mean if mean else float('nan'):.3f}; "
-                 f"edge imbalance {edges.max() / edges.mean() if edges.sum() else float('nan'):.3f}; "
-                 f"redundancy (edges evaluated / graph edges {plan.num_edges}) {plan.redundancy():.3f}; "
-                 f"halo {plan.halo_fraction():.3f} of the atoms")
-    return "\n".join(lines)
-
-
-def plot_partition(atoms, plan, path, show_part: int = 0) -> None:
-    """Two panels projected on the cell's two longest axes: every atom coloured by its owner, and
-    part ``show_part``'s owned atoms and halo."""
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-
-    pos = atoms.positions
-    axes_order = np.argsort(-np.ptp(pos, axis=0))[:2] if len(pos) > 1 else np.array([0, 1])
-    a, b = (int(i) for i in sorted(axes_order))
-    xy = pos[:, [a, b]]
-    names = "xyz"
-    cmap = colormaps["tab20" if plan.num_parts > 10 else "tab10"]
-    size = max(2.0, min(40.0, 6000.0 / max(len(pos), 1)))
-    fig = Figure(figsize=(11, 5), layout="constrained")
-    left, right = fig.subplots(1, 2, sharex=True, sharey=True)
-    left.scatter(xy[:, 0], xy[:, 1], c=[cmap(o % cmap.N) for o in plan.owner], s=size, lw=0)
-    left.set_title(f"{plan.num_parts} parts: atoms coloured by owner")
-    part = next(p for p in plan.parts if p.index == show_part)
-    owned, halo = part.atoms[:part.num_owned], part.atoms[part.num_owned:]
-    right.scatter(xy[:, 0], xy[:, 1], c="0.85", s=size, lw=0, label="other atoms")
-    right.scatter(*xy[owned].T, color=cmap(show_part % cmap.N), s=size, lw=0,
-                  label=f"owned by part {show_part}")
-    right.scatter(*xy[halo].T, facecolors="none", edgecolors="k", s=size * 1.6, lw=0.6,
-                  label=f"halo ({plan.num_hops} hop{'s' if plan.num_hops > 1 else ''})")
-    right.set_title(f"part {show_part}: {part.num_owned} owned, {part.num_halo} halo ({plan.mode} mode)")
-    right.legend(loc="upper right", fontsize=8, markerscale=1.5)
-    for ax in (left, right):
-        ax.set_xlabel(f"{names[a]} (Å)")
-        ax.set_aspect("equal")
-    left.set_ylabel(f"{names[b]} (Å)")
-    fig.savefig(path, dpi=120)
-
-
 def partition(args) -> int:
-    from ..graph import NeighborGraph
-    from ..partition import PartitionPlan
 
     if (args.model is None) == (args.cutoff is None):
         raise CLIError("--cutoff/--model: expected exactly one (the graph's cutoff, or a model's), "
@@ -384,9 +332,9 @@ def _check_models(rows) -> int:
 
 # ----------------------------------------------------------------------------- plot, bench, serve
 def plot(args) -> int:
-    from .md import plot_run
-
-    for path in plot_run(args.directory):
+    with library_errors(directory="DIR"):
+        written = plot_run(args.directory)
+    for path in written:
         print(f"wrote {path}")
     return 0
 
@@ -409,10 +357,6 @@ def serve(args) -> int:
             print(f"distmlip serve: note: the structure's constraints ({', '.join(names)}) are not "
                   f"applied to the forces sent; constrain the atoms in i-PI (e.g. <fixatoms>)",
                   file=sys.stderr)
-    try:
-        from ..serve import serve_ipi
-    except ImportError as exc:
-        raise CLIError(f"serve: expected distmlip.serve in this installation, got {exc}") from None
     count = serve_ipi(calc, atoms, args.ipi, timeout=args.socket_timeout)
     if calc.rank == 0:
         print(f"served {count} force evaluations to {args.ipi}")

@@ -19,6 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..calculators import DistributedCalculator
+from ..md import TRAJECTORY
+from ..models import SchNet
+from ..partition.plot import plot_partition
+from ..runtime import estimate_memory
+from ..testing import count_work
+from . import md
+from ._common import check_writable_dir, load_model
+from ._parser import Parser
+
 __all__ = ["add_parser", "command"]
 
 
@@ -48,10 +58,6 @@ def _rutile():
 def command(args) -> int:
     import ase.io
 
-    from . import main
-    from ._common import check_writable_dir
-    from .md import TRAJECTORY
-
     t_start = time.perf_counter()
     warnings.filterwarnings("ignore", message="No tensor product accelerator")  # sevenn's, on CPU
     out = check_writable_dir(args.output)
@@ -70,7 +76,7 @@ def command(args) -> int:
                "--write-every", str(max(1, args.steps // 4)),
                "--output", str(out / "md"), "--overwrite", "--plot"]
     print("$ distmlip " + " ".join(md_args))
-    status = main(md_args + (["--quiet"] if args.quiet else []))
+    status = _md(md_args + (["--quiet"] if args.quiet else []))
     if status:
         return status
     atoms = ase.io.read(out / "md" / TRAJECTORY, index=-1, parallel=False)
@@ -84,11 +90,14 @@ def command(args) -> int:
     return 1 if failed else 0
 
 
-def _table(atoms, model_name: str, parts: int, out: Path) -> list[str]:
-    from ..calculators import DistributedCalculator
-    from ._common import load_model
-    from .commands import plot_partition
+def _md(argv: list[str]) -> int:
+    """``distmlip md ARGV`` in this process (its errors reach the caller as ``CLIError``)."""
+    parser = Parser(prog="distmlip")
+    md.add_parser(parser.add_subparsers(dest="command", parser_class=Parser))
+    return int(md.command(parser.parse_args(argv)) or 0)
 
+
+def _table(atoms, model_name: str, parts: int, out: Path) -> list[str]:
     print(f"\n== 2. the last frame ({len(atoms)} atoms): split vs whole vs the package's own calculator ==")
     model = load_model(model_name)
     rows = []
@@ -124,10 +133,6 @@ def _table(atoms, model_name: str, parts: int, out: Path) -> list[str]:
 
 def _schnet(n_atoms: int, parts: int) -> list[str]:
     from ase.build import bulk
-
-    from .. import DistributedCalculator, estimate_memory
-    from ..models import SchNet
-    from ..testing import count_work
 
     n = max(1, round((n_atoms / 4) ** (1 / 3)))
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((n, n, n))

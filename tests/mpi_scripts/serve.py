@@ -9,8 +9,8 @@ import numpy as np
 from ase.build import bulk
 
 from distmlip import DistributedCalculator
+from distmlip.drivers.ipi import serve_ipi
 from distmlip.models import LennardJones
-from distmlip.serve import serve_ipi
 
 
 def structure():
