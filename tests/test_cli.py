@@ -267,6 +267,20 @@ def test_checkpoint_round_trips_the_structure(tmp_path):
     assert md_checkpoint._structure_meta(atoms)["dropped_info"] == ["opaque"]
 
 
+def test_md_library_names_fields_and_the_cli_names_flags(tmp_path, cu, capsys):
+    """distmlip.md raises ValueError naming the field or argument; `distmlip md` names the flag."""
+    with pytest.raises(ValueError, match=r"^temperature_K: expected a number of K >= 0, got -1.0"):
+        md_module.MDSettings(model="lj", temperature_K=-1.0)
+    atoms = ase.io.read(cu)
+    calc = DistributedCalculator(LennardJones(0.4, 2.3, 5.0))
+    with pytest.raises(ValueError, match=r"^write_every: expected an integer >= 1, got 0"):
+        md_module.run_md(atoms, calc, md_module.MDSettings(model="lj"), tmp_path / "r", 2, write_every=0)
+    with pytest.raises(ValueError, match=r"^directory: expected a run directory holding checkpoint.npz"):
+        md_module.load_checkpoint(tmp_path)
+    assert md(cu, tmp_path / "o", 2, "--write-every", "0") == 2
+    assert "distmlip md: error: --write-every: expected an integer >= 1, got 0" in capsys.readouterr().err
+
+
 def test_relax_keeps_selective_dynamics(tmp_path, capsys):
     """A POSCAR with selective dynamics (F F F on two atoms): FIRE leaves them where they are and
     the relaxed extxyz holds the constraint; `run` reports the model's forces on them."""

@@ -561,3 +561,16 @@ def test_any_ase_calculator_is_served_until_exit():
         assert abs(energy - direct.get_potential_energy()) <= 1e-12 * max(1, abs(energy))
         np.testing.assert_allclose(forces, direct.get_forces(), rtol=0, atol=1e-12)
         np.testing.assert_allclose(stress, direct.get_stress(), rtol=0, atol=1e-12)
+
+
+def test_old_module_name_is_a_deprecated_alias(monkeypatch):
+    """`distmlip.serve` (the drivers' old home) still imports, warning, with the same objects."""
+    import importlib
+
+    import distmlip.drivers as drivers
+
+    monkeypatch.delitem(sys.modules, "distmlip.serve", raising=False)
+    with pytest.warns(DeprecationWarning, match="2026-12-02.*distmlip.drivers"):
+        old = importlib.import_module("distmlip.serve")
+    for name in old.__all__:
+        assert getattr(old, name) is getattr(drivers, name)
