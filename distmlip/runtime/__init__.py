@@ -5,8 +5,8 @@
 launch detection are internal: import them from their modules (``distmlip.runtime.shards``, ...).
 """
 
-from .exchange import CommunicationError
-from .memory import estimate_memory
+from ..errors import CommunicationError
+from .budget import estimate_memory
 from .runner import Evaluation, Runner
 
 __all__ = ["CommunicationError", "Evaluation", "Runner", "estimate_memory"]

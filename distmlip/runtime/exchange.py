@@ -21,21 +21,11 @@ import time
 
 import torch
 
+from ..errors import CommunicationError
 from ..models.base import HaloExchange
 from .shards import Shard
 
 __all__ = ["CommunicationError", "Hub", "LocalExchange", "P2PExchange", "PeerFailed"]
-
-
-class CommunicationError(RuntimeError):
-    """A peer rank failed, died or did not answer in time. ``peers``: the ranks this one was
-    waiting for, if known. ``printed``: the message was already written to stderr (the runner
-    does so at once, before a launcher may kill the process), so a caller need not repeat it."""
-
-    def __init__(self, message: str, peers=(), printed: bool = False):
-        super().__init__(message)
-        self.peers = list(peers)
-        self.printed = printed
 
 
 class PeerFailed(RuntimeError):

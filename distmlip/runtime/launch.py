@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from .exchange import CommunicationError
+from ..errors import CommunicationError
 
 __all__ = ["CommunicationError", "Launch", "detect_launch", "init_distributed",
            "install_failure_hook", "report_failure", "reported_failures", "is_comm_failure",
