@@ -20,6 +20,7 @@ import threading
 import time
 
 import torch
+import torch.distributed as dist
 
 from ..errors import CommunicationError
 from ..models.base import HaloExchange
@@ -170,8 +171,6 @@ class P2PExchange(HaloExchange):
 
     def all_reduce(self, value: torch.Tensor, backward: bool) -> torch.Tensor:
         """The sum over ranks of ``value`` (a new tensor)."""
-        import torch.distributed as dist
-
         t0 = time.perf_counter()
         out = value.detach().clone().contiguous()
         try:
@@ -188,8 +187,6 @@ class P2PExchange(HaloExchange):
         """Forward (``tensors``: the owned rows): send each peer its rows, return the blocks
         received (in ``recv_from`` order). Backward (``tensors``: gradients of those blocks): send
         them home, return the gradients received for ``send_rows``."""
-        import torch.distributed as dist
-
         t0 = time.perf_counter()
         if backward:
             outgoing = [(q, g) for (q, _), g in zip(self.recv_from, tensors, strict=True)]

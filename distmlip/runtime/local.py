@@ -104,8 +104,8 @@ def run_model(model: DistributableModel, local: LocalGraph) -> torch.Tensor:
     """Run ``model`` on ``local`` and return the owned atoms' energies, checking the output."""
     with torch.enable_grad():
         out = model(local)
-    n, owned = local.num_nodes, local.num_owned
-    if not isinstance(out, torch.Tensor) or out.ndim != 1 or not owned <= out.shape[0] <= n:
+    n, num_owned = local.num_nodes, local.num_owned
+    if not isinstance(out, torch.Tensor) or out.ndim != 1 or not num_owned <= out.shape[0] <= n:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(
             f"model: {type(model).__name__}.forward must return per-atom energies of shape "
@@ -116,7 +116,7 @@ def run_model(model: DistributableModel, local: LocalGraph) -> torch.Tensor:
             f"model: {type(model).__name__}.forward must return per-atom energies as a floating "
             f"tensor (differentiable with respect to graph.edge_vec), got dtype {out.dtype}"
         )
-    return out[:owned]
+    return out[:num_owned]
 
 
 def composition_of(numbers: np.ndarray, device) -> torch.Tensor:
