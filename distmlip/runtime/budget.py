@@ -13,7 +13,7 @@ from ase import Atoms
 from ..graph.neighbors import as_ase_atoms, validate_system
 from ..models.base import DistributableModel
 from ..options import DEFAULT_SKIN, Options
-from .build import Builder, _Built
+from .build import Builder, Built
 from .comm import LocalComm
 from .local import inside_cutoff, replica
 from .memory import (
@@ -50,7 +50,7 @@ class Planner:
         if self.budget is not None:
             release_memory_eagerly()
 
-    def build(self, positions, cell, pbc, numbers, times: dict) -> _Built:
+    def build(self, positions, cell, pbc, numbers, times: dict) -> Built:
         """The build for this system (``times``: seconds per stage)."""
         if self.budget is None:
             return self.builder.build(positions, cell, pbc, numbers, times, self.num_partitions,
@@ -70,7 +70,7 @@ class Planner:
         the least budget an error names (so that a budget of it is met)."""
         return self.builder.comm.maximum(pred["peak"])
 
-    def predict(self, b: _Built, memory, inside: np.ndarray | None = None) -> dict:
+    def predict(self, b: Built, memory, inside: np.ndarray | None = None) -> dict:
         """Predicted bytes one evaluation of build ``b`` adds on this process's devices.
 
         Returns ``peak`` (the largest over devices; on CPU, the process), ``fixed`` (graph, plan,
@@ -124,7 +124,7 @@ class Planner:
                 "fixed": float(total(stored)), "largest_part": max(acts, default=0.0),
                 "floor": float(total([s + smallest for s in stored]))}
 
-    def _within_budget(self, positions, cell, pbc, numbers, times: dict) -> _Built:
+    def _within_budget(self, positions, cell, pbc, numbers, times: dict) -> Built:
         """The build with the fewest parts (at least ``num_partitions``; a multiple of the
         workers) whose predicted peak fits ``max_memory``."""
         memory = self.memory(positions, cell, pbc, numbers)

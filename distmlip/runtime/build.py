@@ -1,5 +1,5 @@
 """Build and reuse: owners, the neighbour graph of this process's region, the parts, the shards
-and their exchange maps (a ``_Built``), and the rule that says when a build is stale."""
+and their exchange maps (a ``Built``), and the rule that says when a build is stale."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ..partition.plan import build_parts, owned_rows
 from ..typing import Partitioner
 from .shards import Shard, build_shard, owned_row_offsets
 
-__all__ = ["Builder", "owners"]
+__all__ = ["Builder", "Built", "owners"]
 
 
 def owners(partitioner: Partitioner, positions, cell, pbc, num_parts: int, graph=None) -> np.ndarray:
@@ -30,7 +30,7 @@ def owners(partitioner: Partitioner, positions, cell, pbc, num_parts: int, graph
 
 
 @dataclass(eq=False)
-class _Built:
+class Built:
     """What a rebuild makes; reused until the system moves more than skin / 2."""
 
     positions: np.ndarray  # (N, 3) positions at the build
@@ -60,7 +60,7 @@ class Builder:
     cutoff: float
     skin: float
 
-    def stale(self, b: _Built | None, positions, cell, pbc, numbers) -> bool:
+    def stale(self, b: Built | None, positions, cell, pbc, numbers) -> bool:
         """Whether the build must be redone for this system: a different atom count, periodicity or
         elements, or an atom moved too far for the graph to still hold every pair within the cutoff.
 
@@ -97,7 +97,7 @@ class Builder:
         return bool(moved.max(initial=0.0) > (0.5 * room) ** 2)
 
     def build(self, positions, cell, pbc, numbers, times: dict, num_parts: int,
-              graph: NeighborGraph | None = None, sequential: bool = False) -> _Built:
+              graph: NeighborGraph | None = None, sequential: bool = False) -> Built:
         """Owners, the graph of this process's region (``graph``: the whole system's, if already
         built), the parts, the shards (``sequential``: compact, for parts evaluated one at a time)
         and the exchange handshake; ``times`` gets the seconds of each stage."""
@@ -159,5 +159,5 @@ class Builder:
             times.update(graph=t1 - t0, partition=t3 - t1, handshake=0.0)
         else:
             times.update(partition=(t1 - t0) + (t3 - t2), graph=t2 - t1, handshake=t4 - t3)
-        return _Built(positions.copy(), cell.copy(), pbc.copy(), numbers.copy(), ids, graph,
+        return Built(positions.copy(), cell.copy(), pbc.copy(), numbers.copy(), ids, graph,
                       plan, shards, send, sequential)

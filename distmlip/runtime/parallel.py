@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..models.base import no_exchange
-from .build import _Built
+from .build import Built
 from .comm import run_threads
 from .exchange import P2PExchange
 from .local import add_edge_terms, piece, run_model
@@ -17,7 +17,7 @@ from .local import add_edge_terms, piece, run_model
 __all__ = ["evaluate_all"]
 
 
-def evaluate_all(runner, b: _Built, positions: np.ndarray, buffer: np.ndarray, n: int
+def evaluate_all(runner, b: Built, positions: np.ndarray, buffer: np.ndarray, n: int
                  ) -> tuple[float, int, float]:
     """Evaluate build ``b`` at ``positions`` with ``runner``'s replicas (``comm``, ``replicas``,
     ``mode``, ``cutoff``, ``dtype``), adding each shard's energies, forces and virial to
@@ -37,7 +37,7 @@ def evaluate_all(runner, b: _Built, positions: np.ndarray, buffer: np.ndarray, n
     return edges_s, calls, seconds
 
 
-def _compute(replicas: dict, devices: list, b: _Built, pieces, exchanges, buffer: np.ndarray,
+def _compute(replicas: dict, devices: list, b: Built, pieces, exchanges, buffer: np.ndarray,
              n: int) -> None:
     """Run the model on every shard, differentiate, and add each shard's energies, forces and
     virial to ``buffer``."""

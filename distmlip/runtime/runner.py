@@ -30,7 +30,7 @@ from ..models.base import DistributableModel
 from ..options import NAMES, Options
 from ..partition import PartitionPlan
 from .budget import Planner
-from .build import Builder, _Built
+from .build import Builder, Built
 from .comm import make_comm
 from .launch import is_comm_failure, peer_status, report_failure
 from .local import replica
@@ -137,7 +137,7 @@ class Runner:
         self.graph_builds = 0
         self.last_exchange_calls = 0
         self.timings: dict[str, float] = {}
-        self._built: _Built | None = None
+        self._built: Built | None = None
 
     @property
     def _sequential(self) -> bool | None:
@@ -157,11 +157,11 @@ class Runner:
         """The model's calibrated memory costs (probes built from this system; cached)."""
         return self.planner.memory(positions, cell, pbc, numbers)
 
-    def predict(self, b: _Built, memory, inside: np.ndarray | None = None) -> dict:
+    def predict(self, b: Built, memory, inside: np.ndarray | None = None) -> dict:
         """Predicted bytes one evaluation of build ``b`` adds (``Planner.predict``)."""
         return self.planner.predict(b, memory, inside)
 
-    def _build(self, positions, cell, pbc, numbers, times: dict) -> _Built:
+    def _build(self, positions, cell, pbc, numbers, times: dict) -> Built:
         return self.planner.build(positions, cell, pbc, numbers, times)
 
     # ------------------------------------------------------------------ public

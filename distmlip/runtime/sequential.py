@@ -42,7 +42,7 @@ import torch
 
 from ..models.base import HaloExchange, LocalGraph
 from ..partition import PartPlan
-from .build import _Built
+from .build import Built
 from .comm import run_threads
 from .exchange import P2PExchange
 from .local import add_edge_terms, piece, run_model
@@ -447,7 +447,7 @@ def _level_backward(comm, exchanges: list[LevelExchange], level: int, kind: str)
 
 
 # ---------------------------------------------------------------------- the evaluation
-def evaluate_sequential(runner, b: _Built, positions: np.ndarray, buffer: np.ndarray, n: int,
+def evaluate_sequential(runner, b: Built, positions: np.ndarray, buffer: np.ndarray, n: int,
                         levels: tuple[str, ...] | None) -> tuple[tuple[str, ...], float]:
     """Every worker of ``runner`` (``comm``, ``replicas``, ``mode``, ``progress``...) evaluates its
     parts one at a time, the level exchanges between them; energies, forces and virial are added to
