@@ -234,8 +234,8 @@ def _device_list(text: str):
 class Field:
     """One option: its ``name``, ``type`` (the annotation of signatures), ``default``, ``check``
     (value -> the plain value kept, or the option's error), ``doc``; on the command line its
-    ``flag`` (``None``: none), ``flag_kwargs`` (argparse keywords, as pairs) and ``from_flag``
-    (the flag's text -> the value; ``None``: as argparse gives it)."""
+    ``flag`` (``None``: none), its short ``aliases``, ``flag_kwargs`` (argparse keywords, as pairs)
+    and ``from_flag`` (the flag's text -> the value; ``None``: as argparse gives it)."""
 
     name: str
     type: Any
@@ -245,6 +245,7 @@ class Field:
     flag: str | None = None
     flag_kwargs: tuple[tuple[str, Any], ...] = ()
     from_flag: Callable[[str], Any] | None = None
+    aliases: tuple[str, ...] = ()
 
 
 FIELDS: tuple[Field, ...] = (
@@ -256,7 +257,7 @@ FIELDS: tuple[Field, ...] = (
           "of the device's free memory), else as many parts, evaluated one at a time, as fit.",
           "--partitions", (("metavar", "P|auto"), ("help", "number of parts (num_partitions; default 1, "
                                                           "or one per rank under mpirun)")),
-          _number_or_text),
+          _number_or_text, ("-p",)),
     Field("partitioner", Partitioner, "grid", _one_of("partitioner", PARTITIONERS),
           "``\"grid\"`` (recursive coordinate bisection, default), ``\"slab\"`` (1-D cuts balanced by "
           "atom count) or ``\"metis\"`` (pymetis graph partitioning).",
@@ -279,7 +280,7 @@ FIELDS: tuple[Field, ...] = (
     Field("timeout", float, DEFAULT_TIMEOUT, _check_timeout,
           f"seconds a rank waits for its peers in any collective before failing (multi-process; "
           f"default {DEFAULT_TIMEOUT:g}).",
-          "--timeout", (("type", float), ("help", "seconds to wait for peer ranks"))),
+          "--timeout", (("type", float), ("help", f"seconds to wait for peer ranks (default {DEFAULT_TIMEOUT:g})"))),
     Field("num_threads", int | None, None, _check_num_threads,
           "torch threads per process (default: 1 per rank under a launcher; unchanged in one process).",
           "--threads", (("type", int), ("help", "torch threads per process (num_threads)"))),

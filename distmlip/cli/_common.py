@@ -197,8 +197,7 @@ def add_calculator_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("calculator (DistributedCalculator options)")
     for field in FIELDS:
         if field.flag is not None:
-            extra = ("-p",) if field.name == "num_partitions" else ()
-            g.add_argument(field.flag, *extra, default=None, **dict(field.flag_kwargs))
+            g.add_argument(field.flag, *field.aliases, default=None, **dict(field.flag_kwargs))
 
 
 def _number_or_text(text: str):
