@@ -280,7 +280,8 @@ FIELDS: tuple[Field, ...] = (
     Field("timeout", float, DEFAULT_TIMEOUT, _check_timeout,
           f"seconds a rank waits for its peers in any collective before failing (multi-process; "
           f"default {DEFAULT_TIMEOUT:g}).",
-          "--timeout", (("type", float), ("help", f"seconds to wait for peer ranks (default {DEFAULT_TIMEOUT:g})"))),
+          "--timeout", (("type", float),
+                        ("help", f"seconds to wait for peer ranks (default {DEFAULT_TIMEOUT:g})"))),
     Field("num_threads", int | None, None, _check_num_threads,
           "torch threads per process (default: 1 per rank under a launcher; unchanged in one process).",
           "--threads", (("type", int), ("help", "torch threads per process (num_threads)"))),
