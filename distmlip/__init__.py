@@ -6,10 +6,11 @@ Atoms -> NeighborGraph -> PartitionPlan -> workers (model + halo exchange) -> ga
 from importlib.metadata import PackageNotFoundError, version
 
 from .calculators import DistributedCalculator
+from .errors import CommunicationError
 from .graph import NeighborGraph
 from .models import DistributableModel, LocalGraph, load, wrap
 from .partition import PartitionPlan
-from .runtime import CommunicationError, estimate_memory
+from .runtime import estimate_memory
 
 __all__ = ["CommunicationError", "DistributableModel", "DistributedCalculator", "LocalGraph", "NeighborGraph",
            "PartitionPlan", "estimate_memory", "load", "wrap"]

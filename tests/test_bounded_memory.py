@@ -340,7 +340,7 @@ def test_progress_bar_counts_every_pass(capsys):
 
 def test_sizes_named_in_errors_round_up():
     """A size an error names as the least needed, given back as ``max_memory``, is never less."""
-    from distmlip.runtime.runner import _gb
+    from distmlip.runtime.budget import _gb
 
     cpu = torch.device("cpu")
     rng = np.random.default_rng(0)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import difflib
 import warnings
-from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -14,127 +12,17 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ..graph import NeighborGraph
 from ..graph.neighbors import as_ase_atoms
 from ..models.base import DistributableModel, check_model
+from ..options import NAMES, Options, options_doc, signature, unknown_keyword
 from ..partition import PartitionPlan
 from ..runtime import Evaluation, Runner
 from ..runtime.launch import detect_launch, init_distributed
-from ..typing import BACKENDS, DTYPE_NAMES, MODES, PARTITIONERS, Backend, DTypeLike, Mode, Partitioner
 
 __all__ = ["DistributedCalculator"]
-
-_DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
-
-#: Default Verlet skin, Å: the graph is built with cutoff + skin and reused until an atom has moved
-#: more than skin / 2. 0.5 Å keeps the graph ~1.3x the edges of a 5 Å cutoff and, at room
-#: temperature with 1-2 fs steps, rebuilds it every few tens of steps.
-DEFAULT_SKIN = 0.5
 
 #: Keywords of ASE's ``Calculator`` accepted besides the options.
 _ASE_KEYWORDS = ("atoms", "directory", "label")
 
 _warned_local_under_launch = False
-
-
-def _unknown_keyword(name: str, known) -> TypeError:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return TypeError(f"{name}: expected a keyword of DistributedCalculator (one of {sorted(known)}), "
-                     f"got the unknown keyword {name!r}{hint}")
-
-
-def _parse_dtype(dtype):
-    if dtype is None or isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"dtype: expected None, torch.float32/torch.float64 or one of {list(_DTYPES)}, "
-                     f"got {dtype!r}")
-
-
-def _parse_devices(device) -> list[torch.device]:
-    items = list(device) if isinstance(device, (list, tuple)) else [device]
-    if not items:
-        raise ValueError("device: expected a device or a non-empty list of devices, got []")
-    out = []
-    for item in items:
-        try:
-            dev = torch.device(item)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', "
-                             f"got {item!r}") from None
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError(
-                    f"device: expected a device this torch can use, got {item!r}, but "
-                    f"torch.cuda.is_available() is False (torch {torch.__version__}, "
-                    f"{'built without CUDA' if torch.version.cuda is None else 'no GPU visible'}); "
-                    f"use device='cpu' or install a CUDA build of torch"
-                )
-            if dev.index is not None and dev.index >= torch.cuda.device_count():
-                raise ValueError(f"device: expected a GPU index below {torch.cuda.device_count()} "
-                                 f"(the GPUs visible), got {item!r}")
-        elif dev.type != "cpu":
-            try:
-                torch.empty(0, device=dev)
-            except Exception as exc:  # noqa: BLE001 - any failure means the device is unusable
-                raise ValueError(f"device: expected a device this torch can use, got {item!r} "
-                                 f"({type(exc).__name__}: {exc}); use device='cpu'") from None
-        out.append(dev)
-    return out
-
-
-def _check_options(options: dict) -> dict:
-    """Check every option; return them normalised (``parameters``: plain values, as stored in
-    ``calc.parameters``) with the parsed values the calculator runs with."""
-    num_partitions = options["num_partitions"]
-    auto = isinstance(num_partitions, str) and num_partitions == "auto"
-    if not auto and num_partitions is not None:
-        if isinstance(num_partitions, bool) or not isinstance(num_partitions, (int, np.integer)):
-            raise TypeError(f"num_partitions: expected an integer >= 1 or 'auto', got {num_partitions!r}")
-        if num_partitions < 1:
-            raise ValueError(f"num_partitions: expected an integer >= 1, got {num_partitions}")
-        num_partitions = int(num_partitions)
-    partitioner, mode, backend = options["partitioner"], options["mode"], options["backend"]
-    if not isinstance(partitioner, str) or partitioner not in PARTITIONERS:
-        raise ValueError(f"partitioner: expected one of {list(PARTITIONERS)}, got {partitioner!r}")
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
-    timeout = options["timeout"]
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating)) \
-            or not 0 < timeout < float("inf"):
-        raise ValueError(f"timeout: expected a positive, finite number of seconds, got {timeout!r}")
-    skin = options["skin"]
-    if isinstance(skin, bool) or not isinstance(skin, (int, float, np.integer, np.floating)) \
-            or not 0 <= skin < float("inf"):
-        raise ValueError(f"skin: expected a finite number of Å >= 0 (default {DEFAULT_SKIN}), got {skin!r}")
-    num_threads = options["num_threads"]
-    if num_threads is not None and (isinstance(num_threads, bool)
-                                    or not isinstance(num_threads, (int, np.integer))):
-        raise TypeError(f"num_threads: expected None or an integer >= 1 (torch threads per "
-                        f"process), got {num_threads!r}")
-    if num_threads is not None and num_threads < 1:
-        raise ValueError(f"num_threads: expected None or an integer >= 1 (torch threads per "
-                         f"process), got {num_threads}; omit it to keep torch's setting")
-    progress = options["progress"]
-    if not isinstance(progress, (bool, np.bool_)):
-        raise TypeError(f"progress: expected True or False, got {progress!r}")
-    dtype = _parse_dtype(options["dtype"])
-    devices = _parse_devices(options["device"])
-    from ..runtime.memory import parse_budget
-
-    budget = parse_budget(options["max_memory"], devices[0])
-    device = options["device"]
-    device = [str(d) for d in device] if isinstance(device, (list, tuple)) else str(device)
-    parameters = {
-        "num_partitions": num_partitions if not auto else "auto", "partitioner": partitioner,
-        "mode": mode, "device": device,
-        "dtype": None if dtype is None else str(dtype).replace("torch.", ""), "backend": backend,
-        "timeout": float(timeout), "num_threads": None if num_threads is None else int(num_threads),
-        "skin": float(skin), "max_memory": options["max_memory"], "progress": bool(progress),
-    }
-    return {"parameters": parameters, "auto": auto, "num_partitions": None if auto else num_partitions,
-            "devices": devices, "dtype": dtype, "budget": budget}
 
 
 def _setup_distributed(launch, devices: list[torch.device], timeout: float, num_threads) -> torch.device:
@@ -175,34 +63,7 @@ class DistributedCalculator(Calculator):
     Args:
         model: a ``DistributableModel`` (see ``distmlip.models``), checked here: ``cutoff``,
             ``num_layers`` and ``forward`` must be declared.
-        num_partitions: number of parts (>= 1; more parts than atoms is legal). Default: 1 in one
-            process, the number of processes under a launcher (where it must be a multiple of
-            the number of processes: each rank evaluates ``num_partitions / ranks`` parts).
-            ``"auto"``: one part per device (or rank) if the evaluation is predicted to fit
-            ``max_memory`` (default: 80% of the device's free memory), else as many parts,
-            evaluated one at a time, as fit.
-        partitioner: ``"grid"`` (recursive coordinate bisection, default), ``"slab"`` (1-D cuts
-            balanced by atom count) or ``"metis"`` (pymetis graph partitioning).
-        mode: ``"halo"`` (one-hop halo, exchange between layers, zero redundancy) or
-            ``"extended"`` (halo as deep as the model's layers, no exchange).
-        device: a device, or a list of devices the parts are spread over round-robin (one worker
-            each).
-        dtype: ``None`` (the model's), ``torch.float32``/``torch.float64`` or ``"float32"``/``"float64"``.
-        backend: ``"auto"`` (torch.distributed when launched with several processes, else in this
-            process), ``"local"`` or ``"torch"``.
-        timeout: seconds a rank waits for its peers in any collective before failing (multi-process).
-        num_threads: torch threads per process (default: 1 per rank under a launcher; unchanged
-            in one process).
-        skin: Verlet skin in Å (default 0.5; 0 rebuilds whenever an atom moves).
-        max_memory: the memory one evaluation may add on each device: ``None`` (default: every
-            part of a device alive at once, fastest), bytes (int), a size (``"6GB"``, ``"500MB"``)
-            or a fraction in (0, 1] of the device's total memory. distmlip then splits the
-            system into as many parts as the budget needs (at least ``num_partitions``) and
-            evaluates each device's parts one at a time, recomputing what it must; results stay
-            exactly those of the unbounded evaluation. A budget below one atom's neighbourhood
-            plus the graph is a ``ValueError`` naming the smallest that would work.
-        progress: show a progress bar (tqdm, rank 0) over the parts of an evaluation that runs
-            them one at a time (``max_memory``): a single point on a large system can take minutes.
+{options}
 
     Structures may be ``ase.Atoms`` or pymatgen ``Structure``/``Molecule`` (converted once per
     call) in every entry point (``calculate``, ``get_potential_energy``, ``get_forces``, ...).
@@ -216,33 +77,22 @@ class DistributedCalculator(Calculator):
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
-    default_parameters = {
-        "num_partitions": None, "partitioner": "grid", "mode": "halo", "device": "cpu",
-        "dtype": None, "backend": "auto", "timeout": 30.0, "num_threads": None,
-        "skin": DEFAULT_SKIN, "max_memory": None, "progress": False,
-    }
+    default_parameters = Options().todict()
 
     def __init__(self, model: DistributableModel, num_partitions: int | Literal["auto"] | None = None,
-                 partitioner: Partitioner = "grid", mode: Mode = "halo",
-                 device: str | torch.device | Sequence[str | torch.device] = "cpu",
-                 dtype: DTypeLike = None, backend: Backend = "auto", timeout: float = 30.0,
-                 num_threads: int | None = None, skin: float = DEFAULT_SKIN,
-                 max_memory: int | float | str | None = None, progress: bool = False, **kwargs):
+                 **kwargs):
         for key in kwargs:
-            if key not in _ASE_KEYWORDS:
-                raise _unknown_keyword(key, [*self.default_parameters, *_ASE_KEYWORDS])
+            if key not in NAMES and key not in _ASE_KEYWORDS:
+                raise unknown_keyword(key, [*NAMES, *_ASE_KEYWORDS])
         check_model(model)
-        options = {"num_partitions": num_partitions, "partitioner": partitioner, "mode": mode,
-                   "device": device, "dtype": dtype, "backend": backend, "timeout": timeout,
-                   "num_threads": num_threads, "skin": skin, "max_memory": max_memory,
-                   "progress": progress}
-        config = _check_options(options)
+        options = Options.from_kwargs(num_partitions=num_partitions,
+                                      **{k: v for k, v in kwargs.items() if k in NAMES})
         self.model = model
         self.timings: dict[str, float] = {}
         self._warned = False
-        super().__init__(**kwargs)
-        self._configure(config)
-        self.parameters.update(config["parameters"])
+        super().__init__(**{k: v for k, v in kwargs.items() if k in _ASE_KEYWORDS})
+        self._configure(options)
+        self.parameters.update(options.todict())
 
     def set(self, **kwargs) -> dict:
         """Change options (ASE's contract): returns the ones that changed; they take effect at the
@@ -250,24 +100,23 @@ class DistributedCalculator(Calculator):
         ``TypeError``; a value that is not allowed, or an option that cannot change under a
         launcher, ``ValueError``, and then nothing changes."""
         for key in kwargs:
-            if key not in self.default_parameters:
-                raise _unknown_keyword(key, self.default_parameters)
+            if key not in NAMES:
+                raise unknown_keyword(key, NAMES)
         if not kwargs or not hasattr(self, "runner"):  # ASE's __init__ calls set() with nothing
             return Calculator.set(self, **kwargs)
-        config = _check_options({**self.parameters, **kwargs})
-        new = config["parameters"]
+        options = self.options.replace(**kwargs)
+        new = options.todict()
         changed = {k: new[k] for k in kwargs if not equal(new[k], self.parameters.get(k))}
         if changed:
-            self._configure(config, changed)
+            self._configure(options, changed)
             self.parameters.update(new)
             self.reset()
         return changed
 
-    def _configure(self, config: dict, changed: dict | None = None) -> None:
-        """Build (or, for ``set``, rebuild) the runner for ``config``."""
+    def _configure(self, options: Options, changed: dict | None = None) -> None:
+        """Build (or, for ``set``, rebuild) the runner for ``options``."""
         global _warned_local_under_launch
-        params = config["parameters"]
-        backend, timeout, num_threads = params["backend"], params["timeout"], params["num_threads"]
+        backend, timeout, num_threads = options.backend, options.timeout, options.num_threads
         launch = detect_launch()
         if backend == "torch" and launch is None:
             raise ValueError(
@@ -302,42 +151,45 @@ class DistributedCalculator(Calculator):
                 f"backend='auto' (the default) for one part per rank",
                 stacklevel=3,
             )
-        devices, dtype, num_partitions = config["devices"], config["dtype"], config["num_partitions"]
-        budget = config["budget"]
-        if config["auto"] and budget is None:
-            from ..runtime.memory import device_free_memory
-
-            budget = int(0.8 * device_free_memory(devices[0]))
+        num_partitions = options.num_partitions
         if effective == "torch":
             world = launch.world_size
-            if num_partitions is not None and num_partitions % world:
+            if isinstance(num_partitions, int) and num_partitions % world:
                 raise ValueError(
                     f"num_partitions: expected a multiple of the number of processes ({world}) "
                     f"under a multi-process launch (each rank evaluates the same number of parts), "
                     f"got {num_partitions}; omit it for one part per rank"
                 )
             if changed is None:
-                self.distributed = _setup_distributed(launch, devices, timeout, num_threads)
+                self.distributed = _setup_distributed(launch, options.devices, timeout, num_threads)
             elif "num_threads" in changed and num_threads is not None:
                 torch.set_num_threads(num_threads)
-            parts = world if num_partitions is None else num_partitions
-            runner = Runner(self.model, [self.distributed], dtype, params["partitioner"],
-                            params["mode"], parts, params["skin"], timeout=timeout, comm="torch",
-                            max_memory=budget, progress=params["progress"])
+            runner = Runner(self.model, options.replace(device=str(self.distributed)), comm="torch")
         else:
             if num_threads is not None:
                 torch.set_num_threads(num_threads)
-            default = len(devices) if config["auto"] else 1
-            parts = default if num_partitions is None else num_partitions
-            runner = Runner(self.model, devices, dtype, params["partitioner"], params["mode"],
-                            parts, params["skin"], timeout=max(timeout, 600.0), max_memory=budget,
-                            progress=params["progress"])
+            runner = Runner(self.model, options)
         self.runner = runner
+        self.options = options
         self.backend = effective
-        self.num_partitions = parts
-        self.partitioner, self.mode = params["partitioner"], params["mode"]
-        self.devices, self.dtype, self.skin, self.max_memory = devices, dtype, params["skin"], budget
         self._warned = False
+
+    __doc__ = __doc__.format(options=options_doc(8))
+    __init__.__signature__ = signature(("self", "model"), ("num_partitions",), _ASE_KEYWORDS)
+    __init__.__annotations__ = {"model": DistributableModel, **{
+        p.name: p.annotation for p in __init__.__signature__.parameters.values() if p.name in NAMES}}
+
+    # derived values (read-only; the options themselves are ``calc.parameters``)
+    num_partitions = property(lambda self: self.runner.num_partitions,
+                              doc="The number of parts evaluated (``num_partitions`` resolved).")
+    devices = property(lambda self: self.options.devices, doc="``device`` as a list of torch devices.")
+    dtype = property(lambda self: self.options.torch_dtype,
+                     doc="``dtype`` as a torch dtype (None: the model's).")
+    partitioner = property(lambda self: self.options.partitioner, doc="The ``partitioner`` option.")
+    mode = property(lambda self: self.options.mode, doc="The ``mode`` option.")
+    skin = property(lambda self: self.options.skin, doc="The ``skin`` option, Å.")
+    max_memory = property(lambda self: self.runner.budget,
+                          doc="The memory budget in bytes (``max_memory`` or auto's), None: no bound.")
 
     @property
     def rank(self) -> int:

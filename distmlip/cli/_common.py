@@ -7,6 +7,9 @@ import os
 import re
 from pathlib import Path
 
+from ..calculators import DistributedCalculator
+from ..options import FIELDS
+
 __all__ = ["CLIError", "add_calculator_options", "add_model_option", "build_calculator",
            "calculator_kwargs", "check_writable_dir", "is_root", "load_model", "read_structure",
            "parse_supercell", "repeat_structure", "translate"]
@@ -189,23 +192,12 @@ def add_model_option(parser: argparse.ArgumentParser, required: bool = True) -> 
 
 # ----------------------------------------------------------------------------- calculator
 def add_calculator_options(parser: argparse.ArgumentParser) -> None:
-    """The options of ``DistributedCalculator``, one flag each (its own checks validate them)."""
-    from ..typing import MODES, PARTITIONERS
-
+    """The options of ``DistributedCalculator`` that have a flag (``distmlip.options.FIELDS``),
+    one flag each (its own checks validate them)."""
     g = parser.add_argument_group("calculator (DistributedCalculator options)")
-    g.add_argument("--partitions", "-p", default=None, metavar="P|auto",
-                   help="number of parts (num_partitions; default 1, or one per rank under mpirun)")
-    g.add_argument("--partitioner", choices=PARTITIONERS, default=None, help="default grid")
-    g.add_argument("--mode", choices=MODES, default=None,
-                   help="halo: exchange between layers (default); extended: deep halo, no exchange")
-    g.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, or a comma list")
-    g.add_argument("--dtype", default=None, help="float32 or float64 (default: the model's)")
-    g.add_argument("--backend", default=None, help="auto (default), local or torch")
-    g.add_argument("--skin", type=float, default=None, help="Verlet skin, Å (default 0.5)")
-    g.add_argument("--max-memory", default=None, metavar="SIZE",
-                   help="memory one evaluation may add per device: 6GB, 500MB, bytes, or a fraction")
-    g.add_argument("--threads", type=int, default=None, help="torch threads per process (num_threads)")
-    g.add_argument("--timeout", type=float, default=None, help="seconds to wait for peer ranks")
+    for field in FIELDS:
+        if field.flag is not None:
+            g.add_argument(field.flag, *field.aliases, default=None, **dict(field.flag_kwargs))
 
 
 def _number_or_text(text: str):
@@ -223,25 +215,15 @@ def calculator_kwargs(args) -> dict:
     """The ``DistributedCalculator`` keywords given on the command line (the rest keep their
     defaults)."""
     out = {}
-    if args.partitions is not None:
-        out["num_partitions"] = _number_or_text(args.partitions)
-    if args.max_memory is not None:
-        out["max_memory"] = _number_or_text(args.max_memory)
-    if args.device is not None:
-        devices = [d.strip() for d in args.device.split(",")]
-        out["device"] = devices if len(devices) > 1 else devices[0]
-    for key, attr in (("partitioner", "partitioner"), ("mode", "mode"), ("dtype", "dtype"),
-                      ("backend", "backend"), ("skin", "skin"), ("num_threads", "threads"),
-                      ("timeout", "timeout")):
-        value = getattr(args, attr)
+    for field in FIELDS:
+        # argparse's name of the flag's value: --max-memory -> max_memory
+        value = getattr(args, field.flag.lstrip("-").replace("-", "_")) if field.flag else None
         if value is not None:
-            out[key] = value
+            out[field.name] = field.from_flag(value) if field.from_flag is not None else value
     return out
 
 
 def build_calculator(model, options: dict, **extra):
-    from ..calculators import DistributedCalculator
-
     try:
         return DistributedCalculator(model, **options, **extra)
     except (TypeError, ValueError) as exc:

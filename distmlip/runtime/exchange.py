@@ -20,22 +20,13 @@ import threading
 import time
 
 import torch
+import torch.distributed as dist
 
+from ..errors import CommunicationError
 from ..models.base import HaloExchange
 from .shards import Shard
 
 __all__ = ["CommunicationError", "Hub", "LocalExchange", "P2PExchange", "PeerFailed"]
-
-
-class CommunicationError(RuntimeError):
-    """A peer rank failed, died or did not answer in time. ``peers``: the ranks this one was
-    waiting for, if known. ``printed``: the message was already written to stderr (the runner
-    does so at once, before a launcher may kill the process), so a caller need not repeat it."""
-
-    def __init__(self, message: str, peers=(), printed: bool = False):
-        super().__init__(message)
-        self.peers = list(peers)
-        self.printed = printed
 
 
 class PeerFailed(RuntimeError):
@@ -180,8 +171,6 @@ class P2PExchange(HaloExchange):
 
     def all_reduce(self, value: torch.Tensor, backward: bool) -> torch.Tensor:
         """The sum over ranks of ``value`` (a new tensor)."""
-        import torch.distributed as dist
-
         t0 = time.perf_counter()
         out = value.detach().clone().contiguous()
         try:
@@ -198,8 +187,6 @@ class P2PExchange(HaloExchange):
         """Forward (``tensors``: the owned rows): send each peer its rows, return the blocks
         received (in ``recv_from`` order). Backward (``tensors``: gradients of those blocks): send
         them home, return the gradients received for ``send_rows``."""
-        import torch.distributed as dist
-
         t0 = time.perf_counter()
         if backward:
             outgoing = [(q, g) for (q, _), g in zip(self.recv_from, tensors, strict=True)]

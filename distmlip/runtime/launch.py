@@ -14,15 +14,18 @@ later) and raises ``CommunicationError``.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from .exchange import CommunicationError
+from ..errors import CommunicationError
 
 __all__ = ["CommunicationError", "Launch", "detect_launch", "init_distributed",
            "install_failure_hook", "report_failure", "reported_failures", "is_comm_failure",
@@ -155,8 +158,6 @@ def init_distributed(launch: Launch, backend: str, timeout: float) -> None:
     if launch.launcher == "mpich" and comm.Get_rank() == 0:
         # MPICH's mpiexec reports a process that died by its pid only, and kills the others at
         # once (they cannot say which rank it was): say here which pid is which rank
-        import sys
-
         ranks = ", ".join(f"{r}: pid {pid}" + (f" on {h}" if len(set(hosts)) > 1 else "")
                           for r, (h, pid) in enumerate(_ROSTER))
         print(f"distmlip: {launch.world_size} ranks ({ranks})", file=sys.stderr, flush=True)
@@ -165,8 +166,6 @@ def init_distributed(launch: Launch, backend: str, timeout: float) -> None:
 def _close_at_exit() -> None:
     """Shut the process group down before the interpreter does: gloo's threads destroyed during
     interpreter teardown abort the process ("terminate called without an active exception")."""
-    import atexit
-
     def close():
         try:
             if dist.is_initialized():
@@ -282,9 +281,6 @@ def install_failure_hook(rank: int, mpi_abort: bool = False, on_terminate: bool 
     job (MPI_Finalize would otherwise wait forever for a hung peer). ``on_terminate``: when the
     launcher stops this rank with SIGTERM (torchrun does, once another rank has failed), say
     which rank failed or died before exiting."""
-    import signal
-    import sys
-
     previous = sys.excepthook
     if getattr(previous, "_distmlip", False):
         return

@@ -10,20 +10,21 @@ counted from their sizes. Calibrations are cached per model, dtype and device.
 from __future__ import annotations
 
 import ctypes
-import re
 import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from ase import Atoms
 
-from ..models.base import DistributableModel, HaloExchange, LocalGraph
+from ..graph import NeighborGraph
+from ..graph.neighbors import complete_cell
+from ..models.base import DistributableModel, HaloExchange
+from ..options import device_free_memory, device_total_memory, parse_budget
+from .local import local_graph, run_model
 
 __all__ = ["MemoryModel", "PeakMeter", "calibrate", "device_free_memory", "device_total_memory",
-           "estimate_memory", "parse_budget"]
-
-_UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+           "parse_budget"]  # the last three: from distmlip.options
 
 # bytes per edge held by distmlip's own arrays (int64 ids and shifts; float64 vectors)
 GRAPH_BYTES_PER_EDGE = 40  # NeighborGraph: senders, receivers (8 + 8), shifts (3 x 8)
@@ -35,49 +36,6 @@ PROBE_TARGET_BYTES = 150e6  # the first calibration probe grows until it adds ab
 # measured in the allocator's granularity (pages, arenas) and their fit is noise
 MIN_PROBE_BYTES = 4e6
 DENSE_PROBE_WEIGHT = 0.1  # weight of the compressed probes in the calibration fit
-
-
-def device_total_memory(device: torch.device) -> int:
-    """Total memory of ``device`` in bytes (CPU: the machine's RAM)."""
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    import os
-
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
-def device_free_memory(device: torch.device) -> int:
-    """Memory available on ``device`` now, bytes (CPU: the kernel's MemAvailable)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return device_total_memory(device)  # pragma: no cover - not Linux
-
-
-def parse_budget(value, device: torch.device) -> int | None:
-    """``max_memory`` in bytes: ``None``, an int (bytes), a string (``"6GB"``, ``"500MB"``,
-    ``"2GiB"``) or a float in (0, 1] (a fraction of the device's total memory)."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        pass
-    elif isinstance(value, (int, np.integer)) and value > 0:
-        return int(value)
-    elif isinstance(value, (float, np.floating)) and 0 < value <= 1:
-        return int(value * device_total_memory(device))
-    elif isinstance(value, (float, np.floating)) and value > 1 and float(value).is_integer():
-        return int(value)  # 6e9: bytes written in float notation
-    elif isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*", value.upper())
-        if match and match.group(2) in _UNITS and float(match.group(1)) > 0:
-            return int(float(match.group(1)) * _UNITS[match.group(2)])
-    raise ValueError(
-        f"max_memory: expected None, a number of bytes (int > 0), a size such as '6GB' or '500MB', "
-        f"or a fraction of the device's memory in (0, 1], got {value!r}"
-    )
 
 
 class PeakMeter:
@@ -200,10 +158,6 @@ def _probe_graph(atoms, cutoff: float, target_atoms: int, scale: float):
     """A probe of about ``target_atoms`` atoms like ``atoms``, lengths scaled by ``scale`` (density
     changes edges per atom): a periodic repeat of a small system, a cluster cut out of a large
     one (its surface gives it fewer edges per atom), or the system itself."""
-    from ase import Atoms
-
-    from ..graph import NeighborGraph
-
     base = atoms.copy()
     periodic = [bool(p) for p in base.pbc]
     if any(periodic) and len(base) < target_atoms:
@@ -211,8 +165,6 @@ def _probe_graph(atoms, cutoff: float, target_atoms: int, scale: float):
         base = base.repeat(tuple(reps if p else 1 for p in periodic))
     elif len(base) > 2 * target_atoms:
         # a sphere around the middle atom, periodic images unfolded (minimum image)
-        from ..graph.neighbors import complete_cell
-
         cell = complete_cell(base.cell.array, np.asarray(base.pbc))
         frac = (base.positions - base.positions[len(base) // 2]) @ np.linalg.inv(cell)
         frac[:, periodic] -= np.round(frac[:, periodic])
@@ -233,19 +185,19 @@ def _part_of(graph, fraction: float):
     Cartesian axis owned, the atoms sending to them as halo. Returns
     (numbers, edge_index (local), edge vectors (float64), num_owned)."""
     n = graph.num_atoms
-    owned = np.zeros(n, dtype=bool)
+    owned_mask = np.zeros(n, dtype=bool)
     if fraction >= 1.0:
-        owned[:] = True
+        owned_mask[:] = True
     else:
-        owned[np.argsort(graph.positions[:, 0], kind="stable")[: max(1, int(fraction * n))]] = True
-    edges = np.flatnonzero(owned[graph.receivers])
-    needed = owned.copy()
+        owned_mask[np.argsort(graph.positions[:, 0], kind="stable")[: max(1, int(fraction * n))]] = True
+    edges = np.flatnonzero(owned_mask[graph.receivers])
+    needed = owned_mask.copy()
     needed[graph.senders[edges]] = True
-    order = np.concatenate([np.flatnonzero(owned), np.flatnonzero(needed & ~owned)])
+    order = np.concatenate([np.flatnonzero(owned_mask), np.flatnonzero(needed & ~owned_mask)])
     row = np.full(n, -1, dtype=np.int64)
     row[order] = np.arange(len(order))
     edge_index = np.stack([row[graph.senders[edges]], row[graph.receivers[edges]]])
-    return graph.numbers[order], edge_index, graph.edge_vectors(edges), int(owned.sum())
+    return graph.numbers[order], edge_index, graph.edge_vectors(edges), int(owned_mask.sum())
 
 
 def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torch.device,
@@ -268,29 +220,19 @@ def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torc
     if usable:
         return max(usable, key=lambda item: item[0])[1]
     key = (str(dtype), str(device), room)
-    from .runner import run_model
-
     release_memory_eagerly()
     def measure(graph, fraction: float = 1.0) -> tuple[int, int, int, int, list[int]]:
-        numbers, edge_index, vec, owned = _part_of(graph, fraction)
+        numbers, edge_index, vec, num_owned = _part_of(graph, fraction)
         n = len(numbers)
-        exchange = _PadExchange(owned, n)
+        exchange = _PadExchange(num_owned, n)
         with PeakMeter(device) as meter:
-            local = LocalGraph(
-                numbers=torch.as_tensor(numbers, device=device),
-                edge_index=torch.as_tensor(edge_index, device=device).reshape(2, -1),
-                edge_vec=torch.as_tensor(vec, device=device).to(dtype).requires_grad_(True),
-                halo_exchange=exchange,
-                owned_mask=torch.as_tensor(np.arange(n) < owned, device=device),
-                atom_ids=torch.arange(n, device=device),
-                cell=torch.as_tensor(graph.cell, device=device).to(dtype),
-                num_owned=owned, num_needed=owned,
-            )
+            local = local_graph(numbers, edge_index, vec, exchange, np.arange(n), graph.cell, num_owned,
+                                num_owned, dtype, device)
             energy = run_model(model, local).sum()
             if energy.requires_grad:
                 torch.autograd.grad(energy, [local.edge_vec])
             del energy, local
-        return owned, n - owned, edge_index.shape[1], meter.peak, exchange.widths
+        return num_owned, n - num_owned, edge_index.shape[1], meter.peak, exchange.widths
 
     measure(_probe_graph(atoms, model.cutoff, 16, 1.0))  # warm-up: one-time allocations
     # size the probes so that the model's activations dominate the allocator's granularity: grow
@@ -348,28 +290,3 @@ def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         if err < best_err:
             best, best_err = x, err
     return best
-
-
-def estimate_memory(model: DistributableModel, atoms, num_partitions: int = 1, mode: str = "halo",
-                    dtype=None, device="cpu", *, partitioner: str = "grid", skin: float = 0.5,
-                    max_memory=None) -> int:
-    """Predicted peak bytes one evaluation of ``atoms`` adds on each device (on CPU: the process's
-    resident memory above what it was before the call), without evaluating it.
-
-    ``num_partitions`` parts on one device, all alive at once (``max_memory=None``), or evaluated
-    one at a time within ``max_memory`` (then the number of parts is the one the calculator would
-    choose). The model's own cost comes from ``calibrate`` (probes of a few hundred atoms, cached);
-    distmlip's graph, plan and stored exchange rows are counted from their sizes.
-    """
-    from ..calculators.distributed import _parse_devices, _parse_dtype
-    from ..graph.neighbors import as_ase_atoms, validate_system
-    from .runner import Runner
-
-    atoms = as_ase_atoms(atoms)
-    dev = _parse_devices(device)[0]
-    runner = Runner(model, [dev], _parse_dtype(dtype), partitioner, mode, int(num_partitions), skin,
-                    max_memory=parse_budget(max_memory, dev))
-    system = validate_system(atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers)
-    times: dict = {}
-    built = runner._build(*system, times)
-    return int(runner.predict(built, runner._memory(*system))["peak"])

@@ -35,20 +35,25 @@ is one part's activations plus the stored Z and G (rows x feature width per exch
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
 from ..models.base import HaloExchange, LocalGraph
 from ..partition import PartPlan
-from .runner import composition_of, local_edges
+from .build import Built
+from .comm import run_threads
+from .exchange import P2PExchange
+from .local import add_edge_terms, piece, run_model
+from .memory import _trim
+from .progress import Progress
 
-__all__ = ["SequentialWorker"]
+__all__ = ["LevelExchange", "SequentialWorker", "evaluate_sequential"]
 
 
 def _release() -> None:
     """Return the finished part's freed memory to the system before the next part starts."""
-    from .memory import _trim
-
     _trim()
 
 
@@ -172,7 +177,7 @@ class SequentialWorker:
     """Evaluates the parts of one shard one at a time (see the module docstring).
 
     Args:
-        runner: the ``Runner`` (model replica, dtype, cutoff, mode).
+        runner: what runs it (``replicas`` per device, ``dtype``, ``cutoff``, ``mode``).
         built: the runner's current build (graph, plan, shards).
         shard: the shard whose parts this worker evaluates.
         device: where it runs.
@@ -194,34 +199,9 @@ class SequentialWorker:
     def _piece(self, k: int | None, positions: np.ndarray, exchange, with_grad: bool):
         """The LocalGraph of part ``k`` (``None``: an empty graph) at ``positions`` (global), its
         kept edge ids and float64 vectors."""
-        runner, b, device = self.runner, self.built, self.device
-        if k is None or b.graph is None or self.parts[k].num_local == 0:
-            edges, vec = np.zeros(0, dtype=np.int64), np.zeros((0, 3))
-            edge_index = np.zeros((2, 0), np.int64)
-            numbers, ids = np.zeros(0, np.int64), np.zeros(0, np.int64)
-            num_owned = 0
-        else:
-            part, graph = self.parts[k], b.graph
-            edges, edge_index, vec = local_edges(graph, positions, b.ids, b.now_cell, part.edges,
-                                                 part.edge_index, runner.cutoff)
-            numbers = graph.numbers[part.atoms]
-            ids = part.atoms if b.ids is None else b.ids[part.atoms]
-            num_owned = part.num_owned
-        n = len(numbers)
-        owned = np.arange(n) < num_owned
-        local = LocalGraph(
-            numbers=torch.as_tensor(numbers, device=device),
-            edge_index=torch.as_tensor(edge_index, device=device).reshape(2, -1),
-            edge_vec=torch.as_tensor(vec, device=device).to(runner.dtype).requires_grad_(with_grad),
-            halo_exchange=exchange,
-            owned_mask=torch.as_tensor(owned, device=device),
-            atom_ids=torch.as_tensor(ids, device=device),
-            cell=torch.as_tensor(b.now_cell, device=device).to(runner.dtype),
-            num_owned=num_owned,
-            num_needed=num_owned if runner.mode == "halo" else n,
-            composition=composition_of(b.numbers, device),
-        )
-        return local, edges, vec
+        runner = self.runner
+        return piece(self.built, None if k is None else self.parts[k], positions, exchange, runner.cutoff,
+                     runner.mode, runner.dtype, self.device, with_grad)
 
     def _indices(self):
         return list(range(len(self.parts))) or [None]
@@ -237,8 +217,6 @@ class SequentialWorker:
                               **kwargs)
 
     def _run(self, local: LocalGraph) -> torch.Tensor:
-        from .runner import run_model
-
         return run_model(self.model, local)
 
     # ------------------------------------------------------------------ the three phases
@@ -366,3 +344,191 @@ class SequentialWorker:
                     g = g[self.owned_slices[k]]
                 loss = loss + (g.to(y.dtype) * y).sum()
         return loss
+
+
+# ---------------------------------------------------------------------- the level exchanges
+class LevelExchange(HaloExchange):
+    """The halo exchange of one worker whose parts are evaluated one at a time. Called between the
+    parts' passes, once per level, on what every part posted (the worker's X^j), not inside a
+    forward pass: ``gather(j)`` makes Z^j, the owned rows followed by the halo blocks from their
+    sources (the other workers of this process, ``workers``, or across ranks the ``p2p``
+    transport); ``send_home(j)`` adds the halo rows' gradients G^j to their owners' rows
+    (Gown^j). A sum level is not an exchange: see ``_sum_level``."""
+
+    def __init__(self, workers: list[SequentialWorker], index: int, p2p: P2PExchange | None, rank: int):
+        worker = workers[index]
+        super().__init__(worker.store.num_owned, worker.store.num_rows)
+        self.workers, self.worker, self.p2p, self.rank = workers, worker, p2p, rank
+        self.level = 0
+
+    def gather(self, level: int) -> None:
+        """Z^level of this worker (its X^level stays: the other workers read it)."""
+        self.level = level
+        self.calls += 1
+        self.worker.store.Z[level] = self._exchange(self.worker.store.X[level])
+
+    def _exchange(self, owned: torch.Tensor) -> torch.Tensor:
+        blocks = self.worker.shard.blocks
+        if self.p2p is not None:
+            remote = iter(self.p2p.swap(owned, backward=False))
+            values = [owned.index_select(0, torch.as_tensor(rows, device=owned.device)) if src == self.rank
+                      else next(remote) for src, rows in blocks]
+        else:
+            values = []
+            for src, rows in blocks:
+                source = self.workers[src]
+                values.append(source.store.X[self.level].index_select(
+                    0, torch.as_tensor(rows, device=source.device)).to(owned.device))
+        return torch.cat([owned, *values])
+
+    def send_home(self, level: int, remote: list[torch.Tensor]) -> None:
+        """Add the gradients of this worker's halo rows at ``level`` to their owners' Gown (in
+        this process), or append them to ``remote`` (owned by another rank)."""
+        g, offset = self.worker.store.G[level], self.worker.store.num_owned
+        for src, rows in self.worker.shard.blocks:
+            block = g[offset : offset + len(rows)]
+            offset += len(rows)
+            if self.p2p is not None and src != self.rank:
+                remote.append(block.contiguous())
+                continue
+            home = self.workers[0] if self.p2p is not None else self.workers[src]
+            home.store.Gown[level].index_add_(
+                0, torch.as_tensor(rows, device=home.device), block.to(home.device))
+
+
+def _total(comm, values: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of the workers' ``values`` (one each), added in worker order on the first worker's
+    device (the same order everywhere, so every worker holds the same total), then over the
+    ranks."""
+    total = values[0]
+    for v in values[1:]:
+        total = total + v.to(total.device)
+    return comm.total(total)
+
+
+def _level_forward(comm, exchanges: list[LevelExchange], level: int, kind: str) -> None:
+    """Fill the halo rows of every worker's Z^level from the owners' posted rows (a sum level:
+    Z^level is the sum of every worker's partial sums, over the ranks too)."""
+    workers = [e.worker for e in exchanges]
+    if kind == "global_sum":
+        total = _total(comm, [w.store.X[level] for w in workers])
+        for w in workers:
+            w.store.Z[level] = total.to(w.device)
+    else:
+        for e in exchanges:
+            e.gather(level)
+    for w in workers:
+        w.store.X[level] = None  # Z holds the owned rows first
+
+
+def _level_backward(comm, exchanges: list[LevelExchange], level: int, kind: str) -> None:
+    """dE/dX^level: each worker's owned-row gradients plus its halo rows' gradients sent home
+    (a sum level: every part's partial sum gets dE/dZ^level summed over all workers)."""
+    workers = [e.worker for e in exchanges]
+    if kind == "global_sum":
+        total = _total(comm, [w.store.G[level] for w in workers])
+        for w in workers:
+            w.store.Gown[level] = total.to(w.device)
+            w.store.G[level] = None
+        return
+    for w in workers:
+        w.store.Gown[level] = w.store.G[level][: w.store.num_owned].clone()
+    remote: list[torch.Tensor] = []
+    for e in exchanges:
+        e.send_home(level, remote)
+    p2p = exchanges[0].p2p
+    if p2p is not None:
+        own = workers[0].store.Gown[level]
+        back = p2p.swap(remote, backward=True, meta=(own.shape, own.dtype, own.device))
+        for rows, g in zip(p2p.send_rows, back, strict=True):
+            own.index_add_(0, rows, g)
+    for w in workers:
+        w.store.G[level] = None
+
+
+# ---------------------------------------------------------------------- the evaluation
+def evaluate_sequential(runner, b: Built, positions: np.ndarray, buffer: np.ndarray, n: int,
+                        levels: tuple[str, ...] | None) -> tuple[tuple[str, ...], float]:
+    """Every worker of ``runner`` (``comm``, ``replicas``, ``mode``, ``progress``...) evaluates its
+    parts one at a time, the level exchanges between them; energies, forces and virial are added to
+    ``buffer`` (energies (n), forces (n, 3), virial (3, 3)). ``levels``: the kinds of the levels,
+    if a first call found them (``None``: find them). Returns the levels and the seconds spent in
+    point-to-point exchanges."""
+    comm = runner.comm
+    workers = [SequentialWorker(runner, b, s, comm.device(s)) for s in b.shards]
+    bar = _progress_bar(runner, workers, levels)
+    for w in workers:
+        w.tick = bar.tick
+    p2p = comm.level_transport(b, runner.mode)
+    exchanges = [LevelExchange(workers, i, p2p, comm.rank) for i in range(len(workers))]
+
+    def each(fn):
+        if len(workers) == 1:
+            return [fn(workers[0])]
+        results = [None] * len(workers)
+
+        def work(i):
+            results[i] = fn(workers[i])
+
+        run_threads(work, len(workers), None)
+        return results
+
+    # levels (halo exchanges in halo mode, global sums): found by running up to one more each
+    # time on the first call; known after (the replays check that the model still makes them)
+    level, first = 0, levels is None
+    while levels is None or level < len(levels):
+        kinds = each(lambda w: w.forward_level(level, positions))
+        if len(set(kinds)) > 1:
+            raise RuntimeError(f"model: workers made different halo_exchange/global_sum calls "
+                               f"(call {level + 1}: {sorted(map(str, set(kinds)))})")
+        kind = kinds[0]
+        if first:
+            if comm.world_size > 1:  # every rank must make the same call
+                code = {None: 0, "halo_exchange": 1, "global_sum": 2}[kind]
+                if comm.maximum(code) != -comm.maximum(-code):
+                    raise RuntimeError(f"model: ranks made different halo_exchange/global_sum "
+                                       f"calls (call {level + 1}: this rank {kind})")
+            if kind is None:
+                break
+        elif comm.agree(kind != levels[level]):  # every rank raises together
+            raise RuntimeError(
+                f"model: call {level + 1} to halo_exchange/global_sum was a "
+                f"{levels[level]} on the first evaluation and now (on this rank) "
+                f"{kind or 'not made'} or differs on another rank; every evaluation must make "
+                f"the same calls")
+        _level_forward(comm, exchanges, level, kind)
+        level += 1
+    if first:
+        levels = tuple(workers[0].store.kinds)
+        bar.expect(level)
+    ids_of = (lambda rows: rows) if b.ids is None else (lambda rows: b.ids[rows])
+    forces = buffer[n : 4 * n].reshape(n, 3)
+    lock = threading.Lock()
+
+    def gather(ids, e, edges, vec, grad):
+        with lock:
+            if e is not None:
+                buffer[ids] = e
+            if len(edges):
+                buffer[4 * n :] += add_edge_terms(forces, ids_of(b.graph.receivers[edges]),
+                                                  ids_of(b.graph.senders[edges]), vec, grad).ravel()
+
+    if not levels:
+        each(lambda w: w.final(positions, gather))
+    for j in reversed(range(len(levels))):
+        each(lambda w: w.backward_level(j, positions, gather if j == 0 else None))
+        _level_backward(comm, exchanges, j, levels[j])
+    if levels:
+        each(lambda w: w.prefix(positions, gather))
+    bar.close()
+    return levels, (p2p.seconds if p2p is not None else 0.0)
+
+
+def _progress_bar(runner, workers: list[SequentialWorker], levels) -> Progress:
+    """A progress bar over the pieces the sequential evaluation runs (``progress=True``; rank 0
+    only), or a silent counter."""
+    pieces = sum(len(w._indices()) for w in workers)
+    guess = None if levels is not None or runner.mode != "halo" else \
+        max(int(workers[0].model.num_layers) - 1, 0) if workers else None
+    return Progress(pieces, None if levels is None else len(levels),
+                    enabled=runner.progress and runner.comm.rank == 0, guess=guess)

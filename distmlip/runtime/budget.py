@@ -1,0 +1,209 @@
+"""The memory budget: what one evaluation of a build is predicted to add (``Planner.predict``), the
+build with the fewest parts that fits ``max_memory`` (``Planner.build``), and ``estimate_memory``.
+The model's own costs come from the calibration (``runtime/memory.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from ..graph.neighbors import as_ase_atoms, validate_system
+from ..models.base import DistributableModel
+from ..options import DEFAULT_SKIN, Options
+from .build import Builder, Built
+from .comm import LocalComm
+from .local import inside_cutoff, replica
+from .memory import (
+    CALL_BYTES_PER_EDGE,
+    GRAPH_BUILD_BYTES_PER_EDGE,
+    GRAPH_BYTES_PER_EDGE,
+    PLAN_BYTES_PER_EDGE,
+    MemoryModel,
+    calibrate,
+    release_memory_eagerly,
+)
+
+__all__ = ["Planner", "estimate_memory"]
+
+
+@dataclass(eq=False)
+class Planner:
+    """Chooses the build of each rebuild: ``num_partitions`` parts all at once without a budget;
+    with one (``budget``, bytes per device), the fewest parts, all at once or one at a time, whose
+    predicted peak fits. ``sequential``: ``True`` always one at a time, ``False`` never, ``None``
+    as the budget needs. ``model``: the replica on the first device (calibrated on ``source``'s
+    cache key)."""
+
+    builder: Builder
+    model: DistributableModel
+    source: DistributableModel
+    dtype: torch.dtype
+    budget: int | None
+    num_partitions: int
+    sequential: bool | None = None
+    memory_model: MemoryModel | None = None
+
+    def __post_init__(self):
+        if self.budget is not None:
+            release_memory_eagerly()
+
+    def build(self, positions, cell, pbc, numbers, times: dict) -> Built:
+        """The build for this system (``times``: seconds per stage)."""
+        if self.budget is None:
+            return self.builder.build(positions, cell, pbc, numbers, times, self.num_partitions,
+                                      sequential=bool(self.sequential))
+        return self._within_budget(positions, cell, pbc, numbers, times)
+
+    def memory(self, positions, cell, pbc, numbers) -> MemoryModel:
+        """The model's calibrated memory costs (probes built from this system; cached)."""
+        if self.memory_model is None:
+            atoms = Atoms(numbers=numbers, positions=positions, cell=cell, pbc=pbc)
+            self.memory_model = calibrate(self.model, atoms, self.dtype, self.builder.comm.devices[0],
+                                          limit=self.budget, key=self.source)
+        return self.memory_model
+
+    def needed(self, pred: dict) -> float:
+        """The peak of a prediction agreed over the ranks: what a budget is checked against, and
+        the least budget an error names (so that a budget of it is met)."""
+        return self.builder.comm.maximum(pred["peak"])
+
+    def predict(self, b: Built, memory, inside: np.ndarray | None = None) -> dict:
+        """Predicted bytes one evaluation of build ``b`` adds on this process's devices.
+
+        Returns ``peak`` (the largest over devices; on CPU, the process), ``fixed`` (graph, plan,
+        stored exchange rows: what does not shrink with more parts), ``largest_part`` (the
+        biggest part's activations) and ``floor`` (``fixed`` plus the largest one-atom part on
+        every worker: about the peak of the finest partition, the least more parts can reach).
+        ``inside``: the graph's edges within the cutoff, if already known (``inside_cutoff``)."""
+        graph, n = b.graph, len(b.positions)
+        if inside is None:
+            inside = inside_cutoff(graph, graph.positions, b.cell, self.builder.cutoff) if graph is not None \
+                else np.zeros(0, dtype=bool)
+        max_degree = int(np.bincount(graph.receivers[inside], minlength=graph.num_atoms).max()) \
+            if len(inside) else 0
+        # with the skin: a one-atom part holds up to this many halo rows and edges to filter
+        max_listed = int(np.bincount(graph.receivers, minlength=graph.num_atoms).max()) \
+            if len(inside) else 0
+        num_edges = graph.num_edges if graph is not None else 0
+        plan_edges = sum(len(p.edges) for p in b.plan.parts)
+        host = (GRAPH_BYTES_PER_EDGE * num_edges + PLAN_BYTES_PER_EDGE * plan_edges
+                + 8 * (4 * n + 9) + 64 * n)
+        stored, acts = [], []  # per worker: exchange rows kept between parts, the largest part
+        by_index = {p.index: p for p in b.plan.parts}
+        for shard in b.shards:
+            parts = [by_index[i] for i in shard.parts]
+            halo = self.builder.mode == "halo"
+            if b.sequential:
+                act = max((memory.part(p.num_owned if halo else p.num_local,
+                                       int(inside[p.edges].sum()), p.num_halo if halo else 0)
+                           + CALL_BYTES_PER_EDGE * len(p.edges) for p in parts),
+                          default=memory.part(0, 0))
+                stored.append(memory.stored(shard.num_rows))
+            else:
+                kept = sum(int(inside[p.edges].sum()) for p in parts)
+                updated = shard.num_owned if halo else shard.num_rows
+                act = memory.part(updated, kept, shard.num_rows - updated) \
+                    + (CALL_BYTES_PER_EDGE + PLAN_BYTES_PER_EDGE) * len(shard.edges)
+                stored.append(0.0)
+            acts.append(float(act))
+        # the largest one-atom part (what the most parts reach; at most this): the floor estimates
+        # the peak of the finest partition, which the budget search tries last
+        smallest = memory.part(1, max_degree, max_listed) + CALL_BYTES_PER_EDGE * max_listed
+
+        def total(workers: list[float]) -> float:
+            """The peak from each worker's bytes: on a GPU each device holds its worker alone; on
+            CPU the process holds them all, the host arrays, and the graph while it is built."""
+            if self.builder.comm.devices[0].type == "cuda":
+                return max(workers, default=0.0)
+            return max(host + sum(workers), GRAPH_BUILD_BYTES_PER_EDGE * num_edges)
+
+        return {"peak": float(total([s + a for s, a in zip(stored, acts, strict=True)])),
+                "fixed": float(total(stored)), "largest_part": max(acts, default=0.0),
+                "floor": float(total([s + smallest for s in stored]))}
+
+    def _within_budget(self, positions, cell, pbc, numbers, times: dict) -> Built:
+        """The build with the fewest parts (at least ``num_partitions``; a multiple of the
+        workers) whose predicted peak fits ``max_memory``."""
+        memory = self.memory(positions, cell, pbc, numbers)
+        build, comm = self.builder.build, self.builder.comm
+        workers = comm.num_workers
+        n = len(positions)
+        parts = -(-max(self.num_partitions, workers) // workers) * workers
+        graph = None
+        if not self.sequential:  # all parts at once, if that fits: the fastest
+            b = build(positions, cell, pbc, numbers, times, self.num_partitions, sequential=False)
+            graph = b.graph if comm.world_size == 1 else None
+            peak = self.needed(self.predict(b, memory))
+            if peak <= self.budget or self.sequential is False:
+                b.predicted = peak
+                return b
+            del b
+        inside = None  # the graph's edges within the cutoff: one graph for every attempt
+        finest = n * workers  # one atom per part (every partitioner): the last attempt
+        while True:
+            b = build(positions, cell, pbc, numbers, times, parts, graph, sequential=True)
+            graph = b.graph if comm.world_size == 1 else None
+            if inside is None or graph is None:
+                inside = inside_cutoff(b.graph, b.graph.positions, b.cell, self.builder.cutoff) \
+                    if b.graph is not None else np.zeros(0, dtype=bool)
+            pred = self.predict(b, memory, inside)
+            peak = self.needed(pred)
+            if peak <= self.budget:
+                b.predicted = peak
+                return b
+            if parts >= finest:
+                # the smallest budget named is this very prediction: a budget of it is met here
+                raise ValueError(
+                    f"max_memory: expected at least {_gb(peak, up=True)} for "
+                    f"this system ({n} atoms: graph, plan and stored exchange rows "
+                    f"{_gb(pred['fixed'])}, plus one atom's neighbourhood), got "
+                    f"{_gb(self.budget)}; raise max_memory or use more devices or processes"
+                )
+            if comm.maximum(pred["floor"]) > self.budget:
+                parts = finest  # not even one-atom parts would fit: try them once, to name the need
+                continue
+            room = max(self.budget - pred["fixed"], 1.0)
+            grow = min(max(1.25, 1.15 * pred["largest_part"] / room), 64.0)
+            wanted = max(parts + workers, int(np.ceil(parts * grow)))
+            parts = min(-(-wanted // workers) * workers, finest)
+
+
+def _gb(value: float, up: bool = False) -> str:
+    """A size in bytes, readably (three significant digits; ``up``: rounded up, so that the size
+    named is never below ``value``)."""
+    if value >= 1:
+        step = 10.0 ** (int(np.floor(np.log10(value))) - 2)
+        value = (np.ceil(value / step) if up else np.round(value / step)) * step
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{np.ceil(value) if up else np.round(value):.0f} B"
+
+
+def estimate_memory(model: DistributableModel, atoms, num_partitions: int = 1, mode: str = "halo",
+                    dtype=None, device="cpu", *, partitioner: str = "grid", skin: float = DEFAULT_SKIN,
+                    max_memory=None) -> int:
+    """Predicted peak bytes one evaluation of ``atoms`` adds on each device (on CPU: the process's
+    resident memory above what it was before the call), without evaluating it.
+
+    ``num_partitions`` parts on one device, all alive at once (``max_memory=None``), or evaluated
+    one at a time within ``max_memory`` (then the number of parts is the one the calculator would
+    choose). The model's own cost comes from ``calibrate`` (probes of a few hundred atoms, cached);
+    distmlip's graph, plan and stored exchange rows are counted from their sizes.
+    """
+    atoms = as_ase_atoms(atoms)
+    options = Options.from_kwargs(num_partitions=int(num_partitions), mode=mode, dtype=dtype,
+                                  device=device, partitioner=partitioner, skin=skin,
+                                  max_memory=max_memory)
+    device = options.devices[0]
+    dtype = options.torch_dtype or model.dtype
+    hops = int(model.num_layers) if mode == "extended" else 1
+    builder = Builder(LocalComm([device]), partitioner, mode, hops, float(model.cutoff), options.skin)
+    planner = Planner(builder, replica(model, device, dtype), model, dtype, options.budget_bytes,
+                      options.num_partitions)
+    system = validate_system(atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers)
+    built = planner.build(*system, {})
+    return int(planner.predict(built, planner.memory(*system))["peak"])
