@@ -246,7 +246,7 @@ def test_errors(potential):
                               use_warp=False)
     with pytest.raises(ValueError, match="is_intensive=False"):
         distmlip.wrap(intensive)
-    with pytest.raises(TypeError, match="options: expected none"):
+    with pytest.raises(TypeError, match="^task: expected no options for matgl models"):
         distmlip.wrap(potential, task="omat")
 
 

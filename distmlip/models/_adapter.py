@@ -12,22 +12,38 @@ An adapter is a module ``distmlip/models/<name>.py`` listed in ``registry.ADAPTE
 - ``PRETRAINED``: ``{name: one-line description}`` of the weights ``load`` can give without
   downloading (may be empty), and ``load(name, **options)``.
 
-Adapters import their package lazily with ``optional_import`` (one error format) and map atomic
-numbers to the model's type indices with ``ElementTable`` (one error for an element the model
-does not cover).
+Every adapter is described by one row of ``registry.ADAPTER_TABLE`` (``AdapterInfo``: its
+packages, pip distribution and extra, description, pretrained names, dtype, whether its node
+updates are restricted to owned rows); ``tests/test_wrap.py`` checks that each module agrees with
+its row and satisfies the protocol.
+
+Adapters import their package lazily with ``optional_import`` (one error format), refuse an
+unknown option with ``check_options`` (one error format, naming the closest valid option), raise
+``no_pretrained`` from ``load`` when their package ships no weights, and map atomic numbers to the
+model's type indices with ``ElementTable`` (one error for an element the model does not cover).
+
+Copy policy: **an adapter never modifies the caller's module.** When it must change the module
+(forward hooks, a dtype, a rebuilt layer, merged experts) it works on its own deep copy
+(``private_copy``); when it only reads it, it holds the caller's module without copying. Hooks are
+therefore only ever registered on the adapter's own copy. The runtime deep-copies the wrapped
+model once per device anyway, so holding the caller's module costs nothing and a copy is made only
+where it is needed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
+import difflib
 import importlib
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Adapter", "ElementTable", "HookState", "RunRows", "optional_import"]
+__all__ = ["Adapter", "ElementTable", "HookState", "RunRows", "check_options", "no_pretrained",
+           "optional_import", "private_copy"]
 
 
 @runtime_checkable
@@ -57,6 +73,57 @@ def optional_import(module: str, extra: str, what: str):
             f"{type(exc).__name__}: {exc}. Install it with `pip install 'distmlip[{extra}]'` "
             f"(or `make install`)"
         ) from exc
+
+
+def check_options(options: Mapping, allowed, what: str) -> None:
+    """``TypeError`` for the first key of ``options`` not in ``allowed``: the one unknown-option
+    error of every adapter's ``wrap`` and ``load``.
+
+    ``allowed``: the option names the adapter takes; ``what``: the models they are for (e.g.
+    ``"SevenNet models"``). The message names the closest valid option (``difflib``)."""
+    unknown = sorted(k for k in options if k not in allowed)
+    if not unknown:
+        return
+    allowed = sorted(allowed)
+    name = unknown[0]
+    close = difflib.get_close_matches(name, allowed, n=1)
+    valid = f"one of {allowed}" if allowed else "no options"
+    fix = (f"did you mean {close[0]}=...?" if close
+           else f"remove it (the options of {what}: {', '.join(allowed) or 'none'})")
+    raise TypeError(f"{name}: expected {valid} for {what}, got an unexpected keyword argument "
+                    f"{name!r}; {fix}")
+
+
+def no_pretrained(name, package: str):
+    """``ValueError`` for ``load(name)`` of an adapter whose package ships no weights inside its
+    wheel (they download at run time): build the model with the package and wrap it."""
+    return ValueError(f"name: expected a pretrained model shipped in an installed package, got "
+                      f"{name!r}: {package}'s weights download at run time; build the model with "
+                      f"{package} and pass it to distmlip.wrap")
+
+
+def private_copy(module, memo: dict | None = None):
+    """A deep copy of ``module`` for an adapter that must change it (see the copy policy in the
+    module docstring). Non-leaf tensors a package keeps from its last call (matgl's
+    ``feature_dict``, fairchem's expert state), which ``copy.deepcopy`` refuses, are copied
+    detached."""
+    memo = {} if memo is None else memo
+    for sub in module.modules() if isinstance(module, torch.nn.Module) else ():
+        for value in _tensor_attributes(sub):
+            if not value.is_leaf and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(module, memo)
+
+
+def _tensor_attributes(sub):
+    """Tensors held (one level deep) in plain attributes of a submodule."""
+    for value in vars(sub).values():
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            yield from (v for v in value.values() if isinstance(v, torch.Tensor))
+        elif hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, type)):
+            yield from (v for v in vars(value).values() if isinstance(v, torch.Tensor))
 
 
 class HookState:
@@ -126,6 +193,11 @@ class ElementTable(torch.nn.Module):
 
             from .base import unknown_elements
 
-            known = ", ".join(chemical_symbols[z] for z in sorted(self.numbers))
+            known = sorted(self.numbers)
+            if len(known) > 3 and known[-1] - known[0] == len(known) - 1:  # a range
+                known = (f"atomic numbers {known[0]}-{known[-1]} "
+                         f"({chemical_symbols[known[0]]}-{chemical_symbols[known[-1]]})")
+            else:
+                known = ", ".join(chemical_symbols[z] for z in known)
             raise unknown_elements(self.name, numbers[types < 0].tolist(), known)
         return types

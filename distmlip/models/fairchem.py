@@ -47,18 +47,19 @@ single isolated atoms is not used (the model is evaluated on them).
 
 from __future__ import annotations
 
-import copy
 from types import SimpleNamespace
 
 import torch
 
-from ._adapter import optional_import
+from ._adapter import ElementTable, check_options, no_pretrained, optional_import, private_copy
 from .base import DistributableModel, LocalGraph
 
 __all__ = ["PACKAGES", "PRETRAINED", "UMAModel", "load", "supports", "wrap"]
 
 PACKAGES = ("fairchem",)
 PRETRAINED: dict[str, str] = {}  # UMA's weights download at run time (and are gated)
+_OPTIONS = ("charge", "spin", "task")
+_WHAT = "fairchem models"
 
 
 #: Experts' rows processed per call: larger than any part (fairchem's per-system segment sizes).
@@ -96,18 +97,6 @@ def supports(obj) -> bool:
     except (ImportError, AttributeError):
         return False
     return isinstance(model, hydras) and isinstance(getattr(model, "backbone", None), backbone)
-
-
-def _copy(module):
-    """A deep copy of ``module``; the expert state fairchem's last forward left (tensors that may
-    belong to an autograd graph, which ``deepcopy`` refuses) is copied detached."""
-    memo = {}
-    for sub in module.modules():
-        state = getattr(sub, "global_mole_tensors", None)
-        for value in vars(state).values() if state is not None else ():
-            if isinstance(value, torch.Tensor) and not value.is_leaf:
-                memo[id(value)] = value.detach().clone()
-    return copy.deepcopy(module, memo)
 
 
 def _energy_head(module):
@@ -185,7 +174,9 @@ class UMAModel(DistributableModel):
         self.merged = getattr(bb, "_merged_composition", None)
         if self.merged is not None:
             self._check_merged_conditions()
-        self.module = _copy(module)  # the caller's module is not modified
+        # a copy: the adapter merges the energy head's experts and sets the expert coefficients
+        # on the model's shared state; the caller's module is not modified
+        self.module = private_copy(module)
         wrapper = next(h for h in self.module.output_heads.values()
                        if hasattr(getattr(h, "head", h), "energy_block"))
         if type(wrapper).__name__ == "DatasetSpecificMoEWrapper" and wrapper.merged_on_dataset is None:
@@ -203,6 +194,9 @@ class UMAModel(DistributableModel):
         self.num_experts = int(getattr(bb, "num_experts", 0) or 0)
         self.cutoff = float(bb.cutoff)
         self.num_layers = len(bb.blocks) + 1
+        # the embedding row of atomic number z is z
+        self.elements = ElementTable({z: z for z in range(1, bb.sphere_embedding.num_embeddings)},
+                                     "this UMA model")
 
     def _predict_unit_outputs(self, tasks: dict, task: str) -> None:
         """The predict unit's energy = scale * model energy + shift + sum of element references,
@@ -303,7 +297,7 @@ class UMAModel(DistributableModel):
             for _ in bb.blocks:
                 x = graph.halo_exchange(x)
             return torch.zeros(0, dtype=dtype, device=device)
-        numbers = graph.numbers
+        numbers = self.elements(graph.numbers)
         edge_index = graph.edge_index
         if edge_index.shape[1] == 0:  # fairchem's own fix-up: one self-loop beyond the cutoff
             edge_index = torch.zeros((2, 1), dtype=torch.long, device=device)
@@ -338,14 +332,15 @@ class UMAModel(DistributableModel):
         return energies
 
 
-def wrap(obj, *, task: str | None = None, charge: int = 0, spin: int | None = None,
-         **options) -> UMAModel:
-    if options:
-        raise TypeError(f"options: expected task, charge or spin for fairchem models, got "
-                        f"{sorted(options)}")
-    return UMAModel(obj, task=task, charge=charge, spin=spin)
+def wrap(obj, **options) -> UMAModel:
+    """``UMAModel(obj, **options)`` (options: ``task``, ``charge``, ``spin``); ``obj`` is copied,
+    not modified."""
+    check_options(options, _OPTIONS, _WHAT)
+    return UMAModel(obj, **options)
 
 
 def load(name: str, **options):
-    raise ValueError(f"name: expected a pretrained model shipped in an installed package, got "
-                     f"{name!r}: UMA's weights download at run time; build the model and wrap it")
+    """No UMA weights ship inside fairchem-core: ``ValueError`` (load a predict unit with fairchem
+    and ``wrap`` it)."""
+    check_options(options, _OPTIONS, _WHAT)
+    raise no_pretrained(name, "UMA")

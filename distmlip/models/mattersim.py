@@ -22,17 +22,17 @@ Conventions (MatterSim → distmlip):
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
-from ._adapter import optional_import
+from ._adapter import ElementTable, check_options, no_pretrained, optional_import
 from .base import DistributableModel, LocalGraph
 
 __all__ = ["MatterSimModel", "PACKAGES", "PRETRAINED", "load", "supports", "wrap"]
 
 PACKAGES = ("mattersim",)
 PRETRAINED: dict[str, str] = {}  # MatterSim's weights download at run time
+_OPTIONS: tuple[str, ...] = ()
+_WHAT = "MatterSim models"
 
 
 def _mattersim():
@@ -93,7 +93,7 @@ class MatterSimModel(DistributableModel):
             ``M3Gnet``.
 
     Attributes:
-        module: a copy of the ``M3Gnet`` (its submodules are evaluated).
+        module: the ``M3Gnet`` (held, not copied, and not modified; its submodules are evaluated).
         cutoff: its two-body cutoff; ``num_layers``: its number of blocks.
     """
 
@@ -104,7 +104,9 @@ class MatterSimModel(DistributableModel):
             raise TypeError(f"module: expected a MatterSim M3Gnet, or a Potential or "
                             f"MatterSimCalculator holding one, got {type(module).__module__}."
                             f"{type(module).__name__}")
-        self.module = copy.deepcopy(model)  # the caller's module is not modified
+        self.module = model  # only read: held without copying
+        # MatterSim's one-hot row of atomic number z is z
+        self.elements = ElementTable({z: z for z in range(1, int(model.max_z) + 1)}, "MatterSim")
         self.cutoff = float(model.model_args["cutoff"])
         self.threebody_cutoff = float(model.model_args["threebody_cutoff"])
         self.num_layers = len(model.graph_conv)
@@ -112,10 +114,7 @@ class MatterSimModel(DistributableModel):
     def forward(self, graph: LocalGraph) -> torch.Tensor:
         m = self.module
         needed, n = graph.num_needed, graph.num_nodes
-        numbers = graph.numbers
-        if numbers.numel() and int(numbers.max()) > m.max_z:
-            raise ValueError(f"numbers: expected atomic numbers <= {m.max_z} (the model's max_z), "
-                             f"got {int(numbers.max())}; use a model trained on these elements")
+        numbers = self.elements(graph.numbers)
         edge_index = graph.edge_index.flip(0)  # MatterSim: [centre (receiver); neighbour (sender)]
         vec = -graph.edge_vec  # MatterSim: pos[centre] - pos[neighbour image]
         length = torch.linalg.norm(vec, dim=1)
@@ -146,12 +145,13 @@ class MatterSimModel(DistributableModel):
 
 
 def wrap(obj, **options) -> MatterSimModel:
-    if options:
-        raise TypeError(f"options: expected none for MatterSim models, got {sorted(options)}")
+    """``MatterSimModel(obj)`` (no options); ``obj`` is held, not copied, and not modified."""
+    check_options(options, _OPTIONS, _WHAT)
     return MatterSimModel(obj)
 
 
 def load(name: str, **options):
-    raise ValueError(f"name: expected a pretrained model shipped in an installed package, got "
-                     f"{name!r}: MatterSim's weights download at run time; build the model and "
-                     f"wrap it")
+    """No MatterSim weights ship inside mattersim: ``ValueError`` (load the model with mattersim and
+    ``wrap`` it)."""
+    check_options(options, _OPTIONS, _WHAT)
+    raise no_pretrained(name, "MatterSim")
