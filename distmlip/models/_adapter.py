@@ -9,8 +9,11 @@ An adapter is a module ``distmlip/models/<name>.py`` listed in ``registry.ADAPTE
   when its package is not installed);
 - ``wrap(obj, **options) -> DistributableModel``: the wrapped model, ``XModel(module, *, ...)``,
   holding the package's module under ``.module``;
+- ``OPTIONS``: the keyword options ``wrap`` and ``load`` accept (anything else: ``check_options``'s
+  error);
 - ``PRETRAINED``: ``{name: one-line description}`` of the weights ``load`` can give without
-  downloading (may be empty), and ``load(name, **options)``.
+  downloading (may be empty), and ``load(name, **options)`` (``ValueError`` ``"name: expected
+  ..."`` for a name it does not ship, ``no_pretrained`` when it ships none).
 
 Every adapter is described by one row of ``registry.ADAPTER_TABLE`` (``AdapterInfo``: its
 packages, pip distribution and extra, description, pretrained names, dtype, whether its node
@@ -51,6 +54,7 @@ class Adapter(Protocol):
     """The module-level interface of an adapter (see the module docstring)."""
 
     PACKAGES: tuple[str, ...]
+    OPTIONS: tuple[str, ...]
     PRETRAINED: dict[str, str]
 
     def supports(self, obj) -> bool: ...
@@ -115,15 +119,27 @@ def private_copy(module, memo: dict | None = None):
     return copy.deepcopy(module, memo)
 
 
-def _tensor_attributes(sub):
-    """Tensors held (one level deep) in plain attributes of a submodule."""
-    for value in vars(sub).values():
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, dict):
-            yield from (v for v in value.values() if isinstance(v, torch.Tensor))
-        elif hasattr(value, "__dict__") and not isinstance(value, (torch.nn.Module, type)):
-            yield from (v for v in vars(value).values() if isinstance(v, torch.Tensor))
+def _tensor_attributes(value, depth: int = 0):
+    """Tensors held in plain attributes of a submodule, looking into dicts, lists, tuples and plain
+    objects (a few levels deep; submodules are walked by ``private_copy`` itself)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth > 3 or isinstance(value, type):
+        return
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensor_attributes(v, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensor_attributes(v, depth + 1)
+    elif isinstance(value, torch.nn.Module):
+        if depth == 0:  # the submodule itself: its own attributes (not its children)
+            for key, v in vars(value).items():
+                if key not in ("_modules", "_parameters", "_buffers"):
+                    yield from _tensor_attributes(v, depth + 1)
+    elif hasattr(value, "__dict__"):
+        for v in vars(value).values():
+            yield from _tensor_attributes(v, depth + 1)
 
 
 class HookState:

@@ -67,10 +67,10 @@ import torch
 from ._adapter import ElementTable, check_options, optional_import
 from .base import DistributableModel, LocalGraph
 
-__all__ = ["PACKAGES", "PRETRAINED", "CHGNetModel", "load", "supports", "wrap"]
+__all__ = ["OPTIONS", "PACKAGES", "PRETRAINED", "CHGNetModel", "load", "supports", "wrap"]
 
 PACKAGES = ("chgnet",)
-_OPTIONS = ("max_bonds",)
+OPTIONS = ("max_bonds",)
 _WHAT = "CHGNet models"
 
 
@@ -111,7 +111,7 @@ def supports(obj) -> bool:
 def wrap(obj, **options) -> CHGNetModel:
     """``CHGNetModel(obj, **options)`` (options: ``max_bonds``); ``obj`` (a ``chgnet.model.CHGNet``)
     is held, not copied, and not modified."""
-    check_options(options, _OPTIONS, _WHAT)
+    check_options(options, OPTIONS, _WHAT)
     if not supports(obj):
         raise TypeError(f"obj: expected a chgnet.model.CHGNet, got {type(obj).__module__}."
                         f"{type(obj).__name__}")
@@ -120,7 +120,7 @@ def wrap(obj, **options) -> CHGNetModel:
 
 def load(name: str, **options) -> CHGNetModel:
     """A pretrained CHGNet shipped in the chgnet wheel, by distmlip name (see ``PRETRAINED``)."""
-    check_options(options, _OPTIONS, _WHAT)
+    check_options(options, OPTIONS, _WHAT)
     if not isinstance(name, str):
         raise TypeError(f"name: expected a model name (str), got {type(name).__name__}")
     key = name.lower()

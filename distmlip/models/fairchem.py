@@ -54,11 +54,11 @@ import torch
 from ._adapter import ElementTable, check_options, no_pretrained, optional_import, private_copy
 from .base import DistributableModel, LocalGraph
 
-__all__ = ["PACKAGES", "PRETRAINED", "UMAModel", "load", "supports", "wrap"]
+__all__ = ["OPTIONS", "PACKAGES", "PRETRAINED", "UMAModel", "load", "supports", "wrap"]
 
 PACKAGES = ("fairchem",)
 PRETRAINED: dict[str, str] = {}  # UMA's weights download at run time (and are gated)
-_OPTIONS = ("charge", "spin", "task")
+OPTIONS = ("charge", "spin", "task")
 _WHAT = "fairchem models"
 
 
@@ -335,12 +335,12 @@ class UMAModel(DistributableModel):
 def wrap(obj, **options) -> UMAModel:
     """``UMAModel(obj, **options)`` (options: ``task``, ``charge``, ``spin``); ``obj`` is copied,
     not modified."""
-    check_options(options, _OPTIONS, _WHAT)
+    check_options(options, OPTIONS, _WHAT)
     return UMAModel(obj, **options)
 
 
 def load(name: str, **options):
     """No UMA weights ship inside fairchem-core: ``ValueError`` (load a predict unit with fairchem
     and ``wrap`` it)."""
-    check_options(options, _OPTIONS, _WHAT)
+    check_options(options, OPTIONS, _WHAT)
     raise no_pretrained(name, "UMA")

@@ -50,11 +50,11 @@ from ._adapter import ElementTable, HookState, check_options, no_pretrained, opt
 from ._adapter import RunRows as _Run
 from .base import DistributableModel, LocalGraph
 
-__all__ = ["MACEModel", "PACKAGES", "PRETRAINED", "load", "supports", "wrap"]
+__all__ = ["MACEModel", "OPTIONS", "PACKAGES", "PRETRAINED", "load", "supports", "wrap"]
 
 PACKAGES = ("mace",)
 PRETRAINED: dict[str, str] = {}  # MACE's foundation models download at run time
-_OPTIONS = ("head",)
+OPTIONS = ("head",)
 _WHAT = "MACE models"
 
 # the running worker's ``_Run`` (None outside MACEModel.forward)
@@ -254,12 +254,12 @@ class MACEModel(DistributableModel):
 
 def wrap(obj, **options) -> MACEModel:
     """``MACEModel(obj, **options)`` (options: ``head``); ``obj`` is deep-copied, not modified."""
-    check_options(options, _OPTIONS, _WHAT)
+    check_options(options, OPTIONS, _WHAT)
     return MACEModel(obj, **options)
 
 
 def load(name: str, **options):
     """No MACE weights ship inside mace-torch: ``ValueError`` (build or load the model with MACE
     and ``wrap`` it)."""
-    check_options(options, _OPTIONS, _WHAT)
+    check_options(options, OPTIONS, _WHAT)
     raise no_pretrained(name, "MACE")

@@ -38,11 +38,12 @@ import torch
 from ._adapter import ElementTable, check_options, no_pretrained, optional_import, private_copy
 from .base import DistributableModel, LocalGraph
 
-__all__ = ["M3GNetModel", "PACKAGES", "PRETRAINED", "TensorNetModel", "load", "supports", "wrap"]
+__all__ = ["M3GNetModel", "OPTIONS", "PACKAGES", "PRETRAINED", "TensorNetModel", "load", "supports",
+           "wrap"]
 
 PACKAGES = ("matgl",)
 PRETRAINED: dict[str, str] = {}  # matgl's pretrained weights download at run time
-_OPTIONS: tuple[str, ...] = ()
+OPTIONS: tuple[str, ...] = ()
 _WHAT = "matgl models"
 
 
@@ -271,7 +272,7 @@ _MODELS = {"TensorNet": TensorNetModel, "M3GNet": M3GNetModel}
 def wrap(obj, **options) -> _MatGLModel:
     """``TensorNetModel(obj)`` or ``M3GNetModel(obj)`` (no options); ``obj`` is copied, not
     modified."""
-    check_options(options, _OPTIONS, _WHAT)
+    check_options(options, OPTIONS, _WHAT)
     arch = _architecture(obj)
     if arch is None:
         raise TypeError(f"obj: expected a matgl TensorNet or M3GNet, or a Potential holding one, "
@@ -282,5 +283,5 @@ def wrap(obj, **options) -> _MatGLModel:
 def load(name: str, **options):
     """No matgl weights ship inside matgl: ``ValueError`` (load the model with matgl and ``wrap``
     it)."""
-    check_options(options, _OPTIONS, _WHAT)
+    check_options(options, OPTIONS, _WHAT)
     raise no_pretrained(name, "matgl")

@@ -27,11 +27,11 @@ import torch
 from ._adapter import ElementTable, check_options, no_pretrained, optional_import
 from .base import DistributableModel, LocalGraph
 
-__all__ = ["MatterSimModel", "PACKAGES", "PRETRAINED", "load", "supports", "wrap"]
+__all__ = ["MatterSimModel", "OPTIONS", "PACKAGES", "PRETRAINED", "load", "supports", "wrap"]
 
 PACKAGES = ("mattersim",)
 PRETRAINED: dict[str, str] = {}  # MatterSim's weights download at run time
-_OPTIONS: tuple[str, ...] = ()
+OPTIONS: tuple[str, ...] = ()
 _WHAT = "MatterSim models"
 
 
@@ -146,12 +146,12 @@ class MatterSimModel(DistributableModel):
 
 def wrap(obj, **options) -> MatterSimModel:
     """``MatterSimModel(obj)`` (no options); ``obj`` is held, not copied, and not modified."""
-    check_options(options, _OPTIONS, _WHAT)
+    check_options(options, OPTIONS, _WHAT)
     return MatterSimModel(obj)
 
 
 def load(name: str, **options):
     """No MatterSim weights ship inside mattersim: ``ValueError`` (load the model with mattersim and
     ``wrap`` it)."""
-    check_options(options, _OPTIONS, _WHAT)
+    check_options(options, OPTIONS, _WHAT)
     raise no_pretrained(name, "MatterSim")

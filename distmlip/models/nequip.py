@@ -55,11 +55,11 @@ from ._adapter import ElementTable, HookState, check_options, no_pretrained, opt
 from ._adapter import RunRows as _Run
 from .base import DistributableModel, LocalGraph
 
-__all__ = ["NequIPModel", "PACKAGES", "PRETRAINED", "load", "supports", "wrap"]
+__all__ = ["NequIPModel", "OPTIONS", "PACKAGES", "PRETRAINED", "load", "supports", "wrap"]
 
 PACKAGES = ("nequip", "allegro")
 PRETRAINED: dict[str, str] = {}  # NequIP / Allegro weights download at run time (nequip.net)
-_OPTIONS = ("chemical_species_to_atom_type_map", "num_layers")
+OPTIONS = ("chemical_species_to_atom_type_map", "num_layers")
 _WHAT = "NequIP / Allegro models"
 
 # the running worker's ``_Run`` (None outside NequIPModel.forward)
@@ -373,12 +373,12 @@ class NequIPModel(DistributableModel):
 def wrap(obj, **options) -> NequIPModel:
     """``NequIPModel(obj, **options)`` (options: ``chemical_species_to_atom_type_map``,
     ``num_layers``); ``obj`` is deep-copied, not modified."""
-    check_options(options, _OPTIONS, _WHAT)
+    check_options(options, OPTIONS, _WHAT)
     return NequIPModel(obj, **options)
 
 
 def load(name: str, **options):
     """No NequIP / Allegro weights ship inside the packages: ``ValueError`` (load the model with
     nequip and ``wrap`` it)."""
-    check_options(options, _OPTIONS, _WHAT)
+    check_options(options, OPTIONS, _WHAT)
     raise no_pretrained(name, "NequIP")

@@ -51,11 +51,11 @@ import torch
 from ._adapter import ElementTable, check_options, no_pretrained, optional_import
 from .base import DistributableModel, LocalGraph
 
-__all__ = ["PACKAGES", "PRETRAINED", "OrbModel", "load", "supports", "wrap"]
+__all__ = ["OPTIONS", "PACKAGES", "PRETRAINED", "OrbModel", "load", "supports", "wrap"]
 
 PACKAGES = ("orb_models",)
 PRETRAINED: dict[str, str] = {}  # Orb's weights download at run time
-_OPTIONS = ("max_num_neighbors", "radius")
+OPTIONS = ("max_num_neighbors", "radius")
 _WHAT = "Orb models"
 
 
@@ -211,12 +211,12 @@ class OrbModel(DistributableModel):
 def wrap(obj, **options) -> OrbModel:
     """``OrbModel(obj, **options)`` (options: ``max_num_neighbors``, ``radius``); ``obj`` is held,
     not copied, and not modified."""
-    check_options(options, _OPTIONS, _WHAT)
+    check_options(options, OPTIONS, _WHAT)
     return OrbModel(obj, **options)
 
 
 def load(name: str, **options):
     """No Orb weights ship inside orb-models: ``ValueError`` (build the model with orb-models and
     ``wrap`` it)."""
-    check_options(options, _OPTIONS, _WHAT)
+    check_options(options, OPTIONS, _WHAT)
     raise no_pretrained(name, "Orb")

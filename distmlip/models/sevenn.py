@@ -50,10 +50,10 @@ import torch
 from ._adapter import ElementTable, check_options, optional_import
 from .base import DistributableModel, LocalGraph
 
-__all__ = ["PACKAGES", "PRETRAINED", "SevenNetModel", "load", "supports", "wrap"]
+__all__ = ["OPTIONS", "PACKAGES", "PRETRAINED", "SevenNetModel", "load", "supports", "wrap"]
 
 PACKAGES = ("sevenn",)
-_OPTIONS = ("modal",)
+OPTIONS = ("modal",)
 _WHAT = "SevenNet models"
 
 
@@ -247,7 +247,7 @@ class SevenNetModel(DistributableModel):
 def wrap(obj, **options) -> SevenNetModel:
     """``SevenNetModel(obj, **options)`` (options: ``modal``); ``obj`` is held, not copied, and not
     modified."""
-    check_options(options, _OPTIONS, _WHAT)
+    check_options(options, OPTIONS, _WHAT)
     return SevenNetModel(obj, **options)
 
 
@@ -256,7 +256,7 @@ def load(name: str, **options) -> SevenNetModel:
 
     ``modal`` selects the fidelity of ``"sevennet-mf-0"`` (``"PBE"`` by default, or ``"R2SCAN"``).
     """
-    check_options(options, _OPTIONS, _WHAT)
+    check_options(options, OPTIONS, _WHAT)
     if not isinstance(name, str) or name.lower() not in _CHECKPOINTS:
         raise ValueError(f"name: expected one of {sorted(_CHECKPOINTS)}, got {name!r}")
     key = name.lower()
