@@ -146,7 +146,7 @@ def battery_case(request):
 
 @pytest.fixture(scope="module")
 def battery_reference(mace_calc):
-    return lambda atoms: _mace_reference(mace_calc, atoms)
+    return lambda name, atoms: _mace_reference(mace_calc, atoms)
 
 
 class TestMACEBattery(AdapterBattery):

@@ -161,7 +161,7 @@ def battery_case(request):
 
 @pytest.fixture(scope="module")
 def battery_reference(setup):
-    return lambda atoms: _reference(setup[3], atoms)
+    return lambda name, atoms: _reference(setup[3], atoms)
 
 
 class TestNequIPBattery(AdapterBattery):

@@ -18,8 +18,8 @@ pytest fixtures (module or session scoped where they load a model, so the batter
         return request.param, BUILDERS[request.param](), "grid"
 
     @pytest.fixture(scope="module")
-    def battery_reference(calc):     # atoms -> the package's own results, or None (no calculator)
-        return lambda atoms: calculator_reference(calc, atoms)
+    def battery_reference(calc):     # (name, atoms) -> the package's own results, or None
+        return lambda name, atoms: calculator_reference(calc, atoms)
 
     class TestBattery(AdapterBattery):
         split_parts = (2, 3, 5)      # configuration: class attributes (see below)
@@ -30,7 +30,9 @@ needs to skip):
 - ``test_battery_matches_calculator_and_split``: on every ``battery_case``, the wrapped model
   split into ``calculator_parts`` parts (``calculator_modes``) equals the package's calculator
   within ``tolerance(quantity)`` (energy per atom, forces, stress, per-atom energies when the
-  reference has them), the per-atom energies sum to the energy, and split into ``split_parts``
+  reference has them; and within ``calculator_rtol`` relative, ``rel_err``, if set), every run
+  equals the first (unsplit) one to ``runs_rtol`` relative if set, the per-atom energies sum to
+  the energy (``energies_sum_atol`` + ``energies_sum_rtol`` x |E|), and split into ``split_parts``
   parts (``split_modes``, the case's partitioner) equals the unsplit model to ``split_rtol``
   relative (float64: 1e-10; float32: 1e-5) in ``split_dtype``;
 - ``test_battery_finite_difference_forces``: forces equal minus the energy's numerical gradient
@@ -51,7 +53,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checks import assert_partition_invariant, check_forces_finite_difference, evaluate
+from .checks import assert_partition_invariant, check_forces_finite_difference, evaluate, rel_err
 
 __all__ = ["AdapterBattery", "module_snapshot"]
 
@@ -117,8 +119,13 @@ class AdapterBattery:
     tolerances: dict = {"energy": 1e-6, "forces": 1e-5, "stress": 1e-6, "energies": 1e-6}
     #: the reference's largest force must exceed this (the comparison measures real forces)
     min_reference_force: float = 0.05
-    #: |sum of per-atom energies - energy| (eV)
-    energies_sum_atol: float = 1e-9
+    #: relative difference (``rel_err``) from the calculator, per quantity (None: not checked)
+    calculator_rtol = None
+    #: relative difference of every run from the first of its mode (None: not checked)
+    runs_rtol = None
+    #: |sum of per-atom energies - energy| <= atol + rtol * |energy| (eV; atol None: not checked)
+    energies_sum_atol = 1e-9
+    energies_sum_rtol: float = 0.0
     #: split == unsplit: parts, modes, dtype and relative tolerance
     split_parts: tuple = (2, 3, 5)
     split_modes: tuple = ("halo", "extended")
@@ -156,11 +163,12 @@ class AdapterBattery:
         name, atoms, partitioner = battery_case
         n = max(len(atoms), 1)
         if battery_reference is not None:
-            ref = battery_reference(atoms)
+            ref = battery_reference(name, atoms)
             top = float(np.abs(ref["forces"]).max(initial=0.0))
             assert top > self.min_reference_force, f"{name}: reference forces {top:.2e} too small"
-            for parts in self.calculator_parts:
-                for mode in self.calculator_modes:
+            for mode in self.calculator_modes:
+                first = None
+                for parts in self.calculator_parts:
                     calc = DistributedCalculator(battery_model, num_partitions=parts, mode=mode,
                                                  dtype=self.calculator_dtype)
                     ours = evaluate(calc, atoms)
@@ -173,9 +181,23 @@ class AdapterBattery:
                         tol = self.tolerance(q, ref)
                         assert diff <= tol, (f"{name}, {parts} parts, {mode}: {q} differs from the "
                                              f"package's calculator by {diff:.2e} {_UNITS[q]} > {tol:.1e}")
-                    total = abs(float(ours["energies"].sum()) - float(ours["energy"]))
-                    assert total <= self.energies_sum_atol, \
-                        f"{name}: per-atom energies sum off by {total:.2e} eV"
+                        if self.calculator_rtol is not None:
+                            err = rel_err(ours[q], ref[q])
+                            assert err <= self.calculator_rtol, (
+                                f"{name}, {parts} parts, {mode}: {q} differs from the package's "
+                                f"calculator by relative error {err:.2e} > {self.calculator_rtol:.0e}")
+                    if first is None:
+                        first = ours
+                    elif self.runs_rtol is not None:
+                        for q in first:
+                            err = rel_err(ours[q], first[q])
+                            assert err <= self.runs_rtol, (
+                                f"{name}, {parts} parts, {mode}: {q} differs from the first run by "
+                                f"relative error {err:.2e} > {self.runs_rtol:.0e}")
+                    if self.energies_sum_atol is not None:
+                        total = abs(float(ours["energies"].sum()) - float(ours["energy"]))
+                        bound = self.energies_sum_atol + self.energies_sum_rtol * abs(float(ours["energy"]))
+                        assert total <= bound, f"{name}: per-atom energies sum off by {total:.2e} eV"
                     self.check_run(calc, battery_model, parts, mode)
         if self.split_parts:
             report = assert_partition_invariant(battery_model, atoms, num_partitions=self.split_parts,
