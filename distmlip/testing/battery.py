@@ -133,7 +133,8 @@ class AdapterBattery:
     split_rtol: float = 1e-10
     #: options passed to ``distmlip.wrap`` by the source checks
     wrap_options: dict = {}
-    #: finite differences: atoms displaced, step (Å), tolerance (eV/Å)
+    #: finite differences: parts, atoms displaced, step (Å), tolerance (eV/Å)
+    fd_parts: int = 1
     fd_num_atoms: int = 1
     fd_delta: float = 1e-3
     fd_atol: float = 1e-6
@@ -211,7 +212,7 @@ class AdapterBattery:
         atoms = self.small_structure()
         if atoms is None or not self.finite_differences:
             _skip("no finite-difference check configured (small_structure, finite_differences)")
-        calc = DistributedCalculator(battery_model, num_partitions=2, dtype="float64")
+        calc = DistributedCalculator(battery_model, num_partitions=self.fd_parts, dtype="float64")
         check_forces_finite_difference(calc, atoms, delta=self.fd_delta, atol=self.fd_atol,
                                        num_atoms=self.fd_num_atoms)
 
