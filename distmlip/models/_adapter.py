@@ -46,7 +46,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 __all__ = ["Adapter", "ElementTable", "HookState", "RunRows", "check_options", "no_pretrained",
-           "optional_import", "private_copy"]
+           "no_pretrained_load", "optional_import", "private_copy", "supported", "wrap_with"]
 
 
 @runtime_checkable
@@ -104,6 +104,44 @@ def no_pretrained(name, package: str):
     return ValueError(f"name: expected a pretrained model shipped in an installed package, got "
                       f"{name!r}: {package}'s weights download at run time; build the model with "
                       f"{package} and pass it to distmlip.wrap")
+
+
+def supported(obj, packages, check, errors=(ImportError,)) -> bool:
+    """An adapter's ``supports``: ``False`` without importing anything for an object from another
+    package than ``packages``, ``bool(check(obj))`` otherwise, ``False`` if that raises ``errors``
+    (the package is not installed)."""
+    if type(obj).__module__.split(".")[0] not in packages:
+        return False
+    try:
+        return bool(check(obj))
+    except errors:
+        return False
+
+
+def wrap_with(model_cls, allowed, what: str):
+    """An adapter's ``wrap(obj, **options)``: the options checked against ``allowed``, then
+    ``model_cls(obj, **options)``."""
+
+    def wrap(obj, **options):
+        check_options(options, allowed, what)
+        return model_cls(obj, **options)
+
+    wrap.__doc__ = (f"``{model_cls.__name__}(obj, **options)`` (options: "
+                    f"{', '.join(allowed) or 'none'}).")
+    return wrap
+
+
+def no_pretrained_load(package: str, allowed, what: str):
+    """An adapter's ``load(name, **options)`` when its package ships no weights: the options
+    checked against ``allowed``, then ``no_pretrained``'s ``ValueError``."""
+
+    def load(name, **options):
+        check_options(options, allowed, what)
+        raise no_pretrained(name, package)
+
+    load.__doc__ = (f"No {package} weights ship inside the installed package: ``ValueError`` "
+                    f"(build or load the model with {package} and ``wrap`` it).")
+    return load
 
 
 def private_copy(module, memo: dict | None = None):

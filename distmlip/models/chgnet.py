@@ -64,7 +64,7 @@ import io
 
 import torch
 
-from ._adapter import ElementTable, check_options, optional_import
+from ._adapter import ElementTable, check_options, optional_import, supported
 from .base import DistributableModel, LocalGraph
 
 __all__ = ["OPTIONS", "PACKAGES", "PRETRAINED", "CHGNetModel", "load", "supports", "wrap"]
@@ -99,13 +99,7 @@ def _chgnet_class():
 
 def supports(obj) -> bool:
     """Whether ``obj`` is a ``chgnet.model.CHGNet``."""
-    if type(obj).__module__.split(".")[0] not in PACKAGES:
-        return False
-    try:
-        chgnet_cls = _chgnet_class()
-    except ImportError:
-        return False
-    return isinstance(obj, chgnet_cls)
+    return supported(obj, PACKAGES, lambda o: isinstance(o, _chgnet_class()))
 
 
 def wrap(obj, **options) -> CHGNetModel:

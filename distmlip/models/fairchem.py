@@ -51,7 +51,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ._adapter import ElementTable, check_options, no_pretrained, optional_import, private_copy
+from ._adapter import ElementTable, no_pretrained_load, optional_import, private_copy, supported, wrap_with
 from .base import DistributableModel, LocalGraph
 
 __all__ = ["OPTIONS", "PACKAGES", "PRETRAINED", "UMAModel", "load", "supports", "wrap"]
@@ -89,13 +89,12 @@ def _unwrap(obj):
 def supports(obj) -> bool:
     """Whether ``obj`` is a fairchem Hydra model with an eSCN-MD backbone, an ``MLIPPredictUnit``
     holding one, or a ``FAIRChemCalculator``."""
-    if type(obj).__module__.split(".")[0] not in PACKAGES:
-        return False
-    try:
-        hydras, backbone = _fairchem()
-        model = _unwrap(obj)[0]
-    except (ImportError, AttributeError):
-        return False
+    return supported(obj, PACKAGES, _is_uma, errors=(ImportError, AttributeError))
+
+
+def _is_uma(obj) -> bool:
+    hydras, backbone = _fairchem()
+    model = _unwrap(obj)[0]
     return isinstance(model, hydras) and isinstance(getattr(model, "backbone", None), backbone)
 
 
@@ -332,15 +331,6 @@ class UMAModel(DistributableModel):
         return energies
 
 
-def wrap(obj, **options) -> UMAModel:
-    """``UMAModel(obj, **options)`` (options: ``task``, ``charge``, ``spin``); ``obj`` is copied,
-    not modified."""
-    check_options(options, OPTIONS, _WHAT)
-    return UMAModel(obj, **options)
-
-
-def load(name: str, **options):
-    """No UMA weights ship inside fairchem-core: ``ValueError`` (load a predict unit with fairchem
-    and ``wrap`` it)."""
-    check_options(options, OPTIONS, _WHAT)
-    raise no_pretrained(name, "UMA")
+#: ``UMAModel(obj, **options)``; ``obj`` is copied, not modified
+wrap = wrap_with(UMAModel, OPTIONS, _WHAT)
+load = no_pretrained_load("UMA", OPTIONS, _WHAT)

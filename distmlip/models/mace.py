@@ -46,7 +46,15 @@ from __future__ import annotations
 
 import torch
 
-from ._adapter import ElementTable, HookState, check_options, no_pretrained, optional_import, private_copy
+from ._adapter import (
+    ElementTable,
+    HookState,
+    no_pretrained_load,
+    optional_import,
+    private_copy,
+    supported,
+    wrap_with,
+)
 from ._adapter import RunRows as _Run
 from .base import DistributableModel, LocalGraph
 
@@ -122,13 +130,7 @@ def _import_mace_models():
 
 
 def _is_mace(obj) -> bool:
-    if type(obj).__module__.split(".")[0] not in PACKAGES:
-        return False
-    try:
-        models = _import_mace_models()
-    except ImportError:
-        return False
-    return isinstance(obj, models.MACE)
+    return supported(obj, PACKAGES, lambda o: isinstance(o, _import_mace_models().MACE))
 
 
 def supports(obj) -> bool:
@@ -252,14 +254,6 @@ class MACEModel(DistributableModel):
         return out["node_energy"].reshape(n)
 
 
-def wrap(obj, **options) -> MACEModel:
-    """``MACEModel(obj, **options)`` (options: ``head``); ``obj`` is deep-copied, not modified."""
-    check_options(options, OPTIONS, _WHAT)
-    return MACEModel(obj, **options)
-
-
-def load(name: str, **options):
-    """No MACE weights ship inside mace-torch: ``ValueError`` (build or load the model with MACE
-    and ``wrap`` it)."""
-    check_options(options, OPTIONS, _WHAT)
-    raise no_pretrained(name, "MACE")
+#: ``MACEModel(obj, **options)``; ``obj`` is deep-copied, not modified
+wrap = wrap_with(MACEModel, OPTIONS, _WHAT)
+load = no_pretrained_load("MACE", OPTIONS, _WHAT)

@@ -35,7 +35,14 @@ import copy
 
 import torch
 
-from ._adapter import ElementTable, check_options, no_pretrained, optional_import, private_copy
+from ._adapter import (
+    ElementTable,
+    check_options,
+    no_pretrained_load,
+    optional_import,
+    private_copy,
+    supported,
+)
 from .base import DistributableModel, LocalGraph
 
 __all__ = ["M3GNetModel", "OPTIONS", "PACKAGES", "PRETRAINED", "TensorNetModel", "load", "supports",
@@ -67,12 +74,7 @@ def _architecture(obj) -> str | None:
 
 def supports(obj) -> bool:
     """Whether ``obj`` is a matgl ``TensorNet`` or ``M3GNet``, or a ``Potential`` holding one."""
-    if type(obj).__module__.split(".")[0] not in PACKAGES:
-        return False
-    try:
-        return _architecture(obj) is not None
-    except ImportError:
-        return False
+    return supported(obj, PACKAGES, lambda o: _architecture(o) is not None)
 
 
 def _without_warp(model):
@@ -280,8 +282,4 @@ def wrap(obj, **options) -> _MatGLModel:
     return _MODELS[arch](obj)
 
 
-def load(name: str, **options):
-    """No matgl weights ship inside matgl: ``ValueError`` (load the model with matgl and ``wrap``
-    it)."""
-    check_options(options, OPTIONS, _WHAT)
-    raise no_pretrained(name, "matgl")
+load = no_pretrained_load("matgl", OPTIONS, _WHAT)

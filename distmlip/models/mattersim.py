@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ._adapter import ElementTable, check_options, no_pretrained, optional_import
+from ._adapter import ElementTable, no_pretrained_load, optional_import, supported, wrap_with
 from .base import DistributableModel, LocalGraph
 
 __all__ = ["MatterSimModel", "OPTIONS", "PACKAGES", "PRETRAINED", "load", "supports", "wrap"]
@@ -54,12 +54,7 @@ def _inner(obj):
 def supports(obj) -> bool:
     """Whether ``obj`` is a MatterSim ``M3Gnet``, a ``Potential`` or a ``MatterSimCalculator``
     holding one."""
-    if type(obj).__module__.split(".")[0] not in PACKAGES:
-        return False
-    try:
-        return _inner(obj) is not None
-    except ImportError:
-        return False
+    return supported(obj, PACKAGES, lambda o: _inner(o) is not None)
 
 
 def triplets(centres: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,14 +139,6 @@ class MatterSimModel(DistributableModel):
         return m.normalizer(energies, numbers[:needed])
 
 
-def wrap(obj, **options) -> MatterSimModel:
-    """``MatterSimModel(obj)`` (no options); ``obj`` is held, not copied, and not modified."""
-    check_options(options, OPTIONS, _WHAT)
-    return MatterSimModel(obj)
-
-
-def load(name: str, **options):
-    """No MatterSim weights ship inside mattersim: ``ValueError`` (load the model with mattersim and
-    ``wrap`` it)."""
-    check_options(options, OPTIONS, _WHAT)
-    raise no_pretrained(name, "MatterSim")
+#: ``MatterSimModel(obj)`` (no options); ``obj`` is held, not copied, and not modified
+wrap = wrap_with(MatterSimModel, OPTIONS, _WHAT)
+load = no_pretrained_load("MatterSim", OPTIONS, _WHAT)

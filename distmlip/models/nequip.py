@@ -51,7 +51,15 @@ from __future__ import annotations
 
 import torch
 
-from ._adapter import ElementTable, HookState, check_options, no_pretrained, optional_import, private_copy
+from ._adapter import (
+    ElementTable,
+    HookState,
+    no_pretrained_load,
+    optional_import,
+    private_copy,
+    supported,
+    wrap_with,
+)
 from ._adapter import RunRows as _Run
 from .base import DistributableModel, LocalGraph
 
@@ -124,13 +132,7 @@ def _input_dtype() -> torch.dtype:
 def supports(obj) -> bool:
     """True for NequIP-framework energy models (``GraphModel`` as built by ``NequIPGNNModel``,
     ``AllegroModel`` or loaded from a checkpoint; or its ``ForceStressOutput``)."""
-    if type(obj).__module__.split(".")[0] not in PACKAGES:
-        return False
-    try:
-        nq = _import_nequip()
-    except ImportError:
-        return False
-    return _energy_network(obj, nq) is not None
+    return supported(obj, PACKAGES, lambda o: _energy_network(o, _import_nequip()) is not None)
 
 
 def _exchange_hook(module, args, output):
@@ -370,15 +372,6 @@ class NequIPModel(DistributableModel):
         return out[energy_key].reshape(-1)
 
 
-def wrap(obj, **options) -> NequIPModel:
-    """``NequIPModel(obj, **options)`` (options: ``chemical_species_to_atom_type_map``,
-    ``num_layers``); ``obj`` is deep-copied, not modified."""
-    check_options(options, OPTIONS, _WHAT)
-    return NequIPModel(obj, **options)
-
-
-def load(name: str, **options):
-    """No NequIP / Allegro weights ship inside the packages: ``ValueError`` (load the model with
-    nequip and ``wrap`` it)."""
-    check_options(options, OPTIONS, _WHAT)
-    raise no_pretrained(name, "NequIP")
+#: ``NequIPModel(obj, **options)``; ``obj`` is deep-copied, not modified
+wrap = wrap_with(NequIPModel, OPTIONS, _WHAT)
+load = no_pretrained_load("NequIP", OPTIONS, _WHAT)

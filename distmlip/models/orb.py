@@ -48,7 +48,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ._adapter import ElementTable, check_options, no_pretrained, optional_import
+from ._adapter import ElementTable, no_pretrained_load, optional_import, supported, wrap_with
 from .base import DistributableModel, LocalGraph
 
 __all__ = ["OPTIONS", "PACKAGES", "PRETRAINED", "OrbModel", "load", "supports", "wrap"]
@@ -68,13 +68,7 @@ def _orb():
 
 def supports(obj) -> bool:
     """Whether ``obj`` is an Orb ``ConservativeForcefieldRegressor`` or an ``ORBCalculator``."""
-    if type(obj).__module__.split(".")[0] not in PACKAGES:
-        return False
-    try:
-        regressor, calculator = _orb()
-    except ImportError:
-        return False
-    return isinstance(obj, (regressor, calculator))
+    return supported(obj, PACKAGES, lambda o: isinstance(o, _orb()))
 
 
 class OrbModel(DistributableModel):
@@ -208,15 +202,6 @@ class OrbModel(DistributableModel):
         return out.index_add(0, senders, 0.5 * raw * envelope)
 
 
-def wrap(obj, **options) -> OrbModel:
-    """``OrbModel(obj, **options)`` (options: ``max_num_neighbors``, ``radius``); ``obj`` is held,
-    not copied, and not modified."""
-    check_options(options, OPTIONS, _WHAT)
-    return OrbModel(obj, **options)
-
-
-def load(name: str, **options):
-    """No Orb weights ship inside orb-models: ``ValueError`` (build the model with orb-models and
-    ``wrap`` it)."""
-    check_options(options, OPTIONS, _WHAT)
-    raise no_pretrained(name, "Orb")
+#: ``OrbModel(obj, **options)``; ``obj`` is held, not copied, and not modified
+wrap = wrap_with(OrbModel, OPTIONS, _WHAT)
+load = no_pretrained_load("Orb", OPTIONS, _WHAT)

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import torch
 
-from ._adapter import ElementTable, check_options, optional_import
+from ._adapter import ElementTable, check_options, optional_import, supported
 from .base import DistributableModel, LocalGraph
 
 __all__ = ["OPTIONS", "PACKAGES", "PRETRAINED", "SevenNetModel", "load", "supports", "wrap"]
@@ -80,13 +80,7 @@ def _sevenn():
 
 def supports(obj) -> bool:
     """Whether ``obj`` is a SevenNet ``AtomGraphSequential``."""
-    if type(obj).__module__.split(".")[0] not in PACKAGES:
-        return False
-    try:
-        _, sequential = _sevenn()
-    except ImportError:
-        return False
-    return isinstance(obj, sequential)
+    return supported(obj, PACKAGES, lambda o: isinstance(o, _sevenn()[1]))
 
 
 class SevenNetModel(DistributableModel):
