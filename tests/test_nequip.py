@@ -171,7 +171,7 @@ class TestNequIPBattery(AdapterBattery):
     (no hooks added to it), an unknown option refused."""
 
     def small_structure(self):
-        return oxide()
+        return adapters.oxide()  # one cell, 12 atoms
 
     def check_split_report(self, report, model):
         for row in report:
