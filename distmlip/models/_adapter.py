@@ -1,7 +1,7 @@
 """What every adapter of a third-party package shares: the protocol, lazy imports, element tables.
 
-An adapter is a module ``distmlip/models/<name>.py`` listed in ``registry.ADAPTERS`` that provides
-(the ``Adapter`` protocol below):
+An adapter is a module ``distmlip/models/<name>.py`` with a row in ``registry.ADAPTER_TABLE`` that
+provides (the ``Adapter`` protocol below):
 
 - ``PACKAGES``: the top-level packages whose objects it may accept (``wrap`` only asks adapters
   whose packages match the object's module, so nothing is imported to reject an object);
@@ -20,17 +20,21 @@ packages, pip distribution and extra, description, pretrained names, dtype, whet
 updates are restricted to owned rows); ``tests/test_wrap.py`` checks that each module agrees with
 its row and satisfies the protocol.
 
-Adapters import their package lazily with ``optional_import`` (one error format), refuse an
-unknown option with ``check_options`` (one error format, naming the closest valid option), raise
-``no_pretrained`` from ``load`` when their package ships no weights, and map atomic numbers to the
-model's type indices with ``ElementTable`` (one error for an element the model does not cover).
+Adapters import their package lazily with ``optional_import`` (one error format), answer
+``supports`` with ``supported`` (nothing imported for another package's object), refuse an unknown
+option with ``check_options`` (one error format, naming the closest valid option; ``wrap_with``
+builds the usual ``wrap``), raise ``no_pretrained`` from ``load`` when their package ships no
+weights (``no_pretrained_load``), and map atomic numbers to the model's type indices with
+``ElementTable`` (one error for an element the model does not cover).
 
 Copy policy: **an adapter never modifies the caller's module.** When it must change the module
-(forward hooks, a dtype, a rebuilt layer, merged experts) it works on its own deep copy
-(``private_copy``); when it only reads it, it holds the caller's module without copying. Hooks are
-therefore only ever registered on the adapter's own copy. The runtime deep-copies the wrapped
-model once per device anyway, so holding the caller's module costs nothing and a copy is made only
-where it is needed.
+(forward hooks: MACE, NequIP; merged experts and expert state: fairchem; a rebuilt layer, or state
+from the last call that ``copy.deepcopy`` refuses: matgl) it works on its own deep copy
+(``private_copy``); when it only reads it (SevenNet, CHGNet, Orb, MatterSim), it holds the
+caller's module without copying. Hooks are therefore only ever registered on the adapter's own
+copy. The runtime deep-copies the wrapped model once per device (and casts the copy) anyway, so
+holding the caller's module costs nothing and a copy is made only where it is needed. The shared
+test battery (``distmlip.testing.battery``) checks that the caller's module is unchanged.
 """
 
 from __future__ import annotations
