@@ -149,7 +149,8 @@ def test_split_equals_whole(uma64, name):
 def test_errors(uma32):
     with pytest.raises(ValueError, match=r"task: expected one of \['omat'\], got 'omol'"):
         distmlip.wrap(uma32, task="omol")
-    with pytest.raises(TypeError, match="options: expected task, charge or spin"):
+    with pytest.raises(TypeError, match=r"^max_num_neighbors: expected one of "
+                                        r"\['charge', 'spin', 'task'\] for fairchem models"):
         distmlip.wrap(uma32, max_num_neighbors=3)
     assert distmlip.wrap(uma32).task == "omat"  # the only task is the default
 

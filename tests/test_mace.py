@@ -22,7 +22,9 @@ mace_models = pytest.importorskip(
 import distmlip  # noqa: E402
 from distmlip import DistributedCalculator  # noqa: E402
 from distmlip.models.mace import MACEModel  # noqa: E402
-from distmlip.testing import assert_partition_invariant, evaluate, format_report, rel_err  # noqa: E402
+from distmlip.testing import evaluate, rel_err  # noqa: E402
+from distmlip.testing.adapters import metal, oxide, slab  # noqa: E402
+from distmlip.testing.battery import AdapterBattery  # noqa: E402
 
 ELEMENTS = (3, 8, 13, 29)  # Li, O, Al, Cu
 
@@ -52,32 +54,9 @@ def make_mace(seed: int = 0, scale: float = 40.0):
     return model.to(torch.float64).eval()
 
 
-def oxide():
-    """Li2O (antifluorite), one conventional cell: 12 atoms, ~125 neighbours each at 6 Å."""
-    from ase.build import bulk
-
-    atoms = bulk("OLi2", "fluorite", a=4.61, cubic=True)
-    atoms.rattle(0.08, seed=1)
-    return atoms
-
-
-def metal():
-    """Cu fcc, 2x2x1 conventional cells (16 atoms; the cell is thinner than the cutoff along z)."""
-    from ase.build import bulk
-
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 1))
-    atoms.rattle(0.08, seed=2)
-    return atoms
-
-
 def surface():
     """Al(100) slab 2x2x4 (16 atoms), periodic in x, y only, 5 Å of vacuum each side."""
-    from ase.build import fcc100
-
-    atoms = fcc100("Al", size=(2, 2, 4), a=4.05, vacuum=5.0)
-    atoms.pbc = [True, True, False]
-    atoms.rattle(0.08, seed=3)
-    return atoms
+    return slab(vacuum=5.0)
 
 
 STRUCTURES = {"oxide": (oxide, "grid"), "metal": (metal, "grid"), "surface": (surface, "metis")}
@@ -143,39 +122,48 @@ def _mace_reference(calc, atoms) -> dict:
 def test_wrap_gives_mace_model(mace_setup):
     model, _, wrapped = mace_setup
     assert isinstance(wrapped, MACEModel)
-    assert wrapped.module is model
+    assert wrapped.module is not model  # the adapter hooks its own copy (the copy policy)
     assert wrapped.cutoff == pytest.approx(6.0)
     assert wrapped.num_layers == 2
     assert distmlip.wrap(wrapped) is wrapped
 
 
-@pytest.mark.parametrize("name", list(STRUCTURES))
-def test_equals_mace_calculator_and_is_partition_invariant(name, mace_setup, mace_calc):
-    build, partitioner = STRUCTURES[name]
-    atoms = build()
-    wrapped = mace_setup[2]
-    ref = _mace_reference(mace_calc, atoms)
-    assert np.abs(ref["forces"]).max() > 0.05  # the check below measures real forces
+@pytest.fixture(scope="module")
+def battery_source(mace_setup):
+    return mace_setup[0]
 
-    ours = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
-    n = len(atoms)
-    assert abs(ours["energy"] - ref["energy"]) / n <= 1e-6
-    assert np.abs(ours["forces"] - ref["forces"]).max() <= 1e-5
-    assert np.abs(ours["stress"] - ref["stress"]).max() <= 1e-6
-    assert np.abs(ours["energies"] - ref["energies"]).max() <= 1e-6
-    assert ours["energies"].sum() == pytest.approx(ours["energy"], abs=1e-9)
 
-    # 2, 3 and 5 parts in both modes against the unpartitioned result (float64: 1e-10 relative),
-    # hence also against MACE's calculator within the tolerances above
-    report = assert_partition_invariant(wrapped, atoms, num_partitions=(2, 3, 5),
-                                        partitioners=(partitioner,), modes=("halo", "extended"),
-                                        rtol=1e-10)
-    print(name, format_report(report), sep="\n")
-    for row in report:
-        if row["mode"] == "halo" and row["nonempty_parts"] > 1:
-            assert row["exchange_calls"] == 1  # before the second interaction only
-        if row["mode"] == "extended":
-            assert row["exchange_calls"] == 0
+@pytest.fixture(scope="module")
+def battery_model(mace_setup):
+    return mace_setup[2]
+
+
+@pytest.fixture(params=list(STRUCTURES))
+def battery_case(request):
+    build, partitioner = STRUCTURES[request.param]
+    return request.param, build(), partitioner
+
+
+@pytest.fixture(scope="module")
+def battery_reference(mace_calc):
+    return lambda name, atoms: _mace_reference(mace_calc, atoms)
+
+
+class TestMACEBattery(AdapterBattery):
+    """The shared adapter battery: unsplit vs MACE's calculator (1e-6 eV/atom, 1e-5 eV/Å,
+    1e-6 eV/Å^3, 1e-6 eV per atom), 2, 3 and 5 parts in both modes vs unsplit (float64, 1e-10
+    relative), finite-difference forces, the caller's module unchanged (no hooks added to it),
+    an unknown option refused."""
+
+    def small_structure(self):
+        return oxide()
+
+    def check_split_report(self, report, model):
+        for row in report:
+            if row["mode"] == "halo" and row["nonempty_parts"] > 1:
+                assert row["exchange_calls"] == 1  # before the second interaction only
+            if row["mode"] == "extended":
+                assert row["exchange_calls"] == 0
 
 
 def _stale_halo(graph):
@@ -222,24 +210,6 @@ def test_threaded_workers(mace_setup):
     assert calc.runner.last_exchange_calls == 1
     for q in one:
         assert rel_err(split[q], one[q]) <= 1e-10, q
-
-
-def test_wrapped_module_still_works_alone(mace_setup, mace_calc):
-    """The exchange hooks are inert outside distmlip: MACE's calculator on the wrapped module
-    (not the saved copy) still gives the saved copy's results."""
-    from mace.calculators import MACECalculator
-
-    atoms = metal()
-    model = mace_setup[0]
-    previous = torch.get_default_dtype()
-    try:
-        direct = MACECalculator(models=model, device="cpu", default_dtype="float64")
-    finally:
-        torch.set_default_dtype(previous)
-    a = _mace_reference(direct, atoms)
-    b = _mace_reference(mace_calc, atoms)
-    assert a["energy"] == pytest.approx(b["energy"], abs=1e-10)
-    assert np.abs(a["forces"] - b["forces"]).max() <= 1e-10
 
 
 def test_unknown_element_and_head_are_rejected(mace_setup):

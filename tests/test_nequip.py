@@ -21,7 +21,9 @@ pytest.importorskip("nequip.model", reason="nequip is not installed (pip install
 import distmlip  # noqa: E402
 from distmlip import DistributedCalculator  # noqa: E402
 from distmlip.models.nequip import NequIPModel  # noqa: E402
+from distmlip.testing import adapters as adapters  # noqa: E402
 from distmlip.testing import assert_partition_invariant, evaluate, format_report, rel_err  # noqa: E402
+from distmlip.testing.battery import AdapterBattery  # noqa: E402
 
 TYPES = ["Li", "O", "Al", "Cu"]
 R_MAX = 5.0
@@ -77,30 +79,17 @@ def make_allegro(seed: int = 0):
 
 def oxide():
     """Li2O (antifluorite), 2x1x1 conventional cells (24 atoms)."""
-    from ase.build import bulk
-
-    atoms = bulk("OLi2", "fluorite", a=4.61, cubic=True).repeat((2, 1, 1))
-    atoms.rattle(0.08, seed=1)
-    return atoms
+    return adapters.oxide(repeat=(2, 1, 1))
 
 
 def metal():
     """Cu fcc, 2x2x2 conventional cells (32 atoms)."""
-    from ase.build import bulk
-
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
-    atoms.rattle(0.08, seed=2)
-    return atoms
+    return adapters.metal(repeat=(2, 2, 2))
 
 
 def surface():
     """Al(100) slab 3x3x4 (36 atoms), periodic in x, y only, 5 Å of vacuum each side."""
-    from ase.build import fcc100
-
-    atoms = fcc100("Al", size=(3, 3, 4), a=4.05, vacuum=5.0)
-    atoms.pbc = [True, True, False]
-    atoms.rattle(0.08, seed=3)
-    return atoms
+    return adapters.slab(size=(3, 3, 4), vacuum=5.0)
 
 
 STRUCTURES = {"oxide": (oxide, "grid"), "metal": (metal, "grid"), "surface": (surface, "metis")}
@@ -147,34 +136,47 @@ def _reference(calc, atoms) -> dict:
 def test_wrap_infers_cutoff_and_receptive_field(setup):
     name, model, wrapped, _ = setup
     assert isinstance(wrapped, NequIPModel)
-    assert wrapped.module is model
+    assert wrapped.module is not model  # the adapter hooks its own copy (the copy policy)
     assert wrapped.cutoff == pytest.approx(R_MAX)
     # NequIP: one hop per interaction block; Allegro: strictly local whatever its layers
     assert wrapped.num_layers == {"nequip": 3, "allegro": 1}[name]
     assert distmlip.wrap(wrapped) is wrapped
 
 
-@pytest.mark.parametrize("structure", list(STRUCTURES))
-def test_equals_nequip_calculator_and_is_partition_invariant(structure, setup):
-    name, _, wrapped, calc = setup
-    build, partitioner = STRUCTURES[structure]
-    atoms = build()
-    ref = _reference(calc, atoms)
-    assert np.abs(ref["forces"]).max() > 0.05  # the check below measures real forces
+@pytest.fixture(scope="module")
+def battery_source(setup):
+    return setup[1]
 
-    ours = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
-    assert abs(ours["energy"] - ref["energy"]) / len(atoms) <= 1e-6
-    assert np.abs(ours["forces"] - ref["forces"]).max() <= 1e-5
-    assert np.abs(ours["stress"] - ref["stress"]).max() <= 1e-6
-    assert np.abs(ours["energies"] - ref["energies"]).max() <= 1e-6
 
-    report = assert_partition_invariant(wrapped, atoms, num_partitions=(2, 3, 5),
-                                        partitioners=(partitioner,), modes=("halo", "extended"),
-                                        rtol=1e-10)
-    print(name, structure, format_report(report), sep="\n")
-    for row in report:
-        expected = wrapped.num_layers - 1 if row["mode"] == "halo" else 0
-        assert row["exchange_calls"] == expected
+@pytest.fixture(scope="module")
+def battery_model(setup):
+    return setup[2]
+
+
+@pytest.fixture(params=list(STRUCTURES))
+def battery_case(request):
+    build, partitioner = STRUCTURES[request.param]
+    return request.param, build(), partitioner
+
+
+@pytest.fixture(scope="module")
+def battery_reference(setup):
+    return lambda name, atoms: _reference(setup[3], atoms)
+
+
+class TestNequIPBattery(AdapterBattery):
+    """The shared adapter battery, for NequIP and Allegro: unsplit vs NequIP's calculator
+    (1e-6 eV/atom, 1e-5 eV/Å, 1e-6 eV/Å^3, 1e-6 eV per atom), 2, 3 and 5 parts in both modes vs
+    unsplit (float64, 1e-10 relative), finite-difference forces, the caller's module unchanged
+    (no hooks added to it), an unknown option refused."""
+
+    def small_structure(self):
+        return adapters.oxide()  # one cell, 12 atoms
+
+    def check_split_report(self, report, model):
+        for row in report:
+            expected = model.num_layers - 1 if row["mode"] == "halo" else 0
+            assert row["exchange_calls"] == expected
 
 
 def _stale_halo(graph):
@@ -238,23 +240,6 @@ def test_receptive_field(setup):
         assert abs(after - before) <= 1e-12
     else:
         assert abs(after - before) > 1e-8
-
-
-def test_wrapped_module_still_works_alone(setup):
-    """The exchange hooks are inert outside distmlip."""
-    _, model, _, calc = setup
-    fresh = BUILDERS[setup[0]]()  # same seed, never wrapped
-    from nequip.integrations.ase import NequIPCalculator
-    from nequip.integrations.utils import basic_transforms
-
-    fresh_calc = NequIPCalculator(
-        fresh, device="cpu",
-        transforms=basic_transforms(fresh.metadata, R_MAX, TYPES, {t: t for t in TYPES}),
-    )
-    atoms = metal()
-    a, b = _reference(calc, atoms), _reference(fresh_calc, atoms)
-    assert a["energy"] == pytest.approx(b["energy"], abs=1e-10)
-    assert np.abs(a["forces"] - b["forces"]).max() <= 1e-10
 
 
 def test_bad_arguments(setup):

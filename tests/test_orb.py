@@ -139,7 +139,8 @@ def test_calculator_and_energies(orb64):
 
 
 def test_errors(orb64):
-    with pytest.raises(TypeError, match="options: expected max_num_neighbors or radius"):
+    with pytest.raises(TypeError,
+                       match=r"^task: expected one of \['max_num_neighbors', 'radius'\] for Orb models"):
         distmlip.wrap(orb64, task="omat")
     with pytest.raises(ValueError, match="max_num_neighbors: expected an integer >= 1"):
         distmlip.wrap(orb64, max_num_neighbors=0)

@@ -12,6 +12,7 @@ import torch
 
 import distmlip
 from distmlip.models import DistributableModel, LennardJones, SchNet
+from distmlip.models.registry import ADAPTER_TABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "wrap_custom_model.py"
@@ -120,3 +121,105 @@ def test_custom_model_example_fails_without_the_exchange():
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "CHECK FAILED" in proc.stderr
     assert "all checks passed" not in proc.stdout
+
+
+# ---------------------------------------------------------------- the adapter protocol
+ADAPTER_NAMES = [info.name for info in ADAPTER_TABLE]
+
+
+def _adapter_module(name):
+    import importlib
+
+    return importlib.import_module(f"distmlip.models.{name}")
+
+
+def test_adapter_table_is_the_one_source():
+    """ADAPTERS and the CLI's package table derive from ADAPTER_TABLE."""
+    from distmlip.cli.commands import _DISTRIBUTIONS
+    from distmlip.models.registry import ADAPTER_TABLE, ADAPTERS, AdapterInfo, adapter_info
+
+    assert all(isinstance(info, AdapterInfo) for info in ADAPTER_TABLE)
+    assert list(ADAPTERS) == [info.name for info in ADAPTER_TABLE]
+    assert len(set(ADAPTERS)) == len(ADAPTER_TABLE)
+    assert all(adapter_info(name) is info for name, info in ADAPTERS.items())
+    assert _DISTRIBUTIONS == {info.name: info.distribution for info in ADAPTER_TABLE}
+    with pytest.raises(KeyError, match="name: expected one of"):
+        adapter_info("nope")
+    owned = {info.name for info in ADAPTER_TABLE if info.owned_rows_only}
+    assert owned == {"sevenn", "chgnet", "mace", "nequip"}
+
+
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+def test_adapter_module_follows_the_protocol(name):
+    """Each adapter module agrees with its table row and provides PACKAGES, OPTIONS, supports,
+    wrap, PRETRAINED and load; its model class is ``XModel(module, *, ...)``."""
+    import inspect
+
+    from distmlip.models._adapter import Adapter
+    from distmlip.models.registry import ADAPTERS
+
+    info = ADAPTERS[name]
+    module = _adapter_module(name)
+    assert isinstance(module, Adapter)
+    assert module.PACKAGES == info.packages
+    assert tuple(module.PRETRAINED) == info.pretrained
+    assert all(isinstance(d, str) and d for d in module.PRETRAINED.values())
+    assert isinstance(module.OPTIONS, tuple)
+    assert list(inspect.signature(module.wrap).parameters) == ["obj", "options"]
+    assert list(inspect.signature(module.load).parameters) == ["name", "options"]
+    classes = [getattr(module, n) for n in module.__all__ if n.endswith("Model")]
+    assert classes and all(issubclass(c, DistributableModel) for c in classes)
+    for cls in classes:
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        assert params[0].name == "module", cls
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[1:]), cls
+        options = {p.name for p in params[1:]}
+        assert set(module.OPTIONS) <= options | {"modal"}, (cls, options)
+    assert module.supports(object()) is False
+    assert module.supports(torch.nn.Linear(2, 2)) is False
+
+
+@pytest.mark.parametrize("name", ADAPTER_NAMES)
+def test_adapter_unknown_option_and_name(name):
+    """One unknown-option error (``"<option>: expected ..."``, the closest valid one suggested),
+    raised before anything is imported; ``load`` of an unknown name is a ValueError."""
+    module = _adapter_module(name)
+    with pytest.raises(TypeError, match=r"^not_an_option: expected (one of \[.*\]|no options) for "
+                                        r".*got an unexpected keyword argument 'not_an_option'"):
+        module.wrap(object(), not_an_option=1)
+    with pytest.raises(TypeError, match=r"^not_an_option: expected"):
+        module.load("whatever", not_an_option=1)
+    for option in module.OPTIONS:
+        typo = option[:-1]
+        with pytest.raises(TypeError, match=rf"^{typo}: .*did you mean {option}=\.\.\.\?"):
+            module.wrap(object(), **{typo: 1})
+    with pytest.raises(ValueError, match=r"^name: expected"):
+        module.load("no-such-model")
+
+
+def test_rejecting_a_foreign_object_imports_no_model_package():
+    """``wrap`` asks only the adapters whose packages match the object's module: refusing a
+    torch module imports none of the packages in the table."""
+    from distmlip.models.registry import ADAPTER_TABLE
+
+    roots = sorted({p for info in ADAPTER_TABLE for p in info.packages})
+    code = ("import sys, torch, distmlip\n"
+            "try:\n    distmlip.wrap(torch.nn.Linear(2, 2))\nexcept TypeError:\n    pass\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {roots!r}))")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_check_options_message():
+    from distmlip.models._adapter import check_options
+
+    check_options({"head": 1}, ("head",), "MACE models")
+    with pytest.raises(TypeError) as info:
+        check_options({"haed": 1}, ("head",), "MACE models")
+    assert str(info.value) == ("haed: expected one of ['head'] for MACE models, got an unexpected "
+                               "keyword argument 'haed'; did you mean head=...?")
+    with pytest.raises(TypeError, match=r"^x: expected no options for Y models, .*remove it"):
+        check_options({"x": 1}, (), "Y models")

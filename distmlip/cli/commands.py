@@ -210,34 +210,27 @@ def partition(args) -> int:
 
 # ----------------------------------------------------------------------------- models
 def _elements(model) -> str:
-    """The elements a model covers, as a count or a range, from what its adapter holds."""
+    """The elements a model covers, as a count or a range, from its adapter's ``ElementTable``."""
     from ase.data import chemical_symbols
 
-    numbers = None
-    for holder in (model, getattr(model, "elements", None)):
-        if holder is None:
-            continue
-        if isinstance(getattr(holder, "type_map", None), dict):
-            numbers = sorted(holder.type_map)
-        elif isinstance(getattr(holder, "numbers", None), tuple):
-            numbers = sorted(holder.numbers)
-        if numbers:
-            break
-    if numbers:
-        return f"{len(numbers)} ({chemical_symbols[numbers[0]]}-{chemical_symbols[numbers[-1]]})"
-    inner = getattr(model, "module", None) or getattr(model, "chgnet", None)
-    embedding = getattr(getattr(inner, "atom_embedding", None), "embedding", None)
-    if embedding is not None:  # CHGNet: one row per atomic number from 1
-        return f"Z 1-{embedding.num_embeddings} (H-{chemical_symbols[embedding.num_embeddings]})"
-    return "any"
+    numbers = sorted(getattr(getattr(model, "elements", None), "numbers", None) or ())
+    if not numbers:
+        return "any"
+    first, last = chemical_symbols[numbers[0]], chemical_symbols[numbers[-1]]
+    if len(numbers) > 3 and numbers[-1] - numbers[0] == len(numbers) - 1:  # a range
+        return f"Z {numbers[0]}-{numbers[-1]} ({first}-{last})"
+    return f"{len(numbers)} ({first}-{last})"
+
+
+def _distributions() -> dict[str, str]:
+    """adapter -> the distribution that brings its package (pip's name), from the registry."""
+    from ..models.registry import ADAPTERS
+
+    return {name: info.distribution for name, info in ADAPTERS.items()}
 
 
 #: adapter -> the distribution that brings its package (for its version; pip's name)
-_DISTRIBUTIONS = {"sevenn": "sevenn", "chgnet": "chgnet", "mace": "mace-torch", "nequip": "nequip",
-                  "matgl": "matgl", "orb": "orb-models", "fairchem": "fairchem-core",
-                  "mattersim": "mattersim"}
-#: packages whose own requirements conflict with the others': installed without them, after the extra
-_NO_DEPS = {"mace": "mace-torch", "mattersim": "mattersim"}
+_DISTRIBUTIONS = _distributions()
 
 
 def _installed(adapter: str) -> tuple[str, str | None]:
@@ -247,12 +240,12 @@ def _installed(adapter: str) -> tuple[str, str | None]:
     import importlib.util
     from importlib.metadata import PackageNotFoundError, version
 
-    from ..models import registry
+    from ..models.registry import adapter_info
 
-    dist = _DISTRIBUTIONS.get(adapter, adapter)
-    root = registry._ROOTS[adapter][0]
+    info = adapter_info(adapter)
+    dist = info.distribution
     try:
-        found = importlib.util.find_spec(root) is not None
+        found = importlib.util.find_spec(info.packages[0]) is not None
     except (ImportError, ValueError):
         found = False
     if not found:
@@ -278,16 +271,16 @@ def models(args) -> int:
     from ..models import registry
 
     rows, adapters, missing = [], [], []
-    for adapter, (extra, description) in registry.ADAPTERS.items():
+    for adapter, info in registry.ADAPTERS.items():
         module = importlib.import_module(f"distmlip.models.{adapter}")
-        pretrained = getattr(module, "PRETRAINED", {})
+        pretrained = module.PRETRAINED
         dist, ver = _installed(adapter)
         state = ver if ver is not None else "no"
-        what = description.rsplit(" (", 1)[0]
+        what = info.description.rsplit(" (", 1)[0]
         adapters.append((adapter, dist, state, what))
         if ver is None:
-            missing.append(f"pip install 'distmlip[{extra}]'" + (
-                f" && pip install --no-deps {_NO_DEPS[adapter]}" if adapter in _NO_DEPS else ""))
+            missing.append(f"pip install 'distmlip[{info.extra}]'" + (
+                f" && pip install --no-deps {info.distribution}" if info.no_deps else ""))
         rows.extend((name, dist, state, desc.rsplit(" (", 1)[0]) for name, desc in pretrained.items())
     for name, desc in REFERENCE_MODELS.items():
         rows.append((name, "distmlip", "yes", desc.split(";")[0]))

@@ -1,7 +1,7 @@
 """What every adapter of a third-party package shares: the protocol, lazy imports, element tables.
 
-An adapter is a module ``distmlip/models/<name>.py`` listed in ``registry.ADAPTERS`` that provides
-(the ``Adapter`` protocol below):
+An adapter is a module ``distmlip/models/<name>.py`` with a row in ``registry.ADAPTER_TABLE`` that
+provides (the ``Adapter`` protocol below):
 
 - ``PACKAGES``: the top-level packages whose objects it may accept (``wrap`` only asks adapters
   whose packages match the object's module, so nothing is imported to reject an object);
@@ -9,25 +9,48 @@ An adapter is a module ``distmlip/models/<name>.py`` listed in ``registry.ADAPTE
   when its package is not installed);
 - ``wrap(obj, **options) -> DistributableModel``: the wrapped model, ``XModel(module, *, ...)``,
   holding the package's module under ``.module``;
+- ``OPTIONS``: the keyword options ``wrap`` and ``load`` accept (anything else: ``check_options``'s
+  error);
 - ``PRETRAINED``: ``{name: one-line description}`` of the weights ``load`` can give without
-  downloading (may be empty), and ``load(name, **options)``.
+  downloading (may be empty), and ``load(name, **options)`` (``ValueError`` ``"name: expected
+  ..."`` for a name it does not ship, ``no_pretrained`` when it ships none).
 
-Adapters import their package lazily with ``optional_import`` (one error format) and map atomic
-numbers to the model's type indices with ``ElementTable`` (one error for an element the model
-does not cover).
+Every adapter is described by one row of ``registry.ADAPTER_TABLE`` (``AdapterInfo``: its
+packages, pip distribution and extra, description, pretrained names, dtype, whether its node
+updates are restricted to owned rows); ``tests/test_wrap.py`` checks that each module agrees with
+its row and satisfies the protocol.
+
+Adapters import their package lazily with ``optional_import`` (one error format), answer
+``supports`` with ``supported`` (nothing imported for another package's object), refuse an unknown
+option with ``check_options`` (one error format, naming the closest valid option; ``wrap_with``
+builds the usual ``wrap``), raise ``no_pretrained`` from ``load`` when their package ships no
+weights (``no_pretrained_load``), and map atomic numbers to the model's type indices with
+``ElementTable`` (one error for an element the model does not cover).
+
+Copy policy: **an adapter never modifies the caller's module.** When it must change the module
+(forward hooks: MACE, NequIP; merged experts and expert state: fairchem; a rebuilt layer, or state
+from the last call that ``copy.deepcopy`` refuses: matgl) it works on its own deep copy
+(``private_copy``); when it only reads it (SevenNet, CHGNet, Orb, MatterSim), it holds the
+caller's module without copying. Hooks are therefore only ever registered on the adapter's own
+copy. The runtime deep-copies the wrapped model once per device (and casts the copy) anyway, so
+holding the caller's module costs nothing and a copy is made only where it is needed. The shared
+test battery (``distmlip.testing.battery``) checks that the caller's module is unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
+import difflib
 import importlib
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Adapter", "ElementTable", "HookState", "RunRows", "optional_import"]
+__all__ = ["Adapter", "ElementTable", "HookState", "RunRows", "check_options", "no_pretrained",
+           "no_pretrained_load", "optional_import", "private_copy", "supported", "wrap_with"]
 
 
 @runtime_checkable
@@ -35,6 +58,7 @@ class Adapter(Protocol):
     """The module-level interface of an adapter (see the module docstring)."""
 
     PACKAGES: tuple[str, ...]
+    OPTIONS: tuple[str, ...]
     PRETRAINED: dict[str, str]
 
     def supports(self, obj) -> bool: ...
@@ -57,6 +81,107 @@ def optional_import(module: str, extra: str, what: str):
             f"{type(exc).__name__}: {exc}. Install it with `pip install 'distmlip[{extra}]'` "
             f"(or `make install`)"
         ) from exc
+
+
+def check_options(options: Mapping, allowed, what: str) -> None:
+    """``TypeError`` for the first key of ``options`` not in ``allowed``: the one unknown-option
+    error of every adapter's ``wrap`` and ``load``.
+
+    ``allowed``: the option names the adapter takes; ``what``: the models they are for (e.g.
+    ``"SevenNet models"``). The message names the closest valid option (``difflib``)."""
+    unknown = sorted(k for k in options if k not in allowed)
+    if not unknown:
+        return
+    allowed = sorted(allowed)
+    name = unknown[0]
+    close = difflib.get_close_matches(name, allowed, n=1)
+    valid = f"one of {allowed}" if allowed else "no options"
+    fix = (f"did you mean {close[0]}=...?" if close
+           else f"remove it (the options of {what}: {', '.join(allowed) or 'none'})")
+    raise TypeError(f"{name}: expected {valid} for {what}, got an unexpected keyword argument "
+                    f"{name!r}; {fix}")
+
+
+def no_pretrained(name, package: str):
+    """``ValueError`` for ``load(name)`` of an adapter whose package ships no weights inside its
+    wheel (they download at run time): build the model with the package and wrap it."""
+    return ValueError(f"name: expected a pretrained model shipped in an installed package, got "
+                      f"{name!r}: {package}'s weights download at run time; build the model with "
+                      f"{package} and pass it to distmlip.wrap")
+
+
+def supported(obj, packages, check, errors=(ImportError,)) -> bool:
+    """An adapter's ``supports``: ``False`` without importing anything for an object from another
+    package than ``packages``, ``bool(check(obj))`` otherwise, ``False`` if that raises ``errors``
+    (the package is not installed)."""
+    if type(obj).__module__.split(".")[0] not in packages:
+        return False
+    try:
+        return bool(check(obj))
+    except errors:
+        return False
+
+
+def wrap_with(model_cls, allowed, what: str):
+    """An adapter's ``wrap(obj, **options)``: the options checked against ``allowed``, then
+    ``model_cls(obj, **options)``."""
+
+    def wrap(obj, **options):
+        check_options(options, allowed, what)
+        return model_cls(obj, **options)
+
+    wrap.__doc__ = (f"``{model_cls.__name__}(obj, **options)`` (options: "
+                    f"{', '.join(allowed) or 'none'}).")
+    return wrap
+
+
+def no_pretrained_load(package: str, allowed, what: str):
+    """An adapter's ``load(name, **options)`` when its package ships no weights: the options
+    checked against ``allowed``, then ``no_pretrained``'s ``ValueError``."""
+
+    def load(name, **options):
+        check_options(options, allowed, what)
+        raise no_pretrained(name, package)
+
+    load.__doc__ = (f"No {package} weights ship inside the installed package: ``ValueError`` "
+                    f"(build or load the model with {package} and ``wrap`` it).")
+    return load
+
+
+def private_copy(module, memo: dict | None = None):
+    """A deep copy of ``module`` for an adapter that must change it (see the copy policy in the
+    module docstring). Non-leaf tensors a package keeps from its last call (matgl's
+    ``feature_dict``, fairchem's expert state), which ``copy.deepcopy`` refuses, are copied
+    detached."""
+    memo = {} if memo is None else memo
+    for sub in module.modules() if isinstance(module, torch.nn.Module) else ():
+        for value in _tensor_attributes(sub):
+            if not value.is_leaf and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(module, memo)
+
+
+def _tensor_attributes(value, depth: int = 0):
+    """Tensors held in plain attributes of a submodule, looking into dicts, lists, tuples and plain
+    objects (a few levels deep; submodules are walked by ``private_copy`` itself)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth > 3 or isinstance(value, type):
+        return
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensor_attributes(v, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensor_attributes(v, depth + 1)
+    elif isinstance(value, torch.nn.Module):
+        if depth == 0:  # the submodule itself: its own attributes (not its children)
+            for key, v in vars(value).items():
+                if key not in ("_modules", "_parameters", "_buffers"):
+                    yield from _tensor_attributes(v, depth + 1)
+    elif hasattr(value, "__dict__"):
+        for v in vars(value).values():
+            yield from _tensor_attributes(v, depth + 1)
 
 
 class HookState:
@@ -126,6 +251,11 @@ class ElementTable(torch.nn.Module):
 
             from .base import unknown_elements
 
-            known = ", ".join(chemical_symbols[z] for z in sorted(self.numbers))
+            known = sorted(self.numbers)
+            if len(known) > 3 and known[-1] - known[0] == len(known) - 1:  # a range
+                known = (f"atomic numbers {known[0]}-{known[-1]} "
+                         f"({chemical_symbols[known[0]]}-{chemical_symbols[known[-1]]})")
+            else:
+                known = ", ".join(chemical_symbols[z] for z in known)
             raise unknown_elements(self.name, numbers[types < 0].tolist(), known)
         return types

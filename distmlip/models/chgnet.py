@@ -64,10 +64,14 @@ import io
 
 import torch
 
-from ._adapter import optional_import
-from .base import DistributableModel, LocalGraph, check_numbers
+from ._adapter import ElementTable, check_options, optional_import, supported
+from .base import DistributableModel, LocalGraph
 
-__all__ = ["PRETRAINED", "CHGNetModel", "load", "supports", "wrap"]
+__all__ = ["OPTIONS", "PACKAGES", "PRETRAINED", "CHGNetModel", "load", "supports", "wrap"]
+
+PACKAGES = ("chgnet",)
+OPTIONS = ("max_bonds",)
+_WHAT = "CHGNet models"
 
 
 # distmlip name -> (CHGNet.load's model_name, description). All three checkpoints ship inside the
@@ -95,26 +99,22 @@ def _chgnet_class():
 
 def supports(obj) -> bool:
     """Whether ``obj`` is a ``chgnet.model.CHGNet``."""
-    if type(obj).__module__.split(".")[0] != "chgnet":
-        return False
-    try:
-        chgnet_cls = _chgnet_class()
-    except ImportError:
-        return False
-    return isinstance(obj, chgnet_cls)
+    return supported(obj, PACKAGES, lambda o: isinstance(o, _chgnet_class()))
 
 
-def wrap(obj, **kwargs) -> CHGNetModel:
-    """A ``CHGNetModel`` around ``obj`` (a ``chgnet.model.CHGNet``); ``kwargs`` go to
-    ``CHGNetModel`` (``max_bonds``)."""
+def wrap(obj, **options) -> CHGNetModel:
+    """``CHGNetModel(obj, **options)`` (options: ``max_bonds``); ``obj`` (a ``chgnet.model.CHGNet``)
+    is held, not copied, and not modified."""
+    check_options(options, OPTIONS, _WHAT)
     if not supports(obj):
         raise TypeError(f"obj: expected a chgnet.model.CHGNet, got {type(obj).__module__}."
                         f"{type(obj).__name__}")
-    return CHGNetModel(obj, **kwargs)
+    return CHGNetModel(obj, **options)
 
 
-def load(name: str, **kwargs) -> CHGNetModel:
+def load(name: str, **options) -> CHGNetModel:
     """A pretrained CHGNet shipped in the chgnet wheel, by distmlip name (see ``PRETRAINED``)."""
+    check_options(options, OPTIONS, _WHAT)
     if not isinstance(name, str):
         raise TypeError(f"name: expected a model name (str), got {type(name).__name__}")
     key = name.lower()
@@ -123,15 +123,15 @@ def load(name: str, **kwargs) -> CHGNetModel:
     chgnet_cls = _chgnet_class()
     with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints its parameter count
         model = chgnet_cls.load(model_name=_CHECKPOINTS[key][0], use_device="cpu", verbose=False)
-    return CHGNetModel(model, **kwargs)
+    return CHGNetModel(model, **options)
 
 
 class CHGNetModel(DistributableModel):
     """A ``chgnet.model.CHGNet`` as a ``DistributableModel`` (see the module docstring).
 
     Args:
-        chgnet: the CHGNet module (kept as the submodule ``chgnet``; its weights are used as they
-            are, in its dtype, float32 for the pretrained models).
+        module: the CHGNet module (held as ``module``, not copied and not modified; its weights
+            are used as they are, in its dtype, float32 for the pretrained models).
         max_bonds: slots per atom for the exchanged bond messages: the largest number of bonds
             shorter than the bond-graph cutoff (3 Å) any atom may have. Every worker must use the
             same value. 64 leaves room beyond dense metals (14 in bcc Fe) and the 32-hydrogen cage
@@ -171,6 +171,10 @@ class CHGNetModel(DistributableModel):
         self.bond_cutoff = float(converter.bond_graph_cutoff)
         self.num_layers = int(module.n_conv)
         self.max_bonds = int(max_bonds)
+        # CHGNet's embedding row of atomic number z is z - 1
+        self.elements = ElementTable({z: z - 1 for z in
+                                      range(1, module.atom_embedding.embedding.num_embeddings + 1)},
+                                     "CHGNet")
 
     def extra_repr(self) -> str:
         return (f"cutoff={self.cutoff}, bond_cutoff={self.bond_cutoff}, "
@@ -257,8 +261,8 @@ class CHGNetModel(DistributableModel):
         needed = graph.num_needed
 
         # embeddings (CHGNet._compute / BatchedGraph.from_graphs, with bonds per directed edge)
-        check_numbers(graph.numbers, 1, c.atom_embedding.embedding.num_embeddings, "CHGNet")
-        atom = c.atom_embedding(graph.numbers - 1)
+        types = self.elements(graph.numbers)
+        atom = c.atom_embedding(types)
         rbf_ag = c.bond_basis_expansion.rbf_expansion_ag(r)
         bond = c.bond_embedding(rbf_ag)
         weight_ag = c.bond_weights_ag(rbf_ag)
@@ -333,5 +337,5 @@ class CHGNetModel(DistributableModel):
             atom = c.readout_norm(atom)
         energies = c.mlp(atom).squeeze(-1)
         if c.composition_model is not None:
-            energies = energies + c.composition_model.fc.weight[0, graph.numbers[:needed] - 1]
+            energies = energies + c.composition_model.fc.weight[0, types[:needed]]
         return energies

@@ -47,18 +47,19 @@ single isolated atoms is not used (the model is evaluated on them).
 
 from __future__ import annotations
 
-import copy
 from types import SimpleNamespace
 
 import torch
 
-from ._adapter import optional_import
+from ._adapter import ElementTable, no_pretrained_load, optional_import, private_copy, supported, wrap_with
 from .base import DistributableModel, LocalGraph
 
-__all__ = ["PACKAGES", "PRETRAINED", "UMAModel", "load", "supports", "wrap"]
+__all__ = ["OPTIONS", "PACKAGES", "PRETRAINED", "UMAModel", "load", "supports", "wrap"]
 
 PACKAGES = ("fairchem",)
 PRETRAINED: dict[str, str] = {}  # UMA's weights download at run time (and are gated)
+OPTIONS = ("charge", "spin", "task")
+_WHAT = "fairchem models"
 
 
 #: Experts' rows processed per call: larger than any part (fairchem's per-system segment sizes).
@@ -88,26 +89,13 @@ def _unwrap(obj):
 def supports(obj) -> bool:
     """Whether ``obj`` is a fairchem Hydra model with an eSCN-MD backbone, an ``MLIPPredictUnit``
     holding one, or a ``FAIRChemCalculator``."""
-    if type(obj).__module__.split(".")[0] not in PACKAGES:
-        return False
-    try:
-        hydras, backbone = _fairchem()
-        model = _unwrap(obj)[0]
-    except (ImportError, AttributeError):
-        return False
+    return supported(obj, PACKAGES, _is_uma, errors=(ImportError, AttributeError))
+
+
+def _is_uma(obj) -> bool:
+    hydras, backbone = _fairchem()
+    model = _unwrap(obj)[0]
     return isinstance(model, hydras) and isinstance(getattr(model, "backbone", None), backbone)
-
-
-def _copy(module):
-    """A deep copy of ``module``; the expert state fairchem's last forward left (tensors that may
-    belong to an autograd graph, which ``deepcopy`` refuses) is copied detached."""
-    memo = {}
-    for sub in module.modules():
-        state = getattr(sub, "global_mole_tensors", None)
-        for value in vars(state).values() if state is not None else ():
-            if isinstance(value, torch.Tensor) and not value.is_leaf:
-                memo[id(value)] = value.detach().clone()
-    return copy.deepcopy(module, memo)
 
 
 def _energy_head(module):
@@ -185,7 +173,9 @@ class UMAModel(DistributableModel):
         self.merged = getattr(bb, "_merged_composition", None)
         if self.merged is not None:
             self._check_merged_conditions()
-        self.module = _copy(module)  # the caller's module is not modified
+        # a copy: the adapter merges the energy head's experts and sets the expert coefficients
+        # on the model's shared state; the caller's module is not modified
+        self.module = private_copy(module)
         wrapper = next(h for h in self.module.output_heads.values()
                        if hasattr(getattr(h, "head", h), "energy_block"))
         if type(wrapper).__name__ == "DatasetSpecificMoEWrapper" and wrapper.merged_on_dataset is None:
@@ -203,6 +193,9 @@ class UMAModel(DistributableModel):
         self.num_experts = int(getattr(bb, "num_experts", 0) or 0)
         self.cutoff = float(bb.cutoff)
         self.num_layers = len(bb.blocks) + 1
+        # the embedding row of atomic number z is z
+        self.elements = ElementTable({z: z for z in range(1, bb.sphere_embedding.num_embeddings)},
+                                     "this UMA model")
 
     def _predict_unit_outputs(self, tasks: dict, task: str) -> None:
         """The predict unit's energy = scale * model energy + shift + sum of element references,
@@ -303,7 +296,7 @@ class UMAModel(DistributableModel):
             for _ in bb.blocks:
                 x = graph.halo_exchange(x)
             return torch.zeros(0, dtype=dtype, device=device)
-        numbers = graph.numbers
+        numbers = self.elements(graph.numbers)
         edge_index = graph.edge_index
         if edge_index.shape[1] == 0:  # fairchem's own fix-up: one self-loop beyond the cutoff
             edge_index = torch.zeros((2, 1), dtype=torch.long, device=device)
@@ -338,14 +331,6 @@ class UMAModel(DistributableModel):
         return energies
 
 
-def wrap(obj, *, task: str | None = None, charge: int = 0, spin: int | None = None,
-         **options) -> UMAModel:
-    if options:
-        raise TypeError(f"options: expected task, charge or spin for fairchem models, got "
-                        f"{sorted(options)}")
-    return UMAModel(obj, task=task, charge=charge, spin=spin)
-
-
-def load(name: str, **options):
-    raise ValueError(f"name: expected a pretrained model shipped in an installed package, got "
-                     f"{name!r}: UMA's weights download at run time; build the model and wrap it")
+#: ``UMAModel(obj, **options)``; ``obj`` is copied, not modified
+wrap = wrap_with(UMAModel, OPTIONS, _WHAT)
+load = no_pretrained_load("UMA", OPTIONS, _WHAT)

@@ -28,8 +28,9 @@ The adapter runs MACE's own ``forward`` unchanged, on a graph built from the ``L
   never computed: the next exchange fills them, and readouts never see them. In extended mode or
   unsplit (``num_needed`` = every row) nothing is sliced.
 
-All hooks do nothing outside ``MACEModel.forward`` (a context variable carries the exchange and
-row counts of the running worker), so the wrapped module still works as before on its own.
+The hooks are registered on the adapter's own deep copy of the module (``MACEModel.module``),
+never on the caller's; they also do nothing outside ``MACEModel.forward`` (a context variable
+carries the exchange and row counts of the running worker).
 
 MACE's LAMMPS hook (``lammps_mliap``, ``LAMMPS_MP``) is not used: it is an autograd Function
 whose backward needs a collective "reverse exchange" of the halo gradients, while distmlip's
@@ -45,11 +46,24 @@ from __future__ import annotations
 
 import torch
 
-from ._adapter import ElementTable, HookState, optional_import
+from ._adapter import (
+    ElementTable,
+    HookState,
+    no_pretrained_load,
+    optional_import,
+    private_copy,
+    supported,
+    wrap_with,
+)
 from ._adapter import RunRows as _Run
 from .base import DistributableModel, LocalGraph
 
-__all__ = ["MACEModel", "supports", "wrap"]
+__all__ = ["MACEModel", "OPTIONS", "PACKAGES", "PRETRAINED", "load", "supports", "wrap"]
+
+PACKAGES = ("mace",)
+PRETRAINED: dict[str, str] = {}  # MACE's foundation models download at run time
+OPTIONS = ("head",)
+_WHAT = "MACE models"
 
 # the running worker's ``_Run`` (None outside MACEModel.forward)
 _RUN = HookState("distmlip_mace_run")
@@ -116,13 +130,7 @@ def _import_mace_models():
 
 
 def _is_mace(obj) -> bool:
-    if type(obj).__module__.split(".")[0] != "mace":
-        return False
-    try:
-        models = _import_mace_models()
-    except ImportError:
-        return False
-    return isinstance(obj, models.MACE)
+    return supported(obj, PACKAGES, lambda o: isinstance(o, _import_mace_models().MACE))
 
 
 def supports(obj) -> bool:
@@ -185,9 +193,9 @@ class MACEModel(DistributableModel):
     """A MACE / ScaleShiftMACE module as a ``DistributableModel``.
 
     Args:
-        model: a ``mace.modules.models.MACE`` (or ``ScaleShiftMACE``) module. It is used in place
-            (not copied); forward hooks that are inert outside distmlip are added to its
-            interaction, product and readout blocks (see the module docstring).
+        module: a ``mace.modules.models.MACE`` (or ``ScaleShiftMACE``) module. It is not modified:
+            the adapter deep-copies it (``.module``) and adds forward hooks, inert outside
+            distmlip, to the copy's interaction, product and readout blocks (module docstring).
         head: for multi-head models, the name of the head to evaluate (default: the first one,
             as MACE's calculator does).
 
@@ -213,13 +221,13 @@ class MACEModel(DistributableModel):
             head_index = heads.index(head)
         else:
             raise ValueError(f"head: expected one of {heads}, got {head!r}")
-        self.module = module
+        self.module = private_copy(module)  # hooked below: the caller's module is not modified
         self.head = heads[head_index]
         self.cutoff = float(module.r_max)
         self.num_layers = int(module.num_interactions)
         self.elements = ElementTable([int(v) for v in module.atomic_numbers.tolist()], "this MACE model")
         self.register_buffer("head_index", torch.tensor([head_index]), persistent=False)
-        _install_hooks(module)
+        _install_hooks(self.module)
 
     def _node_attrs(self, numbers: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         idx = self.elements(numbers)
@@ -246,6 +254,6 @@ class MACEModel(DistributableModel):
         return out["node_energy"].reshape(n)
 
 
-def wrap(obj, head: str | None = None) -> MACEModel:
-    """``MACEModel(obj, head=head)``."""
-    return MACEModel(obj, head=head)
+#: ``MACEModel(obj, **options)``; ``obj`` is deep-copied, not modified
+wrap = wrap_with(MACEModel, OPTIONS, _WHAT)
+load = no_pretrained_load("MACE", OPTIONS, _WHAT)

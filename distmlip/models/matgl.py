@@ -35,13 +35,23 @@ import copy
 
 import torch
 
-from ._adapter import ElementTable, optional_import
+from ._adapter import (
+    ElementTable,
+    check_options,
+    no_pretrained_load,
+    optional_import,
+    private_copy,
+    supported,
+)
 from .base import DistributableModel, LocalGraph
 
-__all__ = ["M3GNetModel", "PACKAGES", "PRETRAINED", "TensorNetModel", "load", "supports", "wrap"]
+__all__ = ["M3GNetModel", "OPTIONS", "PACKAGES", "PRETRAINED", "TensorNetModel", "load", "supports",
+           "wrap"]
 
 PACKAGES = ("matgl",)
 PRETRAINED: dict[str, str] = {}  # matgl's pretrained weights download at run time
+OPTIONS: tuple[str, ...] = ()
+_WHAT = "matgl models"
 
 
 def _matgl(arch: str | None = None):
@@ -64,24 +74,7 @@ def _architecture(obj) -> str | None:
 
 def supports(obj) -> bool:
     """Whether ``obj`` is a matgl ``TensorNet`` or ``M3GNet``, or a ``Potential`` holding one."""
-    if type(obj).__module__.split(".")[0] not in PACKAGES:
-        return False
-    try:
-        return _architecture(obj) is not None
-    except ImportError:
-        return False
-
-
-def _detached_copy(module):
-    """A deep copy of ``module`` without the intermediate features matgl models keep from their
-    last call (``feature_dict``: non-leaf tensors, which ``copy.deepcopy`` refuses)."""
-    saved = {sub: sub.__dict__.pop("feature_dict") for sub in module.modules()
-             if "feature_dict" in sub.__dict__}
-    try:
-        return copy.deepcopy(module)
-    finally:
-        for sub, value in saved.items():
-            sub.feature_dict = value
+    return supported(obj, PACKAGES, lambda o: _architecture(o) is not None)
 
 
 def _without_warp(model):
@@ -151,7 +144,9 @@ class _MatGLModel(DistributableModel):
             if refs is not None and refs.property_offset.ndim > 1:
                 raise ValueError("module: expected per-element references of one state, got "
                                  f"shape {tuple(refs.property_offset.shape)}")
-        self.module = _detached_copy(module)  # the caller's module is not modified
+        # a copy: matgl models keep non-leaf tensors from their last call (``feature_dict``), which
+        # the runtime's per-device deep copy would refuse; the caller's module is not modified
+        self.module = private_copy(module)
         model = self.module.model if potential is not None else self.module
         from ase.data import atomic_numbers
 
@@ -277,8 +272,9 @@ _MODELS = {"TensorNet": TensorNetModel, "M3GNet": M3GNetModel}
 
 
 def wrap(obj, **options) -> _MatGLModel:
-    if options:
-        raise TypeError(f"options: expected none for matgl models, got {sorted(options)}")
+    """``TensorNetModel(obj)`` or ``M3GNetModel(obj)`` (no options); ``obj`` is copied, not
+    modified."""
+    check_options(options, OPTIONS, _WHAT)
     arch = _architecture(obj)
     if arch is None:
         raise TypeError(f"obj: expected a matgl TensorNet or M3GNet, or a Potential holding one, "
@@ -286,6 +282,4 @@ def wrap(obj, **options) -> _MatGLModel:
     return _MODELS[arch](obj)
 
 
-def load(name: str, **options):
-    raise ValueError(f"name: expected a pretrained model shipped in an installed package, got "
-                     f"{name!r}: matgl's weights download at run time; build the model and wrap it")
+load = no_pretrained_load("matgl", OPTIONS, _WHAT)

@@ -22,17 +22,17 @@ Conventions (MatterSim → distmlip):
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
-from ._adapter import optional_import
+from ._adapter import ElementTable, no_pretrained_load, optional_import, supported, wrap_with
 from .base import DistributableModel, LocalGraph
 
-__all__ = ["MatterSimModel", "PACKAGES", "PRETRAINED", "load", "supports", "wrap"]
+__all__ = ["MatterSimModel", "OPTIONS", "PACKAGES", "PRETRAINED", "load", "supports", "wrap"]
 
 PACKAGES = ("mattersim",)
 PRETRAINED: dict[str, str] = {}  # MatterSim's weights download at run time
+OPTIONS: tuple[str, ...] = ()
+_WHAT = "MatterSim models"
 
 
 def _mattersim():
@@ -54,12 +54,7 @@ def _inner(obj):
 def supports(obj) -> bool:
     """Whether ``obj`` is a MatterSim ``M3Gnet``, a ``Potential`` or a ``MatterSimCalculator``
     holding one."""
-    if type(obj).__module__.split(".")[0] not in PACKAGES:
-        return False
-    try:
-        return _inner(obj) is not None
-    except ImportError:
-        return False
+    return supported(obj, PACKAGES, lambda o: _inner(o) is not None)
 
 
 def triplets(centres: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +88,7 @@ class MatterSimModel(DistributableModel):
             ``M3Gnet``.
 
     Attributes:
-        module: a copy of the ``M3Gnet`` (its submodules are evaluated).
+        module: the ``M3Gnet`` (held, not copied, and not modified; its submodules are evaluated).
         cutoff: its two-body cutoff; ``num_layers``: its number of blocks.
     """
 
@@ -104,7 +99,9 @@ class MatterSimModel(DistributableModel):
             raise TypeError(f"module: expected a MatterSim M3Gnet, or a Potential or "
                             f"MatterSimCalculator holding one, got {type(module).__module__}."
                             f"{type(module).__name__}")
-        self.module = copy.deepcopy(model)  # the caller's module is not modified
+        self.module = model  # only read: held without copying
+        # MatterSim's one-hot row of atomic number z is z
+        self.elements = ElementTable({z: z for z in range(1, int(model.max_z) + 1)}, "MatterSim")
         self.cutoff = float(model.model_args["cutoff"])
         self.threebody_cutoff = float(model.model_args["threebody_cutoff"])
         self.num_layers = len(model.graph_conv)
@@ -112,10 +109,7 @@ class MatterSimModel(DistributableModel):
     def forward(self, graph: LocalGraph) -> torch.Tensor:
         m = self.module
         needed, n = graph.num_needed, graph.num_nodes
-        numbers = graph.numbers
-        if numbers.numel() and int(numbers.max()) > m.max_z:
-            raise ValueError(f"numbers: expected atomic numbers <= {m.max_z} (the model's max_z), "
-                             f"got {int(numbers.max())}; use a model trained on these elements")
+        numbers = self.elements(graph.numbers)
         edge_index = graph.edge_index.flip(0)  # MatterSim: [centre (receiver); neighbour (sender)]
         vec = -graph.edge_vec  # MatterSim: pos[centre] - pos[neighbour image]
         length = torch.linalg.norm(vec, dim=1)
@@ -145,13 +139,6 @@ class MatterSimModel(DistributableModel):
         return m.normalizer(energies, numbers[:needed])
 
 
-def wrap(obj, **options) -> MatterSimModel:
-    if options:
-        raise TypeError(f"options: expected none for MatterSim models, got {sorted(options)}")
-    return MatterSimModel(obj)
-
-
-def load(name: str, **options):
-    raise ValueError(f"name: expected a pretrained model shipped in an installed package, got "
-                     f"{name!r}: MatterSim's weights download at run time; build the model and "
-                     f"wrap it")
+#: ``MatterSimModel(obj)`` (no options); ``obj`` is held, not copied, and not modified
+wrap = wrap_with(MatterSimModel, OPTIONS, _WHAT)
+load = no_pretrained_load("MatterSim", OPTIONS, _WHAT)

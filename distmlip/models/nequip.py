@@ -32,8 +32,9 @@ sender's image. So NequIP gets ``edge_index.flip(0)`` and ``edge_vec`` unchanged
   where no edge is centred on a halo atom), its normalisation and the per-type scale and shift
   of a zero energy: left as is.
 
-The hooks do nothing outside ``NequIPModel.forward`` (a context variable carries the exchange
-and row counts of the running worker), so the wrapped module still works as before on its own.
+The hooks are registered on the adapter's own deep copy of the model (``NequIPModel.module``),
+never on the caller's; they also do nothing outside ``NequIPModel.forward`` (a context variable
+carries the exchange and row counts of the running worker).
 
 Per-atom energies are the model's ``atomic_energy`` (after the per-type scale and shift and any
 pair potential); they sum to the model's total energy.
@@ -50,11 +51,24 @@ from __future__ import annotations
 
 import torch
 
-from ._adapter import ElementTable, HookState
+from ._adapter import (
+    ElementTable,
+    HookState,
+    no_pretrained_load,
+    optional_import,
+    private_copy,
+    supported,
+    wrap_with,
+)
 from ._adapter import RunRows as _Run
 from .base import DistributableModel, LocalGraph
 
-__all__ = ["NequIPModel", "supports", "wrap"]
+__all__ = ["NequIPModel", "OPTIONS", "PACKAGES", "PRETRAINED", "load", "supports", "wrap"]
+
+PACKAGES = ("nequip", "allegro")
+PRETRAINED: dict[str, str] = {}  # NequIP / Allegro weights download at run time (nequip.net)
+OPTIONS = ("chemical_species_to_atom_type_map", "num_layers")
+_WHAT = "NequIP / Allegro models"
 
 # the running worker's ``_Run`` (None outside NequIPModel.forward)
 _RUN = HookState("distmlip_nequip_run")
@@ -74,18 +88,15 @@ class _LocalRows:
 
 
 def _import_nequip():
-    try:
-        from nequip.data import AtomicDataDict
-        from nequip.nn import GraphModuleMixin
-        from nequip.nn._ghost_exchange_base import GhostExchangeModule, NoOpGhostExchangeModule
-        from nequip.nn.grad_output import ForceStressOutput
-        from nequip.nn.graph_model import GraphModel
-        from nequip.nn.interaction_block import InteractionBlock
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "distmlip's NequIP/Allegro adapter needs nequip (and nequip-allegro for Allegro): "
-            f"pip install distmlip[nequip] (import failed: {exc})"
-        ) from exc
+    what = "wrap NequIP / Allegro models"
+    data = optional_import("nequip.data", "nequip", what)
+    nn = optional_import("nequip.nn", "nequip", what)
+    ghost = optional_import("nequip.nn._ghost_exchange_base", "nequip", what)
+    GhostExchangeModule, NoOpGhostExchangeModule = ghost.GhostExchangeModule, ghost.NoOpGhostExchangeModule
+    ForceStressOutput = optional_import("nequip.nn.grad_output", "nequip", what).ForceStressOutput
+    GraphModel = optional_import("nequip.nn.graph_model", "nequip", what).GraphModel
+    InteractionBlock = optional_import("nequip.nn.interaction_block", "nequip", what).InteractionBlock
+    AtomicDataDict, GraphModuleMixin = data.AtomicDataDict, nn.GraphModuleMixin
     return {
         "AtomicDataDict": AtomicDataDict,
         "GraphModuleMixin": GraphModuleMixin,
@@ -121,13 +132,7 @@ def _input_dtype() -> torch.dtype:
 def supports(obj) -> bool:
     """True for NequIP-framework energy models (``GraphModel`` as built by ``NequIPGNNModel``,
     ``AllegroModel`` or loaded from a checkpoint; or its ``ForceStressOutput``)."""
-    if type(obj).__module__.split(".")[0] not in ("nequip", "allegro"):
-        return False
-    try:
-        nq = _import_nequip()
-    except ImportError:
-        return False
-    return _energy_network(obj, nq) is not None
+    return supported(obj, PACKAGES, lambda o: _energy_network(o, _import_nequip()) is not None)
 
 
 def _exchange_hook(module, args, output):
@@ -236,10 +241,10 @@ class NequIPModel(DistributableModel):
     """A NequIP or Allegro model as a ``DistributableModel``.
 
     Args:
-        model: a NequIP-framework ``GraphModel`` (e.g. from ``nequip.model.NequIPGNNModel`` or
-            ``allegro.model.AllegroModel``), or the ``ForceStressOutput`` inside one. Used in
-            place (not copied); hooks that are inert outside distmlip are added to its
-            ``ghost_exchange`` submodules (and to its first interaction block, see above).
+        module: a NequIP-framework ``GraphModel`` (e.g. from ``nequip.model.NequIPGNNModel`` or
+            ``allegro.model.AllegroModel``), or the ``ForceStressOutput`` inside one. It is not
+            modified: the adapter deep-copies it (``.module``) and adds hooks, inert outside
+            distmlip, to the copy's ``ghost_exchange`` submodules (and first interaction block).
         chemical_species_to_atom_type_map: ``{chemical symbol: model type name}``; by default the
             model's type names are taken to be chemical symbols (as NequIP's calculator does).
         num_layers: override the receptive field (in hops) the adapter infers.
@@ -283,8 +288,9 @@ class NequIPModel(DistributableModel):
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers: expected an integer >= 1, got {num_layers!r}")
         self.num_layers = num_layers
-        self.module = module
-        self.energy = energy
+        self.module = private_copy(module)  # hooked below: the caller's module is not modified
+        self.energy = _energy_network(self.module, nq)
+        energy = self.energy
         keys = nq["AtomicDataDict"]
         self._keys = (keys.POSITIONS_KEY, keys.ATOM_TYPE_KEY, keys.EDGE_INDEX_KEY,
                       keys.EDGE_VECTORS_KEY, keys.PER_ATOM_ENERGY_KEY)
@@ -366,8 +372,6 @@ class NequIPModel(DistributableModel):
         return out[energy_key].reshape(-1)
 
 
-def wrap(obj, chemical_species_to_atom_type_map: dict | None = None,
-         num_layers: int | None = None) -> NequIPModel:
-    """``NequIPModel(obj, ...)``."""
-    return NequIPModel(obj, chemical_species_to_atom_type_map=chemical_species_to_atom_type_map,
-                       num_layers=num_layers)
+#: ``NequIPModel(obj, **options)``; ``obj`` is deep-copied, not modified
+wrap = wrap_with(NequIPModel, OPTIONS, _WHAT)
+load = no_pretrained_load("NequIP", OPTIONS, _WHAT)

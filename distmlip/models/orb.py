@@ -48,13 +48,15 @@ from types import SimpleNamespace
 
 import torch
 
-from ._adapter import optional_import
+from ._adapter import ElementTable, no_pretrained_load, optional_import, supported, wrap_with
 from .base import DistributableModel, LocalGraph
 
-__all__ = ["PACKAGES", "PRETRAINED", "OrbModel", "load", "supports", "wrap"]
+__all__ = ["OPTIONS", "PACKAGES", "PRETRAINED", "OrbModel", "load", "supports", "wrap"]
 
 PACKAGES = ("orb_models",)
 PRETRAINED: dict[str, str] = {}  # Orb's weights download at run time
+OPTIONS = ("max_num_neighbors", "radius")
+_WHAT = "Orb models"
 
 
 def _orb():
@@ -66,13 +68,7 @@ def _orb():
 
 def supports(obj) -> bool:
     """Whether ``obj`` is an Orb ``ConservativeForcefieldRegressor`` or an ``ORBCalculator``."""
-    if type(obj).__module__.split(".")[0] not in PACKAGES:
-        return False
-    try:
-        regressor, calculator = _orb()
-    except ImportError:
-        return False
-    return isinstance(obj, (regressor, calculator))
+    return supported(obj, PACKAGES, lambda o: isinstance(o, _orb()))
 
 
 class OrbModel(DistributableModel):
@@ -85,7 +81,7 @@ class OrbModel(DistributableModel):
         radius: the graph radius, Å (default: likewise).
 
     Attributes:
-        module: the regressor (its submodules are evaluated).
+        module: the regressor (held, not copied, and not modified; its submodules are evaluated).
         cutoff: ``radius``; ``num_layers``: message-passing steps + 1.
     """
 
@@ -126,6 +122,8 @@ class OrbModel(DistributableModel):
         if self.max_num_neighbors < 1:
             raise ValueError(f"max_num_neighbors: expected an integer >= 1, got {self.max_num_neighbors}")
         self.num_layers = len(gns.gnn_stacks) + 1
+        # Orb's embedding row of atomic number z is z
+        self.elements = ElementTable({z: z for z in range(1, gns.atom_emb.embeddings.num_embeddings)}, "Orb")
 
     def _cap(self, receivers: torch.Tensor, length: torch.Tensor, n: int) -> torch.Tensor:
         """Per row, the distance of its k-th nearest neighbour among the edges it receives here
@@ -163,7 +161,7 @@ class OrbModel(DistributableModel):
         orb_vec = torch.cat([vec[keep], -vec[back]])
 
         edge_features = gns.featurize_edges(SimpleNamespace(edge_features={"vectors": orb_vec}))
-        node_features = gns.atom_emb(graph.numbers)
+        node_features = gns.atom_emb(self.elements(graph.numbers))
         nodes, edges = gns._encoder(node_features, edge_features)
         cutoff = get_cutoff(orb_vec.norm(dim=-1))
         for i, gnn in enumerate(gns.gnn_stacks):
@@ -204,14 +202,6 @@ class OrbModel(DistributableModel):
         return out.index_add(0, senders, 0.5 * raw * envelope)
 
 
-def wrap(obj, *, max_num_neighbors: int | None = None, radius: float | None = None,
-         **options) -> OrbModel:
-    if options:
-        raise TypeError(f"options: expected max_num_neighbors or radius for Orb models, got "
-                        f"{sorted(options)}")
-    return OrbModel(obj, max_num_neighbors=max_num_neighbors, radius=radius)
-
-
-def load(name: str, **options):
-    raise ValueError(f"name: expected a pretrained model shipped in an installed package, got "
-                     f"{name!r}: Orb's weights download at run time; build the model and wrap it")
+#: ``OrbModel(obj, **options)``; ``obj`` is held, not copied, and not modified
+wrap = wrap_with(OrbModel, OPTIONS, _WHAT)
+load = no_pretrained_load("Orb", OPTIONS, _WHAT)

@@ -47,10 +47,14 @@ from __future__ import annotations
 
 import torch
 
-from ._adapter import ElementTable, optional_import
+from ._adapter import ElementTable, check_options, optional_import, supported
 from .base import DistributableModel, LocalGraph
 
-__all__ = ["PRETRAINED", "SevenNetModel", "load", "supports", "wrap"]
+__all__ = ["OPTIONS", "PACKAGES", "PRETRAINED", "SevenNetModel", "load", "supports", "wrap"]
+
+PACKAGES = ("sevenn",)
+OPTIONS = ("modal",)
+_WHAT = "SevenNet models"
 
 
 # distmlip name -> (sevenn's pretrained name, description). All three checkpoints ship inside
@@ -76,13 +80,7 @@ def _sevenn():
 
 def supports(obj) -> bool:
     """Whether ``obj`` is a SevenNet ``AtomGraphSequential``."""
-    if type(obj).__module__.split(".")[0] != "sevenn":
-        return False
-    try:
-        _, sequential = _sevenn()
-    except ImportError:
-        return False
-    return isinstance(obj, sequential)
+    return supported(obj, PACKAGES, lambda o: isinstance(o, _sevenn()[1]))
 
 
 class SevenNetModel(DistributableModel):
@@ -240,21 +238,19 @@ class SevenNetModel(DistributableModel):
         return data
 
 
-def wrap(obj, modal: str | None = None, **kwargs) -> SevenNetModel:
-    """Wrap a SevenNet ``AtomGraphSequential`` (not copied, not modified)."""
-    if kwargs:
-        raise TypeError(f"wrap: unexpected keyword argument(s) {sorted(kwargs)} for a SevenNet model; "
-                        "allowed: modal")
-    return SevenNetModel(obj, modal=modal)
+def wrap(obj, **options) -> SevenNetModel:
+    """``SevenNetModel(obj, **options)`` (options: ``modal``); ``obj`` is held, not copied, and not
+    modified."""
+    check_options(options, OPTIONS, _WHAT)
+    return SevenNetModel(obj, **options)
 
 
-def load(name: str, modal: str | None = None, **kwargs) -> SevenNetModel:
+def load(name: str, **options) -> SevenNetModel:
     """A pretrained SevenNet model shipped in the ``sevenn`` wheel: one of ``PRETRAINED``.
 
     ``modal`` selects the fidelity of ``"sevennet-mf-0"`` (``"PBE"`` by default, or ``"R2SCAN"``).
     """
-    if kwargs:
-        raise TypeError(f"load: unexpected keyword argument(s) {sorted(kwargs)}; allowed: modal")
+    check_options(options, OPTIONS, _WHAT)
     if not isinstance(name, str) or name.lower() not in _CHECKPOINTS:
         raise ValueError(f"name: expected one of {sorted(_CHECKPOINTS)}, got {name!r}")
     key = name.lower()
@@ -269,6 +265,7 @@ def load(name: str, modal: str | None = None, **kwargs) -> SevenNetModel:
     checkpoint = util.load_checkpoint(path)
     module = checkpoint.build_model()
     module.eval()
+    modal = options.get("modal")
     if modal is None:
         modal = _DEFAULT_MODAL.get(key)
     return SevenNetModel(module, modal=modal, name=key)

@@ -13,6 +13,7 @@ Every check raises ``AssertionError`` with a message naming what failed; nothing
 """
 
 from .adapters import ADAPTER_ELEMENTS, adapter_structures, assert_matches_calculator
+from .battery import AdapterBattery
 from .checks import (
     assert_partition_invariant,
     check_forces_finite_difference,
@@ -34,6 +35,7 @@ from .structures import (
 
 __all__ = [
     "ADAPTER_ELEMENTS",
+    "AdapterBattery",
     "ISOLATED_CUTOFF",
     "adapter_structures",
     "assert_matches_calculator",

@@ -54,13 +54,14 @@ def metal(repeat=(2, 2, 1), rattle: float = 0.08, seed: int = 2):
     return atoms
 
 
-def slab(periodic: bool = False, vacuum: float = 6.0, rattle: float = 0.08, seed: int = 3):
-    """Al(100), 2x2x4 (16 atoms) with ``vacuum`` Å each side. ``periodic=False``: periodic in x and
-    y only; ``True``: a periodic cell with a vacuum gap (for packages that treat any
-    non-periodic direction as a molecule)."""
+def slab(periodic: bool = False, vacuum: float = 6.0, rattle: float = 0.08, seed: int = 3,
+         size=(2, 2, 4)):
+    """Al(100), ``size`` (default 2x2x4: 16 atoms) with ``vacuum`` Å each side. ``periodic=False``:
+    periodic in x and y only; ``True``: a periodic cell with a vacuum gap (for packages that treat
+    any non-periodic direction as a molecule)."""
     from ase.build import fcc100
 
-    atoms = fcc100("Al", size=(2, 2, 4), a=4.05, vacuum=vacuum)
+    atoms = fcc100("Al", size=tuple(size), a=4.05, vacuum=vacuum)
     atoms.pbc = [True, True, bool(periodic)]
     atoms.rattle(rattle, seed=seed)
     return atoms
