@@ -26,7 +26,7 @@ from distmlip.models.fairchem import UMAModel  # noqa: E402
 from distmlip.testing import assert_partition_invariant, evaluate  # noqa: E402
 from distmlip.testing.adapters import ADAPTER_SPLITS, adapter_structures, assert_matches_calculator  # noqa: E402
 
-from conftest import assert_ranks_pass  # noqa: E402
+from support import assert_ranks_pass  # noqa: E402
 
 
 def make_uma(seed: int = 0, **extra):
@@ -183,7 +183,7 @@ def test_moe_float64_equals_fairchem(moe64, name):
 def test_moe_other_task_threads_and_bounded(moe64):
     """The task option selects the task embedding that also routes the experts ("omol" here);
     threads on two devices and parts one at a time (bounded memory) give the same, 1e-11."""
-    from test_bounded_memory import one_at_a_time
+    from support import one_at_a_time
 
     atoms = STRUCTURES["oxide"]
     model = distmlip.wrap(moe64, task="omol", spin=0)  # AtomicData.from_ase's spin

@@ -255,7 +255,7 @@ def test_errors(potential):
 def test_under_mpirun():
     """mpirun -n 2: TensorNet and M3GNet split over two ranks equal the single-process result
     (1e-10)."""
-    from test_mpi import launch
+    from support import launch
 
     for name in ("matgl", "matgl-m3gnet"):
         proc, _ = launch("mpirun", 2, "adapter.py", name)

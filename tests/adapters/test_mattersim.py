@@ -31,7 +31,7 @@ from distmlip.testing.adapters import (  # noqa: E402
     calculator_reference,
 )
 
-from conftest import assert_ranks_pass  # noqa: E402
+from support import assert_ranks_pass  # noqa: E402
 
 
 def make_potential(seed: int = 0):

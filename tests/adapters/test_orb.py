@@ -34,7 +34,7 @@ from distmlip.testing.adapters import (  # noqa: E402
     metal,
 )
 
-from conftest import assert_ranks_pass  # noqa: E402
+from support import assert_ranks_pass  # noqa: E402
 
 CAP = 8
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,8 @@ import torch
 import distmlip
 from distmlip.models import DistributableModel, LennardJones, SchNet
 
-ROOT = Path(__file__).resolve().parents[1]
+from support import ROOT
+
 EXAMPLE = ROOT / "examples" / "wrap_custom_model.py"
 
 

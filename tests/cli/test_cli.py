@@ -25,8 +25,9 @@ from distmlip.cli import main
 from distmlip.cli import md as md_module
 from distmlip.models import LennardJones
 
-ROOT = Path(__file__).resolve().parents[1]
-LJ = "lj:epsilon=0.4,sigma=2.3,cutoff=5.0"  # roughly Cu (tests/conftest.py LJ_PARAMS)
+from support import ROOT
+
+LJ = "lj:epsilon=0.4,sigma=2.3,cutoff=5.0"  # roughly Cu (tests/support LJ_PARAMS)
 
 
 @pytest.fixture

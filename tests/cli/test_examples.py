@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from support import ROOT
+
 EXAMPLES = ROOT / "examples"
 BIN = Path(sys.executable).parent
 

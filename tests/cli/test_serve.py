@@ -32,11 +32,8 @@ from ase.md.verlet import VelocityVerlet
 from distmlip import DistributedCalculator
 from distmlip.serve import UNIX_PREFIX, mpich_lib_dir, parse_address, serve_ipi
 
-from conftest import make_schnet
+from support import BIN, ROOT, SCRIPTS, launcher_env, make_schnet
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-SCRIPTS = Path(__file__).parent / "mpi_scripts"
 STEPS = 10
 
 
@@ -316,7 +313,7 @@ def test_serve_under_mpirun(tmp_path):
 
     sys.path.insert(0, str(SCRIPTS))
     try:
-        from serve import model, structure
+        from serve import model, structure  # tests/mpi/scripts/serve.py: what the ranks evaluate
     finally:
         sys.path.remove(str(SCRIPTS))
     name = _name("mpi")
@@ -364,12 +361,7 @@ def test_serve_under_mpirun_without_server_stops_every_rank(tmp_path):
 
 
 def _launch_env():
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMI_", "OMPI_", "TORCHELASTIC", "MASTER_", "LOCAL_RANK"))
-           and k not in ("RANK", "WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-    return env
+    return launcher_env()
 
 
 @pytest.mark.parametrize("address", ["localhost", "localhost:", ":31415", "unix:", "unix:a b",

@@ -21,26 +21,13 @@ from distmlip.runtime.memory import parse_budget
 from distmlip.testing import awkward_structures, evaluate, rel_err
 from distmlip.testing.structures import fcc_bulk
 
-from conftest import make_lj, make_schnet
+from support import LJ_PARAMS, TESTS, assert_close, make_lj, make_schnet, one_at_a_time
 
 RTOL = 1e-10
 
 
-def one_at_a_time(model, parts, **options) -> DistributedCalculator:
-    """A calculator whose runner evaluates each worker's ``parts`` one at a time whatever the
-    memory (the path a tight ``max_memory`` takes, here with a chosen number of parts)."""
-    from distmlip.runtime import Runner
-
-    calc = DistributedCalculator(model, parts, **options)
-    calc.runner = Runner(model, calc.devices, calc.dtype, calc.partitioner, calc.mode, parts,
-                         calc.skin, sequential=True)
-    return calc
-
-
 def _compare(got: dict, ref: dict, rtol: float, what: str) -> None:
-    for key in ref:
-        err = rel_err(got[key], ref[key])
-        assert err <= rtol, f"{what}: {key} differs by {err:.2e}"
+    assert_close(got, ref, rtol, what)
 
 
 @pytest.mark.parametrize("name", sorted(awkward_structures()))
@@ -61,8 +48,6 @@ def test_one_at_a_time_equals_all_at_once(name, mode):
 
 def test_lennard_jones_matches_ase_under_a_budget():
     from ase.calculators.lj import LennardJones as AseLJ
-
-    from conftest import LJ_PARAMS
 
     atoms = fcc_bulk(size=3, seed=2)
     got = evaluate(one_at_a_time(make_lj(), 5), atoms)
@@ -139,82 +124,25 @@ def test_budget_forms():
 
 # ---------------------------------------------------------------- every adapter
 def _adapter_cases():
-    cases = {}
-
-    def mace():
-        import distmlip
-
-        from test_mace import make_mace, oxide
-
-        return distmlip.wrap(make_mace()), oxide(), torch.float64
-
-    def nequip():
-        import distmlip
-
-        from test_nequip import make_nequip, oxide
-
-        return distmlip.wrap(make_nequip()), oxide(), None
-
-    def allegro():
-        import distmlip
-
-        from test_nequip import make_allegro, metal
-
-        return distmlip.wrap(make_allegro()), metal(), None
-
-    def sevenn():
-        import distmlip
-
-        from test_sevenn import rutile
-
-        return distmlip.load("sevennet-0"), rutile(), torch.float64
-
-    def chgnet():
-        import distmlip
-
-        from test_chgnet import oxide
-
-        return distmlip.load("chgnet-0.3.0"), oxide(), torch.float64
-
-    def tensornet():
-        import distmlip
-
-        from test_matgl import make_potential
-
-        return distmlip.wrap(make_potential().double()), oxide_adapter(), None
-
-    def m3gnet():
-        import distmlip
-
-        from test_matgl import make_potential
-
-        return distmlip.wrap(make_potential(arch="M3GNet").double()), oxide_adapter(), None
-
-    def uma():
-        import distmlip
-
-        from test_fairchem import make_uma
-
-        return distmlip.wrap(make_uma().double()), oxide_adapter(), None
-
-    def mattersim():  # MatterSim runs float32 only
-        import distmlip
-
-        from test_mattersim import make_potential
-
-        return distmlip.wrap(make_potential()), oxide_adapter(), None
-
-    for name, make in (("mace", mace), ("nequip", nequip), ("allegro", allegro),
-                       ("sevenn", sevenn), ("chgnet", chgnet), ("tensornet", tensornet),
-                       ("m3gnet", m3gnet), ("uma", uma), ("mattersim", mattersim)):
-        cases[name] = make
-    return cases
-
-
-def oxide_adapter():
+    """name -> (package to import, builder of (model, atoms, dtype)); the builders are
+    ``support.adapters``'s (the adapter tests' own models)."""
+    import distmlip
     from distmlip.testing.adapters import oxide
 
-    return oxide()
+    from support import adapters as A
+
+    return {
+        "mace": ("mace", lambda: (distmlip.wrap(A.make_mace()), A.mace_oxide(), torch.float64)),
+        "nequip": ("nequip", lambda: (distmlip.wrap(A.make_nequip()), A.nequip_oxide(), None)),
+        "allegro": ("allegro", lambda: (distmlip.wrap(A.make_allegro()), A.nequip_metal(), None)),
+        "sevenn": ("sevenn", lambda: (distmlip.load("sevennet-0"), A.sevenn_rutile(), torch.float64)),
+        "chgnet": ("chgnet", lambda: (distmlip.load("chgnet-0.3.0"), A.chgnet_oxide(), torch.float64)),
+        "tensornet": ("matgl", lambda: (distmlip.wrap(A.make_matgl().double()), oxide(), None)),
+        "m3gnet": ("matgl", lambda: (distmlip.wrap(A.make_matgl(arch="M3GNet").double()), oxide(), None)),
+        "uma": ("fairchem.core", lambda: (distmlip.wrap(A.make_uma().double()), oxide(), None)),
+        # MatterSim runs float32 only
+        "mattersim": ("mattersim", lambda: (distmlip.wrap(A.make_mattersim()), oxide(), None)),
+    }
 
 
 @pytest.mark.parametrize("adapter", sorted(_adapter_cases()))
@@ -222,10 +150,12 @@ def test_every_adapter_is_exact_one_part_at_a_time(adapter):
     """The generic bounded path needs nothing from an adapter: each package's model, split into 3
     parts evaluated one at a time (halo and extended mode), equals its unsplit evaluation (float64:
     1e-10; MatterSim, float32 only: 1e-5). Orb's readout (a global sum) is checked in
-    tests/test_global_sum_bounded.py."""
+    tests/engine/test_global_sum_bounded.py."""
     previous = torch.get_default_dtype()
     try:
-        model, atoms, dtype = _adapter_cases()[adapter]()
+        package, build = _adapter_cases()[adapter]
+        pytest.importorskip(package, reason=f"{package} is not installed")
+        model, atoms, dtype = build()
         ref = evaluate(DistributedCalculator(model, 1, dtype=dtype), atoms)
         rtol = RTOL if (dtype or model.dtype) == torch.float64 else 1e-5
         for mode in ("halo", "extended"):
@@ -243,7 +173,7 @@ _CHILD = textwrap.dedent("""
     import numpy as np, torch
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
-    from conftest import make_schnet
+    from support import make_schnet
     from distmlip import DistributedCalculator, estimate_memory
     from distmlip.testing.structures import fcc_bulk
 
@@ -270,7 +200,7 @@ _CHILD = textwrap.dedent("""
 
 def _child(budget, out):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    code = _CHILD.format(tests=os.path.dirname(__file__))
+    code = _CHILD.format(tests=str(TESTS))
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(budget), str(out)],
                           capture_output=True, text=True, timeout=600, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

@@ -17,7 +17,7 @@ from distmlip.testing import (
     rel_err,
 )
 
-from conftest import LJ_PARAMS, STRUCTURE_NAMES
+from support import LJ_PARAMS, STRUCTURE_NAMES
 
 ALL_PARTS = (1, 2, 3, 7, 16)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
-from ase.build import bulk, fcc111, molecule
+from ase.build import molecule
 
 from distmlip import DistributedCalculator
 from distmlip.models import LocalGraph
@@ -18,7 +18,7 @@ from distmlip.testing import (
 )
 from distmlip.testing.models import GlobalReadoutToy
 
-from conftest import assert_ranks_pass
+from support import assert_ranks_pass, salt, slab
 
 RTOL = 1e-10
 
@@ -26,19 +26,6 @@ RTOL = 1e-10
 @pytest.fixture(scope="module")
 def model():
     return GlobalReadoutToy(cutoff=4.0, seed=3, scale=4.0).double()
-
-
-def salt():
-    atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat((2, 2, 2))
-    atoms.rattle(0.08, seed=2)
-    return atoms
-
-
-def slab():
-    atoms = fcc111("Cu", size=(3, 3, 3), vacuum=6.0)
-    atoms.pbc = [True, True, False]
-    atoms.rattle(0.05, seed=3)
-    return atoms
 
 
 def test_energy_is_the_global_formula(model):

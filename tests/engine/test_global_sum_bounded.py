@@ -1,6 +1,6 @@
 """``global_sum`` in the bounded-memory mode (parts evaluated one at a time, ``max_memory=``): a
 model whose energy is not a sum of per-atom terms gives exactly its unbounded results (float64,
-1e-10): the toy of tests/test_global_sum.py and Orb v3 (a mean readout), halo and extended mode,
+1e-10): the toy of tests/engine/test_global_sum.py and Orb v3 (a mean readout), halo and extended mode,
 1, 2, 3 and 5 parts, one and two workers, and through a real ``max_memory`` budget.
 
 How: each ``global_sum`` call is a level of the sequential evaluation, like a halo exchange: a
@@ -13,11 +13,10 @@ from __future__ import annotations
 import pytest
 
 from distmlip import DistributedCalculator, estimate_memory
-from distmlip.testing import evaluate, rel_err
+from distmlip.testing import evaluate
 from distmlip.testing.models import GlobalReadoutToy
 
-from test_bounded_memory import one_at_a_time
-from test_global_sum import salt, slab
+from support import assert_close, launch, one_at_a_time, salt, slab
 
 RTOL = 1e-10
 
@@ -28,12 +27,7 @@ def toy():
 
 
 def _compare(got: dict, ref: dict, what: str) -> float:
-    worst = 0.0
-    for key in ref:
-        err = rel_err(got[key], ref[key])
-        assert err <= RTOL, f"{what}: {key} differs by {err:.2e}"
-        worst = max(worst, err)
-    return worst
+    return assert_close(got, ref, RTOL, what)
 
 
 @pytest.mark.parametrize("make", [salt, slab], ids=["salt", "slab"])
@@ -148,11 +142,12 @@ def test_orb_one_at_a_time(name):
     float64, 1e-10, both modes, 2 and 3 parts, and 1 part (parts one at a time by construction)."""
     pytest.importorskip("orb_models", reason="orb-models is not installed")
     from distmlip.models.orb import OrbModel
+    from distmlip.testing.adapters import adapter_structures
 
-    from test_orb import STRUCTURES, make_orb
+    from support.adapters import make_orb
 
     model = OrbModel(make_orb().double())
-    atoms = STRUCTURES[name]
+    atoms = adapter_structures()[name]
     ref = evaluate(DistributedCalculator(model, 1), atoms)
     for mode in ("halo", "extended"):
         for parts, partitioner in ((1, "grid"), (2, "slab"), (3, "metis")):
@@ -167,8 +162,6 @@ def test_under_mpirun_one_at_a_time():
     """mpirun -n 2, 2 parts per rank evaluated one at a time: the partial sums all-reduced across
     ranks in the forward level and dE/d(total) in the backward level (salt, slab, a molecule with
     fewer atoms than parts; both modes; grid, slab, METIS)."""
-    from test_mpi import launch
-
     proc, _ = launch("mpirun", 2, "global_sum.py", "2", "--bounded")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]

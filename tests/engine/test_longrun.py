@@ -2,7 +2,7 @@
 
 Determinism (default suite): the same inputs and settings give bit-identical results from run to
 run -- two fresh calculators on the same model, in one process (one part, several parts, threaded
-workers on several devices) and under ``mpirun -n 2`` (``mpi_scripts/determinism.py``). Nothing in
+workers on several devices) and under ``mpirun -n 2`` (``tests/mpi/scripts/determinism.py``). Nothing in
 the pipeline depends on timing: parts are assembled in part order, each part's sums run in a fixed
 edge order, and the exchanges write rows to fixed slots.
 
@@ -32,9 +32,8 @@ import pytest
 from distmlip import DistributedCalculator
 from distmlip.testing.structures import fcc_bulk, small_triclinic
 
-from conftest import make_lj, make_schnet
+from support import ROOT, SCRIPTS, launcher_env, make_lj, make_schnet
 
-ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("energy", "forces", "stress", "energies")
 
 
@@ -132,13 +131,8 @@ def test_bit_identical_under_mpirun():
     results on every rank, and every rank holds the same results."""
     mpirun = Path(sys.executable).parent / "mpirun"
     assert mpirun.exists(), f"{mpirun} is missing"
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMI_", "OMPI_", "TORCHELASTIC", "MASTER_", "LOCAL_RANK"))
-           and k not in ("RANK", "WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([str(mpirun), "-n", "2", sys.executable,
-                           str(ROOT / "tests" / "mpi_scripts" / "determinism.py")],
-                          capture_output=True, text=True, timeout=180, env=env)
+    proc = subprocess.run([str(mpirun), "-n", "2", sys.executable, str(SCRIPTS / "determinism.py")],
+                          capture_output=True, text=True, timeout=180, env=launcher_env())
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     for rank in range(2):

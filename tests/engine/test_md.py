@@ -23,8 +23,7 @@ from ase.optimize import BFGS
 from distmlip import DistributedCalculator
 from distmlip.testing.structures import fcc_bulk
 
-from conftest import make_schnet
-from test_bounded_memory import one_at_a_time
+from support import make_schnet, one_at_a_time
 
 TOL_POS = 1e-9  # Å
 TOL_E = 1e-9  # eV

@@ -7,7 +7,7 @@ and modes:
 - the split result equals the unsplit one (LennardJones and SchNet, float64, ``rel_err`` <= 1e-10
   for energy, forces, per-atom energies and stress);
 - LennardJones equals ``ase.calculators.lj.LennardJones(epsilon, sigma, rc=cutoff, smooth=False)``
-  (the same truncated-and-shifted potential; tolerance 1e-8 as in tests/test_equivalence.py);
+  (the same truncated-and-shifted potential; tolerance 1e-8 as in tests/engine/test_equivalence.py);
 - a calculator that built its graph (with a random skin) on a system and is then given the system
   strained (random 3x3 deformation of up to 6 %) with atoms moved (up to 0.3 Å) equals a new
   calculator built on the strained system, whether it kept its graph (``Runner._stale``'s bound)
@@ -23,7 +23,7 @@ The default suite runs a few examples of each property (deterministic: ``derando
 The deep profile (``-m slow``) runs ``PROPERTY_DEEP_EXAMPLES`` examples per property (default
 3,500; four properties, 14,000 cases)::
 
-    OMP_NUM_THREADS=1 python -m pytest -q -m slow tests/test_property.py \
+    OMP_NUM_THREADS=1 python -m pytest -q -m slow tests/engine/test_property.py \
         --hypothesis-show-statistics
 """
 
@@ -45,7 +45,7 @@ from distmlip import DistributedCalculator  # noqa: E402
 from distmlip.models import LennardJones  # noqa: E402
 from distmlip.testing import evaluate, rel_err  # noqa: E402
 
-from conftest import LJ_PARAMS, make_schnet  # noqa: E402
+from support import LJ_PARAMS, make_schnet  # noqa: E402
 
 RTOL_SPLIT = 1e-10
 RTOL_ASE = 1e-8

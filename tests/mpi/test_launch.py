@@ -1,5 +1,5 @@
 """Launcher detection and rendezvous from the environment a launch sets (SLURM's srun is not on
-this machine: its variables are faked here; tests/test_mpi.py runs two processes with them)."""
+this machine: its variables are faked here; tests/mpi/test_mpi.py runs two processes with them)."""
 
 from __future__ import annotations
 

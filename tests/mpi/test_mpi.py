@@ -3,38 +3,17 @@
 Each launch is wrapped in a timeout: a broken launch must fail, never hang the suite.
 """
 
-import os
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from support import SCRIPTS, launch
+from support import launcher_env as _env
+
 pytestmark = pytest.mark.mpi
-
-BIN = Path(sys.executable).parent
-SCRIPTS = Path(__file__).parent / "mpi_scripts"
-
-
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMI_", "OMPI_", "TORCHELASTIC", "MASTER_", "LOCAL_RANK"))
-           and k not in ("RANK", "WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
-    return env
-
-
-def launch(kind, n, script, *args, timeout=240, **env):
-    if kind == "mpirun":
-        cmd = [str(BIN / "mpirun"), "-n", str(n), sys.executable, str(SCRIPTS / script), *args]
-    else:
-        cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(n), str(SCRIPTS / script), *args]
-    assert Path(cmd[0]).exists(), f"{cmd[0]} is missing: install the project with `make install`"
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(**env))
-    return proc, time.perf_counter() - t0
 
 
 @pytest.mark.parametrize("kind,n", [("mpirun", 2), ("mpirun", 3), ("torchrun", 2)])

@@ -12,7 +12,7 @@ from distmlip import DistributedCalculator, NeighborGraph, PartitionPlan
 from distmlip.models import DistributableModel, LennardJones, SchNet
 from distmlip.testing.structures import fcc_bulk
 
-from conftest import LJ_PARAMS
+from support import LJ_PARAMS
 
 
 def _calc(**kwargs):

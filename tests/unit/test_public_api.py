@@ -13,7 +13,6 @@ import sys
 import typing
 import warnings
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +25,7 @@ from distmlip.models import LennardJones
 from distmlip.runtime import Runner
 from distmlip.testing import fcc_bulk
 
-ROOT = Path(__file__).resolve().parents[1]
+from support import ROOT
 
 #: the subpackages whose ``__all__`` README.md lists in full
 LISTED = ("distmlip.models", "distmlip.partition", "distmlip.runtime", "distmlip.graph",
@@ -172,7 +171,7 @@ def test_calculator_rejects_a_value_outside_each_alias(option):
     assert f"one of {allowed}" in message and message.endswith(f"got {bad!r}"), message
     for good in allowed:
         if option == "backend" and good == "torch":
-            continue  # needs a multi-process launch: refused for that reason (tests/test_bad_input.py)
+            continue  # needs a multi-process launch: refused for that reason (tests/unit/test_bad_input.py)
         calc = DistributedCalculator(_model(), **{option: good})
         assert calc.parameters[option] == good
 

@@ -12,7 +12,7 @@ from ase.build import bulk, fcc111, molecule
 
 from distmlip.testing.models import GlobalReadoutToy
 
-from _splits import check_splits, report
+from support.splits import check_splits, report
 
 RTOL = 1e-10
 

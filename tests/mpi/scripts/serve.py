@@ -21,7 +21,7 @@ def structure():
 
 
 def model():
-    # Lennard-Jones roughly fitted to Cu (tests/conftest.py:LJ_PARAMS): no torch_geometric import,
+    # Lennard-Jones roughly fitted to Cu (tests/support: LJ_PARAMS): no torch_geometric import,
     # so the two ranks start seconds sooner
     return LennardJones(epsilon=0.4, sigma=2.3, cutoff=5.0)
 
