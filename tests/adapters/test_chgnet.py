@@ -30,17 +30,14 @@ import copy
 import numpy as np
 import pytest
 import torch
+from ase import Atoms
+from ase.build import bulk, fcc100
 
-pytest.importorskip("chgnet", reason="chgnet is not installed: pip install distmlip[chgnet]")
-
-from ase import Atoms  # noqa: E402
-from ase.build import bulk, fcc100  # noqa: E402
-
-import distmlip  # noqa: E402
-from distmlip import DistributedCalculator  # noqa: E402
-from distmlip.models.base import LocalGraph  # noqa: E402
-from distmlip.models.chgnet import CHGNetModel  # noqa: E402
-from distmlip.testing import assert_partition_invariant, evaluate, rel_err  # noqa: E402
+import distmlip
+from distmlip import DistributedCalculator
+from distmlip.models.base import LocalGraph
+from distmlip.models.chgnet import CHGNetModel
+from distmlip.testing import assert_partition_invariant, evaluate, rel_err
 
 PARTS = (1, 2, 3, 5)
 MODES = ("halo", "extended")

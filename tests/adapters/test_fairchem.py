@@ -19,14 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("fairchem.core", reason="fairchem-core is not installed (pip install distmlip[fairchem])")
+import distmlip
+from distmlip.models.fairchem import UMAModel
+from distmlip.testing import assert_partition_invariant, evaluate
+from distmlip.testing.adapters import ADAPTER_SPLITS, adapter_structures, assert_matches_calculator
 
-import distmlip  # noqa: E402
-from distmlip.models.fairchem import UMAModel  # noqa: E402
-from distmlip.testing import assert_partition_invariant, evaluate  # noqa: E402
-from distmlip.testing.adapters import ADAPTER_SPLITS, adapter_structures, assert_matches_calculator  # noqa: E402
-
-from support import assert_ranks_pass  # noqa: E402
+from support import assert_ranks_pass
 
 
 def make_uma(seed: int = 0, **extra):

@@ -14,15 +14,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from mace.modules import models as mace_models
 
-mace_models = pytest.importorskip(
-    "mace.modules.models", reason="mace-torch is not installed (pip install distmlip[mace])"
-)
-
-import distmlip  # noqa: E402
-from distmlip import DistributedCalculator  # noqa: E402
-from distmlip.models.mace import MACEModel  # noqa: E402
-from distmlip.testing import assert_partition_invariant, evaluate, format_report, rel_err  # noqa: E402
+import distmlip
+from distmlip import DistributedCalculator
+from distmlip.models.mace import MACEModel
+from distmlip.testing import assert_partition_invariant, evaluate, format_report, rel_err
 
 ELEMENTS = (3, 8, 13, 29)  # Li, O, Al, Cu
 

@@ -17,16 +17,15 @@ import contextlib
 import copy
 import warnings
 
+import matgl
 import numpy as np
 import pytest
 import torch
 
-matgl = pytest.importorskip("matgl", reason="matgl is not installed (pip install distmlip[matgl])")
-
-import distmlip  # noqa: E402
-from distmlip.models.matgl import M3GNetModel, TensorNetModel  # noqa: E402
-from distmlip.testing import assert_partition_invariant  # noqa: E402
-from distmlip.testing.adapters import (  # noqa: E402
+import distmlip
+from distmlip.models.matgl import M3GNetModel, TensorNetModel
+from distmlip.testing import assert_partition_invariant
+from distmlip.testing.adapters import (
     ADAPTER_ELEMENTS,
     ADAPTER_SPLITS,
     adapter_structures,

@@ -19,19 +19,17 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("mattersim", reason="mattersim is not installed (pip install distmlip[mattersim])")
-
-import distmlip  # noqa: E402
-from distmlip.models.mattersim import MatterSimModel, triplets  # noqa: E402
-from distmlip.testing import assert_partition_invariant  # noqa: E402
-from distmlip.testing.adapters import (  # noqa: E402
+import distmlip
+from distmlip.models.mattersim import MatterSimModel, triplets
+from distmlip.testing import assert_partition_invariant
+from distmlip.testing.adapters import (
     ADAPTER_SPLITS,
     adapter_structures,
     assert_matches_calculator,
     calculator_reference,
 )
 
-from support import assert_ranks_pass  # noqa: E402
+from support import assert_ranks_pass
 
 
 def make_potential(seed: int = 0):

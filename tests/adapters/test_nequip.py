@@ -16,12 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("nequip.model", reason="nequip is not installed (pip install distmlip[nequip])")
-
-import distmlip  # noqa: E402
-from distmlip import DistributedCalculator  # noqa: E402
-from distmlip.models.nequip import NequIPModel  # noqa: E402
-from distmlip.testing import assert_partition_invariant, evaluate, format_report, rel_err  # noqa: E402
+import distmlip
+from distmlip import DistributedCalculator
+from distmlip.models.nequip import NequIPModel
+from distmlip.testing import assert_partition_invariant, evaluate, format_report, rel_err
 
 TYPES = ["Li", "O", "Al", "Cu"]
 R_MAX = 5.0

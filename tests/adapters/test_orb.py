@@ -21,12 +21,10 @@ import warnings
 import pytest
 import torch
 
-pytest.importorskip("orb_models", reason="orb-models is not installed (pip install distmlip[orb])")
-
-import distmlip  # noqa: E402
-from distmlip.models.orb import OrbModel  # noqa: E402
-from distmlip.testing import assert_partition_invariant, evaluate  # noqa: E402
-from distmlip.testing.adapters import (  # noqa: E402
+import distmlip
+from distmlip.models.orb import OrbModel
+from distmlip.testing import assert_partition_invariant, evaluate
+from distmlip.testing.adapters import (
     ADAPTER_SPLITS,
     adapter_structures,
     assert_matches_calculator,
@@ -34,7 +32,7 @@ from distmlip.testing.adapters import (  # noqa: E402
     metal,
 )
 
-from support import assert_ranks_pass  # noqa: E402
+from support import assert_ranks_pass
 
 CAP = 8
 

@@ -36,16 +36,13 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
-sevenn = pytest.importorskip("sevenn", reason="sevenn is not installed (pip install sevenn torch==2.13.0)")
-
-import torch  # noqa: E402
-
-import distmlip  # noqa: E402
-from distmlip import DistributedCalculator  # noqa: E402
-from distmlip.models.base import no_exchange  # noqa: E402
-from distmlip.models.sevenn import SevenNetModel  # noqa: E402
-from distmlip.testing import assert_partition_invariant, evaluate  # noqa: E402
+import distmlip
+from distmlip import DistributedCalculator
+from distmlip.models.base import no_exchange
+from distmlip.models.sevenn import SevenNetModel
+from distmlip.testing import assert_partition_invariant, evaluate
 
 warnings.filterwarnings("ignore", message=".*accelerat.*")  # sevenn: "no cuEq/flash" notice
 

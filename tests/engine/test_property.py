@@ -34,18 +34,16 @@ import warnings
 
 import numpy as np
 import pytest
+from ase import Atoms
+from ase.neighborlist import neighbor_list
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
 
-hypothesis = pytest.importorskip("hypothesis")
-from ase import Atoms  # noqa: E402
-from ase.neighborlist import neighbor_list  # noqa: E402
-from hypothesis import HealthCheck, assume, event, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from distmlip import DistributedCalculator
+from distmlip.models import LennardJones
+from distmlip.testing import evaluate, rel_err
 
-from distmlip import DistributedCalculator  # noqa: E402
-from distmlip.models import LennardJones  # noqa: E402
-from distmlip.testing import evaluate, rel_err  # noqa: E402
-
-from support import LJ_PARAMS, make_schnet  # noqa: E402
+from support import LJ_PARAMS, make_schnet
 
 RTOL_SPLIT = 1e-10
 RTOL_ASE = 1e-8
