@@ -126,6 +126,7 @@ def test_float32_differs_by_summation_order():
     assert max(errs) > 1e-12, "float32 expected to differ by summation order (did it run in float32?)"
 
 
+@pytest.mark.mpi
 def test_bit_identical_under_mpirun():
     """mpirun -n 2 (2 parts per rank): two fresh calculators per setting give bit-identical
     results on every rank, and every rank holds the same results."""
