@@ -7,10 +7,11 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 # torch is pinned: on this project's machines an open range resolves to a multi-GB CUDA build.
 TORCH   := torch==2.13.0
-# the independent tests run in JOBS processes, whole files per process (a file's module fixtures
-# load its model once); the launches (mpi mark: 2-3 processes each, a rendezvous port, timeouts)
-# run after them in a pytest of their own, one at a time. -m on the command line replaces
-# pyproject's addopts -m 'not slow'.
+# the independent tests run in JOBS processes: make test gives whole files to a process (a file's
+# module fixtures load its model once), make test-all lets idle processes take tests from busy ones
+# (its long property runs are in one file); the launches (mpi mark: 2-3 processes each, a rendezvous
+# port, timeouts) run after them in a pytest of their own, one at a time. -m on the command line
+# replaces pyproject's addopts -m 'not slow'.
 JOBS    ?= 2
 PYTEST  := OMP_NUM_THREADS=1 $(VPY) -m pytest -q -ra
 XDIST   := -n $(JOBS) --dist loadfile
@@ -33,7 +34,7 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(VPY) -m ruff check .
-	$(PYTEST) $(XDIST) -m 'not mpi'
+	$(PYTEST) -n $(JOBS) --dist worksteal -m 'not mpi'
 	$(PYTEST) -m 'mpi'
 
 demo: $(STAMP)

@@ -643,7 +643,6 @@ def test_examples_at_reduced_size(monkeypatch, capsys, tmp_path):
     assert (tmp_path / "p.png").exists()
 
 
-@pytest.mark.slow
 def test_demo_at_reduced_size(tmp_path, capsys):
     """`distmlip demo` end to end: SevenNet-0 MD through `distmlip md`, the comparison table, SchNet."""
     assert main(["demo", "-o", str(tmp_path), "--supercell", "1x1x2", "--steps", "3",
