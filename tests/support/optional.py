@@ -42,5 +42,5 @@ def skip_if_missing(module_path, parent, requires: dict[str, tuple[str, str]]):
     if error is None:
         return None
     collector = MissingPackage.from_parent(parent, path=module_path)
-    collector.reason = f"{module} is not installed ({hint}): {error}"
+    collector.reason = f"{module_path.name}: {module} is not installed ({hint}): {error}"
     return collector
