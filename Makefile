@@ -1,12 +1,22 @@
 # Set-up lives here: `make test` and `make demo` work on a fresh machine.
+# make test      ruff + the default suite (everything not marked slow): <= 5 min of tests on 2 cores
+# make test-all  ruff + everything, slow cases and every mpirun/torchrun launch (what CI runs)
 PY      ?= python3
 VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 # torch is pinned: on this project's machines an open range resolves to a multi-GB CUDA build.
 TORCH   := torch==2.13.0
+# the independent tests run in JOBS processes: make test gives whole files to a process (a file's
+# module fixtures load its model once), make test-all lets idle processes take tests from busy ones
+# (its long property runs are in one file); the launches (mpi mark: 2-3 processes each, a rendezvous
+# port, timeouts) run after them in a pytest of their own, one at a time. -m on the command line
+# replaces pyproject's addopts -m 'not slow'.
+JOBS    ?= 2
+PYTEST  := OMP_NUM_THREADS=1 $(VPY) -m pytest -q -ra
+XDIST   := -n $(JOBS) --dist loadfile
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-all demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -19,7 +29,13 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m ruff check .
-	OMP_NUM_THREADS=1 $(VPY) -m pytest -q -ra
+	$(PYTEST) $(XDIST) -m 'not slow and not mpi'
+	$(PYTEST) -m 'mpi and not slow'
+
+test-all: $(STAMP)
+	$(VPY) -m ruff check .
+	$(PYTEST) -n $(JOBS) --dist worksteal -m 'not mpi'
+	$(PYTEST) -m 'mpi'
 
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/distmlip demo

@@ -104,10 +104,9 @@ def build(family: str, workdir: Path):
         calc = ORBCalculator(model, device="cpu")
         return calc, distmlip.wrap(calc)
     if family == "uma":
-        sys.path.insert(0, str(ROOT / "tests"))
+        sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "adapters")]
         from fairchem.core.calculate.ase_calculator import FAIRChemCalculator
         from fairchem.core.units.mlip_unit.predict import MLIPPredictUnit
-
         from test_fairchem import write_uma_checkpoint
 
         path = workdir / "uma-random.pt"

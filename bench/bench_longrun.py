@@ -47,7 +47,7 @@ from _harness import proc_status  # noqa: E402
 RESULT = ROOT / "bench" / "results" / "longrun.md"
 DEFAULTS = {"steps": 10_000, "reps": 7, "temperature": 1000.0, "timestep": 2.0, "skin": 0.5,
             "parts": 4, "seed": 0}
-# Bounds (checked by the benchmark and by tests/test_longrun.py)
+# Bounds (checked by the benchmark and by tests/engine/test_longrun.py)
 DRIFT_BOUND = 1e-3          # eV/atom, max |E_tot(t) - E_tot(0)| / N over the run
 SPLIT_VS_UNSPLIT = 1.5      # split drift <= 1.5 x unsplit drift + DRIFT_FLOOR (trajectories diverge
 DRIFT_FLOOR = 2e-5          # chaotically: the two drifts are two samples of the same noise)
@@ -85,13 +85,13 @@ def run_nve(parts: int, steps: int, reps: int, temperature: float, timestep: flo
     sys.path.insert(0, str(ROOT / "tests"))
     from distmlip import DistributedCalculator
 
-    from conftest import make_lj
+    from support import make_lj
 
     atoms = make_system(reps, temperature, seed)
     if parts == 0:
         from ase.calculators.lj import LennardJones as AseLennardJones
 
-        from conftest import LJ_PARAMS
+        from support import LJ_PARAMS
 
         atoms.calc = AseLennardJones(epsilon=LJ_PARAMS["epsilon"], sigma=LJ_PARAMS["sigma"],
                                      rc=LJ_PARAMS["cutoff"], smooth=False)

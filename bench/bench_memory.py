@@ -54,7 +54,7 @@ def build(kind: str, size: int):
         atoms = crystal(["Ti", "O"], basis=[(0, 0, 0), (0.3048, 0.3048, 0)], spacegroup=136,
                         cellpar=[4.594, 4.594, 2.959, 90, 90, 90]).repeat((size, size, 2 * size))
     elif kind == "mace":
-        from test_mace import make_mace
+        from support.adapters import make_mace
 
         model, dtype = distmlip.wrap(make_mace()), torch.float64
         atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((size,) * 3)

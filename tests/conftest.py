@@ -1,4 +1,5 @@
-"""Shared fixtures: the awkward structures and small float64 reference models."""
+"""Shared fixtures: the awkward structures and small float64 reference models (the helpers behind
+them are in ``support``)."""
 
 from __future__ import annotations
 
@@ -12,29 +13,91 @@ import torch
 from distmlip.models import LennardJones, SchNet
 from distmlip.testing import awkward_structures
 
+from support import STRUCTURE_NAMES, make_lj, make_schnet
+
 torch.set_num_threads(1)
 
-STRUCTURE_NAMES = tuple(awkward_structures())
 
-# Lennard-Jones roughly fitted to Cu: minimum at 2^(1/6) * 2.3 = 2.58 Å (Cu-Cu: 2.55 Å).
-LJ_PARAMS = {"epsilon": 0.4, "sigma": 2.3, "cutoff": 5.0}
+# ---------------------------------------------------------------- the default (fast) selection
+# `make test` runs every test not marked slow; `make test-all` runs everything. Besides the
+# `@pytest.mark.slow` in the files, these long or repetitive cases are marked slow here (measured
+# durations on 2 cores in the comments; every module and every adapter keeps fast tests).
+# Test function (path under tests/) -> the parameter ids that stay in the default suite: () marks
+# every case slow; a grid keeps one or two representative cases and runs in full under test-all.
+SLOW = {
+    # SevenNet-0 (pretrained, ~200 s in all): one calculator comparison, one float64 split
+    "adapters/test_sevenn.py::test_float64_matches_sevennet_and_is_partition_invariant": ("cu111_slab",),
+    "adapters/test_sevenn.py::test_matches_sevennet_calculator": ("rutile_TiO2-halo",),
+    "adapters/test_sevenn.py::test_awkward_structures": ("small_triclinic",),
+    "adapters/test_sevenn.py::test_node_work_only_on_owned_rows": (),  # 59 s
+    "adapters/test_sevenn.py::test_partitioners_float64": (),  # 12 s
+    "adapters/test_sevenn.py::test_multi_fidelity_modal": (),  # 10 s
+    "adapters/test_sevenn.py::test_l3i5_matches": (),  # 9 s
+    "adapters/test_sevenn.py::test_wrap_raw_module_unmodified": (),  # 5 s
+    # MACE (~105 s)
+    "adapters/test_mace.py::test_equals_mace_calculator_and_is_partition_invariant": ("surface",),
+    "adapters/test_mace.py::test_node_work_only_on_owned_rows": (),  # 25 s
+    "adapters/test_mace.py::test_threaded_workers": (),  # 4 s
+    "adapters/test_mace.py::test_interaction_classes_are_sliced_exactly": (
+        "RealAgnosticInteractionBlock-RealAgnosticResidualInteractionBlock",),
+    # CHGNet (~80 s)
+    "adapters/test_chgnet.py::test_equals_chgnet_float64": ("metal-halo", "slab-halo"),
+    "adapters/test_chgnet.py::test_float32_as_accurate_as_chgnet": ("slab",),
+    "adapters/test_chgnet.py::test_atom_updates_only_on_owned_rows": (),  # 23 s
+    "adapters/test_chgnet.py::test_other_partitioners": (),  # 7 s
+    "adapters/test_chgnet.py::test_other_checkpoints": (),  # 7 s
+    # NequIP / Allegro (~35 s)
+    "adapters/test_nequip.py::test_equals_nequip_calculator_and_is_partition_invariant": (
+        "nequip-surface", "allegro-oxide"),
+    "adapters/test_nequip.py::test_nequip_node_work_only_on_owned_rows": (),  # 8 s
+    # bounded memory: the adapters' own files cover the pretrained ones
+    "engine/test_bounded_memory.py::test_budget_is_honoured_in_a_fresh_process": (),  # 22 s
+    "engine/test_bounded_memory.py::test_every_adapter_is_exact_one_part_at_a_time": (
+        "allegro", "m3gnet", "mattersim", "nequip", "tensornet", "uma"),  # sevenn, chgnet, mace: 28 s
+    # launches (run one after another: ~185 s in tests/mpi alone)
+    "mpi/test_mpi.py::test_equivalence_under_launcher": ("mpirun-2", "torchrun-2"),
+    "mpi/test_mpi.py::test_failing_rank_stops_everyone": ("mpirun-model", "mpirun-kill"),
+    "mpi/test_mpi.py::test_several_parts_per_rank": (),  # 27 s
+    "mpi/test_mpi.py::test_bounded_memory_under_launcher": (),  # 18 s
+    "mpi/test_mpi.py::test_md_matches_single_process": (),  # 18 s
+    "mpi/test_mpi.py::test_srun_environment": (),  # 16 s (tests/mpi/test_launch.py: the detection)
+    "cli/test_cli.py::test_md_under_a_launcher_matches_one_process": ("mpirun",),
+    "cli/test_cli.py::test_an_error_on_one_rank_is_reported_by_that_rank": (),  # 7 s
+    "engine/test_longrun.py::test_bit_identical_under_mpirun": (),  # 6 s
+}
 
 
-def make_lj() -> LennardJones:
-    return LennardJones(**LJ_PARAMS)
+def _key(nodeid: str) -> tuple[str, str]:
+    """("path/test_x.py::test_function", "param-id") of a node id."""
+    path, _, name = nodeid.removeprefix("tests/").partition("::")
+    function, _, param = name.partition("[")
+    return f"{path}::{function}", param.removesuffix("]")
 
 
-def make_schnet(cutoff: float = 5.0, num_interactions: int = 3, hidden_channels: int = 16,
-                seed: int = 1, scale: float = 30.0) -> SchNet:
-    """A small float64 SchNet with random weights. Its last readout layer is multiplied by
-    ``scale`` (and its bias zeroed) so that forces are 0.1-1 eV/Å rather than ~0.005 eV/Å: the
-    relative error max|a-b| / max(max|ref|, 1) then measures the forces at their own scale."""
-    model = SchNet(cutoff=cutoff, num_interactions=num_interactions,
-                   hidden_channels=hidden_channels, num_gaussians=25, seed=seed)
-    with torch.no_grad():
-        model.readout[-1].weight.mul_(scale)
-        model.readout[-1].bias.zero_()
-    return model
+def pytest_collection_modifyitems(config, items):
+    """Marks the table's cases slow. Launches (``mpi`` mark) share one xdist group: under
+    ``pytest -n N --dist loadgroup`` they run one after another in one worker (two launches at
+    once would compete for the rendezvous port and the cores their timeouts assume); ``make test``
+    and ``make test-all`` run them in a serial pytest of their own after the parallel one."""
+    seen = set()
+    for item in items:
+        key, param = _key(item.nodeid)
+        if key in SLOW:
+            seen.update((key, (key, param)))
+            if param not in SLOW[key]:
+                item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("mpi") is not None:
+            item.add_marker(pytest.mark.xdist_group("mpi"))
+    # a renamed test or parameter must not silently leave the table (checked when the whole suite
+    # is collected, for the files that were: a file skipped for a missing package has no items)
+    if config.args_source == pytest.Config.ArgsSource.TESTPATHS:
+        files = {item.nodeid.removeprefix("tests/").partition("::")[0] for item in items}
+        stale = [f"{key}[{param}]" if param else key
+                 for key, keep in SLOW.items() if key.partition("::")[0] in files
+                 for param in (keep or ("",))
+                 if key not in seen or (param and (key, param) not in seen)]
+        if stale:
+            raise pytest.UsageError(f"tests/conftest.py SLOW names tests that do not exist: {stale}")
 
 
 @pytest.fixture(scope="session")
@@ -57,16 +120,3 @@ def structures():
 def structure(request):
     """(name, atoms) for each awkward structure."""
     return request.param, awkward_structures()[request.param]
-
-
-def assert_ranks_pass(script: str, *args: str, expect: str, ranks: int = 2) -> None:
-    """Run ``tests/mpi_scripts/<script> *args`` under ``mpirun -n ranks`` and check that it
-    exited 0 and that every rank printed ``rank R: <expect>`` (its count of passed checks); the
-    output's tail is the failure message."""
-    from test_mpi import launch
-
-    proc, _ = launch("mpirun", ranks, script, *args)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    for rank in range(ranks):
-        assert f"rank {rank}: {expect}" in out, out[-4000:]

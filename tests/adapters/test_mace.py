@@ -1,0 +1,338 @@
+"""MACE through ``distmlip.wrap``: equal to MACE's own ASE calculator, whatever the split.
+
+The model is a randomly initialised ``ScaleShiftMACE`` of MACE-MP-medium width (128x0e+128x1o
+hidden irreps, 2 interactions, r_max 6 Å, correlation 3, max_ell 3, 10 Bessel functions) in
+float64: foundation checkpoints are downloaded at run time and cannot be used here. Its
+interaction scale is 40 so that forces are ~0.1-1 eV/Å rather than ~0.01 eV/Å, and the
+partition-invariance errors (relative to max(max|ref|, 1)) measure forces at their own scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from mace.modules import models as mace_models
+
+import distmlip
+from distmlip import DistributedCalculator
+from distmlip.models.mace import MACEModel
+from distmlip.testing import evaluate, rel_err
+from distmlip.testing.adapters import metal, oxide, slab
+from distmlip.testing.battery import AdapterBattery
+
+ELEMENTS = (3, 8, 13, 29)  # Li, O, Al, Cu
+
+
+def make_mace(seed: int = 0, scale: float = 40.0):
+    from e3nn import o3
+    from mace.modules import blocks
+
+    rng = np.random.default_rng(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = mace_models.ScaleShiftMACE(
+                r_max=6.0, num_bessel=10, num_polynomial_cutoff=5, max_ell=3,
+                interaction_cls=blocks.RealAgnosticResidualInteractionBlock,
+                interaction_cls_first=blocks.RealAgnosticResidualInteractionBlock,
+                num_interactions=2, num_elements=len(ELEMENTS),
+                hidden_irreps=o3.Irreps("128x0e+128x1o"), MLP_irreps=o3.Irreps("16x0e"),
+                atomic_energies=rng.uniform(-8.0, -1.0, len(ELEMENTS)), avg_num_neighbors=60.0,
+                atomic_numbers=list(ELEMENTS), correlation=3, gate=torch.nn.functional.silu,
+                radial_MLP=[64, 64, 64], atomic_inter_scale=scale, atomic_inter_shift=-0.1,
+            )
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(torch.float64).eval()
+
+
+def surface():
+    """Al(100) slab 2x2x4 (16 atoms), periodic in x, y only, 5 Å of vacuum each side."""
+    return slab(vacuum=5.0)
+
+
+STRUCTURES = {"oxide": (oxide, "grid"), "metal": (metal, "grid"), "surface": (surface, "metis")}
+
+
+@pytest.fixture(autouse=True)
+def _keep_default_dtype():
+    # MACE's calculator sets torch's default dtype globally; other tests must not see that
+    previous = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.fixture(scope="module")
+def mace_setup(tmp_path_factory):
+    """(raw module, path of its saved copy, wrapped model)."""
+    model = make_mace()
+    path = tmp_path_factory.mktemp("mace") / "random_scaleshift_mace.model"
+    torch.save(model, path)
+    return model, str(path), distmlip.wrap(model)
+
+
+@pytest.fixture(scope="module")
+def mace_calc(mace_setup):
+    from mace.calculators import MACECalculator
+
+    previous = torch.get_default_dtype()
+    try:
+        calc = MACECalculator(model_paths=mace_setup[1], device="cpu", default_dtype="float64")
+    finally:
+        torch.set_default_dtype(previous)
+    return calc
+
+
+def _mace_volume(atoms, cutoff: float = 6.0) -> float:
+    """The cell volume MACE divides the virial by: along non-periodic directions MACE replaces
+    the lattice vector by a long one ((max|position| + 1) * 5 * cutoff), so a slab's MACE stress
+    is its virial over a larger volume than the ASE cell's."""
+    from mace.data.neighborhood import get_neighborhood
+
+    cell = get_neighborhood(atoms.positions, cutoff, tuple(bool(p) for p in atoms.pbc),
+                            np.array(atoms.cell))[3]
+    return abs(float(np.linalg.det(cell)))
+
+
+def _mace_reference(calc, atoms) -> dict:
+    """MACE's results, its stress rescaled to the ASE cell's volume (see ``_mace_volume``)."""
+    previous = torch.get_default_dtype()
+    try:
+        work = atoms.copy()
+        work.calc = calc
+        stress = work.get_stress(voigt=True) * _mace_volume(atoms) / atoms.cell.volume
+        out = {"energy": work.get_potential_energy(), "forces": work.get_forces(),
+               "stress": stress,
+               # MACECalculator: "energies" are the full per-atom energies (E0s included),
+               # "node_energy" the same minus the E0s
+               "energies": np.array(calc.results["energies"])}
+    finally:
+        torch.set_default_dtype(previous)
+    return out
+
+
+def test_wrap_gives_mace_model(mace_setup):
+    model, _, wrapped = mace_setup
+    assert isinstance(wrapped, MACEModel)
+    assert wrapped.module is not model  # the adapter hooks its own copy (the copy policy)
+    assert wrapped.cutoff == pytest.approx(6.0)
+    assert wrapped.num_layers == 2
+    assert distmlip.wrap(wrapped) is wrapped
+
+
+@pytest.fixture(scope="module")
+def battery_source(mace_setup):
+    return mace_setup[0]
+
+
+@pytest.fixture(scope="module")
+def battery_model(mace_setup):
+    return mace_setup[2]
+
+
+@pytest.fixture(params=list(STRUCTURES))
+def battery_case(request):
+    build, partitioner = STRUCTURES[request.param]
+    return request.param, build(), partitioner
+
+
+@pytest.fixture(scope="module")
+def battery_reference(mace_calc):
+    return lambda name, atoms: _mace_reference(mace_calc, atoms)
+
+
+class TestMACEBattery(AdapterBattery):
+    """The shared adapter battery: unsplit vs MACE's calculator (1e-6 eV/atom, 1e-5 eV/Å,
+    1e-6 eV/Å^3, 1e-6 eV per atom), 2, 3 and 5 parts in both modes vs unsplit (float64, 1e-10
+    relative), finite-difference forces, the caller's module unchanged (no hooks added to it),
+    an unknown option refused."""
+
+    def small_structure(self):
+        return oxide()
+
+    def check_split_report(self, report, model):
+        for row in report:
+            if row["mode"] == "halo" and row["nonempty_parts"] > 1:
+                assert row["exchange_calls"] == 1  # before the second interaction only
+            if row["mode"] == "extended":
+                assert row["exchange_calls"] == 0
+
+
+def _stale_halo(graph):
+    """An exchange that refreshes nothing: given every row it returns them as they are, given
+    the owned rows it appends zeros for the halo rows (which were then never computed)."""
+    def exchange(x):
+        if x.shape[0] == graph.num_nodes:
+            return x
+        return torch.cat([x, x.new_zeros((graph.num_nodes - x.shape[0], *x.shape[1:]))])
+    return exchange
+
+
+class WithoutExchange(distmlip.DistributableModel):
+    """A wrapped model whose halo exchange refreshes nothing."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.cutoff, self.num_layers = inner, inner.cutoff, inner.num_layers
+
+    def forward(self, graph):
+        return self.inner(dataclasses.replace(graph, halo_exchange=_stale_halo(graph)))
+
+
+def test_halo_exchange_is_needed(mace_setup):
+    """Without the exchange before the second interaction the split result is wrong: the hook
+    is what makes the invariance above hold."""
+    atoms = metal()
+    wrapped = mace_setup[2]
+
+    broken = WithoutExchange(wrapped)
+    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    split = evaluate(DistributedCalculator(broken, num_partitions=3), atoms)
+    assert np.abs(split["forces"] - one["forces"]).max() > 1e-6
+
+
+def test_threaded_workers(mace_setup):
+    """Three worker threads share one replica of the module: the exchange each hook calls is the
+    one of the worker running it (a context variable, not module state)."""
+    atoms = metal()
+    wrapped = mace_setup[2]
+    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    calc = DistributedCalculator(wrapped, num_partitions=3, device=["cpu"] * 3)
+    split = evaluate(calc, atoms)
+    assert calc.runner.last_exchange_calls == 1
+    for q in one:
+        assert rel_err(split[q], one[q]) <= 1e-10, q
+
+
+def test_unknown_element_and_head_are_rejected(mace_setup):
+    from ase import Atoms
+
+    wrapped = mace_setup[2]
+    atoms = Atoms("CuAu", positions=[[0, 0, 0], [2.5, 0, 0]], cell=np.eye(3) * 12, pbc=True)
+    with pytest.raises(ValueError, match=r"^numbers: this MACE model has no parameters for atomic "
+                                         r"number\(s\) \[79\] \(Au\); it knows [A-Za-z, ]*\bCu\b"):
+        DistributedCalculator(wrapped).get_potential_energy(atoms)
+    with pytest.raises(ValueError, match="head"):
+        MACEModel(mace_setup[0], head="nonexistent")
+
+
+def _count_rows(replica) -> dict:
+    """Forward pre-hooks (after distmlip's slicing hooks, so they see what each block computes
+    on) counting the rows given to MACE's node-wise blocks: {block name: [rows per call]}."""
+    rows: dict = {}
+
+    def counter(name):
+        def hook(module, args, kwargs):
+            x = kwargs["node_feats"] if "node_feats" in kwargs else args[0]
+            rows.setdefault(name, []).append(int(x.shape[0]))
+        return hook
+
+    mace = replica.module
+    for i, block in enumerate(mace.products):
+        block.register_forward_pre_hook(counter(f"products.{i}"), with_kwargs=True)
+    for i, block in enumerate(mace.readouts):
+        block.register_forward_pre_hook(counter(f"readouts.{i}"), with_kwargs=True)
+    for i, block in enumerate(mace.interactions):
+        for name in ("skip_tp", "linear", "linear_up"):
+            getattr(block, name).register_forward_pre_hook(
+                counter(f"interactions.{i}.{name}"), with_kwargs=True)
+    return rows
+
+
+@pytest.mark.parametrize("threads", [False, True])
+def test_node_work_only_on_owned_rows(mace_setup, threads):
+    """4 parts in halo mode: the product basis, the readouts and the node-wise maps inside the
+    interactions compute exactly the owned rows, whose total over the parts is the number of
+    atoms (before: every local row, halo included). Only the first interaction's ``linear_up``
+    maps the halo rows too: its messages read the element embedding on senders. Results equal
+    the unsplit model's at 1e-10; extended mode still computes (and needs) every local row."""
+    from ase.build import bulk
+
+    wrapped = mace_setup[2]
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))  # 32 atoms
+    atoms.rattle(0.08, seed=4)
+    n = len(atoms)
+    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    for mode in ("halo", "extended"):
+        calc = DistributedCalculator(wrapped, num_partitions=4, mode=mode,
+                                     device=["cpu"] * 4 if threads else "cpu")
+        rows = _count_rows(next(iter(calc.runner.replicas.values())))
+        split = evaluate(calc, atoms)
+        for q in one:
+            assert rel_err(split[q], one[q]) <= 1e-10, (mode, q)
+        shards = calc.runner.last_shards
+        local = sum(s.num_rows for s in shards)
+        assert sum(s.num_owned for s in shards) == n < local  # there is a halo to skip
+        assert len(rows["products.0"]) == (4 if threads else 1)  # one call per worker
+        for name, counts in rows.items():
+            computed = sum(counts)
+            if mode == "extended" or name == "interactions.0.linear_up":
+                assert computed == local, (mode, name)
+            else:
+                assert computed == n, (mode, name, computed, local)
+        assert calc.runner.last_exchange_calls == (1 if mode == "halo" else 0)
+
+
+def make_small_mace(first: str, later: str, seed: int = 1):
+    """A small float64 ScaleShiftMACE with the given interaction block classes."""
+    from e3nn import o3
+    from mace.modules import blocks
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = mace_models.ScaleShiftMACE(
+                r_max=4.5, num_bessel=6, num_polynomial_cutoff=5, max_ell=2,
+                interaction_cls=getattr(blocks, later),
+                interaction_cls_first=getattr(blocks, first),
+                num_interactions=3, num_elements=len(ELEMENTS),
+                hidden_irreps=o3.Irreps("16x0e+16x1o"), MLP_irreps=o3.Irreps("8x0e"),
+                atomic_energies=np.linspace(-6.0, -2.0, len(ELEMENTS)), avg_num_neighbors=30.0,
+                atomic_numbers=list(ELEMENTS), correlation=2, gate=torch.nn.functional.silu,
+                radial_MLP=[16, 16], atomic_inter_scale=40.0, atomic_inter_shift=-0.1,
+            )
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(torch.float64).eval()
+
+
+@pytest.mark.parametrize("first,later", [
+    ("RealAgnosticInteractionBlock", "RealAgnosticResidualInteractionBlock"),
+    ("RealAgnosticDensityInteractionBlock", "RealAgnosticDensityResidualInteractionBlock"),
+    ("RealAgnosticResidualNonLinearInteractionBlock",
+     "RealAgnosticResidualNonLinearInteractionBlock"),
+    ("RealAgnosticAttResidualInteractionBlock", "RealAgnosticAttResidualInteractionBlock"),
+])
+def test_interaction_classes_are_sliced_exactly(first, later):
+    """Every interaction block class the adapter slices inside (three interactions: the first
+    block, and the later ones with the moved exchange) gives the unsplit result in halo and
+    extended mode, with the product and readout blocks on the owned rows only."""
+    from ase.build import bulk
+
+    wrapped = distmlip.wrap(make_small_mace(first, later))
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+    atoms.numbers[::5] = 13  # some Al
+    atoms.rattle(0.08, seed=5)
+    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    assert np.abs(one["forces"]).max() > 0.05
+    for mode in ("halo", "extended"):
+        calc = DistributedCalculator(wrapped, num_partitions=3, mode=mode)
+        mace = next(iter(calc.runner.replicas.values())).module
+        rows = []
+        for block in list(mace.products) + list(mace.readouts):
+            block.register_forward_pre_hook(
+                lambda m, a, kw: rows.append((kw["node_feats"] if "node_feats" in kw else a[0])
+                                             .shape[0]), with_kwargs=True)
+        split = evaluate(calc, atoms)
+        for q in one:
+            assert rel_err(split[q], one[q]) <= 1e-10, (mode, q)
+        if mode == "halo":
+            assert rows == [len(atoms)] * len(rows)
+            assert calc.runner.last_exchange_calls == 2

@@ -1,0 +1,264 @@
+"""matgl TensorNet and M3GNet through ``distmlip.wrap``: equal to matgl's own ``PESCalculator``,
+whatever the split.
+
+The models are a randomly initialised TensorNet (16 units, 2 interactions, 8 Gaussians, 4 Å) and
+M3GNet (16 units, 2 blocks, 5 Å, three-body 4 Å), each in a ``Potential`` with a scale
+(``data_std`` 1000 and 3000, so that forces are ~0.1-5 eV/Å), a shift and per-element references:
+matgl's pretrained weights download at run time. The float64 reference
+is matgl's calculator with ``matgl.set_default_dtype("float", 64)`` and its pymatgen neighbour list
+(its Warp neighbour list casts the cell to float32); the float32 one is matgl's defaults.
+matgl treats any non-periodic direction as a molecule, so the slab (periodic in x, y) is compared
+with matgl's result for the same slab in a periodic cell (12 Å of vacuum > cutoff: same graph).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+
+import matgl
+import numpy as np
+import pytest
+import torch
+
+import distmlip
+from distmlip.models.matgl import M3GNetModel, TensorNetModel
+from distmlip.testing import assert_partition_invariant
+from distmlip.testing.adapters import (
+    ADAPTER_ELEMENTS,
+    ADAPTER_SPLITS,
+    adapter_structures,
+    assert_matches_calculator,
+    calculator_reference,
+)
+
+REFS = np.array([-1.1, -1.9, -7.3, -4.9, -3.7, -3.5])  # per-element references, eV
+
+
+@contextlib.contextmanager
+def matgl_dtype(bits: int):
+    """matgl's global float dtype (and torch's default, which matgl sets with it), restored after;
+    in float64 also matgl's pymatgen neighbour list."""
+    import matgl.ext.ase as mase
+
+    saved = (matgl.float_th, matgl.float_np, torch.get_default_dtype(), mase._alchmtk_available)
+    matgl.set_default_dtype("float", bits)
+    if bits == 64:
+        mase._alchmtk_available = False
+    try:
+        yield
+    finally:
+        matgl.float_th, matgl.float_np = saved[:2]
+        torch.set_default_dtype(saved[2])
+        mase._alchmtk_available = saved[3]
+
+
+def make_potential(seed: int = 0, use_warp: bool = False, arch: str = "TensorNet"):
+    from matgl.apps.pes import Potential
+    from matgl.models import M3GNet, TensorNet
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        if arch == "M3GNet":
+            model = M3GNet(element_types=ADAPTER_ELEMENTS, dim_node_embedding=16,
+                           dim_edge_embedding=16, units=16, nblocks=2, max_n=3, max_l=3,
+                           cutoff=5.0, threebody_cutoff=4.0, is_intensive=False)
+            scale = 3000.0
+        else:
+            model = TensorNet(element_types=ADAPTER_ELEMENTS, units=16, nblocks=2, num_rbf=8,
+                              cutoff=4.0, is_intensive=False, use_warp=use_warp)
+            scale = 1000.0
+        return Potential(model=model, data_mean=0.7, data_std=scale, element_refs=REFS,
+                         calc_stresses=True)
+
+
+@pytest.fixture(scope="module")
+def potential():
+    return make_potential()
+
+
+@pytest.fixture(scope="module")
+def potential64(potential):
+    return copy.deepcopy(potential).double()
+
+
+@pytest.fixture(scope="module")
+def m3gnet():
+    return make_potential(arch="M3GNet")
+
+
+@pytest.fixture(scope="module")
+def m3gnet64(m3gnet):
+    return copy.deepcopy(m3gnet).double()
+
+
+def matgl_reference(potential, atoms, bits: int) -> dict:
+    from matgl.ext.ase import PESCalculator
+
+    with matgl_dtype(bits):  # a slab: matgl needs a periodic cell
+        return calculator_reference(PESCalculator(potential, stress_unit="eV/A3"), atoms,
+                                    full_periodicity=True)
+
+
+STRUCTURES = adapter_structures()
+SPLITS = ADAPTER_SPLITS
+
+
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_float64_equals_matgl(potential64, name):
+    """Every split, both modes, equals matgl's float64 calculator to ~1e-12."""
+    atoms = STRUCTURES[name]
+    model = distmlip.wrap(potential64)
+    worst = assert_matches_calculator(
+        model, None, atoms, reference=matgl_reference(potential64, atoms, 64),
+        energy_atol=1e-9, forces_atol=1e-8, stress_atol=1e-9, partitioners=SPLITS[name])
+    print(name, worst)
+
+
+@pytest.mark.parametrize("name", ["oxide", "slab", "molecule"])
+def test_float32_equals_matgl(potential, name):
+    """float32 against matgl's float32 calculator: 5e-5 eV/atom, 2e-5 eV/Å, 1e-6 eV/Å^3 (energies
+    here are ~100 eV/atom, so these are ~5e-7 relative; measured: 1.9e-5, 2.9e-6, 8e-8)."""
+    atoms = STRUCTURES[name]
+    worst = assert_matches_calculator(
+        distmlip.wrap(potential), None, atoms, reference=matgl_reference(potential, atoms, 32),
+        energy_atol=5e-5, forces_atol=2e-5, stress_atol=1e-6, num_partitions=(1, 3))
+    print(name, worst)
+
+
+@pytest.mark.parametrize("name", ["oxide", "slab", "molecule"])
+def test_split_equals_whole(potential64, name):
+    """float64, every partitioner, 1, 2, 3, 5 parts, both modes: 1e-10."""
+    report = assert_partition_invariant(TensorNetModel(potential64), STRUCTURES[name],
+                                        num_partitions=(1, 2, 3, 5), rtol=1e-10)
+    assert max(r["max_err"] for r in report) <= 1e-10
+
+
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_m3gnet_float64_equals_matgl(m3gnet64, name):
+    """M3GNet (three-body terms): every split, both modes, equals matgl's float64 calculator."""
+    atoms = STRUCTURES[name]
+    model = distmlip.wrap(m3gnet64)
+    assert isinstance(model, M3GNetModel)
+    worst = assert_matches_calculator(
+        model, None, atoms, reference=matgl_reference(m3gnet64, atoms, 64),
+        energy_atol=1e-9, forces_atol=1e-8, stress_atol=1e-9, partitioners=SPLITS[name])
+    print(name, worst)
+
+
+@pytest.mark.parametrize("name", ["oxide", "molecule"])
+def test_m3gnet_float32_equals_matgl(m3gnet, name):
+    """M3GNet float32 against matgl's float32 calculator (tolerances as for TensorNet)."""
+    atoms = STRUCTURES[name]
+    worst = assert_matches_calculator(
+        distmlip.wrap(m3gnet), None, atoms, reference=matgl_reference(m3gnet, atoms, 32),
+        energy_atol=5e-5, forces_atol=2e-5, stress_atol=1e-6, num_partitions=(1, 3))
+    print(name, worst)
+
+
+@pytest.mark.parametrize("name", ["oxide", "slab"])
+def test_m3gnet_split_equals_whole(m3gnet64, name):
+    report = assert_partition_invariant(M3GNetModel(m3gnet64), STRUCTURES[name],
+                                        num_partitions=(1, 2, 3, 5), rtol=1e-10)
+    assert max(r["max_err"] for r in report) <= 1e-10
+
+
+def test_bare_tensornet_and_energies(potential64):
+    """A bare TensorNet (no scale, shift or references) equals Potential(model) with defaults;
+    per-atom energies add up to the total."""
+    from matgl.apps.pes import Potential
+
+    atoms = STRUCTURES["oxide"]
+    from distmlip.models._adapter import private_copy
+
+    bare = private_copy(potential64.model)
+    ref = matgl_reference(Potential(model=bare, calc_stresses=True).double(), atoms, 64)
+    assert_matches_calculator(distmlip.wrap(bare), None, atoms, reference=ref, energy_atol=1e-10,
+                              forces_atol=1e-10, stress_atol=1e-10, num_partitions=(1, 3),
+                              modes=("halo",))
+    calc = distmlip.DistributedCalculator(distmlip.wrap(potential64), num_partitions=3)
+    work = atoms.copy()
+    work.calc = calc
+    assert abs(work.get_potential_energies().sum() - work.get_potential_energy()) < 1e-9
+
+
+def test_tensornet_gets_matgl_index_dtype(potential):
+    """matgl's modules get the edge index in matgl's own dtype, int32 (torch's CPU ``index_add``
+    on matgl's permuted messages takes a ~15x slower ``scatter_add`` route with an int64 index:
+    1.4x matgl's calculator's time on 324 atoms before); int64 only past int32's range."""
+    from distmlip.models.matgl import _index_dtype
+
+    model = TensorNetModel(potential)
+    m = model._tensornet
+    seen = []
+    hooks = [m.tensor_embedding.register_forward_pre_hook(
+        lambda mod, args: seen.append(("embedding", args[1].dtype)))]
+    hooks += [layer.register_forward_pre_hook(lambda mod, args: seen.append(("layer", args[0].dtype)))
+              for layer in m.layers]
+    try:
+        calc = distmlip.DistributedCalculator(model, num_partitions=2)
+        atoms = STRUCTURES["oxide"].copy()
+        atoms.calc = calc
+        atoms.get_forces()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert {name for name, _ in seen} == {"embedding", "layer"}, seen
+    assert {dtype for _, dtype in seen} == {torch.int32}, seen
+    assert _index_dtype(2**31 - 1) == torch.int32 and _index_dtype(2**31) == torch.int64
+
+
+def test_warp_built_model_is_rebuilt_without_warp():
+    """A TensorNet built with matgl's Warp kernels runs through the plain layers with the same
+    weights, and equals matgl's own (Warp) evaluation."""
+    from matgl.models._tensornet import _warp_available
+
+    if not _warp_available:
+        pytest.skip("matgl's Warp kernels are not installed")
+    warp = make_potential(seed=2, use_warp=True).double()
+    assert warp.model._use_warp
+    atoms = STRUCTURES["metal"]
+    ref = matgl_reference(warp, atoms, 64)
+    # Warp's kernels sum in another order: ~1e-11 relative (energies are ~100 eV/atom)
+    worst = assert_matches_calculator(distmlip.wrap(warp), None, atoms, reference=ref,
+                                      energy_atol=1e-8, forces_atol=1e-7, stress_atol=1e-8,
+                                      num_partitions=(2,), modes=("halo",))
+    print(worst)
+
+
+def test_errors(potential):
+    from ase.build import bulk
+    from matgl.models import TensorNet
+
+    model = distmlip.wrap(potential)
+    with pytest.raises(ValueError, match=r"numbers: TensorNet has no parameters for atomic "
+                                         r"number\(s\) \[26\] \(Fe\); it knows "):
+        calc = distmlip.DistributedCalculator(model)
+        atoms = bulk("Fe", "bcc", a=2.87)
+        atoms.calc = calc
+        atoms.get_potential_energy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        intensive = TensorNet(element_types=ADAPTER_ELEMENTS, units=8, nblocks=1, is_intensive=True,
+                              use_warp=False)
+    with pytest.raises(ValueError, match="is_intensive=False"):
+        distmlip.wrap(intensive)
+    with pytest.raises(TypeError, match="^task: expected no options for matgl models"):
+        distmlip.wrap(potential, task="omat")
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_under_mpirun():
+    """mpirun -n 2: TensorNet and M3GNet split over two ranks equal the single-process result
+    (1e-10)."""
+    from support import launch
+
+    for name in ("matgl", "matgl-m3gnet"):
+        proc, _ = launch("mpirun", 2, "adapter.py", name)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-4000:]
+        for rank in range(2):
+            assert f"rank {rank}: {name} 24 checks passed" in out, out[-4000:]

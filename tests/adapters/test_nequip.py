@@ -1,0 +1,369 @@
+"""NequIP and Allegro through ``distmlip.wrap``: equal to NequIP's own ASE calculator, whatever
+the split.
+
+Small randomly initialised float64 models built with the public builders
+(``nequip.model.NequIPGNNModel``, ``allegro.model.AllegroModel``): pretrained NequIP models are
+downloaded at run time and cannot be used here. Per-type energy scales of 20-30 make forces
+~0.1-1 eV/Å, so that the partition-invariance errors (relative to max(max|ref|, 1)) measure
+forces at their own scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import distmlip
+from distmlip import DistributedCalculator
+from distmlip.models.nequip import NequIPModel
+from distmlip.testing import adapters as adapters
+from distmlip.testing import assert_partition_invariant, evaluate, format_report, rel_err
+from distmlip.testing.battery import AdapterBattery
+
+TYPES = ["Li", "O", "Al", "Cu"]
+R_MAX = 5.0
+
+
+def _common(seed: int) -> dict:
+    return dict(
+        seed=seed, model_dtype="float64", type_names=TYPES, r_max=R_MAX, avg_num_neighbors=40.0,
+        per_type_energy_shifts=dict(zip(TYPES, [-2.0, -4.5, -3.5, -1.5], strict=True)),
+        per_type_energy_scales=dict(zip(TYPES, [20.0, 30.0, 25.0, 20.0], strict=True)),
+    )
+
+
+def _build(builder, **kwargs):
+    import warnings
+
+    import e3nn
+    from nequip.utils.global_state import set_global_state
+
+    previous = torch.get_default_dtype()
+    e3nn_jit = e3nn.get_optimization_defaults()["jit_mode"]
+    try:
+        set_global_state()  # nequip's builders require it; it sets torch's default dtype
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = builder(**kwargs)
+    finally:
+        # restore what nequip changed globally: torch's default dtype, and e3nn's jit mode, which
+        # nequip's builder leaves at "script" (e3nn modules built later, e.g. MACE's, would then
+        # hold TorchScript functions that cannot be deep-copied)
+        torch.set_default_dtype(previous)
+        e3nn.set_optimization_defaults(jit_mode=e3nn_jit)
+    return model.eval()
+
+
+def make_nequip(seed: int = 0):
+    from nequip.model import NequIPGNNModel
+
+    return _build(NequIPGNNModel, num_layers=3, l_max=2, num_features=16, **_common(seed))
+
+
+def make_allegro(seed: int = 0):
+    allegro_models = pytest.importorskip(
+        "allegro.model", reason="nequip-allegro is not installed (pip install distmlip[nequip])")
+    return _build(
+        allegro_models.AllegroModel, l_max=2, num_layers=2, num_scalar_features=32,
+        num_tensor_features=8, allegro_mlp_hidden_layers_width=32,
+        readout_mlp_hidden_layers_width=16,
+        radial_chemical_embed={"_target_": "allegro.nn.TwoBodyBesselScalarEmbed", "num_bessels": 8},
+        **_common(seed),
+    )
+
+
+def oxide():
+    """Li2O (antifluorite), 2x1x1 conventional cells (24 atoms)."""
+    return adapters.oxide(repeat=(2, 1, 1))
+
+
+def metal():
+    """Cu fcc, 2x2x2 conventional cells (32 atoms)."""
+    return adapters.metal(repeat=(2, 2, 2))
+
+
+def surface():
+    """Al(100) slab 3x3x4 (36 atoms), periodic in x, y only, 5 Å of vacuum each side."""
+    return adapters.slab(size=(3, 3, 4), vacuum=5.0)
+
+
+STRUCTURES = {"oxide": (oxide, "grid"), "metal": (metal, "grid"), "surface": (surface, "metis")}
+BUILDERS = {"nequip": make_nequip, "allegro": make_allegro}
+
+
+@pytest.fixture(autouse=True)
+def _keep_default_dtype():
+    previous = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def setup(request):
+    """(architecture name, raw model, wrapped model, NequIP's calculator)."""
+    from nequip.integrations.ase import NequIPCalculator
+    from nequip.integrations.utils import basic_transforms
+
+    model = BUILDERS[request.param]()
+    calc = NequIPCalculator(
+        model, device="cpu",
+        transforms=basic_transforms(model.metadata, R_MAX, TYPES, {t: t for t in TYPES}),
+    )
+    return request.param, model, distmlip.wrap(model), calc
+
+
+def _reference(calc, atoms) -> dict:
+    """NequIP's calculator's results. It builds its input tensors in torch's default dtype, which
+    nequip's global state sets to float64 (restored afterwards for the other tests)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        work = atoms.copy()
+        work.calc = calc
+        out = {"energy": work.get_potential_energy(), "forces": work.get_forces(),
+               "stress": work.get_stress(voigt=True), "energies": work.get_potential_energies()}
+    finally:
+        torch.set_default_dtype(previous)
+    assert out["forces"].dtype == np.float64
+    return out
+
+
+def test_wrap_infers_cutoff_and_receptive_field(setup):
+    name, model, wrapped, _ = setup
+    assert isinstance(wrapped, NequIPModel)
+    assert wrapped.module is not model  # the adapter hooks its own copy (the copy policy)
+    assert wrapped.cutoff == pytest.approx(R_MAX)
+    # NequIP: one hop per interaction block; Allegro: strictly local whatever its layers
+    assert wrapped.num_layers == {"nequip": 3, "allegro": 1}[name]
+    assert distmlip.wrap(wrapped) is wrapped
+
+
+@pytest.fixture(scope="module")
+def battery_source(setup):
+    return setup[1]
+
+
+@pytest.fixture(scope="module")
+def battery_model(setup):
+    return setup[2]
+
+
+@pytest.fixture(params=list(STRUCTURES))
+def battery_case(request):
+    build, partitioner = STRUCTURES[request.param]
+    return request.param, build(), partitioner
+
+
+@pytest.fixture(scope="module")
+def battery_reference(setup):
+    return lambda name, atoms: _reference(setup[3], atoms)
+
+
+class TestNequIPBattery(AdapterBattery):
+    """The shared adapter battery, for NequIP and Allegro: unsplit vs NequIP's calculator
+    (1e-6 eV/atom, 1e-5 eV/Å, 1e-6 eV/Å^3, 1e-6 eV per atom), 2, 3 and 5 parts in both modes vs
+    unsplit (float64, 1e-10 relative), finite-difference forces, the caller's module unchanged
+    (no hooks added to it), an unknown option refused."""
+
+    def small_structure(self):
+        return adapters.oxide()  # one cell, 12 atoms
+
+    def check_split_report(self, report, model):
+        for row in report:
+            expected = model.num_layers - 1 if row["mode"] == "halo" else 0
+            assert row["exchange_calls"] == expected
+
+
+def _stale_halo(graph):
+    """An exchange that refreshes nothing: given every row it returns them as they are, given
+    the owned rows it appends zeros for the halo rows (which were then never computed)."""
+    def exchange(x):
+        if x.shape[0] == graph.num_nodes:
+            return x
+        return torch.cat([x, x.new_zeros((graph.num_nodes - x.shape[0], *x.shape[1:]))])
+    return exchange
+
+
+class WithoutExchange(distmlip.DistributableModel):
+    """A wrapped model whose halo exchange refreshes nothing."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.cutoff, self.num_layers = inner, inner.cutoff, inner.num_layers
+
+    def forward(self, graph):
+        return self.inner(dataclasses.replace(graph, halo_exchange=_stale_halo(graph)))
+
+
+def test_nequip_needs_the_exchange(setup):
+    """NequIP split without the ghost-exchange hook gives wrong forces: the hook is what makes
+    the invariance above hold."""
+    name, _, wrapped, _ = setup
+    if name != "nequip":
+        pytest.skip("Allegro exchanges nothing")
+    atoms = metal()
+    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    split = evaluate(DistributedCalculator(WithoutExchange(wrapped), num_partitions=3), atoms)
+    assert np.abs(split["forces"] - one["forces"]).max() > 1e-6
+
+
+def test_threaded_workers(setup):
+    """Three worker threads share one replica: each hook calls its own worker's exchange."""
+    _, _, wrapped, _ = setup
+    atoms = metal()
+    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    calc = DistributedCalculator(wrapped, num_partitions=3, device=["cpu"] * 3)
+    split = evaluate(calc, atoms)
+    assert calc.runner.last_exchange_calls == wrapped.num_layers - 1
+    for q in one:
+        assert rel_err(split[q], one[q]) <= 1e-10, q
+
+
+def test_receptive_field(setup):
+    """Moving an atom that is between one and two cutoffs away from atom 0 leaves Allegro's
+    energy of atom 0 unchanged (one hop) but changes NequIP's (several hops)."""
+    from ase import Atoms
+
+    name, _, wrapped, _ = setup
+    # a chain along x, 3 Å apart: atom 3 is 9 Å from atom 0 (within 2 cutoffs, not 1)
+    atoms = Atoms("Cu4", positions=[[0, 0, 0], [3, 0, 0], [6, 0, 0], [9, 0, 0]], pbc=False)
+    calc = DistributedCalculator(wrapped)
+    before = evaluate(calc, atoms)["energies"][0]
+    atoms.positions[3] += [0.2, 0.3, 0.0]
+    after = evaluate(calc, atoms)["energies"][0]
+    if name == "allegro":
+        assert abs(after - before) <= 1e-12
+    else:
+        assert abs(after - before) > 1e-8
+
+
+def test_bad_arguments(setup):
+    _, model, wrapped, _ = setup
+    from ase import Atoms
+
+    atoms = Atoms("CuAu", positions=[[0, 0, 0], [2.5, 0, 0]], cell=np.eye(3) * 12, pbc=True)
+    with pytest.raises(Exception, match=r"\[79\]"):
+        DistributedCalculator(wrapped).get_potential_energy(atoms)
+    with pytest.raises(ValueError, match="chemical_species_to_atom_type_map"):
+        NequIPModel(model, chemical_species_to_atom_type_map={"Xx": "Cu"})
+    with pytest.raises(ValueError, match="num_layers"):
+        NequIPModel(model, num_layers=0)
+    with pytest.raises(ValueError, match="dtype"):  # would break NequIP's float64 geometry
+        DistributedCalculator(wrapped, dtype="float32")
+
+
+def test_float32_model_keeps_nequip_mixed_precision():
+    """A model built with model_dtype="float32" runs as NequIP runs it (geometry and per-type
+    scale/shift in float64, layers in float32): it matches NequIP's calculator up to float32
+    rounding of differently ordered sums (~1e-7 relative), and splitting changes nothing beyond
+    that either."""
+    from nequip.integrations.ase import NequIPCalculator
+    from nequip.integrations.utils import basic_transforms
+    from nequip.model import NequIPGNNModel
+
+    kwargs = _common(0)
+    kwargs["model_dtype"] = "float32"
+    model = _build(NequIPGNNModel, num_layers=3, l_max=2, num_features=16, **kwargs)
+    calc = NequIPCalculator(model, device="cpu", transforms=basic_transforms(
+        model.metadata, R_MAX, TYPES, {t: t for t in TYPES}))
+    atoms = metal()
+    ref = _reference(calc, atoms)
+    wrapped = distmlip.wrap(model)
+    assert wrapped.dtype == torch.float64  # edge vectors in float64, as NequIP's own pipeline
+    for parts in (1, 3):
+        ours = evaluate(DistributedCalculator(wrapped, num_partitions=parts), atoms)
+        assert abs(ours["energy"] - ref["energy"]) / len(atoms) <= 2e-6
+        assert np.abs(ours["forces"] - ref["forces"]).max() <= 1e-4
+
+
+def _count_rows(energy_net) -> dict:
+    """Forward pre-hooks counting the rows given to NequIP's node-wise maps: every interaction
+    block's second linear map and self-connection, the first linear map of the blocks after the
+    first, and the readout: {name: [rows per call]}."""
+    from nequip.nn.interaction_block import InteractionBlock
+
+    rows: dict = {}
+
+    def counter(name):
+        def hook(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            if isinstance(x, dict):
+                x = x["node_features"]
+            rows.setdefault(name, []).append(int(x.shape[0]))
+        return hook
+
+    blocks = [m for m in energy_net.modules() if isinstance(m, InteractionBlock)]
+    for i, block in enumerate(blocks):
+        for name in ("linear_2", "sc") + (("linear_1",) if i > 0 else ()):
+            if getattr(block, name, None) is not None:
+                getattr(block, name).register_forward_pre_hook(counter(f"{i}.{name}"),
+                                                               with_kwargs=True)
+    energy_net.per_atom_energy_readout.register_forward_pre_hook(counter("readout"),
+                                                                 with_kwargs=True)
+    return rows
+
+
+@pytest.mark.parametrize("threads", [False, True])
+def test_nequip_node_work_only_on_owned_rows(threads):
+    """4 parts in halo mode: NequIP's node-wise maps (second linear map and self-connection of
+    every block, first linear map of the later blocks, readout) compute exactly the owned rows,
+    whose total over the parts is the number of atoms (before: every local row). Results equal
+    the unsplit model's at 1e-10; extended mode still computes every local row."""
+    from ase.build import bulk
+
+    wrapped = distmlip.wrap(make_nequip())
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((3, 3, 2))  # 72 atoms
+    atoms.rattle(0.08, seed=4)
+    n = len(atoms)
+    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    for mode in ("halo", "extended"):
+        calc = DistributedCalculator(wrapped, num_partitions=4, mode=mode,
+                                     device=["cpu"] * 4 if threads else "cpu")
+        rows = _count_rows(next(iter(calc.runner.replicas.values())).energy)
+        split = evaluate(calc, atoms)
+        for q in one:
+            assert rel_err(split[q], one[q]) <= 1e-10, (mode, q)
+        shards = calc.runner.last_shards
+        local = sum(s.num_rows for s in shards)
+        assert sum(s.num_owned for s in shards) == n < local  # there is a halo to skip
+        assert len(rows["readout"]) == (4 if threads else 1)
+        assert "2.linear_1" in rows and "1.sc" in rows
+        for name, counts in rows.items():
+            assert sum(counts) == (n if mode == "halo" else local), (mode, name)
+        assert calc.runner.last_exchange_calls == (2 if mode == "halo" else 0)
+
+
+@pytest.mark.parametrize("l_max", [0, 1])
+def test_nequip_first_layer_self_connection_and_residual(l_max):
+    """With ``learnable_shift`` the first block has a self-connection on the embedding (every
+    row), and with l_max 0 and ``convnet_resnet`` every layer adds a residual, the first one the
+    embedding: the spots NequIP's local-row path leaves to the caller. Both stay exact."""
+    from nequip.model import NequIPGNNModel
+
+    model = _build(NequIPGNNModel, num_layers=2, l_max=l_max, num_features=8, parity=l_max > 0,
+                   learnable_shift=True, convnet_resnet=True, **_common(1))
+    wrapped = distmlip.wrap(model)
+    layers = [m for m in wrapped.energy.modules() if type(m).__name__ == "ConvNetLayer"]
+    assert layers[0].conv.sc is not None
+    assert layers[0].resnet == (l_max == 0)
+    atoms = oxide()
+    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    assert np.abs(one["forces"]).max() > 0.05
+    report = assert_partition_invariant(wrapped, atoms, num_partitions=(3,),
+                                        partitioners=("grid",), modes=("halo", "extended"),
+                                        rtol=1e-10)
+    print(format_report(report))
+
+
+def test_unknown_element_is_rejected(setup):
+    """An element outside the model's type names: a ValueError listing the elements it knows."""
+    from ase import Atoms
+
+    _, _, wrapped, _ = setup
+    atoms = Atoms("CuAu", positions=[[0, 0, 0], [2.5, 0, 0]], cell=np.eye(3) * 12, pbc=True)
+    with pytest.raises(ValueError, match=r"^numbers: this NequIP model has no parameters for atomic "
+                                         r"number\(s\) \[79\] \(Au\); it knows [A-Za-z, ]*\bCu\b"):
+        DistributedCalculator(wrapped, num_partitions=2).get_potential_energy(atoms)

@@ -1,0 +1,151 @@
+"""Orb v3 conservative through ``distmlip.wrap``: equal to Orb's own ``ORBCalculator``, whatever
+the split. Orb's energy is ``N * MLP(mean of node features)`` (plus references and a ZBL term
+averaged over atoms): it exercises ``LocalGraph.global_sum``.
+
+The model is a randomly initialised ``orb_v3_conservative_architecture`` (latent 32, MLPs 64/32,
+2 message-passing steps, radius 6 Å, ZBL on) with a neighbour cap of 8 (Orb's pretrained models
+use 20; 8 is below every structure's neighbour count here, so the cap decides the graph
+everywhere) and its energy scale multiplied by 100 so that forces are ~1-30 eV/Å. Orb's weights
+download at run time. The float64 reference is Orb's calculator on the float64 model with torch's
+default dtype set to float64 (Orb builds its graph in the default dtype). Orb refuses partial
+periodicity, so the slab (periodic in x, y) is compared with Orb's result for the same slab in a
+periodic cell (12 Å of vacuum > radius: same graph).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+
+import pytest
+import torch
+
+import distmlip
+from distmlip.models.orb import OrbModel
+from distmlip.testing import assert_partition_invariant, evaluate
+from distmlip.testing.adapters import (
+    ADAPTER_SPLITS,
+    adapter_structures,
+    assert_matches_calculator,
+    calculator_reference,
+    metal,
+)
+
+from support import assert_ranks_pass
+
+CAP = 8
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def make_orb(seed: int = 0, cap: int = CAP):
+    from orb_models.forcefield.atomic_system import SystemConfig
+    from orb_models.forcefield.pretrained import orb_v3_conservative_architecture
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        model = orb_v3_conservative_architecture(
+            latent_dim=32, base_mlp_hidden_dim=64, head_mlp_hidden_dim=32,
+            num_message_passing_steps=2, device="cpu",
+            system_config=SystemConfig(radius=6.0, max_num_neighbors=cap))
+    model.eval()
+    model.heads["energy"].normalizer.bn.running_var.mul_(1e4)  # energies x 100
+    return model
+
+
+@pytest.fixture(scope="module")
+def orb32():
+    return make_orb()
+
+
+@pytest.fixture(scope="module")
+def orb64(orb32):
+    return copy.deepcopy(orb32).double()
+
+
+def orb_reference(model, atoms, dtype) -> dict:
+    from orb_models.forcefield.calculator import ORBCalculator
+
+    with default_dtype(dtype):  # a slab: Orb needs full periodicity
+        return calculator_reference(ORBCalculator(model, device="cpu"), atoms, full_periodicity=True)
+
+
+STRUCTURES = adapter_structures()
+SPLITS = ADAPTER_SPLITS
+
+
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_float64_equals_orb(orb64, name):
+    """Every split (1, 2, 3, 5 parts), both modes, equals Orb's float64 calculator."""
+    atoms = STRUCTURES[name]
+    worst = assert_matches_calculator(
+        distmlip.wrap(orb64), None, atoms, reference=orb_reference(orb64, atoms, torch.float64),
+        energy_atol=1e-10, forces_atol=1e-10, stress_atol=1e-10, partitioners=SPLITS[name])
+    print(name, worst)
+
+
+@pytest.mark.parametrize("name", ["oxide", "slab", "molecule"])
+def test_float32_equals_orb(orb32, name):
+    """float32 against Orb's float32 calculator: 5e-5 eV/atom, 1e-4 eV/Å, 1e-5 eV/Å^3 (energies
+    are ~30-60 eV/atom and forces up to ~30 eV/Å here: ~1e-6 relative; measured 1.5e-5 eV/atom,
+    9e-6 eV/Å)."""
+    atoms = STRUCTURES[name]
+    worst = assert_matches_calculator(
+        distmlip.wrap(orb32), None, atoms, reference=orb_reference(orb32, atoms, torch.float32),
+        energy_atol=5e-5, forces_atol=1e-4, stress_atol=1e-5, num_partitions=(1, 3))
+    print(name, worst)
+
+
+@pytest.mark.parametrize("name", ["oxide", "slab", "molecule"])
+def test_split_equals_whole(orb64, name):
+    """float64, every partitioner, 1, 2, 3, 5 parts, both modes: 1e-10; threads too."""
+    model = OrbModel(orb64)
+    report = assert_partition_invariant(model, STRUCTURES[name], num_partitions=(1, 2, 3, 5),
+                                        rtol=1e-10)
+    assert max(r["max_err"] for r in report) <= 1e-10
+    assert_partition_invariant(model, STRUCTURES[name], num_partitions=(2, 3), partitioners=("grid",),
+                               device=["cpu", "cpu"], rtol=1e-10)
+
+
+def test_ties_at_the_cap_are_split_invariant(orb64):
+    """An unperturbed fcc crystal: 12 neighbours tie at the nearest distance, above the cap of
+    8. distmlip keeps all tied neighbours (deterministic, whatever the split); Orb keeps 8 in the
+    order of its neighbour search, so only the split invariance is checked here."""
+    atoms = metal(rattle=0.0)
+    assert_partition_invariant(OrbModel(orb64), atoms, num_partitions=(1, 2, 3),
+                               partitioners=("grid",), rtol=1e-10)
+
+
+def test_calculator_and_energies(orb64):
+    """An ORBCalculator is accepted (its system config is used); per-atom energies add up."""
+    from orb_models.forcefield.calculator import ORBCalculator
+
+    model = distmlip.wrap(ORBCalculator(orb64, device="cpu"))
+    assert isinstance(model, OrbModel) and model.max_num_neighbors == CAP and model.cutoff == 6.0
+    out = evaluate(distmlip.DistributedCalculator(model, num_partitions=3), STRUCTURES["oxide"])
+    assert abs(out["energies"].sum() - out["energy"]) <= 1e-10 * abs(out["energy"])
+
+
+def test_errors(orb64):
+    with pytest.raises(TypeError,
+                       match=r"^task: expected one of \['max_num_neighbors', 'radius'\] for Orb models"):
+        distmlip.wrap(orb64, task="omat")
+    with pytest.raises(ValueError, match="max_num_neighbors: expected an integer >= 1"):
+        distmlip.wrap(orb64, max_num_neighbors=0)
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_under_mpirun():
+    """mpirun -n 2: Orb split over two ranks equals the single-process result (1e-10)."""
+    assert_ranks_pass("adapter.py", "orb", expect="orb 24 checks passed")

@@ -1,0 +1,251 @@
+"""Small randomly initialised models of the optional packages, and the structures they are checked
+on, for the tests that exercise every adapter outside its own file (bounded memory, global sum,
+the launched ``tests/mpi/scripts/adapter.py``). Each builder imports its package when called.
+
+They are the builders of ``tests/adapters/test_<package>.py`` (same arguments, same weights), kept
+here so that no test module imports another.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from distmlip.testing.adapters import ADAPTER_ELEMENTS
+
+# ---------------------------------------------------------------- MACE
+MACE_ELEMENTS = (3, 8, 13, 29)  # Li, O, Al, Cu
+
+
+def make_mace(seed: int = 0, scale: float = 40.0):
+    from e3nn import o3
+    from mace.modules import blocks
+    from mace.modules import models as mace_models
+
+    rng = np.random.default_rng(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = mace_models.ScaleShiftMACE(
+                r_max=6.0, num_bessel=10, num_polynomial_cutoff=5, max_ell=3,
+                interaction_cls=blocks.RealAgnosticResidualInteractionBlock,
+                interaction_cls_first=blocks.RealAgnosticResidualInteractionBlock,
+                num_interactions=2, num_elements=len(MACE_ELEMENTS),
+                hidden_irreps=o3.Irreps("128x0e+128x1o"), MLP_irreps=o3.Irreps("16x0e"),
+                atomic_energies=rng.uniform(-8.0, -1.0, len(MACE_ELEMENTS)), avg_num_neighbors=60.0,
+                atomic_numbers=list(MACE_ELEMENTS), correlation=3, gate=torch.nn.functional.silu,
+                radial_MLP=[64, 64, 64], atomic_inter_scale=scale, atomic_inter_shift=-0.1,
+            )
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(torch.float64).eval()
+
+
+def mace_oxide():
+    """Li2O (antifluorite), one conventional cell: 12 atoms, ~125 neighbours each at 6 Å."""
+    from ase.build import bulk
+
+    atoms = bulk("OLi2", "fluorite", a=4.61, cubic=True)
+    atoms.rattle(0.08, seed=1)
+    return atoms
+
+
+# ---------------------------------------------------------------- NequIP and Allegro
+NEQUIP_TYPES = ["Li", "O", "Al", "Cu"]
+NEQUIP_R_MAX = 5.0
+
+
+def _nequip_common(seed: int) -> dict:
+    return dict(
+        seed=seed, model_dtype="float64", type_names=NEQUIP_TYPES, r_max=NEQUIP_R_MAX,
+        avg_num_neighbors=40.0,
+        per_type_energy_shifts=dict(zip(NEQUIP_TYPES, [-2.0, -4.5, -3.5, -1.5], strict=True)),
+        per_type_energy_scales=dict(zip(NEQUIP_TYPES, [20.0, 30.0, 25.0, 20.0], strict=True)),
+    )
+
+
+def _nequip_build(builder, **kwargs):
+    import e3nn
+    from nequip.utils.global_state import set_global_state
+
+    previous = torch.get_default_dtype()
+    e3nn_jit = e3nn.get_optimization_defaults()["jit_mode"]
+    try:
+        set_global_state()  # nequip's builders require it; it sets torch's default dtype
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = builder(**kwargs)
+    finally:
+        # restore what nequip changed globally: torch's default dtype, and e3nn's jit mode (see
+        # tests/adapters/test_nequip.py)
+        torch.set_default_dtype(previous)
+        e3nn.set_optimization_defaults(jit_mode=e3nn_jit)
+    return model.eval()
+
+
+def make_nequip(seed: int = 0):
+    from nequip.model import NequIPGNNModel
+
+    return _nequip_build(NequIPGNNModel, num_layers=3, l_max=2, num_features=16,
+                         **_nequip_common(seed))
+
+
+def make_allegro(seed: int = 0):
+    from allegro import model as allegro_models
+
+    return _nequip_build(
+        allegro_models.AllegroModel, l_max=2, num_layers=2, num_scalar_features=32,
+        num_tensor_features=8, allegro_mlp_hidden_layers_width=32,
+        readout_mlp_hidden_layers_width=16,
+        radial_chemical_embed={"_target_": "allegro.nn.TwoBodyBesselScalarEmbed", "num_bessels": 8},
+        **_nequip_common(seed),
+    )
+
+
+def nequip_oxide():
+    """Li2O (antifluorite), 2x1x1 conventional cells (24 atoms)."""
+    from ase.build import bulk
+
+    atoms = bulk("OLi2", "fluorite", a=4.61, cubic=True).repeat((2, 1, 1))
+    atoms.rattle(0.08, seed=1)
+    return atoms
+
+
+def nequip_metal():
+    """Cu fcc, 2x2x2 conventional cells (32 atoms)."""
+    from ase.build import bulk
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+    atoms.rattle(0.08, seed=2)
+    return atoms
+
+
+# ---------------------------------------------------------------- SevenNet and CHGNet (pretrained)
+def sevenn_rutile(seed=1):
+    """Rutile TiO2, 2x2x2 cells (48 atoms)."""
+    from ase.spacegroup import crystal
+
+    atoms = crystal(["Ti", "O"], basis=[(0, 0, 0), (0.3048, 0.3048, 0)], spacegroup=136,
+                    cellpar=[4.594, 4.594, 2.959, 90, 90, 90]).repeat((2, 2, 2))
+    atoms.rattle(0.05, seed=seed)
+    return atoms
+
+
+def chgnet_oxide():
+    """MgO rock salt in a tetragonal (a/sqrt2, a/sqrt2, a) cell, repeated 16x along z."""
+    from ase import Atoms
+
+    a = 4.21
+    cell = np.diag([a / np.sqrt(2), a / np.sqrt(2), a])
+    frac = [(0, 0, 0), (0.5, 0.5, 0.5), (0, 0, 0.5), (0.5, 0.5, 0)]
+    atoms = Atoms("Mg2O2", scaled_positions=frac, cell=cell, pbc=True).repeat((1, 1, 16))
+    atoms.rattle(0.05, seed=1)
+    return atoms
+
+
+# ---------------------------------------------------------------- matgl
+MATGL_REFS = np.array([-1.1, -1.9, -7.3, -4.9, -3.7, -3.5])  # per-element references, eV
+
+
+def make_matgl(seed: int = 0, use_warp: bool = False, arch: str = "TensorNet"):
+    """A matgl ``Potential`` around a random TensorNet (or M3GNet with ``arch="M3GNet"``)."""
+    from matgl.apps.pes import Potential
+    from matgl.models import M3GNet, TensorNet
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        if arch == "M3GNet":
+            model = M3GNet(element_types=ADAPTER_ELEMENTS, dim_node_embedding=16,
+                           dim_edge_embedding=16, units=16, nblocks=2, max_n=3, max_l=3,
+                           cutoff=5.0, threebody_cutoff=4.0, is_intensive=False)
+            scale = 3000.0
+        else:
+            model = TensorNet(element_types=ADAPTER_ELEMENTS, units=16, nblocks=2, num_rbf=8,
+                              cutoff=4.0, is_intensive=False, use_warp=use_warp)
+            scale = 1000.0
+        return Potential(model=model, data_mean=0.7, data_std=scale, element_refs=MATGL_REFS,
+                         calc_stresses=True)
+
+
+# ---------------------------------------------------------------- fairchem (UMA)
+def make_uma(seed: int = 0, **extra):
+    from fairchem.core.models.base import HydraModelV2
+    from fairchem.core.models.uma.escn_md import MLP_EFS_Head, eSCNMDBackbone
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        backbone = eSCNMDBackbone(
+            max_num_elements=100, sphere_channels=16, lmax=2, mmax=2, otf_graph=True, cutoff=5.0,
+            edge_channels=16, num_distance_basis=16, num_layers=2, hidden_channels=16,
+            direct_forces=False, regress_forces=True, regress_stress=True,
+            dataset_mapping={"omat": "omat"}, max_neighbors=300, always_use_pbc=False, **extra)
+        head = MLP_EFS_Head(backbone)
+        with torch.no_grad():
+            head.energy_block[-1].weight.mul_(30.0)
+        return HydraModelV2(backbone, {"efs": head}).eval()
+
+
+_MOE_BACKBONE = dict(
+    max_num_elements=100, sphere_channels=16, lmax=2, mmax=2, otf_graph=True, cutoff=5.0,
+    edge_channels=16, num_distance_basis=16, num_layers=2, hidden_channels=16, direct_forces=False,
+    regress_forces=True, regress_stress=True, dataset_mapping={"omat": "omat", "omol": "omol"},
+    max_neighbors=300, always_use_pbc=False)
+
+
+def make_uma_moe(seed: int = 1, experts: int = 4):
+    """A ``HydraModelV2`` with UMA's mixture-of-experts backbone (``experts`` unmerged experts
+    mixed by the composition embedding and the task, two tasks "omat" and "omol")."""
+    from fairchem.core.models.base import HydraModelV2
+    from fairchem.core.models.uma.escn_md import MLP_EFS_Head
+    from fairchem.core.models.uma.escn_moe import eSCNMDMoeBackbone
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        backbone = eSCNMDMoeBackbone(
+            num_experts=experts, use_composition_embedding=True, **_MOE_BACKBONE)
+        head = MLP_EFS_Head(backbone)
+        with torch.no_grad():
+            head.energy_block[-1].weight.mul_(30.0)
+        return HydraModelV2(backbone, {"efs": head}).eval()
+
+
+# ---------------------------------------------------------------- MatterSim
+def make_mattersim(seed: int = 0):
+    from mattersim.forcefield.m3gnet.m3gnet import M3Gnet
+    from mattersim.forcefield.potential import Potential
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        model = M3Gnet(num_blocks=2, units=16, max_l=3, max_n=3, cutoff=5.0, threebody_cutoff=4.0,
+                       device="cpu")
+        model.normalizer.scale.data.fill_(300.0)
+        model.normalizer.shift.data.uniform_(-5.0, -1.0)
+        return Potential(model, device="cpu")
+
+
+# ---------------------------------------------------------------- Orb
+ORB_CAP = 8
+
+
+def make_orb(seed: int = 0, cap: int = ORB_CAP):
+    from orb_models.forcefield.atomic_system import SystemConfig
+    from orb_models.forcefield.pretrained import orb_v3_conservative_architecture
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(seed)
+        model = orb_v3_conservative_architecture(
+            latent_dim=32, base_mlp_hidden_dim=64, head_mlp_hidden_dim=32,
+            num_message_passing_steps=2, device="cpu",
+            system_config=SystemConfig(radius=6.0, max_num_neighbors=cap))
+    model.eval()
+    model.heads["energy"].normalizer.bn.running_var.mul_(1e4)  # energies x 100
+    return model
