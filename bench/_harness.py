@@ -186,9 +186,9 @@ class WorkerFailed(RuntimeError):
 
 def run_config(script: str, kind: str, options: dict, repeats: int, timeout: float) -> dict:
     """One configuration of a calculator comparison (bench_pretrained_*): ``kind`` "mpi" runs
-    under ``mpirun -n options["num_partitions"]`` (one part per rank), any other kind in one
+    under ``mpirun -n options["num_parts"]`` (one part per rank), any other kind in one
     process; the child runs :func:`config_worker`."""
-    procs = options["num_partitions"] if kind == "mpi" else None
+    procs = options["num_parts"] if kind == "mpi" else None
     return launch(script, {"kind": kind, "options": options, "repeats": repeats},
                   procs=procs, timeout=timeout)
 
@@ -196,12 +196,12 @@ def run_config(script: str, kind: str, options: dict, repeats: int, timeout: flo
 def config_worker(worker):
     """The worker of :func:`run_config`'s jobs (for :func:`main_or_worker`), from
     ``worker(kind, options, repeats)``: an "mpi" job runs ``worker("distmlip", options without
-    num_partitions, repeats)`` on every rank and reports as :func:`report_mpi` does."""
+    num_parts, repeats)`` on every rank and reports as :func:`report_mpi` does."""
 
     def run(job: dict):
         if job["kind"] != "mpi":
             return worker(job["kind"], job["options"], job["repeats"])
-        options = {k: v for k, v in job["options"].items() if k != "num_partitions"}
+        options = {k: v for k, v in job["options"].items() if k != "num_parts"}
         return report_mpi(worker("distmlip", options, job["repeats"]))
 
     return run

@@ -138,7 +138,7 @@ def worker(job: dict) -> dict:
         elif job["launcher"] == "mpi":
             calc = distmlip.DistributedCalculator(model)  # one part per rank
         else:
-            calc = distmlip.DistributedCalculator(model, num_partitions=job["parts"])
+            calc = distmlip.DistributedCalculator(model, num_parts=job["parts"])
         calls = harness.timed_calls(calc, lambda seed: structure(tuple(job["size"]), seed), job["repeats"])
     best = calls[harness.best_call(calls)]
     res = {"atoms": best["atoms"], "time": best["time"], "cpu": best["cpu"], "first": calls[0]["time"],

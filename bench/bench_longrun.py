@@ -10,7 +10,7 @@ cubic cells = 1,372 atoms. Maxwell-Boltzmann momenta at 1,000 K with zero total 
 ~ 3,000 K), then ASE VelocityVerlet at 2 fs. The default skin (0.5 Å): the graph is kept until an
 atom has moved 0.25 Å, so thermal motion triggers several rebuilds (counted by
 `calc.graph_builds`). Two fresh processes (each its own RSS), run side by side: the unsplit run
-(`num_partitions=1`) and the split one (4 parts, grid partitioner, halo mode).
+(`num_parts=1`) and the split one (4 parts, grid partitioner, halo mode).
 
 Drift = max over the run of |E_tot(t) - E_tot(0)| per atom, and the slope of a linear fit of
 E_tot(t) (eV/atom/ps). The force of the truncated-and-shifted LJ jumps at the cutoff (the energy
@@ -96,7 +96,7 @@ def run_nve(parts: int, steps: int, reps: int, temperature: float, timestep: flo
         atoms.calc = AseLennardJones(epsilon=LJ_PARAMS["epsilon"], sigma=LJ_PARAMS["sigma"],
                                      rc=LJ_PARAMS["cutoff"], smooth=False)
     else:
-        atoms.calc = DistributedCalculator(make_lj(), num_partitions=parts, skin=skin, **calc_options)
+        atoms.calc = DistributedCalculator(make_lj(), num_parts=parts, skin=skin, **calc_options)
     dyn = VelocityVerlet(atoms, timestep=timestep * units.fs)
     # glibc keeps freed heap pages in its arenas; malloc_trim hands them back so VmRSS counts the
     # memory in use (the raw reading is kept too)

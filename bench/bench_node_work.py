@@ -119,9 +119,9 @@ def worker(job: dict) -> dict:
         m.register_forward_hook(counter("node"))
     for m in conv_mods:
         m.register_forward_hook(counter("conv"))
-    options = {"num_partitions": job["parts"], "mode": "halo"}
+    options = {"num_parts": job["parts"], "mode": "halo"}
     if job["launcher"] == "mpi":
-        options.pop("num_partitions")  # one part per rank
+        options.pop("num_parts")  # one part per rank
     calc = distmlip.DistributedCalculator(model, **options)
     times, cpu = [], []
     for seed in range(job["repeats"] + 1):

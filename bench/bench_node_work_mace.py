@@ -6,7 +6,7 @@ computes node-wise blocks only for the rows it needs.
 
 Model: a random ScaleShiftMACE (r_max 5 Å, 2 residual interactions, hidden irreps
 64x0e+64x1o, max_ell 3, correlation 3) in float64; system: FCC Cu, 6x6x6 conventional cells (864
-atoms), rattled. ``DistributedCalculator(model, num_partitions=P)`` in one process, one torch
+atoms), rattled. ``DistributedCalculator(model, num_parts=P)`` in one process, one torch
 thread (halo mode, grid partitioner: one worker holds every part).
 
 Each configuration runs in a FRESH subprocess: time per energy + forces + stress call, best of
@@ -110,7 +110,7 @@ def worker(options: dict) -> dict:
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((options["reps"],) * 3)
     atoms.rattle(0.05, seed=0)
     wrapped = distmlip.wrap(make_model())
-    calc = DistributedCalculator(wrapped, num_partitions=options["parts"])
+    calc = DistributedCalculator(wrapped, num_parts=options["parts"])
     atoms.calc = calc
     rss_before = proc_status("VmRSS") // 1024
     best, best_cpu = None, None
@@ -158,7 +158,7 @@ def paired_worker(options: dict) -> dict:
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((options["reps"],) * 3)
     atoms.rattle(0.05, seed=0)
     wrapped = distmlip.wrap(make_model())
-    calcs = {p: DistributedCalculator(wrapped, num_partitions=p) for p in PARTS}
+    calcs = {p: DistributedCalculator(wrapped, num_parts=p) for p in PARTS}
 
     def call(calc):
         calc.reset()
@@ -245,7 +245,7 @@ def main():
         f"Command: `{command}` — random ScaleShiftMACE float64 (r_max 5 Å, 2 residual "
         "interactions, hidden irreps 64x0e+64x1o, max_ell 3, correlation 3), FCC Cu, "
         f"{ref['atoms']} atoms, {ref['graph_edges']:.1f} edges per atom; "
-        "`DistributedCalculator(model, num_partitions=P)` (halo mode, grid), one process, one torch "
+        "`DistributedCalculator(model, num_parts=P)` (halo mode, grid), one process, one torch "
         f"thread; time per energy + forces + stress call, best of {args.repeat} after a warm-up "
         f"(graph reused), each configuration in a fresh process, the best (lowest) of each figure "
         f"over {args.rounds} round(s); CPU = the call's process time; "

@@ -47,7 +47,7 @@ def paired_worker(reps: int, rounds: int) -> dict:
 
     torch.set_num_threads(1)
     atoms, model = system(reps)
-    calcs = {p: DistributedCalculator(model, num_partitions=p) for p in PAIRED}
+    calcs = {p: DistributedCalculator(model, num_parts=p) for p in PAIRED}
     ratios = {p: [] for p in PAIRED}
     cpu_ratios = {p: [] for p in PAIRED}
     for r in range(rounds + 1):
@@ -75,7 +75,7 @@ def worker(parts, mode, partitioner, reps, repeat):
 
     torch.set_num_threads(1)
     atoms, model = system(reps)
-    atoms.calc = DistributedCalculator(model, num_partitions=parts, mode=mode, partitioner=partitioner)
+    atoms.calc = DistributedCalculator(model, num_parts=parts, mode=mode, partitioner=partitioner)
     best, first = None, None
     for _ in range(repeat + 1):
         atoms.positions += 1e-4

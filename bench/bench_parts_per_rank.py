@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_parts_per_rank.py   # writes bench/results/parts_per_rank.md
 
-Under a launcher each rank evaluates a contiguous block of ``num_partitions / ranks`` parts as one
+Under a launcher each rank evaluates a contiguous block of ``num_parts / ranks`` parts as one
 union graph (halo rows between its own parts included), so more parts per rank cost more halo
 rows and exchange but no more processes. Each configuration is a fresh process (or a fresh
 ``mpirun``): SchNet float32 (3 interactions, 32 channels, cutoff 4 Å, as the scaling benchmark)
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import gather_on_rank0, launch, main_or_worker, vm_hwm_mb, write_result  # noqa: E402
 
 RESULT = ROOT / "bench" / "results" / "parts_per_rank.md"
-# (processes, num_partitions)
+# (processes, num_parts)
 CONFIGS = [(1, 1), (1, 8), (2, 2), (2, 4), (2, 8)]
 
 
@@ -46,7 +46,7 @@ def worker(job: dict) -> list[dict] | None:
     atoms.rattle(0.02, seed=0)
     model = SchNet(cutoff=job["cutoff"], num_interactions=3, hidden_channels=32, seed=0, dtype=torch.float32)
     backend = "local" if procs == 1 else "torch"
-    calc = DistributedCalculator(model, num_partitions=parts, backend=backend, num_threads=1, timeout=600)
+    calc = DistributedCalculator(model, num_parts=parts, backend=backend, num_threads=1, timeout=600)
     atoms.calc = calc
     rank = calc.runner.rank
     calls = []

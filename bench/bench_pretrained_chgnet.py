@@ -30,10 +30,10 @@ REPEAT = (1, 2, 3)
 # (label, kind, calculator options)
 CONFIGS = [
     ("CHGNetCalculator (chgnet 0.3.0)", "chgnet", {}),
-    ("distmlip, 1 part", "distmlip", {"num_partitions": 1, "mode": "halo"}),
-    ("distmlip, 4 parts, halo (1 process)", "distmlip", {"num_partitions": 4, "mode": "halo"}),
-    ("distmlip, 4 parts, extended (1 process)", "distmlip", {"num_partitions": 4, "mode": "extended"}),
-    ("distmlip, 4 parts, halo (mpirun -n 4, 1 part per rank)", "mpi", {"num_partitions": 4, "mode": "halo"}),
+    ("distmlip, 1 part", "distmlip", {"num_parts": 1, "mode": "halo"}),
+    ("distmlip, 4 parts, halo (1 process)", "distmlip", {"num_parts": 4, "mode": "halo"}),
+    ("distmlip, 4 parts, extended (1 process)", "distmlip", {"num_parts": 4, "mode": "extended"}),
+    ("distmlip, 4 parts, halo (mpirun -n 4, 1 part per rank)", "mpi", {"num_parts": 4, "mode": "halo"}),
 ]
 
 

@@ -30,10 +30,10 @@ REPEAT = (3, 3, 5)
 # (label, kind, options)
 CONFIGS = [
     ("SevenNetCalculator('7net-0')", "sevenn", {}),
-    ("distmlip, 1 part", "distmlip", {"num_partitions": 1, "mode": "halo"}),
-    ("distmlip, 4 parts, halo (1 process, 1 worker)", "distmlip", {"num_partitions": 4, "mode": "halo"}),
-    ("distmlip, 4 parts, halo (mpirun -n 4, 1 part per rank)", "mpi", {"num_partitions": 4, "mode": "halo"}),
-    ("distmlip, 4 parts, extended (1 process, 1 worker)", "distmlip", {"num_partitions": 4, "mode": "extended"}),
+    ("distmlip, 1 part", "distmlip", {"num_parts": 1, "mode": "halo"}),
+    ("distmlip, 4 parts, halo (1 process, 1 worker)", "distmlip", {"num_parts": 4, "mode": "halo"}),
+    ("distmlip, 4 parts, halo (mpirun -n 4, 1 part per rank)", "mpi", {"num_parts": 4, "mode": "halo"}),
+    ("distmlip, 4 parts, extended (1 process, 1 worker)", "distmlip", {"num_parts": 4, "mode": "extended"}),
 ]
 EXTENDED_MIN_AVAILABLE_GB = 14.0  # the extended run holds ~4 full copies of the graph (~9 GB)
 

@@ -9,7 +9,7 @@ Maxwell-Boltzmann velocities at twice the target temperature (equipartition brin
 crystal to about the target), run ``--warmup`` ASE VelocityVerlet steps untimed, then ``--steps``
 timed steps one at a time. Per step it records the wall time of ``dyn.run(1)``, ``calc.timings``
 and whether the graph was rebuilt (``calc.graph_builds`` went up). One process, one torch thread,
-``num_partitions`` parts (default 1), halo mode, grid partitioner. The trajectory is the same for
+``num_parts`` parts (default 1), halo mode, grid partitioner. The trajectory is the same for
 every skin (same seed; forces equal to floating-point order), so rebuild counts are comparable.
 Peak memory is VmHWM of the worker process (/proc/self/status).
 """
@@ -92,7 +92,7 @@ def worker(job: dict) -> dict:
     name, skin, parts = job["model"], job["skin"], job["parts"]
     spec = dict(MODELS[name], **job.get("override", {}))
     atoms, model = build_system(name, spec)
-    calc = DistributedCalculator(model, num_partitions=parts, skin=skin)
+    calc = DistributedCalculator(model, num_parts=parts, skin=skin)
     atoms.calc = calc
     MaxwellBoltzmannDistribution(atoms, temperature_K=2 * job["temperature"], rng=np.random.default_rng(0))
     Stationary(atoms)
@@ -173,7 +173,7 @@ def pct(x) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--parts", type=int, default=1, help="num_partitions (one process)")
+    parser.add_argument("--parts", type=int, default=1, help="num_parts (one process)")
     parser.add_argument("--temperature", type=float, default=300.0, help="target K (velocities drawn at twice it)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
     args = parser.parse_args()

@@ -8,7 +8,7 @@ option's error (``"<name>: expected ..., got ..."``) and returns the plain value
 ``calc.parameters``; what is derived from the values (the devices, the torch dtype, the budget in
 bytes) are properties of ``Options``::
 
-    options = Options.from_kwargs(num_partitions=4, max_memory="6GB")
+    options = Options.from_kwargs(num_parts=4, max_memory="6GB")
     options.budget_bytes, options.devices, options.torch_dtype
 
 Also here, because the checks need them: the parsers of ``dtype``, ``device`` and ``max_memory``
@@ -23,6 +23,7 @@ import inspect
 import os
 import re
 import textwrap
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -33,9 +34,9 @@ import torch
 
 from .typing import BACKENDS, DTYPE_NAMES, MODES, PARTITIONERS, Backend, DTypeLike, Mode, Partitioner
 
-__all__ = ["AUTO_BUDGET_FRACTION", "DEFAULT_SKIN", "DEFAULT_TIMEOUT", "FIELDS", "NAMES", "Field", "Options",
-           "device_free_memory", "device_total_memory", "options_doc", "parse_budget", "parse_devices",
-           "parse_dtype", "signature", "unknown_keyword"]
+__all__ = ["AUTO_BUDGET_FRACTION", "DEFAULT_SKIN", "DEFAULT_TIMEOUT", "FIELDS", "NAMES", "RENAMED", "Field",
+           "Options", "device_free_memory", "device_total_memory", "options_doc", "parse_budget",
+           "parse_devices", "parse_dtype", "renamed", "signature", "unknown_keyword"]
 
 #: Default Verlet skin, Å: the graph is built with cutoff + skin and reused until an atom has moved
 #: more than skin / 2. 0.5 Å keeps the graph ~1.3x the edges of a 5 Å cutoff and, at room
@@ -45,7 +46,7 @@ DEFAULT_SKIN = 0.5
 #: Default seconds a rank waits for its peers in any collective before failing.
 DEFAULT_TIMEOUT = 30.0
 
-#: ``num_partitions="auto"`` without ``max_memory``: the budget is this fraction of the device's
+#: ``num_parts="auto"`` without ``max_memory``: the budget is this fraction of the device's
 #: free memory.
 AUTO_BUDGET_FRACTION = 0.8
 
@@ -139,6 +140,27 @@ def parse_budget(value, device: torch.device) -> int | None:
     )
 
 
+#: Option names that were renamed: old -> (new, the date of the rename). The old name still works
+#: with a ``DeprecationWarning`` until six months after that date.
+RENAMED = {"num_partitions": ("num_parts", "2026-12-02")}
+
+
+def renamed(kwargs: dict) -> dict:
+    """``kwargs`` with renamed options (``RENAMED``) under their new names, each warned about once
+    per call; ``TypeError`` if both the old and the new name are given."""
+    out = dict(kwargs)
+    for old, (new, since) in RENAMED.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise TypeError(f"{old}: expected only {new}= (the new name of {old}=), got both; "
+                            f"drop {old}=")
+        warnings.warn(f"{old}= is deprecated since {since} and will be removed six months later: "
+                      f"use {new}= (the same values)", DeprecationWarning, stacklevel=3)
+        out[new] = out.pop(old)
+    return out
+
+
 def unknown_keyword(name: str, known) -> TypeError:
     """The error of a keyword that is not an option (``known``: the accepted ones)."""
     close = difflib.get_close_matches(name, list(known), n=1)
@@ -152,13 +174,13 @@ def _is_real(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
 
 
-def _check_num_partitions(value):
+def _check_num_parts(value):
     if value is None or isinstance(value, str) and value == "auto":
         return value
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"num_partitions: expected an integer >= 1 or 'auto', got {value!r}")
+        raise TypeError(f"num_parts: expected an integer >= 1 or 'auto', got {value!r}")
     if value < 1:
-        raise ValueError(f"num_partitions: expected an integer >= 1, got {value}")
+        raise ValueError(f"num_parts: expected an integer >= 1, got {value}")
     return int(value)
 
 
@@ -249,13 +271,13 @@ class Field:
 
 
 FIELDS: tuple[Field, ...] = (
-    Field("num_partitions", int | Literal['auto'] | None, None, _check_num_partitions,
+    Field("num_parts", int | Literal['auto'] | None, None, _check_num_parts,
           "number of parts (>= 1; more parts than atoms is legal). Default: 1 in one process, the "
           "number of processes under a launcher (where it must be a multiple of the number of "
-          "processes: each rank evaluates ``num_partitions / ranks`` parts). ``\"auto\"``: one part "
+          "processes: each rank evaluates ``num_parts / ranks`` parts). ``\"auto\"``: one part "
           "per device (or rank) if the evaluation is predicted to fit ``max_memory`` (default: 80% "
           "of the device's free memory), else as many parts, evaluated one at a time, as fit.",
-          "--partitions", (("metavar", "P|auto"), ("help", "number of parts (num_partitions; default 1, "
+          "--partitions", (("metavar", "P|auto"), ("help", "number of parts (num_parts; default 1, "
                                                           "or one per rank under mpirun)")),
           _number_or_text, ("-p",)),
     Field("partitioner", Partitioner, "grid", _one_of("partitioner", PARTITIONERS),
@@ -292,7 +314,7 @@ FIELDS: tuple[Field, ...] = (
           "the memory one evaluation may add on each device: ``None`` (default: every part of a "
           "device alive at once, fastest), bytes (int), a size (``\"6GB\"``, ``\"500MB\"``) or a "
           "fraction in (0, 1] of the device's total memory. distmlip then splits the system into as "
-          "many parts as the budget needs (at least ``num_partitions``) and evaluates each device's "
+          "many parts as the budget needs (at least ``num_parts``) and evaluates each device's "
           "parts one at a time, recomputing what it must; results stay exactly those of the unbounded "
           "evaluation. A budget below one atom's neighbourhood plus the graph is a ``ValueError`` "
           "naming the smallest that would work.",
@@ -315,6 +337,7 @@ class _Checked:
     def from_kwargs(cls, **kwargs) -> Options:
         """Check every option given (the rest take their defaults); ``TypeError`` for a keyword
         that is not an option, the option's own error for a value it does not allow."""
+        kwargs = renamed(kwargs)
         for key in kwargs:
             if key not in NAMES:
                 raise unknown_keyword(key, NAMES)
@@ -345,13 +368,13 @@ class _Checked:
 
     @property
     def auto(self) -> bool:
-        """Whether ``num_partitions="auto"``."""
-        return self.num_partitions == "auto"
+        """Whether ``num_parts="auto"``."""
+        return self.num_parts == "auto"
 
     @cached_property
     def budget_bytes(self) -> int | None:
         """``max_memory`` in bytes on the first device (a fraction: of its total memory); with
-        ``num_partitions="auto"`` and no ``max_memory``, ``AUTO_BUDGET_FRACTION`` of its free
+        ``num_parts="auto"`` and no ``max_memory``, ``AUTO_BUDGET_FRACTION`` of its free
         memory (measured once); ``None``: no bound."""
         if self.max_memory is None:
             return int(AUTO_BUDGET_FRACTION * device_free_memory(self.devices[0])) if self.auto else None

@@ -32,7 +32,7 @@ def main(argv=None):
     MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
     Stationary(atoms)
     model = SchNet(cutoff=5.0, num_interactions=2, hidden_channels=16, seed=0)
-    atoms.calc = DistributedCalculator(model, num_partitions=args.parts)
+    atoms.calc = DistributedCalculator(model, num_parts=args.parts)
     dyn = Langevin(atoms, timestep=2 * units.fs, temperature_K=300, friction=0.01, fixcm=False,
                    rng=np.random.default_rng(1))
     start = time.perf_counter()

@@ -45,7 +45,7 @@ def main():
     calc = atoms.calc
     rank = calc.rank  # 0 in one process
     say = print if rank == 0 else (lambda *a, **k: None)
-    say(f"{len(atoms)} atoms, {calc.num_partitions} partition(s), backend {calc.backend}, {args.mode} mode")
+    say(f"{len(atoms)} atoms, {calc.num_parts} partition(s), backend {calc.backend}, {args.mode} mode")
 
     dyn = VelocityVerlet(atoms, timestep=2 * units.fs)
     if args.trajectory and rank == 0:

@@ -7,7 +7,7 @@ from distmlip.models import SchNet
 atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((6, 6, 6))  # 864 atoms
 atoms.rattle(stdev=0.05, seed=0)
 model = SchNet(cutoff=5.0, num_interactions=3, hidden_channels=32)  # random weights, seed 0
-atoms.calc = DistributedCalculator(model, num_partitions=4, partitioner="grid", mode="halo")
+atoms.calc = DistributedCalculator(model, num_parts=4, partitioner="grid", mode="halo")
 print(f"energy {atoms.get_potential_energy():.6f} eV, max |F| {abs(atoms.get_forces()).max():.4f} eV/Å")
 print("stress (eV/Å^3):", atoms.get_stress().round(6))
 print("timings (s):", {k: round(v, 3) for k, v in atoms.calc.timings.items()})

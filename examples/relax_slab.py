@@ -32,7 +32,7 @@ def main():
     slab.set_constraint(FixAtoms(mask=tags >= args.layers - 1))
     # lj: Lennard-Jones roughly fitted to Cu (minimum at 2.58 Å), for a quick run
     model = LennardJones(epsilon=0.4, sigma=2.3, cutoff=5.0) if args.model == "lj" else load(args.model)
-    slab.calc = DistributedCalculator(model, num_partitions=args.partitions, partitioner="slab")
+    slab.calc = DistributedCalculator(model, num_parts=args.partitions, partitioner="slab")
     top = tags == 1
     z0 = slab.positions[top, 2].mean()
     e0 = slab.get_potential_energy()

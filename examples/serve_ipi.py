@@ -81,7 +81,7 @@ def main():
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((args.reps,) * 3)
     atoms.rattle(0.02, seed=0)
     model = SchNet(cutoff=5.0, num_interactions=3, hidden_channels=32, seed=0)
-    calc = DistributedCalculator(model, num_partitions=None if args.mpi else args.partitions)
+    calc = DistributedCalculator(model, num_parts=None if args.mpi else args.partitions)
     name = f"distmlip-example-{uuid.uuid4().hex[:8]}"  # the socket file is /tmp/ipi_<name>
     if args.port is None:
         forcefield = f"  <ffsocket name='distmlip' mode='unix'><address>{name}</address></ffsocket>"
@@ -99,7 +99,7 @@ def main():
         ipi = Path(sys.executable).parent / "i-pi"
         server = subprocess.Popen([str(ipi), "input.xml"], cwd=workdir, stdout=open(workdir / "ipi.log", "w"),  # noqa: SIM115 - open while i-PI runs
                                   stderr=subprocess.STDOUT)
-        print(f"i-PI started in {workdir}; {len(atoms)} atoms, {calc.num_partitions} part(s), "
+        print(f"i-PI started in {workdir}; {len(atoms)} atoms, {calc.num_parts} part(s), "
               f"backend {calc.backend}", flush=True)
     if calc.world_size > 1:  # every rank must connect to the same socket name: take rank 0's
         import torch.distributed as dist

@@ -132,14 +132,14 @@ def main(argv=None) -> int:
         model.painn.readout[-1].weight.mul_(5.0)
     try:
         for name, atoms in awkward_structures(seed=0).items():
-            report = assert_partition_invariant(model, atoms, num_partitions=(1, 2, 3, 7),
+            report = assert_partition_invariant(model, atoms, num_parts=(1, 2, 3, 7),
                                                 partitioners=("grid", "metis"),
                                                 modes=("halo", "extended"), rtol=1e-10)
             worst = max(row["max_err"] for row in report)
             print(f"{name}: partition invariant, worst relative error {worst:.1e}")
         print(f"the last one in detail:\n{format_report(report)}")
         atoms = awkward_structures(seed=1)["fcc_bulk"]
-        calc = DistributedCalculator(model, num_partitions=4)
+        calc = DistributedCalculator(model, num_parts=4)
         df = check_forces_finite_difference(calc, atoms, atol=1e-6)
         ds = check_stress_finite_difference(calc, atoms, atol=1e-6)
         fmax = abs(calc.get_forces(atoms)).max()

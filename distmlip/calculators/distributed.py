@@ -12,7 +12,7 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ..graph import NeighborGraph
 from ..graph.neighbors import as_ase_atoms
 from ..models.base import DistributableModel, check_model
-from ..options import NAMES, Options, options_doc, signature, unknown_keyword
+from ..options import NAMES, Options, options_doc, renamed, signature, unknown_keyword
 from ..partition import PartitionPlan
 from ..runtime import Evaluation, Runner
 from ..runtime.launch import detect_launch, init_distributed
@@ -79,13 +79,19 @@ class DistributedCalculator(Calculator):
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
     default_parameters = Options().todict()
 
-    def __init__(self, model: DistributableModel, num_partitions: int | Literal["auto"] | None = None,
+    def __init__(self, model: DistributableModel, num_parts: int | Literal["auto"] | None = None,
                  **kwargs):
+        kwargs = renamed(kwargs)
+        if "num_parts" in kwargs:  # given by its old name
+            if num_parts is not None:
+                raise TypeError("num_partitions: expected only num_parts= (its new name), got both; "
+                                "drop num_partitions=")
+            num_parts = kwargs.pop("num_parts")
         for key in kwargs:
             if key not in NAMES and key not in _ASE_KEYWORDS:
                 raise unknown_keyword(key, [*NAMES, *_ASE_KEYWORDS])
         check_model(model)
-        options = Options.from_kwargs(num_partitions=num_partitions,
+        options = Options.from_kwargs(num_parts=num_parts,
                                       **{k: v for k, v in kwargs.items() if k in NAMES})
         self.model = model
         self.timings: dict[str, float] = {}
@@ -99,6 +105,7 @@ class DistributedCalculator(Calculator):
         next calculation (results are discarded, the runner rebuilt). Unknown keywords raise
         ``TypeError``; a value that is not allowed, or an option that cannot change under a
         launcher, ``ValueError``, and then nothing changes."""
+        kwargs = renamed(kwargs)
         for key in kwargs:
             if key not in NAMES:
                 raise unknown_keyword(key, NAMES)
@@ -151,14 +158,14 @@ class DistributedCalculator(Calculator):
                 f"backend='auto' (the default) for one part per rank",
                 stacklevel=3,
             )
-        num_partitions = options.num_partitions
+        num_parts = options.num_parts
         if effective == "torch":
             world = launch.world_size
-            if isinstance(num_partitions, int) and num_partitions % world:
+            if isinstance(num_parts, int) and num_parts % world:
                 raise ValueError(
-                    f"num_partitions: expected a multiple of the number of processes ({world}) "
+                    f"num_parts: expected a multiple of the number of processes ({world}) "
                     f"under a multi-process launch (each rank evaluates the same number of parts), "
-                    f"got {num_partitions}; omit it for one part per rank"
+                    f"got {num_parts}; omit it for one part per rank"
                 )
             if changed is None:
                 self.distributed = _setup_distributed(launch, options.devices, timeout, num_threads)
@@ -175,13 +182,13 @@ class DistributedCalculator(Calculator):
         self._warned = False
 
     __doc__ = __doc__.format(options=options_doc(8))
-    __init__.__signature__ = signature(("self", "model"), ("num_partitions",), _ASE_KEYWORDS)
+    __init__.__signature__ = signature(("self", "model"), ("num_parts",), _ASE_KEYWORDS)
     __init__.__annotations__ = {"model": DistributableModel, **{
         p.name: p.annotation for p in __init__.__signature__.parameters.values() if p.name in NAMES}}
 
     # derived values (read-only; the options themselves are ``calc.parameters``)
-    num_partitions = property(lambda self: self.runner.num_partitions,
-                              doc="The number of parts evaluated (``num_partitions`` resolved).")
+    num_parts = property(lambda self: self.runner.num_parts,
+                              doc="The number of parts evaluated (``num_parts`` resolved).")
     devices = property(lambda self: self.options.devices, doc="``device`` as a list of torch devices.")
     dtype = property(lambda self: self.options.torch_dtype,
                      doc="``dtype`` as a torch dtype (None: the model's).")

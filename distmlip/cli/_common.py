@@ -25,14 +25,14 @@ class CLIError(Exception):
 
 
 # DistributedCalculator option -> the flag that sets it (error messages name the flag)
-FLAGS = {"num_partitions": "--partitions", "partitioner": "--partitioner", "mode": "--mode",
+FLAGS = {"num_parts": "--partitions", "partitioner": "--partitioner", "mode": "--mode",
          "device": "--device", "dtype": "--dtype", "backend": "--backend", "timeout": "--timeout",
          "num_threads": "--threads", "skin": "--skin", "max_memory": "--max-memory"}
 
 
 def translate(message: str) -> str:
-    """An error of ``DistributedCalculator`` (``num_partitions: expected ...``) with the flag in
-    front (``--partitions (num_partitions): expected ...``)."""
+    """An error of ``DistributedCalculator`` (``num_parts: expected ...``) with the flag in
+    front (``--partitions (num_parts): expected ...``)."""
     key, sep, rest = message.partition(":")
     if sep and key in FLAGS:
         return f"{FLAGS[key]} ({key}):{rest}"

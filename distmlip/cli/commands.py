@@ -109,14 +109,14 @@ def run(args) -> int:
         json.dump({"natoms": len(atoms), "formula": atoms.get_chemical_formula(), "energy_eV": energy,
                    "forces_eV_per_A": forces.tolist(),
                    "stress_eV_per_A3_voigt": None if stress is None else stress.tolist(),
-                   "num_partitions": calc.num_partitions, "timings_s": calc.timings},
+                   "num_parts": calc.num_parts, "timings_s": calc.timings},
                   sys.stdout, indent=1)
         print()
         return 0
     from ase import units
 
     n = len(atoms)
-    print(f"{n} atoms ({atoms.get_chemical_formula()}), model {args.model}, {calc.num_partitions} "
+    print(f"{n} atoms ({atoms.get_chemical_formula()}), model {args.model}, {calc.num_parts} "
           f"part(s) ({calc.partitioner}, {calc.mode})")
     print(f"energy        {energy:18.8f} eV   ({energy / n:.8f} eV/atom)")
     norms = np.linalg.norm(forces, axis=1)
@@ -192,12 +192,12 @@ def partition(args) -> int:
         if args.mode == "extended" and args.layers is None:
             raise CLIError("--layers: extended mode needs the halo depth (the model's layers) with "
                            "--cutoff, got none; pass --layers L or --model")
-    hops = layers if args.mode == "extended" else 1
+    num_hops = layers if args.mode == "extended" else 1
     graph = NeighborGraph.from_atoms(atoms, cutoff)
-    plan = PartitionPlan.build(graph, args.partitions, args.partitioner, args.mode, num_hops=hops)
+    plan = PartitionPlan.build(graph, args.partitions, args.partitioner, args.mode, num_hops=num_hops)
     print(f"{len(atoms)} atoms ({atoms.get_chemical_formula()}), cutoff {cutoff} Å, "
           f"{graph.num_edges} edges; {args.partitions} parts, {args.partitioner}, {args.mode} mode "
-          f"({hops}-hop halo)")
+          f"({num_hops}-hop halo)")
     print(partition_table(plan))
     if args.plot:
         if not any(p.index == args.show_part for p in plan.parts):

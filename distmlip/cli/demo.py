@@ -116,7 +116,7 @@ def _table(atoms, model_name: str, parts: int, out: Path) -> list[str]:
         evaluate("SevenNetCalculator (sevenn)", SevenNetCalculator("7net-0", device="cpu"))
     evaluate("distmlip, 1 part", DistributedCalculator(model, backend="local"))
     calc = evaluate(f"distmlip, {parts} parts (grid, halo)",
-                    DistributedCalculator(model, num_partitions=parts, backend="local"))
+                    DistributedCalculator(model, num_parts=parts, backend="local"))
     plot_partition(atoms, calc.last_plan, out / "partition.png")
     _, e0, f0, s0, _ = rows[0]
     print(f"{'calculator':<30} {'energy (eV)':>16} {'|dE|/atom eV':>12} {'max|dF| eV/Å':>13} "
@@ -141,7 +141,7 @@ def _schnet(n_atoms: int, parts: int) -> list[str]:
     print(f"\n== 3. a large crystal: Cu fcc {len(atoms)} atoms, SchNet (3 interactions, 32 channels, "
           f"random weights, float64) ==")
     need = estimate_memory(model, atoms)
-    configs = [("1 part", {}), (f"{parts} parts, halo", {"num_partitions": parts}),
+    configs = [("1 part", {}), (f"{parts} parts, halo", {"num_parts": parts}),
                (f"max_memory {0.3 * need / 1e9:.2f} GB", {"max_memory": int(0.3 * need)})]
     print(f"{'evaluation':<26} {'energy (eV)':>18} {'max|dF| eV/Å':>13} {'parts':>5} {'redund.':>7} "
           f"{'time s':>7}")

@@ -170,7 +170,7 @@ def command(args) -> int:
     fixed = _constraint_summary(atoms)
     say(f"distmlip md: {len(atoms)} atoms ({atoms.get_chemical_formula()}{fixed}), {settings.model}, "
         f"{ensemble} {settings.timestep_fs} fs at {settings.temperature_K} K; "
-        f"{calc.num_partitions} part(s) ({calc.partitioner}, {calc.mode}), backend {calc.backend}, "
+        f"{calc.num_parts} part(s) ({calc.partitioner}, {calc.mode}), backend {calc.backend}, "
         f"{calc.world_size} process(es)")
     if state is not None:
         say(f"restarting from step {state['step']} in {directory}")

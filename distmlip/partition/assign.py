@@ -18,9 +18,9 @@ __all__ = ["assign_owners", "grid_owners", "metis_owners", "slab_owners"]
 
 def _check_parts(num_parts) -> int:
     if isinstance(num_parts, bool) or not isinstance(num_parts, (int, np.integer)):
-        raise TypeError(f"num_partitions: expected an integer >= 1, got {num_parts!r}")
+        raise TypeError(f"num_parts: expected an integer >= 1, got {num_parts!r}")
     if num_parts < 1:
-        raise ValueError(f"num_partitions: expected an integer >= 1, got {num_parts}")
+        raise ValueError(f"num_parts: expected an integer >= 1, got {num_parts}")
     return int(num_parts)
 
 

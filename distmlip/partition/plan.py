@@ -140,7 +140,7 @@ class PartitionPlan:
             raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
         if isinstance(num_hops, bool) or not isinstance(num_hops, (int, np.integer)) or num_hops < 1:
             raise ValueError(f"num_hops: expected an integer >= 1, got {num_hops!r}")
-        hops = int(num_hops)
+        num_hops = int(num_hops)
         owner = np.asarray(owner, dtype=np.int64)
         if owner.shape != (graph.num_atoms,):
             raise ValueError(f"owner: expected shape ({graph.num_atoms},), got {owner.shape}")
@@ -150,8 +150,8 @@ class PartitionPlan:
                 f"[{owner.min()}, {owner.max()}]"
             )
         rank_in_owner = _owner_layout(owner, num_parts)[2]
-        parts = build_parts(graph, range(num_parts), owner, rank_in_owner, hops)
-        return cls(graph.num_atoms, graph.num_edges, mode, hops, owner, parts)
+        parts = build_parts(graph, range(num_parts), owner, rank_in_owner, num_hops)
+        return cls(graph.num_atoms, graph.num_edges, mode, num_hops, owner, parts)
 
     # ------------------------------------------------------------------ statistics
     def edges_evaluated(self) -> int:
@@ -290,13 +290,13 @@ def _edges_received(atoms: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return shift + np.arange(total, dtype=np.int64)
 
 
-def _build_part(p, owned, hops, graph, owner, rank_in_owner, offsets, scratch) -> PartPlan:
-    """Owned atoms plus a ``hops``-deep halo; edges received by atoms < ``hops`` away."""
+def _build_part(p, owned, num_hops, graph, owner, rank_in_owner, offsets, scratch) -> PartPlan:
+    """Owned atoms plus a ``num_hops``-deep halo; edges received by atoms < ``num_hops`` away."""
     levels = [owned]
     edge_sets = []
     scratch[owned] = 1
     frontier = owned
-    for _ in range(hops):
+    for _ in range(num_hops):
         edges = _edges_received(frontier, offsets)
         edge_sets.append(edges)
         senders = graph.senders[edges]

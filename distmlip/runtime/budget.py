@@ -12,7 +12,7 @@ from ase import Atoms
 
 from ..graph.neighbors import as_ase_atoms, validate_system
 from ..models.base import DistributableModel
-from ..options import DEFAULT_SKIN, Options
+from ..options import DEFAULT_SKIN, Options, renamed, unknown_keyword
 from .build import Builder, Built
 from .comm import LocalComm
 from .local import inside_cutoff, replica
@@ -31,7 +31,7 @@ __all__ = ["Planner", "estimate_memory"]
 
 @dataclass(eq=False)
 class Planner:
-    """Chooses the build of each rebuild: ``num_partitions`` parts all at once without a budget;
+    """Chooses the build of each rebuild: ``num_parts`` parts all at once without a budget;
     with one (``budget``, bytes per device), the fewest parts, all at once or one at a time, whose
     predicted peak fits. ``sequential``: ``True`` always one at a time, ``False`` never, ``None``
     as the budget needs. ``model``: the replica on the first device (calibrated on ``source``'s
@@ -42,7 +42,7 @@ class Planner:
     source: DistributableModel
     dtype: torch.dtype
     budget: int | None
-    num_partitions: int
+    num_parts: int
     sequential: bool | None = None
     memory_model: MemoryModel | None = None
 
@@ -53,7 +53,7 @@ class Planner:
     def build(self, positions, cell, pbc, numbers, times: dict) -> Built:
         """The build for this system (``times``: seconds per stage)."""
         if self.budget is None:
-            return self.builder.build(positions, cell, pbc, numbers, times, self.num_partitions,
+            return self.builder.build(positions, cell, pbc, numbers, times, self.num_parts,
                                       sequential=bool(self.sequential))
         return self._within_budget(positions, cell, pbc, numbers, times)
 
@@ -125,16 +125,16 @@ class Planner:
                 "floor": float(total([s + smallest for s in stored]))}
 
     def _within_budget(self, positions, cell, pbc, numbers, times: dict) -> Built:
-        """The build with the fewest parts (at least ``num_partitions``; a multiple of the
+        """The build with the fewest parts (at least ``num_parts``; a multiple of the
         workers) whose predicted peak fits ``max_memory``."""
         memory = self.memory(positions, cell, pbc, numbers)
         build, comm = self.builder.build, self.builder.comm
         workers = comm.num_workers
         n = len(positions)
-        parts = -(-max(self.num_partitions, workers) // workers) * workers
+        parts = -(-max(self.num_parts, workers) // workers) * workers
         graph = None
         if not self.sequential:  # all parts at once, if that fits: the fastest
-            b = build(positions, cell, pbc, numbers, times, self.num_partitions, sequential=False)
+            b = build(positions, cell, pbc, numbers, times, self.num_parts, sequential=False)
             graph = b.graph if comm.world_size == 1 else None
             peak = self.needed(self.predict(b, memory))
             if peak <= self.budget or self.sequential is False:
@@ -183,27 +183,37 @@ def _gb(value: float, up: bool = False) -> str:
     return f"{np.ceil(value) if up else np.round(value):.0f} B"
 
 
-def estimate_memory(model: DistributableModel, atoms, num_partitions: int = 1, mode: str = "halo",
+def estimate_memory(model: DistributableModel, atoms, num_parts: int = 1, mode: str = "halo",
                     dtype=None, device="cpu", *, partitioner: str = "grid", skin: float = DEFAULT_SKIN,
-                    max_memory=None) -> int:
+                    max_memory=None, **renamed_options) -> int:
     """Predicted peak bytes one evaluation of ``atoms`` adds on each device (on CPU: the process's
     resident memory above what it was before the call), without evaluating it.
 
-    ``num_partitions`` parts on one device, all alive at once (``max_memory=None``), or evaluated
+    ``num_parts`` parts on one device, all alive at once (``max_memory=None``), or evaluated
     one at a time within ``max_memory`` (then the number of parts is the one the calculator would
     choose). The model's own cost comes from ``calibrate`` (probes of a few hundred atoms, cached);
     distmlip's graph, plan and stored exchange rows are counted from their sizes.
     """
+    if model is None or not hasattr(model, "cutoff"):
+        raise TypeError(f"model: expected a DistributableModel (distmlip.load, distmlip.wrap or your "
+                        f"own), got {type(model).__name__}")
+    renamed_options = renamed(renamed_options)
+    if renamed_options:
+        if set(renamed_options) - {"num_parts"}:
+            raise unknown_keyword(next(iter(set(renamed_options) - {"num_parts"})),
+                                  ("num_parts", "mode", "dtype", "device", "partitioner", "skin",
+                                   "max_memory"))
+        num_parts = renamed_options["num_parts"]
     atoms = as_ase_atoms(atoms)
-    options = Options.from_kwargs(num_partitions=int(num_partitions), mode=mode, dtype=dtype,
+    options = Options.from_kwargs(num_parts=int(num_parts), mode=mode, dtype=dtype,
                                   device=device, partitioner=partitioner, skin=skin,
                                   max_memory=max_memory)
     device = options.devices[0]
     dtype = options.torch_dtype or model.dtype
-    hops = int(model.num_layers) if mode == "extended" else 1
-    builder = Builder(LocalComm([device]), partitioner, mode, hops, float(model.cutoff), options.skin)
+    num_hops = int(model.num_layers) if mode == "extended" else 1
+    builder = Builder(LocalComm([device]), partitioner, mode, num_hops, float(model.cutoff), options.skin)
     planner = Planner(builder, replica(model, device, dtype), model, dtype, options.budget_bytes,
-                      options.num_partitions)
+                      options.num_parts)
     system = validate_system(atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers)
     built = planner.build(*system, {})
     return int(planner.predict(built, planner.memory(*system))["peak"])

@@ -51,12 +51,12 @@ class Built:
 @dataclass(frozen=True, eq=False)
 class Builder:
     """Builds the parts of a system for ``comm``'s workers (``runtime/comm.py``): ``partitioner``,
-    ``mode`` and ``hops`` as for the plan; the graph holds pairs within ``cutoff + skin``."""
+    ``mode`` and ``num_hops`` as for the plan; the graph holds pairs within ``cutoff + skin``."""
 
     comm: object
     partitioner: Partitioner
     mode: str
-    hops: int
+    num_hops: int
     cutoff: float
     skin: float
 
@@ -126,7 +126,7 @@ class Builder:
                 owner = owners(self.partitioner, positions, cell, pbc, num_parts)
             t1 = time.perf_counter()
             selected = (owner >= mine.start) & (owner < mine.stop)
-            ids = atoms_near(positions, cell, pbc, selected, self.hops * radius) if selected.any() \
+            ids = atoms_near(positions, cell, pbc, selected, self.num_hops * radius) if selected.any() \
                 else np.zeros(0, dtype=np.int64)
             graph = NeighborGraph.from_arrays(positions[ids], cell, pbc, numbers[ids], radius) \
                 if len(ids) else None
@@ -139,16 +139,16 @@ class Builder:
         if graph is None:
             parts = ()
         elif ids is None:
-            parts = build_parts(graph, present, owner, rows, self.hops)
+            parts = build_parts(graph, present, owner, rows, self.num_hops)
         else:
-            parts = build_parts(graph, present, owner[ids], rows[ids], self.hops)
+            parts = build_parts(graph, present, owner[ids], rows[ids], self.num_hops)
         worker_of_part, offset = owned_row_offsets(owner, groups)
         if comm.world_size == 1:
             shards = tuple(build_shard(w, [p for p in parts if p.index in g], worker_of_part, offset,
                                        sequential) for w, g in enumerate(groups))
         else:
             shards = (build_shard(comm.rank, list(parts), worker_of_part, offset, sequential),)
-        plan = PartitionPlan(n, graph.num_edges if graph is not None else 0, self.mode, self.hops,
+        plan = PartitionPlan(n, graph.num_edges if graph is not None else 0, self.mode, self.num_hops,
                              owner, tuple(parts), atom_ids=ids, total_parts=num_parts)
         t3 = time.perf_counter()
         send: tuple[dict, ...] = tuple({} for _ in shards)

@@ -81,12 +81,12 @@ class Runner:
         model: the model; copied once per device (the caller's module is not modified).
         options: the checked ``distmlip.options.Options``. In one process, one worker per entry of
             ``device`` (a thread each when there are several); part blocks go to workers in order.
-            Under a launcher ``device`` is this rank's device. ``num_partitions``: parts in all
+            Under a launcher ``device`` is this rank's device. ``num_parts``: parts in all
             (``None``: one per worker; ``"auto"``: one per worker, more if the budget needs; under
             a launcher a multiple of the ranks, each evaluating a contiguous block as one shard).
             ``max_memory`` (``options.budget_bytes``): bytes one evaluation may add on each device;
             if the parts all at once are predicted to fit, they run so, otherwise one at a time,
-            as few parts as fit (at least ``num_partitions``). ``timeout``: seconds to wait for
+            as few parts as fit (at least ``num_parts``). ``timeout``: seconds to wait for
             peers. ``skin``: the graph holds pairs within ``cutoff + skin`` and is reused until
             some atom has moved more than ``skin / 2`` (or the cell, periodicity or numbers change).
         comm: ``None`` (this process) or ``"torch"`` (torch.distributed).
@@ -94,7 +94,7 @@ class Runner:
             ``False``: all at once as one union graph; ``None`` (default): all at once unless
             ``max_memory`` needs otherwise.
 
-    ``Runner(model, devices, dtype, partitioner, mode, num_partitions, skin, **options)`` (the
+    ``Runner(model, devices, dtype, partitioner, mode, num_parts, skin, **options)`` (the
     form before ``Options``) reads those through ``Options.from_kwargs`` (``devices`` is
     ``device``).
 
@@ -115,20 +115,20 @@ class Runner:
         self.partitioner, self.mode = options.partitioner, options.mode
         self.skin, self.timeout, self.progress = options.skin, options.timeout, options.progress
         self.cutoff = float(model.cutoff)
-        self.hops = int(model.num_layers) if self.mode == "extended" else 1
+        self.num_hops = int(model.num_layers) if self.mode == "extended" else 1
         self.comm = make_comm(comm, self.devices, self.timeout)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
-        parts = options.num_partitions
+        parts = options.num_parts
         if not isinstance(parts, int):  # None or "auto": one part per worker
             parts = self.comm.num_workers if parts == "auto" or self.world_size > 1 else 1
-        self.num_partitions = parts
+        self.num_parts = parts
         self.budget = options.budget_bytes
         self._source = model  # the caller's module: memory calibrations are cached per it
         self.replicas: dict[torch.device, DistributableModel] = {}
         for device in self.devices:
             if device not in self.replicas:
                 self.replicas[device] = replica(model, device, self.dtype)
-        self.builder = Builder(self.comm, self.partitioner, self.mode, self.hops, self.cutoff, self.skin)
+        self.builder = Builder(self.comm, self.partitioner, self.mode, self.num_hops, self.cutoff, self.skin)
         self.planner = Planner(self.builder, self.replicas[self.devices[0]], model, self.dtype, self.budget,
                                parts, sequential)
         # per forward, the kinds of its communicating calls, "halo_exchange" (halo mode) or
@@ -273,9 +273,9 @@ class Runner:
         )
 
 
-#: ``Runner(model, devices, dtype, partitioner, mode, num_partitions, skin, ...)``: the positions
+#: ``Runner(model, devices, dtype, partitioner, mode, num_parts, skin, ...)``: the positions
 #: of the form before ``Options``.
-_LEGACY_POSITIONS = ("device", "dtype", "partitioner", "mode", "num_partitions", "skin")
+_LEGACY_POSITIONS = ("device", "dtype", "partitioner", "mode", "num_parts", "skin")
 
 
 def _legacy_keywords(named: dict, keywords: dict) -> dict:

@@ -128,7 +128,7 @@ def calculator_reference(calculator, atoms, stress: bool | None = None,
 
 def assert_matches_calculator(model, reference_calculator, atoms, *, energy_atol: float = 1e-6,
                               forces_atol: float = 1e-5, stress_atol: float = 1e-6,
-                              num_partitions=(1, 2, 3, 5), modes=("halo", "extended"),
+                              num_parts=(1, 2, 3, 5), modes=("halo", "extended"),
                               partitioners=("grid",), dtype=None, stress: bool | None = None,
                               reference: dict | None = None) -> dict:
     """Check ``model`` (a ``DistributableModel``), split in several ways, against the package's own
@@ -143,7 +143,7 @@ def assert_matches_calculator(model, reference_calculator, atoms, *, energy_atol
         forces_atol: largest |force component difference|, eV/Å.
         stress_atol: largest |stress component difference|, eV/Å^3 (checked for cells of rank 3
             unless ``stress=False``).
-        num_partitions, modes, partitioners: the splits (every combination).
+        num_parts, modes, partitioners: the splits (every combination).
         dtype: passed to ``DistributedCalculator``.
 
     Returns:
@@ -166,9 +166,9 @@ def assert_matches_calculator(model, reference_calculator, atoms, *, energy_atol
     if stress:
         worst["stress"] = 0.0
     for partitioner in partitioners:
-        for parts in num_partitions:
+        for parts in num_parts:
             for mode in modes:
-                calc = DistributedCalculator(model, num_partitions=parts, partitioner=partitioner,
+                calc = DistributedCalculator(model, num_parts=parts, partitioner=partitioner,
                                              mode=mode, dtype=dtype, backend="local")
                 got = evaluate(calc, atoms)
                 for key in worst:

@@ -170,7 +170,7 @@ class AdapterBattery:
             for mode in self.calculator_modes:
                 first = None
                 for parts in self.calculator_parts:
-                    calc = DistributedCalculator(battery_model, num_partitions=parts, mode=mode,
+                    calc = DistributedCalculator(battery_model, num_parts=parts, mode=mode,
                                                  dtype=self.calculator_dtype)
                     ours = evaluate(calc, atoms)
                     for q in ("energy", "forces", "stress", "energies"):
@@ -201,7 +201,7 @@ class AdapterBattery:
                         assert total <= bound, f"{name}: per-atom energies sum off by {total:.2e} eV"
                     self.check_run(calc, battery_model, parts, mode)
         if self.split_parts:
-            report = assert_partition_invariant(battery_model, atoms, num_partitions=self.split_parts,
+            report = assert_partition_invariant(battery_model, atoms, num_parts=self.split_parts,
                                                 partitioners=(partitioner,), modes=self.split_modes,
                                                 dtype=self.split_dtype, rtol=self.split_rtol)
             self.check_split_report(report, battery_model)
@@ -212,7 +212,7 @@ class AdapterBattery:
         atoms = self.small_structure()
         if atoms is None or not self.finite_differences:
             _skip("no finite-difference check configured (small_structure, finite_differences)")
-        calc = DistributedCalculator(battery_model, num_partitions=self.fd_parts, dtype="float64")
+        calc = DistributedCalculator(battery_model, num_parts=self.fd_parts, dtype="float64")
         check_forces_finite_difference(calc, atoms, delta=self.fd_delta, atol=self.fd_atol,
                                        num_atoms=self.fd_num_atoms)
 
@@ -227,7 +227,7 @@ class AdapterBattery:
         before = module_snapshot(battery_source)
         assert before, "battery_source holds no torch module"
         model = distmlip.wrap(battery_source, **self.wrap_options)
-        evaluate(DistributedCalculator(model, num_partitions=2, mode="halo"), atoms)
+        evaluate(DistributedCalculator(model, num_parts=2, mode="halo"), atoms)
         _assert_same_snapshot(before, module_snapshot(battery_source))
 
     def test_battery_unknown_option_refused(self, battery_source):

@@ -78,7 +78,7 @@ def _compare(result: dict, reference: dict) -> dict:
 def assert_partition_invariant(
     model,
     atoms,
-    num_partitions=(1, 2, 3, 7, 16),
+    num_parts=(1, 2, 3, 7, 16),
     partitioners: Sequence[Partitioner] = PARTITIONERS,
     modes: Sequence[Mode] = MODES,
     dtype=None,
@@ -87,22 +87,22 @@ def assert_partition_invariant(
 ) -> list[dict]:
     """Check that splitting ``atoms`` never changes what ``model`` computes.
 
-    The reference is ``DistributedCalculator(model, num_partitions=1, device=device, dtype=dtype)``
+    The reference is ``DistributedCalculator(model, num_parts=1, device=device, dtype=dtype)``
     (all calculators here use ``backend="local"``: every part runs in this process).
-    Every combination of ``partitioners`` x ``num_partitions`` x ``modes`` is then evaluated
+    Every combination of ``partitioners`` x ``num_parts`` x ``modes`` is then evaluated
     and its energy, forces, per-atom energies and, when the cell has rank 3, stress compared with
     the reference using ``rel_err`` (module docstring).
 
     Args:
         model: a ``DistributableModel``.
         atoms: an ``ase.Atoms`` (or pymatgen ``Structure``/``Molecule``).
-        num_partitions, partitioners, modes: the combinations to run.
+        num_parts, partitioners, modes: the combinations to run.
         dtype: passed to the calculator (``None``: the model's own dtype).
         rtol: the largest relative error accepted (1e-10 suits float64; use ~1e-5 for float32).
         device: passed to the calculator (a list of devices runs threaded workers).
 
     Returns:
-        One dict per combination: ``partitioner``, ``mode``, ``num_partitions``,
+        One dict per combination: ``partitioner``, ``mode``, ``num_parts``,
         ``nonempty_parts``, ``redundancy`` (edges evaluated / graph edges), ``exchange_calls``
         and the relative error of each quantity (keys ``energy``, ``forces``, ``energies``,
         ``stress``) plus ``max_err``. Print it with ``format_report``.
@@ -121,10 +121,10 @@ def assert_partition_invariant(
         reference = evaluate(DistributedCalculator(model, 1, device=device, dtype=dtype,
                                                    backend="local"), atoms)
     report = []
-    for partitioner, parts, mode in itertools.product(partitioners, num_partitions, modes):
+    for partitioner, parts, mode in itertools.product(partitioners, num_parts, modes):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="backend='local' under")
-            calc = DistributedCalculator(model, num_partitions=parts, partitioner=partitioner,
+            calc = DistributedCalculator(model, num_parts=parts, partitioner=partitioner,
                                          mode=mode, device=device, dtype=dtype, backend="local")
         result = evaluate(calc, atoms)
         errors = _compare(result, reference)
@@ -132,7 +132,7 @@ def assert_partition_invariant(
         row = {
             "partitioner": partitioner,
             "mode": mode,
-            "num_partitions": parts,
+            "num_parts": parts,
             "nonempty_parts": int(sum(p.num_owned > 0 for p in plan.parts)),
             "redundancy": plan.redundancy(),
             "exchange_calls": int(getattr(calc.runner, "last_exchange_calls", 0)),
@@ -143,7 +143,7 @@ def assert_partition_invariant(
         for quantity, err in errors.items():
             if not err <= rtol:  # also catches NaN
                 raise AssertionError(
-                    f"partitioner={partitioner!r}, num_partitions={parts}, mode={mode!r}"
+                    f"partitioner={partitioner!r}, num_parts={parts}, mode={mode!r}"
                     f"{'' if dtype is None else f', dtype={dtype!r}'}: {quantity} differs from the "
                     f"unpartitioned result by relative error {err:.3e} > rtol={rtol:.1e} "
                     f"(rel_err = max|a-ref| / max(max|ref|, 1))"
@@ -159,7 +159,7 @@ def format_report(report: list[dict]) -> str:
     for r in report:
         stress = f"{r['stress']:9.1e}" if "stress" in r else f"{'-':>9}"
         lines.append(
-            f"{r['partitioner']:<11} {r['mode']:<8} {r['num_partitions']:>5} {r['nonempty_parts']:>4} "
+            f"{r['partitioner']:<11} {r['mode']:<8} {r['num_parts']:>5} {r['nonempty_parts']:>4} "
             f"{r['redundancy']:7.2f} {r['energy']:9.1e} {r['forces']:9.1e} {r['energies']:9.1e} {stress}"
         )
     return "\n".join(lines)

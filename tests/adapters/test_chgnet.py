@@ -222,7 +222,7 @@ def test_float32_as_accurate_as_chgnet(model, references, name):
     # themselves further than that from its float64 ones (measured 1.5e-5 to 9e-5 eV/Å here)
     assert chgnet_err["forces"] > 1e-5
     for parts, mode in ((1, "halo"), (3, "halo"), (5, "extended")):
-        calc = DistributedCalculator(model, num_partitions=parts, mode=mode)  # float32 weights
+        calc = DistributedCalculator(model, num_parts=parts, mode=mode)  # float32 weights
         result = evaluate(calc, atoms)
         assert abs(result["energy"] - ref32["energy"]) / n <= 1e-6
         # the README's figure: float32 forces within 1e-4 eV/Å of CHGNet's own float32 calculator
@@ -247,7 +247,7 @@ def test_slab_without_periodicity_along_z(model, references):
 
 
 def test_other_partitioners(model):
-    report = assert_partition_invariant(model, metal(), num_partitions=(2, 3),
+    report = assert_partition_invariant(model, metal(), num_parts=(2, 3),
                                         partitioners=("slab", "metis"), dtype="float64",
                                         rtol=RTOL64)
     assert len(report) == 8
@@ -301,7 +301,7 @@ def test_atom_updates_only_on_owned_rows(model, references, workers):
         for name, sub in watched.items():
             sub.register_forward_hook(
                 lambda mod, inputs, out, name=name: rows[name].append(int(inputs[0].shape[0])))
-        calc = DistributedCalculator(wrapped, num_partitions=5, mode=mode, dtype="float64",
+        calc = DistributedCalculator(wrapped, num_parts=5, mode=mode, dtype="float64",
                                      device=["cpu"] * workers)
         result = evaluate(calc, atoms)
         for quantity, err in _errors(result, ref64).items():

@@ -132,7 +132,7 @@ def test_float32_equals_fairchem(uma32, name):
     worst = assert_matches_calculator(
         distmlip.wrap(uma32, task="omat"), None, atoms,
         reference=fairchem_reference(uma32, atoms, torch.float32),
-        energy_atol=1e-6, forces_atol=1e-5, stress_atol=1e-6, num_partitions=(1, 3))
+        energy_atol=1e-6, forces_atol=1e-5, stress_atol=1e-6, num_parts=(1, 3))
     print(name, worst)
 
 
@@ -140,7 +140,7 @@ def test_float32_equals_fairchem(uma32, name):
 def test_split_equals_whole(uma64, name):
     """float64, every partitioner, 1, 2, 3, 5 parts, both modes: 1e-10."""
     report = assert_partition_invariant(UMAModel(uma64, task="omat"), STRUCTURES[name],
-                                        num_partitions=(1, 2, 3, 5), rtol=1e-10)
+                                        num_parts=(1, 2, 3, 5), rtol=1e-10)
     assert max(r["max_err"] for r in report) <= 1e-10
 
 
@@ -191,7 +191,7 @@ def test_moe_other_task_threads_and_bounded(moe64):
     other = fairchem_reference(moe64, atoms, torch.float64, task="omat")
     assert abs(want["energy"] - other["energy"]) > 1e-3  # the task matters
     assert_matches_calculator(model, None, atoms, reference=want, energy_atol=1e-11,
-                              forces_atol=1e-11, stress_atol=1e-11, num_partitions=(3,))
+                              forces_atol=1e-11, stress_atol=1e-11, num_parts=(3,))
     for calc in (distmlip.DistributedCalculator(model, 4, device=["cpu", "cpu"]),
                  one_at_a_time(model, 3), one_at_a_time(model, 2, mode="extended")):
         got = evaluate(calc, atoms)
@@ -313,7 +313,7 @@ def test_predict_unit_equals_fairchem_calculator(checkpoint, name):
         want = calculator_reference(calc, atoms, full_periodicity=True)
         worst = assert_matches_calculator(model, None, atoms, reference=want, energy_atol=1e-11,
                                           forces_atol=1e-11, stress_atol=1e-11,
-                                          num_partitions=(1, 3), dtype="float64")
+                                          num_parts=(1, 3), dtype="float64")
         print(name, task, worst)
     # the references are in: the energy differs from the bare model's by their sum
     bare = evaluate(distmlip.DistributedCalculator(distmlip.wrap(unit.model.module, task="omol"),
@@ -342,7 +342,7 @@ def test_dataset_specific_moe_head(tmp_path):
         model = distmlip.wrap(unit, task=task)
         want = calculator_reference(calc, atoms, full_periodicity=True)
         assert_matches_calculator(model, None, atoms, reference=want, energy_atol=1e-11,
-                                  forces_atol=1e-11, stress_atol=1e-11, num_partitions=(1, 3),
+                                  forces_atol=1e-11, stress_atol=1e-11, num_parts=(1, 3),
                                   dtype="float64")
         energies[task] = (want["energy"] - float(model.references[torch.as_tensor(atoms.numbers)].sum())) \
             / model.energy_scale
@@ -368,7 +368,7 @@ def test_merged_predict_unit(checkpoint):
     bigger = oxide(repeat=(2, 1, 1), seed=7)  # the same reduced composition
     assert_matches_calculator(model, None, bigger, reference=calculator_reference(calc, bigger),
                               energy_atol=1e-11, forces_atol=1e-11, stress_atol=1e-11,
-                              num_partitions=(1, 3), modes=("halo",), dtype="float64")
+                              num_parts=(1, 3), modes=("halo",), dtype="float64")
     metal = STRUCTURES["metal"]
     metal_atoms = metal.copy()
     metal_atoms.calc = distmlip.DistributedCalculator(model, 2, dtype="float64")

@@ -191,8 +191,8 @@ def test_halo_exchange_is_needed(mace_setup):
     wrapped = mace_setup[2]
 
     broken = WithoutExchange(wrapped)
-    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
-    split = evaluate(DistributedCalculator(broken, num_partitions=3), atoms)
+    one = evaluate(DistributedCalculator(wrapped, num_parts=1), atoms)
+    split = evaluate(DistributedCalculator(broken, num_parts=3), atoms)
     assert np.abs(split["forces"] - one["forces"]).max() > 1e-6
 
 
@@ -201,8 +201,8 @@ def test_threaded_workers(mace_setup):
     one of the worker running it (a context variable, not module state)."""
     atoms = metal()
     wrapped = mace_setup[2]
-    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
-    calc = DistributedCalculator(wrapped, num_partitions=3, device=["cpu"] * 3)
+    one = evaluate(DistributedCalculator(wrapped, num_parts=1), atoms)
+    calc = DistributedCalculator(wrapped, num_parts=3, device=["cpu"] * 3)
     split = evaluate(calc, atoms)
     assert calc.runner.last_exchange_calls == 1
     for q in one:
@@ -257,9 +257,9 @@ def test_node_work_only_on_owned_rows(mace_setup, threads):
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))  # 32 atoms
     atoms.rattle(0.08, seed=4)
     n = len(atoms)
-    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    one = evaluate(DistributedCalculator(wrapped, num_parts=1), atoms)
     for mode in ("halo", "extended"):
-        calc = DistributedCalculator(wrapped, num_partitions=4, mode=mode,
+        calc = DistributedCalculator(wrapped, num_parts=4, mode=mode,
                                      device=["cpu"] * 4 if threads else "cpu")
         rows = _count_rows(next(iter(calc.runner.replicas.values())))
         split = evaluate(calc, atoms)
@@ -320,10 +320,10 @@ def test_interaction_classes_are_sliced_exactly(first, later):
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
     atoms.numbers[::5] = 13  # some Al
     atoms.rattle(0.08, seed=5)
-    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    one = evaluate(DistributedCalculator(wrapped, num_parts=1), atoms)
     assert np.abs(one["forces"]).max() > 0.05
     for mode in ("halo", "extended"):
-        calc = DistributedCalculator(wrapped, num_partitions=3, mode=mode)
+        calc = DistributedCalculator(wrapped, num_parts=3, mode=mode)
         mace = next(iter(calc.runner.replicas.values())).module
         rows = []
         for block in list(mace.products) + list(mace.readouts):

@@ -124,7 +124,7 @@ def test_float32_equals_matgl(potential, name):
     atoms = STRUCTURES[name]
     worst = assert_matches_calculator(
         distmlip.wrap(potential), None, atoms, reference=matgl_reference(potential, atoms, 32),
-        energy_atol=5e-5, forces_atol=2e-5, stress_atol=1e-6, num_partitions=(1, 3))
+        energy_atol=5e-5, forces_atol=2e-5, stress_atol=1e-6, num_parts=(1, 3))
     print(name, worst)
 
 
@@ -132,7 +132,7 @@ def test_float32_equals_matgl(potential, name):
 def test_split_equals_whole(potential64, name):
     """float64, every partitioner, 1, 2, 3, 5 parts, both modes: 1e-10."""
     report = assert_partition_invariant(TensorNetModel(potential64), STRUCTURES[name],
-                                        num_partitions=(1, 2, 3, 5), rtol=1e-10)
+                                        num_parts=(1, 2, 3, 5), rtol=1e-10)
     assert max(r["max_err"] for r in report) <= 1e-10
 
 
@@ -154,14 +154,14 @@ def test_m3gnet_float32_equals_matgl(m3gnet, name):
     atoms = STRUCTURES[name]
     worst = assert_matches_calculator(
         distmlip.wrap(m3gnet), None, atoms, reference=matgl_reference(m3gnet, atoms, 32),
-        energy_atol=5e-5, forces_atol=2e-5, stress_atol=1e-6, num_partitions=(1, 3))
+        energy_atol=5e-5, forces_atol=2e-5, stress_atol=1e-6, num_parts=(1, 3))
     print(name, worst)
 
 
 @pytest.mark.parametrize("name", ["oxide", "slab"])
 def test_m3gnet_split_equals_whole(m3gnet64, name):
     report = assert_partition_invariant(M3GNetModel(m3gnet64), STRUCTURES[name],
-                                        num_partitions=(1, 2, 3, 5), rtol=1e-10)
+                                        num_parts=(1, 2, 3, 5), rtol=1e-10)
     assert max(r["max_err"] for r in report) <= 1e-10
 
 
@@ -176,9 +176,9 @@ def test_bare_tensornet_and_energies(potential64):
     bare = private_copy(potential64.model)
     ref = matgl_reference(Potential(model=bare, calc_stresses=True).double(), atoms, 64)
     assert_matches_calculator(distmlip.wrap(bare), None, atoms, reference=ref, energy_atol=1e-10,
-                              forces_atol=1e-10, stress_atol=1e-10, num_partitions=(1, 3),
+                              forces_atol=1e-10, stress_atol=1e-10, num_parts=(1, 3),
                               modes=("halo",))
-    calc = distmlip.DistributedCalculator(distmlip.wrap(potential64), num_partitions=3)
+    calc = distmlip.DistributedCalculator(distmlip.wrap(potential64), num_parts=3)
     work = atoms.copy()
     work.calc = calc
     assert abs(work.get_potential_energies().sum() - work.get_potential_energy()) < 1e-9
@@ -198,7 +198,7 @@ def test_tensornet_gets_matgl_index_dtype(potential):
     hooks += [layer.register_forward_pre_hook(lambda mod, args: seen.append(("layer", args[0].dtype)))
               for layer in m.layers]
     try:
-        calc = distmlip.DistributedCalculator(model, num_partitions=2)
+        calc = distmlip.DistributedCalculator(model, num_parts=2)
         atoms = STRUCTURES["oxide"].copy()
         atoms.calc = calc
         atoms.get_forces()
@@ -224,7 +224,7 @@ def test_warp_built_model_is_rebuilt_without_warp():
     # Warp's kernels sum in another order: ~1e-11 relative (energies are ~100 eV/atom)
     worst = assert_matches_calculator(distmlip.wrap(warp), None, atoms, reference=ref,
                                       energy_atol=1e-8, forces_atol=1e-7, stress_atol=1e-8,
-                                      num_partitions=(2,), modes=("halo",))
+                                      num_parts=(2,), modes=("halo",))
     print(worst)
 
 

@@ -79,7 +79,7 @@ def test_float32_equals_mattersim(potential, name):
 def test_split_equals_whole(potential, name):
     """float64, every partitioner, 1, 2, 3, 5 parts, both modes: 1e-10."""
     model = MatterSimModel(potential).double()
-    report = assert_partition_invariant(model, STRUCTURES[name], num_partitions=(1, 2, 3, 5),
+    report = assert_partition_invariant(model, STRUCTURES[name], num_parts=(1, 2, 3, 5),
                                         rtol=1e-10)
     assert max(r["max_err"] for r in report) <= 1e-10
 

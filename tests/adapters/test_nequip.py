@@ -205,8 +205,8 @@ def test_nequip_needs_the_exchange(setup):
     if name != "nequip":
         pytest.skip("Allegro exchanges nothing")
     atoms = metal()
-    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
-    split = evaluate(DistributedCalculator(WithoutExchange(wrapped), num_partitions=3), atoms)
+    one = evaluate(DistributedCalculator(wrapped, num_parts=1), atoms)
+    split = evaluate(DistributedCalculator(WithoutExchange(wrapped), num_parts=3), atoms)
     assert np.abs(split["forces"] - one["forces"]).max() > 1e-6
 
 
@@ -214,8 +214,8 @@ def test_threaded_workers(setup):
     """Three worker threads share one replica: each hook calls its own worker's exchange."""
     _, _, wrapped, _ = setup
     atoms = metal()
-    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
-    calc = DistributedCalculator(wrapped, num_partitions=3, device=["cpu"] * 3)
+    one = evaluate(DistributedCalculator(wrapped, num_parts=1), atoms)
+    calc = DistributedCalculator(wrapped, num_parts=3, device=["cpu"] * 3)
     split = evaluate(calc, atoms)
     assert calc.runner.last_exchange_calls == wrapped.num_layers - 1
     for q in one:
@@ -274,7 +274,7 @@ def test_float32_model_keeps_nequip_mixed_precision():
     wrapped = distmlip.wrap(model)
     assert wrapped.dtype == torch.float64  # edge vectors in float64, as NequIP's own pipeline
     for parts in (1, 3):
-        ours = evaluate(DistributedCalculator(wrapped, num_partitions=parts), atoms)
+        ours = evaluate(DistributedCalculator(wrapped, num_parts=parts), atoms)
         assert abs(ours["energy"] - ref["energy"]) / len(atoms) <= 2e-6
         assert np.abs(ours["forces"] - ref["forces"]).max() <= 1e-4
 
@@ -318,9 +318,9 @@ def test_nequip_node_work_only_on_owned_rows(threads):
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((3, 3, 2))  # 72 atoms
     atoms.rattle(0.08, seed=4)
     n = len(atoms)
-    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    one = evaluate(DistributedCalculator(wrapped, num_parts=1), atoms)
     for mode in ("halo", "extended"):
-        calc = DistributedCalculator(wrapped, num_partitions=4, mode=mode,
+        calc = DistributedCalculator(wrapped, num_parts=4, mode=mode,
                                      device=["cpu"] * 4 if threads else "cpu")
         rows = _count_rows(next(iter(calc.runner.replicas.values())).energy)
         split = evaluate(calc, atoms)
@@ -350,9 +350,9 @@ def test_nequip_first_layer_self_connection_and_residual(l_max):
     assert layers[0].conv.sc is not None
     assert layers[0].resnet == (l_max == 0)
     atoms = oxide()
-    one = evaluate(DistributedCalculator(wrapped, num_partitions=1), atoms)
+    one = evaluate(DistributedCalculator(wrapped, num_parts=1), atoms)
     assert np.abs(one["forces"]).max() > 0.05
-    report = assert_partition_invariant(wrapped, atoms, num_partitions=(3,),
+    report = assert_partition_invariant(wrapped, atoms, num_parts=(3,),
                                         partitioners=("grid",), modes=("halo", "extended"),
                                         rtol=1e-10)
     print(format_report(report))
@@ -366,4 +366,4 @@ def test_unknown_element_is_rejected(setup):
     atoms = Atoms("CuAu", positions=[[0, 0, 0], [2.5, 0, 0]], cell=np.eye(3) * 12, pbc=True)
     with pytest.raises(ValueError, match=r"^numbers: this NequIP model has no parameters for atomic "
                                          r"number\(s\) \[79\] \(Au\); it knows [A-Za-z, ]*\bCu\b"):
-        DistributedCalculator(wrapped, num_partitions=2).get_potential_energy(atoms)
+        DistributedCalculator(wrapped, num_parts=2).get_potential_energy(atoms)

@@ -102,7 +102,7 @@ def test_float32_equals_orb(orb32, name):
     atoms = STRUCTURES[name]
     worst = assert_matches_calculator(
         distmlip.wrap(orb32), None, atoms, reference=orb_reference(orb32, atoms, torch.float32),
-        energy_atol=5e-5, forces_atol=1e-4, stress_atol=1e-5, num_partitions=(1, 3))
+        energy_atol=5e-5, forces_atol=1e-4, stress_atol=1e-5, num_parts=(1, 3))
     print(name, worst)
 
 
@@ -110,10 +110,10 @@ def test_float32_equals_orb(orb32, name):
 def test_split_equals_whole(orb64, name):
     """float64, every partitioner, 1, 2, 3, 5 parts, both modes: 1e-10; threads too."""
     model = OrbModel(orb64)
-    report = assert_partition_invariant(model, STRUCTURES[name], num_partitions=(1, 2, 3, 5),
+    report = assert_partition_invariant(model, STRUCTURES[name], num_parts=(1, 2, 3, 5),
                                         rtol=1e-10)
     assert max(r["max_err"] for r in report) <= 1e-10
-    assert_partition_invariant(model, STRUCTURES[name], num_partitions=(2, 3), partitioners=("grid",),
+    assert_partition_invariant(model, STRUCTURES[name], num_parts=(2, 3), partitioners=("grid",),
                                device=["cpu", "cpu"], rtol=1e-10)
 
 
@@ -122,7 +122,7 @@ def test_ties_at_the_cap_are_split_invariant(orb64):
     8. distmlip keeps all tied neighbours (deterministic, whatever the split); Orb keeps 8 in the
     order of its neighbour search, so only the split invariance is checked here."""
     atoms = metal(rattle=0.0)
-    assert_partition_invariant(OrbModel(orb64), atoms, num_partitions=(1, 2, 3),
+    assert_partition_invariant(OrbModel(orb64), atoms, num_parts=(1, 2, 3),
                                partitioners=("grid",), rtol=1e-10)
 
 
@@ -132,7 +132,7 @@ def test_calculator_and_energies(orb64):
 
     model = distmlip.wrap(ORBCalculator(orb64, device="cpu"))
     assert isinstance(model, OrbModel) and model.max_num_neighbors == CAP and model.cutoff == 6.0
-    out = evaluate(distmlip.DistributedCalculator(model, num_partitions=3), STRUCTURES["oxide"])
+    out = evaluate(distmlip.DistributedCalculator(model, num_parts=3), STRUCTURES["oxide"])
     assert abs(out["energies"].sum() - out["energy"]) <= 1e-10 * abs(out["energy"])
 
 

@@ -178,13 +178,13 @@ class TestSevenNetBattery(AdapterBattery):
 @pytest.mark.parametrize("name", list(STRUCTURES))
 def test_float64_matches_sevennet(model, name):
     atoms = STRUCTURES[name]()
-    result = evaluate(DistributedCalculator(model, num_partitions=3, dtype="float64"), atoms)
+    result = evaluate(DistributedCalculator(model, num_parts=3, dtype="float64"), atoms)
     assert_matches(result, sevenn_reference(name), len(atoms), f"{name}, float64, 3 parts")
 
 
 def test_partitioners_float64(model):
     """slab and METIS partitions of the oxide too (grid is covered above)."""
-    assert_partition_invariant(model, rutile(), num_partitions=(4,), partitioners=("slab", "metis"),
+    assert_partition_invariant(model, rutile(), num_parts=(4,), partitioners=("slab", "metis"),
                                modes=("halo",), dtype="float64", rtol=1e-10)
 
 
@@ -199,7 +199,7 @@ def test_awkward_structures(model, name):
     atoms = awkward_structures()[name]
     ref = evaluate(SevenNetCalculator("7net-0", device="cpu"), atoms)
     for parts, mode in [(7, "halo"), (2, "extended")]:
-        result = evaluate(DistributedCalculator(model, num_partitions=parts, mode=mode), atoms)
+        result = evaluate(DistributedCalculator(model, num_parts=parts, mode=mode), atoms)
         assert_matches(result, ref, len(atoms), f"{name}, {mode}, {parts} parts")
 
 
@@ -255,7 +255,7 @@ def test_node_work_only_on_owned_rows(workers):
     for mode in ("halo", "extended"):
         wrapped = _RecordExchange(load_checkpoint("7net-0").build_model())
         rows = _count_rows(wrapped)
-        calc = DistributedCalculator(wrapped, num_partitions=4, mode=mode, dtype="float64",
+        calc = DistributedCalculator(wrapped, num_parts=4, mode=mode, dtype="float64",
                                      device=["cpu"] * workers)
         result = evaluate(calc, atoms)
         for quantity in ("energy", "forces", "stress", "energies"):
@@ -295,10 +295,10 @@ def test_exchange_is_needed(model):
     broken = _NoExchange(model.module, name="no-exchange")
     atoms = rutile()
     ref = sevenn_reference("rutile_TiO2")
-    result = evaluate(DistributedCalculator(broken, num_partitions=3, mode="halo"), atoms)
+    result = evaluate(DistributedCalculator(broken, num_parts=3, mode="halo"), atoms)
     assert np.abs(result["forces"] - ref["forces"]).max() > 1e-2
     # the same model unsplit is right (the exchange is a no-op there)
-    assert_matches(evaluate(DistributedCalculator(broken, num_partitions=1), atoms), ref,
+    assert_matches(evaluate(DistributedCalculator(broken, num_parts=1), atoms), ref,
                    len(atoms), "no-exchange, 1 part")
 
 
@@ -324,18 +324,18 @@ def test_wrap_raw_module_unmodified():
     assert isinstance(wrapped, SevenNetModel) and wrapped.module is raw
     atoms = slab()
     ref = sevenn_reference("cu111_slab")
-    assert_matches(evaluate(DistributedCalculator(wrapped, num_partitions=2), atoms), ref,
+    assert_matches(evaluate(DistributedCalculator(wrapped, num_parts=2), atoms), ref,
                    len(atoms), "wrap(build_model())")
     assert list(raw._modules) == names
     assert [getattr(m, "_is_batch_data", None) for m in raw._modules.values()] == flags
     single = SevenNetCalculator("7net-0", device="cpu").model  # set_is_batch_data(False)
-    assert_matches(evaluate(DistributedCalculator(distmlip.wrap(single), num_partitions=2), atoms),
+    assert_matches(evaluate(DistributedCalculator(distmlip.wrap(single), num_parts=2), atoms),
                    ref, len(atoms), "wrap(SevenNetCalculator.model)")
 
 
 def test_l3i5_matches():
     atoms = slab()
-    result = evaluate(DistributedCalculator(distmlip.load("sevennet-l3i5"), num_partitions=2), atoms)
+    result = evaluate(DistributedCalculator(distmlip.load("sevennet-l3i5"), num_parts=2), atoms)
     assert_matches(result, sevenn_reference("cu111_slab", "7net-l3i5"), len(atoms), "l3i5")
 
 
@@ -343,11 +343,11 @@ def test_multi_fidelity_modal():
     atoms = slab()
     default = distmlip.load("sevennet-mf-0")
     assert default.modal == "PBE"
-    pbe = evaluate(DistributedCalculator(default, num_partitions=2), atoms)
+    pbe = evaluate(DistributedCalculator(default, num_parts=2), atoms)
     assert_matches(pbe, sevenn_reference("cu111_slab", "7net-mf-0", "PBE"), len(atoms), "mf-0 PBE")
     r2scan = distmlip.load("sevennet-mf-0", modal="r2scan")
     assert r2scan.modal == "R2SCAN"
-    result = evaluate(DistributedCalculator(r2scan, num_partitions=2), atoms)
+    result = evaluate(DistributedCalculator(r2scan, num_parts=2), atoms)
     assert_matches(result, sevenn_reference("cu111_slab", "7net-mf-0", "R2SCAN"), len(atoms), "mf-0 R2SCAN")
     assert abs(result["energy"] - pbe["energy"]) > 1e-2  # the fidelity is really applied
     with pytest.raises(ValueError, match="modal: expected one of"):

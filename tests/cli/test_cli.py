@@ -420,9 +420,9 @@ def _error_cases(tmp_path: Path, cu: Path):
                                     "no parameters for atomic number(s) [29] (Cu)"),
         "bad supercell": ([*base, "--supercell", "2x2"], "--supercell: expected AxBxC"),
         "partitions < 1": ([*base, "--partitions", "0"],
-                           "--partitions (num_partitions): expected an integer >= 1"),
+                           "--partitions (num_parts): expected an integer >= 1"),
         "bad partitions": ([*base, "--partitions", "many"],
-                           "--partitions (num_partitions): expected an integer"),
+                           "--partitions (num_parts): expected an integer"),
         "output not writable": ([*base, "-o", str(blocker / "run")],
                                 "--output: expected a directory distmlip can write"),
         "restart without checkpoint": (["md", "--restart", str(empty), "--steps", "3"],
@@ -494,7 +494,7 @@ def test_run_json(cu, capsys):
     result = json.loads(capsys.readouterr().out)
     atoms = ase.io.read(cu)
     atoms.calc = DistributedCalculator(LennardJones(0.4, 2.3, 5.0))
-    assert result["num_partitions"] == 3
+    assert result["num_parts"] == 3
     assert result["energy_eV"] == pytest.approx(atoms.get_potential_energy(), rel=1e-12)
     np.testing.assert_allclose(result["forces_eV_per_A"], atoms.get_forces(), atol=1e-12)
     np.testing.assert_allclose(result["stress_eV_per_A3_voigt"], atoms.get_stress(), atol=1e-12)
@@ -628,7 +628,7 @@ def test_serve_hands_calculator_and_address_to_serve_ipi(cu, monkeypatch, capsys
     assert main(["serve", str(cu), "--model", LJ, "-p", "2", "--ipi", "unix:dm",
                  "--socket-timeout", "5"]) == 0
     assert seen["address"] == "unix:dm" and seen["timeout"] == 5.0 and len(seen["atoms"]) == 32
-    assert isinstance(seen["calc"], DistributedCalculator) and seen["calc"].num_partitions == 2
+    assert isinstance(seen["calc"], DistributedCalculator) and seen["calc"].num_parts == 2
     assert "served 7 force evaluations" in capsys.readouterr().out
     # i-PI applies its own constraints: the forces served are the model's, on fixed atoms too
     from ase.constraints import FixAtoms

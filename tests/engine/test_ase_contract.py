@@ -32,33 +32,33 @@ def test_parameters_defaults_and_todict():
     calc = DistributedCalculator(_model())
     assert dict(calc.parameters) == DistributedCalculator.default_parameters
     assert calc.todict() == {}
-    calc = DistributedCalculator(_model(), num_partitions=3, mode="extended", dtype="float64",
+    calc = DistributedCalculator(_model(), num_parts=3, mode="extended", dtype="float64",
                                  device=["cpu", "cpu"], skin=0.3)
-    assert calc.todict() == {"num_partitions": 3, "mode": "extended", "dtype": "float64",
+    assert calc.todict() == {"num_parts": 3, "mode": "extended", "dtype": "float64",
                              "device": ["cpu", "cpu"], "skin": 0.3}
 
 
-@pytest.mark.parametrize("change", [{"mode": "extended"}, {"num_partitions": 4}, {"partitioner": "slab"},
-                                    {"partitioner": "metis", "num_partitions": 3},
+@pytest.mark.parametrize("change", [{"mode": "extended"}, {"num_parts": 4}, {"partitioner": "slab"},
+                                    {"partitioner": "metis", "num_parts": 3},
                                     {"skin": 0.0}, {"device": ["cpu", "cpu"]}, {"timeout": 60.0},
                                     {"dtype": "float32"}])
 def test_set_takes_effect_at_the_next_call(change):
     atoms = _atoms()
-    calc = DistributedCalculator(_model(), num_partitions=2)
+    calc = DistributedCalculator(_model(), num_parts=2)
     atoms.calc = calc
     atoms.get_forces()
     changed = calc.set(**change)
     assert changed == change  # what changed, as ASE's set() returns it
     assert calc.results == {}  # the old results are not served for the new options
-    assert calc.todict() == {"num_partitions": 2, **change}
+    assert calc.todict() == {"num_parts": 2, **change}
     forces = atoms.get_forces()
-    fresh = DistributedCalculator(_model(), **{"num_partitions": 2, **change})
+    fresh = DistributedCalculator(_model(), **{"num_parts": 2, **change})
     assert np.array_equal(forces, fresh.get_forces(_atoms()))
     plan = calc.last_plan
     if "mode" in change:
         assert plan.mode == "extended" and plan.num_hops == 3
-    if "num_partitions" in change:
-        assert plan.num_parts == change["num_partitions"]
+    if "num_parts" in change:
+        assert plan.num_parts == change["num_parts"]
     if "dtype" in change:
         assert calc.runner.dtype.__repr__() == "torch.float32"
     if "skin" in change:
@@ -67,11 +67,11 @@ def test_set_takes_effect_at_the_next_call(change):
 
 def test_set_same_value_changes_nothing():
     atoms = _atoms()
-    calc = DistributedCalculator(_model(), num_partitions=2)
+    calc = DistributedCalculator(_model(), num_parts=2)
     atoms.calc = calc
     atoms.get_potential_energy()
     runner, builds = calc.runner, calc.graph_builds
-    assert calc.set(num_partitions=2, mode="halo") == {}
+    assert calc.set(num_parts=2, mode="halo") == {}
     atoms.get_potential_energy()
     assert calc.runner is runner and calc.graph_builds == builds
 
@@ -90,11 +90,11 @@ def test_pymatgen_in_every_entry_point():
     from pymatgen.io.ase import AseAtomsAdaptor
 
     atoms = _atoms()
-    ref = DistributedCalculator(_model(), num_partitions=2)
+    ref = DistributedCalculator(_model(), num_parts=2)
     energy, forces, stress = ref.get_potential_energy(atoms), ref.get_forces(atoms), ref.get_stress(atoms)
     structure = AseAtomsAdaptor.get_structure(atoms)
 
-    calc = DistributedCalculator(_model(), num_partitions=2)
+    calc = DistributedCalculator(_model(), num_parts=2)
     assert _close(calc.get_stress(structure), stress)  # stress first (it used to fail)
     assert _close(calc.get_potential_energy(structure), energy)
     assert _close(calc.get_forces(structure), forces)
@@ -112,14 +112,14 @@ def test_pymatgen_in_every_entry_point():
 
     mol = AseAtomsAdaptor.get_molecule(molecule("CH4"))
     m_ref = DistributedCalculator(_model()).get_forces(molecule("CH4"))
-    calc = DistributedCalculator(_model(), num_partitions=2)
+    calc = DistributedCalculator(_model(), num_parts=2)
     assert _close(calc.get_forces(mol), m_ref)
     with pytest.raises(PropertyNotImplementedError, match=r"^stress: needs a cell with three"):
         calc.get_stress(mol)
 
 
 def test_rank_and_world_size_in_one_process():
-    calc = DistributedCalculator(_model(), num_partitions=3)
+    calc = DistributedCalculator(_model(), num_parts=3)
     assert (calc.rank, calc.world_size) == (0, 1)
 
 
@@ -130,7 +130,7 @@ def test_a_million_parts_on_108_atoms_is_quick():
     atoms.rattle(0.05, seed=1)
     ref = DistributedCalculator(_model()).get_forces(atoms)
     for partitioner in ("grid", "slab", "metis"):
-        calc = DistributedCalculator(_model(), num_partitions=10**6, partitioner=partitioner)
+        calc = DistributedCalculator(_model(), num_parts=10**6, partitioner=partitioner)
         t0 = time.perf_counter()
         forces = calc.get_forces(atoms)
         assert time.perf_counter() - t0 < 5.0, partitioner

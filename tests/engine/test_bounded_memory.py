@@ -227,7 +227,7 @@ def test_budget_is_honoured_in_a_fresh_process(tmp_path):
 
 
 def test_auto_partitions():
-    """num_partitions="auto": all at once on each device when it fits (the default budget is 80%
+    """num_parts="auto": all at once on each device when it fits (the default budget is 80%
     of the free memory), part by part when the budget says so; results unchanged."""
     model = make_schnet(hidden_channels=32)
     atoms = fcc_bulk(size=5, seed=6)
@@ -239,7 +239,7 @@ def test_auto_partitions():
     tight = DistributedCalculator(model, "auto", max_memory=int(0.5 * estimate_memory(model, atoms)))
     _compare(evaluate(tight, atoms), ref, RTOL, "auto, tight")
     assert tight.runner.sequential and tight.last_plan.num_parts > 1
-    with pytest.raises(TypeError, match="num_partitions: expected an integer >= 1 or 'auto'"):
+    with pytest.raises(TypeError, match="num_parts: expected an integer >= 1 or 'auto'"):
         DistributedCalculator(model, "many")
 
 

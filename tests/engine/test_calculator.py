@@ -38,7 +38,7 @@ def _atoms_away_from_cutoff(atoms, cutoff, margin, count=3):
 @pytest.mark.parametrize("mode", ["halo", "extended"])
 def test_schnet_forces_are_minus_energy_gradient(schnet_model, name, mode):
     atoms = awkward_structures()[name]
-    calc = DistributedCalculator(schnet_model, num_partitions=3, partitioner="grid", mode=mode)
+    calc = DistributedCalculator(schnet_model, num_parts=3, partitioner="grid", mode=mode)
     dev = check_forces_finite_difference(calc, atoms, delta=DELTA, atol=1e-6, num_atoms=2)
     assert calc.last_plan.num_parts == 3
     print(f"{name} {mode}: max |F - F_fd| = {dev:.2e} eV/Å")
@@ -48,14 +48,14 @@ def test_schnet_forces_are_minus_energy_gradient(schnet_model, name, mode):
 def test_lj_forces_are_minus_energy_gradient(lj_model, name):
     atoms = awkward_structures()[name]
     idx = _atoms_away_from_cutoff(atoms, lj_model.cutoff, margin=5 * DELTA, count=2)
-    calc = DistributedCalculator(lj_model, num_partitions=3, partitioner="metis")
+    calc = DistributedCalculator(lj_model, num_parts=3, partitioner="metis")
     check_forces_finite_difference(calc, atoms, delta=DELTA, atol=1e-6, indices=idx)
 
 
 @pytest.mark.parametrize("name", ["fcc_bulk", "small_triclinic", "slab_vacuum", "multi_element_isolated"])
 def test_schnet_stress_is_numerical_stress(schnet_model, name):
     atoms = awkward_structures()[name]
-    calc = DistributedCalculator(schnet_model, num_partitions=3, partitioner="slab")
+    calc = DistributedCalculator(schnet_model, num_parts=3, partitioner="slab")
     dev = check_stress_finite_difference(calc, atoms, atol=1e-6)
     print(f"{name}: max |stress - numerical| = {dev:.2e} eV/Å^3")
 
@@ -65,7 +65,7 @@ def test_lj_stress_is_numerical_stress(lj_model, name):
     atoms = awkward_structures()[name]
     i, d = neighbor_list("id", atoms, lj_model.cutoff + 0.01)
     assert np.abs(d - lj_model.cutoff).min() > 1e-5 * lj_model.cutoff  # strain 1e-6 moves d by 5e-6 Å
-    calc = DistributedCalculator(lj_model, num_partitions=3, partitioner="grid")
+    calc = DistributedCalculator(lj_model, num_parts=3, partitioner="grid")
     check_stress_finite_difference(calc, atoms, atol=1e-6)
 
 
@@ -204,7 +204,7 @@ def test_extended_mode_warns_when_every_part_holds_the_whole_system():
 
     atoms = fcc_bulk(size=2)
     model = SchNet(cutoff=5.0, num_interactions=3, hidden_channels=8)
-    atoms.calc = DistributedCalculator(model, num_partitions=4, mode="extended")
+    atoms.calc = DistributedCalculator(model, num_parts=4, mode="extended")
     with pytest.warns(UserWarning, match="halo covers the whole system"):
         atoms.get_potential_energy()
     atoms.rattle(0.01, seed=1)
@@ -212,7 +212,7 @@ def test_extended_mode_warns_when_every_part_holds_the_whole_system():
         warnings.simplefilter("error")  # said once per calculator
         atoms.get_potential_energy()
     halo = fcc_bulk(size=2)
-    halo.calc = DistributedCalculator(model, num_partitions=4, mode="halo")
+    halo.calc = DistributedCalculator(model, num_parts=4, mode="halo")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         halo.get_potential_energy()

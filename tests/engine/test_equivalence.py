@@ -25,7 +25,7 @@ ALL_PARTS = (1, 2, 3, 7, 16)
 def _check_report(report, model):
     """What the report says about how the work was split (beyond the errors already asserted)."""
     for row in report:
-        p = row["num_partitions"]
+        p = row["num_parts"]
         assert row["max_err"] <= 1e-10
         if row["mode"] == "halo":
             assert row["redundancy"] == 1.0, row
@@ -43,7 +43,7 @@ def _check_report(report, model):
 @pytest.mark.parametrize("name", STRUCTURE_NAMES)
 def test_lennard_jones_partition_invariant(lj_model, name):
     atoms = awkward_structures()[name]
-    report = assert_partition_invariant(lj_model, atoms, num_partitions=ALL_PARTS, rtol=1e-10)
+    report = assert_partition_invariant(lj_model, atoms, num_parts=ALL_PARTS, rtol=1e-10)
     print(f"\nLennardJones on {name} ({len(atoms)} atoms)\n{format_report(report)}")
     assert len(report) == 3 * len(ALL_PARTS) * 2
     _check_report(report, lj_model)
@@ -52,13 +52,13 @@ def test_lennard_jones_partition_invariant(lj_model, name):
 @pytest.mark.parametrize("name", STRUCTURE_NAMES)
 def test_schnet_partition_invariant(schnet_model, name):
     atoms = awkward_structures()[name]
-    report = assert_partition_invariant(schnet_model, atoms, num_partitions=ALL_PARTS, rtol=1e-10)
+    report = assert_partition_invariant(schnet_model, atoms, num_parts=ALL_PARTS, rtol=1e-10)
     print(f"\nSchNet on {name} ({len(atoms)} atoms)\n{format_report(report)}")
     assert len(report) == 3 * len(ALL_PARTS) * 2
     _check_report(report, schnet_model)
     # more parts than atoms really happened for the small systems
     if len(atoms) < 16:
-        assert any(r["nonempty_parts"] < r["num_partitions"] for r in report)
+        assert any(r["nonempty_parts"] < r["num_parts"] for r in report)
 
 
 @pytest.mark.parametrize("name", ["fcc_bulk", "small_triclinic", "slab_vacuum", "molecule",
@@ -67,7 +67,7 @@ def test_schnet_threaded_workers(schnet_model, name):
     """Two worker threads (device=["cpu", "cpu"]): parts run concurrently and meet at each halo
     exchange."""
     atoms = awkward_structures()[name]
-    report = assert_partition_invariant(schnet_model, atoms, num_partitions=(2, 3, 7),
+    report = assert_partition_invariant(schnet_model, atoms, num_parts=(2, 3, 7),
                                         partitioners=("grid", "metis"), device=["cpu", "cpu"])
     _check_report(report, schnet_model)
 
@@ -75,7 +75,7 @@ def test_schnet_threaded_workers(schnet_model, name):
 def test_schnet_float32(schnet_model):
     for name in ("fcc_bulk", "slab_vacuum", "molecule"):
         atoms = awkward_structures()[name]
-        report = assert_partition_invariant(schnet_model, atoms, num_partitions=(2, 3, 7),
+        report = assert_partition_invariant(schnet_model, atoms, num_parts=(2, 3, 7),
                                             partitioners=("grid", "slab"), dtype="float32", rtol=1e-5)
         print(f"\nSchNet float32 on {name}\n{format_report(report)}")
     # float32 really ran in float32: it differs from float64 by more than float64 noise
@@ -136,11 +136,11 @@ def test_kit_catches_a_model_that_skips_the_exchange(schnet_model):
     broken.load_state_dict(schnet_model.state_dict())
     atoms = awkward_structures()["fcc_bulk"]
     # unsplit and extended mode are still exact (nothing to exchange)...
-    assert_partition_invariant(broken, atoms, num_partitions=(1, 3), modes=("extended",),
+    assert_partition_invariant(broken, atoms, num_parts=(1, 3), modes=("extended",),
                                partitioners=("grid",))
     # ...but halo mode is not, and the kit says where
-    with pytest.raises(AssertionError, match=r"partitioner='grid', num_partitions=3, mode='halo'"):
-        assert_partition_invariant(broken, atoms, num_partitions=(3,), modes=("halo",),
+    with pytest.raises(AssertionError, match=r"partitioner='grid', num_parts=3, mode='halo'"):
+        assert_partition_invariant(broken, atoms, num_parts=(3,), modes=("halo",),
                                    partitioners=("grid",))
 
 
@@ -155,7 +155,7 @@ def test_kit_catches_a_model_reading_positions_outside_edge_vec():
 
     with pytest.raises(AssertionError, match=r"energ"):
         assert_partition_invariant(Leaky(**LJ_PARAMS), awkward_structures()["slab_vacuum"],
-                                   num_partitions=(2,), partitioners=("slab",), modes=("halo",))
+                                   num_parts=(2,), partitioners=("slab",), modes=("halo",))
 
 
 def test_rel_err_definition():

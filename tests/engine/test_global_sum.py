@@ -32,7 +32,7 @@ def test_energy_is_the_global_formula(model):
     """The calculator's energy is the model evaluated on the whole system in one piece, and the
     per-atom energies hold the per-atom terms plus an equal share of the global term."""
     atoms = salt()
-    out = evaluate(DistributedCalculator(model, num_partitions=3), atoms)
+    out = evaluate(DistributedCalculator(model, num_parts=3), atoms)
     from distmlip.graph import NeighborGraph
 
     g = NeighborGraph.from_atoms(atoms, model.cutoff)
@@ -48,7 +48,7 @@ def test_energy_is_the_global_formula(model):
 @pytest.mark.parametrize("make", [salt, slab], ids=["salt", "slab"])
 def test_split_equals_whole(model, make):
     """One union graph (one device), 1, 2, 3, 5 parts, both modes, every partitioner."""
-    report = assert_partition_invariant(model, make(), num_partitions=(1, 2, 3, 5),
+    report = assert_partition_invariant(model, make(), num_parts=(1, 2, 3, 5),
                                         partitioners=("grid", "slab", "metis"), rtol=RTOL)
     assert max(r["max_err"] for r in report) <= RTOL
 
@@ -56,7 +56,7 @@ def test_split_equals_whole(model, make):
 def test_threads_on_several_devices(model):
     """Two and three worker threads (one per device), the partial sums meet at the hub."""
     for devices in (["cpu", "cpu"], ["cpu", "cpu", "cpu"]):
-        assert_partition_invariant(model, salt(), num_partitions=(2, 3, 4), partitioners=("grid",),
+        assert_partition_invariant(model, salt(), num_parts=(2, 3, 4), partitioners=("grid",),
                                    device=devices, rtol=RTOL)
 
 
@@ -64,13 +64,13 @@ def test_more_parts_than_atoms(model):
     """Empty parts and empty workers still take part in the sum."""
     water = molecule("H2O")
     atoms = Atoms(water.numbers, water.positions, pbc=False)
-    assert_partition_invariant(model, atoms, num_partitions=(2, 5), partitioners=("grid",), rtol=RTOL)
-    assert_partition_invariant(model, atoms, num_partitions=(5,), partitioners=("grid",),
+    assert_partition_invariant(model, atoms, num_parts=(2, 5), partitioners=("grid",), rtol=RTOL)
+    assert_partition_invariant(model, atoms, num_parts=(5,), partitioners=("grid",),
                                device=["cpu", "cpu"], rtol=RTOL)
 
 
 def test_forces_and_stress_are_gradients(model):
-    calc = DistributedCalculator(model, num_partitions=3)
+    calc = DistributedCalculator(model, num_parts=3)
     check_forces_finite_difference(calc, salt(), delta=1e-4, atol=1e-6)
     check_stress_finite_difference(calc, salt(), atol=1e-6)
 

@@ -54,11 +54,11 @@ def _worst(a, b):
 
 
 SETTINGS = [
-    {"num_partitions": 1},
-    {"num_partitions": 4, "partitioner": "grid"},
-    {"num_partitions": 4, "partitioner": "slab", "device": ["cpu", "cpu"]},
-    {"num_partitions": 3, "partitioner": "metis", "mode": "extended", "device": ["cpu", "cpu"]},
-    {"num_partitions": 5, "partitioner": "grid", "dtype": "float32", "device": ["cpu", "cpu"]},
+    {"num_parts": 1},
+    {"num_parts": 4, "partitioner": "grid"},
+    {"num_parts": 4, "partitioner": "slab", "device": ["cpu", "cpu"]},
+    {"num_parts": 3, "partitioner": "metis", "mode": "extended", "device": ["cpu", "cpu"]},
+    {"num_parts": 5, "partitioner": "grid", "dtype": "float32", "device": ["cpu", "cpu"]},
 ]
 
 
@@ -97,9 +97,9 @@ def test_float64_agrees_across_partitioners_and_part_counts(model_name):
                                                              hidden_channels=16, seed=4)
     worst = 0.0
     for atoms in (fcc_bulk(size=3, seed=12), small_triclinic(seed=3)):
-        ref = _results(model, atoms, num_partitions=1)
+        ref = _results(model, atoms, num_parts=1)
         for parts, partitioner, mode in PARTITIONINGS[1:]:
-            got = _results(model, atoms, num_partitions=parts, partitioner=partitioner, mode=mode)
+            got = _results(model, atoms, num_parts=parts, partitioner=partitioner, mode=mode)
             err = _worst(got, ref)
             assert err <= 1e-10, f"{model_name} {parts} {partitioner} {mode}: {err:.2e}"
             worst = max(worst, err)
@@ -113,12 +113,12 @@ def test_float32_differs_by_summation_order():
     its own is bit-identical run to run (test above)."""
     model = make_schnet(cutoff=4.0, num_interactions=2, hidden_channels=16, seed=4)
     atoms = fcc_bulk(size=3, seed=12)
-    ref = _results(model, atoms, num_partitions=1, dtype="float32")
-    ref64 = _results(model, atoms, num_partitions=1)
+    ref = _results(model, atoms, num_parts=1, dtype="float32")
+    ref64 = _results(model, atoms, num_parts=1)
     errs = []
     for parts, partitioner, mode in [(2, "slab", "halo"), (4, "grid", "halo"), (3, "metis", "extended"),
                                      (7, "grid", "halo")]:
-        got = _results(model, atoms, num_partitions=parts, partitioner=partitioner, mode=mode,
+        got = _results(model, atoms, num_parts=parts, partitioner=partitioner, mode=mode,
                        dtype="float32")
         errs.append(_worst(got, ref))
     print(f"\nfloat32 split vs unsplit: {max(errs):.1e}; float32 vs float64: {_worst(ref, ref64):.1e}")

@@ -155,7 +155,7 @@ def test_npt_barostat_follows_unpartitioned(lj_model):
     runs = []
     for parts in (1, 3):
         a = atoms.copy()
-        a.calc = DistributedCalculator(lj_model, num_partitions=parts, partitioner="grid")
+        a.calc = DistributedCalculator(lj_model, num_parts=parts, partitioner="grid")
         dyn = NPTBerendsen(a, timestep=2 * units.fs, temperature_K=300, pressure_au=0.0,
                            taut=100 * units.fs, taup=200 * units.fs, compressibility_au=1e-2 / units.GPa)
         frames = []
@@ -286,13 +286,13 @@ def test_npt_reuses_the_graph(lj_model):
 
         def calculate(self, atoms=None, properties=("energy",), system_changes=()):
             super().calculate(atoms, properties, system_changes)
-            calc = DistributedCalculator(lj_model, num_partitions=3)
+            calc = DistributedCalculator(lj_model, num_parts=3)
             calc.calculate(self.atoms.copy(), ["energy", "forces", "stress"])
             self.results = dict(calc.results)
             self.graph_builds += calc.graph_builds
 
     runs = []
-    for calc in (DistributedCalculator(lj_model, num_partitions=3, skin=0.5), Fresh()):
+    for calc in (DistributedCalculator(lj_model, num_parts=3, skin=0.5), Fresh()):
         a = atoms.copy()
         a.calc = calc
         dyn = MTKNPT(a, timestep=2 * units.fs, temperature_K=300, pressure_au=1.0 * units.GPa,

@@ -140,7 +140,7 @@ schnet_params = st.fixed_dictionaries({
 def _calc(model, parts, partitioner="grid", mode="halo", **options):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="backend='local' under")
-        return DistributedCalculator(model, num_partitions=parts, partitioner=partitioner,
+        return DistributedCalculator(model, num_parts=parts, partitioner=partitioner,
                                      mode=mode, backend="local", **options)
 
 

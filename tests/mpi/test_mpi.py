@@ -128,7 +128,7 @@ def test_world_size_mismatch_is_an_error():
     proc, _ = launch("mpirun", 2, "mismatch.py", timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "num_partitions: expected a multiple of the number of processes (2)" in out, out[-3000:]
+    assert "num_parts: expected a multiple of the number of processes (2)" in out, out[-3000:]
 
 
 def test_independent_exchanges_stay_ordered_across_ranks():

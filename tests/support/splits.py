@@ -12,9 +12,9 @@ def rel(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) / max(float(np.max(np.abs(b))), 1.0)
 
 
-def check_splits(model, structures: dict, num_partitions: int, partitioners, rtol: float,
+def check_splits(model, structures: dict, num_parts: int, partitioners, rtol: float,
                  keys=("energy", "forces"), stress: bool = False, bounded: bool = False):
-    """Every structure x mode x partitioner, split over the launch into ``num_partitions`` parts,
+    """Every structure x mode x partitioner, split over the launch into ``num_parts`` parts,
     against a single-process (``backend="local"``) evaluation. ``bounded``: each rank evaluates
     its parts one at a time (the path a tight ``max_memory`` takes). Returns (failures, checks,
     rank)."""
@@ -28,7 +28,7 @@ def check_splits(model, structures: dict, num_partitions: int, partitioners, rto
         for mode in ("halo", "extended"):
             for partitioner in partitioners:
                 test = atoms.copy()
-                test.calc = DistributedCalculator(model, num_partitions=num_partitions, mode=mode,
+                test.calc = DistributedCalculator(model, num_parts=num_parts, mode=mode,
                                                   partitioner=partitioner)
                 assert test.calc.backend == "torch", test.calc.backend
                 if bounded:
@@ -36,7 +36,7 @@ def check_splits(model, structures: dict, num_partitions: int, partitioners, rto
 
                     c = test.calc
                     c.runner = Runner(model, [c.distributed], c.dtype, partitioner, mode,
-                                      num_partitions, c.skin, comm="torch", sequential=True)
+                                      num_parts, c.skin, comm="torch", sequential=True)
                 rank = test.calc.rank
                 for key, value in want.items():
                     checks += 1

@@ -123,7 +123,7 @@ STRUCTURES = [
 @pytest.mark.parametrize("name,make,exc,match", STRUCTURES, ids=[c[0] for c in STRUCTURES])
 @pytest.mark.parametrize("parts", [1, 3])
 def test_bad_structure(name, make, exc, match, parts, reference):
-    calc = DistributedCalculator(make_model(), num_partitions=parts)
+    calc = DistributedCalculator(make_model(), num_parts=parts)
     calc.get_potential_energy(good_atoms())  # a built calculator: the bad call must not corrupt it
     for prop in ("energy", "forces"):
         refused(exc, match, lambda: calc.get_property(prop, make()))
@@ -133,7 +133,7 @@ def test_bad_structure(name, make, exc, match, parts, reference):
 @pytest.mark.slow  # calibrates the memory model (~5 s)
 def test_bad_structure_with_bounded_memory(reference):
     """One part at a time (max_memory) checks the edges of each part it evaluates."""
-    calc = DistributedCalculator(make_model(), num_partitions=3, max_memory="2GB")
+    calc = DistributedCalculator(make_model(), num_parts=3, max_memory="2GB")
     calc.runner._sequential = True
     refused(ValueError, r"^positions: .*atoms 3 and 9 0 Å apart",
             lambda: calc.get_forces(_with(same=(3, 9))()))
@@ -145,7 +145,7 @@ def test_chgnet_unknown_element():
     pytest.importorskip("chgnet")
     import distmlip
 
-    calc = DistributedCalculator(distmlip.load("chgnet-0.3.0"), num_partitions=2)
+    calc = DistributedCalculator(distmlip.load("chgnet-0.3.0"), num_parts=2)
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
     good = calc.get_potential_energy(atoms)
     atoms.numbers[2] = 100
@@ -157,11 +157,11 @@ def test_chgnet_unknown_element():
 
 # --------------------------------------------------------------------------- options
 OPTIONS = [
-    ({"num_partitions": 0}, ValueError, r"^num_partitions: expected an integer >= 1, got 0"),
-    ({"num_partitions": -2}, ValueError, r"^num_partitions: expected an integer >= 1, got -2"),
-    ({"num_partitions": 2.5}, TypeError, r"^num_partitions: expected an integer >= 1 or 'auto', got 2.5"),
-    ({"num_partitions": "4"}, TypeError, r"^num_partitions: expected .* got '4'"),
-    ({"num_partitions": True}, TypeError, r"^num_partitions: expected .* got True"),
+    ({"num_parts": 0}, ValueError, r"^num_parts: expected an integer >= 1, got 0"),
+    ({"num_parts": -2}, ValueError, r"^num_parts: expected an integer >= 1, got -2"),
+    ({"num_parts": 2.5}, TypeError, r"^num_parts: expected an integer >= 1 or 'auto', got 2.5"),
+    ({"num_parts": "4"}, TypeError, r"^num_parts: expected .* got '4'"),
+    ({"num_parts": True}, TypeError, r"^num_parts: expected .* got True"),
     ({"partitioner": "kmeans"}, ValueError,
      r"^partitioner: expected one of \['grid', 'slab', 'metis'\], got 'kmeans'"),
     ({"partitioner": None}, ValueError, r"^partitioner: expected one of .* got None"),
@@ -191,7 +191,7 @@ OPTIONS = [
     ({"max_memory": 1.5}, ValueError, r"^max_memory: expected .* fraction .* got 1.5"),
     ({"num_partitons": 4}, TypeError,
      r"^num_partitons: expected a keyword of DistributedCalculator .* got the unknown keyword "
-     r"'num_partitons'; did you mean 'num_partitions'\?"),
+     r"'num_partitons'; did you mean 'num_parts'\?"),
     ({"partitoner": "slab"}, TypeError, r"^partitoner: .* did you mean 'partitioner'\?"),
     ({"zzz": 1}, TypeError, r"^zzz: expected a keyword of DistributedCalculator \(one of \[.*'mode'.*\]\), "
                             r"got the unknown keyword 'zzz'$"),
@@ -207,7 +207,7 @@ if not torch.cuda.is_available():
 def test_bad_option(options, exc, match, reference):
     """Refused by the constructor, and by ``set`` on a working calculator, which stays as it was."""
     refused(exc, match, lambda: DistributedCalculator(make_model(), **options))
-    calc = DistributedCalculator(make_model(), num_partitions=2, mode="halo")
+    calc = DistributedCalculator(make_model(), num_parts=2, mode="halo")
     calc.get_potential_energy(good_atoms())
     before, runner = calc.todict(), calc.runner
     refused(exc, match, lambda: calc.set(**options))
@@ -218,7 +218,7 @@ def test_bad_option(options, exc, match, reference):
 def test_budget_below_one_neighbourhood(reference):
     """A memory budget too small for any split: refused at the first call, naming what works;
     the same calculator works once the budget is raised with set()."""
-    calc = DistributedCalculator(make_model(), num_partitions=2, max_memory=1000)
+    calc = DistributedCalculator(make_model(), num_parts=2, max_memory=1000)
     refused(ValueError, r"^max_memory: expected at least .* got 1 kB; raise max_memory",
             lambda: calc.get_potential_energy(good_atoms()))
     calc.set(max_memory="2GB")
@@ -269,7 +269,7 @@ MODELS = [
 @pytest.mark.parametrize("name,make,exc,match", MODELS, ids=[c[0] for c in MODELS])
 def test_bad_model_declarations(name, make, exc, match):
     """The contract is checked when the calculator is built, naming class, attribute, expectation."""
-    err = refused(exc, match, lambda: DistributedCalculator(make(), num_partitions=2))
+    err = refused(exc, match, lambda: DistributedCalculator(make(), num_parts=2))
     assert "num_hops" not in str(err)
 
 
@@ -306,7 +306,7 @@ MISBEHAVIOURS = [
 @pytest.mark.parametrize("name,bad,exc,match", MISBEHAVIOURS, ids=[c[0] for c in MISBEHAVIOURS])
 @pytest.mark.parametrize("device", ["cpu", ["cpu", "cpu"]], ids=["one-worker", "two-threads"])
 def test_model_misbehaving_at_run_time(name, bad, exc, match, device, reference):
-    calc = DistributedCalculator(_Misbehaving(bad), num_partitions=2, device=device)
+    calc = DistributedCalculator(_Misbehaving(bad), num_parts=2, device=device)
     helium = good_atoms()
     helium.numbers[0] = 2
     refused(exc, match, lambda: calc.get_forces(helium))
@@ -326,7 +326,7 @@ def test_nan_gradient_named(reference):
             return energies
 
     calc = DistributedCalculator(SqrtAtZero(cutoff=4.0, num_interactions=2, hidden_channels=8,
-                                            num_gaussians=10, seed=3), num_partitions=2)
+                                            num_gaussians=10, seed=3), num_parts=2)
     helium = good_atoms()
     helium.numbers[0] = 2
     refused(ValueError, r"^model: SqrtAtZero gave NaN or inf forces on atoms \[",
@@ -348,10 +348,10 @@ def fake_launch(monkeypatch):
 
 
 @pytest.mark.parametrize("parts", [3, 5])
-def test_num_partitions_not_a_multiple_of_ranks(fake_launch, parts):
-    refused(ValueError, rf"^num_partitions: expected a multiple of the number of processes \(2\) .* "
+def test_num_parts_not_a_multiple_of_ranks(fake_launch, parts):
+    refused(ValueError, rf"^num_parts: expected a multiple of the number of processes \(2\) .* "
                         rf"got {parts}; omit it",
-            lambda: DistributedCalculator(make_model(), num_partitions=parts))
+            lambda: DistributedCalculator(make_model(), num_parts=parts))
 
 
 def test_backend_local_under_launch_warns_once(fake_launch, reference):
@@ -369,7 +369,7 @@ def test_backend_local_under_launch_warns_once(fake_launch, reference):
 
 
 def test_set_backend_torch_in_one_process(reference):
-    calc = DistributedCalculator(make_model(), num_partitions=2)
+    calc = DistributedCalculator(make_model(), num_parts=2)
     refused(ValueError, r"^backend: 'torch' needs a multi-process launch", lambda: calc.set(backend="torch"))
     assert calc.backend == "local" and calc.parameters["backend"] == "auto"
     assert_good(calc, reference)

@@ -12,7 +12,7 @@ from distmlip import DistributedCalculator, NeighborGraph, PartitionPlan
 from distmlip.models import DistributableModel, LennardJones, SchNet
 from distmlip.testing.structures import fcc_bulk
 
-from support import LJ_PARAMS
+from support import LJ_PARAMS, make_lj
 
 
 def _calc(**kwargs):
@@ -49,22 +49,22 @@ def test_unknown_mode(value):
 
 
 @pytest.mark.parametrize("value", [0, -3])
-def test_num_partitions_below_one(value):
-    with pytest.raises(ValueError, match=rf"num_partitions: expected an integer >= 1, got {value}"):
-        _calc(num_partitions=value)
+def test_num_parts_below_one(value):
+    with pytest.raises(ValueError, match=rf"num_parts: expected an integer >= 1, got {value}"):
+        _calc(num_parts=value)
 
 
 @pytest.mark.parametrize("value", [2.5, 2.0, "4", True, [2]])
-def test_num_partitions_not_an_int(value):
+def test_num_parts_not_an_int(value):
     with pytest.raises(TypeError) as err:
-        _calc(num_partitions=value)
+        _calc(num_parts=value)
     msg = str(err.value)
-    assert msg.startswith("num_partitions:") and "integer" in msg and repr(value) in msg
+    assert msg.startswith("num_parts:") and "integer" in msg and repr(value) in msg
 
 
-def test_num_partitions_numpy_int_and_default_accepted():
-    assert _calc(num_partitions=np.int64(3)).num_partitions == 3
-    assert _calc(num_partitions=None).num_partitions == 1  # one process: default one part
+def test_num_parts_numpy_int_and_default_accepted():
+    assert _calc(num_parts=np.int64(3)).num_parts == 3
+    assert _calc(num_parts=None).num_parts == 1  # one process: default one part
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -72,7 +72,7 @@ def test_non_finite_positions(bad):
     atoms = fcc_bulk(size=2)
     atoms.positions[5, 1] = bad
     with pytest.raises(ValueError) as err:
-        _energy(_calc(num_partitions=2), atoms)
+        _energy(_calc(num_parts=2), atoms)
     msg = str(err.value)
     assert msg.startswith("positions:") and "finite" in msg and "[5]" in msg
 
@@ -94,7 +94,7 @@ def test_zero_cell_with_pbc():
 
 def test_empty_atoms():
     with pytest.raises(ValueError) as err:
-        _energy(_calc(num_partitions=2), Atoms())
+        _energy(_calc(num_parts=2), Atoms())
     msg = str(err.value)
     assert msg.startswith("atoms:") and "at least one atom" in msg and "0 atoms" in msg
 
@@ -163,7 +163,7 @@ def test_model_returning_wrong_shape(shape, got):
     else:
         model = _WrongShape(shape)
     with pytest.raises(ValueError) as err:
-        _energy(DistributedCalculator(model, num_partitions=2), atoms)
+        _energy(DistributedCalculator(model, num_parts=2), atoms)
     msg = str(err.value)
     assert msg.startswith("model:") and "per-atom energies" in msg
     assert "must return" in msg and "got" in msg
@@ -173,7 +173,7 @@ def test_model_returning_wrong_shape_threaded():
     atoms = fcc_bulk(size=2)
     model = _WrongShape(lambda n: (n, 1))
     with pytest.raises(ValueError, match=r"model: .* per-atom energies"):
-        _energy(DistributedCalculator(model, num_partitions=2, device=["cpu", "cpu"]), atoms)
+        _energy(DistributedCalculator(model, num_parts=2, device=["cpu", "cpu"]), atoms)
 
 
 @pytest.mark.parametrize("cutoff,exc", [(-1.0, ValueError), (0.0, ValueError), (np.nan, ValueError),
@@ -206,3 +206,23 @@ def test_plan_bad_owner_and_hops():
         PartitionPlan.from_owner(graph, np.zeros(3, dtype=int), 2)
     with pytest.raises(ValueError, match=r"num_hops: expected an integer >= 1, got 0"):
         PartitionPlan.build(graph, 2, num_hops=0)
+
+
+def test_num_partitions_is_the_old_name_of_num_parts():
+    """The renamed option (2026-12-02) still works, with a dated DeprecationWarning, in the
+    constructor, ``set()`` and ``estimate_memory``; both names at once are refused."""
+    from distmlip import estimate_memory
+    from distmlip.options import RENAMED
+
+    assert RENAMED["num_partitions"] == ("num_parts", "2026-12-02")
+    with pytest.warns(DeprecationWarning, match=r"num_partitions= is deprecated since 2026-12-02.*num_parts="):
+        calc = _calc(num_partitions=3)
+    assert calc.parameters["num_parts"] == 3 and "num_partitions" not in calc.parameters
+    with pytest.warns(DeprecationWarning, match="num_partitions"):
+        assert calc.set(num_partitions=2) == {"num_parts": 2}
+    with pytest.raises(TypeError, match=r"num_partitions: expected only num_parts="):
+        _calc(num_parts=2, num_partitions=2)
+    atoms, model = fcc_bulk(size=2), make_lj()  # one model: one memory calibration for both calls
+    with pytest.warns(DeprecationWarning, match="num_partitions"):
+        old = estimate_memory(model, atoms, num_partitions=2)
+    assert old == estimate_memory(model, atoms, num_parts=2)

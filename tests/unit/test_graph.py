@@ -169,7 +169,7 @@ def test_pymatgen_input_gives_same_graph(structure):
 @pytest.mark.parametrize("name", ["small_triclinic", "slab_vacuum", "molecule"])
 def test_pymatgen_input_gives_same_results(schnet_model, name):
     atoms = awkward_structures()[name]
-    calc = DistributedCalculator(schnet_model, num_partitions=3)
+    calc = DistributedCalculator(schnet_model, num_parts=3)
     ref = evaluate(calc, atoms)
     calc.calculate(_pymatgen(atoms))
     got = calc.results

@@ -206,7 +206,7 @@ def test_load_knows_exactly_the_pretrained_names():
 
 def test_owned_ids_and_owned_mask_and_their_deprecated_aliases():
     atoms = fcc_bulk(size=2)
-    calc = DistributedCalculator(_model(), num_partitions=3)
+    calc = DistributedCalculator(_model(), num_parts=3)
     atoms.calc = calc
     atoms.get_potential_energy()
     plan = calc.last_plan

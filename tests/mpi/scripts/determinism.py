@@ -18,7 +18,7 @@ SETTINGS = [{"partitioner": "grid"}, {"partitioner": "metis", "mode": "extended"
 
 def evaluate(model, atoms, world, **settings):
     a = atoms.copy()
-    a.calc = DistributedCalculator(model, num_partitions=2 * world, **settings)
+    a.calc = DistributedCalculator(model, num_parts=2 * world, **settings)
     a.get_potential_energy()
     a.get_stress()
     return a.calc, {k: np.array(a.calc.results[k], copy=True) for k in KEYS}

@@ -56,7 +56,7 @@ def main():
                     assert test.calc.backend == "torch", test.calc.backend
                     rank, world = test.calc.rank, test.calc.world_size
                     parts = per_rank * world
-                    test.calc = DistributedCalculator(model, num_partitions=parts, mode=mode,
+                    test.calc = DistributedCalculator(model, num_parts=parts, mode=mode,
                                                       partitioner=partitioner)
                     if bounded:  # the path a tight max_memory takes, with these parts
                         from distmlip.runtime import Runner

@@ -40,7 +40,7 @@ def main():
     from distmlip.runtime.launch import detect_launch
 
     world = detect_launch().world_size
-    calc, frames, builds = run("auto", num_partitions=2 * world)
+    calc, frames, builds = run("auto", num_parts=2 * world)
     assert calc.backend == "torch"
     rank = calc.rank
     print(f"rank {rank}: builds {builds} then {calc.graph_builds}", flush=True)

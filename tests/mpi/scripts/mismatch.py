@@ -3,4 +3,4 @@
 from distmlip import DistributedCalculator
 from distmlip.models import LennardJones
 
-DistributedCalculator(LennardJones(), num_partitions=3)
+DistributedCalculator(LennardJones(), num_parts=3)

@@ -34,7 +34,7 @@ def main():
     except Exception as exc:  # noqa: BLE001 - the test reads what each rank says
         print(f"rank {calc.rank}: stopped: {type(exc).__name__}: {exc}", flush=True)
         sys.exit(3)
-    print(f"rank {calc.rank}: served {served} with {calc.num_partitions} parts, "
+    print(f"rank {calc.rank}: served {served} with {calc.num_parts} parts, "
           f"last energy {np.float64(calc.results['energy']):.12f}", flush=True)
 
 

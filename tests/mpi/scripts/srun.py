@@ -31,7 +31,7 @@ def main():
     assert abs(energy - ref_energy) <= 1e-10 * max(abs(ref_energy), 1)
     assert np.abs(forces - ref_forces).max() <= 1e-10 * max(np.abs(ref_forces).max(), 1)
     # ASE's set() under a launcher: every rank rebuilds its runner; the process group stays
-    assert calc.set(mode="extended", num_partitions=4) == {"mode": "extended", "num_partitions": 4}
+    assert calc.set(mode="extended", num_parts=4) == {"mode": "extended", "num_parts": 4}
     assert calc.last_plan is None and calc.backend == "torch"
     forces = calc.get_forces(atoms)
     assert calc.last_plan.num_parts == 4 and calc.last_plan.mode == "extended"
