@@ -49,6 +49,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .base import unknown_elements
+
 __all__ = ["Adapter", "ElementTable", "HookState", "RunRows", "check_options", "no_pretrained",
            "no_pretrained_load", "optional_import", "private_copy", "supported", "wrap_with"]
 
@@ -249,7 +251,6 @@ class ElementTable(torch.nn.Module):
         if bool((types < 0).any()):
             from ase.data import chemical_symbols
 
-            from .base import unknown_elements
 
             known = sorted(self.numbers)
             if len(known) > 3 and known[-1] - known[0] == len(known) - 1:  # a range

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..calculators import DistributedCalculator
+from ..graph.neighbors import as_ase_atoms
 from .checks import evaluate
 
 __all__ = [
@@ -153,8 +155,6 @@ def assert_matches_calculator(model, reference_calculator, atoms, *, energy_atol
     Raises:
         AssertionError naming the split and quantity that exceeded its tolerance.
     """
-    from ..calculators import DistributedCalculator
-    from ..graph.neighbors import as_ase_atoms
 
     atoms = as_ase_atoms(atoms)
     if stress is None:

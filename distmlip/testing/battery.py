@@ -11,7 +11,7 @@ pytest fixtures (module or session scoped where they load a model, so the batter
 
     @pytest.fixture(scope="module")
     def battery_model(battery_source):   # the wrapped model the battery evaluates
-        return distmlip.wrap(battery_source)
+        return wrap(battery_source)
 
     @pytest.fixture(params=["oxide", "metal", "slab"])
     def battery_case(request):        # (name, atoms, partitioner), one test per structure
@@ -41,7 +41,7 @@ needs to skip):
   (on ``small_structure()``)
   leaves the caller's module as it was (parameters, buffers, dtype, submodules, hooks): the copy
   policy of ``distmlip/models/_adapter.py``;
-- ``test_battery_unknown_option_refused``: ``distmlip.wrap(source, <unknown>=...)`` raises the
+- ``test_battery_unknown_option_refused``: ``wrap(source, <unknown>=...)`` raises the
   one unknown-option ``TypeError`` (``"<option>: expected ..."``).
 
 Hooks for adapter-specific checks: ``check_run(calc, model, parts, mode)`` after each run
@@ -53,6 +53,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..calculators import DistributedCalculator
+from ..models import wrap
 from .checks import assert_partition_invariant, check_forces_finite_difference, evaluate, rel_err
 
 __all__ = ["AdapterBattery", "module_snapshot"]
@@ -159,7 +161,6 @@ class AdapterBattery:
 
     # ---------------------------------------------------------------- tests
     def test_battery_matches_calculator_and_split(self, battery_model, battery_case, battery_reference):
-        from ..calculators import DistributedCalculator
 
         name, atoms, partitioner = battery_case
         n = max(len(atoms), 1)
@@ -207,7 +208,6 @@ class AdapterBattery:
             self.check_split_report(report, battery_model)
 
     def test_battery_finite_difference_forces(self, battery_model):
-        from ..calculators import DistributedCalculator
 
         atoms = self.small_structure()
         if atoms is None or not self.finite_differences:
@@ -217,25 +217,22 @@ class AdapterBattery:
                                        num_atoms=self.fd_num_atoms)
 
     def test_battery_source_unchanged(self, battery_source):
-        import distmlip
 
-        from ..calculators import DistributedCalculator
 
         atoms = self.small_structure()
         if atoms is None:
             _skip("no small_structure configured")
         before = module_snapshot(battery_source)
         assert before, "battery_source holds no torch module"
-        model = distmlip.wrap(battery_source, **self.wrap_options)
+        model = wrap(battery_source, **self.wrap_options)
         evaluate(DistributedCalculator(model, num_parts=2, mode="halo"), atoms)
         _assert_same_snapshot(before, module_snapshot(battery_source))
 
     def test_battery_unknown_option_refused(self, battery_source):
-        import distmlip
 
         option = "not_an_option"
         try:
-            distmlip.wrap(battery_source, **self.wrap_options, **{option: 1})
+            wrap(battery_source, **self.wrap_options, **{option: 1})
         except TypeError as exc:
             message = str(exc)
             assert message.startswith(f"{option}: expected "), message

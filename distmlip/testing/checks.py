@@ -26,6 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..calculators import DistributedCalculator
+from ..graph.neighbors import as_ase_atoms
 from ..typing import MODES, PARTITIONERS, Mode, Partitioner
 
 __all__ = [
@@ -111,8 +113,6 @@ def assert_partition_invariant(
         AssertionError: naming the first combination and quantity whose error exceeds ``rtol``,
         with the error found.
     """
-    from ..calculators import DistributedCalculator
-    from ..graph.neighbors import as_ase_atoms
 
     atoms = as_ase_atoms(atoms)
     # backend="local": the partitions run in this process even under a multi-process launcher
