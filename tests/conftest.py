@@ -26,8 +26,8 @@ torch.set_num_threads(1)
 # every case slow; a grid keeps one or two representative cases and runs in full under test-all.
 SLOW = {
     # SevenNet-0 (pretrained, ~200 s in all): one calculator comparison, one float64 split
-    "adapters/test_sevenn.py::test_float64_matches_sevennet_and_is_partition_invariant": ("cu111_slab",),
-    "adapters/test_sevenn.py::test_matches_sevennet_calculator": ("rutile_TiO2-halo",),
+    "adapters/test_sevenn.py::test_float64_matches_sevennet": ("cu111_slab",),
+    "adapters/test_sevenn.py::TestSevenNetBattery::test_battery_matches_calculator_and_split": ("rutile_TiO2",),
     "adapters/test_sevenn.py::test_awkward_structures": ("small_triclinic",),
     "adapters/test_sevenn.py::test_node_work_only_on_owned_rows": (),  # 59 s
     "adapters/test_sevenn.py::test_partitioners_float64": (),  # 12 s
@@ -35,19 +35,19 @@ SLOW = {
     "adapters/test_sevenn.py::test_l3i5_matches": (),  # 9 s
     "adapters/test_sevenn.py::test_wrap_raw_module_unmodified": (),  # 5 s
     # MACE (~105 s)
-    "adapters/test_mace.py::test_equals_mace_calculator_and_is_partition_invariant": ("surface",),
+    "adapters/test_mace.py::TestMACEBattery::test_battery_matches_calculator_and_split": ("surface",),
     "adapters/test_mace.py::test_node_work_only_on_owned_rows": (),  # 25 s
     "adapters/test_mace.py::test_threaded_workers": (),  # 4 s
     "adapters/test_mace.py::test_interaction_classes_are_sliced_exactly": (
         "RealAgnosticInteractionBlock-RealAgnosticResidualInteractionBlock",),
     # CHGNet (~80 s)
-    "adapters/test_chgnet.py::test_equals_chgnet_float64": ("metal-halo", "slab-halo"),
+    "adapters/test_chgnet.py::TestCHGNetBattery::test_battery_matches_calculator_and_split": ("slab",),
     "adapters/test_chgnet.py::test_float32_as_accurate_as_chgnet": ("slab",),
     "adapters/test_chgnet.py::test_atom_updates_only_on_owned_rows": (),  # 23 s
     "adapters/test_chgnet.py::test_other_partitioners": (),  # 7 s
     "adapters/test_chgnet.py::test_other_checkpoints": (),  # 7 s
     # NequIP / Allegro (~35 s)
-    "adapters/test_nequip.py::test_equals_nequip_calculator_and_is_partition_invariant": (
+    "adapters/test_nequip.py::TestNequIPBattery::test_battery_matches_calculator_and_split": (
         "nequip-surface", "allegro-oxide"),
     "adapters/test_nequip.py::test_nequip_node_work_only_on_owned_rows": (),  # 8 s
     # bounded memory: the adapters' own files cover the pretrained ones
