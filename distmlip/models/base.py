@@ -456,8 +456,10 @@ def compare_steps(model, graph: LocalGraph) -> dict:
     ``energies`` and ``gradient``: the relative error (max|a - b| / max(max|b|, 1)) of the per-atom
     energies and of their sum's gradient with respect to the edge vectors; ``levels``: per exchange
     ``forward`` makes, the error of the matching exchanged state entry of the steps (when forward
-    exchanges exactly the declared entries); ``where``: the first step that differs (or
-    ``"energies"``), ``None`` if none does beyond 1e-10 (float64; 1e-4 in lower precision)."""
+    exchanges exactly the declared entries); ``where``: the first step whose exchanged output
+    differs (a step that only spoils entries that are not exchanged shows at the next step that
+    exchanges, or as ``"step(L-1) or energies"``), ``None`` if nothing differs beyond 1e-10
+    (float64; 1e-4 in lower precision)."""
     n = graph.num_nodes
     vec = graph.edge_vec.detach().clone()
 
