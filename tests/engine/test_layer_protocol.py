@@ -132,6 +132,21 @@ def test_steps_call_counts():
     assert CALLS == {"step": 25}, CALLS
 
 
+def test_progress_bar_counts_every_step(capsys):
+    """``progress=True``: L - 1 forward steps and L backward steps a part, on every call."""
+    import re
+
+    model = make_schnet()
+    atoms = fcc_bulk(size=3, seed=4)
+    calc = DistributedCalculator(model, 4, progress=True)
+    calc.runner._sequential = True
+    for seed in (4, 5):
+        atoms.rattle(0.01, seed=seed)
+        evaluate(calc, atoms)
+        done, total = map(int, re.findall(r"(\d+)/(\d+)", capsys.readouterr().err)[-1])
+        assert (done, total) == (4 * 5, 4 * 5)
+
+
 def test_model_without_steps_unchanged():
     """No steps (or the generic path asked for): the replay from the start, same results."""
     atoms = fcc_bulk(size=3, seed=2)
