@@ -211,10 +211,11 @@ def test_step_calling_the_exchange_refused():
 @pytest.mark.mpi
 @pytest.mark.slow
 def test_under_mpirun_steps():
-    """mpirun -n 2, 3 parts per rank one at a time: the SchNet cases of the MPI equivalence script
-    now take the steps (the level exchanges point to point between ranks)."""
-    proc, _ = launch("mpirun", 2, "equivalence.py", "3", "--bounded")
+    """mpirun -n 2, 2 parts per rank one at a time: the steps path (counted) and the generic replay
+    equal the single-process result across ranks (bulk, slab, molecule; slab, grid, METIS); a
+    broken step refused on every rank (tests/mpi/scripts/layer_protocol.py)."""
+    proc, _ = launch("mpirun", 2, "layer_protocol.py", "2")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     for rank in range(2):
-        assert f"rank {rank}: 132 checks passed with 6 parts, one at a time" in out, out[-4000:]
+        assert f"rank {rank}: 85 layer-protocol checks passed with 4 parts, one at a time" in out, out[-4000:]
