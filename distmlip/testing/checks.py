@@ -22,12 +22,15 @@ No pytest here: every check raises ``AssertionError`` with a message naming what
 
 from __future__ import annotations
 
+import copy
 import itertools
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
+from ..graph.neighbors import as_ase_atoms
+from ..models.base import LocalGraph, compare_steps, has_steps
 from ..typing import MODES, PARTITIONERS, Mode, Partitioner
 
 __all__ = [
@@ -115,7 +118,6 @@ def assert_partition_invariant(
         with the error found.
     """
     from ..calculators import DistributedCalculator
-    from ..graph.neighbors import as_ase_atoms
 
     atoms = as_ase_atoms(atoms)
     # backend="local": the partitions run in this process even under a multi-process launcher
@@ -303,9 +305,6 @@ def check_steps(model, atoms, dtype=None, raise_on_failure: bool = True) -> dict
     import torch
     from ase.neighborlist import neighbor_list
 
-    from ..graph.neighbors import as_ase_atoms
-    from ..models.base import LocalGraph, compare_steps, has_steps
-
     if not has_steps(model):
         return {"ok": True, "steps": False, "where": None, "energies": 0.0, "gradient": 0.0,
                 "levels": [], "message": f"model: {type(model).__name__} has no layer-protocol steps"}
@@ -313,8 +312,6 @@ def check_steps(model, atoms, dtype=None, raise_on_failure: bool = True) -> dict
     dtype = dtype or model.dtype
     receivers, senders, vec = neighbor_list("ijD", atoms, float(model.cutoff))
     if dtype != model.dtype:  # a copy: the caller's module stays as it is
-        import copy
-
         model = copy.deepcopy(model).to(dtype)
     graph = LocalGraph.single(torch.as_tensor(atoms.numbers, dtype=torch.int64),
                               torch.as_tensor(np.stack([senders, receivers]), dtype=torch.int64),
