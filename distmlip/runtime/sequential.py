@@ -31,6 +31,10 @@ energy) through ``global_sum``. The cost is about L/2 forwards plus L + 1 forwar
 replays plus a pass up to the first exchange (no level, as in extended mode without
 ``global_sum``: one pass per part, after a forward on the first call that finds none); the memory
 is one part's activations plus the stored Z and G (rows x feature width per exchange).
+
+A model that implements the layer protocol (``embed``/``step``/``energies``, models/base.py) is
+evaluated instead, in halo mode, one step per part and level with no replay from the start
+(``evaluate_steps``, at the end of this module); ``runner.layer_steps = False`` keeps the replay.
 """
 
 from __future__ import annotations

@@ -118,6 +118,24 @@ def test_bounded_steps_equal_unbounded(name):
         assert calc.runner.last_exchange_calls == model.num_layers - 1
 
 
+def test_more_parts_than_atoms_and_idle_workers():
+    """Empty parts and a worker with no part still run their (empty) steps and take part in every
+    level exchange; float32 too (1e-5)."""
+    from ase import Atoms
+    from ase.build import molecule
+
+    water = molecule("H2O")
+    atoms = Atoms(water.numbers, water.positions, pbc=False)
+    for dtype, rtol in ((torch.float64, RTOL), (torch.float32, 1e-5)):
+        model = like(CountedSchNet)
+        ref = evaluate(DistributedCalculator(model, 1), atoms)
+        for parts, device in ((5, "cpu"), (2, ["cpu", "cpu", "cpu"])):
+            calc = one_at_a_time(model, parts, device=device, dtype=dtype)
+            CALLS.clear()
+            assert_close(evaluate(calc, atoms), ref, rtol, f"{dtype}/{parts}/{device}")
+            assert CALLS["step"] > 0 and CALLS["forward"] <= 1, CALLS
+
+
 def test_steps_call_counts():
     """L = 3 steps, P parts: (L - 1) P steps forward, L P backward, and the probe's L."""
     model = like(CountedSchNet)
