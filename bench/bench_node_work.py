@@ -119,10 +119,9 @@ def worker(job: dict) -> dict:
         m.register_forward_hook(counter("node"))
     for m in conv_mods:
         m.register_forward_hook(counter("conv"))
-    options = {"num_parts": job["parts"], "mode": "halo"}
-    if job["launcher"] == "mpi":
-        options.pop("num_parts")  # one part per rank
-    calc = distmlip.DistributedCalculator(model, **options)
+    # the part count by position: the keyword was num_partitions before 2026-12-02 (--compare)
+    parts = None if job["launcher"] == "mpi" else job["parts"]  # mpi: one part per rank
+    calc = distmlip.DistributedCalculator(model, parts, mode="halo")
     times, cpu = [], []
     for seed in range(job["repeats"] + 1):
         atoms = structure(job["model"], tuple(job["size"]), seed)

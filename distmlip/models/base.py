@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["DistributableModel", "HaloExchange", "LocalGraph", "NUM_ELEMENTS", "check_model",
-           "check_numbers", "no_exchange", "unknown_elements"]
+           "check_numbers", "compare_steps", "has_steps", "no_exchange", "run_steps", "unknown_elements"]
 
 #: Length of ``LocalGraph.composition``: atomic numbers 0..118.
 NUM_ELEMENTS = 119
@@ -250,12 +250,62 @@ class DistributableModel(torch.nn.Module):
     ``graph.composition`` (the whole system's, on every part) and returns per-atom shares that
     add up to it (docs/wrapping.md, section 4a); exact in every runner, the bounded-memory mode
     included.
+
+    The layer protocol (optional; docs/wrapping.md, "Opting into the layer protocol"). A model
+    may also describe its ``forward`` as steps the runtime calls one at a time, so that the
+    bounded-memory mode recomputes one layer per part instead of replaying the model from the
+    start for every exchange it differentiates (about one extra forward instead of L):
+
+    - ``embed(graph) -> state``: a tuple of tensors whose first dimension is rows, exact on every
+      local row that step 0 reads (node-wise work on ``graph.numbers``, say: the element
+      embedding). A model whose first layer needs exchanged inputs makes step 0 the end of its
+      embedding (owned rows), exchanged before step 1.
+    - ``step(i, graph, state) -> state`` for ``i = 0 .. num_steps - 1`` (one message-passing
+      layer): reads its input state (the entries listed in ``exchanged`` on every local row, the
+      others on the first ``graph.num_needed`` rows) and returns the new state on the first
+      ``graph.num_needed`` rows (the owned rows in halo mode; more rows are allowed and ignored).
+      It must not call ``graph.halo_exchange`` or ``graph.global_sum``: between step ``i`` and
+      step ``i + 1`` the runtime refreshes the halo rows of the ``exchanged`` entries of the state
+      from their owners. Every step but the last returns a state of the same length; the last
+      may return a shorter one (what ``energies`` reads).
+    - ``energies(graph, state) -> Tensor``: per-atom energies of the first ``num_needed`` rows
+      from the last step's state.
+    - ``num_steps`` (default ``num_layers``) and ``exchanged``: the indices of the state entries
+      other parts read on halo rows (``None``, the default: the model has no steps).
+
+    Composing them with the exchanges between steps must equal ``forward`` (``run_steps`` does
+    exactly that; ``compare_steps`` and ``distmlip.testing.check_steps`` check it, and the runtime
+    checks it on a small probe before it first uses the steps). A model without them keeps working
+    through the generic replay, unchanged.
     """
 
     cutoff: float
     num_layers: int
 
+    #: Layer protocol: indices of the state entries the next step reads on halo rows (exchanged
+    #: by the runtime between steps); ``None``: the model does not implement the steps.
+    exchanged: tuple[int, ...] | None = None
+
     def forward(self, graph: LocalGraph) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def num_steps(self) -> int:
+        """Layer protocol: how many ``step`` calls make the model (default ``num_layers``)."""
+        return int(self.num_layers)
+
+    def embed(self, graph: LocalGraph) -> tuple[torch.Tensor, ...]:  # pragma: no cover - optional
+        """Layer protocol: the state step 0 reads (see the class docstring)."""
+        raise NotImplementedError
+
+    def step(self, i: int, graph: LocalGraph,
+             state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:  # pragma: no cover
+        """Layer protocol: message-passing layer ``i`` (see the class docstring)."""
+        raise NotImplementedError
+
+    def energies(self, graph: LocalGraph,
+                 state: tuple[torch.Tensor, ...]) -> torch.Tensor:  # pragma: no cover - optional
+        """Layer protocol: per-atom energies from the last step's state (see the class docstring)."""
         raise NotImplementedError
 
     @property
@@ -339,3 +389,129 @@ def check_numbers(numbers: torch.Tensor, low: int, high: int, name: str) -> None
 
         raise unknown_elements(name, numbers[bad].tolist(),
                                f"atomic numbers {low}-{high} ({symbol(low)}-{symbol(high)})")
+
+
+# ---------------------------------------------------------------------- the layer protocol
+def has_steps(model) -> bool:
+    """Whether ``model`` implements the layer protocol (``embed``, ``step``, ``energies`` and
+    ``exchanged``; see ``DistributableModel``)."""
+    if not isinstance(model, DistributableModel) or getattr(model, "exchanged", None) is None:
+        return False
+    cls = type(model)
+    return all(getattr(cls, name) is not getattr(DistributableModel, name)
+               for name in ("embed", "step", "energies"))
+
+
+def check_state(model, state, what: str, rows: int) -> tuple[torch.Tensor, ...]:
+    """``state`` as a tuple of tensors of at least ``rows`` rows, or ``ValueError`` naming
+    ``what`` returned it."""
+    name = type(model).__name__
+    if isinstance(state, torch.Tensor) or not isinstance(state, (tuple, list)):
+        raise ValueError(f"model: {name}.{what} must return a tuple of tensors (the state), got "
+                         f"{type(state).__name__}")
+    for e, t in enumerate(state):
+        if not isinstance(t, torch.Tensor) or t.ndim == 0 or t.shape[0] < rows:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"model: {name}.{what}: state entry {e}: expected a tensor of at least "
+                             f"{rows} rows, got {got}")
+    return tuple(state)
+
+
+def run_steps(model, graph: LocalGraph, record: list | None = None) -> torch.Tensor:
+    """``model``'s per-atom energies composed from its steps: ``embed``, every ``step`` with
+    ``graph.halo_exchange`` applied to the ``exchanged`` entries between steps, ``energies``.
+    Equal to ``model(graph)`` for a model whose steps are right. ``record``: a list that receives,
+    per step, the state it returned."""
+    state = check_state(model, model.embed(graph), "embed", graph.num_nodes)
+    last = model.num_steps - 1
+    for i in range(model.num_steps):
+        if i > 0:
+            state = tuple(graph.halo_exchange(t) if e in model.exchanged else t
+                          for e, t in enumerate(state))
+        state = check_state(model, model.step(i, graph, state), f"step({i})", graph.num_needed)
+        if record is not None:
+            record.append(state)
+        if i < last and any(e >= len(state) for e in model.exchanged):
+            raise ValueError(f"model: {type(model).__name__}.step({i}) returned {len(state)} state "
+                             f"entries; exchanged = {tuple(model.exchanged)} names more")
+    return model.energies(graph, state)
+
+
+class _Recorder(HaloExchange):
+    """The exchange of an unsplit graph that records what ``forward`` exchanges."""
+
+    def __init__(self, num_rows: int):
+        super().__init__(num_rows, num_rows)
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self, x):
+        self.calls += 1
+        self.seen.append(x.detach())
+        return x
+
+
+def compare_steps(model, graph: LocalGraph) -> dict:
+    """How far ``model``'s steps are from its ``forward`` on ``graph`` (unsplit: taken as a whole
+    system, every row owned): ``{"ok", "where", "energies", "gradient", "levels", "message"}``.
+    ``energies`` and ``gradient``: the relative error (max|a - b| / max(max|b|, 1)) of the per-atom
+    energies and of their sum's gradient with respect to the edge vectors; ``levels``: per exchange
+    ``forward`` makes, the error of the matching exchanged state entry of the steps (when forward
+    exchanges exactly the declared entries); ``where``: the first step whose exchanged output
+    differs (a step that only spoils entries that are not exchanged shows at the next step that
+    exchanges, or as ``"step(L-1) or energies"``), ``None`` if nothing differs beyond 1e-10
+    (float64; 1e-4 in lower precision)."""
+    n = graph.num_nodes
+    vec = graph.edge_vec.detach().clone()
+
+    def graph_for(exchange):
+        return LocalGraph(numbers=graph.numbers, edge_index=graph.edge_index,
+                          edge_vec=vec.clone().requires_grad_(True), halo_exchange=exchange,
+                          owned_mask=torch.ones(n, dtype=torch.bool, device=vec.device),
+                          atom_ids=graph.atom_ids, cell=graph.cell, num_owned=n, num_needed=n,
+                          composition=graph.composition)
+
+    def rel(a, b):
+        a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
+        if a.shape != b.shape:
+            return float("inf")
+        if b.numel() == 0:
+            return 0.0
+        return float((a - b).abs().max() / max(float(b.abs().max()), 1.0))
+
+    tol = 1e-10 if vec.dtype == torch.float64 else 1e-4
+    with torch.enable_grad():
+        g_ref = graph_for(_Recorder(n))
+        ref = model(g_ref)[:n]
+        (grad_ref,) = torch.autograd.grad(ref.sum(), [g_ref.edge_vec], allow_unused=True)
+        g_steps = graph_for(_Recorder(n))
+        states: list = []
+        got = run_steps(model, g_steps, states)[:n]
+        (grad_got,) = torch.autograd.grad(got.sum(), [g_steps.edge_vec], allow_unused=True)
+    zero = torch.zeros_like(vec)
+    report = {"energies": rel(got, ref),
+              "gradient": rel(zero if grad_got is None else grad_got, zero if grad_ref is None else grad_ref),
+              "levels": [], "where": None}
+    seen, exchanged = g_ref.halo_exchange.seen, tuple(model.exchanged)
+    if len(seen) == (model.num_steps - 1) * len(exchanged):
+        it = iter(seen)
+        for i, state in enumerate(states[:-1]):
+            for e in exchanged:
+                err = rel(state[e][:n], next(it)[:n])
+                report["levels"].append(err)
+                if err > tol and report["where"] is None:
+                    report["where"] = f"step({i})"
+    if report["where"] is None and max(report["energies"], report["gradient"]) > tol:
+        report["where"] = (f"step({model.num_steps - 1}) or energies" if report["levels"]
+                           else "the steps (forward exchanges other tensors than the declared "
+                                "entries: no step-by-step comparison)")
+    worst = max([report["energies"], report["gradient"], *report["levels"]])
+    report["ok"] = report["where"] is None
+    report["message"] = (
+        f"model: {type(model).__name__}: its steps compose to its forward (largest relative "
+        f"difference {worst:.2e})" if report["ok"] else
+        f"model: {type(model).__name__}: its layer-protocol steps do not compose to its forward: "
+        f"{report['where']} differs first (largest relative difference {worst:.2e}: per-atom "
+        f"energies {report['energies']:.2e}, edge gradient {report['gradient']:.2e}, exchanged "
+        f"states {', '.join(f'{x:.2e}' for x in report['levels']) or '-'}); fix the step or "
+        f"remove the steps (exchanged = None) to use the generic path")
+    return report

@@ -134,3 +134,40 @@ class SchNet(DistributableModel):
                 x = graph.halo_exchange(block.conv.lin_in(h))
             h = h + block(x, graph.edge_index, rbf, envelope, needed)
         return self.readout(h).squeeze(-1)
+
+    # ------------------------------------------------------------------ the layer protocol
+    # The same computation as ``forward``, as steps the runtime calls one at a time (see
+    # ``DistributableModel``): the state is ``(h, x)``, the node features on the needed rows and
+    # ``x = lin_in(h)`` of the next interaction on every row (exchanged between steps: what the
+    # convolution reads from neighbours); the last step returns ``(h,)``.
+
+    #: Layer protocol: state entry 1 (``lin_in`` of the next interaction) is read on halo rows.
+    exchanged = (1,)
+
+    def _radial(self, graph: LocalGraph):
+        r = torch.linalg.vector_norm(graph.edge_vec, dim=-1)
+        inside = r < self.cutoff
+        envelope = torch.where(inside, 0.5 * (torch.cos(r * (math.pi / self.cutoff)) + 1.0),
+                               torch.zeros_like(r))
+        rbf = torch.exp(-self.gamma * (r.unsqueeze(-1) - self.centers) ** 2)
+        return rbf, envelope
+
+    def embed(self, graph: LocalGraph) -> tuple[torch.Tensor, ...]:
+        """The element embedding on every row and the first interaction's ``lin_in`` of it."""
+        check_numbers(graph.numbers, 0, self.embedding.num_embeddings - 1, "SchNet")
+        h = self.embedding(graph.numbers)
+        return h, self.interactions[0].conv.lin_in(h)
+
+    def step(self, i: int, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Interaction ``i`` on the needed rows, and the next one's ``lin_in`` of its output."""
+        h, x = state
+        needed = graph.num_needed
+        rbf, envelope = self._radial(graph)
+        h = h[:needed] + self.interactions[i](x, graph.edge_index, rbf, envelope, needed)
+        if i + 1 < len(self.interactions):
+            return h, self.interactions[i + 1].conv.lin_in(h)
+        return (h,)
+
+    def energies(self, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The readout of the last interaction's features."""
+        return self.readout(state[0][: graph.num_needed]).squeeze(-1)

@@ -17,6 +17,7 @@ from .battery import AdapterBattery
 from .checks import (
     assert_partition_invariant,
     check_forces_finite_difference,
+    check_steps,
     check_stress_finite_difference,
     count_work,
     evaluate,
@@ -42,6 +43,7 @@ __all__ = [
     "assert_partition_invariant",
     "awkward_structures",
     "check_forces_finite_difference",
+    "check_steps",
     "check_stress_finite_difference",
     "count_work",
     "evaluate",

@@ -5,6 +5,8 @@
 - ``check_forces_finite_difference`` / ``check_stress_finite_difference``: the calculator's forces
   and stress are the derivatives of its energy.
 - ``count_work``: how many edges the last calculation evaluated, against the graph's edges.
+- ``check_steps``: a model's layer-protocol steps (``embed``/``step``/``energies``) compose to its
+  ``forward``.
 
 Relative error, everywhere in this module::
 
@@ -20,6 +22,7 @@ No pytest here: every check raises ``AssertionError`` with a message naming what
 
 from __future__ import annotations
 
+import copy
 import itertools
 import warnings
 from collections.abc import Sequence
@@ -28,11 +31,13 @@ import numpy as np
 
 from ..calculators import DistributedCalculator
 from ..graph.neighbors import as_ase_atoms
+from ..models.base import LocalGraph, compare_steps, has_steps
 from ..typing import MODES, PARTITIONERS, Mode, Partitioner
 
 __all__ = [
     "assert_partition_invariant",
     "check_forces_finite_difference",
+    "check_steps",
     "check_stress_finite_difference",
     "count_work",
     "evaluate",
@@ -281,3 +286,38 @@ def count_work(calc) -> dict:
         "mode": plan.mode,
         "num_hops": plan.num_hops,
     }
+
+
+def check_steps(model, atoms, dtype=None, raise_on_failure: bool = True) -> dict:
+    """Check that ``model``'s layer-protocol steps (``embed``, ``step``, ``energies``, see
+    ``DistributableModel``) compose to its ``forward`` on ``atoms`` (unsplit; exchanges between
+    steps are the identity there).
+
+    Returns the report of ``distmlip.models.base.compare_steps``: ``ok``, ``where`` (the first
+    step that differs), the relative errors ``energies`` (per-atom energies), ``gradient`` (of
+    their sum with respect to the edge vectors) and ``levels`` (per exchanged state, against what
+    ``forward`` exchanges) and a printable ``message``. A model without steps gives
+    ``{"ok": True, "steps": False, ...}``.
+
+    Raises:
+        AssertionError: the report's message, if a step differs and ``raise_on_failure``.
+    """
+    import torch
+    from ase.neighborlist import neighbor_list
+
+    if not has_steps(model):
+        return {"ok": True, "steps": False, "where": None, "energies": 0.0, "gradient": 0.0,
+                "levels": [], "message": f"model: {type(model).__name__} has no layer-protocol steps"}
+    atoms = as_ase_atoms(atoms)
+    dtype = dtype or model.dtype
+    receivers, senders, vec = neighbor_list("ijD", atoms, float(model.cutoff))
+    if dtype != model.dtype:  # a copy: the caller's module stays as it is
+        model = copy.deepcopy(model).to(dtype)
+    graph = LocalGraph.single(torch.as_tensor(atoms.numbers, dtype=torch.int64),
+                              torch.as_tensor(np.stack([senders, receivers]), dtype=torch.int64),
+                              torch.as_tensor(vec, dtype=dtype),
+                              torch.as_tensor(np.asarray(atoms.cell), dtype=dtype))
+    report = {"steps": True, **compare_steps(model, graph)}
+    if raise_on_failure and not report["ok"]:
+        raise AssertionError(report["message"])
+    return report

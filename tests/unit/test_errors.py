@@ -215,7 +215,8 @@ def test_num_partitions_is_the_old_name_of_num_parts():
     from distmlip.options import RENAMED
 
     assert RENAMED["num_partitions"] == ("num_parts", "2026-12-02")
-    with pytest.warns(DeprecationWarning, match=r"num_partitions= is deprecated since 2026-12-02.*num_parts="):
+    with pytest.warns(DeprecationWarning,
+                      match=r"num_partitions= is deprecated since 2026-12-02.*num_parts="):
         calc = _calc(num_partitions=3)
     assert calc.parameters["num_parts"] == 3 and "num_partitions" not in calc.parameters
     with pytest.warns(DeprecationWarning, match="num_partitions"):

@@ -1,0 +1,239 @@
+"""The layer protocol (``DistributableModel.embed/step/energies``, models/base.py): a model that
+describes itself as steps is evaluated in bounded memory one step per part and level (no replay
+from the start, ``runtime/sequential.py``) with exactly its unbounded results; steps that do not
+compose to ``forward`` are refused naming the step; a model without steps is unchanged."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from distmlip import DistributedCalculator
+from distmlip.models import SchNet
+from distmlip.models.base import LocalGraph, compare_steps, has_steps, run_steps
+from distmlip.testing import awkward_structures, check_steps, evaluate
+from distmlip.testing.structures import fcc_bulk
+
+from support import assert_close, launch, make_lj, make_schnet, one_at_a_time
+
+RTOL = 1e-10
+CALLS: collections.Counter = collections.Counter()
+
+
+class CountedSchNet(SchNet):
+    """SchNet counting its ``forward`` and ``step`` calls (in ``CALLS``, shared by the replicas)."""
+
+    def forward(self, graph):
+        CALLS["forward"] += 1
+        return super().forward(graph)
+
+    def step(self, i, graph, state):
+        CALLS["step"] += 1
+        return super().step(i, graph, state)
+
+
+class NoSteps(CountedSchNet):
+    """The same SchNet declaring no steps: the generic replay."""
+
+    exchanged = None
+
+
+class BrokenStep(SchNet):
+    """Step 1 shifts the features it reads: its steps do not compose to its forward."""
+
+    def step(self, i, graph, state):
+        if i == 1:
+            state = (state[0] + 1e-3, state[1])
+        return super().step(i, graph, state)
+
+
+class BrokenEnergies(SchNet):
+    def energies(self, graph, state):
+        return 1.01 * super().energies(graph, state)
+
+
+class ExchangingStep(SchNet):
+    """A step that calls the halo exchange itself (the runtime's job with steps)."""
+
+    def step(self, i, graph, state):
+        if i > 0:
+            state = (state[0], graph.halo_exchange(state[1][: graph.num_owned]))
+        return super().step(i, graph, state)
+
+
+def like(cls, **kwargs):
+    """``cls`` with the weights of ``support.make_schnet(**kwargs)``."""
+    ref = make_schnet(**kwargs)
+    model = cls(cutoff=ref.cutoff, num_interactions=ref.num_layers,
+                hidden_channels=ref.embedding.embedding_dim, num_gaussians=len(ref.centers))
+    model.load_state_dict(ref.state_dict())
+    return model
+
+
+def _graph(atoms, model):
+    import numpy as np
+    from ase.neighborlist import neighbor_list
+
+    i, j, d = neighbor_list("ijD", atoms, model.cutoff)
+    return LocalGraph.single(torch.as_tensor(atoms.numbers), torch.as_tensor(np.stack([j, i])),
+                             torch.as_tensor(d, dtype=torch.float64))
+
+
+def test_steps_compose_to_forward():
+    model = make_schnet()
+    assert has_steps(model) and not has_steps(make_lj()) and not has_steps(like(NoSteps))
+    graph = _graph(fcc_bulk(size=2, seed=1), model)
+    assert torch.equal(run_steps(model, graph), model(graph))
+    report = compare_steps(model, graph)
+    assert report["ok"] and report["energies"] == 0.0 and len(report["levels"]) == 2, report
+    report = check_steps(model, awkward_structures()["small_triclinic"])
+    assert report["ok"] and report["steps"], report["message"]
+    assert not check_steps(make_lj(), fcc_bulk(size=2))["steps"]
+
+
+@pytest.mark.parametrize("name", sorted(awkward_structures()))
+def test_bounded_steps_equal_unbounded(name):
+    """Periodic and non-periodic cells, several part counts and partitioners, two workers: energy,
+    forces, stress and per-atom energies within 1e-10 of the unbounded result, through the steps
+    (forward called only on the probe)."""
+    model = like(CountedSchNet)
+    atoms = awkward_structures()[name]
+    ref = evaluate(DistributedCalculator(model, 1), atoms)
+    for parts, partitioner, device in ((1, "grid", "cpu"), (2, "slab", "cpu"), (3, "metis", "cpu"),
+                                       (7, "slab", "cpu"), (4, "grid", ["cpu", "cpu"])):
+        calc = one_at_a_time(model, parts, partitioner=partitioner, mode="halo", device=device)
+        for call in range(2):
+            CALLS.clear()
+            calc.reset()  # the second call knows the levels and skips the probe
+            got = evaluate(calc, atoms)
+            assert_close(got, ref, RTOL, f"{name}/{partitioner}/{parts}/call {call}")
+            assert calc.runner.sequential and calc.last_plan.num_parts == parts
+            # no replay: forward only on the first call's probe; 2 L - 1 steps per part
+            assert CALLS["forward"] == (1 if call == 0 else 0), CALLS
+            pieces = sum(max(len(s.parts), 1) for s in calc.runner._built.shards)
+            probe = model.num_layers if call == 0 else 0
+            assert CALLS["step"] == (2 * model.num_layers - 1) * pieces + probe, CALLS
+        assert calc.runner.last_exchange_calls == model.num_layers - 1
+
+
+def test_more_parts_than_atoms_and_idle_workers():
+    """Empty parts and a worker with no part still run their (empty) steps and take part in every
+    level exchange; float32 too (1e-5)."""
+    from ase import Atoms
+    from ase.build import molecule
+
+    water = molecule("H2O")
+    atoms = Atoms(water.numbers, water.positions, pbc=False)
+    for dtype, rtol in ((torch.float64, RTOL), (torch.float32, 1e-5)):
+        model = like(CountedSchNet)
+        ref = evaluate(DistributedCalculator(model, 1), atoms)
+        for parts, device in ((5, "cpu"), (2, ["cpu", "cpu", "cpu"])):
+            calc = one_at_a_time(model, parts, device=device, dtype=dtype)
+            CALLS.clear()
+            assert_close(evaluate(calc, atoms), ref, rtol, f"{dtype}/{parts}/{device}")
+            assert CALLS["step"] > 0 and CALLS["forward"] <= 1, CALLS
+
+
+def test_steps_call_counts():
+    """L = 3 steps, P parts: (L - 1) P steps forward, L P backward, and the probe's L."""
+    model = like(CountedSchNet)
+    atoms = fcc_bulk(size=3, seed=2)
+    calc = one_at_a_time(model, 5)
+    CALLS.clear()
+    evaluate(calc, atoms)
+    assert CALLS == {"forward": 1, "step": 2 * 5 + 3 * 5 + 3}, CALLS
+    CALLS.clear()
+    atoms.positions += 0.01
+    evaluate(calc, atoms)
+    assert CALLS == {"step": 25}, CALLS
+
+
+def test_progress_bar_counts_every_step(capsys):
+    """``progress=True``: L - 1 forward steps and L backward steps a part, on every call."""
+    import re
+
+    model = make_schnet()
+    atoms = fcc_bulk(size=3, seed=4)
+    calc = DistributedCalculator(model, 4, progress=True)
+    calc.runner._sequential = True
+    for seed in (4, 5):
+        atoms.rattle(0.01, seed=seed)
+        evaluate(calc, atoms)
+        done, total = map(int, re.findall(r"(\d+)/(\d+)", capsys.readouterr().err)[-1])
+        assert (done, total) == (4 * 5, 4 * 5)
+
+
+def test_model_without_steps_unchanged():
+    """No steps (or the generic path asked for): the replay from the start, same results."""
+    atoms = fcc_bulk(size=3, seed=2)
+    ref = evaluate(DistributedCalculator(make_schnet(), 1), atoms)
+    for model, generic in ((like(NoSteps), False), (like(CountedSchNet), True)):
+        calc = one_at_a_time(model, 4)
+        if generic:
+            calc.runner.layer_steps = False
+        CALLS.clear()
+        assert_close(evaluate(calc, atoms), ref, RTOL, type(model).__name__)
+        assert CALLS["step"] == 0 and CALLS["forward"] > 4 * model.num_layers, CALLS
+    lj = make_lj()
+    assert_close(evaluate(one_at_a_time(lj, 3), atoms), evaluate(DistributedCalculator(lj, 1), atoms),
+                 1e-12, "lj")
+
+
+def test_extended_mode_uses_the_generic_path():
+    model = like(CountedSchNet)
+    atoms = fcc_bulk(size=3, seed=2)
+    ref = evaluate(DistributedCalculator(model, 1), atoms)
+    CALLS.clear()
+    assert_close(evaluate(one_at_a_time(model, 3, mode="extended"), atoms), ref, RTOL, "extended")
+    assert CALLS["step"] == 0
+
+
+def test_max_memory_budget_takes_the_steps():
+    from distmlip import estimate_memory
+
+    model = like(CountedSchNet, hidden_channels=32)
+    atoms = fcc_bulk(size=5, seed=3)
+    budget = int(0.4 * estimate_memory(model, atoms))
+    ref = evaluate(DistributedCalculator(model, 1), atoms)
+    calc = DistributedCalculator(model, 1, max_memory=budget)
+    CALLS.clear()
+    assert_close(evaluate(calc, atoms), ref, RTOL, "budget")
+    assert calc.runner.sequential and calc.last_plan.num_parts > 1
+    assert CALLS["step"] > 0
+
+
+@pytest.mark.parametrize("cls, where", [(BrokenStep, r"step\(1\) differs first"),
+                                        (BrokenEnergies, r"step\(2\) or energies differs first")])
+def test_broken_steps_refused(cls, where):
+    model = like(cls)
+    atoms = fcc_bulk(size=3, seed=2)
+    report = check_steps(model, atoms, raise_on_failure=False)
+    assert not report["ok"], report
+    with pytest.raises(AssertionError, match=where):
+        check_steps(model, atoms)
+    calc = one_at_a_time(model, 3)
+    with pytest.raises(ValueError, match=f"do not compose to its forward: {where}.*largest relative "
+                                         f"difference"):
+        evaluate(calc, atoms)
+    # unbounded (no steps used) it still runs its forward
+    evaluate(DistributedCalculator(model, 3), atoms)
+
+
+def test_step_calling_the_exchange_refused():
+    with pytest.raises(RuntimeError, match="called graph.halo_exchange inside a step"):
+        evaluate(one_at_a_time(like(ExchangingStep), 3), fcc_bulk(size=3, seed=2))
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_under_mpirun_steps():
+    """mpirun -n 2, 2 parts per rank one at a time: the steps path (counted) and the generic replay
+    equal the single-process result across ranks (bulk, slab, molecule; slab, grid, METIS); a
+    broken step refused on every rank (tests/mpi/scripts/layer_protocol.py)."""
+    proc, _ = launch("mpirun", 2, "layer_protocol.py", "2")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    for rank in range(2):
+        assert f"rank {rank}: 85 layer-protocol checks passed with 4 parts, one at a time" in out, out[-4000:]
