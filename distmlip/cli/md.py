@@ -187,7 +187,7 @@ def command(args) -> int:
     else:
         say(f"the run in {directory} is already at step {summary['step']} >= --steps {args.steps}; "
             f"nothing to do")
-    if calc.last_run is not None:
+    if calc.last_run is not None and calc.max_memory is not None:  # the parts the budget chose
         say(f"parts: {calc.last_run.describe()}")
     say(f"step {summary['step']}: Epot {summary['epot']:.6f} eV, Etot {summary['etot']:.6f} eV, "
         f"T {summary['temperature_K']:.1f} K; wrote {directory / LOG}, {directory / TRAJECTORY}, "
