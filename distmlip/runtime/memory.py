@@ -176,8 +176,15 @@ def _probe_graph(atoms, cutoff: float, target_atoms: int, scale: float):
     base = atoms.copy()
     periodic = [bool(p) for p in base.pbc]
     if any(periodic) and len(base) < target_atoms:
-        reps = max(1, round((target_atoms / len(base)) ** (1 / sum(periodic))))
-        base = base.repeat(tuple(reps if p else 1 for p in periodic))
+        # at least the target: repeat the periodic direction that is shortest so far, one cell at
+        # a time (a rounded cube root left a small cell unrepeated, every probe the same 100-atom
+        # system measured at a few MB, where the allocator's granularity spread predictions by 12%)
+        lengths = base.cell.lengths()
+        reps = [1, 1, 1]
+        while len(base) * reps[0] * reps[1] * reps[2] < target_atoms:
+            axis = min((k for k in range(3) if periodic[k]), key=lambda k: reps[k] * lengths[k])
+            reps[axis] += 1
+        base = base.repeat(tuple(reps))
     elif len(base) > 2 * target_atoms:
         # a sphere around the middle atom, periodic images unfolded (minimum image)
         cell = complete_cell(base.cell.array, np.asarray(base.pbc))
