@@ -381,7 +381,11 @@ def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torc
     one part's prediction moves by about 2%; (2) the budget search, which amplifies (1): the peak
     predicted is that of the fewest parts that fit, and a small change of the coefficients may
     change the number of parts, and with it the peak, anywhere below the budget (a step, not a
-    calibration error; the budget is met either way). Repeating probes does not help: one probe's
+    calibration error; the budget is met either way). The largest spread came from small periodic
+    cells: a 108-atom cell was not repeated (a rounded cube root), so every probe was that cell at
+    ~16 MB, where the allocator's granularity shows: 994-1121 MB (12%) predicted over 4 processes
+    for 6,912 atoms (SchNet, 16 channels; 731 MB measured). Probes now reach their target size:
+    887-889 MB (0.2%). Repeating probes does not help: one probe's
     measurement repeats within 0.7% at ~150 MB. The disk cache removes the spread between processes: every
     process on a machine uses the first calibration, and the same system gets the same parts and
     prediction each run."""
