@@ -4,8 +4,12 @@ them are in ``support``)."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# memory calibrations are cached on disk: one fresh directory per session (inherited by the
+# processes the tests start), so that no test reads another run's calibration or the user's cache
+os.environ.setdefault("DISTMLIP_CACHE_DIR", tempfile.mkdtemp(prefix="distmlip-test-cache-"))
 
 import pytest
 import torch

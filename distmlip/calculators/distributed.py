@@ -14,7 +14,7 @@ from ..graph.neighbors import as_ase_atoms
 from ..models.base import DistributableModel, check_model
 from ..options import NAMES, Options, options_doc, renamed, signature, unknown_keyword
 from ..partition import PartitionPlan
-from ..runtime import Evaluation, Runner
+from ..runtime import Evaluation, RunInfo, Runner
 from ..runtime.launch import detect_launch, init_distributed
 
 __all__ = ["DistributedCalculator"]
@@ -70,7 +70,8 @@ class DistributedCalculator(Calculator):
 
     Results: ``energy``/``free_energy`` (eV), ``forces`` (N, 3) eV/Å, ``stress`` (Voigt, eV/Å^3,
     ASE's sign; only for cells of full rank), ``energies`` (N,) eV. After each calculation
-    ``last_plan``, ``last_graph``, ``timings`` (seconds per stage) and ``graph_builds`` (how many
+    ``last_run`` (parts used, how many at once, the predicted peak: a ``RunInfo``), ``last_plan``,
+    ``last_graph``, ``timings`` (seconds per stage) and ``graph_builds`` (how many
     times graph and plan were built) describe what was done; under a launcher ``last_plan`` holds
     this rank's parts and ``last_graph`` its region. ``rank`` and ``world_size`` say which process
     this is (0 and 1 in one process).
@@ -187,8 +188,20 @@ class DistributedCalculator(Calculator):
         p.name: p.annotation for p in __init__.__signature__.parameters.values() if p.name in NAMES}}
 
     # derived values (read-only; the options themselves are ``calc.parameters``)
-    num_parts = property(lambda self: self.runner.num_parts,
-                              doc="The number of parts evaluated (``num_parts`` resolved).")
+    @property
+    def num_parts(self) -> int:
+        """The number of parts of the last calculation (what ``max_memory`` chose, over every
+        rank); before the first, ``num_parts`` resolved (the least a budget may split into)."""
+        run = self.runner.last_run
+        return self.runner.num_parts if run is None else run.num_parts
+
+    @property
+    def last_run(self) -> RunInfo | None:
+        """How the last calculation was split: a ``distmlip.runtime.RunInfo`` with ``num_parts``
+        (parts used), ``parts_at_once``, ``sequential`` (one at a time), ``predicted_peak_bytes``
+        (with ``max_memory``) and ``budget_bytes``; ``None`` before the first calculation."""
+        return self.runner.last_run
+
     devices = property(lambda self: self.options.devices, doc="``device`` as a list of torch devices.")
     dtype = property(lambda self: self.options.torch_dtype,
                      doc="``dtype`` as a torch dtype (None: the model's).")

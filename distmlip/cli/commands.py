@@ -105,19 +105,20 @@ def run(args) -> int:
     stress = atoms.get_stress() if atoms.cell.rank == 3 else None
     if calc.rank != 0:
         return 0
+    run_info = calc.last_run
     if args.json:
         json.dump({"natoms": len(atoms), "formula": atoms.get_chemical_formula(), "energy_eV": energy,
                    "forces_eV_per_A": forces.tolist(),
                    "stress_eV_per_A3_voigt": None if stress is None else stress.tolist(),
-                   "num_parts": calc.num_parts, "timings_s": calc.timings},
+                   **run_info.todict(), "timings_s": calc.timings},
                   sys.stdout, indent=1)
         print()
         return 0
     from ase import units
 
     n = len(atoms)
-    print(f"{n} atoms ({atoms.get_chemical_formula()}), model {args.model}, {calc.num_parts} "
-          f"part(s) ({calc.partitioner}, {calc.mode})")
+    print(f"{n} atoms ({atoms.get_chemical_formula()}), model {args.model} ({calc.partitioner}, "
+          f"{calc.mode}): {run_info.describe()}")
     print(f"energy        {energy:18.8f} eV   ({energy / n:.8f} eV/atom)")
     norms = np.linalg.norm(forces, axis=1)
     print(f"max |force|   {norms.max():18.8f} eV/Å  (atom {int(norms.argmax())})")

@@ -26,7 +26,50 @@ from .memory import (
     release_memory_eagerly,
 )
 
-__all__ = ["Planner", "estimate_memory"]
+__all__ = ["Planner", "RunInfo", "estimate_memory"]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """How the last evaluation was split (``DistributedCalculator.last_run``, ``Runner.last_run``).
+
+    Attributes:
+        num_parts: the parts the system was split into (over every rank): what ``max_memory``
+            chose, which may be more than the ``num_parts`` asked for.
+        parts_at_once: how many parts were alive at once (``num_parts`` when all at once; with
+            one at a time, one per worker: device or rank).
+        sequential: whether each worker evaluated its parts one at a time (bounded memory).
+        predicted_peak_bytes: the predicted peak one evaluation adds per device (on CPU: the
+            process), as checked against the budget; ``None`` without ``max_memory`` (no
+            calibration is made then).
+        budget_bytes: ``max_memory`` in bytes (``None``: no bound).
+    """
+
+    num_parts: int
+    parts_at_once: int
+    sequential: bool
+    predicted_peak_bytes: float | None
+    budget_bytes: int | None
+
+    def describe(self) -> str:
+        """One line: ``"12 parts, one at a time, predicted peak 27.9 MB of a 30 MB budget"``."""
+        text = f"{self.num_parts} part{'' if self.num_parts == 1 else 's'}"
+        if self.sequential:
+            text += ", one at a time" if self.parts_at_once == 1 else \
+                f", {self.parts_at_once} at a time (one per worker)"
+        elif self.num_parts > 1:
+            text += ", all at once"
+        if self.predicted_peak_bytes is not None:
+            text += f", predicted peak {_gb(self.predicted_peak_bytes)}"
+            if self.budget_bytes is not None:
+                text += f" of a {_gb(self.budget_bytes)} budget"
+        return text
+
+    def todict(self) -> dict:
+        """The fields, JSON-ready."""
+        return {"num_parts": self.num_parts, "parts_at_once": self.parts_at_once,
+                "sequential": self.sequential, "predicted_peak_bytes": self.predicted_peak_bytes,
+                "budget_bytes": self.budget_bytes}
 
 
 @dataclass(eq=False)

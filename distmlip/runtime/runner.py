@@ -29,7 +29,7 @@ from ..graph import NeighborGraph
 from ..models.base import DistributableModel
 from ..options import NAMES, Options
 from ..partition import PartitionPlan
-from .budget import Planner
+from .budget import Planner, RunInfo
 from .build import Builder, Built
 from .comm import make_comm
 from .launch import is_comm_failure, peer_status, report_failure
@@ -101,7 +101,8 @@ class Runner:
     After each call: ``last_plan`` (the parts this process evaluates), ``last_graph`` (the graph
     they index: the whole system's in one process, this rank's region under a launcher),
     ``timings`` (seconds per stage; the same keys on both backends), ``graph_builds`` (rebuilds so
-    far), ``last_exchange_calls``, ``rank`` and ``world_size``.
+    far), ``last_exchange_calls``, ``last_run`` (a ``RunInfo``: parts used, at once, predicted
+    peak), ``rank`` and ``world_size``.
     """
 
     def __init__(self, model: DistributableModel, options, *legacy, comm: str | None = None,
@@ -177,6 +178,19 @@ class Runner:
         """Bytes the current build is predicted to add per evaluation (set when ``max_memory``
         chose it; 0.0 otherwise)."""
         return 0.0 if self._built is None else float(self._built.predicted)
+
+    @property
+    def last_run(self) -> RunInfo | None:
+        """How the current build splits the system (parts used, at once, predicted peak);
+        ``None`` before the first evaluation."""
+        b = self._built
+        if b is None:
+            return None
+        parts = int(b.plan.num_parts)
+        at_once = min(self.comm.num_workers, parts) if b.sequential else parts
+        return RunInfo(parts, max(at_once, 1), bool(b.sequential),
+                       float(b.predicted) if self.budget is not None else None,
+                       None if self.budget is None else int(self.budget))
 
     @property
     def last_shards(self) -> list[Shard]:

@@ -507,7 +507,7 @@ def test_run_table(cu, capsys):
     atoms = ase.io.read(cu)
     atoms.calc = DistributedCalculator(LennardJones(0.4, 2.3, 5.0))
     assert f"{atoms.get_potential_energy():18.8f} eV" in out
-    assert "2 part(s) (slab, halo)" in out and "... 30 more atoms" in out
+    assert "(slab, halo): 2 parts, all at once" in out and "... 30 more atoms" in out
     assert f"{atoms.get_forces()[1][2]:14.8f}" in out
 
 
@@ -770,3 +770,17 @@ def test_model_from_a_sevennet_checkpoint(tmp_path, capsys):
     atoms.calc = DistributedCalculator(load("sevennet-0"))
     assert result["energy_eV"] == pytest.approx(atoms.get_potential_energy(), rel=1e-6)
     np.testing.assert_allclose(result["forces_eV_per_A"], atoms.get_forces(), atol=1e-5)
+
+
+def test_md_names_the_parts_a_budget_used(tmp_path, capsys):
+    """`distmlip md --max-memory`: the opening line says the parts may grow, a closing line names
+    the parts used and the predicted peak."""
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((4, 4, 4))
+    atoms.rattle(0.05, seed=0)
+    ase.io.write(tmp_path / "cu256.xyz", atoms)
+    assert main(["md", str(tmp_path / "cu256.xyz"), "--model", "schnet", "--max-memory", "30MB",
+                 "--steps", "1", "-q", "-o", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "1+ part(s) (grid, halo, as --max-memory needs)" in out
+    line = next(x for x in out.splitlines() if x.startswith("parts: "))
+    assert "parts, one at a time, predicted peak" in line and line.endswith("of a 30 MB budget")
