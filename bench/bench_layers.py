@@ -32,7 +32,7 @@ def worker(payload: dict) -> dict:
 
     from distmlip import DistributedCalculator, estimate_memory
     from distmlip.models import SchNet
-    from distmlip.runtime.sequential import uses_steps
+    from distmlip.runtime.steps import uses_steps
 
     torch.set_num_threads(1)
     model = SchNet(cutoff=5.0, num_interactions=3, hidden_channels=32, seed=0, dtype=torch.float64)

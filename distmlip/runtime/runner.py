@@ -37,6 +37,7 @@ from .local import replica
 from .parallel import evaluate_all
 from .sequential import evaluate_sequential
 from .shards import Shard
+from .steps import evaluate_steps, uses_steps
 
 __all__ = ["Evaluation", "Runner", "TIMING_KEYS"]
 
@@ -246,7 +247,10 @@ class Runner:
         buffer = np.zeros(4 * n + 9)  # energies (N), forces (N, 3), virial (3, 3)
         t2 = time.perf_counter()
         if b.sequential:
-            self._levels, exchange_s = evaluate_sequential(self, b, positions, buffer, n, self._levels)
+            if uses_steps(self):
+                self._levels, exchange_s = evaluate_steps(self, b, positions, buffer, n)
+            else:
+                self._levels, exchange_s = evaluate_sequential(self, b, positions, buffer, n, self._levels)
             self.last_exchange_calls = self._levels.count("halo_exchange")
             t3 = t2
         else:

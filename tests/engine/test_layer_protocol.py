@@ -150,19 +150,26 @@ def test_steps_call_counts():
     assert CALLS == {"step": 25}, CALLS
 
 
-def test_progress_bar_counts_every_step(capsys):
-    """``progress=True``: L - 1 forward steps and L backward steps a part, on every call."""
+def test_progress_bar_counts_every_step(capsys, monkeypatch):
+    """``progress=True``: the bar counts parts, each advanced by its L - 1 forward steps and L
+    backward steps (2L - 1 ticks make a part), and reaches every part on every call."""
     import re
 
+    from distmlip.runtime.progress import Progress
+
+    ticks = []
+    monkeypatch.setattr(Progress, "tick", lambda self, _tick=Progress.tick: (ticks.append(1), _tick(self)))
     model = make_schnet()
     atoms = fcc_bulk(size=3, seed=4)
     calc = DistributedCalculator(model, 4, progress=True)
     calc.runner._sequential = True
     for seed in (4, 5):
         atoms.rattle(0.01, seed=seed)
+        ticks.clear()
         evaluate(calc, atoms)
-        done, total = map(int, re.findall(r"(\d+)/(\d+)", capsys.readouterr().err)[-1])
-        assert (done, total) == (4 * 5, 4 * 5)
+        counts = [(float(a), int(b)) for a, b in re.findall(r"(\d+\.\d)/(\d+) parts", capsys.readouterr().err)]
+        assert counts and counts[-1] == (4.0, 4), counts[-3:]
+        assert len(ticks) == 4 * (2 * model.num_layers - 1), len(ticks)
 
 
 def test_model_without_steps_unchanged():
