@@ -11,6 +11,7 @@ the flags, calls it, names the flags in its errors and prints.
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from ..md import (
     LOG,
     TRAJECTORY,
     MDSettings,
+    UnstableRun,
     initial_velocities,
     load_checkpoint,
     plot_run,
@@ -108,6 +110,12 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="start afresh in a DIR holding a run")
     p.add_argument("--restart", default=None, metavar="DIR",
                    help="continue the run in DIR to --steps in total, from its checkpoint")
+    p.add_argument("--max-time", default=None, metavar="HH:MM:SS",
+                   help="wall-time limit (HH:MM:SS, MM:SS or seconds): stop before it with a checkpoint, "
+                        "exit 0 (SIGTERM, SIGINT and SIGUSR1 stop the same way, exit 128+signal)")
+    p.add_argument("--max-temperature", type=float, default=None, metavar="K",
+                   help="stop with an error (exit 3) above this temperature, as on non-finite "
+                        "energy, forces or positions (default 10 x --temperature; 10000 K at 0 K)")
     p.add_argument("--plot", action="store_true", help="energy/temperature/pressure PNGs at the end")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     add_calculator_options(p)
@@ -115,6 +123,7 @@ def add_parser(sub) -> None:
 
 
 def command(args) -> int:
+    started = time.monotonic()
     if args.restart is not None:
         given = [k for k in PHYSICS if getattr(args, k) is not None]
         if given:
@@ -162,6 +171,13 @@ def command(args) -> int:
         options = calculator_kwargs(args)
         output = {"write_every": 100, "log_every": 1}
     output = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in output.items()}
+    max_seconds = parse_duration(args.max_time)
+    max_temperature = args.max_temperature
+    if max_temperature is None:
+        max_temperature = 10.0 * settings.temperature_K if settings.temperature_K > 0 else 10000.0
+    elif not (max_temperature > 0 and max_temperature < float("inf")):
+        raise CLIError(f"--max-temperature: expected a number of K > 0, got {args.max_temperature!r}; "
+                       f"pass e.g. --max-temperature 5000")
     model = load_model(settings.model)
     calc = build_calculator(model, options)
     check_writable_dir(str(directory), "--restart" if state is not None else "--output")
@@ -175,8 +191,31 @@ def command(args) -> int:
     if state is not None:
         say(f"restarting from step {state['step']} in {directory}")
     with library_errors(directory="--restart" if state is not None else "--output"):
-        summary = run_md(atoms, calc, settings, directory, args.steps, **output, checkpoint=state,
-                         progress=not args.quiet, calculator_options=options)
+        try:
+            summary = run_md(atoms, calc, settings, directory, args.steps, **output, checkpoint=state,
+                             progress=not args.quiet, calculator_options=options,
+                             stop_on_signals=True,
+                             deadline=None if max_seconds is None else started + max_seconds,
+                             max_temperature_K=max_temperature)
+        except UnstableRun as exc:
+            what = str(exc).replace("max_temperature_K", "--max-temperature")
+            _say_error(f"distmlip md: error: the run blew up: {what}; {directory / CHECKPOINT} and "
+                       f"{directory / TRAJECTORY} hold step "
+                       f"{exc.checkpoint_step}; try a smaller --timestep or a relaxed structure",
+                       calc.rank == 0)
+            return 3
+    stopped = summary["stopped"]
+    if stopped is not None:
+        cause = (f"by {stopped['signal']}" if stopped["reason"] == "signal"
+                 else f"before --max-time {args.max_time}")
+        verb = "interrupted" if stopped["reason"] == "signal" else "stopped"
+        say(f"{verb} at step {summary['step']} {cause}; checkpoint at step {summary['step']}; "
+            f"continue with: distmlip md --restart {directory} --steps {args.steps}", flush=True)
+        return 128 + stopped["signum"] if stopped["reason"] == "signal" else 0
+    if not summary["steps_run"]:
+        say(f"the run in {directory} is already at step {summary['step']} >= --steps {args.steps}; "
+            f"nothing to do, nothing written")
+        return 0
     if summary["steps_run"]:
         say(f"{summary['steps_run']} steps in {summary['seconds']:.2f} s: "
             f"{summary['seconds'] / summary['steps_run']:.3g} s/step, {summary['ns_per_day']:.3g} ns/day, "
@@ -194,6 +233,28 @@ def command(args) -> int:
         for path in written:
             say(f"wrote {path}")
     return 0
+
+
+def parse_duration(text: str | None) -> float | None:
+    """``--max-time``: ``HH:MM:SS``, ``MM:SS`` or seconds -> seconds (> 0)."""
+    if text is None:
+        return None
+    try:
+        parts = [float(p) for p in text.split(":")]
+        if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts):
+            raise ValueError
+        seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+    except ValueError:
+        seconds = float("nan")
+    if not (seconds > 0 and seconds < float("inf")):
+        raise CLIError(f"--max-time: expected a wall time HH:MM:SS, MM:SS or seconds > 0, got {text!r}; "
+                       f"pass e.g. --max-time 23:50:00")
+    return seconds
+
+
+def _say_error(line: str, root: bool) -> None:
+    if root:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _check_npt_options(args, settings: MDSettings) -> None:

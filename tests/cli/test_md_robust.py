@@ -1,0 +1,179 @@
+"""``distmlip md`` you can leave running: signals and --max-time stop with a checkpoint and one
+line, a blow-up stops the run, a restart with nothing to do writes nothing.
+
+The CLI runs as a subprocess (``python -m distmlip``) where the exit status or a signal matters.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+from ase.build import bulk
+
+import distmlip.md as md_module
+
+from support import BIN, ROOT, launcher_env
+
+LJ = "lj:epsilon=0.4,sigma=2.3,cutoff=5.0"
+
+
+@pytest.fixture
+def cu(tmp_path) -> Path:
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+    atoms.rattle(0.05, seed=0)
+    path = tmp_path / "cu.xyz"
+    ase.io.write(path, atoms)
+    return path
+
+
+def _env() -> dict:
+    env = launcher_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def distmlip(*args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distmlip", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=_env())
+
+
+def _wait_for(path: Path, proc, seconds=120) -> None:
+    t0 = time.monotonic()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - t0 < seconds, f"{path} never appeared"
+        time.sleep(0.1)
+    time.sleep(1.0)  # well into the loop
+
+
+def _last_log_step(run: Path) -> int:
+    lines = (run / "log.csv").read_text().strip().splitlines()
+    return int(lines[-1].split(",")[0])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_signal_checkpoints_and_says_how_to_continue(cu, tmp_path, sig):
+    """A signal finishes the step, writes the checkpoint (log, frame) at it, prints one line naming
+    the step, the signal and the command to continue, and exits 128+signal; the restart goes on."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "distmlip", "md", str(cu), "--model", LJ,
+                             "--steps", "1000000", "--write-every", "100000", "-o", str(run), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    _wait_for(run / "checkpoint.npz", proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, (out, err)
+    state = md_module.load_checkpoint(run)
+    step = state["step"]
+    assert step > 0 and _last_log_step(run) == step
+    assert ase.io.read(run / "trajectory.extxyz", index=-1).info["step"] == step
+    line = (f"interrupted at step {step} by {signal.Signals(sig).name}; checkpoint at step {step}; "
+            f"continue with: distmlip md --restart {run} --steps 1000000")
+    assert line in out.splitlines(), (out, err)
+    assert "Traceback" not in err
+    proc = distmlip("md", "--restart", run, "--steps", step + 5, "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert _last_log_step(run) == step + 5
+
+
+def test_max_time_stops_before_the_limit(cu, tmp_path):
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    proc = distmlip("md", cu, "--model", LJ, "--steps", 10**7, "--write-every", 10**6, "-o", run, "-q",
+                    "--max-time", "0:08")
+    assert time.monotonic() - t0 < 8 + 4  # the interpreter's start and exit on top
+    assert proc.returncode == 0, proc.stderr
+    step = md_module.load_checkpoint(run)["step"]
+    assert 0 < step < 10**7 and _last_log_step(run) == step
+    assert (f"stopped at step {step} before --max-time 0:08; checkpoint at step {step}; continue "
+            f"with: distmlip md --restart {run} --steps 10000000") in proc.stdout.splitlines()
+
+
+def test_bad_max_time_is_refused(cu, tmp_path):
+    proc = distmlip("md", cu, "--model", LJ, "--steps", 5, "-o", tmp_path / "r", "--max-time", "1:xx")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("distmlip md: error: --max-time: expected a wall time HH:MM:SS, "
+                                   "MM:SS or seconds > 0, got '1:xx'; pass e.g. --max-time 23:50:00")
+
+
+def test_blow_up_stops_the_run(cu, tmp_path):
+    """--timestep 30 at 3000 K explodes: one line naming the step and the quantity, exit 3, the
+    checkpoint and trajectory of the last good step kept."""
+    run = tmp_path / "run"
+    proc = distmlip("md", cu, "--model", LJ, "--steps", 300, "--timestep", 30, "--temperature", 3000,
+                    "-o", run, "-q")
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distmlip md: error: the run blew up: temperature ")
+    assert "above --max-temperature 30000 K at step 1;" in lines[0]
+    state = md_module.load_checkpoint(run)
+    assert state["step"] == 0 and np.isfinite(state["atoms"].positions).all()
+    assert "hold step 0" in lines[0]
+    assert len(ase.io.read(run / "trajectory.extxyz", index=":")) == 1
+
+
+def test_max_temperature_flag(cu, tmp_path):
+    proc = distmlip("md", cu, "--model", LJ, "--steps", 50, "--temperature", 300, "-o", tmp_path / "r",
+                    "-q", "--max-temperature", "200")
+    assert proc.returncode == 3
+    assert "above --max-temperature 200 K at step " in proc.stderr
+
+
+def test_nothing_to_do_writes_nothing(cu, tmp_path):
+    run = tmp_path / "run"
+    assert distmlip("md", cu, "--model", LJ, "--steps", 5, "-o", run, "-q").returncode == 0
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    proc = distmlip("md", "--restart", run, "--steps", 5, "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing to do, nothing written" in proc.stdout
+    assert "wrote" not in proc.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+
+
+def _rank_pids(marker: str) -> list[int]:
+    """The python processes whose command line holds ``marker`` (the launched ranks)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(marker.encode() in c for c in cmd) and Path(cmd[0].decode()).name.startswith("python"):
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+@pytest.mark.mpi
+def test_sigterm_under_mpirun_stops_every_rank_at_one_step(cu, tmp_path):
+    """SIGTERM to one rank of `mpirun -n 2 distmlip md`: both ranks stop at the same step (agreed by
+    an all-reduce each step), rank 0 writes the checkpoint there and says so."""
+    run = tmp_path / "mpirun-run"
+    proc = subprocess.Popen([str(BIN / "mpirun"), "-n", "2", sys.executable, "-m", "distmlip", "md",
+                             str(cu), "--model", LJ, "--steps", "1000000", "--write-every", "100000",
+                             "-o", str(run), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        _wait_for(run / "checkpoint.npz", proc, seconds=180)
+        pids = _rank_pids(str(run))
+        assert len(pids) == 2, pids
+        os.kill(pids[-1], signal.SIGTERM)  # one rank only: the other learns it at the next step
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    step = md_module.load_checkpoint(run)["step"]
+    assert step > 0 and _last_log_step(run) == step
+    assert (f"interrupted at step {step} by SIGTERM; checkpoint at step {step}; continue with: "
+            f"distmlip md --restart {run} --steps 1000000") in out.splitlines(), (out, err)
+    assert proc.returncode != 0
+    assert "Traceback" not in err
