@@ -22,6 +22,7 @@ from ._common import (
     add_model_option,
     build_calculator,
     calculator_kwargs,
+    check_output_file,
     load_model,
     parse_supercell,
     read_structure,
@@ -41,7 +42,7 @@ def _structure_args(p, model_required: bool = True) -> None:
 def _setup(args):
     """Structure (repeated), model, calculator from the common options."""
     supercell = parse_supercell(args.supercell)
-    atoms = repeat_structure(read_structure(args.structure), supercell)
+    atoms = repeat_structure(read_structure(args.structure, getattr(args, "verbose", False)), supercell)
     calc = build_calculator(load_model(args.model), calculator_kwargs(args))
     atoms.calc = calc
     return atoms, calc
@@ -148,9 +149,7 @@ def relax(args) -> int:
         raise CLIError(f"--fmax: expected a positive number of eV/Å, got {args.fmax}")
     if args.steps < 0:
         raise CLIError(f"--steps: expected an integer >= 0, got {args.steps}")
-    output = Path(args.output or "relaxed.extxyz")
-    if not output.parent.is_dir():
-        raise CLIError(f"--output: expected a file in an existing directory, got {str(output)!r}")
+    output = check_output_file(args.output or "relaxed.extxyz", "--output")
     atoms, calc = _setup(args)
     if args.cell and atoms.cell.rank < 3:
         raise CLIError("--cell: needs a periodic cell with three lattice vectors; this structure "
@@ -163,13 +162,29 @@ def relax(args) -> int:
     e1 = atoms.get_potential_energy()
     fmax = float(np.linalg.norm(target.get_forces(), axis=1).max())
     if root:
-        import ase.io
 
         atoms_out = atoms.copy()
-        ase.io.write(output, atoms_out, parallel=False)
+        output = _write_or_save(output, atoms_out, "--output")
         print(f"{'converged' if converged else 'NOT converged'} after {opt.nsteps} steps: energy "
               f"{e0:.6f} -> {e1:.6f} eV, max force {fmax:.4f} eV/Å (fmax {args.fmax}); wrote {output}")
     return 0 if converged else 1
+
+
+def _write_or_save(path: Path, images, flag: str) -> Path:
+    """Write ``images`` to ``path``; if that fails, to ``<stem>.saved.extxyz`` next to it (the
+    result is not lost), saying where on stderr. Returns the path written."""
+    import ase.io
+
+    try:
+        ase.io.write(path, images, parallel=False)
+        return path
+    except Exception as exc:  # noqa: BLE001 - any writer failure: save the result anyway
+        fallback = path.with_name(path.stem + ".saved.extxyz")
+        ase.io.write(fallback, images, format="extxyz", parallel=False)
+        print(f"distmlip: warning: {flag}: could not write {str(path)!r} ({type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else ''}); saved the result as {fallback}",
+              file=sys.stderr)
+        return fallback
 
 
 # ----------------------------------------------------------------------------- partition
@@ -180,8 +195,10 @@ def partition(args) -> int:
                        f"got {'both' if args.model else 'neither'}")
     if args.partitions < 1:
         raise CLIError(f"--partitions: expected an integer >= 1, got {args.partitions}")
+    if args.plot:
+        check_output_file(args.plot, "--plot", "picture")
     supercell = parse_supercell(args.supercell)
-    atoms = repeat_structure(read_structure(args.structure), supercell)
+    atoms = repeat_structure(read_structure(args.structure, getattr(args, "verbose", False)), supercell)
     if args.model is not None:
         model = load_model(args.model)
         cutoff, layers = float(model.cutoff), int(model.num_layers)
@@ -350,7 +367,16 @@ def serve(args) -> int:
             print(f"distmlip serve: note: the structure's constraints ({', '.join(names)}) are not "
                   f"applied to the forces sent; constrain the atoms in i-PI (e.g. <fixatoms>)",
                   file=sys.stderr)
-    count = serve_ipi(calc, atoms, args.ipi, timeout=args.socket_timeout)
+    try:
+        count = serve_ipi(calc, atoms, args.ipi, timeout=args.socket_timeout)
+    except (ConnectionError, ValueError) as exc:
+        text = str(exc)
+        for old, new in (("pass a timeout to wait for it", "pass --socket-timeout SECONDS to wait for it"),
+                         ("within the timeout of", "within --socket-timeout")):
+            text = text.replace(old, new)
+        key, sep, rest = text.partition(":")
+        flags = {"address": "--ipi", "timeout": "--socket-timeout"}
+        raise CLIError(f"{flags[key]}:{rest}" if sep and key in flags else text) from exc
     if calc.rank == 0:
         print(f"served {count} force evaluations to {args.ipi}")
     return 0

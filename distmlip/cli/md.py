@@ -29,6 +29,7 @@ from ..md import (
     run_md,
     unsaved_info,
 )
+from ..runtime.launch import detect_launch
 from ._common import (
     CLIError,
     add_calculator_options,
@@ -143,6 +144,7 @@ def command(args) -> int:
             state = load_checkpoint(directory)
         settings, atoms = state["settings"], state["atoms"]
         options = {**state["calculator"], **calculator_kwargs(args)}
+        _check_restart_parts(options, args, directory)
         output = state["output"]
     else:
         if args.structure is None:
@@ -161,7 +163,7 @@ def command(args) -> int:
         if (directory / CHECKPOINT).exists() and not args.overwrite:
             raise CLIError(f"--output: {str(directory)!r} already holds a run ({CHECKPOINT}); "
                            f"continue it with --restart {directory}, or pass --overwrite")
-        atoms = repeat_structure(read_structure(args.structure), supercell)
+        atoms = repeat_structure(read_structure(args.structure, getattr(args, "verbose", False)), supercell)
         dropped = unsaved_info(atoms)
         if dropped and is_root():
             print(f"distmlip md: note: info entries {dropped} are not JSON: the frames and checkpoints "
@@ -235,6 +237,20 @@ def command(args) -> int:
     return 0
 
 
+def _check_restart_parts(options: dict, args, directory: Path) -> None:
+    """A restart under a launcher whose process count does not divide the run's saved number of
+    parts: say which --partitions continues it (the user did not pass one)."""
+    launch = detect_launch()
+    parts = options.get("num_parts")
+    if launch is None or launch.world_size <= 1 or args.partitions is not None:
+        return
+    if isinstance(parts, int) and parts % launch.world_size:
+        w = launch.world_size
+        raise CLIError(f"--partitions: the run in {str(directory)!r} was made with {parts} parts, which "
+                       f"{w} processes cannot share evenly; continue it with --partitions {w} (or "
+                       f"another multiple of {w})")
+
+
 def parse_duration(text: str | None) -> float | None:
     """``--max-time``: ``HH:MM:SS``, ``MM:SS`` or seconds -> seconds (> 0)."""
     if text is None:
@@ -257,8 +273,21 @@ def _say_error(line: str, root: bool) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+#: flag -> the ensembles (or npt barostats) it acts in; under any other it is refused
+_ACTS_IN = {"friction": ("nvt",), "pressure": ("npt",), "taut": ("npt",), "taup": ("npt",),
+            "compressibility": ("npt",)}
+_WHAT = {"friction": "only nvt (Langevin) has a friction",
+         "pressure": "only npt has a target pressure", "taut": "only npt's thermostat has a time "
+         "(nvt's Langevin uses --friction)", "taup": "only npt has a barostat time",
+         "compressibility": "only npt's berendsen barostat has a compressibility"}
+
+
 def _check_npt_options(args, settings: MDSettings) -> None:
-    """Options that would be silently ignored are refused."""
+    """Options that would be silently ignored are refused, naming the flag and the ensemble."""
+    for key, ensembles in _ACTS_IN.items():
+        if getattr(args, key) is not None and settings.ensemble not in ensembles:
+            raise CLIError(f"--{key}: has no effect under --ensemble {settings.ensemble} ({_WHAT[key]}); "
+                           f"pass --ensemble {ensembles[0]} or drop --{key}")
     if args.barostat is not None and settings.ensemble != "npt":
         raise CLIError(f"--barostat: only npt has a barostat, got --ensemble {settings.ensemble}; "
                        f"pass --ensemble npt or drop --barostat")

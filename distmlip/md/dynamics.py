@@ -51,6 +51,8 @@ class MDSettings:
                 raise ValueError(f"{field}: expected a positive number, got {value!r}")
         if not (math.isfinite(self.temperature_K) and self.temperature_K >= 0):
             raise ValueError(f"temperature_K: expected a number of K >= 0, got {self.temperature_K!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"seed: expected an integer >= 0, got {self.seed!r}; pass e.g. 0")
         if not math.isfinite(self.pressure_GPa):
             raise ValueError(f"pressure_GPa: expected a finite number of GPa, got {self.pressure_GPa!r}")
         if self.mtk and self.temperature_K <= 0:

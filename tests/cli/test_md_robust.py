@@ -177,3 +177,121 @@ def test_sigterm_under_mpirun_stops_every_rank_at_one_step(cu, tmp_path):
             f"distmlip md --restart {run} --steps 1000000") in out.splitlines(), (out, err)
     assert proc.returncode != 0
     assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- outputs checked first
+def test_relax_output_format_checked_before_work(cu, tmp_path):
+    """An output name ASE cannot tell a format from is refused before the model runs."""
+    proc = distmlip("relax", cu, "--model", LJ, "-o", tmp_path / "relaxed.vasp_out")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"distmlip relax: error: --output: expected a file whose name tells ASE a format it writes "
+        f"(.extxyz, .cif, .vasp, POSCAR, .traj, ...), got '{tmp_path / 'relaxed.vasp_out'}'; pass e.g. "
+        f"--output relaxed.extxyz"]
+    assert proc.stdout == ""  # no optimiser step ran
+
+
+def test_relax_write_failure_saves_the_result(cu, tmp_path, monkeypatch):
+    """A write that fails anyway at the end: the result is saved as extxyz next to it."""
+    from distmlip.cli import commands, main
+
+    real = ase.io.write
+
+    def failing(path, images, **kw):
+        if str(path).endswith(".cif"):
+            raise RuntimeError("disk on fire")
+        return real(path, images, **kw)
+
+    monkeypatch.setattr(ase.io, "write", failing)
+    assert main(["relax", str(cu), "--model", LJ, "-o", str(tmp_path / "r.cif"), "--fmax", "0.5"]) == 0
+    saved = tmp_path / "r.saved.extxyz"
+    assert saved.is_file() and len(ase.io.read(saved)) == 32
+    assert commands is not None
+
+
+@pytest.mark.parametrize("plot, expected", [
+    ("nowhere/parts.png", "--plot: expected a file in an existing directory, got 'nowhere/parts.png'"),
+    ("parts.xyz", "--plot: expected a picture file named .png, .pdf, .svg, ..., got 'parts.xyz'; "
+                  "pass e.g. --plot parts.png"),
+])
+def test_partition_plot_path_checked_first(cu, plot, expected):
+    proc = distmlip("partition", cu, "--cutoff", 5, "--plot", plot)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [f"distmlip partition: error: {expected}"] or \
+        proc.stderr.strip().startswith(f"distmlip partition: error: {expected}"), proc.stderr
+
+
+# ----------------------------------------------------------------------------- flags that mean one thing
+@pytest.mark.parametrize("args, expected", [
+    (["md", "CU", "--model", LJ, "--steps", "2", "--pressure", "1"],
+     "distmlip md: error: --pressure: has no effect under --ensemble nve (only npt has a target "
+     "pressure); pass --ensemble npt or drop --pressure"),
+    (["md", "CU", "--model", LJ, "--steps", "2", "--friction", "2"],
+     "distmlip md: error: --friction: has no effect under --ensemble nve (only nvt (Langevin) has a "
+     "friction); pass --ensemble nvt or drop --friction"),
+    (["md", "CU", "--model", LJ, "--steps", "2", "--ensemble", "nvt", "--taup", "5"],
+     "distmlip md: error: --taup: has no effect under --ensemble nvt (only npt has a barostat time); "
+     "pass --ensemble npt or drop --taup"),
+    (["md", "CU", "--model", LJ, "--steps", "2", "--seed", "-1"],
+     "distmlip md: error: --seed: expected an integer >= 0, got -1; pass e.g. 0"),
+    (["run", "CU", "--model", LJ, "--max-memory", "2.0"],
+     "distmlip run: error: --max-memory: expected a size with a unit (6GB, 500MB, 2GiB) or a fraction "
+     "of the device's memory in (0, 1], got '2.0'; pass e.g. --max-memory 2GB or --max-memory 0.5"),
+    (["run", "CU", "--model", LJ, "--max-memory", "-1GB"],
+     "distmlip run: error: --max-memory: expected a size with a unit (6GB, 500MB, 2GiB) or a fraction "
+     "of the device's memory in (0, 1], got '-1GB'; pass e.g. --max-memory 2GB or --max-memory 0.5"),
+    (["run", "CU", "--model", LJ, "--supercell", "-1x1x1"],
+     "distmlip run: error: --supercell: expected AxBxC with integers >= 1, got '-1x1x1'; pass e.g. "
+     "--supercell 4x4x2"),
+    (["run", "CU", "--model", "./missing.pth"],
+     "distmlip run: error: --model: expected a model name or a saved model file, got './missing.pth', "
+     "which does not exist; check the path, or see `distmlip models` for the names"),
+    (["run", "CU", "--model", "lj:foo=1"],
+     "distmlip run: error: --model: lj has no option 'foo', got 'lj:foo=1'; expected lj:key=number,... "
+     "with keys from ['epsilon', 'sigma', 'cutoff', 'dtype']"),
+    (["serve", "CU", "--model", LJ, "--ipi", "localhost:1"],
+     "distmlip serve: error: --ipi: no i-PI server listens at localhost:1 (ConnectionRefusedError); "
+     "start the server first, or pass --socket-timeout SECONDS to wait for it"),
+])
+def test_refusals_name_the_flag_and_the_fix(cu, tmp_path, args, expected):
+    args = [str(cu) if a == "CU" else a for a in args]
+    if args[0] == "md":
+        args += ["-o", str(tmp_path / "run")]
+    proc = distmlip(*args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [expected], proc.stderr
+
+
+def test_max_memory_fraction_and_unit_accepted(cu):
+    for value in ("0.5", "2GB"):
+        proc = distmlip("run", cu, "--model", LJ, "--max-memory", value, "--show", 0)
+        assert proc.returncode == 0, proc.stderr
+
+
+def test_reader_warnings_folded_into_the_error_line(tmp_path):
+    bad = tmp_path / "t.cif"
+    bad.write_text("data_x\n_cell_length_a 3.6\n_cell_length_b 3.6\n_cell_length_c 3.6\n"
+                   "_cell_angle_alpha 90\n_cell_angle_beta 90\n_cell_angle_gamma 90\nloop_\n"
+                   "_atom_site_label\n_atom_site_fract_x\n_atom_site_fract_y\nCu 0 0\n")
+    proc = distmlip("run", bad, "--model", LJ)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distmlip run: error: STRUCTURE: expected a file"), \
+        proc.stderr
+    assert "warning(s), the first:" in lines[0]
+
+
+def test_restart_under_other_ranks_names_the_fix(cu, tmp_path):
+    """A 3-part run continued under a launcher of 2 processes: the message names --partitions 2."""
+    from distmlip.cli import main
+
+    run = tmp_path / "run"
+    assert main(["md", str(cu), "--model", LJ, "--steps", "2", "-o", str(run), "-q",
+                 "--partitions", "3"]) == 0
+    env = {"PMI_RANK": "0", "PMI_SIZE": "2"}
+    proc = subprocess.run([sys.executable, "-m", "distmlip", "md", "--restart", str(run), "--steps", "4"],
+                          capture_output=True, text=True, timeout=120, env={**_env(), **env})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        f"distmlip md: error: --partitions: the run in '{run}' was made with 3 parts, which 2 processes "
+        f"cannot share evenly; continue it with --partitions 2 (or another multiple of 2)")
