@@ -111,6 +111,9 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="start afresh in a DIR holding a run")
     p.add_argument("--restart", default=None, metavar="DIR",
                    help="continue the run in DIR to --steps in total, from its checkpoint")
+    p.add_argument("--no-rescale", action="store_true",
+                   help="keep the raw Maxwell-Boltzmann draw (default: scaled so the starting "
+                        "temperature is --temperature exactly)")
     p.add_argument("--max-time", default=None, metavar="HH:MM:SS",
                    help="wall-time limit (HH:MM:SS, MM:SS or seconds): stop before it with a checkpoint, "
                         "exit 0 (SIGTERM, SIGINT and SIGUSR1 stop the same way, exit 128+signal)")
@@ -136,6 +139,9 @@ def command(args) -> int:
                            f"got {args.output!r}; omit --output")
         if args.steps is None:
             raise CLIError("--steps: expected the total number of steps to continue to, got none")
+        if args.no_rescale:
+            raise CLIError("--no-rescale: has no effect when restarting (the velocities are the "
+                           "checkpoint's); drop it")
         directory = Path(args.restart)
         if not (directory / CHECKPOINT).is_file():
             raise CLIError(f"--restart: expected a run directory holding {CHECKPOINT}, got "
@@ -168,7 +174,7 @@ def command(args) -> int:
         if dropped and is_root():
             print(f"distmlip md: note: info entries {dropped} are not JSON: the frames and checkpoints "
                   f"leave them out", file=sys.stderr)
-        initial_velocities(atoms, settings.temperature_K, settings.seed)
+        initial_velocities(atoms, settings.temperature_K, settings.seed, rescale=not args.no_rescale)
         state = None
         options = calculator_kwargs(args)
         output = {"write_every": 100, "log_every": 1}
@@ -184,10 +190,10 @@ def command(args) -> int:
     calc = build_calculator(model, options)
     check_writable_dir(str(directory), "--restart" if state is not None else "--output")
     say = print if calc.rank == 0 else (lambda *a, **k: None)
-    ensemble = settings.ensemble + (f" ({settings.barostat})" if settings.ensemble == "npt" else "")
+    ensemble = _physics(settings, atoms, state is not None)
     fixed = _constraint_summary(atoms)
     say(f"distmlip md: {len(atoms)} atoms ({atoms.get_chemical_formula()}{fixed}), {settings.model}, "
-        f"{ensemble} {settings.timestep_fs} fs at {settings.temperature_K} K; "
+        f"{ensemble}; "
         f"{calc.num_parts} part(s) ({calc.partitioner}, {calc.mode}), backend {calc.backend}, "
         f"{calc.world_size} process(es)")
     if state is not None:
@@ -235,6 +241,20 @@ def command(args) -> int:
         for path in written:
             say(f"wrote {path}")
     return 0
+
+
+def _physics(settings: MDSettings, atoms, restart: bool) -> str:
+    """The opening line's physics: ensemble, timestep, starting temperature and the targets."""
+    s = settings
+    start = f"T {atoms.get_temperature():.1f} K" if restart else f"start {atoms.get_temperature():.1f} K"
+    if s.ensemble == "nve":
+        targets = "no thermostat"
+    elif s.ensemble == "nvt":
+        targets = f"target {s.temperature_K:g} K (Langevin, friction {s.friction_per_ps:g}/ps)"
+    else:
+        targets = (f"target {s.temperature_K:g} K and {s.pressure_GPa:g} GPa ({s.barostat}, taut "
+                   f"{s.taut_fs:g} fs, taup {s.taup_fs:g} fs)")
+    return f"{s.ensemble} {s.timestep_fs:g} fs, {start}, {targets}"
 
 
 def _check_restart_parts(options: dict, args, directory: Path) -> None:

@@ -295,3 +295,24 @@ def test_restart_under_other_ranks_names_the_fix(cu, tmp_path):
     assert proc.stderr.strip().splitlines()[-1].endswith(
         f"distmlip md: error: --partitions: the run in '{run}' was made with 3 parts, which 2 processes "
         f"cannot share evenly; continue it with --partitions 2 (or another multiple of 2)")
+
+
+# ----------------------------------------------------------------------------- starting temperature
+def test_starting_temperature_is_exact(cu, tmp_path):
+    """The default rescales the Maxwell-Boltzmann draw (after removing the centre-of-mass momentum)
+    to --temperature exactly, and the opening line says so with the targets; --no-rescale keeps
+    the raw draw."""
+    proc = distmlip("md", cu, "--model", LJ, "--steps", 0, "--temperature", 400, "--ensemble", "nvt",
+                    "-o", tmp_path / "a", "-q")
+    assert proc.returncode == 0, proc.stderr
+    atoms = md_module.load_checkpoint(tmp_path / "a")["atoms"]
+    assert abs(atoms.get_temperature() - 400) < 1e-9
+    assert np.abs(atoms.get_momenta().sum(axis=0)).max() < 1e-12
+    assert ("nvt 1 fs, start 400.0 K, target 400 K (Langevin, friction 1/ps); "
+            in proc.stdout.splitlines()[0]), proc.stdout
+    proc = distmlip("md", cu, "--model", LJ, "--steps", 0, "--temperature", 400, "--no-rescale",
+                    "-o", tmp_path / "b", "-q")
+    assert proc.returncode == 0, proc.stderr
+    raw = md_module.load_checkpoint(tmp_path / "b")["atoms"]
+    assert abs(raw.get_temperature() - 400) > 1e-3
+    assert np.allclose(raw.get_momenta() * np.sqrt(400 / raw.get_temperature()), atoms.get_momenta())
