@@ -252,9 +252,10 @@ def _physics(settings: MDSettings, atoms, restart: bool) -> str:
     elif s.ensemble == "nvt":
         targets = f"target {s.temperature_K:g} K (Langevin, friction {s.friction_per_ps:g}/ps)"
     else:
-        targets = (f"target {s.temperature_K:g} K and {s.pressure_GPa:g} GPa ({s.barostat}, taut "
-                   f"{s.taut_fs:g} fs, taup {s.taup_fs:g} fs)")
-    return f"{s.ensemble} {s.timestep_fs:g} fs, {start}, {targets}"
+        targets = (f"target {s.temperature_K:g} K and {s.pressure_GPa:g} GPa (taut {s.taut_fs:g} fs, "
+                   f"taup {s.taup_fs:g} fs)")
+    ensemble = s.ensemble + (f" ({s.barostat})" if s.ensemble == "npt" else "")
+    return f"{ensemble} {s.timestep_fs} fs, {start}, {targets}"
 
 
 def _check_restart_parts(options: dict, args, directory: Path) -> None:

@@ -206,6 +206,9 @@ def run_md(atoms, calc, settings: MDSettings, directory, steps: int, *, write_ev
         if rng is not None and checkpoint["rng"] is not None:
             rng.bit_generator.state = checkpoint["rng"]
         restore_dynamics_state(dyn, settings, checkpoint.get("dynamics", {}))
+    build = None if checkpoint is None else checkpoint.get("build")
+    if build is not None and hasattr(calc, "restore_build"):  # the same graph as before the stop
+        calc.restore_build(build["positions"], build["cell"], atoms.pbc, atoms.numbers)
     root = getattr(calc, "rank", 0) == 0
     natoms = len(atoms)
     dt_ps = settings.timestep_fs / 1000.0
@@ -222,7 +225,8 @@ def run_md(atoms, calc, settings: MDSettings, directory, steps: int, *, write_ev
         if root:
             write_checkpoint(directory / CHECKPOINT, atoms, step, settings, rng, out.sync(), options,
                              {"write_every": write_every, "log_every": log_every},
-                             dynamics_state(dyn, settings))
+                             dynamics_state(dyn, settings),
+                             calc.build_reference() if hasattr(calc, "build_reference") else None)
 
     def row(step, values, seconds_per_step):
         epot, ekin, temp, pressure, volume = values

@@ -308,7 +308,7 @@ def test_starting_temperature_is_exact(cu, tmp_path):
     atoms = md_module.load_checkpoint(tmp_path / "a")["atoms"]
     assert abs(atoms.get_temperature() - 400) < 1e-9
     assert np.abs(atoms.get_momenta().sum(axis=0)).max() < 1e-12
-    assert ("nvt 1 fs, start 400.0 K, target 400 K (Langevin, friction 1/ps); "
+    assert ("nvt 1.0 fs, start 400.0 K, target 400 K (Langevin, friction 1/ps); "
             in proc.stdout.splitlines()[0]), proc.stdout
     proc = distmlip("md", cu, "--model", LJ, "--steps", 0, "--temperature", 400, "--no-rescale",
                     "-o", tmp_path / "b", "-q")
@@ -316,3 +316,26 @@ def test_starting_temperature_is_exact(cu, tmp_path):
     raw = md_module.load_checkpoint(tmp_path / "b")["atoms"]
     assert abs(raw.get_temperature() - 400) > 1e-3
     assert np.allclose(raw.get_momenta() * np.sqrt(400 / raw.get_temperature()), atoms.get_momenta())
+
+
+# ----------------------------------------------------------------------------- exact restarts
+def test_float32_restart_is_bit_identical(tmp_path):
+    """A float32 SchNet, 200 steps at once vs stopped at 70 and 140 and restarted twice: the same
+    positions and momenta bit for bit (the checkpoint records the graph's build reference, so the
+    restart sums in the same order)."""
+    from distmlip.cli import main
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 1))
+    atoms.rattle(0.05, seed=1)
+    structure = tmp_path / "cu16.xyz"
+    ase.io.write(structure, atoms)
+    model = "schnet:hidden_channels=8,num_interactions=2,num_gaussians=10,cutoff=4.5"
+    common = ["--model", model, "--dtype", "float32", "--timestep", "0.5", "--write-every", "50",
+              "--quiet"]
+    assert main(["md", str(structure), *common, "--steps", "200", "-o", str(tmp_path / "full")]) == 0
+    assert main(["md", str(structure), *common, "--steps", "70", "-o", str(tmp_path / "split")]) == 0
+    for steps in ("140", "200"):
+        assert main(["md", "--restart", str(tmp_path / "split"), "--steps", steps, "--quiet"]) == 0
+    a, b = (md_module.load_checkpoint(tmp_path / d)["atoms"] for d in ("full", "split"))
+    assert np.array_equal(a.positions, b.positions)
+    assert np.array_equal(a.get_momenta(), b.get_momenta())
