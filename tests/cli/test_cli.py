@@ -618,7 +618,7 @@ def test_model_from_a_saved_file(cu, tmp_path, capsys):
 def test_serve_hands_calculator_and_address_to_serve_ipi(cu, monkeypatch, capsys):
     seen = {}
 
-    def serve_ipi(calculator, atoms, address, *, timeout=None):
+    def serve_ipi(calculator, atoms, address, *, timeout=None, on_step=None):
         seen.update(calc=calculator, atoms=atoms, address=address, timeout=timeout)
         return 7
 

@@ -339,3 +339,76 @@ def test_float32_restart_is_bit_identical(tmp_path):
     a, b = (md_module.load_checkpoint(tmp_path / d)["atoms"] for d in ("full", "split"))
     assert np.array_equal(a.positions, b.positions)
     assert np.array_equal(a.get_momenta(), b.get_momenta())
+
+
+# ----------------------------------------------------------------------------- run, relax, serve
+def test_run_every_frame_writes_extxyz(cu, tmp_path):
+    """`run` evaluates every frame (--index :, the default) and -o writes them with energy,
+    forces, stress and per-atom energies; --index -1 is the last frame alone."""
+    frames = [bulk("Cu", "fcc", a=a, cubic=True).repeat((2, 2, 2)) for a in (3.55, 3.61, 3.67)]
+    traj = tmp_path / "three.extxyz"
+    ase.io.write(traj, frames)
+    out = tmp_path / "evaluated.extxyz"
+    proc = distmlip("run", traj, "--model", LJ, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote 3 frames (energy, forces, stress, per-atom energies) to {out}" in proc.stdout
+    assert "3 frames of" in proc.stdout
+    got = ase.io.read(out, index=":")
+    assert len(got) == 3
+    from distmlip import DistributedCalculator
+    from distmlip.models import LennardJones
+
+    for frame, ref in zip(got, frames, strict=True):
+        ref.calc = DistributedCalculator(LennardJones(epsilon=0.4, sigma=2.3, cutoff=5.0))
+        assert abs(frame.get_potential_energy() - ref.get_potential_energy()) < 1e-8
+        np.testing.assert_allclose(frame.get_forces(), ref.get_forces(), atol=1e-8)
+        np.testing.assert_allclose(frame.get_stress(), ref.get_stress(), atol=1e-8)
+        np.testing.assert_allclose(frame.calc.results["energies"], ref.get_potential_energies(), atol=1e-8)
+    proc = distmlip("run", traj, "--model", LJ, "--index", "-1", "--show", 0)
+    assert proc.returncode == 0 and proc.stdout.startswith("32 atoms"), proc.stdout
+
+
+def test_relax_optimizer_pressure_trajectory(cu, tmp_path):
+    """--optimizer bfgs with --pressure relaxes the cell under pressure (smaller volume than at
+    0 GPa) and --trajectory writes every step."""
+    vols = {}
+    for p in ("0", "5"):
+        out, traj = tmp_path / f"r{p}.extxyz", tmp_path / f"t{p}.extxyz"
+        proc = distmlip("relax", cu, "--model", LJ, "--optimizer", "bfgs", "--pressure", p,
+                        "--trajectory", traj, "-o", out, "--fmax", "0.01")
+        assert proc.returncode == 0, proc.stderr
+        frames = ase.io.read(traj, index=":")
+        assert len(frames) >= 2 and "BFGS" in proc.stdout
+        vols[p] = ase.io.read(out).get_volume()
+    assert vols["5"] < vols["0"] - 1.0
+
+
+def test_serve_says_where_it_connects_at_once(cu):
+    proc = distmlip("serve", cu, "--model", LJ, "--ipi", "unix:distmlip-nobody-here", "--socket-timeout", 1)
+    assert proc.returncode == 2
+    assert proc.stdout.startswith("distmlip serve: 32 atoms (Cu32), model " + LJ), proc.stdout
+    assert "connecting to the i-PI server at unix:distmlip-nobody-here" in proc.stdout
+
+
+def test_serve_progress_is_a_sign_of_life(cu):
+    from ase.calculators.socketio import SocketIOCalculator
+
+    name = f"distmlip-progress-{os.getpid()}"
+    proc = subprocess.Popen([sys.executable, "-m", "distmlip", "serve", str(cu), "--model", LJ,
+                             "--ipi", f"unix:{name}", "--socket-timeout", "60", "--progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        atoms = ase.io.read(cu)
+        with SocketIOCalculator(unixsocket=name, timeout=60) as server:
+            atoms.calc = server
+            for _ in range(3):
+                atoms.get_potential_energy()
+                atoms.positions[0, 0] += 0.01
+            server.server.protocol.end()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "connected to unix:" in out and "served 3 force evaluations" in out
+    assert "3eval" in err.replace(" ", ""), err
