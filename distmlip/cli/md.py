@@ -29,6 +29,7 @@ from ..md import (
     run_md,
     unsaved_info,
 )
+from ..md.plot import PLOTS
 from ..runtime.launch import detect_launch
 from ._common import (
     CLIError,
@@ -235,11 +236,13 @@ def command(args) -> int:
     say(f"step {summary['step']}: Epot {summary['epot']:.6f} eV, Etot {summary['etot']:.6f} eV, "
         f"T {summary['temperature_K']:.1f} K; wrote {directory / LOG}, {directory / TRAJECTORY}, "
         f"{directory / CHECKPOINT}")
-    if args.plot and calc.rank == 0:
+    # a restart without --plot redraws the pictures an earlier --plot left (else they are stale)
+    stale = [name for name in PLOTS if (directory / name).exists()]
+    if (args.plot or stale) and calc.rank == 0:
         with library_errors(directory="--plot"):
             written = plot_run(directory)
         for path in written:
-            say(f"wrote {path}")
+            say(f"wrote {path}" + ("" if args.plot else " (redrawn: it was drawn before this restart)"))
     return 0
 
 

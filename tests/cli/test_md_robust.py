@@ -412,3 +412,13 @@ def test_serve_progress_is_a_sign_of_life(cu):
     assert proc.returncode == 0, err
     assert "connected to unix:" in out and "served 3 force evaluations" in out
     assert "3eval" in err.replace(" ", ""), err
+
+
+def test_restart_without_plot_redraws_stale_plots(cu, tmp_path):
+    run = tmp_path / "run"
+    assert distmlip("md", cu, "--model", LJ, "--steps", 5, "-o", run, "-q", "--plot").returncode == 0
+    before = (run / "energy.png").stat().st_mtime_ns
+    proc = distmlip("md", "--restart", run, "--steps", 10, "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {run / 'energy.png'} (redrawn: it was drawn before this restart)" in proc.stdout
+    assert (run / "energy.png").stat().st_mtime_ns > before
