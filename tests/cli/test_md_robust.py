@@ -422,3 +422,25 @@ def test_restart_without_plot_redraws_stale_plots(cu, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {run / 'energy.png'} (redrawn: it was drawn before this restart)" in proc.stdout
     assert (run / "energy.png").stat().st_mtime_ns > before
+
+
+# ----------------------------------------------------------------------------- SchNet pickles
+def test_schnet_saves_and_loads_as_model_file(cu, tmp_path):
+    """The shipped SchNet has no local classes: torch.save works, and `--model FILE` (a fresh
+    process) gives the energy of the model it was saved from."""
+    import torch
+
+    from distmlip import DistributedCalculator
+    from distmlip.models import SchNet
+
+    model = SchNet(hidden_channels=8, num_interactions=2, num_gaussians=10, seed=3)
+    path = tmp_path / "schnet.pt"
+    torch.save(model, path)
+    proc = distmlip("run", cu, "--model", path, "--json")
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    got = json.loads(proc.stdout)
+    atoms = ase.io.read(cu)
+    atoms.calc = DistributedCalculator(model)
+    assert abs(got["energy_eV"] - atoms.get_potential_energy()) < 1e-10
