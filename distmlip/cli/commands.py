@@ -263,11 +263,11 @@ def relax(args) -> int:
 
         atoms_out = atoms.copy()
         output = _write_or_save(output, atoms_out, "--output")
+        print(f"{'converged' if converged else 'NOT converged'} after {opt.nsteps} steps: energy "
+              f"{e0:.6f} -> {e1:.6f} eV, max force {fmax:.4f} eV/Å (fmax {args.fmax}); wrote {output}")
         if trajectory is not None:
             trajectory = _write_or_save(trajectory, frames, "--trajectory")
             print(f"wrote {len(frames)} frames to {trajectory}")
-        print(f"{'converged' if converged else 'NOT converged'} after {opt.nsteps} steps: energy "
-              f"{e0:.6f} -> {e1:.6f} eV, max force {fmax:.4f} eV/Å (fmax {args.fmax}); wrote {output}")
     return 0 if converged else 1
 
 
