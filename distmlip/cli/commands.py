@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -454,6 +455,15 @@ def _check_models(rows) -> int:
 
 # ----------------------------------------------------------------------------- plot, bench, serve
 def plot(args) -> int:
+    d = Path(args.directory)
+    if not (d / "log.csv").is_file():
+        what = ("which does not exist" if not d.exists() else "which is not a directory" if not d.is_dir()
+                else "which holds no log.csv")
+        raise CLIError(f"DIR: expected a run directory of distmlip md (holding log.csv), got "
+                       f"{args.directory!r}, {what}; pass the --output directory of an md run")
+    if not os.access(d, os.W_OK):
+        raise CLIError(f"DIR: expected a run directory distmlip can write the plots in, got "
+                       f"{args.directory!r} (permission denied)")
     with library_errors(directory="DIR"):
         written = plot_run(args.directory)
     for path in written:

@@ -444,3 +444,26 @@ def test_schnet_saves_and_loads_as_model_file(cu, tmp_path):
     atoms = ase.io.read(cu)
     atoms.calc = DistributedCalculator(model)
     assert abs(got["energy_eV"] - atoms.get_potential_energy()) < 1e-10
+
+
+def test_plot_nowhere_names_dir(tmp_path):
+    proc = distmlip("plot", tmp_path / "nowhere")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"distmlip plot: error: DIR: expected a run directory of distmlip md (holding log.csv), got "
+        f"'{tmp_path / 'nowhere'}', which does not exist; pass the --output directory of an md run"]
+
+
+def test_warnings_print_as_one_line():
+    """The command line prints warnings (the backend's under mpirun, ...) without a source line."""
+    import warnings
+
+    from distmlip.cli import main
+
+    saved = warnings.formatwarning
+    try:
+        main(["plot", "/nonexistent-distmlip-dir"])
+        text = warnings.formatwarning("the torch backend needs ...", UserWarning, __file__, 1)
+    finally:
+        warnings.formatwarning = saved
+    assert text == "UserWarning: the torch backend needs ...\n"
