@@ -237,6 +237,28 @@ class DistributedCalculator(Calculator):
         """How many times the neighbour graph and the partition were built."""
         return self.runner.graph_builds
 
+    def build_reference(self) -> dict | None:
+        """The positions and cell the current neighbour graph and partition were built from
+        (``None`` before the first calculation): what a restart needs to rebuild the same graph
+        and so sum in the same order (``restore_build``). Used by ``distmlip.md`` checkpoints."""
+        b = self.runner._built
+        return None if b is None else {"positions": np.array(b.positions, dtype=np.float64),
+                                       "cell": np.array(b.cell, dtype=np.float64)}
+
+    def restore_build(self, positions, cell, pbc, numbers) -> None:
+        """Build the graph and partition from ``positions`` and ``cell`` (a ``build_reference``)
+        now, so the next calculations reuse it while the system stays within the skin, exactly as
+        the run that saved the reference did. Every rank of a launch calls it alike."""
+        runner = self.runner
+        positions, cell, pbc, numbers = runner.comm.system(np.asarray(positions, dtype=np.float64),
+                                                           np.asarray(cell, dtype=np.float64),
+                                                           np.asarray(pbc), np.asarray(numbers))
+        runner._built = runner.planner.build(positions, cell, pbc, numbers, {"partition": 0.0,
+                                                                            "graph": 0.0,
+                                                                            "handshake": 0.0})
+        runner.graph_builds += 1
+        self.reset()
+
     def check_state(self, atoms, tol=1e-15):
         return super().check_state(as_ase_atoms(atoms), tol)
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import traceback
+import warnings
 
 from ..runtime.launch import detect_launch
 from . import commands, demo, md
@@ -60,7 +62,8 @@ _USER_ERRORS = (CLIError, ValueError, TypeError, OSError, ImportError)
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 success, 2 a user error, 1 a failure)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = _attach_negative_values(sys.argv[1:] if argv is None else list(argv))
+    warnings.formatwarning = _one_line_warning
     verbose = "--verbose" in argv or "-v" in argv
     prog = "distmlip"
     running = False  # parsing the command line (the same on every rank) or running the command
@@ -92,6 +95,25 @@ def main(argv: list[str] | None = None) -> int:
         _fail(prog, f"{type(exc).__name__}: {exc}" + ("" if verbose else " (--verbose shows where)"),
               verbose, running)
         return 1
+
+
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """``--supercell -1x1x1`` -> ``--supercell=-1x1x1``: argparse takes a value starting with a
+    dash and a digit for an option (and says "expected one argument"); attached, the flag's own
+    check names what is wrong."""
+    out = []
+    for token in argv:
+        if (out and out[-1].startswith("--") and "=" not in out[-1]
+                and re.match(r"-[0-9.]", token)):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line (no source line): ``UserWarning: ...``."""
+    return f"{category.__name__}: {message}\n"
 
 
 def _rank_prefix(every_rank: bool) -> str | None:

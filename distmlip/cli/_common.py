@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
+import sys
+import warnings
 from pathlib import Path
 
 from ..calculators import DistributedCalculator
 from ..options import FIELDS
 
 __all__ = ["CLIError", "add_calculator_options", "add_model_option", "build_calculator",
-           "calculator_kwargs", "check_writable_dir", "is_root", "load_model", "read_structure",
-           "parse_supercell", "repeat_structure", "translate"]
+           "calculator_kwargs", "check_output_file", "check_writable_dir", "is_root", "load_model",
+           "parse_max_memory", "read_structure", "parse_supercell", "repeat_structure", "translate"]
 
 
 class CLIError(Exception):
@@ -40,21 +43,45 @@ def translate(message: str) -> str:
 
 
 # ----------------------------------------------------------------------------- structures
-def read_structure(path: str):
+def read_structure(path: str, verbose: bool = False):
     """The structure in ``path`` as ``ase.Atoms`` (the last frame of a trajectory): any format
-    ``ase.io.read`` reads, else pymatgen's ``Structure.from_file`` / ``Molecule.from_file``."""
+    ``ase.io.read`` reads, else pymatgen's ``Structure.from_file`` / ``Molecule.from_file``.
+    Warnings of the readers are folded into the error line (a failure) or printed as notes with
+    ``verbose`` (a success)."""
     p = Path(path)
     if not p.exists():
         raise CLIError(f"STRUCTURE: expected a structure file, got {path!r}, which does not exist")
     if not p.is_file():
         raise CLIError(f"STRUCTURE: expected a structure file, got {path!r}, which is a directory")
+    with warnings.catch_warnings(record=True) as caught:  # third-party warnings: folded
+        warnings.simplefilter("always")
+        atoms, errors = _read(p)
+    if atoms is not None:
+        if verbose:
+            for w in caught:
+                print(f"{STRUCTURE_NOTE}{w.category.__name__}: {str(w.message).splitlines()[0]}",
+                      file=sys.stderr)
+        return atoms
+    notes = sorted({str(w.message).strip().splitlines()[0][:120] for w in caught if str(w.message).strip()})
+    detail = "; ".join(e.splitlines()[0][:120] for e in errors)
+    if notes:
+        detail += f"; {len(notes)} warning(s), the first: {notes[0]}"
+    raise CLIError(f"STRUCTURE: expected a file ASE or pymatgen can read (CIF, POSCAR, extxyz, ...), "
+                   f"got {path!r}, which neither could read ({detail}); check the file is complete")
+
+
+STRUCTURE_NOTE = "distmlip: note: while reading the structure: "
+
+
+def _read(p: Path):
+    """``(atoms, [])`` or ``(None, errors)``: ASE, then pymatgen."""
     import ase.io
 
     errors = []
     try:
         atoms = ase.io.read(p)
         if len(atoms):
-            return atoms
+            return atoms, errors
         errors.append("ase: no atoms")
     except Exception as exc:  # noqa: BLE001 - any reader failure: try pymatgen next
         errors.append(f"ase: {type(exc).__name__}: {exc}".strip())
@@ -66,12 +93,10 @@ def read_structure(path: str):
     else:
         for cls in (Structure, Molecule):
             try:
-                return AseAtomsAdaptor.get_atoms(cls.from_file(str(p)))
+                return AseAtomsAdaptor.get_atoms(cls.from_file(str(p))), errors
             except Exception as exc:  # noqa: BLE001
                 errors.append(f"pymatgen {cls.__name__}: {type(exc).__name__}: {exc}".strip())
-    detail = "; ".join(e.splitlines()[0][:120] for e in errors)
-    raise CLIError(f"STRUCTURE: expected a file ASE or pymatgen can read (CIF, POSCAR, extxyz, ...), "
-                   f"got {path!r}, which neither could read ({detail})")
+    return None, errors
 
 
 def parse_supercell(text: str | None) -> tuple[int, int, int] | None:
@@ -80,7 +105,8 @@ def parse_supercell(text: str | None) -> tuple[int, int, int] | None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*[xX×]\s*(\d+)\s*", text)
     if not match or min(int(g) for g in match.groups()) < 1:
-        raise CLIError(f"--supercell: expected AxBxC with integers >= 1 (e.g. 4x4x2), got {text!r}")
+        raise CLIError(f"--supercell: expected AxBxC with integers >= 1, got {text!r}; pass e.g. "
+                       f"--supercell 4x4x2")
     return tuple(int(g) for g in match.groups())
 
 
@@ -121,12 +147,18 @@ def _reference_model(spec: str):
         key, eq, value = item.partition("=")
         number = _number_or_text(value.strip())
         if not eq or isinstance(number, str):
-            raise CLIError(f"--model: expected {name}:key=number,..., got {spec!r}")
+            raise CLIError(f"--model: expected {name}:key=number,..., got {spec!r}; pass e.g. "
+                           f"--model {name}:cutoff=5.0")
         options[key.strip()] = number
+    valid = [k for k in inspect.signature(cls).parameters if k not in ("self", "args", "kwargs")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise CLIError(f"--model: {name} has no option {unknown[0]!r}, got {spec!r}; expected "
+                       f"{name}:key=number,... with keys from {valid}")
     try:
         return cls(**options)
     except (TypeError, ValueError) as exc:
-        raise CLIError(f"--model: {exc} (model {spec!r})") from None
+        raise CLIError(f"--model: {exc} (model {spec!r}); options of {name}: {valid}") from None
 
 
 def load_model(spec: str):
@@ -137,6 +169,10 @@ def load_model(spec: str):
 
     if Path(spec).is_file():
         return _model_from_file(Path(spec))
+    if _looks_like_path(spec):
+        where = "a directory" if Path(spec).is_dir() else "which does not exist"
+        raise CLIError(f"--model: expected a model name or a saved model file, got {spec!r}, {where}; "
+                       f"check the path, or see `distmlip models` for the names")
     if spec.split(":")[0].lower() in REFERENCE_MODELS:
         return _reference_model(spec)
     try:
@@ -147,6 +183,12 @@ def load_model(spec: str):
         known = sorted(registry.available_models()) + sorted(REFERENCE_MODELS)
         raise CLIError(f"--model: expected one of {known} (see `distmlip models`) or a path to a "
                        f"saved model file, got {spec!r}") from None
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A ``--model`` that names a file, not a model: a path separator or a model file's suffix."""
+    return ("/" in spec or os.sep in spec or spec.startswith(".")
+            or Path(spec).suffix.lower() in (".pth", ".pt", ".pkl", ".ckpt", ".model", ".tar", ".json"))
 
 
 def _model_from_file(path: Path):
@@ -218,9 +260,31 @@ def calculator_kwargs(args) -> dict:
     for field in FIELDS:
         # argparse's name of the flag's value: --max-memory -> max_memory
         value = getattr(args, field.flag.lstrip("-").replace("-", "_")) if field.flag else None
-        if value is not None:
+        if value is not None and field.name == "max_memory":
+            out[field.name] = parse_max_memory(value)
+        elif value is not None:
             out[field.name] = field.from_flag(value) if field.from_flag is not None else value
     return out
+
+
+def parse_max_memory(text: str):
+    """``--max-memory``: a size with a unit (``6GB``, ``500MB``, ``2GiB``) -> that text, or a
+    fraction in (0, 1] of the device's memory -> a float; anything else (a bare number above 1:
+    bytes or gigabytes?) is refused."""
+    value = str(text).strip()
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMGT]?i?B)", value, re.IGNORECASE)
+    if match and float(match.group(1)) > 0 and match.group(2).upper() in (
+            "B", "KB", "MB", "GB", "TB", "KIB", "MIB", "GIB", "TIB"):
+        return value
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = float("nan")
+    if 0 < fraction <= 1:
+        return fraction
+    raise CLIError(f"--max-memory: expected a size with a unit (6GB, 500MB, 2GiB) or a fraction of the "
+                   f"device's memory in (0, 1], got {text!r}; pass e.g. --max-memory 2GB or "
+                   f"--max-memory 0.5")
 
 
 def build_calculator(model, options: dict, **extra):
@@ -236,6 +300,42 @@ def is_root() -> bool:
 
     launch = detect_launch()
     return launch is None or launch.rank == 0
+
+
+#: picture formats matplotlib writes (``--plot``)
+PICTURES = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp", "svgz", "pgf")
+
+
+def check_output_file(path: str, flag: str, kind: str = "structure") -> Path:
+    """Before any work: ``path`` can be written by ``flag`` — its directory exists and is writable,
+    and its format is known from the name (``kind``: ``structure`` (a format ``ase.io.write``
+    writes) or ``picture`` (one matplotlib writes))."""
+    from ase.io.formats import filetype, ioformats
+
+    p = Path(path)
+    if kind == "picture":
+        if p.suffix.lstrip(".").lower() not in PICTURES:
+            raise CLIError(f"{flag}: expected a picture file named .png, .pdf, .svg, ..., got "
+                           f"{str(path)!r}; pass e.g. {flag} parts.png")
+    else:
+        try:
+            fmt = filetype(str(p), read=False)
+            ok = ioformats[fmt].can_write
+        except Exception:  # noqa: BLE001 - ASE cannot tell the format from the name
+            fmt, ok = None, False
+        if not ok:
+            raise CLIError(f"{flag}: expected a file whose name tells ASE a format it writes (.extxyz, "
+                           f".cif, .vasp, POSCAR, .traj, ...), got {str(path)!r}"
+                           + (f" (format {fmt}, which ASE reads only)" if fmt else "")
+                           + f"; pass e.g. {flag} {p.stem or 'out'}.extxyz")
+    parent = p.parent
+    if not parent.is_dir():
+        raise CLIError(f"{flag}: expected a file in an existing directory, got {str(path)!r} "
+                       f"({str(parent)!r} does not exist); create it first")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise CLIError(f"{flag}: expected a file distmlip can write, got {str(path)!r} (permission "
+                       f"denied); pick another path")
+    return p
 
 
 def check_writable_dir(path: str, flag: str = "--output") -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from ._common import (
     add_model_option,
     build_calculator,
     calculator_kwargs,
+    check_output_file,
     load_model,
     parse_supercell,
     read_structure,
@@ -30,6 +32,8 @@ from ._common import (
 from .md import library_errors
 
 __all__ = ["add_parsers", "bench"]
+
+OPTIMIZERS = ("fire", "bfgs", "lbfgs")
 
 
 def _structure_args(p, model_required: bool = True) -> None:
@@ -41,7 +45,7 @@ def _structure_args(p, model_required: bool = True) -> None:
 def _setup(args):
     """Structure (repeated), model, calculator from the common options."""
     supercell = parse_supercell(args.supercell)
-    atoms = repeat_structure(read_structure(args.structure), supercell)
+    atoms = repeat_structure(read_structure(args.structure, getattr(args, "verbose", False)), supercell)
     calc = build_calculator(load_model(args.model), calculator_kwargs(args))
     atoms.calc = calc
     return atoms, calc
@@ -52,6 +56,12 @@ def add_parsers(sub) -> None:
     _structure_args(p)
     p.add_argument("--json", action="store_true", help="print JSON (energy, forces, stress, ...)")
     p.add_argument("--show", type=int, default=10, metavar="N", help="atoms listed in the force table")
+    p.add_argument("--index", default=":", metavar="I|SLICE",
+                   help="the frames of a trajectory to evaluate: ':' every frame (default), -1 the "
+                        "last, 0:10:2 a slice")
+    p.add_argument("--output", "-o", default=None, metavar="FILE",
+                   help="write the frames with energy, forces, stress and per-atom energies "
+                        "(extxyz, or a format from the name)")
     add_calculator_options(p)
     p.set_defaults(func=run)
 
@@ -60,6 +70,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--fmax", type=float, default=0.05, help="force criterion, eV/Å (default 0.05)")
     p.add_argument("--steps", type=int, default=500, help="most optimiser steps (default 500)")
     p.add_argument("--cell", action="store_true", help="relax the cell too (FrechetCellFilter)")
+    p.add_argument("--pressure", type=float, default=None, metavar="GPA",
+                   help="relax the cell under this external pressure, GPa (implies --cell)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="fire",
+                   help="fire (default), bfgs or lbfgs (ASE's)")
+    p.add_argument("--trajectory", default=None, metavar="FILE",
+                   help="every optimiser step as frames (extxyz, .traj, ...: format from the name)")
     p.add_argument("--output", "-o", default=None, metavar="FILE",
                    help="relaxed structure (format from the extension; default relaxed.extxyz)")
     add_calculator_options(p)
@@ -89,17 +105,59 @@ def add_parsers(sub) -> None:
     sub.add_parser("bench", help="the benchmark suite (bench/run.py of a source checkout)",
                    add_help=False)
 
-    p = sub.add_parser("serve", help="evaluate forces for i-PI / LAMMPS fix ipi (socket client)")
+    p = sub.add_parser("serve", help="evaluate forces for i-PI (socket client)")
     _structure_args(p)
     p.add_argument("--ipi", required=True, metavar="ADDRESS", help="HOST:PORT or unix:NAME")
     p.add_argument("--socket-timeout", type=float, default=None, help="seconds to wait for the server")
+    p.add_argument("--progress", action="store_true",
+                   help="a sign of life per evaluation on stderr (count, energy, rate)")
     add_calculator_options(p)
     p.set_defaults(func=serve)
 
 
 # ----------------------------------------------------------------------------- run
+def _read_frames(args) -> list:
+    """The frames ``--index`` selects (repeated by ``--supercell``); a file only pymatgen reads is
+    one frame."""
+    import ase.io
+
+    supercell = parse_supercell(args.supercell)
+    first = read_structure(args.structure, getattr(args, "verbose", False))  # checks; last frame
+    index = args.index.strip()
+    try:
+        frames = ase.io.read(args.structure, index=index)
+    except (ValueError, IndexError) as exc:
+        raise CLIError(f"--index: expected a frame index or slice of {args.structure!r} (':' every "
+                       f"frame, -1 the last, 0:10:2), got {args.index!r} ({exc})") from None
+    except Exception:  # noqa: BLE001 - a file ASE cannot read as a trajectory: the one frame
+        if index not in (":", "-1", "0"):
+            raise CLIError(f"--index: {args.structure!r} holds one structure; pass --index : or "
+                           f"drop --index") from None
+        frames = [first]
+    if not isinstance(frames, list):
+        frames = [frames]
+    if not frames:
+        raise CLIError(f"--index: selects no frame of {args.structure!r}, got {args.index!r}; pass "
+                       f"--index : for every frame")
+    return [repeat_structure(f, supercell) for f in frames]
+
+
 def run(args) -> int:
-    atoms, calc = _setup(args)
+    output = check_output_file(args.output, "--output") if args.output else None
+    frames = _read_frames(args)
+    calc = build_calculator(load_model(args.model), calculator_kwargs(args))
+    evaluated = []
+    for atoms in frames:
+        atoms.calc = calc
+        atoms.get_potential_energy()
+        evaluated.append(_frame(atoms))
+    if output is not None and calc.rank == 0:
+        written = _write_or_save(output, evaluated, "--output")
+        print(f"wrote {len(evaluated)} frame{'s' if len(evaluated) != 1 else ''} (energy, forces, "
+              f"stress, per-atom energies) to {written}", file=sys.stderr if args.json else sys.stdout)
+    if len(frames) > 1:
+        return 0 if calc.rank != 0 else _run_frames(args, evaluated, calc)
+    atoms = frames[0]
     energy = atoms.get_potential_energy()
     forces = atoms.get_forces(apply_constraint=False)  # the model's, on fixed atoms too
     stress = atoms.get_stress() if atoms.cell.rank == 3 else None
@@ -140,37 +198,107 @@ def run(args) -> int:
     return 0
 
 
+def _run_frames(args, frames, calc) -> int:
+    """Several frames: one line each (or a JSON list)."""
+    from ase import units
+
+    rows = []
+    for i, f in enumerate(frames):
+        forces = f.get_forces(apply_constraint=False)
+        stress = f.get_stress() if f.cell.rank == 3 else None
+        rows.append({"frame": i, "natoms": len(f), "formula": f.get_chemical_formula(),
+                     "energy_eV": f.get_potential_energy(), "forces_eV_per_A": forces.tolist(),
+                     "stress_eV_per_A3_voigt": None if stress is None else stress.tolist()})
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1)
+        print()
+        return 0
+    print(f"{len(frames)} frames of {args.structure} (--index {args.index}), model {args.model}, "
+          f"{calc.num_parts} part(s) ({calc.partitioner}, {calc.mode})")
+    print(f"{'frame':>6} {'atoms':>6} {'energy (eV)':>18} {'eV/atom':>14} {'max|F| eV/Å':>12} "
+          f"{'P (GPa)':>10}")
+    for row in rows:
+        n, e = row["natoms"], row["energy_eV"]
+        fmax = float(np.linalg.norm(np.array(row["forces_eV_per_A"]), axis=1).max())
+        s = row["stress_eV_per_A3_voigt"]
+        p = "-" if s is None else f"{-np.mean(s[:3]) / units.GPa:.5f}"
+        print(f"{row['frame']:>6} {n:>6} {e:18.8f} {e / n:14.8f} {fmax:12.6f} {p:>10}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- relax
 def relax(args) -> int:
+    from ase import units
     from ase.filters import FrechetCellFilter
-    from ase.optimize import FIRE
+    from ase.optimize import BFGS, FIRE, LBFGS
 
+    if args.pressure is not None and not np.isfinite(args.pressure):
+        raise CLIError(f"--pressure: expected a finite number of GPa, got {args.pressure}; pass e.g. "
+                       f"--pressure 1.5")
+    cell = args.cell or args.pressure is not None
+    trajectory = None
+    if args.trajectory is not None:
+        trajectory = check_output_file(args.trajectory, "--trajectory")
     if not args.fmax > 0:
         raise CLIError(f"--fmax: expected a positive number of eV/Å, got {args.fmax}")
     if args.steps < 0:
         raise CLIError(f"--steps: expected an integer >= 0, got {args.steps}")
-    output = Path(args.output or "relaxed.extxyz")
-    if not output.parent.is_dir():
-        raise CLIError(f"--output: expected a file in an existing directory, got {str(output)!r}")
+    output = check_output_file(args.output or "relaxed.extxyz", "--output")
     atoms, calc = _setup(args)
-    if args.cell and atoms.cell.rank < 3:
-        raise CLIError("--cell: needs a periodic cell with three lattice vectors; this structure "
-                       "has none (relax positions only)")
+    if cell and atoms.cell.rank < 3:
+        flag = "--cell" if args.cell else "--pressure"
+        raise CLIError(f"{flag}: needs a periodic cell with three lattice vectors; this structure "
+                       f"has none (relax positions only: drop {flag})")
     root = calc.rank == 0
     e0 = atoms.get_potential_energy()
-    target = FrechetCellFilter(atoms) if args.cell else atoms
-    opt = FIRE(target, logfile="-" if root else None)
+    pressure = (args.pressure or 0.0) * units.GPa
+    target = FrechetCellFilter(atoms, scalar_pressure=pressure) if cell else atoms
+    optimizer = {"fire": FIRE, "bfgs": BFGS, "lbfgs": LBFGS}[args.optimizer]
+    opt = optimizer(target, logfile="-" if root else None)
+    frames = []
+    if trajectory is not None:
+        opt.attach(lambda: frames.append(_frame(atoms)), interval=1)
     converged = opt.run(fmax=args.fmax, steps=args.steps)
     e1 = atoms.get_potential_energy()
     fmax = float(np.linalg.norm(target.get_forces(), axis=1).max())
     if root:
-        import ase.io
 
         atoms_out = atoms.copy()
-        ase.io.write(output, atoms_out, parallel=False)
+        output = _write_or_save(output, atoms_out, "--output")
         print(f"{'converged' if converged else 'NOT converged'} after {opt.nsteps} steps: energy "
               f"{e0:.6f} -> {e1:.6f} eV, max force {fmax:.4f} eV/Å (fmax {args.fmax}); wrote {output}")
+        if trajectory is not None:
+            trajectory = _write_or_save(trajectory, frames, "--trajectory")
+            print(f"wrote {len(frames)} frames to {trajectory}")
     return 0 if converged else 1
+
+
+def _frame(atoms):
+    """A copy of ``atoms`` holding its current results (energy, forces, stress, energies)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frame = atoms.copy()
+    results = {k: atoms.calc.results[k] for k in ("energy", "forces", "stress", "energies")
+               if k in atoms.calc.results}
+    frame.calc = SinglePointCalculator(frame, **results)
+    return frame
+
+
+def _write_or_save(path: Path, images, flag: str) -> Path:
+    """Write ``images`` to ``path``; if that fails, to ``<stem>.saved.extxyz`` next to it (the
+    result is not lost), saying where on stderr. Returns the path written."""
+    import ase.io
+
+    try:
+        ase.io.write(path, images, parallel=False)
+        return path
+    except Exception as exc:  # noqa: BLE001 - any writer failure: save the result anyway
+        fallback = path.with_name(path.stem + ".saved.extxyz")
+        ase.io.write(fallback, images, format="extxyz", parallel=False)
+        print(f"distmlip: warning: {flag}: could not write {str(path)!r} ({type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else ''}); saved the result as {fallback}",
+              file=sys.stderr)
+        return fallback
 
 
 # ----------------------------------------------------------------------------- partition
@@ -181,8 +309,10 @@ def partition(args) -> int:
                        f"got {'both' if args.model else 'neither'}")
     if args.partitions < 1:
         raise CLIError(f"--partitions: expected an integer >= 1, got {args.partitions}")
+    if args.plot:
+        check_output_file(args.plot, "--plot", "picture")
     supercell = parse_supercell(args.supercell)
-    atoms = repeat_structure(read_structure(args.structure), supercell)
+    atoms = repeat_structure(read_structure(args.structure, getattr(args, "verbose", False)), supercell)
     if args.model is not None:
         model = load_model(args.model)
         cutoff, layers = float(model.cutoff), int(model.num_layers)
@@ -326,6 +456,15 @@ def _check_models(rows) -> int:
 
 # ----------------------------------------------------------------------------- plot, bench, serve
 def plot(args) -> int:
+    d = Path(args.directory)
+    if not (d / "log.csv").is_file():
+        what = ("which does not exist" if not d.exists() else "which is not a directory" if not d.is_dir()
+                else "which holds no log.csv")
+        raise CLIError(f"DIR: expected a run directory of distmlip md (holding log.csv), got "
+                       f"{args.directory!r}, {what}; pass the --output directory of an md run")
+    if not os.access(d, os.W_OK):
+        raise CLIError(f"DIR: expected a run directory distmlip can write the plots in, got "
+                       f"{args.directory!r} (permission denied)")
     with library_errors(directory="DIR"):
         written = plot_run(args.directory)
     for path in written:
@@ -351,7 +490,42 @@ def serve(args) -> int:
             print(f"distmlip serve: note: the structure's constraints ({', '.join(names)}) are not "
                   f"applied to the forces sent; constrain the atoms in i-PI (e.g. <fixatoms>)",
                   file=sys.stderr)
-    count = serve_ipi(calc, atoms, args.ipi, timeout=args.socket_timeout)
+    root = calc.rank == 0
+    if root:
+        wait = ("one attempt" if args.socket_timeout is None
+                else f"waiting up to --socket-timeout {args.socket_timeout:g} s")
+        print(f"distmlip serve: {len(atoms)} atoms ({atoms.get_chemical_formula()}), model {args.model}, "
+              f"{calc.num_parts} part(s) ({calc.partitioner}, {calc.mode}), {calc.world_size} "
+              f"process(es); connecting to the i-PI server at {args.ipi} ({wait})", flush=True)
+    bar = None
+
+    def on_step(count, energy):
+        nonlocal bar
+        if count == 0:
+            print(f"distmlip serve: connected to {args.ipi}; serving", flush=True)
+            if args.progress:
+                from tqdm import tqdm
+
+                bar = tqdm(unit="eval", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+            return
+        if bar is not None:
+            bar.set_postfix_str(f"E={energy:.6f} eV", refresh=False)
+            bar.update(1)
+
+    try:
+        count = serve_ipi(calc, atoms, args.ipi, timeout=args.socket_timeout,
+                          on_step=on_step if root else None)
+    except (ConnectionError, ValueError) as exc:
+        text = str(exc)
+        for old, new in (("pass a timeout to wait for it", "pass --socket-timeout SECONDS to wait for it"),
+                         ("within the timeout of", "within --socket-timeout")):
+            text = text.replace(old, new)
+        key, sep, rest = text.partition(":")
+        flags = {"address": "--ipi", "timeout": "--socket-timeout"}
+        raise CLIError(f"{flags[key]}:{rest}" if sep and key in flags else text) from exc
+    finally:
+        if bar is not None:
+            bar.close()
     if calc.rank == 0:
         print(f"served {count} force evaluations to {args.ipi}")
     return 0

@@ -11,6 +11,7 @@ the flags, calls it, names the flags in its errors and prints.
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,12 +22,15 @@ from ..md import (
     LOG,
     TRAJECTORY,
     MDSettings,
+    UnstableRun,
     initial_velocities,
     load_checkpoint,
     plot_run,
     run_md,
     unsaved_info,
 )
+from ..md.plot import PLOTS
+from ..runtime.launch import detect_launch
 from ._common import (
     CLIError,
     add_calculator_options,
@@ -108,6 +112,15 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="start afresh in a DIR holding a run")
     p.add_argument("--restart", default=None, metavar="DIR",
                    help="continue the run in DIR to --steps in total, from its checkpoint")
+    p.add_argument("--no-rescale", action="store_true",
+                   help="keep the raw Maxwell-Boltzmann draw (default: scaled so the starting "
+                        "temperature is --temperature exactly)")
+    p.add_argument("--max-time", default=None, metavar="HH:MM:SS",
+                   help="wall-time limit (HH:MM:SS, MM:SS or seconds): stop before it with a checkpoint, "
+                        "exit 0 (SIGTERM, SIGINT and SIGUSR1 stop the same way, exit 128+signal)")
+    p.add_argument("--max-temperature", type=float, default=None, metavar="K",
+                   help="stop with an error (exit 3) above this temperature, as on non-finite "
+                        "energy, forces or positions (default 10 x --temperature; 10000 K at 0 K)")
     p.add_argument("--plot", action="store_true", help="energy/temperature/pressure PNGs at the end")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     add_calculator_options(p)
@@ -115,6 +128,7 @@ def add_parser(sub) -> None:
 
 
 def command(args) -> int:
+    started = time.monotonic()
     if args.restart is not None:
         given = [k for k in PHYSICS if getattr(args, k) is not None]
         if given:
@@ -126,6 +140,9 @@ def command(args) -> int:
                            f"got {args.output!r}; omit --output")
         if args.steps is None:
             raise CLIError("--steps: expected the total number of steps to continue to, got none")
+        if args.no_rescale:
+            raise CLIError("--no-rescale: has no effect when restarting (the velocities are the "
+                           "checkpoint's); drop it")
         directory = Path(args.restart)
         if not (directory / CHECKPOINT).is_file():
             raise CLIError(f"--restart: expected a run directory holding {CHECKPOINT}, got "
@@ -134,6 +151,7 @@ def command(args) -> int:
             state = load_checkpoint(directory)
         settings, atoms = state["settings"], state["atoms"]
         options = {**state["calculator"], **calculator_kwargs(args)}
+        _check_restart_parts(options, args, directory)
         output = state["output"]
     else:
         if args.structure is None:
@@ -152,24 +170,31 @@ def command(args) -> int:
         if (directory / CHECKPOINT).exists() and not args.overwrite:
             raise CLIError(f"--output: {str(directory)!r} already holds a run ({CHECKPOINT}); "
                            f"continue it with --restart {directory}, or pass --overwrite")
-        atoms = repeat_structure(read_structure(args.structure), supercell)
+        atoms = repeat_structure(read_structure(args.structure, getattr(args, "verbose", False)), supercell)
         dropped = unsaved_info(atoms)
         if dropped and is_root():
             print(f"distmlip md: note: info entries {dropped} are not JSON: the frames and checkpoints "
                   f"leave them out", file=sys.stderr)
-        initial_velocities(atoms, settings.temperature_K, settings.seed)
+        initial_velocities(atoms, settings.temperature_K, settings.seed, rescale=not args.no_rescale)
         state = None
         options = calculator_kwargs(args)
         output = {"write_every": 100, "log_every": 1}
     output = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in output.items()}
+    max_seconds = parse_duration(args.max_time)
+    max_temperature = args.max_temperature
+    if max_temperature is None:
+        max_temperature = 10.0 * settings.temperature_K if settings.temperature_K > 0 else 10000.0
+    elif not (max_temperature > 0 and max_temperature < float("inf")):
+        raise CLIError(f"--max-temperature: expected a number of K > 0, got {args.max_temperature!r}; "
+                       f"pass e.g. --max-temperature 5000")
     model = load_model(settings.model)
     calc = build_calculator(model, options)
     check_writable_dir(str(directory), "--restart" if state is not None else "--output")
     say = print if calc.rank == 0 else (lambda *a, **k: None)
-    ensemble = settings.ensemble + (f" ({settings.barostat})" if settings.ensemble == "npt" else "")
+    ensemble = _physics(settings, atoms, state is not None)
     fixed = _constraint_summary(atoms)
     say(f"distmlip md: {len(atoms)} atoms ({atoms.get_chemical_formula()}{fixed}), {settings.model}, "
-        f"{ensemble} {settings.timestep_fs} fs at {settings.temperature_K} K; "
+        f"{ensemble}; "
         f"{calc.num_parts}{'+' if calc.max_memory is not None else ''} part(s) ({calc.partitioner}, "
         f"{calc.mode}{', as --max-memory needs' if calc.max_memory is not None else ''}), "
         f"backend {calc.backend}, "
@@ -177,8 +202,31 @@ def command(args) -> int:
     if state is not None:
         say(f"restarting from step {state['step']} in {directory}")
     with library_errors(directory="--restart" if state is not None else "--output"):
-        summary = run_md(atoms, calc, settings, directory, args.steps, **output, checkpoint=state,
-                         progress=not args.quiet, calculator_options=options)
+        try:
+            summary = run_md(atoms, calc, settings, directory, args.steps, **output, checkpoint=state,
+                             progress=not args.quiet, calculator_options=options,
+                             stop_on_signals=True,
+                             deadline=None if max_seconds is None else started + max_seconds,
+                             max_temperature_K=max_temperature)
+        except UnstableRun as exc:
+            what = str(exc).replace("max_temperature_K", "--max-temperature")
+            _say_error(f"distmlip md: error: the run blew up: {what}; {directory / CHECKPOINT} and "
+                       f"{directory / TRAJECTORY} hold step "
+                       f"{exc.checkpoint_step}; try a smaller --timestep or a relaxed structure",
+                       calc.rank == 0)
+            return 3
+    stopped = summary["stopped"]
+    if stopped is not None:
+        cause = (f"by {stopped['signal']}" if stopped["reason"] == "signal"
+                 else f"before --max-time {args.max_time}")
+        verb = "interrupted" if stopped["reason"] == "signal" else "stopped"
+        say(f"{verb} at step {summary['step']} {cause}; checkpoint at step {summary['step']}; "
+            f"continue with: distmlip md --restart {directory} --steps {args.steps}", flush=True)
+        return 128 + stopped["signum"] if stopped["reason"] == "signal" else 0
+    if not summary["steps_run"]:
+        say(f"the run in {directory} is already at step {summary['step']} >= --steps {args.steps}; "
+            f"nothing to do, nothing written")
+        return 0
     if summary["steps_run"]:
         say(f"{summary['steps_run']} steps in {summary['seconds']:.2f} s: "
             f"{summary['seconds'] / summary['steps_run']:.3g} s/step, {summary['ns_per_day']:.3g} ns/day, "
@@ -192,16 +240,82 @@ def command(args) -> int:
     say(f"step {summary['step']}: Epot {summary['epot']:.6f} eV, Etot {summary['etot']:.6f} eV, "
         f"T {summary['temperature_K']:.1f} K; wrote {directory / LOG}, {directory / TRAJECTORY}, "
         f"{directory / CHECKPOINT}")
-    if args.plot and calc.rank == 0:
+    # a restart without --plot redraws the pictures an earlier --plot left (else they are stale)
+    stale = [name for name in PLOTS if (directory / name).exists()]
+    if (args.plot or stale) and calc.rank == 0:
         with library_errors(directory="--plot"):
             written = plot_run(directory)
         for path in written:
-            say(f"wrote {path}")
+            say(f"wrote {path}" + ("" if args.plot else " (redrawn: it was drawn before this restart)"))
     return 0
 
 
+def _physics(settings: MDSettings, atoms, restart: bool) -> str:
+    """The opening line's physics: ensemble, timestep, starting temperature and the targets."""
+    s = settings
+    start = f"T {atoms.get_temperature():.1f} K" if restart else f"start {atoms.get_temperature():.1f} K"
+    if s.ensemble == "nve":
+        targets = "no thermostat"
+    elif s.ensemble == "nvt":
+        targets = f"target {s.temperature_K:g} K (Langevin, friction {s.friction_per_ps:g}/ps)"
+    else:
+        targets = (f"target {s.temperature_K:g} K and {s.pressure_GPa:g} GPa (taut {s.taut_fs:g} fs, "
+                   f"taup {s.taup_fs:g} fs)")
+    ensemble = s.ensemble + (f" ({s.barostat})" if s.ensemble == "npt" else "")
+    return f"{ensemble} {s.timestep_fs} fs, {start}, {targets}"
+
+
+def _check_restart_parts(options: dict, args, directory: Path) -> None:
+    """A restart under a launcher whose process count does not divide the run's saved number of
+    parts: say which --partitions continues it (the user did not pass one)."""
+    launch = detect_launch()
+    parts = options.get("num_parts")
+    if launch is None or launch.world_size <= 1 or args.partitions is not None:
+        return
+    if isinstance(parts, int) and parts % launch.world_size:
+        w = launch.world_size
+        raise CLIError(f"--partitions: the run in {str(directory)!r} was made with {parts} parts, which "
+                       f"{w} processes cannot share evenly; continue it with --partitions {w} (or "
+                       f"another multiple of {w})")
+
+
+def parse_duration(text: str | None) -> float | None:
+    """``--max-time``: ``HH:MM:SS``, ``MM:SS`` or seconds -> seconds (> 0)."""
+    if text is None:
+        return None
+    try:
+        parts = [float(p) for p in text.split(":")]
+        if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts):
+            raise ValueError
+        seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+    except ValueError:
+        seconds = float("nan")
+    if not (seconds > 0 and seconds < float("inf")):
+        raise CLIError(f"--max-time: expected a wall time HH:MM:SS, MM:SS or seconds > 0, got {text!r}; "
+                       f"pass e.g. --max-time 23:50:00")
+    return seconds
+
+
+def _say_error(line: str, root: bool) -> None:
+    if root:
+        print(line, file=sys.stderr, flush=True)
+
+
+#: flag -> the ensembles (or npt barostats) it acts in; under any other it is refused
+_ACTS_IN = {"friction": ("nvt",), "pressure": ("npt",), "taut": ("npt",), "taup": ("npt",),
+            "compressibility": ("npt",)}
+_WHAT = {"friction": "only nvt (Langevin) has a friction",
+         "pressure": "only npt has a target pressure", "taut": "only npt's thermostat has a time "
+         "(nvt's Langevin uses --friction)", "taup": "only npt has a barostat time",
+         "compressibility": "only npt's berendsen barostat has a compressibility"}
+
+
 def _check_npt_options(args, settings: MDSettings) -> None:
-    """Options that would be silently ignored are refused."""
+    """Options that would be silently ignored are refused, naming the flag and the ensemble."""
+    for key, ensembles in _ACTS_IN.items():
+        if getattr(args, key) is not None and settings.ensemble not in ensembles:
+            raise CLIError(f"--{key}: has no effect under --ensemble {settings.ensemble} ({_WHAT[key]}); "
+                           f"pass --ensemble {ensembles[0]} or drop --{key}")
     if args.barostat is not None and settings.ensemble != "npt":
         raise CLIError(f"--barostat: only npt has a barostat, got --ensemble {settings.ensemble}; "
                        f"pass --ensemble npt or drop --barostat")

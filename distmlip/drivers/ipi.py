@@ -194,7 +194,8 @@ def _evaluate(atoms, buffer: np.ndarray):
     return energy, forces, virial
 
 
-def serve_ipi(calculator, atoms, address: str, *, timeout: float | None = None) -> int:
+def serve_ipi(calculator, atoms, address: str, *, timeout: float | None = None,
+              on_step=None) -> int:
     """Answer an i-PI server's force requests with ``calculator`` until it ends the run.
 
     Connects to the server at ``address`` (``HOST:PORT`` or ``unix:NAME``, the socket file
@@ -216,6 +217,8 @@ def serve_ipi(calculator, atoms, address: str, *, timeout: float | None = None) 
         timeout: seconds to wait for the server — to accept the connection (retried while it
             is not listening yet) and then for each of its messages. ``None`` (default): one
             connection attempt, then wait as long as the server takes.
+        on_step: called on rank 0 after each evaluation as ``on_step(count, energy)`` (a sign
+            of life: a progress bar); ``on_step(0, None)`` once connected.
 
     Raises:
         ValueError: a malformed address or timeout, or a server sending another atom count.
@@ -230,7 +233,7 @@ def serve_ipi(calculator, atoms, address: str, *, timeout: float | None = None) 
     rank = getattr(calculator, "rank", 0)
     if rank != 0:
         return _follow(atoms, control)
-    return _lead(atoms, control, where, timeout)
+    return _lead(atoms, control, where, timeout, on_step)
 
 
 def _follow(atoms, control: _Control) -> int:
@@ -246,7 +249,7 @@ def _follow(atoms, control: _Control) -> int:
         served += 1
 
 
-def _lead(atoms, control: _Control, where: IpiAddress, timeout: float | None) -> int:
+def _lead(atoms, control: _Control, where: IpiAddress, timeout: float | None, on_step=None) -> int:
     from ase.calculators.socketio import IPIProtocol
 
     try:
@@ -255,6 +258,9 @@ def _lead(atoms, control: _Control, where: IpiAddress, timeout: float | None) ->
         control.send(_ABORT)
         raise
     session = _Session(IPIProtocol(sock), atoms, control, where, timeout)
+    session.on_step = on_step
+    if on_step is not None:
+        on_step(0, None)
     try:
         return session.run()
     except BaseException:
@@ -279,6 +285,7 @@ class _Session:
         self.where, self.timeout = where, timeout
         self.told = self.evaluating = False
         self.served = 0
+        self.on_step = None
 
     def run(self) -> int:
         from ase.calculators.socketio import SocketClosed
@@ -330,6 +337,8 @@ class _Session:
                 result = _evaluate(atoms, self.control.buffer)
                 self.evaluating = False
                 self.served += 1
+                if self.on_step is not None:
+                    self.on_step(self.served, float(result[0]))
                 state = "HAVEDATA"
             elif message == "GETFORCE" and state == "HAVEDATA":
                 protocol.sendforce(*result)

@@ -17,9 +17,10 @@ from .dynamics import (
     make_dynamics,
     restore_dynamics_state,
 )
-from .loop import LOG, LOG_COLUMNS, TRAJECTORY, run_md
+from .loop import LOG, LOG_COLUMNS, STOP_SIGNALS, TRAJECTORY, UnstableRun, run_md
 from .plot import plot_run
 
-__all__ = ["BAROSTATS", "CHECKPOINT", "ENSEMBLES", "LOG", "LOG_COLUMNS", "MDSettings", "TRAJECTORY",
+__all__ = ["BAROSTATS", "CHECKPOINT", "ENSEMBLES", "LOG", "LOG_COLUMNS", "MDSettings", "STOP_SIGNALS",
+           "TRAJECTORY", "UnstableRun",
            "dynamics_state", "initial_velocities", "load_checkpoint", "make_dynamics", "plot_run",
            "restore_dynamics_state", "run_md", "unsaved_info", "write_checkpoint"]

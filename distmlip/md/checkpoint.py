@@ -60,10 +60,13 @@ def _restore_structure(atoms, meta: dict) -> None:
 
 
 def write_checkpoint(path: Path, atoms, step: int, settings: MDSettings, rng, sizes: dict,
-                     calculator: dict, output: dict, dynamics: dict | None = None) -> None:
+                     calculator: dict, output: dict, dynamics: dict | None = None,
+                     build: dict | None = None) -> None:
     """Write the checkpoint atomically: a temporary file, flushed and synced, then renamed.
     ``calculator``: the calculator options; ``output``: ``write_every`` and ``log_every``;
-    ``dynamics``: the integrator's own state (``dynamics_state``)."""
+    ``dynamics``: the integrator's own state (``dynamics_state``); ``build``: the positions and
+    cell the calculator's current neighbour graph was built from (``build_reference``), so a
+    restart rebuilds the same graph and reproduces the run bit for bit in any dtype."""
     path = Path(path)
     meta = {"format": 2, "step": int(step), "settings": dataclasses.asdict(settings),
             "rng": None if rng is None else rng.bit_generator.state, "sizes": sizes,
@@ -72,6 +75,7 @@ def write_checkpoint(path: Path, atoms, step: int, settings: MDSettings, rng, si
     extra = {f"array:{k}": v for k, v in atoms.arrays.items()
              if k not in _STANDARD_ARRAYS and np.issubdtype(v.dtype, np.number)}
     state = {f"dynamics:{k}": v for k, v in (dynamics or {}).items()}
+    state.update({f"build:{k}": v for k, v in (build or {}).items()})
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         _savez(f, positions=atoms.positions, momenta=atoms.get_momenta(), cell=atoms.cell.array,
@@ -95,7 +99,7 @@ def load_checkpoint(directory) -> dict:
     """The checkpoint in ``directory``: ``atoms`` (with momenta, constraints, ``info`` and the
     other per-atom arrays), ``step``, ``settings``, ``rng`` (a bit-generator state or None),
     ``sizes``, ``calculator``, ``output``, ``dynamics`` (the integrator's state, see
-    ``dynamics_state``).
+    ``dynamics_state``), ``build`` (the graph's reference positions and cell, or None).
 
     Raises ``ValueError``: ``directory: ...`` when it holds no checkpoint, ``checkpoint: ...``
     when the checkpoint cannot be read."""
@@ -115,6 +119,7 @@ def load_checkpoint(directory) -> dict:
                     atoms.set_array(key[len("array:"):], z[key])
             _restore_structure(atoms, meta)
             atoms.set_momenta(z["momenta"], apply_constraint=False)
+            build = {k[len("build:"):]: z[k] for k in z.files if k.startswith("build:")} or None
             dynamics = None
             if meta.get("dynamics") is not None:
                 dynamics = {k: z[f"dynamics:{k}"] for k in meta["dynamics"]}
@@ -125,4 +130,4 @@ def load_checkpoint(directory) -> dict:
                          f"{type(exc).__name__}: {exc}") from None
     return {"atoms": atoms, "step": meta["step"], "settings": MDSettings(**meta["settings"]),
             "rng": meta["rng"], "sizes": meta["sizes"], "calculator": meta["calculator"],
-            "output": meta["output"], "dynamics": dynamics}
+            "output": meta["output"], "dynamics": dynamics, "build": build}

@@ -51,6 +51,8 @@ class MDSettings:
                 raise ValueError(f"{field}: expected a positive number, got {value!r}")
         if not (math.isfinite(self.temperature_K) and self.temperature_K >= 0):
             raise ValueError(f"temperature_K: expected a number of K >= 0, got {self.temperature_K!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"seed: expected an integer >= 0, got {self.seed!r}; pass e.g. 0")
         if not math.isfinite(self.pressure_GPa):
             raise ValueError(f"pressure_GPa: expected a finite number of GPa, got {self.pressure_GPa!r}")
         if self.mtk and self.temperature_K <= 0:
@@ -153,12 +155,19 @@ def restore_dynamics_state(dyn, settings: MDSettings, state: dict | None) -> Non
         setattr(obj, name, float(value) if np.ndim(old) == 0 else value.reshape(np.shape(old)).copy())
 
 
-def initial_velocities(atoms, temperature_K: float, seed: int) -> None:
+def initial_velocities(atoms, temperature_K: float, seed: int, rescale: bool = True) -> float:
     """Maxwell-Boltzmann momenta at ``temperature_K`` from ``seed``, zero total momentum (the
-    same on every rank); at 0 K the structure's momenta, if any, are kept."""
+    same on every rank); ``rescale`` (default): scaled after removing the centre-of-mass momentum
+    so that the starting temperature (``atoms.get_temperature()``) is ``temperature_K`` exactly,
+    else the raw draw (whose temperature fluctuates by ~sqrt(2/3N)). At 0 K the structure's
+    momenta, if any, are kept. Returns the starting temperature, K."""
     if temperature_K <= 0:
-        return
+        return float(atoms.get_temperature()) if len(atoms) else 0.0
     from ase.md.velocitydistribution import Stationary, thermalize_momenta
 
     thermalize_momenta(atoms, temperature_K=temperature_K, rng=np.random.default_rng(seed))
     Stationary(atoms)
+    now = atoms.get_temperature()
+    if rescale and now > 0:
+        atoms.set_momenta(atoms.get_momenta() * math.sqrt(temperature_K / now), apply_constraint=False)
+    return float(atoms.get_temperature())

@@ -13,7 +13,9 @@ from __future__ import annotations
 import csv
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +24,49 @@ import numpy as np
 from .checkpoint import CHECKPOINT, write_checkpoint
 from .dynamics import MDSettings, dynamics_state, make_dynamics, restore_dynamics_state
 
-__all__ = ["LOG", "LOG_COLUMNS", "TRAJECTORY", "run_md"]
+__all__ = ["LOG", "LOG_COLUMNS", "STOP_SIGNALS", "TRAJECTORY", "UnstableRun", "run_md"]
+
+#: the signals that stop a run cleanly (with ``stop_on_signals``): the step under way finishes,
+#: a checkpoint is written and ``run_md`` returns with ``stopped`` set
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+
+class UnstableRun(RuntimeError):
+    """The run blew up at ``step``: ``quantity`` (``temperature``, ``energy``, ``forces``,
+    ``positions``) is non-finite or out of bounds. Nothing of that step was written: the last
+    checkpoint and the trajectory hold the last good state."""
+
+    def __init__(self, message: str, step: int, quantity: str, checkpoint_step: int):
+        super().__init__(message)
+        self.step, self.quantity, self.checkpoint_step = step, quantity, checkpoint_step
+
+
+class _Signals:
+    """Catch ``STOP_SIGNALS`` while the loop runs (main thread only): remember the first, restore
+    the previous handlers on exit. A second SIGINT while stopping raises ``KeyboardInterrupt``."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received = 0
+        self.previous = {}
+
+    def __enter__(self):
+        if self.enabled:
+            for name in STOP_SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = self.received or signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
 
 LOG = "log.csv"
 TRAJECTORY = "trajectory.extxyz"
@@ -102,9 +146,31 @@ def _observables(atoms) -> tuple[float, float, float, float, float]:
     return epot, ekin, atoms.get_temperature(), pressure, volume
 
 
+def _check_stable(atoms, step: int, max_temperature_K: float | None, checkpointed: int) -> None:
+    """Raise ``UnstableRun`` if the state after ``step`` is non-finite or too hot."""
+    results = getattr(atoms.calc, "results", {}) or {}
+
+    def fail(quantity: str, detail: str):
+        raise UnstableRun(f"{detail} at step {step}", step, quantity, checkpointed)
+
+    if not np.isfinite(atoms.positions).all():
+        fail("positions", "non-finite positions")
+    if "energy" in results and not math.isfinite(results["energy"]):
+        fail("energy", f"non-finite energy ({results['energy']})")
+    if "forces" in results and not np.isfinite(results["forces"]).all():
+        fail("forces", "non-finite forces")
+    temperature = atoms.get_temperature()
+    if not math.isfinite(temperature):
+        fail("temperature", f"non-finite temperature ({temperature})")
+    if max_temperature_K is not None and temperature > max_temperature_K:
+        fail("temperature", f"temperature {temperature:.4g} K above max_temperature_K "
+                            f"{max_temperature_K:g} K")
+
+
 def run_md(atoms, calc, settings: MDSettings, directory, steps: int, *, write_every: int = 100,
            log_every: int = 1, checkpoint: dict | None = None, progress: bool = False,
-           calculator_options: dict | None = None) -> dict:
+           calculator_options: dict | None = None, stop_on_signals: bool = False,
+           deadline: float | None = None, max_temperature_K: float | None = None) -> dict:
     """Run (or continue, from ``checkpoint``, what ``load_checkpoint`` returns) MD until ``steps``
     steps in total, writing the run directory ``directory`` (created if needed).
 
@@ -112,7 +178,16 @@ def run_md(atoms, calc, settings: MDSettings, directory, steps: int, *, write_ev
     identically. ``progress``: a tqdm bar on stderr (rank 0). ``calculator_options``: what the
     checkpoint records of the calculator (for a restart to rebuild it). Returns a summary
     (``steps_run``, ``step``, ``seconds``, ``setup_seconds``, ``ns_per_day``,
-    ``atom_steps_per_s``, ``graph_builds``, the final ``epot``/``etot``/``temperature_K``).
+    ``atom_steps_per_s``, ``graph_builds``, the final ``epot``/``etot``/``temperature_K``,
+    ``stopped``: ``None``, or ``{"reason": "signal", "signal": "SIGTERM", "signum": 15}`` /
+    ``{"reason": "deadline"}`` for a run stopped early, checkpointed at ``step``).
+
+    ``stop_on_signals``: SIGTERM, SIGINT and SIGUSR1 finish the step under way, write the log row,
+    the frame and the checkpoint, and return (under a launcher every rank agrees on the step, by an
+    all-reduce each step). ``deadline``: a ``time.monotonic()`` value; stop the same way when the
+    next step and a checkpoint might not finish before it. ``max_temperature_K``: a temperature above it, or
+    non-finite positions, forces or energy, raise ``UnstableRun`` naming the step and the quantity,
+    writing nothing of that step.
 
     Raises ``ValueError`` naming the argument (``write_every``, ``log_every``, ``steps``;
     ``directory`` for a run directory changed since its checkpoint; ``checkpoint`` for a
@@ -131,6 +206,9 @@ def run_md(atoms, calc, settings: MDSettings, directory, steps: int, *, write_ev
         if rng is not None and checkpoint["rng"] is not None:
             rng.bit_generator.state = checkpoint["rng"]
         restore_dynamics_state(dyn, settings, checkpoint.get("dynamics", {}))
+    build = None if checkpoint is None else checkpoint.get("build")
+    if build is not None and hasattr(calc, "restore_build"):  # the same graph as before the stop
+        calc.restore_build(build["positions"], build["cell"], atoms.pbc, atoms.numbers)
     root = getattr(calc, "rank", 0) == 0
     natoms = len(atoms)
     dt_ps = settings.timestep_fs / 1000.0
@@ -138,14 +216,17 @@ def run_md(atoms, calc, settings: MDSettings, directory, steps: int, *, write_ev
     obs = _observables(atoms)  # the first evaluation: model errors surface before any file
     if root:
         directory.mkdir(parents=True, exist_ok=True)
-    out = _Outputs(directory, None if checkpoint is None else checkpoint["sizes"]) if root else None
+    # a restart with nothing to do touches no file
+    writes = root and (checkpoint is None or steps > start)
+    out = _Outputs(directory, None if checkpoint is None else checkpoint["sizes"]) if writes else None
     options = calculator_options or {}
 
     def save(step):
         if root:
             write_checkpoint(directory / CHECKPOINT, atoms, step, settings, rng, out.sync(), options,
                              {"write_every": write_every, "log_every": log_every},
-                             dynamics_state(dyn, settings))
+                             dynamics_state(dyn, settings),
+                             calc.build_reference() if hasattr(calc, "build_reference") else None)
 
     def row(step, values, seconds_per_step):
         epot, ekin, temp, pressure, volume = values
@@ -173,10 +254,38 @@ def run_md(atoms, calc, settings: MDSettings, directory, steps: int, *, write_ev
                    mininterval=0.5 if sys.stderr.isatty() else 10.0)
     t_run = last_time = time.perf_counter()
     last_step = start
+    comm = getattr(getattr(calc, "runner", None), "comm", None)
+    many = getattr(calc, "world_size", 1) > 1 and comm is not None
+    stopped = None
+    checkpointed = start
+    step_time = 0.0
+    signals = _Signals(stop_on_signals)
     try:
+        signals.__enter__()
         for step in range(start + 1, steps + 1):
-            dyn.step()
-            final = step == steps
+            t_step = time.perf_counter()
+            try:
+                dyn.step()
+            except ValueError as exc:  # the runner refuses NaN/inf energies and forces
+                if not (str(exc).startswith("model:") and "NaN or inf" in str(exc)):
+                    raise
+                raise UnstableRun(f"non-finite energy or forces at step {step} ({exc})", step,
+                                  "forces", checkpointed) from exc
+            _check_stable(atoms, step, max_temperature_K, checkpointed)
+            step_time = max(step_time * 0.9, time.perf_counter() - t_step)
+            code = signals.received
+            # stop while one more step (at its slowest yet, twice over) and a write still fit
+            late = (deadline is not None and step < steps
+                    and time.monotonic() + 2.0 * step_time + 1.0 >= deadline)
+            if many:  # every rank stops at the same step: the first signal any rank got
+                code = int(comm.maximum(float(code)))
+                if deadline is not None:
+                    late = comm.agree(late)
+            if code:
+                stopped = {"reason": "signal", "signal": signal.Signals(code).name, "signum": code}
+            elif late:
+                stopped = {"reason": "deadline"}
+            final = step == steps or stopped is not None
             if step % log_every == 0 or step % write_every == 0 or final:
                 now = time.perf_counter()
                 epot, ekin, temp = record(step, (now - last_time) / (step - last_step))
@@ -190,18 +299,23 @@ def run_md(atoms, calc, settings: MDSettings, directory, steps: int, *, write_ev
                 if root:
                     out.frame(atoms, step, step * dt_ps)
                 save(step)
+                checkpointed = step
             if bar is not None:
                 bar.update(1)
+            if stopped is not None:
+                break
     finally:
+        signals.__exit__()
         if bar is not None:
             bar.close()
         if out is not None:
             out.close()
     seconds = time.perf_counter() - t_run
-    ran = steps - start if steps > start else 0
+    end = max(steps, start) if stopped is None else checkpointed
+    ran = end - start if end > start else 0
     rate = ran / seconds if ran and seconds > 0 else float("nan")
     epot, ekin, temp, _, _ = _observables(atoms)
-    return {"steps_run": ran, "step": max(steps, start), "seconds": seconds,
+    return {"steps_run": ran, "step": end, "seconds": seconds, "stopped": stopped,
             "setup_seconds": t_run - t0, "ns_per_day": rate * settings.timestep_fs * 86400e-6,
             "atom_steps_per_s": rate * natoms, "graph_builds": getattr(calc, "graph_builds", None),
             "epot": epot, "etot": epot + ekin, "temperature_K": temp}

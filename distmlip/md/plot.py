@@ -11,6 +11,10 @@ from .loop import LOG
 __all__ = ["plot_run"]
 
 
+#: the pictures ``plot_run`` draws
+PLOTS = ("energy.png", "temperature.png", "pressure.png", "volume.png")
+
+
 def plot_run(directory) -> list[Path]:
     """``energy.png``, ``temperature.png``, ``pressure.png`` and, when the volume changed (npt),
     ``volume.png`` from ``directory/log.csv``; returns the paths written. ``ValueError``

@@ -57,7 +57,17 @@ def _cfconv_class():
         def message(self, x_j, w):
             return x_j * w
 
+    # findable as distmlip.models.schnet.CFConv (the module's __getattr__): a SchNet pickles
+    CFConv.__module__, CFConv.__qualname__ = __name__, "CFConv"
     return CFConv
+
+
+def __getattr__(name: str):
+    """``CFConv`` (defined on first use, with torch_geometric) as a module attribute, so pickle
+    and ``torch.save`` find the class of a SchNet's convolutions by name."""
+    if name == "CFConv":
+        return _cfconv_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _Interaction(nn.Module):

@@ -432,7 +432,7 @@ def _error_cases(tmp_path: Path, cu: Path):
         "bad number": ([*base, "--timestep", "fast"], "argument --timestep: invalid float value: 'fast'"),
         "negative timestep": ([*base, "--timestep", "-1"], "--timestep: expected a positive number"),
         "negative steps": ([*base[:5], "-5", *base[6:]], "--steps: expected an integer >= 0"),
-        "bad max memory": ([*base, "--max-memory", "lots"], "--max-memory (max_memory): expected"),
+        "bad max memory": ([*base, "--max-memory", "lots"], "--max-memory: expected a size with a unit"),
         "unknown option": ([*base, "--temprature", "3"], "unrecognized arguments: --temprature"),
         "no model": (["md", str(cu), "--steps", "2"], "--model: expected a model name"),
         "run: missing file": (["run", str(tmp_path / "x.xyz"), "--model", "lj"], "does not exist"),
@@ -618,7 +618,7 @@ def test_model_from_a_saved_file(cu, tmp_path, capsys):
 def test_serve_hands_calculator_and_address_to_serve_ipi(cu, monkeypatch, capsys):
     seen = {}
 
-    def serve_ipi(calculator, atoms, address, *, timeout=None):
+    def serve_ipi(calculator, atoms, address, *, timeout=None, on_step=None):
         seen.update(calc=calculator, atoms=atoms, address=address, timeout=timeout)
         return 7
 

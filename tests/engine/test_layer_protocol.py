@@ -167,7 +167,8 @@ def test_progress_bar_counts_every_step(capsys, monkeypatch):
         atoms.rattle(0.01, seed=seed)
         ticks.clear()
         evaluate(calc, atoms)
-        counts = [(float(a), int(b)) for a, b in re.findall(r"(\d+\.\d)/(\d+) parts", capsys.readouterr().err)]
+        err = capsys.readouterr().err
+        counts = [(float(a), int(b)) for a, b in re.findall(r"(\d+\.\d)/(\d+) parts", err)]
         assert counts and counts[-1] == (4.0, 4), counts[-3:]
         assert len(ticks) == 4 * (2 * model.num_layers - 1), len(ticks)
 
