@@ -11,7 +11,10 @@ import warnings
 from pathlib import Path
 
 from ..calculators import DistributedCalculator
+from ..models import LennardJones, SchNet, registry, wrap
+from ..models._adapter import optional_import
 from ..options import FIELDS
+from ..runtime.launch import detect_launch
 
 __all__ = ["CLIError", "add_calculator_options", "add_model_option", "build_calculator",
            "calculator_kwargs", "check_output_file", "check_writable_dir", "is_root", "load_model",
@@ -138,8 +141,6 @@ REFERENCE_MODELS = {
 
 
 def _reference_model(spec: str):
-    from ..models import LennardJones, SchNet
-
     name, _, rest = spec.partition(":")
     cls = {"lj": LennardJones, "schnet": SchNet}[name.lower()]
     options = {}
@@ -165,8 +166,6 @@ def load_model(spec: str):
     """``--model``: a name ``distmlip.load`` accepts, ``lj``/``schnet`` (reference models, with
     ``:key=value,...`` options), or a path to a saved model file of a supported package (a
     SevenNet checkpoint, a CHGNet file, a ``torch.save``-d module)."""
-    from ..models import registry
-
     if Path(spec).is_file():
         return _model_from_file(Path(spec))
     if _looks_like_path(spec):
@@ -196,23 +195,17 @@ def _model_from_file(path: Path):
     ``torch.save``-d module that ``distmlip.wrap`` accepts."""
     import torch
 
-    from ..models import wrap
-
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - not a torch file at all
         raise CLIError(f"--model: expected a model name or a saved model file, got {str(path)!r}, "
                        f"which torch.load cannot read ({type(exc).__name__}: {exc})") from None
     if isinstance(obj, dict) and "config" in obj and "model_state_dict" in obj:  # SevenNet
-        from ..models._adapter import optional_import
-
         util = optional_import("sevenn.util", "sevenn", "load a SevenNet checkpoint")
         module = util.load_checkpoint(str(path)).build_model()
         module.eval()
         return wrap(module)
     if isinstance(obj, dict) and "model" in obj and "state_dict" in obj.get("model", {}):  # CHGNet
-        from ..models._adapter import optional_import
-
         chgnet = optional_import("chgnet.model.model", "chgnet", "load a CHGNet file")
         return wrap(chgnet.CHGNet.from_file(str(path)))
     if isinstance(obj, torch.nn.Module):
@@ -296,8 +289,6 @@ def build_calculator(model, options: dict, **extra):
 
 def is_root() -> bool:
     """Whether this process prints and writes: rank 0 of a launch, or the only process."""
-    from ..runtime.launch import detect_launch
-
     launch = detect_launch()
     return launch is None or launch.rank == 0
 

@@ -13,6 +13,8 @@ import numpy as np
 from ..drivers.ipi import serve_ipi
 from ..graph import NeighborGraph
 from ..md import plot_run
+from ..models import registry
+from ..models.registry import ADAPTERS, adapter_info
 from ..partition import PartitionPlan
 from ..partition.plot import partition_table, plot_partition
 from ..typing import MODES, PARTITIONERS
@@ -355,8 +357,6 @@ def _elements(model) -> str:
 
 def _distributions() -> dict[str, str]:
     """adapter -> the distribution that brings its package (pip's name), from the registry."""
-    from ..models.registry import ADAPTERS
-
     return {name: info.distribution for name, info in ADAPTERS.items()}
 
 
@@ -370,8 +370,6 @@ def _installed(adapter: str) -> tuple[str, str | None]:
     nothing."""
     import importlib.util
     from importlib.metadata import PackageNotFoundError, version
-
-    from ..models.registry import adapter_info
 
     info = adapter_info(adapter)
     dist = info.distribution
@@ -398,8 +396,6 @@ def models(args) -> int:
     packages' metadata, loading nothing (the adapters import torch only); ``--check`` loads each
     model to show its cutoff, layers and elements (tens of seconds)."""
     import importlib
-
-    from ..models import registry
 
     rows, adapters, missing = [], [], []
     for adapter, info in registry.ADAPTERS.items():
