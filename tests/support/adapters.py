@@ -1,7 +1,7 @@
 """Small randomly initialised models of the optional packages, the structures they are checked on,
 and the checks the adapter tests share. Used by ``tests/adapters/test_<package>.py`` and by the
 tests that exercise every adapter outside its own file (bounded memory, global sum, the launched
-``tests/mpi/scripts/adapter.py`` and ``sevenn.py``). Each builder imports its package when called.
+``tests/mpi/scripts/adapter.py`` and ``sevennet.py``). Each builder imports its package when called.
 
 Each model and structure is defined here once (same arguments, same weights as the adapter tests'
 reference values were measured with), so that no test module imports another.
@@ -182,24 +182,7 @@ def make_matgl(seed: int = 0, use_warp: bool = False, arch: str = "TensorNet"):
 
 
 # ---------------------------------------------------------------- fairchem (UMA)
-def make_uma(seed: int = 0, **extra):
-    from fairchem.core.models.base import HydraModelV2
-    from fairchem.core.models.uma.escn_md import MLP_EFS_Head, eSCNMDBackbone
-
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(seed)
-        backbone = eSCNMDBackbone(
-            max_num_elements=100, sphere_channels=16, lmax=2, mmax=2, otf_graph=True, cutoff=5.0,
-            edge_channels=16, num_distance_basis=16, num_layers=2, hidden_channels=16,
-            direct_forces=False, regress_forces=True, regress_stress=True,
-            dataset_mapping={"omat": "omat"}, max_neighbors=300, always_use_pbc=False, **extra)
-        head = MLP_EFS_Head(backbone)
-        with torch.no_grad():
-            head.energy_block[-1].weight.mul_(30.0)
-        return HydraModelV2(backbone, {"efs": head}).eval()
-
-
+#: the small eSCN-MD backbone: 16 sphere channels, lmax = mmax = 2, 2 blocks, 5 Å, two tasks
 MOE_BACKBONE = dict(
     max_num_elements=100, sphere_channels=16, lmax=2, mmax=2, otf_graph=True, cutoff=5.0,
     edge_channels=16, num_distance_basis=16, num_layers=2, hidden_channels=16, direct_forces=False,
@@ -207,22 +190,37 @@ MOE_BACKBONE = dict(
     max_neighbors=300, always_use_pbc=False)
 
 
-def make_uma_moe(seed: int = 1, experts: int = 4):
-    """A ``HydraModelV2`` with UMA's mixture-of-experts backbone (``experts`` unmerged experts
-    mixed by the composition embedding and the task, two tasks "omat" and "omol")."""
+def _hydra(backbone_class, seed: int, **options):
+    """A ``HydraModelV2`` around ``backbone_class(**options)`` with an ``MLP_EFS_Head`` whose
+    output is multiplied by 30 (forces ~0.5-2 eV/Å), weights drawn from torch seed ``seed``."""
     from fairchem.core.models.base import HydraModelV2
     from fairchem.core.models.uma.escn_md import MLP_EFS_Head
-    from fairchem.core.models.uma.escn_moe import eSCNMDMoeBackbone
 
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(seed)
-        backbone = eSCNMDMoeBackbone(
-            num_experts=experts, use_composition_embedding=True, **MOE_BACKBONE)
+        backbone = backbone_class(**options)
         head = MLP_EFS_Head(backbone)
         with torch.no_grad():
             head.energy_block[-1].weight.mul_(30.0)
         return HydraModelV2(backbone, {"efs": head}).eval()
+
+
+def make_uma(seed: int = 0, **extra):
+    """UMA's architecture (``eSCNMDBackbone``), one task "omat"; ``extra``: backbone options."""
+    from fairchem.core.models.uma.escn_md import eSCNMDBackbone
+
+    return _hydra(eSCNMDBackbone, seed,
+                  **{**MOE_BACKBONE, "dataset_mapping": {"omat": "omat"}, **extra})
+
+
+def make_uma_moe(seed: int = 1, experts: int = 4):
+    """A ``HydraModelV2`` with UMA's mixture-of-experts backbone (``experts`` unmerged experts
+    mixed by the composition embedding and the task, two tasks "omat" and "omol")."""
+    from fairchem.core.models.uma.escn_moe import eSCNMDMoeBackbone
+
+    return _hydra(eSCNMDMoeBackbone, seed, num_experts=experts, use_composition_embedding=True,
+                  **MOE_BACKBONE)
 
 
 # ---------------------------------------------------------------- MatterSim
