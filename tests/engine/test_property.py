@@ -19,7 +19,8 @@ to its own image), every system keeps at least one atom, and atoms closer than a
 distance (0.05-1.8 Å, far above the 0.001 Å refusal) to an earlier atom or any periodic image of it
 are dropped before the system is built.
 
-The default suite runs a few examples of each property (deterministic: ``derandomize=True``).
+The default suite runs a few examples of each property on systems of at most ``FAST_MAX_ATOMS``
+atoms, the same ones wherever the file lies (``@seed(FAST_SEED)``).
 The deep profile (``-m slow``) runs ``PROPERTY_DEEP_EXAMPLES`` examples per property (default
 3,500; four properties, 14,000 cases)::
 
