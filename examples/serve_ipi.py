@@ -31,7 +31,7 @@ from distmlip.models import SchNet
 
 # i-PI's input.xml: what it writes ({outputs}), the sockets it asks for forces ({forcefields}; i-PI
 # sums the forces of every <force> in {forces}), the start (init.extxyz, thermal velocities) and the
-# integrator ({dynamics}). tests/test_serve.py fills in the same template.
+# integrator ({dynamics}). tests/cli/test_serve.py fills in the same template.
 INPUT = """<simulation verbosity='low' safe_stride='100000'>
   <output prefix='sim'>
 {outputs}

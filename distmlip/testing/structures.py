@@ -15,7 +15,7 @@ so a 5 Å cutoff sees one to three neighbour shells. What each system is for:
   replaced by K (three elements), plus one Ar atom more than 5 Å from every atom and every
   periodic image: it has no neighbours at all.
 
-The properties each name claims are checked by ``tests/test_graph.py``.
+The properties each name claims are checked by ``tests/unit/test_graph.py``.
 """
 
 from __future__ import annotations

@@ -40,19 +40,11 @@ from distmlip.models.chgnet import CHGNetModel
 from distmlip.testing import assert_partition_invariant, evaluate, rel_err
 from distmlip.testing.battery import AdapterBattery
 
+from support.adapters import RecordExchange, chgnet_oxide
+
 PARTS = (1, 2, 3, 5)
 MODES = ("halo", "extended")
 RTOL64 = 1e-10
-
-
-def oxide() -> Atoms:
-    """MgO rock salt in a tetragonal (a/sqrt2, a/sqrt2, a) cell, repeated 16x along z."""
-    a = 4.21
-    cell = np.diag([a / np.sqrt(2), a / np.sqrt(2), a])
-    frac = [(0, 0, 0), (0.5, 0.5, 0.5), (0, 0, 0.5), (0.5, 0.5, 0)]
-    atoms = Atoms("Mg2O2", scaled_positions=frac, cell=cell, pbc=True).repeat((1, 1, 16))
-    atoms.rattle(0.05, seed=1)
-    return atoms
 
 
 def metal() -> Atoms:
@@ -70,7 +62,7 @@ def slab() -> Atoms:
     return atoms
 
 
-STRUCTURES = {"oxide": oxide, "metal": metal, "slab": slab}
+STRUCTURES = {"oxide": chgnet_oxide, "metal": metal, "slab": slab}
 
 
 class _Float64Converter(torch.nn.Module):
@@ -265,23 +257,8 @@ def test_other_checkpoints(name):
             assert err <= RTOL64, f"{name}, {parts} parts, {mode}: {quantity} off by {err:.2e}"
 
 
-class _RecordExchange(CHGNetModel):
+class _RecordExchange(RecordExchange, CHGNetModel):
     """Records each graph's (owned, needed, local) rows and each exchange's rows in and out."""
-
-    def __init__(self, chgnet):
-        super().__init__(chgnet)
-        self.calls, self.graphs = [], []
-
-    def forward(self, graph):
-        import dataclasses
-
-        def exchange(x):
-            y = graph.halo_exchange(x)
-            self.calls.append((graph.num_owned, graph.num_nodes, x.shape[0], y.shape[0]))
-            return y
-
-        self.graphs.append((graph.num_owned, graph.num_needed, graph.num_nodes))
-        return super().forward(dataclasses.replace(graph, halo_exchange=exchange))
 
 
 @pytest.mark.parametrize("workers", [1, 5])

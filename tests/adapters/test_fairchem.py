@@ -25,24 +25,7 @@ from distmlip.testing import assert_partition_invariant, evaluate
 from distmlip.testing.adapters import ADAPTER_SPLITS, adapter_structures, assert_matches_calculator
 
 from support import assert_ranks_pass
-
-
-def make_uma(seed: int = 0, **extra):
-    from fairchem.core.models.base import HydraModelV2
-    from fairchem.core.models.uma.escn_md import MLP_EFS_Head, eSCNMDBackbone
-
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(seed)
-        backbone = eSCNMDBackbone(
-            max_num_elements=100, sphere_channels=16, lmax=2, mmax=2, otf_graph=True, cutoff=5.0,
-            edge_channels=16, num_distance_basis=16, num_layers=2, hidden_channels=16,
-            direct_forces=False, regress_forces=True, regress_stress=True,
-            dataset_mapping={"omat": "omat"}, max_neighbors=300, always_use_pbc=False, **extra)
-        head = MLP_EFS_Head(backbone)
-        with torch.no_grad():
-            head.energy_block[-1].weight.mul_(30.0)
-        return HydraModelV2(backbone, {"efs": head}).eval()
+from support.adapters import MOE_BACKBONE, make_uma, make_uma_moe
 
 
 @pytest.fixture(scope="module")
@@ -53,31 +36,6 @@ def uma32():
 @pytest.fixture(scope="module")
 def uma64(uma32):
     return copy.deepcopy(uma32).double()
-
-
-def make_uma_moe(seed: int = 1, experts: int = 4):
-    """A ``HydraModelV2`` with UMA's mixture-of-experts backbone (``experts`` unmerged experts
-    mixed by the composition embedding and the task, two tasks "omat" and "omol")."""
-    from fairchem.core.models.base import HydraModelV2
-    from fairchem.core.models.uma.escn_md import MLP_EFS_Head
-    from fairchem.core.models.uma.escn_moe import eSCNMDMoeBackbone
-
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(seed)
-        backbone = eSCNMDMoeBackbone(
-            num_experts=experts, use_composition_embedding=True, **_MOE_BACKBONE)
-        head = MLP_EFS_Head(backbone)
-        with torch.no_grad():
-            head.energy_block[-1].weight.mul_(30.0)
-        return HydraModelV2(backbone, {"efs": head}).eval()
-
-
-_MOE_BACKBONE = dict(
-    max_num_elements=100, sphere_channels=16, lmax=2, mmax=2, otf_graph=True, cutoff=5.0,
-    edge_channels=16, num_distance_basis=16, num_layers=2, hidden_channels=16, direct_forces=False,
-    regress_forces=True, regress_stress=True, dataset_mapping={"omat": "omat", "omol": "omol"},
-    max_neighbors=300, always_use_pbc=False)
 
 
 def fairchem_reference(model, atoms, dtype, task: str = "omat") -> dict:
@@ -257,7 +215,7 @@ def write_uma_checkpoint(path, seed: int = 2, experts: int = 4,
     config = {"_target_": "fairchem.core.models.base.HydraModel", "model_id": "UMA-S-1.2",
               "pass_through_head_outputs": True,
               "backbone": {"model": f"{uma}.escn_moe.eSCNMDMoeBackbone", "num_experts": experts,
-                           "use_composition_embedding": True, **{**_MOE_BACKBONE, **backbone}},
+                           "use_composition_embedding": True, **{**MOE_BACKBONE, **backbone}},
               "heads": {"efs": {"module": f"{uma}.escn_moe.{head}",
                                 "head_cls": f"{uma}.escn_md.MLP_EFS_Head",
                                 "dataset_names": ["omat", "omol"],

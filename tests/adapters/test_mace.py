@@ -9,12 +9,9 @@ partition-invariance errors (relative to max(max|ref|, 1)) measure forces at the
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
-from mace.modules import models as mace_models
 
 import distmlip
 from distmlip import DistributedCalculator
@@ -23,32 +20,13 @@ from distmlip.testing import evaluate, rel_err
 from distmlip.testing.adapters import metal, oxide, slab
 from distmlip.testing.battery import AdapterBattery
 
-ELEMENTS = (3, 8, 13, 29)  # Li, O, Al, Cu
-
-
-def make_mace(seed: int = 0, scale: float = 40.0):
-    from e3nn import o3
-    from mace.modules import blocks
-
-    rng = np.random.default_rng(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = mace_models.ScaleShiftMACE(
-                r_max=6.0, num_bessel=10, num_polynomial_cutoff=5, max_ell=3,
-                interaction_cls=blocks.RealAgnosticResidualInteractionBlock,
-                interaction_cls_first=blocks.RealAgnosticResidualInteractionBlock,
-                num_interactions=2, num_elements=len(ELEMENTS),
-                hidden_irreps=o3.Irreps("128x0e+128x1o"), MLP_irreps=o3.Irreps("16x0e"),
-                atomic_energies=rng.uniform(-8.0, -1.0, len(ELEMENTS)), avg_num_neighbors=60.0,
-                atomic_numbers=list(ELEMENTS), correlation=3, gate=torch.nn.functional.silu,
-                radial_MLP=[64, 64, 64], atomic_inter_scale=scale, atomic_inter_shift=-0.1,
-            )
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to(torch.float64).eval()
+from support.adapters import (
+    MACE_ELEMENTS,
+    WithoutExchange,
+    float64_mace,
+    make_mace,
+    split_row_counts,
+)
 
 
 def surface():
@@ -163,27 +141,6 @@ class TestMACEBattery(AdapterBattery):
                 assert row["exchange_calls"] == 0
 
 
-def _stale_halo(graph):
-    """An exchange that refreshes nothing: given every row it returns them as they are, given
-    the owned rows it appends zeros for the halo rows (which were then never computed)."""
-    def exchange(x):
-        if x.shape[0] == graph.num_nodes:
-            return x
-        return torch.cat([x, x.new_zeros((graph.num_nodes - x.shape[0], *x.shape[1:]))])
-    return exchange
-
-
-class WithoutExchange(distmlip.DistributableModel):
-    """A wrapped model whose halo exchange refreshes nothing."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.cutoff, self.num_layers = inner, inner.cutoff, inner.num_layers
-
-    def forward(self, graph):
-        return self.inner(dataclasses.replace(graph, halo_exchange=_stale_halo(graph)))
-
-
 def test_halo_exchange_is_needed(mace_setup):
     """Without the exchange before the second interaction the split result is wrong: the hook
     is what makes the invariance above hold."""
@@ -257,17 +214,7 @@ def test_node_work_only_on_owned_rows(mace_setup, threads):
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))  # 32 atoms
     atoms.rattle(0.08, seed=4)
     n = len(atoms)
-    one = evaluate(DistributedCalculator(wrapped, num_parts=1), atoms)
-    for mode in ("halo", "extended"):
-        calc = DistributedCalculator(wrapped, num_parts=4, mode=mode,
-                                     device=["cpu"] * 4 if threads else "cpu")
-        rows = _count_rows(next(iter(calc.runner.replicas.values())))
-        split = evaluate(calc, atoms)
-        for q in one:
-            assert rel_err(split[q], one[q]) <= 1e-10, (mode, q)
-        shards = calc.runner.last_shards
-        local = sum(s.num_rows for s in shards)
-        assert sum(s.num_owned for s in shards) == n < local  # there is a halo to skip
+    for mode, calc, rows, local in split_row_counts(wrapped, atoms, _count_rows, threads=threads):
         assert len(rows["products.0"]) == (4 if threads else 1)  # one call per worker
         for name, counts in rows.items():
             computed = sum(counts)
@@ -283,24 +230,12 @@ def make_small_mace(first: str, later: str, seed: int = 1):
     from e3nn import o3
     from mace.modules import blocks
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = mace_models.ScaleShiftMACE(
-                r_max=4.5, num_bessel=6, num_polynomial_cutoff=5, max_ell=2,
-                interaction_cls=getattr(blocks, later),
-                interaction_cls_first=getattr(blocks, first),
-                num_interactions=3, num_elements=len(ELEMENTS),
-                hidden_irreps=o3.Irreps("16x0e+16x1o"), MLP_irreps=o3.Irreps("8x0e"),
-                atomic_energies=np.linspace(-6.0, -2.0, len(ELEMENTS)), avg_num_neighbors=30.0,
-                atomic_numbers=list(ELEMENTS), correlation=2, gate=torch.nn.functional.silu,
-                radial_MLP=[16, 16], atomic_inter_scale=40.0, atomic_inter_shift=-0.1,
-            )
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to(torch.float64).eval()
+    return float64_mace(
+        seed, r_max=4.5, num_bessel=6, max_ell=2, interaction_cls=getattr(blocks, later),
+        interaction_cls_first=getattr(blocks, first), num_interactions=3,
+        hidden_irreps=o3.Irreps("16x0e+16x1o"), MLP_irreps=o3.Irreps("8x0e"),
+        atomic_energies=np.linspace(-6.0, -2.0, len(MACE_ELEMENTS)), avg_num_neighbors=30.0,
+        correlation=2, radial_MLP=[16, 16], atomic_inter_scale=40.0)
 
 
 @pytest.mark.parametrize("first,later", [

@@ -18,7 +18,6 @@ import copy
 import warnings
 
 import matgl
-import numpy as np
 import pytest
 import torch
 
@@ -33,7 +32,7 @@ from distmlip.testing.adapters import (
     calculator_reference,
 )
 
-REFS = np.array([-1.1, -1.9, -7.3, -4.9, -3.7, -3.5])  # per-element references, eV
+from support.adapters import make_matgl
 
 
 @contextlib.contextmanager
@@ -54,29 +53,9 @@ def matgl_dtype(bits: int):
         mase._alchmtk_available = saved[3]
 
 
-def make_potential(seed: int = 0, use_warp: bool = False, arch: str = "TensorNet"):
-    from matgl.apps.pes import Potential
-    from matgl.models import M3GNet, TensorNet
-
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(seed)
-        if arch == "M3GNet":
-            model = M3GNet(element_types=ADAPTER_ELEMENTS, dim_node_embedding=16,
-                           dim_edge_embedding=16, units=16, nblocks=2, max_n=3, max_l=3,
-                           cutoff=5.0, threebody_cutoff=4.0, is_intensive=False)
-            scale = 3000.0
-        else:
-            model = TensorNet(element_types=ADAPTER_ELEMENTS, units=16, nblocks=2, num_rbf=8,
-                              cutoff=4.0, is_intensive=False, use_warp=use_warp)
-            scale = 1000.0
-        return Potential(model=model, data_mean=0.7, data_std=scale, element_refs=REFS,
-                         calc_stresses=True)
-
-
 @pytest.fixture(scope="module")
 def potential():
-    return make_potential()
+    return make_matgl()
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +65,7 @@ def potential64(potential):
 
 @pytest.fixture(scope="module")
 def m3gnet():
-    return make_potential(arch="M3GNet")
+    return make_matgl(arch="M3GNet")
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +196,7 @@ def test_warp_built_model_is_rebuilt_without_warp():
 
     if not _warp_available:
         pytest.skip("matgl's Warp kernels are not installed")
-    warp = make_potential(seed=2, use_warp=True).double()
+    warp = make_matgl(seed=2, use_warp=True).double()
     assert warp.model._use_warp
     atoms = STRUCTURES["metal"]
     ref = matgl_reference(warp, atoms, 64)

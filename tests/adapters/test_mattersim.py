@@ -13,7 +13,6 @@ its result for the same slab in a periodic cell (12 Å of vacuum > cutoff: same 
 from __future__ import annotations
 
 import copy
-import warnings
 
 import numpy as np
 import pytest
@@ -30,25 +29,12 @@ from distmlip.testing.adapters import (
 )
 
 from support import assert_ranks_pass
-
-
-def make_potential(seed: int = 0):
-    from mattersim.forcefield.m3gnet.m3gnet import M3Gnet
-    from mattersim.forcefield.potential import Potential
-
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(seed)
-        model = M3Gnet(num_blocks=2, units=16, max_l=3, max_n=3, cutoff=5.0, threebody_cutoff=4.0,
-                       device="cpu")
-        model.normalizer.scale.data.fill_(300.0)
-        model.normalizer.shift.data.uniform_(-5.0, -1.0)
-        return Potential(model, device="cpu")
+from support.adapters import make_mattersim
 
 
 @pytest.fixture(scope="module")
 def potential():
-    return make_potential()
+    return make_mattersim()
 
 
 def mattersim_reference(potential, atoms) -> dict:

@@ -10,8 +10,6 @@ forces at their own scale.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -23,66 +21,18 @@ from distmlip.testing import adapters as adapters
 from distmlip.testing import assert_partition_invariant, evaluate, format_report, rel_err
 from distmlip.testing.battery import AdapterBattery
 
-TYPES = ["Li", "O", "Al", "Cu"]
-R_MAX = 5.0
-
-
-def _common(seed: int) -> dict:
-    return dict(
-        seed=seed, model_dtype="float64", type_names=TYPES, r_max=R_MAX, avg_num_neighbors=40.0,
-        per_type_energy_shifts=dict(zip(TYPES, [-2.0, -4.5, -3.5, -1.5], strict=True)),
-        per_type_energy_scales=dict(zip(TYPES, [20.0, 30.0, 25.0, 20.0], strict=True)),
-    )
-
-
-def _build(builder, **kwargs):
-    import warnings
-
-    import e3nn
-    from nequip.utils.global_state import set_global_state
-
-    previous = torch.get_default_dtype()
-    e3nn_jit = e3nn.get_optimization_defaults()["jit_mode"]
-    try:
-        set_global_state()  # nequip's builders require it; it sets torch's default dtype
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = builder(**kwargs)
-    finally:
-        # restore what nequip changed globally: torch's default dtype, and e3nn's jit mode, which
-        # nequip's builder leaves at "script" (e3nn modules built later, e.g. MACE's, would then
-        # hold TorchScript functions that cannot be deep-copied)
-        torch.set_default_dtype(previous)
-        e3nn.set_optimization_defaults(jit_mode=e3nn_jit)
-    return model.eval()
-
-
-def make_nequip(seed: int = 0):
-    from nequip.model import NequIPGNNModel
-
-    return _build(NequIPGNNModel, num_layers=3, l_max=2, num_features=16, **_common(seed))
-
-
-def make_allegro(seed: int = 0):
-    allegro_models = pytest.importorskip(
-        "allegro.model", reason="nequip-allegro is not installed (pip install distmlip[nequip])")
-    return _build(
-        allegro_models.AllegroModel, l_max=2, num_layers=2, num_scalar_features=32,
-        num_tensor_features=8, allegro_mlp_hidden_layers_width=32,
-        readout_mlp_hidden_layers_width=16,
-        radial_chemical_embed={"_target_": "allegro.nn.TwoBodyBesselScalarEmbed", "num_bessels": 8},
-        **_common(seed),
-    )
-
-
-def oxide():
-    """Li2O (antifluorite), 2x1x1 conventional cells (24 atoms)."""
-    return adapters.oxide(repeat=(2, 1, 1))
-
-
-def metal():
-    """Cu fcc, 2x2x2 conventional cells (32 atoms)."""
-    return adapters.metal(repeat=(2, 2, 2))
+from support.adapters import (
+    NEQUIP_R_MAX,
+    NEQUIP_TYPES,
+    WithoutExchange,
+    make_allegro,
+    make_nequip,
+    nequip_build,
+    nequip_common,
+    nequip_metal,
+    nequip_oxide,
+    split_row_counts,
+)
 
 
 def surface():
@@ -90,7 +40,8 @@ def surface():
     return adapters.slab(size=(3, 3, 4), vacuum=5.0)
 
 
-STRUCTURES = {"oxide": (oxide, "grid"), "metal": (metal, "grid"), "surface": (surface, "metis")}
+STRUCTURES = {"oxide": (nequip_oxide, "grid"), "metal": (nequip_metal, "grid"),
+              "surface": (surface, "metis")}
 BUILDERS = {"nequip": make_nequip, "allegro": make_allegro}
 
 
@@ -107,10 +58,13 @@ def setup(request):
     from nequip.integrations.ase import NequIPCalculator
     from nequip.integrations.utils import basic_transforms
 
+    if request.param == "allegro":
+        pytest.importorskip("allegro.model",
+                            reason="nequip-allegro is not installed (pip install distmlip[nequip])")
     model = BUILDERS[request.param]()
     calc = NequIPCalculator(
         model, device="cpu",
-        transforms=basic_transforms(model.metadata, R_MAX, TYPES, {t: t for t in TYPES}),
+        transforms=basic_transforms(model.metadata, NEQUIP_R_MAX, NEQUIP_TYPES, {t: t for t in NEQUIP_TYPES}),
     )
     return request.param, model, distmlip.wrap(model), calc
 
@@ -135,7 +89,7 @@ def test_wrap_infers_cutoff_and_receptive_field(setup):
     name, model, wrapped, _ = setup
     assert isinstance(wrapped, NequIPModel)
     assert wrapped.module is not model  # the adapter hooks its own copy (the copy policy)
-    assert wrapped.cutoff == pytest.approx(R_MAX)
+    assert wrapped.cutoff == pytest.approx(NEQUIP_R_MAX)
     # NequIP: one hop per interaction block; Allegro: strictly local whatever its layers
     assert wrapped.num_layers == {"nequip": 3, "allegro": 1}[name]
     assert distmlip.wrap(wrapped) is wrapped
@@ -177,34 +131,13 @@ class TestNequIPBattery(AdapterBattery):
             assert row["exchange_calls"] == expected
 
 
-def _stale_halo(graph):
-    """An exchange that refreshes nothing: given every row it returns them as they are, given
-    the owned rows it appends zeros for the halo rows (which were then never computed)."""
-    def exchange(x):
-        if x.shape[0] == graph.num_nodes:
-            return x
-        return torch.cat([x, x.new_zeros((graph.num_nodes - x.shape[0], *x.shape[1:]))])
-    return exchange
-
-
-class WithoutExchange(distmlip.DistributableModel):
-    """A wrapped model whose halo exchange refreshes nothing."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.cutoff, self.num_layers = inner, inner.cutoff, inner.num_layers
-
-    def forward(self, graph):
-        return self.inner(dataclasses.replace(graph, halo_exchange=_stale_halo(graph)))
-
-
 def test_nequip_needs_the_exchange(setup):
     """NequIP split without the ghost-exchange hook gives wrong forces: the hook is what makes
     the invariance above hold."""
     name, _, wrapped, _ = setup
     if name != "nequip":
         pytest.skip("Allegro exchanges nothing")
-    atoms = metal()
+    atoms = nequip_metal()
     one = evaluate(DistributedCalculator(wrapped, num_parts=1), atoms)
     split = evaluate(DistributedCalculator(WithoutExchange(wrapped), num_parts=3), atoms)
     assert np.abs(split["forces"] - one["forces"]).max() > 1e-6
@@ -213,7 +146,7 @@ def test_nequip_needs_the_exchange(setup):
 def test_threaded_workers(setup):
     """Three worker threads share one replica: each hook calls its own worker's exchange."""
     _, _, wrapped, _ = setup
-    atoms = metal()
+    atoms = nequip_metal()
     one = evaluate(DistributedCalculator(wrapped, num_parts=1), atoms)
     calc = DistributedCalculator(wrapped, num_parts=3, device=["cpu"] * 3)
     split = evaluate(calc, atoms)
@@ -264,12 +197,12 @@ def test_float32_model_keeps_nequip_mixed_precision():
     from nequip.integrations.utils import basic_transforms
     from nequip.model import NequIPGNNModel
 
-    kwargs = _common(0)
+    kwargs = nequip_common(0)
     kwargs["model_dtype"] = "float32"
-    model = _build(NequIPGNNModel, num_layers=3, l_max=2, num_features=16, **kwargs)
+    model = nequip_build(NequIPGNNModel, num_layers=3, l_max=2, num_features=16, **kwargs)
     calc = NequIPCalculator(model, device="cpu", transforms=basic_transforms(
-        model.metadata, R_MAX, TYPES, {t: t for t in TYPES}))
-    atoms = metal()
+        model.metadata, NEQUIP_R_MAX, NEQUIP_TYPES, {t: t for t in NEQUIP_TYPES}))
+    atoms = nequip_metal()
     ref = _reference(calc, atoms)
     wrapped = distmlip.wrap(model)
     assert wrapped.dtype == torch.float64  # edge vectors in float64, as NequIP's own pipeline
@@ -318,17 +251,8 @@ def test_nequip_node_work_only_on_owned_rows(threads):
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((3, 3, 2))  # 72 atoms
     atoms.rattle(0.08, seed=4)
     n = len(atoms)
-    one = evaluate(DistributedCalculator(wrapped, num_parts=1), atoms)
-    for mode in ("halo", "extended"):
-        calc = DistributedCalculator(wrapped, num_parts=4, mode=mode,
-                                     device=["cpu"] * 4 if threads else "cpu")
-        rows = _count_rows(next(iter(calc.runner.replicas.values())).energy)
-        split = evaluate(calc, atoms)
-        for q in one:
-            assert rel_err(split[q], one[q]) <= 1e-10, (mode, q)
-        shards = calc.runner.last_shards
-        local = sum(s.num_rows for s in shards)
-        assert sum(s.num_owned for s in shards) == n < local  # there is a halo to skip
+    for mode, calc, rows, local in split_row_counts(wrapped, atoms, lambda r: _count_rows(r.energy),
+                                                    threads=threads):
         assert len(rows["readout"]) == (4 if threads else 1)
         assert "2.linear_1" in rows and "1.sc" in rows
         for name, counts in rows.items():
@@ -343,13 +267,13 @@ def test_nequip_first_layer_self_connection_and_residual(l_max):
     embedding: the spots NequIP's local-row path leaves to the caller. Both stay exact."""
     from nequip.model import NequIPGNNModel
 
-    model = _build(NequIPGNNModel, num_layers=2, l_max=l_max, num_features=8, parity=l_max > 0,
-                   learnable_shift=True, convnet_resnet=True, **_common(1))
+    model = nequip_build(NequIPGNNModel, num_layers=2, l_max=l_max, num_features=8, parity=l_max > 0,
+                   learnable_shift=True, convnet_resnet=True, **nequip_common(1))
     wrapped = distmlip.wrap(model)
     layers = [m for m in wrapped.energy.modules() if type(m).__name__ == "ConvNetLayer"]
     assert layers[0].conv.sc is not None
     assert layers[0].resnet == (l_max == 0)
-    atoms = oxide()
+    atoms = nequip_oxide()
     one = evaluate(DistributedCalculator(wrapped, num_parts=1), atoms)
     assert np.abs(one["forces"]).max() > 0.05
     report = assert_partition_invariant(wrapped, atoms, num_parts=(3,),

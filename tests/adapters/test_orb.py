@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import warnings
 
 import pytest
 import torch
@@ -33,8 +32,7 @@ from distmlip.testing.adapters import (
 )
 
 from support import assert_ranks_pass
-
-CAP = 8
+from support.adapters import ORB_CAP, make_orb
 
 
 @contextlib.contextmanager
@@ -45,22 +43,6 @@ def default_dtype(dtype):
         yield
     finally:
         torch.set_default_dtype(previous)
-
-
-def make_orb(seed: int = 0, cap: int = CAP):
-    from orb_models.forcefield.atomic_system import SystemConfig
-    from orb_models.forcefield.pretrained import orb_v3_conservative_architecture
-
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(seed)
-        model = orb_v3_conservative_architecture(
-            latent_dim=32, base_mlp_hidden_dim=64, head_mlp_hidden_dim=32,
-            num_message_passing_steps=2, device="cpu",
-            system_config=SystemConfig(radius=6.0, max_num_neighbors=cap))
-    model.eval()
-    model.heads["energy"].normalizer.bn.running_var.mul_(1e4)  # energies x 100
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +113,7 @@ def test_calculator_and_energies(orb64):
     from orb_models.forcefield.calculator import ORBCalculator
 
     model = distmlip.wrap(ORBCalculator(orb64, device="cpu"))
-    assert isinstance(model, OrbModel) and model.max_num_neighbors == CAP and model.cutoff == 6.0
+    assert isinstance(model, OrbModel) and model.max_num_neighbors == ORB_CAP and model.cutoff == 6.0
     out = evaluate(distmlip.DistributedCalculator(model, num_parts=3), STRUCTURES["oxide"])
     assert abs(out["energies"].sum() - out["energy"]) <= 1e-10 * abs(out["energy"])
 

@@ -45,6 +45,8 @@ from distmlip.models.sevenn import SevenNetModel
 from distmlip.testing import assert_partition_invariant, evaluate
 from distmlip.testing.battery import AdapterBattery
 
+from support.adapters import RecordExchange, sevenn_rutile
+
 warnings.filterwarnings("ignore", message=".*accelerat.*")  # sevenn: "no cuEq/flash" notice
 
 PARTS = (1, 2, 3, 5)
@@ -59,15 +61,6 @@ S_TOL = 1e-6  # eV/Å^3
 def _ulp_tol(energies) -> float:
     """4 float32 ulps at the largest per-atom energy magnitude (eV)."""
     return 4.0 * EPS32 * 2.0 ** np.ceil(np.log2(np.max(np.abs(energies))))
-
-
-def rutile(seed=1):
-    from ase.spacegroup import crystal
-
-    atoms = crystal(["Ti", "O"], basis=[(0, 0, 0), (0.3048, 0.3048, 0)], spacegroup=136,
-                    cellpar=[4.594, 4.594, 2.959, 90, 90, 90]).repeat((2, 2, 2))
-    atoms.rattle(0.05, seed=seed)
-    return atoms
 
 
 def copper(seed=2):
@@ -87,7 +80,7 @@ def slab(seed=3):
     return atoms
 
 
-STRUCTURES = {"rutile_TiO2": rutile, "cu_fcc": copper, "cu111_slab": slab}
+STRUCTURES = {"rutile_TiO2": sevenn_rutile, "cu_fcc": copper, "cu111_slab": slab}
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +177,7 @@ def test_float64_matches_sevennet(model, name):
 
 def test_partitioners_float64(model):
     """slab and METIS partitions of the oxide too (grid is covered above)."""
-    assert_partition_invariant(model, rutile(), num_parts=(4,), partitioners=("slab", "metis"),
+    assert_partition_invariant(model, sevenn_rutile(), num_parts=(4,), partitioners=("slab", "metis"),
                                modes=("halo",), dtype="float64", rtol=1e-10)
 
 
@@ -220,21 +213,8 @@ def _count_rows(wrapped: SevenNetModel):
     return rows
 
 
-class _RecordExchange(SevenNetModel):
+class _RecordExchange(RecordExchange, SevenNetModel):
     """Records the rows given to and returned by each halo exchange, and each graph's rows."""
-
-    def __init__(self, module):
-        super().__init__(module)
-        self.calls, self.graphs = [], []
-
-    def forward(self, graph):
-        def exchange(x):
-            y = graph.halo_exchange(x)
-            self.calls.append((graph.num_owned, graph.num_nodes, x.shape[0], y.shape[0]))
-            return y
-
-        self.graphs.append((graph.num_owned, graph.num_needed, graph.num_nodes))
-        return super().forward(dataclasses.replace(graph, halo_exchange=exchange))
 
 
 @pytest.mark.parametrize("workers", [1, 4])
@@ -249,7 +229,7 @@ def test_node_work_only_on_owned_rows(workers):
 
     from distmlip.testing import rel_err
 
-    atoms = rutile()
+    atoms = sevenn_rutile()
     n_atoms = len(atoms)
     ref = evaluate(DistributedCalculator(distmlip.load("sevennet-0"), dtype="float64"), atoms)
     for mode in ("halo", "extended"):
@@ -293,7 +273,7 @@ class _NoExchange(SevenNetModel):
 def test_exchange_is_needed(model):
     """Negative control: without the halo exchange a split system gives wrong forces."""
     broken = _NoExchange(model.module, name="no-exchange")
-    atoms = rutile()
+    atoms = sevenn_rutile()
     ref = sevenn_reference("rutile_TiO2")
     result = evaluate(DistributedCalculator(broken, num_parts=3, mode="halo"), atoms)
     assert np.abs(result["forces"] - ref["forces"]).max() > 1e-2
@@ -372,51 +352,21 @@ def test_errors(model):
         atoms.get_potential_energy()
 
 
-_MPI_SCRIPT = '''
-import json, sys, warnings
-warnings.filterwarnings("ignore")
-sys.path.insert(0, {tests!r})
-import numpy as np
-import torch.distributed as dist
-import distmlip
-import test_sevenn as T
-
-atoms = T.rutile()
-out = {{}}
-for mode in ("halo", "extended"):
-    atoms.calc = distmlip.DistributedCalculator(distmlip.load("sevennet-0"), mode=mode)
-    out[mode] = {{"energy": float(atoms.get_potential_energy()), "forces": atoms.get_forces().tolist(),
-                 "energies": atoms.get_potential_energies().tolist(), "stress": atoms.get_stress().tolist(),
-                 "world": dist.get_world_size()}}
-if dist.get_rank() == 0:
-    with open(sys.argv[1], "w") as f:
-        json.dump(out, f)
-'''
-
-
 @pytest.mark.slow
 @pytest.mark.mpi
 def test_multi_process_matches_sevennet(tmp_path):
-    """One part per rank under the venv's mpirun (3 ranks, gloo), both modes (~40 s)."""
+    """One part per rank under the venv's mpirun (3 ranks, gloo), both modes (~40 s):
+    tests/mpi/scripts/sevennet.py."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    mpirun = Path(sys.executable).parent / "mpirun"
-    if not mpirun.exists():
-        pytest.skip(f"{mpirun} is missing")
-    script = tmp_path / "run.py"
-    script.write_text(_MPI_SCRIPT.format(tests=str(Path(__file__).parent)))
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMI_", "OMPI_", "TORCHELASTIC", "MASTER_", "LOCAL_RANK"))
-           and k not in ("RANK", "WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([str(mpirun), "-n", "3", sys.executable, str(script), str(tmp_path / "out.json")],
-                          capture_output=True, text=True, timeout=600, env=env)
+    from support import BIN, launch
+
+    if not (BIN / "mpirun").exists():
+        pytest.skip(f"{BIN / 'mpirun'} is missing")
+    out = tmp_path / "out.json"
+    proc, _ = launch("mpirun", 3, "sevennet.py", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "out.json").read_text())
+    results = json.loads(out.read_text())
     ref = sevenn_reference("rutile_TiO2")
     for mode, res in results.items():
         assert res.pop("world") == 3

@@ -76,25 +76,14 @@ def test_mace_model_is_wrapped():
 
 def test_nequip_model_is_wrapped():
     pytest.importorskip("nequip.model", reason="nequip is not installed")
-    import warnings
-
-    import e3nn
     from nequip.model import NequIPGNNModel
-    from nequip.utils.global_state import set_global_state
 
     from distmlip.models.nequip import NequIPModel
 
-    previous = torch.get_default_dtype()
-    e3nn_jit = e3nn.get_optimization_defaults()["jit_mode"]
-    try:
-        set_global_state()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = NequIPGNNModel(seed=0, model_dtype="float64", type_names=["H", "O"], r_max=4.0,
-                                   num_layers=2, l_max=1, num_features=4, avg_num_neighbors=5.0)
-    finally:  # undo nequip's global changes (see tests/test_nequip.py)
-        torch.set_default_dtype(previous)
-        e3nn.set_optimization_defaults(jit_mode=e3nn_jit)
+    from support.adapters import nequip_build  # undoes nequip's global changes
+
+    model = nequip_build(NequIPGNNModel, seed=0, model_dtype="float64", type_names=["H", "O"],
+                         r_max=4.0, num_layers=2, l_max=1, num_features=4, avg_num_neighbors=5.0)
     wrapped = distmlip.wrap(model)
     assert isinstance(wrapped, NequIPModel) and isinstance(wrapped, DistributableModel)
     assert (wrapped.cutoff, wrapped.num_layers) == (4.0, 2)

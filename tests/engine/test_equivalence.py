@@ -40,22 +40,25 @@ def _check_report(report, model):
         assert row["nonempty_parts"] <= p
 
 
+def _invariant_on(model, label, name):
+    """``model`` split every way (``ALL_PARTS``, each partitioner, both modes) on the awkward
+    structure ``name``, at 1e-10 of the unsplit result; returns (atoms, report)."""
+    atoms = awkward_structures()[name]
+    report = assert_partition_invariant(model, atoms, num_parts=ALL_PARTS, rtol=1e-10)
+    print(f"\n{label} on {name} ({len(atoms)} atoms)\n{format_report(report)}")
+    assert len(report) == 3 * len(ALL_PARTS) * 2
+    _check_report(report, model)
+    return atoms, report
+
+
 @pytest.mark.parametrize("name", STRUCTURE_NAMES)
 def test_lennard_jones_partition_invariant(lj_model, name):
-    atoms = awkward_structures()[name]
-    report = assert_partition_invariant(lj_model, atoms, num_parts=ALL_PARTS, rtol=1e-10)
-    print(f"\nLennardJones on {name} ({len(atoms)} atoms)\n{format_report(report)}")
-    assert len(report) == 3 * len(ALL_PARTS) * 2
-    _check_report(report, lj_model)
+    _invariant_on(lj_model, "LennardJones", name)
 
 
 @pytest.mark.parametrize("name", STRUCTURE_NAMES)
 def test_schnet_partition_invariant(schnet_model, name):
-    atoms = awkward_structures()[name]
-    report = assert_partition_invariant(schnet_model, atoms, num_parts=ALL_PARTS, rtol=1e-10)
-    print(f"\nSchNet on {name} ({len(atoms)} atoms)\n{format_report(report)}")
-    assert len(report) == 3 * len(ALL_PARTS) * 2
-    _check_report(report, schnet_model)
+    atoms, report = _invariant_on(schnet_model, "SchNet", name)
     # more parts than atoms really happened for the small systems
     if len(atoms) < 16:
         assert any(r["nonempty_parts"] < r["num_parts"] for r in report)

@@ -11,7 +11,8 @@ for the test modules, and ``PYTHONPATH`` (set by ``launch``) for the scripts und
 - ``one_at_a_time``: a calculator evaluating its parts one at a time (the bounded-memory path);
 - ``assert_close``: every quantity of a result within a relative tolerance of a reference;
 - ``launch``, ``launcher_env``, ``assert_ranks_pass``: a script under mpirun/torchrun with a timeout;
-- ``support.adapters``: small randomly initialised models of the optional packages;
+- ``support.adapters``: small randomly initialised models of the optional packages, the
+  structures they are checked on, and the checks the adapter tests share;
 - ``support.splits``: the split-vs-whole check the launched scripts run on every rank.
 """
 

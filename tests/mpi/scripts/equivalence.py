@@ -11,6 +11,8 @@ from ase.build import bulk, fcc111, molecule
 from distmlip import DistributedCalculator
 from distmlip.models import LennardJones, SchNet
 
+from support.splits import check_splits, report
+
 RTOL = 1e-10
 
 
@@ -34,48 +36,20 @@ def models():
     }
 
 
-def rel(a, b):
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) / max(float(np.max(np.abs(b))), 1.0)
-
-
 def main():
     per_rank = int(sys.argv[1]) if len(sys.argv) > 1 else 1
     bounded = "--bounded" in sys.argv  # parts evaluated one at a time on each rank
-    failures, checks, rank, parts = [], 0, None, None
+    parts = per_rank * DistributedCalculator(models()["lj"]).world_size
+    failures, checks, rank = [], 0, None
     for mname, model in models().items():
-        for sname, atoms in structures().items():
-            ref = atoms.copy()
-            ref.calc = DistributedCalculator(model, backend="local")
-            want = {k: ref.calc.get_property(k, ref) for k in ("energy", "forces", "energies")}
-            if atoms.cell.rank == 3:
-                want["stress"] = ref.get_stress()
-            for mode in ("halo", "extended"):
-                for partitioner in ("slab", "grid", "metis"):
-                    test = atoms.copy()
-                    test.calc = DistributedCalculator(model, mode=mode, partitioner=partitioner)
-                    assert test.calc.backend == "torch", test.calc.backend
-                    rank, world = test.calc.rank, test.calc.world_size
-                    parts = per_rank * world
-                    test.calc = DistributedCalculator(model, num_parts=parts, mode=mode,
-                                                      partitioner=partitioner)
-                    if bounded:  # the path a tight max_memory takes, with these parts
-                        from distmlip.runtime import Runner
-
-                        c = test.calc
-                        c.runner = Runner(model, [c.distributed], c.dtype, partitioner, mode, parts,
-                                          c.skin, comm="torch", sequential=True)
-                    for key, value in want.items():
-                        got = test.calc.get_property(key, test)
-                        checks += 1
-                        err = rel(got, value)
-                        if not err <= RTOL:
-                            failures.append(f"{mname}/{sname}/{mode}/{partitioner}/{key}: {err:.3e}")
-    if failures:
-        print(f"rank {rank}: {len(failures)} mismatches:\n" + "\n".join(failures), flush=True)
-        sys.exit(1)
+        failed, done, rank = check_splits(model, structures(), parts, ("slab", "grid", "metis"),
+                                          RTOL, keys=("energy", "forces", "energies"),
+                                          stress=True, bounded=bounded)
+        failures += [f"{mname}/{f}" for f in failed]
+        checks += done
     suffix = f" with {parts} parts" if per_rank > 1 else ""
     suffix += ", one at a time" if bounded else ""
-    print(f"rank {rank}: {checks} checks passed{suffix}", flush=True)
+    report(failures, checks, rank, "{checks} checks passed" + suffix)
 
 
 if __name__ == "__main__":
