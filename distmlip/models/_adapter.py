@@ -17,7 +17,7 @@ provides (the ``Adapter`` protocol below):
 
 Every adapter is described by one row of ``registry.ADAPTER_TABLE`` (``AdapterInfo``: its
 packages, pip distribution and extra, description, pretrained names, dtype, whether its node
-updates are restricted to owned rows); ``tests/test_wrap.py`` checks that each module agrees with
+updates are restricted to owned rows); ``tests/adapters/test_wrap.py`` checks that each module agrees with
 its row and satisfies the protocol.
 
 Adapters import their package lazily with ``optional_import`` (one error format), answer
