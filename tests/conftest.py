@@ -59,6 +59,29 @@ SLOW = {
     "engine/test_bounded_memory.py::test_budget_is_honoured_in_a_fresh_process": (),  # 22 s
     "engine/test_bounded_memory.py::test_every_adapter_is_exact_one_part_at_a_time": (
         "allegro", "m3gnet", "mattersim", "nequip", "tensornet", "uma"),  # sevenn, chgnet, mace: 28 s
+    # MD robustness (a subprocess each, 6-15 s): one case of each kind stays in the default suite
+    "cli/test_md_robust.py::test_signal_checkpoints_and_says_how_to_continue": ("15",),  # SIGTERM
+    "cli/test_md_robust.py::test_max_time_stops_before_the_limit": (),
+    "cli/test_md_robust.py::test_refusals_name_the_flag_and_the_fix": ("args0-expected0",),
+    "cli/test_md_robust.py::test_partition_plot_path_checked_first": ("parts.xyz-expected1",),
+    "cli/test_md_robust.py::test_max_memory_fraction_and_unit_accepted": (),
+    "cli/test_md_robust.py::test_restart_without_plot_redraws_stale_plots": (),
+    "cli/test_md_robust.py::test_relax_write_failure_saves_the_result": (),
+    "cli/test_md_robust.py::test_serve_progress_is_a_sign_of_life": (),
+    # calibration cache (fresh processes, 7-24 s): a fresh process reading the cache stays
+    "engine/test_calibration_cache.py::test_a_corrupted_file_is_warned_about_once_and_rewritten": (
+        "{not json",),
+    "engine/test_calibration_cache.py::test_a_foreign_file_is_not_trusted": (),
+    "engine/test_calibration_cache.py::test_an_unwritable_cache_is_silent": (),
+    "engine/test_calibration_cache.py::test_two_ranks_calibrating_at_once": (),
+    "engine/test_calibration_cache.py::test_concurrent_writers_leave_a_valid_file": (),
+    "engine/test_calibration_cache.py::test_a_changed_weight_misses_the_cache": (),
+    "engine/test_calibration_cache.py::test_cached_calibration_of_a_million_parameter_model_is_fast": (),
+    "engine/test_calibration_cache.py::test_a_cached_calibration_adds_little_to_a_call": (),
+    # the layer protocol: three structures of five, the budgeted run under test-all
+    "engine/test_layer_protocol.py::test_bounded_steps_equal_unbounded": (
+        "fcc_bulk", "molecule", "multi_element_isolated"),
+    "engine/test_layer_protocol.py::test_max_memory_budget_takes_the_steps": (),  # 11 s
     # launches (run one after another: ~185 s in tests/mpi alone)
     "mpi/test_mpi.py::test_equivalence_under_launcher": ("mpirun-2", "torchrun-2"),
     "mpi/test_mpi.py::test_failing_rank_stops_everyone": ("mpirun-model", "mpirun-kill"),
