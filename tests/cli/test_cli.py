@@ -26,19 +26,8 @@ from distmlip.md import checkpoint as md_checkpoint
 from distmlip.md import loop as md_loop
 from distmlip.models import LennardJones
 
+from support import LJ_SPEC as LJ  # roughly Cu (LJ_PARAMS)
 from support import ROOT
-
-LJ = "lj:epsilon=0.4,sigma=2.3,cutoff=5.0"  # roughly Cu (tests/support LJ_PARAMS)
-
-
-@pytest.fixture
-def cu(tmp_path) -> Path:
-    """A rattled 32-atom Cu cell as extxyz."""
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
-    atoms.rattle(0.05, seed=0)
-    path = tmp_path / "cu.xyz"
-    ase.io.write(path, atoms)
-    return path
 
 
 def md(structure, out, steps, *extra) -> int:

@@ -21,17 +21,7 @@ from ase.build import bulk
 import distmlip.md as md_module
 
 from support import BIN, ROOT, launcher_env
-
-LJ = "lj:epsilon=0.4,sigma=2.3,cutoff=5.0"
-
-
-@pytest.fixture
-def cu(tmp_path) -> Path:
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
-    atoms.rattle(0.05, seed=0)
-    path = tmp_path / "cu.xyz"
-    ase.io.write(path, atoms)
-    return path
+from support import LJ_SPEC as LJ  # roughly Cu (LJ_PARAMS)
 
 
 def _env() -> dict:

@@ -39,6 +39,8 @@ STRUCTURE_NAMES = tuple(awkward_structures())
 
 # Lennard-Jones roughly fitted to Cu: minimum at 2^(1/6) * 2.3 = 2.58 Å (Cu-Cu: 2.55 Å).
 LJ_PARAMS = {"epsilon": 0.4, "sigma": 2.3, "cutoff": 5.0}
+#: the same model as the command line's ``--model`` spelling
+LJ_SPEC = "lj:" + ",".join(f"{k}={v}" for k, v in LJ_PARAMS.items())
 
 
 def make_lj() -> LennardJones:
