@@ -241,22 +241,15 @@ class DistributedCalculator(Calculator):
         """The positions and cell the current neighbour graph and partition were built from
         (``None`` before the first calculation): what a restart needs to rebuild the same graph
         and so sum in the same order (``restore_build``). Used by ``distmlip.md`` checkpoints."""
-        b = self.runner._built
-        return None if b is None else {"positions": np.array(b.positions, dtype=np.float64),
-                                       "cell": np.array(b.cell, dtype=np.float64)}
+        reference = self.runner.build_reference()
+        return None if reference is None else dict(zip(("positions", "cell"), reference, strict=True))
 
     def restore_build(self, positions, cell, pbc, numbers) -> None:
         """Build the graph and partition from ``positions`` and ``cell`` (a ``build_reference``)
         now, so the next calculations reuse it while the system stays within the skin, exactly as
         the run that saved the reference did. Every rank of a launch calls it alike."""
-        runner = self.runner
-        positions, cell, pbc, numbers = runner.comm.system(np.asarray(positions, dtype=np.float64),
-                                                           np.asarray(cell, dtype=np.float64),
-                                                           np.asarray(pbc), np.asarray(numbers))
-        runner._built = runner.planner.build(positions, cell, pbc, numbers, {"partition": 0.0,
-                                                                            "graph": 0.0,
-                                                                            "handshake": 0.0})
-        runner.graph_builds += 1
+        self.runner.rebuild_at(np.asarray(positions, dtype=np.float64), np.asarray(cell, dtype=np.float64),
+                               np.asarray(pbc), np.asarray(numbers))
         self.reset()
 
     def check_state(self, atoms, tol=1e-15):
