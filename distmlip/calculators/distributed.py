@@ -208,8 +208,10 @@ class DistributedCalculator(Calculator):
     partitioner = property(lambda self: self.options.partitioner, doc="The ``partitioner`` option.")
     mode = property(lambda self: self.options.mode, doc="The ``mode`` option.")
     skin = property(lambda self: self.options.skin, doc="The ``skin`` option, Å.")
-    max_memory = property(lambda self: self.runner.budget,
-                          doc="The memory budget in bytes (``max_memory`` or auto's), None: no bound.")
+    budget_bytes = property(lambda self: self.runner.budget,
+                            doc="The memory budget in bytes (``max_memory`` on the device, or "
+                                "``num_parts='auto'``'s), None: no bound; ``calc.parameters"
+                                "['max_memory']`` keeps the value as given.")
 
     @property
     def rank(self) -> int:

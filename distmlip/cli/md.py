@@ -195,8 +195,8 @@ def command(args) -> int:
     fixed = _constraint_summary(atoms)
     say(f"distmlip md: {len(atoms)} atoms ({atoms.get_chemical_formula()}{fixed}), {settings.model}, "
         f"{ensemble}; "
-        f"{calc.num_parts}{'+' if calc.max_memory is not None else ''} part(s) ({calc.partitioner}, "
-        f"{calc.mode}{', as --max-memory needs' if calc.max_memory is not None else ''}), "
+        f"{calc.num_parts}{'+' if calc.budget_bytes is not None else ''} part(s) ({calc.partitioner}, "
+        f"{calc.mode}{', as --max-memory needs' if calc.budget_bytes is not None else ''}), "
         f"backend {calc.backend}, "
         f"{calc.world_size} process(es)")
     if state is not None:
@@ -235,7 +235,7 @@ def command(args) -> int:
     else:
         say(f"the run in {directory} is already at step {summary['step']} >= --steps {args.steps}; "
             f"nothing to do")
-    if calc.last_run is not None and calc.max_memory is not None:  # the parts the budget chose
+    if calc.last_run is not None and calc.budget_bytes is not None:  # the parts the budget chose
         say(f"parts: {calc.last_run.describe()}")
     say(f"step {summary['step']}: Epot {summary['epot']:.6f} eV, Etot {summary['etot']:.6f} eV, "
         f"T {summary['temperature_K']:.1f} K; wrote {directory / LOG}, {directory / TRAJECTORY}, "

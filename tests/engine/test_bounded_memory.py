@@ -235,7 +235,7 @@ def test_auto_partitions():
     calc = DistributedCalculator(model, "auto", device=["cpu", "cpu"])
     _compare(evaluate(calc, atoms), ref, RTOL, "auto")
     assert calc.last_plan.num_parts == 2 and not calc.runner.sequential
-    assert 0 < calc.max_memory
+    assert 0 < calc.budget_bytes
     tight = DistributedCalculator(model, "auto", max_memory=int(0.5 * estimate_memory(model, atoms)))
     _compare(evaluate(tight, atoms), ref, RTOL, "auto, tight")
     assert tight.runner.sequential and tight.last_plan.num_parts > 1
