@@ -21,10 +21,12 @@ from support import make_lj, make_schnet
 
 @pytest.fixture(scope="module")
 def split():
-    """A system, a model and a budget that splits it (0.4 of the unbounded need)."""
+    """A system, a model and a budget that splits it (half the unbounded need). 864 atoms: the
+    smallest budget that works (one atom's neighbourhood plus a fixed cost, whose calibration
+    varies from process to process) stays well below half the need, on one device or two."""
     model = make_schnet()
-    atoms = fcc_bulk(size=4, seed=3)  # 256 atoms
-    budget = int(0.4 * estimate_memory(model, atoms))
+    atoms = fcc_bulk(size=6, seed=3)  # 864 atoms
+    budget = int(0.5 * estimate_memory(model, atoms))
     return model, atoms, budget
 
 
@@ -63,8 +65,8 @@ def test_last_run_without_a_budget_and_on_two_devices(split):
     assert roomy.last_run.predicted_peak_bytes <= 10e9
 
 
-def test_cli_run_reports_the_parts_used(split, tmp_path, capsys):
-    _, atoms, budget = split
+def test_cli_run_reports_the_parts_used(tmp_path, capsys):
+    atoms = fcc_bulk(size=4, seed=3)  # 256 atoms
     path = tmp_path / "cu.xyz"
     ase.io.write(path, atoms)
     # the CLI's schnet is not the tests' one: its own estimate gives the splitting budget
