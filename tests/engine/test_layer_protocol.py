@@ -5,8 +5,6 @@ compose to ``forward`` are refused naming the step; a model without steps is unc
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
 
@@ -16,22 +14,9 @@ from distmlip.models.base import LocalGraph, compare_steps, has_steps, run_steps
 from distmlip.testing import awkward_structures, check_steps, evaluate
 from distmlip.testing.structures import fcc_bulk
 
-from support import assert_close, launch, make_lj, make_schnet, one_at_a_time
+from support import CALLS, CountedSchNet, assert_close, launch, make_lj, make_schnet, one_at_a_time
 
 RTOL = 1e-10
-CALLS: collections.Counter = collections.Counter()
-
-
-class CountedSchNet(SchNet):
-    """SchNet counting its ``forward`` and ``step`` calls (in ``CALLS``, shared by the replicas)."""
-
-    def forward(self, graph):
-        CALLS["forward"] += 1
-        return super().forward(graph)
-
-    def step(self, i, graph, state):
-        CALLS["step"] += 1
-        return super().step(i, graph, state)
 
 
 class NoSteps(CountedSchNet):

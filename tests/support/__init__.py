@@ -18,6 +18,7 @@ for the test modules, and ``PYTHONPATH`` (set by ``launch``) for the scripts und
 
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import sys
@@ -45,6 +46,21 @@ LJ_SPEC = "lj:" + ",".join(f"{k}={v}" for k, v in LJ_PARAMS.items())
 
 def make_lj() -> LennardJones:
     return LennardJones(**LJ_PARAMS)
+
+#: ``forward`` and ``step`` calls of every ``CountedSchNet`` (shared by the runner's replicas).
+CALLS: collections.Counter = collections.Counter()
+
+
+class CountedSchNet(SchNet):
+    """SchNet counting its ``forward`` and ``step`` calls in ``CALLS`` (which path the runtime took)."""
+
+    def forward(self, graph):
+        CALLS["forward"] += 1
+        return super().forward(graph)
+
+    def step(self, i, graph, state):
+        CALLS["step"] += 1
+        return super().step(i, graph, state)
 
 
 def make_schnet(cutoff: float = 5.0, num_interactions: int = 3, hidden_channels: int = 16,

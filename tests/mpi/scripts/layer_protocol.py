@@ -13,18 +13,9 @@ from distmlip import DistributedCalculator
 from distmlip.models import SchNet
 from distmlip.runtime import Runner
 
+from support import CALLS, CountedSchNet
+
 RTOL = 1e-10
-CALLS = {"forward": 0, "step": 0}
-
-
-class Counted(SchNet):
-    def forward(self, graph):
-        CALLS["forward"] += 1
-        return super().forward(graph)
-
-    def step(self, i, graph, state):
-        CALLS["step"] += 1
-        return super().step(i, graph, state)
 
 
 class Broken(SchNet):
@@ -60,7 +51,7 @@ def bounded(model, parts, partitioner, steps):
 
 def main():
     per_rank = int(sys.argv[1]) if len(sys.argv) > 1 else 2
-    model = Counted(cutoff=4.5, num_interactions=3, hidden_channels=16, seed=1)
+    model = CountedSchNet(cutoff=4.5, num_interactions=3, hidden_channels=16, seed=1)
     failures, checks, rank = [], 0, None
     for sname, atoms in structures().items():
         ref = atoms.copy()
@@ -74,7 +65,7 @@ def main():
             for steps in (True, False):
                 test = atoms.copy()
                 test.calc = bounded(model, per_rank * world, partitioner, steps)
-                CALLS.update(forward=0, step=0)
+                CALLS.clear()
                 for key, value in want.items():
                     err = rel(test.calc.get_property(key, test), value)
                     checks += 1
