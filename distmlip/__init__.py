@@ -10,10 +10,10 @@ from .errors import CommunicationError
 from .graph import NeighborGraph
 from .models import DistributableModel, LocalGraph, load, wrap
 from .partition import PartitionPlan
-from .runtime import estimate_memory
+from .runtime import estimate_memory, minimum_memory
 
 __all__ = ["CommunicationError", "DistributableModel", "DistributedCalculator", "LocalGraph", "NeighborGraph",
-           "PartitionPlan", "estimate_memory", "load", "wrap"]
+           "PartitionPlan", "estimate_memory", "load", "minimum_memory", "wrap"]
 
 try:
     __version__ = version("distmlip")

@@ -13,7 +13,7 @@ exchange), ``runner`` (the orchestration).
 """
 
 from ..errors import CommunicationError
-from .budget import RunInfo, estimate_memory
+from .budget import RunInfo, estimate_memory, minimum_memory
 from .runner import Evaluation, Runner
 
-__all__ = ["CommunicationError", "Evaluation", "RunInfo", "Runner", "estimate_memory"]
+__all__ = ["CommunicationError", "Evaluation", "RunInfo", "Runner", "estimate_memory", "minimum_memory"]

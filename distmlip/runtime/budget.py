@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
+from ..graph import NeighborGraph
 from ..graph.neighbors import as_ase_atoms, validate_system
 from ..models.base import DistributableModel
 from ..options import DEFAULT_SKIN, Options, renamed, unknown_keyword
@@ -26,7 +27,7 @@ from .memory import (
     release_memory_eagerly,
 )
 
-__all__ = ["Planner", "RunInfo", "estimate_memory"]
+__all__ = ["Planner", "RunInfo", "estimate_memory", "minimum_memory"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class Planner:
     num_parts: int
     sequential: bool | None = None
     memory_model: MemoryModel | None = None
+    any_calibration: bool = False  # reuse any cached calibration (``calibrate(any_room=True)``)
 
     def __post_init__(self):
         if self.budget is not None:
@@ -105,7 +107,8 @@ class Planner:
         if self.memory_model is None:
             atoms = Atoms(numbers=numbers, positions=positions, cell=cell, pbc=pbc)
             self.memory_model = calibrate(self.model, atoms, self.dtype, self.builder.comm.devices[0],
-                                          limit=self.budget, key=self.source)
+                                          limit=self.budget, key=self.source,
+                                          any_room=self.any_calibration)
         return self.memory_model
 
     def needed(self, pred: dict) -> float:
@@ -175,17 +178,25 @@ class Planner:
         workers = comm.num_workers
         n = len(positions)
         parts = -(-max(self.num_parts, workers) // workers) * workers
-        graph = None
-        if not self.sequential:  # all parts at once, if that fits: the fastest
-            b = build(positions, cell, pbc, numbers, times, self.num_parts, sequential=False)
+        graph = inside = None
+        hopeless = False  # all at once cannot fit: the model's cost for every atom exceeds the budget
+        if self.sequential is None and comm.world_size == 1:
+            # the graph first: when all at once cannot fit, its build (145 bytes per edge: it was
+            # the peak of a search under a tight budget, 60 MB where the parts chosen needed 34)
+            # is not made
+            graph = NeighborGraph.from_arrays(positions, cell, pbc, numbers,
+                                              self.builder.cutoff + self.builder.skin)
+            inside = inside_cutoff(graph, graph.positions, cell, self.builder.cutoff)
+            hopeless = memory.part(n, int(inside.sum())) > self.budget
+        if not self.sequential and not hopeless:
+            b = build(positions, cell, pbc, numbers, times, self.num_parts, graph, sequential=False)
             graph = b.graph if comm.world_size == 1 else None
             peak = self.needed(self.predict(b, memory))
             if peak <= self.budget or self.sequential is False:
                 b.predicted = peak
                 return b
             del b
-        inside = None  # the graph's edges within the cutoff: one graph for every attempt
-        finest = n * workers  # one atom per part (every partitioner): the last attempt
+        finest = self.finest(n)
         while True:
             b = build(positions, cell, pbc, numbers, times, parts, graph, sequential=True)
             graph = b.graph if comm.world_size == 1 else None
@@ -198,12 +209,13 @@ class Planner:
                 b.predicted = peak
                 return b
             if parts >= finest:
-                # the smallest budget named is this very prediction: a budget of it is met here
+                # the smallest budget named is this very prediction (``minimum``): met here
                 raise ValueError(
                     f"max_memory: expected at least {_gb(peak, up=True)} for "
                     f"this system ({n} atoms: graph, plan and stored exchange rows "
                     f"{_gb(pred['fixed'])}, plus one atom's neighbourhood), got "
-                    f"{_gb(self.budget)}; raise max_memory or use more devices or processes"
+                    f"{_gb(self.budget)}; raise max_memory (distmlip.minimum_memory gives the "
+                    f"least) or use more devices or processes"
                 )
             if comm.maximum(pred["floor"]) > self.budget:
                 parts = finest  # not even one-atom parts would fit: try them once, to name the need
@@ -212,6 +224,19 @@ class Planner:
             grow = min(max(1.25, 1.15 * pred["largest_part"] / room), 64.0)
             wanted = max(parts + workers, int(np.ceil(parts * grow)))
             parts = min(-(-wanted // workers) * workers, finest)
+
+    def finest(self, num_atoms: int) -> int:
+        """The most parts a budget search tries: one atom per part on every worker."""
+        return num_atoms * self.builder.comm.num_workers
+
+    def minimum(self, positions, cell, pbc, numbers, times: dict) -> float:
+        """The smallest budget that works: the predicted peak of the finest build (one atom per
+        part, one at a time), agreed over the ranks; the figure a smaller budget is refused with
+        (``minimum_memory``)."""
+        memory = self.memory(positions, cell, pbc, numbers)
+        b = self.builder.build(positions, cell, pbc, numbers, times, self.finest(len(positions)),
+                               sequential=True)
+        return self.needed(self.predict(b, memory))
 
 
 def _gb(value: float, up: bool = False) -> str:
@@ -226,17 +251,9 @@ def _gb(value: float, up: bool = False) -> str:
     return f"{np.ceil(value) if up else np.round(value):.0f} B"
 
 
-def estimate_memory(model: DistributableModel, atoms, num_parts: int = 1, mode: str = "halo",
-                    dtype=None, device="cpu", *, partitioner: str = "grid", skin: float = DEFAULT_SKIN,
-                    max_memory=None, **renamed_options) -> int:
-    """Predicted peak bytes one evaluation of ``atoms`` adds on each device (on CPU: the process's
-    resident memory above what it was before the call), without evaluating it.
-
-    ``num_parts`` parts on one device, all alive at once (``max_memory=None``), or evaluated
-    one at a time within ``max_memory`` (then the number of parts is the one the calculator would
-    choose). The model's own cost comes from ``calibrate`` (probes of a few hundred atoms, cached);
-    distmlip's graph, plan and stored exchange rows are counted from their sizes.
-    """
+def _planner(model, atoms, num_parts, mode, dtype, device, partitioner, skin, max_memory,
+             renamed_options: dict, what: str):
+    """The planner ``estimate_memory`` and ``minimum_memory`` ask, and the system it plans."""
     if model is None or not hasattr(model, "cutoff"):
         raise TypeError(f"model: expected a DistributableModel (distmlip.load, distmlip.wrap or your "
                         f"own), got {type(model).__name__}")
@@ -244,19 +261,51 @@ def estimate_memory(model: DistributableModel, atoms, num_parts: int = 1, mode: 
     if renamed_options:
         if set(renamed_options) - {"num_parts"}:
             raise unknown_keyword(next(iter(set(renamed_options) - {"num_parts"})),
-                                  ("num_parts", "mode", "dtype", "device", "partitioner", "skin",
-                                   "max_memory"))
+                                  ("num_parts", "mode", "dtype", "device", "partitioner", "skin")
+                                  + (("max_memory",) if what == "estimate" else ()))
         num_parts = renamed_options["num_parts"]
     atoms = as_ase_atoms(atoms)
     options = Options.from_kwargs(num_parts=int(num_parts), mode=mode, dtype=dtype,
                                   device=device, partitioner=partitioner, skin=skin,
                                   max_memory=max_memory)
-    device = options.devices[0]
+    # estimate_memory: one device's share of num_parts; minimum_memory: every device, as the
+    # calculator splits the system over them
+    devices = options.devices if what == "minimum" else options.devices[:1]
     dtype = options.torch_dtype or model.dtype
     num_hops = int(model.num_layers) if mode == "extended" else 1
-    builder = Builder(LocalComm([device]), partitioner, mode, num_hops, float(model.cutoff), options.skin)
-    planner = Planner(builder, replica(model, device, dtype), model, dtype, options.budget_bytes,
+    builder = Builder(LocalComm(devices), partitioner, mode, num_hops, float(model.cutoff), options.skin)
+    planner = Planner(builder, replica(model, devices[0], dtype), model, dtype, options.budget_bytes,
                       options.num_parts)
-    system = validate_system(atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers)
+    return planner, validate_system(atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers)
+
+
+def estimate_memory(model: DistributableModel, atoms, num_parts: int = 1, mode: str = "halo",
+                    dtype=None, device="cpu", *, partitioner: str = "grid", skin: float = DEFAULT_SKIN,
+                    max_memory=None, **renamed_options) -> int:
+    """Predicted peak bytes one evaluation of ``atoms`` adds on each device (on CPU: the process's
+    resident memory above what it was before the call), without evaluating it.
+
+    ``num_parts`` parts on the devices, all alive at once (``max_memory=None``), or evaluated
+    one at a time within ``max_memory`` (then the number of parts is the one the calculator would
+    choose). The model's own cost comes from ``calibrate`` (probes of a few hundred atoms, cached);
+    distmlip's graph, plan and stored exchange rows are counted from their sizes.
+    """
+    planner, system = _planner(model, atoms, num_parts, mode, dtype, device, partitioner, skin,
+                               max_memory, renamed_options, "estimate")
     built = planner.build(*system, {})
     return int(planner.predict(built, planner.memory(*system))["peak"])
+
+
+def minimum_memory(model: DistributableModel, atoms, mode: str = "halo", dtype=None, device="cpu",
+                   *, partitioner: str = "grid", skin: float = DEFAULT_SKIN) -> int:
+    """The smallest ``max_memory`` (bytes per device; on CPU, the process) with which ``atoms``
+    can be evaluated: the predicted peak of the finest split, one atom per part evaluated one at
+    a time, which holds distmlip's graph and plan, the exchange rows kept between parts and one
+    atom's neighbourhood. A smaller budget is refused with this figure (rounded up); a budget of
+    it or more works (``DistributedCalculator(model, max_memory=...)``), with fewer parts and
+    less time the more room it leaves. ``device``: one device or a list (each holds its share).
+    """
+    planner, system = _planner(model, atoms, 1, mode, dtype, device, partitioner, skin, None, {},
+                               "minimum")
+    planner.any_calibration = True  # the calibration a budgeted calculator made, if any
+    return int(np.ceil(planner.minimum(*system, {})))

@@ -218,6 +218,7 @@ class Runner:
         """Build now from this system (a ``build_reference``; under a launcher, rank 0's); the
         next calls reuse the build while the system stays within the skin."""
         positions, cell, pbc, numbers = self.comm.system(positions, cell, pbc, numbers)
+        self._built = None
         self._built = self.planner.build(positions, cell, pbc, numbers,
                                          {"partition": 0.0, "graph": 0.0, "handshake": 0.0})
         self.graph_builds += 1
@@ -254,6 +255,7 @@ class Runner:
         t1 = time.perf_counter()
         times = {"partition": 0.0, "graph": 0.0, "handshake": 0.0}
         if self.comm.agree(self.builder.stale(self._built, positions, cell, pbc, numbers)):
+            self._built = None  # the old build is freed before the new one is made (the peak)
             self._built = self.planner.build(positions, cell, pbc, numbers, times)
             self.graph_builds += 1
         b = self._built

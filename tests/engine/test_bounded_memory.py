@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from distmlip import DistributedCalculator, estimate_memory
+from distmlip import DistributedCalculator, estimate_memory, minimum_memory
+from distmlip.runtime.budget import _gb
 from distmlip.runtime.memory import parse_budget
 from distmlip.testing import awkward_structures, evaluate, rel_err
 from distmlip.testing.structures import fcc_bulk
@@ -93,6 +94,11 @@ def test_impossible_budget_is_a_clear_error():
     ok = DistributedCalculator(model, max_memory=named)
     ref = evaluate(DistributedCalculator(model), atoms)
     _compare(evaluate(ok, atoms), ref, RTOL, "smallest budget")
+    # distmlip.minimum_memory computes the figure named (rounded up there)
+    floor = minimum_memory(model, atoms)
+    assert f"at least {_gb(floor, up=True)} " in str(calc_error(calc, atoms))
+    assert parse_budget(named, torch.device("cpu")) >= floor > 0.99 * parse_budget(named, torch.device("cpu"))
+    assert minimum_memory(model, atoms, device=["cpu", "cpu"]) > floor  # two workers' parts
 
 
 def calc_error(calc, atoms) -> ValueError:
@@ -174,7 +180,7 @@ _CHILD = textwrap.dedent("""
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
     from support import make_schnet
-    from distmlip import DistributedCalculator, estimate_memory
+    from distmlip import DistributedCalculator, estimate_memory, minimum_memory
     from distmlip.testing.structures import fcc_bulk
 
     def status(key):
@@ -185,6 +191,8 @@ _CHILD = textwrap.dedent("""
     budget = json.loads(sys.argv[1])
     model = make_schnet(hidden_channels=32)
     atoms = fcc_bulk(size=11, seed=4)
+    if budget == "floor":  # a quarter above the smallest budget that works
+        budget = int(1.25 * minimum_memory(model, atoms))
     predicted = estimate_memory(model, atoms, max_memory=budget)
     calc = DistributedCalculator(model, max_memory=budget)
     base = status("VmRSS")
@@ -194,7 +202,7 @@ _CHILD = textwrap.dedent("""
     np.savez(sys.argv[2], forces=calc.results["forces"], energies=calc.results["energies"],
              stress=calc.results["stress"])
     print("RESULT", json.dumps({{"peak": peak, "predicted": predicted, "parts": calc.last_plan.num_parts,
-                                "energy": calc.results["energy"]}}))
+                                "energy": calc.results["energy"], "budget": budget}}))
 """)
 
 
@@ -224,6 +232,15 @@ def test_budget_is_honoured_in_a_fresh_process(tmp_path):
     assert rel_err(bounded["energy"], free["energy"]) <= RTOL
     for key in ("forces", "energies", "stress"):
         assert rel_err(bounded_arrays[key], free_arrays[key]) <= RTOL, key
+    # at 1.25 x the floor (distmlip.minimum_memory): within it, the same results
+    tight, tight_arrays = _child("floor", tmp_path / "tight.npz")
+    print(f"floor x 1.25 = {tight['budget'] / 1e6:.1f} MB: {tight['peak'] / 1e6:.1f} MB measured, "
+          f"{tight['parts']} parts")
+    assert tight["parts"] > bounded["parts"] and tight["budget"] < budget
+    assert tight["peak"] <= tight["budget"], tight
+    assert rel_err(tight["energy"], free["energy"]) <= RTOL
+    for key in ("forces", "energies", "stress"):
+        assert rel_err(tight_arrays[key], free_arrays[key]) <= RTOL, key
 
 
 def test_auto_partitions():
@@ -272,7 +289,6 @@ def test_progress_bar_counts_parts(capsys):
 
 def test_sizes_named_in_errors_round_up():
     """A size an error names as the least needed, given back as ``max_memory``, is never less."""
-    from distmlip.runtime.budget import _gb
 
     cpu = torch.device("cpu")
     rng = np.random.default_rng(0)

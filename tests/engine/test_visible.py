@@ -10,7 +10,7 @@ import json
 import ase.io
 import pytest
 
-from distmlip import DistributedCalculator, estimate_memory
+from distmlip import DistributedCalculator, estimate_memory, minimum_memory
 from distmlip.cli import main
 from distmlip.runtime import RunInfo
 from distmlip.testing import evaluate
@@ -21,13 +21,14 @@ from support import make_lj, make_schnet
 
 @pytest.fixture(scope="module")
 def split():
-    """A system, a model and a budget that splits it (half the unbounded need). 864 atoms: the
-    smallest budget that works (one atom's neighbourhood plus a fixed cost, whose calibration
-    varies from process to process) stays well below half the need, on one device or two."""
+    """A system, a model and a budget that splits it on one device or two: halfway between the
+    smallest budget that works on two devices (``minimum_memory``) and the unbounded need."""
     model = make_schnet()
     atoms = fcc_bulk(size=6, seed=3)  # 864 atoms
-    budget = int(0.5 * estimate_memory(model, atoms))
-    return model, atoms, budget
+    need = estimate_memory(model, atoms)
+    floor = minimum_memory(model, atoms, device=["cpu", "cpu"])
+    assert floor < need
+    return model, atoms, int(floor + 0.5 * (need - floor))
 
 
 def test_last_run_reports_the_parts_used(split):
