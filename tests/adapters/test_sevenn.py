@@ -418,12 +418,10 @@ def test_steps_refused_for_other_structures(small_module):
 
 @pytest.mark.parametrize("which", ["small", "sevennet-0"])
 def test_bounded_steps_equal_unbounded(model, small_module, which):
-    """float64, 4 parts one at a time (halo mode): the steps path (step calls, forward only on the
-    probe) equals the unbounded evaluation and the generic replay (layer_steps=False) within 1e-10
-    in energy, forces, stress and per-atom energies; the small model also under a max_memory budget
-    of 0.4 x its estimate on 864 Cu atoms (several parts)."""
-    from distmlip import estimate_memory
-
+    """float64, 4 parts one at a time (halo mode; the path a tight max_memory takes): the steps
+    path (step calls, forward only on the runtime's probe) equals the unbounded evaluation and the
+    generic replay (layer_steps=False) within 1e-10 in energy, forces, stress and per-atom
+    energies."""
     wrapped = _steps_model(which, model, small_module, _CountedSevenNet)
     atoms = sevenn_rutile()
     ref = evaluate(DistributedCalculator(wrapped, 1, dtype="float64"), atoms)
@@ -431,22 +429,47 @@ def test_bounded_steps_equal_unbounded(model, small_module, which):
     CALLS.clear()
     got = evaluate(calc, atoms)
     assert_close(got, ref, 1e-10, f"{which}: steps")
-    assert calc.runner.sequential and uses_steps(calc.runner)
-    assert CALLS["step"] > 0 and CALLS["forward"] <= 1, CALLS
+    assert calc.runner.sequential and calc.last_plan.num_parts == 4 and uses_steps(calc.runner)
+    # 4 parts: L - 1 steps forward and L backward each, plus the probe's L; forward on the probe
+    assert CALLS == {"forward": 1, "step": 4 * (2 * wrapped.num_layers - 1) + wrapped.num_layers}, CALLS
+    assert calc.runner.last_exchange_calls == wrapped.num_layers - 1
     generic = one_at_a_time(wrapped, 4, dtype="float64")
     generic.runner.layer_steps = False
     CALLS.clear()
     assert_close(evaluate(generic, atoms), got, 1e-10, f"{which}: generic vs steps")
     assert not uses_steps(generic.runner) and CALLS["step"] == 0 and CALLS["forward"] > 4, CALLS
-    if which == "small":  # 864 Cu atoms: a small cell's floor (one atom and its halo) is near its need
-        atoms = copper(size=6)
-        ref = evaluate(DistributedCalculator(wrapped, 1, dtype="float64"), atoms)
-        budget = int(0.4 * estimate_memory(wrapped, atoms, dtype="float64"))
-        calc = DistributedCalculator(wrapped, max_memory=budget, dtype="float64")
-        CALLS.clear()
-        assert_close(evaluate(calc, atoms), ref, 1e-10, f"{which}: budget")
-        assert calc.runner.sequential and calc.last_plan.num_parts > 1 and uses_steps(calc.runner)
-        assert CALLS["step"] > 0, CALLS
+
+
+def test_max_memory_budget_takes_the_steps(small_module):
+    """A max_memory budget of 0.4 x the estimate (864 Cu atoms: in a small cell the floor, one
+    atom's neighbourhood, is close to the whole need) splits the system into several parts
+    evaluated one at a time through the steps, within 1e-10 of the unbounded result (float64)."""
+    from distmlip import estimate_memory
+
+    wrapped = _CountedSevenNet(small_module)
+    atoms = copper(size=6)
+    ref = evaluate(DistributedCalculator(wrapped, 1, dtype="float64"), atoms)
+    budget = int(0.4 * estimate_memory(wrapped, atoms, dtype="float64"))
+    calc = DistributedCalculator(wrapped, max_memory=budget, dtype="float64")
+    CALLS.clear()
+    assert_close(evaluate(calc, atoms), ref, 1e-10, "budget")
+    assert calc.runner.sequential and calc.last_plan.num_parts > 1 and uses_steps(calc.runner)
+    assert CALLS["step"] > 0 and CALLS["forward"] <= 1, CALLS
+
+
+def test_multi_fidelity_steps():
+    """SevenNet-MF-0 with a fidelity chosen (the modality rides in the data dict, its one-hot
+    is rebuilt in every step) has steps that compose to forward; once prepare_modal_deploy fixed
+    the fidelity inside the module it keeps the generic path."""
+    import copy
+
+    wrapped = distmlip.load("sevennet-mf-0", modal="r2scan")
+    assert wrapped.exchanged == (1,)
+    report = check_steps(wrapped, sevenn_rutile(), dtype=torch.float64)
+    assert report["ok"], report["message"]
+    deployed = copy.deepcopy(wrapped.module)
+    deployed.prepare_modal_deploy("R2SCAN")
+    assert SevenNetModel(deployed).exchanged is None
 
 
 @pytest.mark.slow
