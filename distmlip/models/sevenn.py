@@ -31,6 +31,13 @@ readout, the species-wise shift/scale, the energy sum and the force/stress outpu
   (``KEY.ATOMIC_ENERGY``, after the shift/scale: what ``SevenNetCalculator`` reports as
   ``energies``) of the needed rows are returned.
 
+- The layer protocol (``embed``/``step``/``energies``, ``exchanged = (1,)``; see the section
+  below ``_narrow``): the same computation as steps, one per interaction block, so the
+  bounded-memory mode recomputes one block per part instead of replaying the model. Set per
+  instance for the structures SevenNet's builder makes (single- and multi-fidelity); a module
+  whose structure the steps do not describe (``_layer_structure``) keeps ``exchanged = None``
+  and the generic path.
+
 Why not SevenNet's ghost-exchange hook (``sevenn/nn/_ghost_exchange.py``, used by
 ``sevenn/mliap.py``, which narrows the same node keys)? It wraps each convolution in a module
 whose autograd ``Function`` calls LAMMPS' ``forward_exchange``/``reverse_exchange``: using it would
@@ -307,8 +314,9 @@ class SevenNetModel(DistributableModel):
             roles = [self._plan[k][1] for k in layer]
             intros = [names[k] for k in layer if self._plan[k][1] == "intro"]
             pre = [self._plan[k] for k in layer if self._plan[k][1] != "intro"]
-            if roles[0] != "intro" or len(intros) != 1 or "intro" in roles[1:] \
-                    or any(getattr(modules[n], "key_x", feature) != feature for n, _ in pre):
+            if roles[0] != "intro" or len(intros) != 1 \
+                    or getattr(modules[intros[0]], "key_x", feature) != feature \
+                    or any(not self._reads_features(modules[n], feature) for n, _ in pre):
                 return None
             blocks.append([intros, pre, names[c], []])
             if i > 0:
@@ -323,6 +331,13 @@ class SevenNetModel(DistributableModel):
                 "edges": [e for e in context if isinstance(modules[e[0]], edge_class)],
                 "init": prefix[len(context):], "blocks": [tuple(b) for b in blocks],
                 "readout": tail[len(post):]}
+
+    @staticmethod
+    def _reads_features(sub, feature: str) -> bool:
+        """Whether ``sub`` maps the node features to the node features (``key_x`` of SevenNet's
+        node-wise modules, ``key_input``/``key_output`` of its linear layers)."""
+        keys = [getattr(sub, k, feature) for k in ("key_x", "key_input", "key_output")]
+        return all(k == feature for k in keys)
 
     def _context(self, graph: LocalGraph, edges: bool = True) -> dict:
         """The data dict with the one-hot attributes (and the edge embedding if ``edges``) of every
