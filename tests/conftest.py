@@ -39,6 +39,10 @@ SLOW = {
     "adapters/test_sevenn.py::test_multi_fidelity_modal": (),  # 10 s
     "adapters/test_sevenn.py::test_l3i5_matches": (),  # 9 s
     "adapters/test_sevenn.py::test_wrap_raw_module_unmodified": (),  # 5 s
+    "adapters/test_sevenn.py::test_steps_compose_to_forward": ("small",),  # sevennet-0: 4-5 s
+    "adapters/test_sevenn.py::test_bounded_steps_equal_unbounded": ("small",),  # sevennet-0: 12-20 s
+    "adapters/test_sevenn.py::test_max_memory_budget_takes_the_steps": (),  # 13-30 s (calibration)
+    "adapters/test_sevenn.py::test_multi_fidelity_steps": (),  # 6 s
     # MACE (~105 s)
     "adapters/test_mace.py::TestMACEBattery::test_battery_matches_calculator_and_split": ("surface",),
     "adapters/test_mace.py::test_node_work_only_on_owned_rows": (),  # 25 s

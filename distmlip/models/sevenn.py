@@ -31,6 +31,13 @@ readout, the species-wise shift/scale, the energy sum and the force/stress outpu
   (``KEY.ATOMIC_ENERGY``, after the shift/scale: what ``SevenNetCalculator`` reports as
   ``energies``) of the needed rows are returned.
 
+- The layer protocol (``embed``/``step``/``energies``, ``exchanged = (1,)``; see the section
+  below ``_narrow``): the same computation as steps, one per interaction block, so the
+  bounded-memory mode recomputes one block per part instead of replaying the model. Set per
+  instance for the structures SevenNet's builder makes (single- and multi-fidelity); a module
+  whose structure the steps do not describe (``_layer_structure``) keeps ``exchanged = None``
+  and the generic path.
+
 Why not SevenNet's ghost-exchange hook (``sevenn/nn/_ghost_exchange.py``, used by
 ``sevenn/mliap.py``, which narrows the same node keys)? It wraps each convolution in a module
 whose autograd ``Function`` calls LAMMPS' ``forward_exchange``/``reverse_exchange``: using it would
@@ -106,6 +113,7 @@ class SevenNetModel(DistributableModel):
                 f"{type(module).__module__}.{type(module).__name__}"
             )
         from sevenn.nn.convolution import IrrepsConvolution, IrrepsScatterGatterFusedConvolution
+        from sevenn.nn.edge_embedding import EdgeEmbedding
         from sevenn.nn.force_output import ForceOutput, ForceStressOutput, ForceStressOutputFromEdge
         from sevenn.nn.linear import AtomReduce
         from sevenn.nn.node_embedding import OnehotEmbedding
@@ -180,16 +188,20 @@ class SevenNetModel(DistributableModel):
         elif modal is not None:
             raise ValueError(f"modal: {name} has a single fidelity; expected None, got {modal!r}")
 
+        # the layer protocol, for the structures it describes (see ``_layer_structure``)
+        self._layers = self._layer_structure(deployed is not None, EdgeEmbedding, OnehotEmbedding)
+        self.exchanged = None if self._layers is None else (1,)
+
     def type_indices(self, numbers: torch.Tensor) -> torch.Tensor:
         """SevenNet's type index of each atomic number (ValueError for unknown elements)."""
         return self.elements(numbers)
 
-    def forward(self, graph: LocalGraph) -> torch.Tensor:
+    def _data(self, graph: LocalGraph) -> dict:
+        """SevenNet's input data dict of ``graph`` (every row), in the model's dtype."""
         key = self._key
         edge_vec = graph.edge_vec
-        dtype = self.dtype
-        if edge_vec.dtype != dtype:
-            edge_vec = edge_vec.to(dtype)
+        if edge_vec.dtype != self.dtype:
+            edge_vec = edge_vec.to(self.dtype)
         n = graph.num_nodes
         device = edge_vec.device
         types = self.type_indices(graph.numbers.to(device))
@@ -203,6 +215,22 @@ class SevenNetModel(DistributableModel):
         }
         if self._modal_index is not None:
             data[key["MODAL_TYPE"]] = torch.tensor([self._modal_index], dtype=torch.long, device=device)
+        return data
+
+    def _call(self, name: str, role: str, data: dict) -> dict:
+        """Runs the node-wise (or edge-wise) module ``name`` on ``data``."""
+        sub = self.module._modules[name]
+        data = sub(data)
+        if role == "onehot":  # SevenNet's one-hot is always float32: follow the model dtype
+            for out in (sub.key_output, sub.key_additional_output):
+                if out is not None and data[out].is_floating_point():
+                    data[out] = data[out].to(self.dtype)
+        return data
+
+    def forward(self, graph: LocalGraph) -> torch.Tensor:
+        key = self._key
+        data = self._data(graph)
+        n = graph.num_nodes
         # rows whose node-wise work is needed (halo mode: the owned rows, which come first)
         needed = graph.num_needed
         narrow = needed < n
@@ -222,11 +250,7 @@ class SevenNetModel(DistributableModel):
                 data[key["SELF_CONNECTION_TEMP"]] = sub(self._narrow(dict(data), n, needed))[
                     key["SELF_CONNECTION_TEMP"]]
                 continue
-            data = sub(data)
-            if role == "onehot":  # SevenNet's one-hot is always float32: follow the model dtype
-                for out in (sub.key_output, sub.key_additional_output):
-                    if out is not None and data[out].is_floating_point():
-                        data[out] = data[out].to(dtype)
+            data = self._call(name, role, data)
         return data[key["ATOMIC_ENERGY"]].reshape(-1)
 
     def _narrow(self, data: dict, n: int, rows: int) -> dict:
@@ -236,6 +260,131 @@ class SevenNetModel(DistributableModel):
             if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == n:
                 data[k] = value[:rows]
         return data
+
+
+    # ------------------------------------------------------------------ the layer protocol
+    # The same computation as ``forward``, as steps the runtime calls one at a time (see
+    # ``DistributableModel``). SevenNet's interaction block i is ``i_self_connection_intro`` (the
+    # residual, from the block's input features h), ``i_self_interaction_1`` (h -> x, what the
+    # convolution reads from neighbours), ``i_convolution`` and the node-wise modules after it up
+    # to ``i_equivariant_gate``. The state is ``(h, x)``: h on the needed rows, x on every row
+    # (exchanged between steps, where ``forward`` calls the halo exchange). Step i computes the
+    # residual from h, the convolution of x and the node-wise modules after it, then the next
+    # block's ``self_interaction_1`` of the new h; the last step returns ``(h,)`` and
+    # ``energies`` runs the readout (``reduce_*``, the species-wise shift/scale). Each step (and
+    # ``embed``, ``energies``) rebuilds what does not depend on node features: the edge embedding
+    # (from ``graph.edge_vec``, so each step's share of the forces is differentiable) and the
+    # one-hot attributes.
+
+    def _layer_structure(self, deployed: bool, edge_class, onehot_class):
+        """``{"context", "edges", "init", "blocks", "readout"}`` (module names; ``blocks``: per
+        convolution ``(intros, pre, conv, post)``), or ``None`` for a structure the steps do not
+        describe, which then keeps the generic path (``exchanged = None``):
+
+        - a modality fixed by ``prepare_modal_deploy`` (its ``modal_input_prepare`` module writes
+          the modality before the one-hot embeddings; not rebuilt per step here);
+        - anything before the first block other than the edge embedding and one-hot embeddings
+          followed by node-wise modules of the element alone (the initial features);
+        - a block that is not named ``{i}_...`` (SevenNet's builder), lacks a self-connection intro
+          or has modules between the intro and the convolution that read other keys than the node
+          features, or a convolution that reads other keys than the node features.
+        """
+        if deployed:
+            return None
+        modules = self.module._modules
+        feature = self._key["NODE_FEATURE"]
+        convs = [k for k, (_, role) in enumerate(self._plan) if role == "conv"]
+        names = [name for name, _ in self._plan]
+        first = next((k for k, (_, role) in enumerate(self._plan) if role in ("intro", "conv")), None)
+        if first is None or self._plan[first][1] != "intro":
+            return None
+        prefix = self._plan[:first]
+        context = [(n, r) for n, r in prefix if isinstance(modules[n], (edge_class, onehot_class))]
+        if prefix[:len(context)] != context:  # the context first, then the initial features
+            return None
+        blocks, start = [], first
+        for i, c in enumerate(convs):
+            tag = f"{i}_"
+            if not names[c].startswith(tag) or getattr(modules[names[c]], "key_x", None) != feature:
+                return None
+            layer = [k for k in range(start, c) if names[k].startswith(tag)]
+            if not layer or layer != list(range(layer[0], c)) \
+                    or any(not names[k].startswith(f"{i - 1}_") for k in range(start, layer[0])):
+                return None
+            roles = [self._plan[k][1] for k in layer]
+            intros = [names[k] for k in layer if self._plan[k][1] == "intro"]
+            pre = [self._plan[k] for k in layer if self._plan[k][1] != "intro"]
+            if roles[0] != "intro" or len(intros) != 1 \
+                    or getattr(modules[intros[0]], "key_x", feature) != feature \
+                    or any(not self._reads_features(modules[n], feature) for n, _ in pre):
+                return None
+            blocks.append([intros, pre, names[c], []])
+            if i > 0:
+                blocks[i - 1][3] = self._plan[start:layer[0]]
+            start = c + 1
+        tail = self._plan[start:]
+        post = [e for e in tail if e[0].startswith(f"{len(convs) - 1}_")]
+        if tail[:len(post)] != post or not post:
+            return None
+        blocks[-1][3] = post
+        return {"context": [e for e in context if not isinstance(modules[e[0]], edge_class)],
+                "edges": [e for e in context if isinstance(modules[e[0]], edge_class)],
+                "init": prefix[len(context):], "blocks": [tuple(b) for b in blocks],
+                "readout": tail[len(post):]}
+
+    @staticmethod
+    def _reads_features(sub, feature: str) -> bool:
+        """Whether ``sub`` maps the node features to the node features (``key_x`` of SevenNet's
+        node-wise modules, ``key_input``/``key_output`` of its linear layers)."""
+        keys = [getattr(sub, k, feature) for k in ("key_x", "key_input", "key_output")]
+        return all(k == feature for k in keys)
+
+    def _context(self, graph: LocalGraph, edges: bool = True) -> dict:
+        """The data dict with the one-hot attributes (and the edge embedding if ``edges``) of every
+        row, narrowed to the needed rows when the node-wise work is."""
+        data = self._data(graph)
+        for name, role in (self._layers["edges"] if edges else []) + self._layers["context"]:
+            data = self._call(name, role, data)
+        if graph.num_needed < graph.num_nodes:
+            data = self._narrow(data, graph.num_nodes, graph.num_needed)
+        return data
+
+    def _run(self, modules, data: dict) -> dict:
+        for name, role in modules:
+            data = self._call(name, role, data)
+        return data
+
+    def embed(self, graph: LocalGraph) -> tuple[torch.Tensor, ...]:
+        """The initial node features h (element only) and the first block's x of them, every row."""
+        data = self._data(graph)
+        data = self._run(self._layers["context"] + self._layers["init"], data)
+        feature = self._key["NODE_FEATURE"]
+        h = data[feature]
+        return h, self._run(self._layers["blocks"][0][1], data)[feature]
+
+    def step(self, i: int, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Interaction block ``i`` on the needed rows, and the next block's x of its output."""
+        h, x = state
+        intros, _, conv, post = self._layers["blocks"][i]
+        needed, feature = graph.num_needed, self._key["NODE_FEATURE"]
+        data = self._context(graph)
+        data[feature] = h[:needed]
+        data = self._run([(name, "intro") for name in intros], data)
+        data[feature] = x
+        data = self.module._modules[conv](data)
+        if needed < graph.num_nodes:
+            data[feature] = data[feature][:needed]
+        data = self._run(post, data)
+        h = data[feature]
+        if i + 1 < len(self._layers["blocks"]):
+            return h, self._run(self._layers["blocks"][i + 1][1], data)[feature]
+        return (h,)
+
+    def energies(self, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The readout (and the species-wise shift/scale) of the last block's features."""
+        data = self._context(graph, edges=False)
+        data[self._key["NODE_FEATURE"]] = state[0][: graph.num_needed]
+        return self._run(self._layers["readout"], data)[self._key["ATOMIC_ENERGY"]].reshape(-1)
 
 
 def wrap(obj, **options) -> SevenNetModel:

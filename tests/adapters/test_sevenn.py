@@ -40,11 +40,13 @@ import torch
 
 import distmlip
 from distmlip import DistributedCalculator
-from distmlip.models.base import no_exchange
+from distmlip.models.base import has_steps, no_exchange
 from distmlip.models.sevenn import SevenNetModel
-from distmlip.testing import assert_partition_invariant, evaluate
+from distmlip.runtime.steps import uses_steps
+from distmlip.testing import assert_partition_invariant, check_steps, evaluate
 from distmlip.testing.battery import AdapterBattery
 
+from support import CALLS, assert_close, one_at_a_time
 from support.adapters import RecordExchange, sevenn_rutile
 
 warnings.filterwarnings("ignore", message=".*accelerat.*")  # sevenn: "no cuEq/flash" notice
@@ -63,10 +65,10 @@ def _ulp_tol(energies) -> float:
     return 4.0 * EPS32 * 2.0 ** np.ceil(np.log2(np.max(np.abs(energies))))
 
 
-def copper(seed=2):
+def copper(seed=2, size=2):
     from ase.build import bulk
 
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((size,) * 3)
     atoms.rattle(0.05, seed=seed)
     return atoms
 
@@ -350,6 +352,124 @@ def test_errors(model):
     with pytest.raises(ValueError,
                        match=r"numbers: sevennet-0 has no parameters for atomic number\(s\) \[95\]"):
         atoms.get_potential_energy()
+
+
+# ---------------------------------------------------------------- the layer protocol
+def make_small_sevenn(seed: int = 0, layers: int = 3):
+    """A small SevenNet with random weights: SevenNet-0's configuration with 8 channels, l <= 2,
+    ``layers`` convolutions (built by sevenn's own builder, so the module structure is SevenNet's)."""
+    import copy
+
+    from sevenn.model_build import build_E3_equivariant_model
+    from sevenn.util import load_checkpoint
+
+    config = copy.deepcopy(load_checkpoint("7net-0").config)
+    config.update(irreps_manual=["8x0e"] + ["8x0e+4x1e+2x2e"] * (layers - 1) + ["8x0e"], channel=8,
+                  num_convolution_layer=layers, weight_nn_hidden_neurons=[8],
+                  conv_denominator=[20.0] * layers, avg_num_neigh=[20.0] * layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_E3_equivariant_model(config)
+
+
+class _CountedSevenNet(SevenNetModel):
+    """Counts ``forward`` and ``step`` calls in ``support.CALLS`` (which path the runtime took)."""
+
+    def forward(self, graph):
+        CALLS["forward"] += 1
+        return super().forward(graph)
+
+    def step(self, i, graph, state):
+        CALLS["step"] += 1
+        return super().step(i, graph, state)
+
+
+@pytest.fixture(scope="module")
+def small_module():
+    return make_small_sevenn()
+
+
+def _steps_model(which, model, small_module, cls=SevenNetModel):
+    return cls(small_module if which == "small" else model.module, name=which)
+
+
+@pytest.mark.parametrize("which", ["small", "sevennet-0"])
+def test_steps_compose_to_forward(model, small_module, which):
+    """The layer protocol (embed, one step per interaction block, the readout as energies)
+    composes to forward in float64: per-atom energies, their edge gradient and every exchanged
+    state (the input of each convolution but the first) within 1e-10."""
+    wrapped = _steps_model(which, model, small_module)
+    assert wrapped.exchanged == (1,) and has_steps(wrapped)
+    report = check_steps(wrapped, sevenn_rutile(), dtype=torch.float64)
+    assert report["ok"] and len(report["levels"]) == wrapped.num_layers - 1, report["message"]
+    assert max(report["energies"], report["gradient"], *report["levels"]) <= 1e-10, report
+
+
+def test_steps_refused_for_other_structures(small_module):
+    """A structure the steps do not describe (here a block without its self-connection intro)
+    keeps the generic path: exchanged = None."""
+    import copy
+
+    broken = copy.deepcopy(small_module)
+    del broken._modules["1_self_connection_intro"]
+    wrapped = SevenNetModel(broken)
+    assert wrapped.exchanged is None and not has_steps(wrapped)
+
+
+@pytest.mark.parametrize("which", ["small", "sevennet-0"])
+def test_bounded_steps_equal_unbounded(model, small_module, which):
+    """float64, 4 parts one at a time (halo mode; the path a tight max_memory takes): the steps
+    path (step calls, forward only on the runtime's probe) equals the unbounded evaluation and the
+    generic replay (layer_steps=False) within 1e-10 in energy, forces, stress and per-atom
+    energies."""
+    wrapped = _steps_model(which, model, small_module, _CountedSevenNet)
+    atoms = sevenn_rutile()
+    ref = evaluate(DistributedCalculator(wrapped, 1, dtype="float64"), atoms)
+    calc = one_at_a_time(wrapped, 4, dtype="float64")
+    CALLS.clear()
+    got = evaluate(calc, atoms)
+    assert_close(got, ref, 1e-10, f"{which}: steps")
+    assert calc.runner.sequential and calc.last_plan.num_parts == 4 and uses_steps(calc.runner)
+    # 4 parts: L - 1 steps forward and L backward each, plus the probe's L; forward on the probe
+    assert CALLS == {"forward": 1, "step": 4 * (2 * wrapped.num_layers - 1) + wrapped.num_layers}, CALLS
+    assert calc.runner.last_exchange_calls == wrapped.num_layers - 1
+    generic = one_at_a_time(wrapped, 4, dtype="float64")
+    generic.runner.layer_steps = False
+    CALLS.clear()
+    assert_close(evaluate(generic, atoms), got, 1e-10, f"{which}: generic vs steps")
+    assert not uses_steps(generic.runner) and CALLS["step"] == 0 and CALLS["forward"] > 4, CALLS
+
+
+def test_max_memory_budget_takes_the_steps(small_module):
+    """A max_memory budget of 0.4 x the estimate (864 Cu atoms: in a small cell the floor, one
+    atom's neighbourhood, is close to the whole need) splits the system into several parts
+    evaluated one at a time through the steps, within 1e-10 of the unbounded result (float64)."""
+    from distmlip import estimate_memory
+
+    wrapped = _CountedSevenNet(small_module)
+    atoms = copper(size=6)
+    ref = evaluate(DistributedCalculator(wrapped, 1, dtype="float64"), atoms)
+    budget = int(0.4 * estimate_memory(wrapped, atoms, dtype="float64"))
+    calc = DistributedCalculator(wrapped, max_memory=budget, dtype="float64")
+    CALLS.clear()
+    assert_close(evaluate(calc, atoms), ref, 1e-10, "budget")
+    assert calc.runner.sequential and calc.last_plan.num_parts > 1 and uses_steps(calc.runner)
+    assert CALLS["step"] > 0 and CALLS["forward"] <= 1, CALLS
+
+
+def test_multi_fidelity_steps():
+    """SevenNet-MF-0 with a fidelity chosen (the modality rides in the data dict, its one-hot
+    is rebuilt in every step) has steps that compose to forward; once prepare_modal_deploy fixed
+    the fidelity inside the module it keeps the generic path."""
+    import copy
+
+    wrapped = distmlip.load("sevennet-mf-0", modal="r2scan")
+    assert wrapped.exchanged == (1,)
+    report = check_steps(wrapped, sevenn_rutile(), dtype=torch.float64)
+    assert report["ok"], report["message"]
+    deployed = copy.deepcopy(wrapped.module)
+    deployed.prepare_modal_deploy("R2SCAN")
+    assert SevenNetModel(deployed).exchanged is None
 
 
 @pytest.mark.slow
