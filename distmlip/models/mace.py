@@ -261,8 +261,9 @@ class MACEModel(DistributableModel):
         self.register_buffer("head_index", torch.tensor([head_index]), persistent=False)
         _install_hooks(self.module)
         # Layer protocol, per instance: the steps below restate the body of MACE's and
-        # ScaleShiftMACE's own ``forward`` (mace-torch 0.3), so a subclass with another forward (or
-        # a readout layout other than one readout per interaction or one on the last) keeps the
+        # ScaleShiftMACE's own ``forward`` (mace-torch 0.3), so a subclass with another forward
+        # (mace's MACELES, whose long-range term couples the whole system, PolarMACE, a user's)
+        # or a readout layout other than one readout per interaction or one on the last keeps the
         # generic replay; every interaction block class works (the exchange hooks decide what is
         # exchanged, and they are the same in forward and in the steps).
         self.exchanged = (1,) if _steps_describe(self.module) else None
