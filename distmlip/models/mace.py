@@ -37,6 +37,12 @@ whose backward needs a collective "reverse exchange" of the halo gradients, whil
 ``halo_exchange`` is an ordinary differentiable ``x -> x`` (all shards of a process are
 differentiated in one backward pass, after the workers have returned).
 
+The layer protocol (bounded memory by steps, ``DistributableModel``): ``MACEModel.embed/step/
+energies`` restate MACE's and ScaleShiftMACE's own ``forward`` one interaction at a time, under the
+same hooks (so with the same row slicing); the exchanged state entry is what the exchange above
+refreshes (``linear_up``'s output, or the node features), which a step's run hands to the hook
+instead of exchanging. Subclasses with another ``forward`` keep the generic replay.
+
 Per-atom energies are MACE's ``node_energy``: atomic reference energies (E0s), plus the
 scaled and shifted interaction energy (``ScaleShiftMACE``) or the sum of the readouts and pair
 repulsion (``MACE``); they add up to MACE's total energy.

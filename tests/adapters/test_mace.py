@@ -387,6 +387,23 @@ def test_steps_of_every_variant(variant):
     _bounded_three_ways(model, atoms, lambda: one_at_a_time(model, 4))
 
 
+def test_steps_with_empty_parts_and_two_workers():
+    """A Cu-Al-O cluster (no cell) in more parts than atoms, and in 4 parts over two worker
+    threads: empty parts run their empty steps and take part in every level exchange; the steps
+    equal the unbounded result (1e-10)."""
+    from ase import Atoms
+
+    model = CountedMACE(STEP_VARIANTS["residual"]())
+    atoms = Atoms("Cu2AlO", positions=[[0, 0, 0], [2.4, 0.1, 0], [1.2, 2.1, 0.2], [1.1, 0.9, 1.8]],
+                  pbc=False)
+    ref = evaluate(DistributedCalculator(model, 1), atoms)
+    for parts, device in ((6, "cpu"), (4, ["cpu", "cpu"])):
+        CALLS.clear()
+        assert_close(evaluate(one_at_a_time(model, parts, device=device), atoms), ref, 1e-10,
+                     f"{parts} parts on {device}")
+        assert CALLS["step"] > 0 and CALLS["forward"] <= 1, CALLS
+
+
 def test_max_memory_budget_takes_the_steps():
     """A budget of 0.4x the unbounded need (108 atoms, three interactions) splits the system into
     parts evaluated one at a time: through the steps and through the generic replay, both equal to
