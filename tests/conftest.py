@@ -49,6 +49,8 @@ SLOW = {
     "adapters/test_mace.py::test_threaded_workers": (),  # 4 s
     "adapters/test_mace.py::test_interaction_classes_are_sliced_exactly": (
         "RealAgnosticInteractionBlock-RealAgnosticResidualInteractionBlock",),
+    "adapters/test_mace.py::test_steps_of_every_variant": ("residual",),  # 4-7 s each
+    "adapters/test_mace.py::test_max_memory_budget_takes_the_steps": (),  # 40 s (calibration)
     # CHGNet (~80 s)
     "adapters/test_chgnet.py::TestCHGNetBattery::test_battery_matches_calculator_and_split": ("slab",),
     "adapters/test_chgnet.py::test_float32_as_accurate_as_chgnet": ("slab",),

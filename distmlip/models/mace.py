@@ -37,6 +37,12 @@ whose backward needs a collective "reverse exchange" of the halo gradients, whil
 ``halo_exchange`` is an ordinary differentiable ``x -> x`` (all shards of a process are
 differentiated in one backward pass, after the workers have returned).
 
+The layer protocol (bounded memory by steps, ``DistributableModel``): ``MACEModel.embed/step/
+energies`` restate MACE's and ScaleShiftMACE's own ``forward`` one interaction at a time, under the
+same hooks (so with the same row slicing); the exchanged state entry is what the exchange above
+refreshes (``linear_up``'s output, or the node features), which a step's run hands to the hook
+instead of exchanging. Subclasses with another ``forward`` keep the generic replay.
+
 Per-atom energies are MACE's ``node_energy``: atomic reference energies (E0s), plus the
 scaled and shifted interaction energy (``ScaleShiftMACE``) or the sum of the readouts and pair
 repulsion (``MACE``); they add up to MACE's total energy.
@@ -116,6 +122,14 @@ def _pad_hook(module, args, output):
     return torch.cat([output, pad])
 
 
+def _up_slice_hook(module, args, kwargs):
+    """Forward pre-hook of ``linear_up`` in interactions 1..: its input cut to the needed rows, or
+    to none in a layer-protocol step, where its output is the state's exchanged entry."""
+    if isinstance(_RUN.get(), _StepRows):
+        return tuple(a[:0] if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args), kwargs
+    return _slice_hook(module, args, kwargs)
+
+
 def _exchange_output_hook(module, args, output):
     """Forward hook of ``linear_up`` in interactions 1..: the halo rows of its (owned-row) output
     filled from their owners. Called in every worker, sliced or not (workers meet there)."""
@@ -123,6 +137,24 @@ def _exchange_output_hook(module, args, output):
     if run is None:
         return None
     return run.exchange(output)
+
+
+class _StepRows(_Run):
+    """The run of a layer-protocol step: the rows of a forward call's, but nothing is exchanged: the
+    stepped interaction's exchanged input (``linear_up``'s output, or its node features for a block
+    whose exchange is not moved) is ``given``, the state's exchanged entry."""
+
+    __slots__ = ("given",)
+
+    def __init__(self, graph, given):
+        super().__init__(graph)
+        self.given = given
+        self.exchange = self._given
+
+    def _given(self, x):
+        if self.given is None:  # pragma: no cover - interaction 0 has no exchange hook
+            raise RuntimeError("distmlip MACE adapter: an exchange in the first interaction's step")
+        return self.given
 
 
 def _import_mace_models():
@@ -163,21 +195,27 @@ def _known_interaction(block):
     return _INTERACTIONS.get(type(block).__name__)
 
 
+def _moves_exchange(block) -> bool:
+    """Whether the exchange before ``block`` (interactions 1..) is moved onto ``linear_up``'s output."""
+    known = _known_interaction(block)
+    return bool(known and known[0]) and isinstance(getattr(block, "linear_up", None), torch.nn.Module)
+
+
 def _install_hooks(model) -> None:
     """Hook the halo exchange and the row slicing into the model's blocks (once per module)."""
     if getattr(model, _HOOK_FLAG, False):
         return
     for i, interaction in enumerate(model.interactions):
         known = _known_interaction(interaction)
-        move, first, later = known if known is not None else (False, (), ())
+        first, later = known[1:] if known is not None else ((), ())
         for name in (first if i == 0 else later):
             sub = getattr(interaction, name, None)
             if isinstance(sub, torch.nn.Module):
                 sub.register_forward_pre_hook(_slice_hook, with_kwargs=True)
         if i == 0:
             continue
-        if move and isinstance(getattr(interaction, "linear_up", None), torch.nn.Module):
-            interaction.linear_up.register_forward_pre_hook(_slice_hook, with_kwargs=True)
+        if _moves_exchange(interaction):
+            interaction.linear_up.register_forward_pre_hook(_up_slice_hook, with_kwargs=True)
             interaction.linear_up.register_forward_hook(_exchange_output_hook)
         else:
             interaction.register_forward_pre_hook(_exchange_hook, with_kwargs=True)
@@ -228,6 +266,13 @@ class MACEModel(DistributableModel):
         self.elements = ElementTable([int(v) for v in module.atomic_numbers.tolist()], "this MACE model")
         self.register_buffer("head_index", torch.tensor([head_index]), persistent=False)
         _install_hooks(self.module)
+        # Layer protocol, per instance: the steps below restate the body of MACE's and
+        # ScaleShiftMACE's own ``forward`` (mace-torch 0.3), so a subclass with another forward
+        # (mace's MACELES, whose long-range term couples the whole system, PolarMACE, a user's)
+        # or a readout layout other than one readout per interaction or one on the last keeps the
+        # generic replay; every interaction block class works (the exchange hooks decide what is
+        # exchanged, and they are the same in forward and in the steps).
+        self.exchanged = (1,) if _steps_describe(self.module) else None
 
     def _node_attrs(self, numbers: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         idx = self.elements(numbers)
@@ -252,6 +297,95 @@ class MACEModel(DistributableModel):
             out = self.module(data, training=False, compute_force=False, compute_virials=False,
                              compute_stress=False)
         return out["node_energy"].reshape(n)
+
+
+    # ------------------------------------------------------------------ the layer protocol
+    # The same computation as ``forward`` (MACE's own), as steps the runtime calls one at a time
+    # (see ``DistributableModel``). The state is ``(h, x, acc)``: ``h`` the node features on the
+    # needed rows (the product basis' output; the element embedding, on every row, before step 0),
+    # ``x`` what the next interaction reads on halo rows, exchanged between steps: its
+    # ``linear_up`` of ``h`` when the exchange is moved there, else ``h`` itself; ``acc`` the
+    # per-atom energy terms summed so far on the needed rows (pair repulsion, plus the E0s for
+    # plain MACE, then each layer's readout, in forward's order). Step ``i`` runs interaction ``i``
+    # and product ``i`` under the same hooks as forward (the same row slicing), the exchange hook
+    # handing over ``x`` instead of exchanging; the last step returns ``(acc,)``.
+
+    #: Layer protocol: state entry 1 (the next interaction's input read on halo rows) is exchanged
+    #: (set per instance in ``__init__``: ``None`` where the steps do not describe the module).
+    exchanged = None
+
+    def _inputs(self, graph: LocalGraph):
+        """node_attrs on every row, node_heads, edge vectors (MACE's sign) and lengths."""
+        vectors = -graph.edge_vec
+        lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
+        heads = self.head_index[torch.zeros(graph.num_nodes, dtype=torch.long, device=vectors.device)]
+        return self._node_attrs(graph.numbers, vectors.dtype), heads, vectors, lengths
+
+    def embed(self, graph: LocalGraph) -> tuple[torch.Tensor, ...]:
+        """The element embedding on every row, and the energy terms before the interactions."""
+        mace = self.module
+        attrs, heads, _, lengths = self._inputs(graph)
+        h = mace.node_embedding(attrs)
+        if hasattr(mace, "pair_repulsion"):
+            acc = mace.pair_repulsion_fn(lengths, attrs, graph.edge_index, mace.atomic_numbers)
+        else:
+            acc = h.new_zeros(graph.num_nodes)
+        if not hasattr(mace, "scale_shift"):  # plain MACE sums the E0s first
+            acc = self._node_e0(attrs, heads) + acc
+        return h, h, acc
+
+    def _node_e0(self, attrs, heads):
+        rows = torch.arange(attrs.shape[0], device=attrs.device)
+        return self.module.atomic_energies_fn(attrs)[rows, heads]
+
+    def step(self, i: int, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Interaction ``i``, product ``i`` and readout ``i`` on the needed rows; the next
+        interaction's exchanged input of the result."""
+        mace = self.module
+        h, x, acc = state
+        attrs, heads, vectors, lengths = self._inputs(graph)
+        edge_attrs = mace.spherical_harmonics(vectors)
+        edge_feats, cutoff = mace.radial_embedding(lengths, attrs, graph.edge_index, mace.atomic_numbers)
+        run = _StepRows(graph, x if i > 0 else None)
+        last = i == len(mace.interactions) - 1
+        with _RUN.active(run):
+            feats, sc = mace.interactions[i](
+                node_attrs=attrs, node_feats=h, edge_attrs=edge_attrs, edge_feats=edge_feats,
+                edge_index=graph.edge_index, cutoff=cutoff, first_layer=(i == 0),
+                lammps_class=None, lammps_natoms=(0, 0))
+            h = mace.products[i](node_feats=feats, sc=sc, node_attrs=attrs)
+            acc = acc[: run.needed]
+            if len(mace.readouts) > 1 or last:  # one readout per layer, or one on the last
+                readout = mace.readouts[i if len(mace.readouts) > 1 else 0]
+                rows = torch.arange(graph.num_nodes, device=h.device)
+                acc = acc + readout(h, heads)[rows, heads][: run.needed]
+        if last:
+            return (acc,)
+        following = mace.interactions[i + 1]
+        x = following.linear_up(h) if _moves_exchange(following) else h  # hooks inert: no run
+        return h, x, acc
+
+    def energies(self, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The energy terms summed by the steps, scaled and shifted and with the E0s added as
+        ``ScaleShiftMACE`` does (plain MACE: already the sum)."""
+        mace = self.module
+        acc = state[0]
+        if not hasattr(mace, "scale_shift"):
+            return acc
+        attrs, heads, _, _ = self._inputs(graph)
+        needed = acc.shape[0]
+        inter = mace.scale_shift(acc, heads[:needed])
+        return self._node_e0(attrs, heads)[:needed].double() + inter.double()
+
+
+def _steps_describe(module) -> bool:
+    """Whether ``MACEModel``'s steps restate ``module``'s forward (see ``MACEModel.__init__``)."""
+    models = _import_mace_models()
+    interactions = len(module.interactions)
+    return (type(module).forward in (models.MACE.forward, models.ScaleShiftMACE.forward)
+            and interactions == len(module.products) == int(module.num_interactions) >= 1
+            and len(module.readouts) in (1, interactions)
+            and not hasattr(module, "joint_embedding"))
 
 
 #: ``MACEModel(obj, **options)``; ``obj`` is deep-copied, not modified

@@ -9,17 +9,21 @@ partition-invariance errors (relative to max(max|ref|, 1)) measure forces at the
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 import torch
 
 import distmlip
 from distmlip import DistributedCalculator
+from distmlip.models.base import has_steps
 from distmlip.models.mace import MACEModel
-from distmlip.testing import evaluate, rel_err
+from distmlip.testing import check_steps, evaluate, rel_err
 from distmlip.testing.adapters import metal, oxide, slab
 from distmlip.testing.battery import AdapterBattery
 
+from support import assert_close, one_at_a_time
 from support.adapters import (
     MACE_ELEMENTS,
     WithoutExchange,
@@ -271,3 +275,164 @@ def test_interaction_classes_are_sliced_exactly(first, later):
         if mode == "halo":
             assert rows == [len(atoms)] * len(rows)
             assert calc.runner.last_exchange_calls == 2
+
+
+# ---------------------------------------------------------------- the layer protocol
+#: ``forward`` and ``step`` calls of every ``CountedMACE`` (shared by the runner's replicas).
+CALLS: collections.Counter = collections.Counter()
+
+
+class CountedMACE(MACEModel):
+    """The adapter counting its ``forward`` and ``step`` calls in ``CALLS`` (which path the runtime
+    took in bounded memory)."""
+
+    def forward(self, graph):
+        CALLS["forward"] += 1
+        return super().forward(graph)
+
+    def step(self, i, graph, state):
+        CALLS["step"] += 1
+        return super().step(i, graph, state)
+
+
+def _steps_cu_al(repeat: int = 2):
+    """fcc Cu with every fifth atom Al, ``repeat``^3 conventional cells, rattled."""
+    from ase.build import bulk
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((repeat,) * 3)
+    atoms.numbers[::5] = 13
+    atoms.rattle(0.08, seed=5)
+    return atoms
+
+
+def _bounded_three_ways(model, atoms, make_calc) -> None:
+    """The bounded evaluation of ``make_calc()`` through the steps (forward only on the runtime's
+    probe, 2L - 1 steps per part and its probe's L) and through the generic replay (no step) both
+    equal the unbounded one (float64, 1e-10 relative: energy, forces, stress, per-atom energies)."""
+    ref = evaluate(DistributedCalculator(model, 1), atoms)
+    for generic in (False, True):
+        calc = make_calc()
+        if generic:
+            calc.runner.layer_steps = False
+        CALLS.clear()
+        assert_close(evaluate(calc, atoms), ref, 1e-10, "replay" if generic else "steps")
+        parts = calc.last_plan.num_parts
+        assert calc.runner.sequential and parts > 1
+        if generic:
+            assert CALLS["step"] == 0 and CALLS["forward"] > parts * model.num_layers, CALLS
+        else:
+            assert CALLS == {"forward": 1, "step": (2 * model.num_layers - 1) * parts
+                             + model.num_layers}, CALLS
+        assert calc.runner.last_exchange_calls == model.num_layers - 1
+
+
+def test_steps_compose_to_forward(mace_setup):
+    """The MACE-MP-medium-width model's steps (embed, one per interaction, energies) compose to its
+    forward: per-atom energies, edge gradients and the exchanged state (linear_up's output of the
+    second interaction) within 1e-10 (float64)."""
+    wrapped = mace_setup[2]
+    assert has_steps(wrapped) and wrapped.exchanged == (1,)
+    for atoms in (oxide(), surface()):
+        report = check_steps(wrapped, atoms)
+        assert report["steps"] and report["ok"], report["message"]
+        assert len(report["levels"]) == 1 and max(report["energies"], report["gradient"]) <= 1e-10
+
+
+def _plain_mace(**options):
+    """A small float64 ``MACE`` (not ScaleShift: E0s summed with the readouts)."""
+    from e3nn import o3
+    from mace.modules import blocks, models
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(2)
+            model = models.MACE(
+                r_max=4.5, num_bessel=6, num_polynomial_cutoff=5, max_ell=2,
+                interaction_cls=blocks.RealAgnosticResidualInteractionBlock,
+                interaction_cls_first=blocks.RealAgnosticResidualInteractionBlock,
+                num_interactions=3, num_elements=len(MACE_ELEMENTS),
+                hidden_irreps=o3.Irreps("16x0e+16x1o"), MLP_irreps=o3.Irreps("8x0e"),
+                atomic_energies=np.linspace(-6.0, -2.0, len(MACE_ELEMENTS)),
+                avg_num_neighbors=30.0, atomic_numbers=list(MACE_ELEMENTS), correlation=2,
+                gate=torch.nn.functional.silu, radial_MLP=[16, 16], **options)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(torch.float64).eval()
+
+
+STEP_VARIANTS = {
+    "residual": lambda: make_small_mace("RealAgnosticInteractionBlock",
+                                        "RealAgnosticResidualInteractionBlock"),
+    "density": lambda: make_small_mace("RealAgnosticDensityInteractionBlock",
+                                       "RealAgnosticDensityResidualInteractionBlock"),
+    "nonlinear": lambda: make_small_mace("RealAgnosticResidualNonLinearInteractionBlock",
+                                         "RealAgnosticResidualNonLinearInteractionBlock"),
+    # the exchange is not moved onto linear_up: the exchanged entry is the node features
+    "attention": lambda: make_small_mace("RealAgnosticAttResidualInteractionBlock",
+                                         "RealAgnosticAttResidualInteractionBlock"),
+    "plain-pair-last-readout": lambda: _plain_mace(pair_repulsion=True, use_last_readout_only=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(STEP_VARIANTS))
+def test_steps_of_every_variant(variant):
+    """Three interactions of each block class the adapter knows, and a plain MACE with ZBL pair
+    repulsion and one readout: the steps compose to forward, and 4 parts one at a time through the
+    steps and through the generic replay equal the unbounded result (1e-10)."""
+    model = CountedMACE(STEP_VARIANTS[variant]())
+    atoms = _steps_cu_al()
+    assert check_steps(model, atoms)["ok"]
+    _bounded_three_ways(model, atoms, lambda: one_at_a_time(model, 4))
+
+
+def test_steps_with_empty_parts_and_two_workers():
+    """A Cu-Al-O cluster (no cell) in more parts than atoms, and in 4 parts over two worker
+    threads: empty parts run their empty steps and take part in every level exchange; the steps
+    equal the unbounded result (1e-10)."""
+    from ase import Atoms
+
+    model = CountedMACE(STEP_VARIANTS["residual"]())
+    atoms = Atoms("Cu2AlO", positions=[[0, 0, 0], [2.4, 0.1, 0], [1.2, 2.1, 0.2], [1.1, 0.9, 1.8]],
+                  pbc=False)
+    ref = evaluate(DistributedCalculator(model, 1), atoms)
+    for parts, device in ((6, "cpu"), (4, ["cpu", "cpu"])):
+        CALLS.clear()
+        assert_close(evaluate(one_at_a_time(model, parts, device=device), atoms), ref, 1e-10,
+                     f"{parts} parts on {device}")
+        assert CALLS["step"] > 0 and CALLS["forward"] <= 1, CALLS
+
+
+def test_max_memory_budget_takes_the_steps():
+    """A budget of 0.4x the unbounded need (108 atoms, three interactions) splits the system into
+    parts evaluated one at a time: through the steps and through the generic replay, both equal to
+    the unbounded result (1e-10)."""
+    from distmlip import estimate_memory
+
+    model = CountedMACE(STEP_VARIANTS["residual"]())
+    atoms = _steps_cu_al(3)
+    budget = int(0.4 * estimate_memory(model, atoms))
+    _bounded_three_ways(model, atoms, lambda: DistributedCalculator(model, 1, max_memory=budget))
+
+
+def test_other_forward_keeps_the_generic_path():
+    """A MACE subclass with its own forward (as mace's MACELES and PolarMACE have) is not described
+    by the steps: no layer protocol, and its bounded evaluation (the generic replay) stays exact."""
+    from mace.modules.models import ScaleShiftMACE
+
+    class OwnForward(ScaleShiftMACE):
+        def forward(self, data, **kwargs):
+            return super().forward(data, **kwargs)
+
+    OwnForward.__module__ = "mace.modules.extensions"  # a class of the package, as the adapter takes
+
+    module = STEP_VARIANTS["residual"]()
+    module.__class__ = OwnForward
+    model = CountedMACE(module)
+    assert model.exchanged is None and not has_steps(model)
+    atoms = _steps_cu_al()
+    ref = evaluate(DistributedCalculator(model, 1), atoms)
+    CALLS.clear()
+    assert_close(evaluate(one_at_a_time(model, 3), atoms), ref, 1e-10, "generic")
+    assert CALLS["step"] == 0 and CALLS["forward"] > 3
