@@ -145,6 +145,14 @@ def schnet_model() -> SchNet:
 
 
 @pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A cache directory of this test's own (``DISTMLIP_CACHE_DIR``): no calibration and no passed
+    check (the layer protocol's probe) recorded by another test."""
+    monkeypatch.setenv("DISTMLIP_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
 def structures():
     """Fresh copies of every awkward structure (tests may modify them)."""
     return awkward_structures()

@@ -24,7 +24,7 @@ from .memory import (
     PLAN_BYTES_PER_EDGE,
     MemoryModel,
     calibrate,
-    release_memory_eagerly,
+    reuse_memory,
 )
 
 __all__ = ["Planner", "RunInfo", "estimate_memory", "minimum_memory"]
@@ -79,10 +79,10 @@ class Planner:
     with one (``budget``, bytes per device), the fewest parts, all at once or one at a time, whose
     predicted peak fits. ``sequential``: ``True`` always one at a time, ``False`` never, ``None``
     as the budget needs. ``model``: the replica on the first device (calibrated on ``source``'s
-    cache key)."""
+    cache key; ``None``: a replica is made if a calibration must be measured)."""
 
     builder: Builder
-    model: DistributableModel
+    model: DistributableModel | None
     source: DistributableModel
     dtype: torch.dtype
     budget: int | None
@@ -93,7 +93,7 @@ class Planner:
 
     def __post_init__(self):
         if self.budget is not None:
-            release_memory_eagerly()
+            reuse_memory()
 
     def build(self, positions, cell, pbc, numbers, times: dict) -> Built:
         """The build for this system (``times``: seconds per stage)."""
@@ -106,7 +106,9 @@ class Planner:
         """The model's calibrated memory costs (probes built from this system; cached)."""
         if self.memory_model is None:
             atoms = Atoms(numbers=numbers, positions=positions, cell=cell, pbc=pbc)
-            self.memory_model = calibrate(self.model, atoms, self.dtype, self.builder.comm.devices[0],
+            model = self.model if self.model is not None else \
+                (lambda: replica(self.source, self.builder.comm.devices[0], self.dtype))
+            self.memory_model = calibrate(model, atoms, self.dtype, self.builder.comm.devices[0],
                                           limit=self.budget, key=self.source,
                                           any_room=self.any_calibration)
         return self.memory_model
@@ -274,8 +276,7 @@ def _planner(model, atoms, num_parts, mode, dtype, device, partitioner, skin, ma
     dtype = options.torch_dtype or model.dtype
     num_hops = int(model.num_layers) if mode == "extended" else 1
     builder = Builder(LocalComm(devices), partitioner, mode, num_hops, float(model.cutoff), options.skin)
-    planner = Planner(builder, replica(model, devices[0], dtype), model, dtype, options.budget_bytes,
-                      options.num_parts)
+    planner = Planner(builder, None, model, dtype, options.budget_bytes, options.num_parts)
     return planner, validate_system(atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from ..models.base import HaloExchange, LocalGraph, check_state, compare_steps, has_steps
 from .build import Built
+from .memory import check_passed, remember_check
 from .progress import Progress
 from .sequential import (
     HALO,
@@ -228,10 +229,15 @@ def evaluate_steps(runner, b: Built, positions: np.ndarray, buffer: np.ndarray,
     workers = [StepWorker(runner, b, s, comm.device(s)) for s in b.shards]
     L = workers[0].num_steps
     if not getattr(runner, "_steps_checked", False):
-        message = _probe(workers[0], positions)
-        if comm.agree(message is not None):
-            raise ValueError(message or "model: its layer-protocol steps do not compose to its "
-                             "forward on another rank's probe; see that rank's message")
+        # once per model, dtype and machine: a probe passed in an earlier process is remembered
+        # (the probe costs 2-3 s for SevenNet-0 or MACE); every rank probes if any has no record
+        source = runner.planner.source
+        if comm.agree(not check_passed(source, runner.dtype, "steps")):
+            message = _probe(workers[0], positions)
+            if comm.agree(message is not None):
+                raise ValueError(message or "model: its layer-protocol steps do not compose to its "
+                                 "forward on another rank's probe; see that rank's message")
+            remember_check(source, runner.dtype, "steps")
         runner._steps_checked = True
     pieces = sum(len(w._indices()) for w in workers)
     bar = Progress(pieces, L - 1, enabled=runner.progress and comm.rank == 0)

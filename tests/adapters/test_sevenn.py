@@ -417,7 +417,7 @@ def test_steps_refused_for_other_structures(small_module):
 
 
 @pytest.mark.parametrize("which", ["small", "sevennet-0"])
-def test_bounded_steps_equal_unbounded(model, small_module, which):
+def test_bounded_steps_equal_unbounded(model, small_module, which, own_cache):
     """float64, 4 parts one at a time (halo mode; the path a tight max_memory takes): the steps
     path (step calls, forward only on the runtime's probe) equals the unbounded evaluation and the
     generic replay (layer_steps=False) within 1e-10 in energy, forces, stress and per-atom

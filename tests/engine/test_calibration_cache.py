@@ -166,7 +166,7 @@ def test_an_unwritable_cache_is_silent(tmp_path, monkeypatch, caplog):
     with warnings.catch_warnings(), caplog.at_level(logging.DEBUG, logger="distmlip"):
         warnings.simplefilter("error")
         first = _calibrate()
-        assert "cannot write the calibration cache" in caplog.text
+        assert "cannot write the cache file" in caplog.text
         monkeypatch.setenv("DISTMLIP_CACHE_DIR", str(tmp_path / "ro"))
 
         def read_only(*args, **kwargs):

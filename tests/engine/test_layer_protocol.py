@@ -79,13 +79,15 @@ def test_steps_compose_to_forward():
 
 
 @pytest.mark.parametrize("name", sorted(awkward_structures()))
-def test_bounded_steps_equal_unbounded(name):
+def test_bounded_steps_equal_unbounded(name, own_cache):
     """Periodic and non-periodic cells, several part counts and partitioners, two workers: energy,
     forces, stress and per-atom energies within 1e-10 of the unbounded result, through the steps
-    (forward called only on the probe)."""
+    (forward called only on the probe, which the first calculator runs: the others find it
+    passed in the cache)."""
     model = like(CountedSchNet)
     atoms = awkward_structures()[name]
     ref = evaluate(DistributedCalculator(model, 1), atoms)
+    first = True
     for parts, partitioner, device in ((1, "grid", "cpu"), (2, "slab", "cpu"), (3, "metis", "cpu"),
                                        (7, "slab", "cpu"), (4, "grid", ["cpu", "cpu"])):
         calc = one_at_a_time(model, parts, partitioner=partitioner, mode="halo", device=device)
@@ -95,11 +97,13 @@ def test_bounded_steps_equal_unbounded(name):
             got = evaluate(calc, atoms)
             assert_close(got, ref, RTOL, f"{name}/{partitioner}/{parts}/call {call}")
             assert calc.runner.sequential and calc.last_plan.num_parts == parts
-            # no replay: forward only on the first call's probe; 2 L - 1 steps per part
-            assert CALLS["forward"] == (1 if call == 0 else 0), CALLS
+            # no replay: forward only on the probe; 2 L - 1 steps per part
+            probed = first and call == 0
+            assert CALLS["forward"] == int(probed), CALLS
             pieces = sum(max(len(s.parts), 1) for s in calc.runner._built.shards)
-            probe = model.num_layers if call == 0 else 0
+            probe = model.num_layers if probed else 0
             assert CALLS["step"] == (2 * model.num_layers - 1) * pieces + probe, CALLS
+        first = False
         assert calc.runner.last_exchange_calls == model.num_layers - 1
 
 
@@ -121,8 +125,10 @@ def test_more_parts_than_atoms_and_idle_workers():
             assert CALLS["step"] > 0 and CALLS["forward"] <= 1, CALLS
 
 
-def test_steps_call_counts():
-    """L = 3 steps, P parts: (L - 1) P steps forward, L P backward, and the probe's L."""
+def test_steps_call_counts(own_cache, monkeypatch, tmp_path):
+    """L = 3 steps, P parts: (L - 1) P steps forward, L P backward, and the probe's L, once per
+    model and machine: a new calculator (as in a new process) finds the probe passed in the cache
+    directory; with another directory it probes again."""
     model = like(CountedSchNet)
     atoms = fcc_bulk(size=3, seed=2)
     calc = one_at_a_time(model, 5)
@@ -133,6 +139,17 @@ def test_steps_call_counts():
     atoms.positions += 0.01
     evaluate(calc, atoms)
     assert CALLS == {"step": 25}, CALLS
+    assert len(list((own_cache / "checks").glob("*.json"))) == 1
+    CALLS.clear()
+    evaluate(one_at_a_time(like(CountedSchNet), 5), atoms)  # the same weights: recorded
+    assert CALLS == {"step": 25}, CALLS
+    CALLS.clear()
+    evaluate(one_at_a_time(like(CountedSchNet, seed=2), 5), atoms)  # other weights
+    assert CALLS["forward"] == 1, CALLS
+    monkeypatch.setenv("DISTMLIP_CACHE_DIR", str(tmp_path / "elsewhere"))
+    CALLS.clear()
+    evaluate(one_at_a_time(model, 5), atoms)
+    assert CALLS == {"forward": 1, "step": 2 * 5 + 3 * 5 + 3}, CALLS
 
 
 def test_progress_bar_counts_every_step(capsys, monkeypatch):
