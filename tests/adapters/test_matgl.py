@@ -18,21 +18,23 @@ import copy
 import warnings
 
 import matgl
+import numpy as np
 import pytest
 import torch
 
 import distmlip
 from distmlip.models.matgl import M3GNetModel, TensorNetModel
-from distmlip.testing import assert_partition_invariant
+from distmlip.testing import assert_partition_invariant, evaluate
 from distmlip.testing.adapters import (
     ADAPTER_ELEMENTS,
     ADAPTER_SPLITS,
     adapter_structures,
     assert_matches_calculator,
     calculator_reference,
+    oxide,
 )
 
-from support.adapters import make_matgl
+from support.adapters import make_matgl, split_row_counts
 
 
 @contextlib.contextmanager
@@ -164,29 +166,79 @@ def test_bare_tensornet_and_energies(potential64):
 
 
 def test_tensornet_gets_matgl_index_dtype(potential):
-    """matgl's modules get the edge index in matgl's own dtype, int32 (torch's CPU ``index_add``
-    on matgl's permuted messages takes a ~15x slower ``scatter_add`` route with an int64 index:
-    1.4x matgl's calculator's time on 324 atoms before); int64 only past int32's range."""
+    """matgl's message sums get the edge index in matgl's own dtype, int32 (torch's CPU
+    ``index_add`` on matgl's permuted messages takes a ~15x slower ``scatter_add`` route with an
+    int64 index: 1.4x matgl's calculator's time on 324 atoms before); int64 only past int32's
+    range."""
     from distmlip.models.matgl import _index_dtype
 
     model = TensorNetModel(potential)
     m = model._tensornet
     seen = []
-    hooks = [m.tensor_embedding.register_forward_pre_hook(
-        lambda mod, args: seen.append(("embedding", args[1].dtype)))]
-    hooks += [layer.register_forward_pre_hook(lambda mod, args: seen.append(("layer", args[0].dtype)))
-              for layer in m.layers]
+
+    def recording(name, aggregate):
+        def wrapper(messages, index, dim_size):
+            seen.append((name, index.dtype))
+            return aggregate(messages, index, dim_size)
+        return wrapper
+
+    # the adapter calls the modules' aggregate methods: instance attributes shadow them
+    for name, mod in [("embedding", m.tensor_embedding)] + [("layer", layer) for layer in m.layers]:
+        mod.aggregate = recording(name, mod.aggregate)
     try:
         calc = distmlip.DistributedCalculator(model, num_parts=2)
         atoms = STRUCTURES["oxide"].copy()
         atoms.calc = calc
         atoms.get_forces()
     finally:
-        for hook in hooks:
-            hook.remove()
+        for mod in [m.tensor_embedding, *m.layers]:
+            del mod.aggregate
     assert {name for name, _ in seen} == {"embedding", "layer"}, seen
     assert {dtype for _, dtype in seen} == {torch.int32}, seen
     assert _index_dtype(2**31 - 1) == torch.int32 and _index_dtype(2**31) == torch.int64
+
+
+def _count_tensornet_rows(model: TensorNetModel) -> dict:
+    """Forward pre-hooks counting the rows given to TensorNet's node-wise maps: the embedding's
+    ``LayerNorm``, every interaction's first (before the messages) and last (after) channel
+    mixing, the readout's ``LayerNorm``: {name: [rows per call]}."""
+    m = model._tensornet
+    rows: dict = {}
+
+    def counter(name):
+        def hook(module, args):
+            rows.setdefault(name, []).append(int(args[0].shape[0]))
+        return hook
+
+    m.tensor_embedding.init_norm.register_forward_pre_hook(counter("embedding"))
+    for i, layer in enumerate(m.layers):
+        layer.linears_tensor[0].register_forward_pre_hook(counter(f"{i}.before"))
+        layer.linears_tensor[3].register_forward_pre_hook(counter(f"{i}.after"))
+    m.out_norm.register_forward_pre_hook(counter("readout"))
+    return rows
+
+
+def test_tensornet_node_work_only_on_owned_rows(potential64):
+    """4 parts in halo mode: TensorNet's node-wise work (embedding update, both channel mixings
+    of every interaction, readout) runs on exactly the owned rows, whose total over the parts is
+    the number of atoms (before: every local row), with one exchange per interaction; extended
+    mode computes every local row. Both equal the unsplit model's at 1e-10 (``split_row_counts``)
+    and matgl's float64 calculator."""
+    model = distmlip.wrap(potential64)
+    atoms = oxide(repeat=(2, 2, 2))  # 96 atoms
+    n = len(atoms)
+    ref = matgl_reference(potential64, atoms, 64)
+    nblocks = len(model._tensornet.layers)
+    for mode, calc, rows, local in split_row_counts(model, atoms, _count_tensornet_rows):
+        assert set(rows) == {"embedding", "readout"} | {f"{i}.{w}" for i in range(nblocks)
+                                                         for w in ("before", "after")}
+        for name, counts in rows.items():
+            assert sum(counts) == (n if mode == "halo" else local), (mode, name, counts)
+        assert calc.runner.last_exchange_calls == (nblocks if mode == "halo" else 0)
+        got = evaluate(calc, atoms)
+        assert abs(got["energy"] - ref["energy"]) / n < 1e-9
+        assert np.abs(got["forces"] - ref["forces"]).max() < 1e-8
+        assert np.abs(got["stress"] - ref["stress"]).max() < 1e-9
 
 
 def test_warp_built_model_is_rebuilt_without_warp():
