@@ -227,10 +227,10 @@ class TensorNetModel(_MatGLModel):
         dist = torch.norm(vec, dim=1)
         return edge_index, vec, dist, self._tensornet.bond_expansion(dist)
 
-    def _embedding(self, graph: LocalGraph, types: torch.Tensor, edges) -> torch.Tensor:
-        """matgl's ``TensorEmbedding`` on the needed rows: the element embedding of every row
-        (exact on the halo) feeds the edge messages, which are summed onto the needed rows only;
-        the norm, ``LayerNorm``, scalar MLP and channel mixing run on those rows."""
+    def _embedding(self, graph: LocalGraph, h: torch.Tensor, edges) -> torch.Tensor:
+        """matgl's ``TensorEmbedding`` on the needed rows: the element embedding ``h`` of every
+        row (exact on the halo) feeds the edge messages, which are summed onto the needed rows
+        only; the norm, ``LayerNorm``, scalar MLP and channel mixing run on those rows."""
         from matgl.utils.cutoff import cosine_cutoff
         from matgl.utils.maths import (
             new_radial_tensor,
@@ -248,7 +248,6 @@ class TensorNetModel(_MatGLModel):
         eye = torch.eye(3, 3, device=vec.device, dtype=vec.dtype)[None, None]
         basis = new_radial_tensor(eye, vector_to_skewtensor(unit).unsqueeze(-3),
                                   vector_to_symtensor(unit).unsqueeze(-3), *weights)
-        h = emb.emb(types)
         messages = emb.message(h[edge_index[0]], h[edge_index[1]], rbf, dist, *basis)
         components = emb.aggregate(messages, edge_index[0], dim_size=graph.num_needed)
         scale = emb.init_norm(tensor_norm(components[0] + components[1] + components[2]))
@@ -313,14 +312,46 @@ class TensorNetModel(_MatGLModel):
         return self._energies(graph, m.final_layer(x).view(-1), types)
 
     def forward(self, graph: LocalGraph) -> torch.Tensor:
-        needed = graph.num_needed
-        types = self.elements(graph.numbers)
-        edges = self._edges(graph)
-        X = self._embedding(graph, types, edges)
-        for layer in self._tensornet.layers:
-            Xn, parts = self._prepare(layer, X)
-            X = self._update(layer, needed, Xn, graph.halo_exchange(parts), edges)
-        return self._readout(graph, X, types)
+        edges = self._edges(graph)  # once for every step (the steps recompute their own)
+        state = self.embed(graph)
+        for i in range(self.num_steps):
+            if i > 0:  # the interaction about to run reads its neighbours' components
+                state = (state[0], graph.halo_exchange(state[1]))
+            state = self._step(i, graph, state, edges)
+        return self.energies(graph, state)
+
+    # ------------------------------------------------------------------ the layer protocol
+    # ``forward`` is these steps with an exchange between them (see ``DistributableModel``):
+    # ``embed`` gives the element embedding of every row; step 0 is the embedding's message
+    # passing and node update and the first interaction's node-wise start, step i (1 .. nblocks)
+    # the rest of interaction i - 1 and the start of interaction i. The state is ``(Xn, parts)``:
+    # the normalised tensors on the needed rows and the stacked channel-mixed components on every
+    # row (exchanged: what the messages read); the last step returns ``(X,)``.
+
+    #: Layer protocol: state entry 1 (the next interaction's components) is read on halo rows.
+    exchanged = (1,)
+
+    def embed(self, graph: LocalGraph) -> tuple[torch.Tensor, ...]:
+        """The element embedding of every row (a lookup: exact on the halo)."""
+        return (self._tensornet.tensor_embedding.emb(self.elements(graph.numbers)),)
+
+    def step(self, i: int, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Step ``i`` (see above) on the needed rows."""
+        return self._step(i, graph, state, self._edges(graph))
+
+    def _step(self, i: int, graph: LocalGraph, state, edges) -> tuple[torch.Tensor, ...]:
+        layers = self._tensornet.layers
+        if i == 0:
+            X = self._embedding(graph, state[0], edges)
+        else:
+            X = self._update(layers[i - 1], graph.num_needed, state[0], state[1], edges)
+        if i < len(layers):
+            return self._prepare(layers[i], X)
+        return (X,)
+
+    def energies(self, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The readout of the last interaction's tensors."""
+        return self._readout(graph, state[0], self.elements(graph.numbers))
 
 
 class M3GNetModel(_MatGLModel):

@@ -13,6 +13,7 @@ with matgl's result for the same slab in a periodic cell (12 Å of vacuum > cuto
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import warnings
@@ -293,3 +294,71 @@ def test_under_mpirun():
         assert proc.returncode == 0, out[-4000:]
         for rank in range(2):
             assert f"rank {rank}: {name} 24 checks passed" in out, out[-4000:]
+
+
+# ---------------------------------------------------------------- the layer protocol
+STEP_CALLS: collections.Counter = collections.Counter()
+
+
+class CountedTensorNet(TensorNetModel):
+    """``TensorNetModel`` counting its ``forward`` and ``step`` calls (in ``STEP_CALLS``)."""
+
+    def forward(self, graph):
+        STEP_CALLS["forward"] += 1
+        return super().forward(graph)
+
+    def step(self, i, graph, state):
+        STEP_CALLS["step"] += 1
+        return super().step(i, graph, state)
+
+
+def test_tensornet_steps_compose_to_forward(potential64):
+    """embed, the nblocks + 1 steps and energies equal forward (float64, 1e-10), exchanged state
+    included, on a periodic bulk and a slab; the model declares its steps."""
+    from distmlip.models.base import has_steps
+    from distmlip.testing import check_steps
+
+    model = TensorNetModel(potential64)
+    assert has_steps(model) and model.num_steps == len(model._tensornet.layers) + 1
+    for name in ("oxide", "slab"):
+        report = check_steps(model, STRUCTURES[name])
+        assert report["ok"] and report["steps"], report["message"]
+        assert len(report["levels"]) == len(model._tensornet.layers), report
+
+
+def test_tensornet_bounded_steps_equal_unbounded(potential64):
+    """Parts one at a time (the bounded-memory path) go through the steps, not the replay, and
+    equal the unbounded result at 1e-10 (float64)."""
+    from distmlip.runtime.steps import uses_steps
+
+    from support import assert_close, one_at_a_time
+
+    model = CountedTensorNet(potential64)
+    atoms = oxide(repeat=(2, 2, 2))  # 96 atoms
+    ref = evaluate(distmlip.DistributedCalculator(model, 1), atoms)
+    for parts, partitioner in ((3, "metis"), (4, "grid")):
+        calc = one_at_a_time(model, parts, partitioner=partitioner, mode="halo")
+        STEP_CALLS.clear()
+        assert_close(evaluate(calc, atoms), ref, 1e-10, f"{partitioner}/{parts}")
+        assert calc.runner.sequential and uses_steps(calc.runner)
+        assert calc.last_plan.num_parts == parts and STEP_CALLS["step"] > 0
+        # forward only on the probe that checks the steps (no replay)
+        assert STEP_CALLS["forward"] <= 1, STEP_CALLS
+
+
+def test_tensornet_budget_takes_the_steps(potential64):
+    """A ``max_memory`` budget small enough for several parts, one at a time, goes through the
+    steps and equals the unbounded result at 1e-10 (float64)."""
+    from distmlip import estimate_memory
+    from distmlip.runtime.steps import uses_steps
+
+    from support import assert_close
+
+    model = CountedTensorNet(potential64)
+    atoms = oxide(repeat=(2, 2, 2))  # 96 atoms
+    ref = evaluate(distmlip.DistributedCalculator(model, 1), atoms)
+    calc = distmlip.DistributedCalculator(model, 1, max_memory=int(0.4 * estimate_memory(model, atoms)))
+    STEP_CALLS.clear()
+    assert_close(evaluate(calc, atoms), ref, 1e-10, "budget")
+    assert calc.runner.sequential and calc.last_plan.num_parts > 1 and uses_steps(calc.runner)
+    assert STEP_CALLS["step"] > 0 and STEP_CALLS["forward"] <= 1, STEP_CALLS
