@@ -2,7 +2,8 @@
 
 ``distmlip.wrap`` accepts a ``matgl.apps.pes.Potential`` holding a ``TensorNet`` or an ``M3GNet``,
 or the model itself (M3GNet: see ``M3GNetModel``). The adapter runs matgl's own submodules in
-matgl's order; only the halo exchanges are added.
+matgl's order (TensorNet's blocks composed from their sub-layers, see below); only the halo
+exchanges are added.
 
 Conventions (matgl → distmlip):
 
@@ -16,12 +17,26 @@ Conventions (matgl → distmlip):
   data_mean / N`` (``N`` the whole system's atoms, from ``LocalGraph.num_system_atoms``), which
   sum to matgl's total.
 
-Halo exchanges: TensorNet's embedding already sums over neighbours (``TensorEmbedding`` builds
-each atom's tensor from its edges), so the halo rows are stale *before* the first interaction:
-the adapter exchanges the node tensors ``X`` (``(n, units, 3, 3)``) before every interaction
-(``nblocks`` exchanges) and declares ``num_layers = nblocks + 1`` hops. The embedding and the
-interactions are matgl's modules, called whole: their node-wise work on halo rows is done and
-then overwritten (the readout runs on the needed rows only).
+Zero redundant node work (TensorNet): the adapter composes matgl's ``TensorEmbedding`` and
+``TensorNetInteraction`` from their own submodules and helpers (same weights, same operations in
+the same order) so that node-wise work runs on the first ``graph.num_needed`` rows only (the
+owned rows in halo mode) and edge-wise work reads neighbours' rows:
+
+- embedding: the element embedding ``emb`` on every row (a lookup, exact on the halo) feeds the
+  edge messages, summed onto the needed rows; the norm, ``init_norm``, scalar MLP and channel
+  mixing of the summed tensors run on those rows.
+- interaction: the normalisation, decomposition and first three channel mixings
+  (``linears_tensor[:3]``) run on the needed rows; their three components, stacked as
+  ``(rows, 3, units, 3, 3)``, are what neighbours read, so that stack is exchanged before every
+  interaction (``nblocks`` exchanges, three times the volume of ``X`` per halo row, instead of
+  recomputing them on halo rows); the messages are summed onto the needed rows, and the group
+  action, normalisation, last mixings and residual run on those rows.
+- the readout runs on the needed rows.
+
+``num_layers = nblocks + 1`` hops (the embedding sums over neighbours: extended mode needs a halo
+that deep). M3GNet's modules are called whole: its node-wise work on halo rows is done and then
+overwritten (the readout runs on the needed rows only); ``registry.ADAPTER_TABLE`` says
+``owned_rows_only=False`` for the matgl adapter for that reason.
 
 Not supported (a ``ValueError`` says so): matgl's Warp kernels (build the model with
 ``use_warp=False``; the adapter accepts a Warp-built model by rebuilding it without Warp, same
@@ -173,8 +188,14 @@ class _MatGLModel(DistributableModel):
         return self.data_std * eps[:needed] + self.element_refs[types[:needed]] + share
 
 
+def _channels(linear: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``linear`` over the channel axis of ``(rows, units, 3, 3)`` tensors (matgl's layout)."""
+    return linear(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 class TensorNetModel(_MatGLModel):
-    """A matgl ``TensorNet`` (or a ``Potential`` holding one), split exactly.
+    """A matgl ``TensorNet`` (or a ``Potential`` holding one), split exactly, with its node-wise
+    work on the needed rows only (see the module docstring).
 
     Args:
         module: a ``matgl.apps.pes.Potential`` whose ``model`` is a ``TensorNet``, or a
@@ -194,28 +215,143 @@ class TensorNetModel(_MatGLModel):
         self._tensornet = _without_warp(model)
         self.num_layers = len(model.layers) + 1
 
-    def forward(self, graph: LocalGraph) -> torch.Tensor:
-        from matgl.utils.maths import decompose_tensor, tensor_norm
-
-        m = self._tensornet
-        needed = graph.num_needed
-        types = self.elements(graph.numbers)
-        # matgl: [centre (receiver); neighbour (sender)], in matgl's own index dtype (int32):
-        # matgl sums messages with ``index_add`` on permuted (non-contiguous) tensors, for which
-        # torch's CPU kernel with an int64 index goes through ``scatter_add`` with an expanded
-        # index, ~15x slower than its int32 path (same sums, in the same edge order)
+    # ------------------------------------------------------------------ the pieces
+    def _edges(self, graph: LocalGraph):
+        """``(edge_index, vec, dist, rbf)``: matgl's ``[centre (receiver); neighbour (sender)]``
+        in matgl's own index dtype (int32: matgl sums messages with ``index_add`` on permuted,
+        non-contiguous tensors, for which torch's CPU kernel with an int64 index goes through
+        ``scatter_add`` with an expanded index, ~15x slower than its int32 path), the bond
+        vectors, their lengths and matgl's radial expansion of them."""
         edge_index = graph.edge_index.flip(0).to(_index_dtype(graph.num_nodes))
         vec = graph.edge_vec
         dist = torch.norm(vec, dim=1)
-        edge_attr = m.bond_expansion(dist)
-        X, _ = m.tensor_embedding(types, edge_index, edge_attr, dist, vec, None)
-        for layer in m.layers:
-            X = graph.halo_exchange(X[:needed])  # the embedding and every layer sum over edges
-            X = layer(edge_index, dist, edge_attr, X)
-        scalars, skew, traceless = decompose_tensor(X[:needed])
+        return edge_index, vec, dist, self._tensornet.bond_expansion(dist)
+
+    def _embedding(self, graph: LocalGraph, h: torch.Tensor, edges) -> torch.Tensor:
+        """matgl's ``TensorEmbedding`` on the needed rows: the element embedding ``h`` of every
+        row (exact on the halo) feeds the edge messages, which are summed onto the needed rows
+        only; the norm, ``LayerNorm``, scalar MLP and channel mixing run on those rows."""
+        from matgl.utils.cutoff import cosine_cutoff
+        from matgl.utils.maths import (
+            new_radial_tensor,
+            tensor_norm,
+            vector_to_skewtensor,
+            vector_to_symtensor,
+        )
+
+        emb = self._tensornet.tensor_embedding
+        edge_index, vec, dist, rbf = edges
+        envelope = cosine_cutoff(dist, emb.cutoff).view(-1, 1)
+        weights = [proj(rbf) * envelope
+                   for proj in (emb.distance_proj1, emb.distance_proj2, emb.distance_proj3)]
+        unit = vec / torch.norm(vec, dim=1, keepdim=True).clamp(min=1e-6)
+        eye = torch.eye(3, 3, device=vec.device, dtype=vec.dtype)[None, None]
+        basis = new_radial_tensor(eye, vector_to_skewtensor(unit).unsqueeze(-3),
+                                  vector_to_symtensor(unit).unsqueeze(-3), *weights)
+        messages = emb.message(h[edge_index[0]], h[edge_index[1]], rbf, dist, *basis)
+        components = emb.aggregate(messages, edge_index[0], dim_size=graph.num_needed)
+        scale = emb.init_norm(tensor_norm(components[0] + components[1] + components[2]))
+        components = [_channels(lin, c) for lin, c in zip(emb.linears_tensor, components, strict=True)]
+        for lin in emb.linears_scalar:
+            scale = emb.act(lin(scale))
+        scale = scale.reshape(scale.shape[0], emb.units, 3)
+        scalars, skew, traceless = new_radial_tensor(*components, scale[..., 0], scale[..., 1],
+                                                     scale[..., 2])
+        return scalars + skew + traceless
+
+    @staticmethod
+    def _prepare(layer, X: torch.Tensor):
+        """The node-wise start of interaction ``layer`` on the rows of ``X`` (the needed rows):
+        ``(Xn, parts)``, the normalised tensors and, stacked on axis 1, the channel-mixed
+        scalar, skew and traceless components (what neighbours read: exchanged)."""
+        from matgl.utils.maths import decompose_tensor, tensor_norm
+
+        X = X / (tensor_norm(X) + 1)[..., None, None]
+        parts = [_channels(lin, c) for lin, c in zip(layer.linears_tensor[:3], decompose_tensor(X),
+                                                      strict=True)]
+        return X, torch.stack(parts, dim=1)
+
+    @staticmethod
+    def _update(layer, needed: int, Xn: torch.Tensor, parts: torch.Tensor, edges) -> torch.Tensor:
+        """The rest of interaction ``layer``: edge messages from ``parts`` on every row (halo
+        rows exchanged), summed onto the ``needed`` rows, and the node update of those rows."""
+        from matgl.utils.cutoff import cosine_cutoff
+        from matgl.utils.maths import decompose_tensor, tensor_norm
+
+        edge_index, _, dist, rbf = edges
+        f = rbf
+        for lin in layer.linears_scalar:
+            f = layer.act(lin(f))
+        f = (f * cosine_cutoff(dist, layer.cutoff).view(-1, 1)).reshape(f.shape[0], layer.units, 3)
+        scalars, skew, traceless = parts.unbind(1)
+        messages = layer.message(edge_index, scalars, skew, traceless, f)
+        summed = layer.aggregate(messages, edge_index[0], needed)
+        msg = summed[0] + summed[1] + summed[2]
+        own = parts[:needed]
+        Y = own[:, 0] + own[:, 1] + own[:, 2]
+        group = layer.equivariance_invariance_group
+        if group == "O(3)":
+            components = decompose_tensor(torch.matmul(msg, Y) + torch.matmul(Y, msg))
+        elif group == "SO(3)":
+            components = decompose_tensor(2 * torch.matmul(Y, msg))
+        else:
+            raise ValueError(f"equivariance_invariance_group: expected 'O(3)' or 'SO(3)', got {group!r}")
+        normp1 = (tensor_norm(components[0] + components[1] + components[2]) + 1)[..., None, None]
+        mixed = [_channels(lin, c / normp1) for lin, c in zip(layer.linears_tensor[3:], components,
+                                                               strict=True)]
+        dX = mixed[0] + mixed[1] + mixed[2]
+        return Xn[:needed] + dX + torch.matmul(dX, dX)
+
+    def _readout(self, graph: LocalGraph, X: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        from matgl.utils.maths import decompose_tensor, tensor_norm
+
+        m = self._tensornet
+        scalars, skew, traceless = decompose_tensor(X[: graph.num_needed])
         x = torch.cat((tensor_norm(scalars), tensor_norm(skew), tensor_norm(traceless)), dim=-1)
         x = m.linear(m.out_norm(x))
         return self._energies(graph, m.final_layer(x).view(-1), types)
+
+    def forward(self, graph: LocalGraph) -> torch.Tensor:
+        edges = self._edges(graph)  # once for every step (the steps recompute their own)
+        state = self.embed(graph)
+        for i in range(self.num_steps):
+            if i > 0:  # the interaction about to run reads its neighbours' components
+                state = (state[0], graph.halo_exchange(state[1]))
+            state = self._step(i, graph, state, edges)
+        return self.energies(graph, state)
+
+    # ------------------------------------------------------------------ the layer protocol
+    # ``forward`` is these steps with an exchange between them (see ``DistributableModel``):
+    # ``embed`` gives the element embedding of every row; step 0 is the embedding's message
+    # passing and node update and the first interaction's node-wise start, step i (1 .. nblocks)
+    # the rest of interaction i - 1 and the start of interaction i. The state is ``(Xn, parts)``:
+    # the normalised tensors on the needed rows and the stacked channel-mixed components on every
+    # row (exchanged: what the messages read); the last step returns ``(X,)``.
+
+    #: Layer protocol: state entry 1 (the next interaction's components) is read on halo rows.
+    exchanged = (1,)
+
+    def embed(self, graph: LocalGraph) -> tuple[torch.Tensor, ...]:
+        """The element embedding of every row (a lookup: exact on the halo)."""
+        return (self._tensornet.tensor_embedding.emb(self.elements(graph.numbers)),)
+
+    def step(self, i: int, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Step ``i`` (see above) on the needed rows."""
+        return self._step(i, graph, state, self._edges(graph))
+
+    def _step(self, i: int, graph: LocalGraph, state, edges) -> tuple[torch.Tensor, ...]:
+        layers = self._tensornet.layers
+        if i == 0:
+            X = self._embedding(graph, state[0], edges)
+        else:
+            X = self._update(layers[i - 1], graph.num_needed, state[0], state[1], edges)
+        if i < len(layers):
+            return self._prepare(layers[i], X)
+        return (X,)
+
+    def energies(self, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The readout of the last interaction's tensors."""
+        return self._readout(graph, state[0], self.elements(graph.numbers))
 
 
 class M3GNetModel(_MatGLModel):

@@ -63,6 +63,8 @@ ADAPTER_TABLE: tuple[AdapterInfo, ...] = (
     AdapterInfo("nequip", ("nequip", "allegro"), "nequip", "nequip",
                 "NequIP / Allegro models (nequip, nequip-allegro)", dtype="as built",
                 owned_rows_only=True),
+    # owned_rows_only is per adapter: matgl's TensorNet computes owned rows only, its M3GNet still
+    # computes halo rows and overwrites them (its blocks are called whole), so the row says False
     AdapterInfo("matgl", ("matgl",), "matgl", "matgl",
                 "matgl TensorNet / M3GNet, or a matgl Potential holding one (matgl)"),
     AdapterInfo("orb", ("orb_models",), "orb-models", "orb",

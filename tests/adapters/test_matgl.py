@@ -13,26 +13,29 @@ with matgl's result for the same slab in a periodic cell (12 Å of vacuum > cuto
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import warnings
 
 import matgl
+import numpy as np
 import pytest
 import torch
 
 import distmlip
 from distmlip.models.matgl import M3GNetModel, TensorNetModel
-from distmlip.testing import assert_partition_invariant
+from distmlip.testing import assert_partition_invariant, evaluate
 from distmlip.testing.adapters import (
     ADAPTER_ELEMENTS,
     ADAPTER_SPLITS,
     adapter_structures,
     assert_matches_calculator,
     calculator_reference,
+    oxide,
 )
 
-from support.adapters import make_matgl
+from support.adapters import make_matgl, split_row_counts
 
 
 @contextlib.contextmanager
@@ -164,29 +167,79 @@ def test_bare_tensornet_and_energies(potential64):
 
 
 def test_tensornet_gets_matgl_index_dtype(potential):
-    """matgl's modules get the edge index in matgl's own dtype, int32 (torch's CPU ``index_add``
-    on matgl's permuted messages takes a ~15x slower ``scatter_add`` route with an int64 index:
-    1.4x matgl's calculator's time on 324 atoms before); int64 only past int32's range."""
+    """matgl's message sums get the edge index in matgl's own dtype, int32 (torch's CPU
+    ``index_add`` on matgl's permuted messages takes a ~15x slower ``scatter_add`` route with an
+    int64 index: 1.4x matgl's calculator's time on 324 atoms before); int64 only past int32's
+    range."""
     from distmlip.models.matgl import _index_dtype
 
     model = TensorNetModel(potential)
     m = model._tensornet
     seen = []
-    hooks = [m.tensor_embedding.register_forward_pre_hook(
-        lambda mod, args: seen.append(("embedding", args[1].dtype)))]
-    hooks += [layer.register_forward_pre_hook(lambda mod, args: seen.append(("layer", args[0].dtype)))
-              for layer in m.layers]
+
+    def recording(name, aggregate):
+        def wrapper(messages, index, dim_size):
+            seen.append((name, index.dtype))
+            return aggregate(messages, index, dim_size)
+        return wrapper
+
+    # the adapter calls the modules' aggregate methods: instance attributes shadow them
+    for name, mod in [("embedding", m.tensor_embedding)] + [("layer", layer) for layer in m.layers]:
+        mod.aggregate = recording(name, mod.aggregate)
     try:
         calc = distmlip.DistributedCalculator(model, num_parts=2)
         atoms = STRUCTURES["oxide"].copy()
         atoms.calc = calc
         atoms.get_forces()
     finally:
-        for hook in hooks:
-            hook.remove()
+        for mod in [m.tensor_embedding, *m.layers]:
+            del mod.aggregate
     assert {name for name, _ in seen} == {"embedding", "layer"}, seen
     assert {dtype for _, dtype in seen} == {torch.int32}, seen
     assert _index_dtype(2**31 - 1) == torch.int32 and _index_dtype(2**31) == torch.int64
+
+
+def _count_tensornet_rows(model: TensorNetModel) -> dict:
+    """Forward pre-hooks counting the rows given to TensorNet's node-wise maps: the embedding's
+    ``LayerNorm``, every interaction's first (before the messages) and last (after) channel
+    mixing, the readout's ``LayerNorm``: {name: [rows per call]}."""
+    m = model._tensornet
+    rows: dict = {}
+
+    def counter(name):
+        def hook(module, args):
+            rows.setdefault(name, []).append(int(args[0].shape[0]))
+        return hook
+
+    m.tensor_embedding.init_norm.register_forward_pre_hook(counter("embedding"))
+    for i, layer in enumerate(m.layers):
+        layer.linears_tensor[0].register_forward_pre_hook(counter(f"{i}.before"))
+        layer.linears_tensor[3].register_forward_pre_hook(counter(f"{i}.after"))
+    m.out_norm.register_forward_pre_hook(counter("readout"))
+    return rows
+
+
+def test_tensornet_node_work_only_on_owned_rows(potential64):
+    """4 parts in halo mode: TensorNet's node-wise work (embedding update, both channel mixings
+    of every interaction, readout) runs on exactly the owned rows, whose total over the parts is
+    the number of atoms (before: every local row), with one exchange per interaction; extended
+    mode computes every local row. Both equal the unsplit model's at 1e-10 (``split_row_counts``)
+    and matgl's float64 calculator."""
+    model = distmlip.wrap(potential64)
+    atoms = oxide(repeat=(2, 2, 2))  # 96 atoms
+    n = len(atoms)
+    ref = matgl_reference(potential64, atoms, 64)
+    nblocks = len(model._tensornet.layers)
+    for mode, calc, rows, local in split_row_counts(model, atoms, _count_tensornet_rows):
+        assert set(rows) == {"embedding", "readout"} | {f"{i}.{w}" for i in range(nblocks)
+                                                         for w in ("before", "after")}
+        for name, counts in rows.items():
+            assert sum(counts) == (n if mode == "halo" else local), (mode, name, counts)
+        assert calc.runner.last_exchange_calls == (nblocks if mode == "halo" else 0)
+        got = evaluate(calc, atoms)
+        assert abs(got["energy"] - ref["energy"]) / n < 1e-9
+        assert np.abs(got["forces"] - ref["forces"]).max() < 1e-8
+        assert np.abs(got["stress"] - ref["stress"]).max() < 1e-9
 
 
 def test_warp_built_model_is_rebuilt_without_warp():
@@ -241,3 +294,71 @@ def test_under_mpirun():
         assert proc.returncode == 0, out[-4000:]
         for rank in range(2):
             assert f"rank {rank}: {name} 24 checks passed" in out, out[-4000:]
+
+
+# ---------------------------------------------------------------- the layer protocol
+STEP_CALLS: collections.Counter = collections.Counter()
+
+
+class CountedTensorNet(TensorNetModel):
+    """``TensorNetModel`` counting its ``forward`` and ``step`` calls (in ``STEP_CALLS``)."""
+
+    def forward(self, graph):
+        STEP_CALLS["forward"] += 1
+        return super().forward(graph)
+
+    def step(self, i, graph, state):
+        STEP_CALLS["step"] += 1
+        return super().step(i, graph, state)
+
+
+def test_tensornet_steps_compose_to_forward(potential64):
+    """embed, the nblocks + 1 steps and energies equal forward (float64, 1e-10), exchanged state
+    included, on a periodic bulk and a slab; the model declares its steps."""
+    from distmlip.models.base import has_steps
+    from distmlip.testing import check_steps
+
+    model = TensorNetModel(potential64)
+    assert has_steps(model) and model.num_steps == len(model._tensornet.layers) + 1
+    for name in ("oxide", "slab"):
+        report = check_steps(model, STRUCTURES[name])
+        assert report["ok"] and report["steps"], report["message"]
+        assert len(report["levels"]) == len(model._tensornet.layers), report
+
+
+def test_tensornet_bounded_steps_equal_unbounded(potential64):
+    """Parts one at a time (the bounded-memory path) go through the steps, not the replay, and
+    equal the unbounded result at 1e-10 (float64)."""
+    from distmlip.runtime.steps import uses_steps
+
+    from support import assert_close, one_at_a_time
+
+    model = CountedTensorNet(potential64)
+    atoms = oxide(repeat=(2, 2, 2))  # 96 atoms
+    ref = evaluate(distmlip.DistributedCalculator(model, 1), atoms)
+    for parts, partitioner in ((3, "metis"), (4, "grid")):
+        calc = one_at_a_time(model, parts, partitioner=partitioner, mode="halo")
+        STEP_CALLS.clear()
+        assert_close(evaluate(calc, atoms), ref, 1e-10, f"{partitioner}/{parts}")
+        assert calc.runner.sequential and uses_steps(calc.runner)
+        assert calc.last_plan.num_parts == parts and STEP_CALLS["step"] > 0
+        # forward only on the probe that checks the steps (no replay)
+        assert STEP_CALLS["forward"] <= 1, STEP_CALLS
+
+
+def test_tensornet_budget_takes_the_steps(potential64):
+    """A ``max_memory`` budget small enough for several parts, one at a time, goes through the
+    steps and equals the unbounded result at 1e-10 (float64)."""
+    from distmlip import estimate_memory
+    from distmlip.runtime.steps import uses_steps
+
+    from support import assert_close
+
+    model = CountedTensorNet(potential64)
+    atoms = oxide(repeat=(2, 2, 2))  # 96 atoms
+    ref = evaluate(distmlip.DistributedCalculator(model, 1), atoms)
+    calc = distmlip.DistributedCalculator(model, 1, max_memory=int(0.4 * estimate_memory(model, atoms)))
+    STEP_CALLS.clear()
+    assert_close(evaluate(calc, atoms), ref, 1e-10, "budget")
+    assert calc.runner.sequential and calc.last_plan.num_parts > 1 and uses_steps(calc.runner)
+    assert STEP_CALLS["step"] > 0 and STEP_CALLS["forward"] <= 1, STEP_CALLS
