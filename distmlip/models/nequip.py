@@ -75,9 +75,6 @@ _RUN = HookState("distmlip_nequip_run")
 _HOOK_FLAG = "_distmlip_exchange_hooked"
 _FEATURES_KEY = "node_features"  # AtomicDataDict.NODE_FEATURES_KEY (checked on install)
 
-
-
-
 class _LocalRows:
     """Stands in for LAMMPS ML-IAP's data object: NequIP's interaction blocks read ``nlocal``."""
 
@@ -96,6 +93,10 @@ def _import_nequip():
     ForceStressOutput = optional_import("nequip.nn.grad_output", "nequip", what).ForceStressOutput
     GraphModel = optional_import("nequip.nn.graph_model", "nequip", what).GraphModel
     InteractionBlock = optional_import("nequip.nn.interaction_block", "nequip", what).InteractionBlock
+    ConvNetLayer = optional_import("nequip.nn.convnetlayer", "nequip", what).ConvNetLayer
+    atomwise = optional_import("nequip.nn.atomwise", "nequip", what)
+    ScalarMLP = optional_import("nequip.nn.mlp", "nequip", what).ScalarMLP
+    ApplyFactor = optional_import("nequip.nn.misc", "nequip", what).ApplyFactor
     AtomicDataDict, GraphModuleMixin = data.AtomicDataDict, nn.GraphModuleMixin
     return {
         "AtomicDataDict": AtomicDataDict,
@@ -105,6 +106,10 @@ def _import_nequip():
         "ForceStressOutput": ForceStressOutput,
         "GraphModel": GraphModel,
         "InteractionBlock": InteractionBlock,
+        "ConvNetLayer": ConvNetLayer,
+        # node-wise modules after the last layer that the steps' readout may hold
+        "readout": (ScalarMLP, atomwise.PerTypeScaleShift, atomwise.AtomwiseReduce),
+        "ApplyFactor": ApplyFactor,
     }
 
 
@@ -211,6 +216,42 @@ def _install_hooks(energy, nq) -> bool:
     return truncates
 
 
+def _layer_structure(energy, nq):
+    """``{"prefix", "layers", "readout"}`` (module lists) of a NequIP energy network whose forward
+    the layer-protocol steps describe, or ``None`` (the generic path, ``exchanged = None``). It
+    must be nequip's module sequence (``SequentialGraphNetwork``: its forward calls its modules in
+    order) of exactly: modules before the first layer from ``nequip.nn.embedding`` (the type
+    embedding, edge length normalisation and encodings, spherical harmonics: per row or per edge)
+    or ``ApplyFactor``; one or more ``ConvNetLayer`` whose convolution is an ``InteractionBlock``
+    (not a subclass), the first and only the first marked ``is_first_layer``, its ghost exchange
+    on the node features; then only the readout MLP, the per-type scale and shift and the sum
+    (no pair potential, whose edge terms the steps do not rebuild)."""
+    if type(energy).__name__ != "SequentialGraphNetwork" or not isinstance(energy, torch.nn.Sequential):
+        return None
+    modules = list(energy._modules.values())
+    kinds = [isinstance(m, nq["ConvNetLayer"]) for m in modules]
+    if not any(kinds):
+        return None
+    first = kinds.index(True)
+    last = len(kinds) - 1 - kinds[::-1].index(True)
+    layers = modules[first:last + 1]
+    for i, layer in enumerate(layers):
+        block = getattr(layer, "conv", None)
+        if type(layer) is not nq["ConvNetLayer"] or type(block) is not nq["InteractionBlock"]:
+            return None
+        if bool(getattr(block, "is_first_layer", False)) != (i == 0):
+            return None
+        if getattr(getattr(block, "ghost_exchange", None), "field", None) != _FEATURES_KEY:
+            return None
+    for m in modules[:first]:
+        if not (type(m).__module__.startswith("nequip.nn.embedding") or type(m) is nq["ApplyFactor"]):
+            return None
+    readout = modules[last + 1:]
+    if not readout or any(type(m) not in nq["readout"] for m in readout):
+        return None
+    return {"prefix": modules[:first], "layers": layers, "readout": readout}
+
+
 def _element_numbers(type_names, species_map):
     from ase.data import atomic_numbers
 
@@ -299,6 +340,12 @@ class NequIPModel(DistributableModel):
         truncates = _install_hooks(energy, nq)
         # the key NequIP's blocks read the local row count from (None: no truncation)
         self._local_key = keys.LMP_MLIAP_DATA_KEY if truncates and blocks else None
+        # the layer protocol, for a NequIP layout the steps describe (checked on this instance).
+        # Allegro exchanges nothing (strictly local, num_layers 1): no steps, exchanged stays None.
+        self._layers = None if self._is_allegro(energy) else _layer_structure(energy, nq)
+        self.exchanged = None if self._layers is None else (1,)
+        self._field_keys = (keys.NODE_FEATURES_KEY, keys.NODE_ATTRS_KEY, keys.EDGE_ATTRS_KEY,
+                            keys.EDGE_EMBEDDING_KEY)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -354,8 +401,10 @@ class NequIPModel(DistributableModel):
     def _atom_types(self, numbers: torch.Tensor) -> torch.Tensor:
         return self.elements(numbers)
 
-    def forward(self, graph: LocalGraph) -> torch.Tensor:
-        pos_key, type_key, index_key, vec_key, energy_key = self._keys
+    def _data(self, graph: LocalGraph, run: _Run | None = None) -> dict:
+        """NequIP's input data dict of ``graph`` (every row), with the local row count NequIP's
+        blocks truncate to when the node-wise work is narrowed (``run.needed``)."""
+        pos_key, type_key, index_key, vec_key, _ = self._keys
         n = graph.num_nodes
         vec = graph.edge_vec
         data = {
@@ -364,12 +413,92 @@ class NequIPModel(DistributableModel):
             index_key: graph.edge_index.flip(0),
             vec_key: vec,
         }
-        run = _Run(graph)
+        run = _Run(graph) if run is None else run
         if self._local_key is not None and run.needed < run.rows:
             data[self._local_key] = _LocalRows(run.needed)
+        return data
+
+    def forward(self, graph: LocalGraph) -> torch.Tensor:
+        run = _Run(graph)
+        data = self._data(graph, run)
         with _RUN.active(run):
             out = self.energy(data)
-        return out[energy_key].reshape(-1)
+        return out[self._keys[4]].reshape(-1)
+
+    # ------------------------------------------------------------------ the layer protocol
+    # The same computation as ``forward``, as steps the runtime calls one at a time (see
+    # ``DistributableModel``), for the layouts ``_layer_structure`` accepts. Layer i is a
+    # ``ConvNetLayer``: its ``InteractionBlock`` computes the self-connection ``sc`` of its input
+    # features h (needed rows), ``x = norm(linear_1(h))`` (what the ghost exchange, here
+    # ``halo_exchange``, completes on every row), the tensor-product scatter of x over the edges
+    # (needed rows), ``linear_2`` and ``+ sc``; the layer then applies its nonlinearity and its
+    # residual ``+ h``. The state is ``(h, x)``: h on the needed rows, x on every row (exchanged).
+    # ``embed`` is the modules before the first layer (type embedding, edge encodings: exact on
+    # every row) and the first block's x of the embedding, on every row as forward computes it;
+    # step i is layer i and the next block's x of its output; the last step returns ``(h,)`` and
+    # ``energies`` runs the readout, the per-type scale and shift. Every step rebuilds the modules
+    # before the first layer (edge attributes and embedding from ``graph.edge_vec``: each step's
+    # share of the forces stays differentiable).
+
+    @property
+    def num_steps(self) -> int:
+        """Layer protocol: one step per ``ConvNetLayer`` (``num_layers`` if there are no steps)."""
+        return int(self.num_layers) if self._layers is None else len(self._layers["layers"])
+
+    def _context(self, graph: LocalGraph) -> dict:
+        """The data dict after the modules before the first layer (every row)."""
+        data = self._data(graph)
+        for module in self._layers["prefix"]:
+            data = module(data)
+        return data
+
+    def _exchanged(self, layer, h: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        """What ``layer``'s block convolves: ``linear_1`` of h, normalised by the average number
+        of neighbours (per type of h's rows)."""
+        feature = self._field_keys[0]
+        block = layer.conv
+        data = {feature: block.linear_1(h), self._keys[1]: types}
+        return block.avg_num_neighbors_norm(data)[feature]
+
+    def embed(self, graph: LocalGraph) -> tuple[torch.Tensor, ...]:
+        """The embedded node features h and the first block's x of them, every row."""
+        data = self._context(graph)
+        h = data[self._field_keys[0]]
+        return h, self._exchanged(self._layers["layers"][0], h, data[self._keys[1]])
+
+    def step(self, i: int, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Layer ``i`` on the needed rows, and the next block's x of its output."""
+        _, attrs_key, edge_attrs_key, edge_embedding_key = self._field_keys
+        h, x = state
+        needed = graph.num_needed
+        h = h[:needed]
+        layers = self._layers["layers"]
+        layer = layers[i]
+        block = layer.conv
+        data = self._context(graph)
+        index = data[self._keys[2]]
+        if block.sc is not None:
+            sc = block.sc(h, data[attrs_key][:needed])
+        y = block.tp_scatter(x=x, edge_attr=data[edge_attrs_key],
+                             edge_weight=block.edge_mlp(data[edge_embedding_key]),
+                             edge_dst=index[0], edge_src=index[1])[:needed]
+        y = block.linear_2(y)
+        if block.sc is not None:
+            y = y + sc
+        y = layer.equivariant_nonlin(y)
+        if layer.resnet:
+            y = h + y
+        if i + 1 < len(layers):
+            return y, self._exchanged(layers[i + 1], y, data[self._keys[1]][:needed])
+        return (y,)
+
+    def energies(self, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The readout and the per-type scale and shift of the last layer's features."""
+        data = self._context(graph)
+        data[self._field_keys[0]] = state[0][: graph.num_needed]
+        for module in self._layers["readout"]:
+            data = module(data)
+        return data[self._keys[4]].reshape(-1)
 
 
 #: ``NequIPModel(obj, **options)``; ``obj`` is deep-copied, not modified
