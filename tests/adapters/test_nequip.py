@@ -10,17 +10,22 @@ forces at their own scale.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
 
 import distmlip
 from distmlip import DistributedCalculator
+from distmlip.models.base import has_steps
 from distmlip.models.nequip import NequIPModel
+from distmlip.runtime.steps import uses_steps
 from distmlip.testing import adapters as adapters
-from distmlip.testing import assert_partition_invariant, evaluate, format_report, rel_err
+from distmlip.testing import assert_partition_invariant, check_steps, evaluate, format_report, rel_err
 from distmlip.testing.battery import AdapterBattery
 
+from support import CALLS, assert_close, one_at_a_time
 from support.adapters import (
     NEQUIP_R_MAX,
     NEQUIP_TYPES,
@@ -291,3 +296,91 @@ def test_unknown_element_is_rejected(setup):
     with pytest.raises(ValueError, match=r"^numbers: this NequIP model has no parameters for atomic "
                                          r"number\(s\) \[79\] \(Au\); it knows [A-Za-z, ]*\bCu\b"):
         DistributedCalculator(wrapped, num_parts=2).get_potential_energy(atoms)
+
+
+# ---------------------------------------------------------------- the layer protocol
+class _CountedNequIP(NequIPModel):
+    """NequIPModel counting its ``forward`` and ``step`` calls in ``CALLS``."""
+
+    def forward(self, graph):
+        CALLS["forward"] += 1
+        return super().forward(graph)
+
+    def step(self, i, graph, state):
+        CALLS["step"] += 1
+        return super().step(i, graph, state)
+
+
+@pytest.fixture(scope="module")
+def nequip_raw():
+    return make_nequip()
+
+
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+def test_steps_compose_to_forward(nequip_raw, structure):
+    """NequIP's layer protocol (embed, one step per ConvNetLayer, the readout with the per-type
+    scale and shift as energies) composes to forward in float64: per-atom energies, their edge
+    gradient and every exchanged state (each block's normalised linear_1 output but the first's)
+    within 1e-10."""
+    wrapped = distmlip.wrap(nequip_raw)
+    assert wrapped.exchanged == (1,) and has_steps(wrapped) and wrapped.num_steps == 3
+    report = check_steps(wrapped, STRUCTURES[structure][0](), dtype=torch.float64)
+    assert report["ok"] and len(report["levels"]) == wrapped.num_steps - 1, report["message"]
+    assert max(report["energies"], report["gradient"], *report["levels"]) <= 1e-10, report
+
+
+@pytest.mark.parametrize("l_max", [0, 1])
+def test_steps_first_layer_self_connection_and_residual(l_max):
+    """The layouts forward covers with extra hooks (a first block with a self-connection,
+    ``learnable_shift``; residuals in every layer with l_max 0) have steps that compose too."""
+    from nequip.model import NequIPGNNModel
+
+    model = nequip_build(NequIPGNNModel, num_layers=2, l_max=l_max, num_features=8, parity=l_max > 0,
+                         learnable_shift=True, convnet_resnet=True, **nequip_common(1))
+    wrapped = distmlip.wrap(model)
+    assert wrapped.exchanged == (1,)
+    report = check_steps(wrapped, nequip_oxide(), dtype=torch.float64)
+    assert max(report["energies"], report["gradient"], *report["levels"]) <= 1e-10, report
+
+
+def test_bounded_steps_equal_unbounded(nequip_raw, own_cache):
+    """float64, 4 parts one at a time (halo mode; the path a tight max_memory takes): the steps
+    path (step calls, forward only on the runtime's probe) equals the unbounded evaluation and the
+    generic replay (layer_steps=False) within 1e-10 in energy, forces, stress and per-atom
+    energies."""
+    wrapped = _CountedNequIP(nequip_raw)
+    atoms = nequip_metal()
+    ref = evaluate(DistributedCalculator(wrapped, 1, dtype="float64"), atoms)
+    calc = one_at_a_time(wrapped, 4, dtype="float64")
+    CALLS.clear()
+    got = evaluate(calc, atoms)
+    assert_close(got, ref, 1e-10, "nequip: steps")
+    assert calc.runner.sequential and calc.last_plan.num_parts == 4 and uses_steps(calc.runner)
+    # 4 parts: L - 1 steps forward and L backward each, plus the probe's L; forward on the probe
+    layers = wrapped.num_steps
+    assert CALLS == {"forward": 1, "step": 4 * (2 * layers - 1) + layers}, CALLS
+    assert calc.runner.last_exchange_calls == layers - 1
+    generic = one_at_a_time(wrapped, 4, dtype="float64")
+    generic.runner.layer_steps = False
+    CALLS.clear()
+    assert_close(evaluate(generic, atoms), got, 1e-10, "nequip: generic vs steps")
+    assert not uses_steps(generic.runner) and CALLS["step"] == 0 and CALLS["forward"] > 4, CALLS
+
+
+def test_steps_only_for_layouts_they_describe():
+    """Allegro exchanges nothing (strictly local): no steps. A NequIP model with a pair
+    potential (ZBL, edge terms added after the readout, not rebuilt by the steps) keeps the
+    generic path: exchanged = None."""
+    from nequip.model import NequIPGNNModel
+
+    if importlib.util.find_spec("allegro") is not None:
+        allegro = distmlip.wrap(make_allegro())
+        assert allegro.exchanged is None and not has_steps(allegro)
+    zbl = {"_target_": "nequip.nn.pair_potential.ZBL", "units": "metal",
+           "chemical_species": NEQUIP_TYPES}
+    model = nequip_build(NequIPGNNModel, num_layers=2, l_max=1, num_features=8,
+                         pair_potential=zbl, **nequip_common(1))
+    wrapped = distmlip.wrap(model)
+    assert any(type(m).__name__ == "ZBL" for m in wrapped.energy.modules())
+    assert wrapped.exchanged is None and not has_steps(wrapped)
+    assert wrapped.num_steps == wrapped.num_layers == 2
