@@ -31,6 +31,11 @@ sender's image. So NequIP gets ``edge_index.flip(0)`` and ``edge_vec`` unchanged
   node-wise work on halo rows is the scatter of edge features onto them (zeros in halo mode,
   where no edge is centred on a halo atom), its normalisation and the per-type scale and shift
   of a zero energy: left as is.
+- The layer protocol (``embed``/``step``/``energies``, ``exchanged = (1,)``; see the section
+  of ``NequIPModel`` below): one step per ``ConvNetLayer``, the state ``(h, x)`` with x each
+  block's normalised ``linear_1`` output, what its ghost exchange completes. Decided per wrapped
+  instance (``_layer_structure``): Allegro (nothing exchanged) and layouts the steps do not
+  describe (a pair potential, other convolution classes) keep ``exchanged = None``.
 
 The hooks are registered on the adapter's own deep copy of the model (``NequIPModel.module``),
 never on the caller's; they also do nothing outside ``NequIPModel.forward`` (a context variable
