@@ -35,7 +35,9 @@ sender's image. So NequIP gets ``edge_index.flip(0)`` and ``edge_vec`` unchanged
   of ``NequIPModel`` below): one step per ``ConvNetLayer``, the state ``(h, x)`` with x each
   block's normalised ``linear_1`` output, what its ghost exchange completes. Decided per wrapped
   instance (``_layer_structure``): Allegro (nothing exchanged) and layouts the steps do not
-  describe (a pair potential, other convolution classes) keep ``exchanged = None``.
+  describe (a pair potential, other convolution classes) keep ``exchanged = None``, as do
+  models with float32 layers (``model_dtype``; their steps' edge gradient differs from forward's by
+  float32 rounding, more than the probe of float64 edge vectors allows).
 
 The hooks are registered on the adapter's own deep copy of the model (``NequIPModel.module``),
 never on the caller's; they also do nothing outside ``NequIPModel.forward`` (a context variable
@@ -348,6 +350,13 @@ class NequIPModel(DistributableModel):
         # the layer protocol, for a NequIP layout the steps describe (checked on this instance).
         # Allegro exchanges nothing (strictly local, num_layers 1): no steps, exchanged stays None.
         self._layers = None if self._is_allegro(energy) else _layer_structure(energy, nq)
+        if self._layers is not None and any(
+                p.is_floating_point() and p.dtype != torch.float64
+                for layer in self._layers["layers"] for p in layer.parameters()):
+            # float32 layers (model_dtype): the steps sum each layer's share of the edge gradient
+            # in float64 where forward sums them in float32 (~1e-7 apart), beyond the 1e-10 the
+            # runtime's probe asks of float64 edge vectors: the generic path
+            self._layers = None
         self.exchanged = None if self._layers is None else (1,)
         self._field_keys = (keys.NODE_FEATURES_KEY, keys.NODE_ATTRS_KEY, keys.EDGE_ATTRS_KEY,
                             keys.EDGE_EMBEDDING_KEY)

@@ -211,6 +211,8 @@ def test_float32_model_keeps_nequip_mixed_precision():
     ref = _reference(calc, atoms)
     wrapped = distmlip.wrap(model)
     assert wrapped.dtype == torch.float64  # edge vectors in float64, as NequIP's own pipeline
+    # float32 layers: no layer-protocol steps (float32 rounding exceeds the probe's 1e-10)
+    assert wrapped.exchanged is None and not has_steps(wrapped)
     for parts in (1, 3):
         ours = evaluate(DistributedCalculator(wrapped, num_parts=parts), atoms)
         assert abs(ours["energy"] - ref["energy"]) / len(atoms) <= 2e-6
