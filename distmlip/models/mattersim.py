@@ -17,6 +17,9 @@ only (the owned rows in halo mode):
 
 Every bond a part holds is centred on a needed row, so every bond's features stay exact.
 
+No layer protocol: the bond features are carried from block to block (per bond, not per row),
+which the steps' state cannot hold; the bounded-memory mode uses the generic replay.
+
 Conventions (MatterSim → distmlip):
 
 - MatterSim's bonds are ``[centre; neighbour]`` with vector ``pos[centre] - pos[neighbour image]``;
