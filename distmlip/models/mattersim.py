@@ -2,8 +2,23 @@
 
 ``distmlip.wrap`` accepts a ``mattersim.forcefield.potential.Potential`` holding an ``M3Gnet``, a
 ``MatterSimCalculator`` holding one, or the ``M3Gnet`` itself. The adapter calls MatterSim's own
-modules (embeddings, bases, ``MainBlock``s, readout, per-element scaling) on a graph built from
-the ``LocalGraph``.
+modules (embeddings, bases, readout, per-element scaling) on a graph built from the
+``LocalGraph``, and composes each ``MainBlock`` from its own sub-layers (``three_body``,
+``gated_mlp_edge``/``edge_layer_edge``, ``gated_mlp_atom``/``edge_layer_atom``; same weights, same
+operations in the same order) so that node-wise work runs on the first ``graph.num_needed`` rows
+only (the owned rows in halo mode):
+
+- the atom embedding (a linear map of the one-hot element) runs on every row: the first block
+  reads neighbours' rows before any exchange;
+- in a block, the three-body atom gate (``three_body.atom_mlp``) runs on the needed rows (it is
+  read at bond centres only); the bond update and the atom messages are edge-wise and read both
+  ends (halo rows exchanged); the messages are summed onto the needed rows, plus the residual;
+- the readout and per-element scaling run on the needed rows.
+
+Every bond a part holds is centred on a needed row, so every bond's features stay exact.
+
+No layer protocol: the bond features are carried from block to block (per bond, not per row),
+which the steps' state cannot hold; the bounded-memory mode uses the generic replay.
 
 Conventions (MatterSim → distmlip):
 
@@ -108,7 +123,7 @@ class MatterSimModel(DistributableModel):
 
     def forward(self, graph: LocalGraph) -> torch.Tensor:
         m = self.module
-        needed, n = graph.num_needed, graph.num_nodes
+        needed = graph.num_needed
         numbers = self.elements(graph.numbers)
         edge_index = graph.edge_index.flip(0)  # MatterSim: [centre (receiver); neighbour (sender)]
         vec = -graph.edge_vec  # MatterSim: pos[centre] - pos[neighbour image]
@@ -127,16 +142,34 @@ class MatterSimModel(DistributableModel):
         edge = m.edge_encoder(edge)
         basis = m.sbf(length[ik], torch.acos(cos))
         length = length.unsqueeze(-1)
-        counts = torch.tensor([n], device=numbers.device)
+        num_bonds_t = torch.tensor([num_bonds], device=numbers.device)
         for i, conv in enumerate(m.graph_conv):
             if i > 0:
                 atom = graph.halo_exchange(atom[:needed])
-            atom, edge = conv(atom, edge, edge_zero, edge_index, basis, three, length,
-                              torch.tensor([num_bonds], device=numbers.device), num_triple_ij,
-                              counts, total_num_atoms=n, total_num_bonds=num_bonds,
-                              three_body_edge_map=ij)
+            atom, edge = self._block(conv, needed, atom, edge, edge_zero, edge_index, basis, three,
+                                     length, num_bonds_t, num_triple_ij, ij)
         energies = m.final(atom[:needed]).view(-1)
         return m.normalizer(energies, numbers[:needed])
+
+    @staticmethod
+    def _block(conv, needed, atom, edge, edge_zero, edge_index, basis, three, length, num_bonds,
+               num_triple_ij, ij):
+        """MatterSim's ``MainBlock`` composed from its sub-layers, node-wise work on the first
+        ``needed`` rows: the three-body atom gate (``three_body.atom_mlp``) reads only bond
+        centres (rows ``:needed``), the bond and atom messages read both ends (every row) and the
+        atom residual sums onto the centres. Returns the atom features of rows ``:needed`` and
+        every bond's features."""
+        centre, neighbour = edge_index
+        edge = conv.three_body(edge, basis, atom[:needed], edge_index, three, length, num_bonds,
+                               num_triple_ij.view(-1), total_num_bonds=edge.shape[0],
+                               three_body_edge_map=ij)
+        feat = torch.cat([atom[centre], atom[neighbour], edge], dim=1)
+        edge = edge + conv.gated_mlp_edge(feat) * conv.edge_layer_edge(edge_zero)
+        feat = torch.cat([atom[centre], atom[neighbour], edge], dim=1)
+        message = conv.gated_mlp_atom(feat) * conv.edge_layer_atom(edge_zero)
+        summed = torch.zeros((needed, message.shape[1]), dtype=message.dtype, device=message.device)
+        summed = summed.scatter_add(0, centre.unsqueeze(1).expand_as(message), message)
+        return atom[:needed] + summed, edge
 
 
 #: ``MatterSimModel(obj)`` (no options); ``obj`` is held, not copied, and not modified

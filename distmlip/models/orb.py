@@ -4,7 +4,21 @@
 ConservativeForcefieldRegressor`` (what ``pretrained.orb_v3_conservative_*`` and
 ``orb_v3_conservative_architecture`` build) whose base model is a ``MoleculeGNS``, or an
 ``ORBCalculator`` holding one (its ``system_config`` and ``max_num_neighbors`` are used). The adapter
-calls Orb's own modules (edge and node featurisation, encoder, interaction networks, energy head).
+calls Orb's own modules (edge and node featurisation, the encoder's MLPs, energy head) and composes
+each ``AttentionInteractionNetwork`` from its own sub-layers (attention gates, ``_edge_mlp``,
+``_node_mlp``; same weights, same operations in the same order) so that node-wise work runs on the
+first ``graph.num_needed`` rows only (the owned rows in halo mode):
+
+- the encoder's node MLP depends on the element only: it runs once per element present and is
+  looked up for every row (the first interaction reads neighbours' rows before any exchange);
+- in an interaction, the gates and the edge update are edge-wise: every edge, reading both ends'
+  rows (halo rows exchanged). Every edge a part holds has an owned end, and its state is updated
+  from both ends, so every edge is kept up to date. The gated edges are summed per node and the
+  node update and residual run on the needed rows;
+- the energy head reads the needed rows (through ``graph.global_sum``).
+
+No layer protocol: Orb carries its edge features from interaction to interaction (per edge, not
+per row), which the steps' state cannot hold; the bounded-memory mode uses the generic replay.
 
 Conventions (Orb → distmlip):
 
@@ -161,13 +175,16 @@ class OrbModel(DistributableModel):
         orb_vec = torch.cat([vec[keep], -vec[back]])
 
         edge_features = gns.featurize_edges(SimpleNamespace(edge_features={"vectors": orb_vec}))
-        node_features = gns.atom_emb(self.elements(graph.numbers))
-        nodes, edges = gns._encoder(node_features, edge_features)
+        # the encoded atom depends on its element only: encoded once per element present
+        elements, row_element = torch.unique(self.elements(graph.numbers), return_inverse=True)
+        nodes = gns._encoder._node_fn(gns.atom_emb(elements))[row_element]
+        edges = gns._encoder._edge_fn(edge_features)
         cutoff = get_cutoff(orb_vec.norm(dim=-1))
         for i, gnn in enumerate(gns.gnn_stacks):
             if i > 0:
                 nodes = graph.halo_exchange(nodes[:needed])
-            nodes, edges = gnn(nodes, edges, orb_senders, orb_receivers, cutoff)
+            nodes, edges = self._interaction(gnn, needed, nodes, edges, orb_senders, orb_receivers,
+                                             cutoff)
 
         head = self.module.heads[self.module.energy_name]
         total = graph.global_sum(nodes[:needed])
@@ -184,6 +201,32 @@ class OrbModel(DistributableModel):
                 zbl = zbl / count
             energies = energies + zbl
         return energies
+
+    @staticmethod
+    def _interaction(gnn, needed: int, nodes, edges, senders, receivers, cutoff):
+        """Orb's ``AttentionInteractionNetwork`` (no conditioning) composed from its sub-layers,
+        node-wise work on the first ``needed`` rows: the attention gates and the edge update are
+        edge-wise (every edge, reading both ends' rows); the gated edges are summed per node and
+        the node update (``_node_mlp``) and residual run on the needed rows. Returns the node
+        features of rows ``:needed`` and every edge's features."""
+        from orb_models.forcefield import segment_ops
+
+        n = nodes.shape[0]
+        if gnn._attention_gate == "softmax":
+            weights = cutoff if gnn._distance_cutoff else None
+            receive = segment_ops.segment_softmax(gnn._receive_attn(edges), receivers, n, weights=weights)
+            send = segment_ops.segment_softmax(gnn._send_attn(edges), senders, n, weights=weights)
+        else:
+            receive = torch.sigmoid(gnn._receive_attn(edges))
+            send = torch.sigmoid(gnn._send_attn(edges))
+        if gnn._distance_cutoff:
+            receive, send = receive * cutoff, send * cutoff
+        updated = gnn._edge_mlp(torch.cat([edges, nodes[senders], nodes[receivers]], dim=1))
+        # summed onto every row (an edge-wise scatter), then only the needed rows are updated
+        received = segment_ops.segment_sum(updated * receive, receivers, n)[:needed]
+        sent = segment_ops.segment_sum(updated * send, senders, n)[:needed]
+        own = nodes[:needed]
+        return own + gnn._node_mlp(torch.cat([own, received, sent], dim=1)), edges + updated
 
     def _zbl(self, numbers, senders, receivers, vec, n) -> torch.Tensor:
         """Orb's ZBL pair repulsion per sending atom (``ZBLBasis.forward`` before its reduction

@@ -68,13 +68,14 @@ ADAPTER_TABLE: tuple[AdapterInfo, ...] = (
     AdapterInfo("matgl", ("matgl",), "matgl", "matgl",
                 "matgl TensorNet / M3GNet, or a matgl Potential holding one (matgl)"),
     AdapterInfo("orb", ("orb_models",), "orb-models", "orb",
-                "Orb v3 conservative regressors, or an ORBCalculator holding one (orb-models)"),
+                "Orb v3 conservative regressors, or an ORBCalculator holding one (orb-models)",
+                owned_rows_only=True),
     AdapterInfo("fairchem", ("fairchem",), "fairchem-core", "fairchem",
                 "fairchem Hydra models with an eSCN-MD (UMA) backbone, mixture of experts "
                 "included, or an MLIPPredictUnit / FAIRChemCalculator holding one (fairchem-core)"),
     AdapterInfo("mattersim", ("mattersim",), "mattersim", "mattersim",
                 "MatterSim M3Gnet, or a Potential / MatterSimCalculator holding one (mattersim)",
-                no_deps=True),
+                owned_rows_only=True, no_deps=True),
 )
 
 #: adapter name -> its ``AdapterInfo`` (in ``ADAPTER_TABLE``'s order).

@@ -20,7 +20,7 @@ import torch
 
 import distmlip
 from distmlip.models.mattersim import MatterSimModel, triplets
-from distmlip.testing import assert_partition_invariant
+from distmlip.testing import assert_partition_invariant, evaluate
 from distmlip.testing.adapters import (
     ADAPTER_SPLITS,
     adapter_structures,
@@ -29,7 +29,7 @@ from distmlip.testing.adapters import (
 )
 
 from support import assert_ranks_pass
-from support.adapters import make_mattersim
+from support.adapters import make_mattersim, split_row_counts
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,60 @@ def test_wrap_accepts_calculator_and_model(potential):
     with pytest.raises(TypeError, match="^task: expected no options for MatterSim models"):
         distmlip.wrap(potential, task="omat")
     copy.deepcopy(distmlip.wrap(potential))  # the runner copies it per device
+
+
+def _count_mattersim_rows(model: MatterSimModel) -> dict:
+    """Forward pre-hooks counting the rows given to MatterSim's node-wise maps: every block's
+    three-body atom gate (``three_body.atom_mlp``) and the readout (``final``):
+    {name: [rows per call]}."""
+    rows: dict = {}
+
+    def counter(name):
+        def hook(module, args):
+            rows.setdefault(name, []).append(int(args[0].shape[0]))
+        return hook
+
+    for i, conv in enumerate(model.module.graph_conv):
+        conv.three_body.atom_mlp.register_forward_pre_hook(counter(f"{i}.gate"))
+    model.module.final.register_forward_pre_hook(counter("readout"))
+    return rows
+
+
+def test_node_work_only_on_owned_rows(potential):
+    """4 parts in halo mode: MatterSim's node-wise work (every block's three-body atom gate, the
+    readout) runs on exactly the owned rows, whose total over the parts is the number of atoms
+    (before: every local row), with one exchange per block after the first; extended mode
+    computes every local row. Both equal the unsplit model's at 1e-10 (float64,
+    ``split_row_counts``)."""
+    model = MatterSimModel(copy.deepcopy(potential)).double()
+    atoms = STRUCTURES["oxide"].repeat((2, 1, 1))
+    n = len(atoms)
+    blocks = len(model.module.graph_conv)
+    for mode, calc, rows, local in split_row_counts(model, atoms, _count_mattersim_rows):
+        assert set(rows) == {"readout"} | {f"{i}.gate" for i in range(blocks)}
+        for name, counts in rows.items():
+            assert sum(counts) == (n if mode == "halo" else local), (mode, name, counts)
+        assert calc.runner.last_exchange_calls == (blocks - 1 if mode == "halo" else 0)
+        assert np.isfinite(evaluate(calc, atoms)["energy"])
+
+
+def test_parts_one_at_a_time_equal_unbounded(potential):
+    """Parts one at a time (the bounded-memory path) take the generic replay (MatterSim has no layer
+    protocol: it carries edge features between layers) and equal the unbounded result at 1e-10
+    (float64, halo mode, owned-row node updates)."""
+    from distmlip.models.base import has_steps
+    from distmlip.runtime.steps import uses_steps
+
+    from support import assert_close, one_at_a_time
+
+    model = MatterSimModel(copy.deepcopy(potential)).double()
+    assert not has_steps(model)
+    atoms = STRUCTURES["oxide"].repeat((2, 1, 1))
+    ref = evaluate(distmlip.DistributedCalculator(model, 1), atoms)
+    for parts, partitioner in ((3, "metis"), (4, "grid")):
+        calc = one_at_a_time(model, parts, partitioner=partitioner, mode="halo")
+        assert_close(evaluate(calc, atoms), ref, 1e-10, f"{partitioner}/{parts}")
+        assert calc.runner.sequential and not uses_steps(calc.runner)
 
 
 @pytest.mark.mpi
