@@ -409,8 +409,9 @@ def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torc
     """Measure ``model``'s memory per updated row, per halo row and per edge on probes built from
     ``atoms`` (cached per ``key`` model (default ``model``), dtype and device). ``model`` must
     already be on ``device`` in ``dtype``; it may be a function returning such a model, called only
-    when nothing cached fits (a copy of a large model costs more than reading the cache). ``limit``: the budget (bytes); the first probe grows to a
-    sixth of it at most (never below ``MIN_PROBE_BYTES``). ``any_room``: reuse any calibration
+    when nothing cached fits (a copy of a large model costs more than reading the cache).
+    ``limit``: the budget (bytes); the first probe grows to a sixth of it at most (never below
+    ``MIN_PROBE_BYTES``). ``any_room``: reuse any calibration
     cached for this model, whatever its room (else calibrate without a limit): the floor
     (``minimum_memory``) then names the figure the calculator's error names, in either order.
 
