@@ -175,6 +175,16 @@ class Runner:
         return bool(self._sequential)
 
     @property
+    def layer_steps(self) -> bool:
+        """Whether parts evaluated one at a time use the model's layer protocol when it has one
+        (``False``: the generic replay, kept for comparison; set before the first call)."""
+        return self.planner.layer_steps
+
+    @layer_steps.setter
+    def layer_steps(self, value: bool) -> None:
+        self.planner.layer_steps = bool(value)
+
+    @property
     def predicted_peak(self) -> float:
         """Bytes the current build is predicted to add per evaluation (set when ``max_memory``
         chose it; 0.0 otherwise)."""

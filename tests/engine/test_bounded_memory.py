@@ -82,6 +82,28 @@ def test_budget_chooses_the_number_of_parts():
     assert not roomy.runner.sequential and roomy.last_plan.num_parts == 2
 
 
+def test_parts_one_at_a_time_stay_small_on_cpu(monkeypatch):
+    """On CPU, parts evaluated one at a time are made no bigger than ``PART_BYTES`` of predicted
+    activations however much room the budget leaves (the heap then reuses their blocks); the
+    results are unchanged."""
+    from distmlip.runtime import budget as budget_module
+
+    model = make_schnet(hidden_channels=32)
+    atoms = fcc_bulk(size=6, seed=3)  # 864 atoms
+    unbounded = estimate_memory(model, atoms)
+    ref = evaluate(DistributedCalculator(model, 1), atoms)
+    few = DistributedCalculator(model, max_memory=int(0.6 * unbounded))
+    _compare(evaluate(few, atoms), ref, RTOL, "budget only")
+    cap = unbounded / 20
+    monkeypatch.setattr(budget_module, "PART_BYTES", cap)
+    small = DistributedCalculator(model, max_memory=int(0.6 * unbounded))
+    _compare(evaluate(small, atoms), ref, RTOL, "capped parts")
+    runner = small.runner
+    largest = runner.planner.predict(runner._built, runner.planner.memory_model)["largest_part"]
+    assert largest <= cap < unbounded and small.last_run.sequential
+    assert small.last_run.num_parts > few.last_run.num_parts
+
+
 def test_impossible_budget_is_a_clear_error():
     atoms = fcc_bulk(size=3)
     model = make_schnet()  # one model: its memory calibration is cached and reused below
