@@ -35,6 +35,9 @@ __all__ = ["Planner", "RunInfo", "estimate_memory", "minimum_memory"]
 #: in page by page. Measured (SchNet, 23,328 atoms, steps, 0.3x budget, CPU of a call; unbounded
 #: 10.2 s): 5 parts (825 MB each) 21.0 s, 16 (265 MB) 11.7 s, 32 (135 MB) 10.1 s, 64 (69 MB) 9.2 s.
 PART_BYTES = 64e6
+#: ... but parts hold this many atoms on average at least (MACE, 128x0e+128x1o, 500 atoms: one
+#: atom a part, 500 parts, took 6.0x the unbounded time; 4 parts 1.18x)
+MIN_PART_ATOMS = 50
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,9 @@ class Planner:
         # 256 atoms: 130 small parts 3.2x the unbounded time, 4 parts 2.8x)
         steps = self.layer_steps and self.builder.mode == "halo" and has_steps(self.source)
         cap = PART_BYTES if steps and comm.devices[0].type == "cpu" else np.inf
+        # ... but not below MIN_PART_ATOMS atoms a part on average: below it each part's fixed
+        # cost (module calls per step) outweighs what the heap saves
+        most = max(parts, -(-max(n // MIN_PART_ATOMS, 1) // workers) * workers)
         while True:
             b = build(positions, cell, pbc, numbers, times, parts, graph, sequential=True)
             graph = b.graph if comm.world_size == 1 else None
@@ -221,7 +227,7 @@ class Planner:
                     if b.graph is not None else np.zeros(0, dtype=bool)
             pred = self.predict(b, memory, inside)
             peak = self.needed(pred)
-            if peak <= self.budget and (comm.maximum(pred["largest_part"]) <= cap or parts >= finest):
+            if peak <= self.budget and (comm.maximum(pred["largest_part"]) <= cap or parts >= most):
                 b.predicted = peak
                 return b
             if parts >= finest:
@@ -236,10 +242,11 @@ class Planner:
             if comm.maximum(pred["floor"]) > self.budget:
                 parts = finest  # not even one-atom parts would fit: try them once, to name the need
                 continue
-            room = max(min(self.budget - pred["fixed"], cap), 1.0)
+            fits = peak <= self.budget  # then only the cap asks for more parts, up to ``most``
+            room = max(min(self.budget - pred["fixed"], cap) if fits else self.budget - pred["fixed"], 1.0)
             grow = min(max(1.25, 1.15 * pred["largest_part"] / room), 64.0)
             wanted = max(parts + workers, int(np.ceil(parts * grow)))
-            parts = min(-(-wanted // workers) * workers, finest)
+            parts = min(-(-wanted // workers) * workers, most if fits else finest)
 
     def finest(self, num_atoms: int) -> int:
         """The most parts a budget search tries: one atom per part on every worker."""

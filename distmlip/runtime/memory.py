@@ -106,12 +106,7 @@ def reuse_memory() -> None:
     the CPU time (SchNet, 13,824 atoms, 0.3x budget: 5.2 s against 3.0 s this way; SevenNet-0:
     7-8 s of kernel time in a 17.7 s call). The budget is met either way (measured peaks:
     tests/engine/test_bounded_memory.py)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        pass
+    _mallopt(32 << 20)
 
 
 def release_memory_eagerly() -> None:
@@ -120,9 +115,15 @@ def release_memory_eagerly() -> None:
     tensors then stay in the heap: resident memory would keep the high-water mark of every part
     evaluated so far). Used while the calibration measures (``reuse_memory`` after it);
     process-wide."""
+    _mallopt(1 << 20)
+
+
+def _mallopt(mmap_threshold: int) -> None:
+    """glibc: allocations of ``mmap_threshold`` bytes or more get their own mapping; the heap is
+    trimmed when 64 MiB are free at its top."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         pass

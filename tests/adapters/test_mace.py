@@ -9,8 +9,6 @@ partition-invariance errors (relative to max(max|ref|, 1)) measure forces at the
 
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 import pytest
 import torch
@@ -23,7 +21,7 @@ from distmlip.testing import check_steps, evaluate, rel_err
 from distmlip.testing.adapters import metal, oxide, slab
 from distmlip.testing.battery import AdapterBattery
 
-from support import assert_close, one_at_a_time
+from support import CALLS, assert_close, counted, one_at_a_time
 from support.adapters import (
     MACE_ELEMENTS,
     WithoutExchange,
@@ -278,21 +276,7 @@ def test_interaction_classes_are_sliced_exactly(first, later):
 
 
 # ---------------------------------------------------------------- the layer protocol
-#: ``forward`` and ``step`` calls of every ``CountedMACE`` (shared by the runner's replicas).
-CALLS: collections.Counter = collections.Counter()
-
-
-class CountedMACE(MACEModel):
-    """The adapter counting its ``forward`` and ``step`` calls in ``CALLS`` (which path the runtime
-    took in bounded memory)."""
-
-    def forward(self, graph):
-        CALLS["forward"] += 1
-        return super().forward(graph)
-
-    def step(self, i, graph, state):
-        CALLS["step"] += 1
-        return super().step(i, graph, state)
+CountedMACE = counted(MACEModel)
 
 
 def _steps_cu_al(repeat: int = 2):

@@ -13,7 +13,6 @@ with matgl's result for the same slab in a periodic cell (12 Å of vacuum > cuto
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import warnings
@@ -35,6 +34,7 @@ from distmlip.testing.adapters import (
     oxide,
 )
 
+from support import CALLS, counted
 from support.adapters import make_matgl, split_row_counts
 
 
@@ -297,19 +297,7 @@ def test_under_mpirun():
 
 
 # ---------------------------------------------------------------- the layer protocol
-STEP_CALLS: collections.Counter = collections.Counter()
-
-
-class CountedTensorNet(TensorNetModel):
-    """``TensorNetModel`` counting its ``forward`` and ``step`` calls (in ``STEP_CALLS``)."""
-
-    def forward(self, graph):
-        STEP_CALLS["forward"] += 1
-        return super().forward(graph)
-
-    def step(self, i, graph, state):
-        STEP_CALLS["step"] += 1
-        return super().step(i, graph, state)
+CountedTensorNet = counted(TensorNetModel)
 
 
 def test_tensornet_steps_compose_to_forward(potential64):
@@ -338,12 +326,12 @@ def test_tensornet_bounded_steps_equal_unbounded(potential64):
     ref = evaluate(distmlip.DistributedCalculator(model, 1), atoms)
     for parts, partitioner in ((3, "metis"), (4, "grid")):
         calc = one_at_a_time(model, parts, partitioner=partitioner, mode="halo")
-        STEP_CALLS.clear()
+        CALLS.clear()
         assert_close(evaluate(calc, atoms), ref, 1e-10, f"{partitioner}/{parts}")
         assert calc.runner.sequential and uses_steps(calc.runner)
-        assert calc.last_plan.num_parts == parts and STEP_CALLS["step"] > 0
+        assert calc.last_plan.num_parts == parts and CALLS["step"] > 0
         # forward only on the probe that checks the steps (no replay)
-        assert STEP_CALLS["forward"] <= 1, STEP_CALLS
+        assert CALLS["forward"] <= 1, CALLS
 
 
 def test_tensornet_budget_takes_the_steps(potential64):
@@ -358,7 +346,7 @@ def test_tensornet_budget_takes_the_steps(potential64):
     atoms = oxide(repeat=(2, 2, 2))  # 96 atoms
     ref = evaluate(distmlip.DistributedCalculator(model, 1), atoms)
     calc = distmlip.DistributedCalculator(model, 1, max_memory=int(0.4 * estimate_memory(model, atoms)))
-    STEP_CALLS.clear()
+    CALLS.clear()
     assert_close(evaluate(calc, atoms), ref, 1e-10, "budget")
     assert calc.runner.sequential and calc.last_plan.num_parts > 1 and uses_steps(calc.runner)
-    assert STEP_CALLS["step"] > 0 and STEP_CALLS["forward"] <= 1, STEP_CALLS
+    assert CALLS["step"] > 0 and CALLS["forward"] <= 1, CALLS

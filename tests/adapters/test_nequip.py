@@ -25,7 +25,7 @@ from distmlip.testing import adapters as adapters
 from distmlip.testing import assert_partition_invariant, check_steps, evaluate, format_report, rel_err
 from distmlip.testing.battery import AdapterBattery
 
-from support import CALLS, assert_close, one_at_a_time
+from support import CALLS, assert_close, counted, one_at_a_time
 from support.adapters import (
     NEQUIP_R_MAX,
     NEQUIP_TYPES,
@@ -301,16 +301,7 @@ def test_unknown_element_is_rejected(setup):
 
 
 # ---------------------------------------------------------------- the layer protocol
-class _CountedNequIP(NequIPModel):
-    """NequIPModel counting its ``forward`` and ``step`` calls in ``CALLS``."""
-
-    def forward(self, graph):
-        CALLS["forward"] += 1
-        return super().forward(graph)
-
-    def step(self, i, graph, state):
-        CALLS["step"] += 1
-        return super().step(i, graph, state)
+_CountedNequIP = counted(NequIPModel)
 
 
 @pytest.fixture(scope="module")

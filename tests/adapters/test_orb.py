@@ -32,7 +32,7 @@ from distmlip.testing.adapters import (
 )
 
 from support import assert_ranks_pass
-from support.adapters import ORB_CAP, make_orb, split_row_counts
+from support.adapters import ORB_CAP, assert_replay_exact, make_orb, split_row_counts
 
 
 @contextlib.contextmanager
@@ -170,19 +170,7 @@ def test_parts_one_at_a_time_equal_unbounded(orb64):
     """Parts one at a time (the bounded-memory path) take the generic replay (Orb has no layer
     protocol: it carries edge features between layers) and equal the unbounded result at 1e-10
     (float64, halo mode, owned-row node updates)."""
-    from distmlip.models.base import has_steps
-    from distmlip.runtime.steps import uses_steps
-
-    from support import assert_close, one_at_a_time
-
-    model = OrbModel(orb64)
-    assert not has_steps(model)
-    atoms = STRUCTURES["oxide"].repeat((2, 1, 1))
-    ref = evaluate(distmlip.DistributedCalculator(model, 1), atoms)
-    for parts, partitioner in ((3, "metis"), (4, "grid")):
-        calc = one_at_a_time(model, parts, partitioner=partitioner, mode="halo")
-        assert_close(evaluate(calc, atoms), ref, 1e-10, f"{partitioner}/{parts}")
-        assert calc.runner.sequential and not uses_steps(calc.runner)
+    assert_replay_exact(OrbModel(orb64), STRUCTURES["oxide"].repeat((2, 1, 1)))
 
 
 @pytest.mark.mpi

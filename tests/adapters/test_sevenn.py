@@ -46,7 +46,7 @@ from distmlip.runtime.steps import uses_steps
 from distmlip.testing import assert_partition_invariant, check_steps, evaluate
 from distmlip.testing.battery import AdapterBattery
 
-from support import CALLS, assert_close, one_at_a_time
+from support import CALLS, assert_close, counted, one_at_a_time
 from support.adapters import RecordExchange, sevenn_rutile
 
 warnings.filterwarnings("ignore", message=".*accelerat.*")  # sevenn: "no cuEq/flash" notice
@@ -372,16 +372,7 @@ def make_small_sevenn(seed: int = 0, layers: int = 3):
         return build_E3_equivariant_model(config)
 
 
-class _CountedSevenNet(SevenNetModel):
-    """Counts ``forward`` and ``step`` calls in ``support.CALLS`` (which path the runtime took)."""
-
-    def forward(self, graph):
-        CALLS["forward"] += 1
-        return super().forward(graph)
-
-    def step(self, i, graph, state):
-        CALLS["step"] += 1
-        return super().step(i, graph, state)
+_CountedSevenNet = counted(SevenNetModel)
 
 
 @pytest.fixture(scope="module")

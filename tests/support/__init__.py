@@ -47,12 +47,13 @@ LJ_SPEC = "lj:" + ",".join(f"{k}={v}" for k, v in LJ_PARAMS.items())
 def make_lj() -> LennardJones:
     return LennardJones(**LJ_PARAMS)
 
-#: ``forward`` and ``step`` calls of every ``CountedSchNet`` (shared by the runner's replicas).
+#: ``forward`` and ``step`` calls of every counted model (shared by the runner's replicas).
 CALLS: collections.Counter = collections.Counter()
 
 
-class CountedSchNet(SchNet):
-    """SchNet counting its ``forward`` and ``step`` calls in ``CALLS`` (which path the runtime took)."""
+class Counting:
+    """Mixin counting a model's ``forward`` and ``step`` calls in ``CALLS`` (which path the
+    runtime took in bounded memory: the steps, the probe's forward, or the generic replay)."""
 
     def forward(self, graph):
         CALLS["forward"] += 1
@@ -61,6 +62,14 @@ class CountedSchNet(SchNet):
     def step(self, i, graph, state):
         CALLS["step"] += 1
         return super().step(i, graph, state)
+
+
+def counted(cls: type) -> type:
+    """``cls`` (a model or adapter class) counting its calls in ``CALLS``."""
+    return type(f"Counted{cls.__name__}", (Counting, cls), {"__doc__": Counting.__doc__})
+
+
+CountedSchNet = counted(SchNet)
 
 
 def make_schnet(cutoff: float = 5.0, num_interactions: int = 3, hidden_channels: int = 16,
