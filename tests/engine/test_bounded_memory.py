@@ -96,12 +96,18 @@ def test_parts_one_at_a_time_stay_small_on_cpu(monkeypatch):
     _compare(evaluate(few, atoms), ref, RTOL, "budget only")
     cap = unbounded / 20
     monkeypatch.setattr(budget_module, "PART_BYTES", cap)
+    monkeypatch.setattr(budget_module, "MIN_PART_ATOMS", 1)
     small = DistributedCalculator(model, max_memory=int(0.6 * unbounded))
     _compare(evaluate(small, atoms), ref, RTOL, "capped parts")
     runner = small.runner
     largest = runner.planner.predict(runner._built, runner.planner.memory_model)["largest_part"]
     assert largest <= cap < unbounded and small.last_run.sequential
     assert small.last_run.num_parts > few.last_run.num_parts
+    # parts hold MIN_PART_ATOMS atoms on average at least, whatever the cap asks
+    monkeypatch.setattr(budget_module, "MIN_PART_ATOMS", 100)
+    some = DistributedCalculator(model, max_memory=int(0.6 * unbounded))
+    _compare(evaluate(some, atoms), ref, RTOL, "parts of 100 atoms at least")
+    assert some.last_run.sequential and 1 < some.last_run.num_parts <= len(atoms) // 100
 
 
 def test_impossible_budget_is_a_clear_error():
