@@ -513,21 +513,23 @@ def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torc
     except Exception:  # noqa: BLE001 - a model that cannot run a part with a zero-filled halo
         # (CHGNet checks its exchanged bond slots): halo rows priced as updated rows (an upper bound)
         pass
-    coef = _fit(probes, tiny[3])
+    def fitted() -> MemoryModel:
+        coef = _fit(probes, tiny[3])
+        return MemoryModel(per_row=coef[1], per_halo_row=coef[2], per_edge=coef[3], constant=coef[0],
+                           widths=tuple(first[4]), probes=tuple(p[:4] for p in probes))
+
+    result = fitted()
     # one measurement off by more than OUTLIER (a page-fault burst, another thread's allocation)
     # tilts the whole fit: such a probe is measured again and its smaller value kept
-    again = False
+    remeasured = False
     for k, p in enumerate(probes):
-        predicted = coef[0] + coef[1] * p[0] + coef[2] * p[1] + coef[3] * p[2]
-        if abs(predicted - p[3]) > OUTLIER * p[3]:
+        if abs(result.part(p[0], p[2], p[1]) - p[3]) > OUTLIER * p[3]:
             repeat = runs[k]()
             if repeat[3] < p[3]:
-                probes[k], again = repeat, True
-    if again:
-        coef = _fit(probes, tiny[3])
+                probes[k], remeasured = repeat, True
+    if remeasured:
+        result = fitted()
     reuse_memory()  # measured: now evaluate as fast as the allocator allows
-    result = MemoryModel(per_row=coef[1], per_halo_row=coef[2], per_edge=coef[3], constant=coef[0],
-                         widths=tuple(first[4]), probes=tuple(p[:4] for p in probes))
     cache[key] = result
     # the file again: another process may have added a calibration meanwhile
     again = _read_cache(path, disk_key)
