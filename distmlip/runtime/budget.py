@@ -309,8 +309,9 @@ def estimate_memory(model: DistributableModel, atoms, num_parts: int = 1, mode: 
 
     ``num_parts`` parts on one device (the first of ``device``), all alive at once
     (``max_memory=None``), or evaluated one at a time within ``max_memory`` (then the number of
-    parts is the one the calculator would choose). The model's own cost comes from ``calibrate`` (probes of a few hundred atoms, cached);
-    distmlip's graph, plan and stored exchange rows are counted from their sizes.
+    parts is the one the calculator would choose). The model's own cost comes from
+    ``calibrate`` (probes of a few hundred atoms, cached); distmlip's graph, plan and stored
+    exchange rows are counted from their sizes.
     """
     planner, system = _planner(model, atoms, num_parts, mode, dtype, device, partitioner, skin,
                                max_memory, renamed_options, "estimate")
