@@ -194,7 +194,7 @@ class Planner:
         graph = inside = None
         hopeless = False  # all at once cannot fit: the model's cost for every atom exceeds the budget
         if self.sequential is None and comm.world_size == 1:
-            # the graph first: when all at once cannot fit, its build (145 bytes per edge: it was
+            # the graph first: when all at once cannot fit, its build (145 bytes per edge then: it was
             # the peak of a search under a tight budget, 60 MB where the parts chosen needed 34)
             # is not made
             graph = NeighborGraph.from_arrays(positions, cell, pbc, numbers,

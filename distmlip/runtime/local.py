@@ -134,7 +134,7 @@ def local_graph(numbers: np.ndarray, edge_index: np.ndarray, vec: np.ndarray, ex
     asking for a gradient if ``requires_grad``), on ``device``."""
     return LocalGraph(
         numbers=torch.as_tensor(numbers, device=device),
-        edge_index=torch.as_tensor(edge_index, device=device).reshape(2, -1),
+        edge_index=torch.as_tensor(edge_index, dtype=torch.long, device=device).reshape(2, -1),
         edge_vec=torch.as_tensor(vec, device=device).to(dtype).requires_grad_(requires_grad),
         halo_exchange=exchange,
         owned_mask=torch.as_tensor(np.arange(len(numbers)) < num_owned, device=device),

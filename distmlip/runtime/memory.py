@@ -42,10 +42,12 @@ __all__ = ["MemoryModel", "PeakMeter", "cache_dir", "calibrate", "check_passed",
 
 log = logging.getLogger("distmlip")
 
-# bytes per edge held by distmlip's own arrays (int64 ids and shifts; float64 vectors)
-GRAPH_BYTES_PER_EDGE = 40  # NeighborGraph: senders, receivers (8 + 8), shifts (3 x 8)
-GRAPH_BUILD_BYTES_PER_EDGE = 100  # while building: vesin's output, the sort order and copies
-PLAN_BYTES_PER_EDGE = 24  # per part: edge ids (8) and local edge_index (2 x 8)
+# bytes per edge held by distmlip's own arrays (int32 ids, int8 shifts; float64 vectors)
+GRAPH_BYTES_PER_EDGE = 11  # NeighborGraph: senders, receivers (4 + 4), shifts (3 x 1)
+# while building: vesin's output (28), the sort order (8) and the compact copies (measured 52.6
+# on 108,000 Al atoms, 4.5 M edges; 90.7 when the copies were int64)
+GRAPH_BUILD_BYTES_PER_EDGE = 56
+PLAN_BYTES_PER_EDGE = 12  # per part: edge ids (4) and local edge_index (2 x 4)
 CALL_BYTES_PER_EDGE = 64  # per call, numpy: vectors (24), kept copies, gradients (24), masks
 PROBE_TARGET_BYTES = 150e6  # the first calibration probe grows until it adds about this much
 # ... but a budget limits it to a sixth of the budget, never below this: smaller probes are

@@ -204,3 +204,36 @@ def test_rebuilds_do_not_grow_ctypes_caches():
     sizes = {build(n).num_edges for n in range(1, 30)}
     assert len(sizes) > 20  # many distinct edge counts
     assert len(ctypes._pointer_type_cache) == before
+
+
+def test_graph_and_plan_are_stored_compactly():
+    """The graph keeps int32 atom ids and int8 lattice shifts (11 bytes an edge), a part's plan
+    int32 edge ids and local indices, and the build's measured peak stays within the bytes per
+    edge the memory model charges for it (``GRAPH_BUILD_BYTES_PER_EDGE``)."""
+    import torch
+
+    from distmlip.partition import PartitionPlan
+    from distmlip.runtime.memory import GRAPH_BUILD_BYTES_PER_EDGE, GRAPH_BYTES_PER_EDGE, PeakMeter
+
+    atoms = fcc_bulk(size=14, seed=1)  # 10,976 atoms, ~0.9 M edges at 5.5 Å
+    with PeakMeter(torch.device("cpu")) as meter:
+        graph = NeighborGraph.from_atoms(atoms, 5.5)
+    assert graph.senders.dtype == graph.receivers.dtype == np.int32
+    assert graph.shifts.dtype == np.int8
+    stored = graph.senders.nbytes + graph.receivers.nbytes + graph.shifts.nbytes
+    assert stored == GRAPH_BYTES_PER_EDGE * graph.num_edges
+    assert meter.peak <= GRAPH_BUILD_BYTES_PER_EDGE * graph.num_edges, meter.peak / graph.num_edges
+    plan = PartitionPlan.build(graph, 4)
+    for part in plan.parts:
+        assert part.edges.dtype == part.edge_index.dtype == np.int32
+        assert np.array_equal(part.atoms[part.edge_index[1]], graph.receivers[part.edges])
+
+
+def test_shifts_beyond_int8_are_kept_exactly():
+    """A 1 Å periodic chain with a 150 Å cutoff: shifts up to 150 cells do not fit int8; the
+    graph stores them wider and still equals ASE's neighbour list."""
+    atoms = Atoms("H", positions=[[0.0, 0.0, 0.0]], cell=[1.0, 20.0, 20.0], pbc=[True, False, False])
+    graph = NeighborGraph.from_atoms(atoms, 150.0)
+    assert graph.shifts.dtype == np.int32 and int(np.abs(graph.shifts).max()) == 149
+    i, j, S = neighbor_list("ijS", atoms, 150.0)
+    assert _triples(graph.receivers, graph.senders, graph.shifts) == _triples(i, j, S)
