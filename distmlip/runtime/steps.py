@@ -11,7 +11,7 @@ import torch
 
 from ..models.base import HaloExchange, LocalGraph, check_state, compare_steps, has_steps
 from .build import Built
-from .memory import check_passed, remember_check
+from .cache import check_passed, remember_check
 from .progress import Progress
 from .sequential import (
     HALO,

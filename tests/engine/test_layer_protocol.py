@@ -247,3 +247,44 @@ def test_under_mpirun_steps():
     assert proc.returncode == 0, out[-4000:]
     for rank in range(2):
         assert f"rank {rank}: 85 layer-protocol checks passed with 4 parts, one at a time" in out, out[-4000:]
+
+
+def test_stored_state_is_predicted(monkeypatch):
+    """The memory model's bytes stored by steps (``MemoryModel.stored(rows, steps=True)``, from the
+    state widths measured on a probe) bound the bytes the step store really holds at its largest
+    (forward: every level's state; backward: the levels below, two levels' gradients), and by
+    no more than the owned-row entries it counts on every row: SchNet keeps (h, x) per level."""
+    import numpy as np
+
+    from distmlip.graph import NeighborGraph
+    from distmlip.runtime import steps as steps_module
+    from distmlip.runtime.memory import MemoryModel, _state_widths
+
+    model = make_schnet(hidden_channels=32)
+    atoms = fcc_bulk(size=4, seed=5)
+    widths = _state_widths(model, NeighborGraph.from_atoms(atoms, model.cutoff), torch.float64,
+                           torch.device("cpu"))
+    assert widths == (2 * 32 * 8,) * (model.num_layers - 1)  # (h, x) per level, float64
+    held = []
+
+    def measure(store):
+        held.append(sum(t.numel() * t.element_size() for values in (store.X, store.Z, store.G, store.Gown)
+                        for t in values if isinstance(t, torch.Tensor)))
+
+    for name in ("forward_step", "backward_step"):
+        original = getattr(steps_module.StepWorker, name)
+
+        def wrapped(self, j, *args, _original=original):
+            _original(self, j, *args)
+            measure(self.store)
+        monkeypatch.setattr(steps_module.StepWorker, name, wrapped)
+    calc = one_at_a_time(model, 4)
+    ref = evaluate(DistributedCalculator(model, 1), atoms)
+    assert_close(evaluate(calc, atoms), ref, RTOL, "steps")
+    memory = MemoryModel(0.0, 0.0, 0.0, 0.0, widths=(), state_widths=widths)
+    predicted = memory.stored(len(atoms), steps=True)
+    assert held and max(held) <= predicted
+    # the prediction counts the owned-row entry (x) on halo rows too: a single shard has none
+    assert max(held) >= 0.95 * predicted, (max(held), predicted)
+    print(f"\nstored at most {max(held)} bytes, predicted {predicted:.0f}")
+    assert memory.stored(len(atoms)) == 0 and np.isfinite(predicted)
