@@ -6,6 +6,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family sevenn    # SevenNet-0, 256 Cu
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family mace      # MACE, 500 Cu/Al
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family tensornet # TensorNet, 1,500 Li2O
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family uma       # UMA MoE, 324 Li2O
 
 Families (``--family``; every one float64, a fresh process per configuration, one torch thread):
 
@@ -17,6 +18,9 @@ Families (``--family``; every one float64, a fresh process per configuration, on
   weights, tests/support/adapters.py) on fcc Cu with every fifth atom Al (default size 5: 500).
 - ``tensornet``: the tests' matgl TensorNet (16 units, 2 blocks, 4 Å, random weights) on
   antifluorite Li2O (default size 5: 1,500 atoms).
+- ``uma``: the tests' fairchem eSCN-MD mixture of experts (UMA's architecture: 16 sphere channels,
+  lmax = mmax = 2, 2 blocks, 4 experts mixed by the composition and the task "omat", 5 Å, random
+  weights, tests/support/adapters.py) on antifluorite Li2O (default size 3: 324 atoms).
 
 CPU time is ``time.process_time`` of ``calc.calculate``: the first call (graph, partition, the
 layer protocol's probe unless a passed one is on record) and the next one (atoms moved 1e-3 Å:
@@ -91,7 +95,7 @@ def _system(family: str, size: int):
         atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((size,) * 3)
         atoms.rattle(0.03, seed=1)
         return distmlip.load("sevennet-0"), atoms, "float64"
-    from support.adapters import make_mace, make_matgl
+    from support.adapters import make_mace, make_matgl, make_uma_moe
 
     if family == "mace":
         atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((size,) * 3)
@@ -100,6 +104,8 @@ def _system(family: str, size: int):
         return distmlip.wrap(make_mace()), atoms, "float64"
     atoms = bulk("Li2O", "fluorite", a=4.61, cubic=True).repeat((size,) * 3)
     atoms.rattle(0.03, seed=1)
+    if family == "uma":
+        return distmlip.wrap(make_uma_moe().double(), task="omat"), atoms, "float64"
     return distmlip.wrap(make_matgl()), atoms, "float64"
 
 
@@ -108,7 +114,10 @@ FAMILIES = {"schnet": (18, "SchNet, 3 interactions, 32 channels, float64, 5 Å, 
             "mace": (5, "MACE (128x0e+128x1o, 2 interactions, 6 Å, random weights) in float64, on "
                         "{n} Cu/Al atoms"),
             "tensornet": (5, "matgl TensorNet (16 units, 2 blocks, 4 Å, random weights) in float64, "
-                             "on {n} Li2O atoms")}
+                             "on {n} Li2O atoms"),
+            "uma": (3, "fairchem eSCN-MD mixture of experts (UMA's architecture: 16 sphere channels, "
+                       "lmax = mmax = 2, 2 blocks, 4 experts, 5 Å, random weights) in float64, task "
+                       "omat, on {n} Li2O atoms")}
 
 
 def run(size: int, path: str, budget=None, family: str = "schnet") -> dict:
@@ -125,7 +134,7 @@ def main():
                         help="the model and system (see above; default schnet)")
     parser.add_argument("--size", type=int, default=None,
                         help="cubic cell repeats per direction (default: schnet 18, sevenn 4, mace 5, "
-                             "tensornet 5)")
+                             "tensornet 5, uma 3)")
     parser.add_argument("--fraction", type=float, default=0.3, help="budget / unbounded added peak")
     args = parser.parse_args()
     import numpy as np

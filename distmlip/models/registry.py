@@ -72,7 +72,8 @@ ADAPTER_TABLE: tuple[AdapterInfo, ...] = (
                 owned_rows_only=True),
     AdapterInfo("fairchem", ("fairchem",), "fairchem-core", "fairchem",
                 "fairchem Hydra models with an eSCN-MD (UMA) backbone, mixture of experts "
-                "included, or an MLIPPredictUnit / FAIRChemCalculator holding one (fairchem-core)"),
+                "included, or an MLIPPredictUnit / FAIRChemCalculator holding one (fairchem-core)",
+                owned_rows_only=True),
     AdapterInfo("mattersim", ("mattersim",), "mattersim", "mattersim",
                 "MatterSim M3Gnet, or a Potential / MatterSimCalculator holding one (mattersim)",
                 owned_rows_only=True, no_deps=True),
