@@ -275,8 +275,8 @@ class DistributableModel(torch.nn.Module):
 
     Composing them with the exchanges between steps must equal ``forward`` (``run_steps`` does
     exactly that; ``compare_steps`` and ``distmlip.testing.check_steps`` check it, and the runtime
-    checks it on a small probe before it first uses the steps). A model without them keeps working
-    through the generic replay, unchanged.
+    checks it on a small probe crystal when a calculator that will use the steps is built). A
+    model without them keeps working through the generic replay, unchanged.
     """
 
     cutoff: float

@@ -259,6 +259,14 @@ def _state_widths(model: DistributableModel, graph, dtype: torch.dtype,
     return tuple(int(w) for w in widths)
 
 
+def probe_local(graph, dtype: torch.dtype, device: torch.device):
+    """A probe graph as one unsplit ``LocalGraph`` (every row owned), as the runtime makes them."""
+    numbers, edge_index, vec, _ = _part_of(graph, 1.0)
+    n = len(numbers)
+    return local_graph(numbers, edge_index, vec, _PadExchange(n, n), np.arange(n), graph.cell, n, n,
+                       dtype, device, requires_grad=False)
+
+
 def _part_of(graph, fraction: float):
     """A halo-mode part of a probe graph: the ``fraction`` of atoms lowest along the first
     Cartesian axis owned, the atoms sending to them as halo. Returns

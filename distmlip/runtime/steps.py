@@ -12,6 +12,7 @@ import torch
 from ..models.base import HaloExchange, LocalGraph, check_state, compare_steps, has_steps
 from .build import Built
 from .cache import check_passed, remember_check
+from .memory import _probe_graph, probe_local
 from .progress import Progress
 from .sequential import (
     HALO,
@@ -24,7 +25,7 @@ from .sequential import (
     gatherer,
 )
 
-__all__ = ["PROBE_ROWS", "StepWorker", "evaluate_steps", "uses_steps"]
+__all__ = ["PROBE_ROWS", "StepWorker", "check_steps_early", "evaluate_steps", "uses_steps"]
 
 # ---------------------------------------------------------------------- the layer protocol
 # A model that describes itself as steps (``DistributableModel.embed/step/energies``, see
@@ -219,6 +220,41 @@ def _probe(worker: StepWorker, positions: np.ndarray) -> str | None:
                               local.cell)
     report = compare_steps(worker.model, probe)
     return None if report["ok"] else report["message"]
+
+
+def _probe_atoms(model):
+    """A small periodic crystal of (up to two of) the elements the model declares
+    (``model.elements.numbers``; copper when it declares none): 2 atoms, 2.4 Å apart."""
+    from ase import Atoms
+
+    numbers = sorted(getattr(getattr(model, "elements", None), "numbers", None) or (29,))
+    pair = [numbers[len(numbers) // 2], numbers[-1]] if len(numbers) > 1 else [numbers[0]] * 2
+    return Atoms(numbers=pair, scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5]],
+                 cell=np.eye(3) * 2.77, pbc=True)
+
+
+def check_steps_early(runner) -> None:
+    """When the calculator is built: refuse a model whose steps do not compose to ``forward`` on
+    a small probe crystal (naming the step and the largest difference), if the runner will take
+    the steps (a budget or ``sequential``). A probe the model cannot evaluate (elements it lacks:
+    a custom model that declares none) leaves the check to the first evaluation (on the system's
+    own first part). Passed checks are remembered per model and dtype on this machine."""
+    if not uses_steps(runner) or not (runner.budget is not None or runner.planner.sequential):
+        return
+    model = next(iter(runner.replicas.values()))
+    source = runner.planner.source
+    if check_passed(source, runner.dtype, "steps"):
+        runner._steps_checked = True
+        return
+    try:
+        graph = _probe_graph(_probe_atoms(model), float(model.cutoff), 16, 1.0)
+        report = compare_steps(model, probe_local(graph, runner.dtype, runner.devices[0]))
+    except Exception:  # noqa: BLE001 - a probe the model cannot take: checked at the first call
+        return
+    if not report["ok"]:
+        raise ValueError(report["message"])
+    remember_check(source, runner.dtype, "steps")
+    runner._steps_checked = True
 
 
 def evaluate_steps(runner, b: Built, positions: np.ndarray, buffer: np.ndarray,

@@ -82,27 +82,27 @@ def test_steps_compose_to_forward():
 def test_bounded_steps_equal_unbounded(name, own_cache):
     """Periodic and non-periodic cells, several part counts and partitioners, two workers: energy,
     forces, stress and per-atom energies within 1e-10 of the unbounded result, through the steps
-    (forward called only on the probe, which the first calculator runs: the others find it
-    passed in the cache)."""
+    (forward called only on the probe, which the first calculator runs when it is built: the
+    others find it passed in the cache)."""
     model = like(CountedSchNet)
     atoms = awkward_structures()[name]
     ref = evaluate(DistributedCalculator(model, 1), atoms)
     first = True
     for parts, partitioner, device in ((1, "grid", "cpu"), (2, "slab", "cpu"), (3, "metis", "cpu"),
                                        (7, "slab", "cpu"), (4, "grid", ["cpu", "cpu"])):
+        CALLS.clear()
         calc = one_at_a_time(model, parts, partitioner=partitioner, mode="halo", device=device)
+        assert CALLS["forward"] == int(first) and CALLS["step"] == model.num_layers * int(first), CALLS
         for call in range(2):
             CALLS.clear()
-            calc.reset()  # the second call knows the levels and skips the probe
+            calc.reset()
             got = evaluate(calc, atoms)
             assert_close(got, ref, RTOL, f"{name}/{partitioner}/{parts}/call {call}")
             assert calc.runner.sequential and calc.last_plan.num_parts == parts
-            # no replay: forward only on the probe; 2 L - 1 steps per part
-            probed = first and call == 0
-            assert CALLS["forward"] == int(probed), CALLS
+            # no replay: no forward; 2 L - 1 steps per part
+            assert CALLS["forward"] == 0, CALLS
             pieces = sum(max(len(s.parts), 1) for s in calc.runner._built.shards)
-            probe = model.num_layers if probed else 0
-            assert CALLS["step"] == (2 * model.num_layers - 1) * pieces + probe, CALLS
+            assert CALLS["step"] == (2 * model.num_layers - 1) * pieces, CALLS
         first = False
         assert calc.runner.last_exchange_calls == model.num_layers - 1
 
@@ -131,8 +131,8 @@ def test_steps_call_counts(own_cache, monkeypatch, tmp_path):
     directory; with another directory it probes again."""
     model = like(CountedSchNet)
     atoms = fcc_bulk(size=3, seed=2)
-    calc = one_at_a_time(model, 5)
     CALLS.clear()
+    calc = one_at_a_time(model, 5)  # the probe: when the calculator is built
     evaluate(calc, atoms)
     assert CALLS == {"forward": 1, "step": 2 * 5 + 3 * 5 + 3}, CALLS
     CALLS.clear()
@@ -223,12 +223,28 @@ def test_broken_steps_refused(cls, where):
     assert not report["ok"], report
     with pytest.raises(AssertionError, match=where):
         check_steps(model, atoms)
-    calc = one_at_a_time(model, 3)
-    with pytest.raises(ValueError, match=f"do not compose to its forward: {where}.*largest relative "
-                                         f"difference"):
-        evaluate(calc, atoms)
+    refusal = f"do not compose to its forward: {where}.*largest relative difference"
+    # refused when the calculator is built (a probe crystal), with a budget or one at a time
+    with pytest.raises(ValueError, match=refusal):
+        DistributedCalculator(model, 3, max_memory="1GB")
+    with pytest.raises(ValueError, match=refusal):
+        one_at_a_time(model, 3)
     # unbounded (no steps used) it still runs its forward
     evaluate(DistributedCalculator(model, 3), atoms)
+
+
+def test_steps_the_probe_cannot_take_are_checked_at_the_first_call(monkeypatch):
+    """A model the probe crystal does not suit (here: the probe made to fail) is built, and its
+    broken steps refused at the first bounded evaluation, on the system's own first part."""
+    from distmlip.runtime import steps
+
+    def unsuitable(model):
+        raise KeyError("no element this model takes")
+
+    monkeypatch.setattr(steps, "_probe_atoms", unsuitable)
+    calc = one_at_a_time(like(BrokenStep), 3)
+    with pytest.raises(ValueError, match=r"do not compose to its forward: step\(1\) differs first"):
+        evaluate(calc, fcc_bulk(size=3, seed=2))
 
 
 def test_step_calling_the_exchange_refused():
