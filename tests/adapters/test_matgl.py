@@ -147,6 +147,53 @@ def test_m3gnet_split_equals_whole(m3gnet64, name):
     assert max(r["max_err"] for r in report) <= 1e-10
 
 
+def _count_m3gnet_rows(model: M3GNetModel) -> dict:
+    """Forward pre-hooks counting the rows given to M3GNet's node-wise maps: every block's
+    three-body gate (``update_network_atom``; from block 1 on it reads the node features the
+    block before updated) and the readout (``final_layer``, after the last block):
+    {name: [rows per call]}."""
+    m = model._m3gnet
+    rows: dict = {}
+
+    def counter(name):
+        def hook(module, args):
+            rows.setdefault(name, []).append(int(args[0].shape[0]))
+        return hook
+
+    for i, block in enumerate(m.three_body_interactions):
+        block.update_network_atom.register_forward_pre_hook(counter(f"{i}.gate"))
+    m.final_layer.register_forward_pre_hook(counter("readout"))
+    return rows
+
+
+def test_m3gnet_node_work_only_on_owned_rows(m3gnet64):
+    """4 parts in halo mode: M3GNet's node-wise work (the three-body gate of every block after
+    the first, the node updates feeding it, the readout) runs on exactly the owned rows, whose
+    total over the parts is the number of atoms (before: every local row), with one exchange
+    (node features and gate together) before every block after the first; the first block's gate
+    is per element (its table: one row per element type). Extended mode computes every local row.
+    Both equal the unsplit model's at 1e-10 (``split_row_counts``) and matgl's float64
+    calculator."""
+    model = distmlip.wrap(m3gnet64)
+    assert isinstance(model, M3GNetModel)
+    atoms = oxide(repeat=(2, 2, 2))  # 96 atoms
+    n = len(atoms)
+    ref = matgl_reference(m3gnet64, atoms, 64)
+    nblocks = model._m3gnet.n_blocks
+    table = len(model._m3gnet.element_types)
+    for mode, calc, rows, local in split_row_counts(model, atoms, _count_m3gnet_rows):
+        assert set(rows) == {"readout"} | {f"{i}.gate" for i in range(nblocks)}
+        assert set(rows["0.gate"]) == {table}, rows["0.gate"]
+        for name, counts in rows.items():
+            if name != "0.gate":
+                assert sum(counts) == (n if mode == "halo" else local), (mode, name, counts)
+        assert calc.runner.last_exchange_calls == (nblocks - 1 if mode == "halo" else 0)
+        got = evaluate(calc, atoms)
+        assert abs(got["energy"] - ref["energy"]) / n < 1e-9
+        assert np.abs(got["forces"] - ref["forces"]).max() < 1e-8
+        assert np.abs(got["stress"] - ref["stress"]).max() < 1e-9
+
+
 def test_bare_tensornet_and_energies(potential64):
     """A bare TensorNet (no scale, shift or references) equals Potential(model) with defaults;
     per-atom energies add up to the total."""
