@@ -241,7 +241,8 @@ class DistributableModel(torch.nn.Module):
 
     Features that live on edges or angles across atoms (CHGNet's bond graph) are not exchanged by
     distmlip: split their update into per-atom partial sums and exchange those as node features
-    (see ``distmlip/models/chgnet.py`` and docs/wrapping.md).
+    (see ``distmlip/models/chgnet.py`` and docs/wrapping.md); in the layer protocol such features
+    are ``edge_entries`` of the state (below).
 
     distmlip sums the energies of owned atoms, and obtains forces and stress from the gradient of
     that sum with respect to ``edge_vec``. Halo rows of the output are discarded.

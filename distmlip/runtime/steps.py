@@ -240,18 +240,20 @@ def run_energies(model, local: LocalGraph, state) -> torch.Tensor:
 
 
 #: Rows of the probe on which the runtime checks, once per runner, that the steps compose to
-#: ``forward`` (the first rows of the first part, taken as a whole system).
+#: ``forward`` (the first owned rows of the first part, taken as a whole system).
 PROBE_ROWS = 64
 
 
 def _probe(worker: StepWorker, positions: np.ndarray) -> str | None:
-    """None if the steps compose to ``forward`` on a small probe (the first ``PROBE_ROWS`` rows of
-    the worker's first part and the edges among them, unsplit), else the refusal's message."""
+    """None if the steps compose to ``forward`` on a small probe (the first ``PROBE_ROWS`` owned
+    rows of the worker's first part and the edges among them, unsplit), else the refusal's
+    message. Owned rows only: a halo row receives no edge in its part, so among owned rows every
+    edge's reverse is there too (CHGNet's bond graph matches each edge with its reverse)."""
     k = worker._indices()[0]
     if k is None:
         return None
     local = worker._graph(k, positions, with_grad=False)[0]
-    m = min(local.num_nodes, PROBE_ROWS)
+    m = min(local.num_owned or local.num_nodes, PROBE_ROWS)
     keep = (local.edge_index < m).all(0)
     probe = LocalGraph.single(local.numbers[:m], local.edge_index[:, keep], local.edge_vec[keep].detach(),
                               local.cell)
