@@ -7,6 +7,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family mace      # MACE, 500 Cu/Al
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family tensornet # TensorNet, 1,500 Li2O
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family uma       # UMA MoE, 324 Li2O
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family chgnet    # CHGNet 0.3.0, 324 Li2O
 
 Families (``--family``; every one float64, a fresh process per configuration, one torch thread):
 
@@ -21,6 +22,9 @@ Families (``--family``; every one float64, a fresh process per configuration, on
 - ``uma``: the tests' fairchem eSCN-MD mixture of experts (UMA's architecture: 16 sphere channels,
   lmax = mmax = 2, 2 blocks, 4 experts mixed by the composition and the task "omat", 5 Å, random
   weights, tests/support/adapters.py) on antifluorite Li2O (default size 3: 324 atoms).
+- ``chgnet``: CHGNet 0.3.0 (pretrained, shipped in the chgnet wheel; 4 layers, 6 Å atom graph, 3 Å
+  bond graph, bond and angle features carried as edge entries) in float64 on antifluorite Li2O
+  (default size 3: 324 atoms).
 
 CPU time is ``time.process_time`` of ``calc.calculate``: the first call (graph, partition, the
 layer protocol's probe unless a passed one is on record) and the next one (atoms moved 1e-3 Å:
@@ -95,6 +99,10 @@ def _system(family: str, size: int):
         atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((size,) * 3)
         atoms.rattle(0.03, seed=1)
         return distmlip.load("sevennet-0"), atoms, "float64"
+    if family == "chgnet":
+        atoms = bulk("Li2O", "fluorite", a=4.61, cubic=True).repeat((size,) * 3)
+        atoms.rattle(0.03, seed=1)
+        return distmlip.load("chgnet-0.3.0"), atoms, "float64"
     from support.adapters import make_mace, make_matgl, make_uma_moe
 
     if family == "mace":
@@ -117,7 +125,9 @@ FAMILIES = {"schnet": (18, "SchNet, 3 interactions, 32 channels, float64, 5 Å, 
                              "on {n} Li2O atoms"),
             "uma": (3, "fairchem eSCN-MD mixture of experts (UMA's architecture: 16 sphere channels, "
                        "lmax = mmax = 2, 2 blocks, 4 experts, 5 Å, random weights) in float64, task "
-                       "omat, on {n} Li2O atoms")}
+                       "omat, on {n} Li2O atoms"),
+            "chgnet": (3, "CHGNet 0.3.0 (pretrained, 4 layers, 6 Å atom graph, 3 Å bond graph; bond "
+                          "and angle features as edge entries) in float64, on {n} Li2O atoms")}
 
 
 def run(size: int, path: str, budget=None, family: str = "schnet") -> dict:
@@ -134,7 +144,7 @@ def main():
                         help="the model and system (see above; default schnet)")
     parser.add_argument("--size", type=int, default=None,
                         help="cubic cell repeats per direction (default: schnet 18, sevenn 4, mace 5, "
-                             "tensornet 5, uma 3)")
+                             "tensornet 5, uma 3, chgnet 3)")
     parser.add_argument("--fraction", type=float, default=0.3, help="budget / unbounded added peak")
     args = parser.parse_args()
     import numpy as np

@@ -166,7 +166,8 @@ class Planner:
                                        int(inside[p.edges].sum()), p.num_halo if halo else 0)
                            + CALL_BYTES_PER_EDGE * len(p.edges) for p in parts),
                           default=memory.part(0, 0))
-                stored.append(memory.stored(shard.num_rows, steps=self.by_steps))
+                stored.append(memory.stored(shard.num_rows, steps=self.by_steps,
+                                            edges=sum(int(inside[p.edges].sum()) for p in parts)))
             else:
                 kept = sum(int(inside[p.edges].sum()) for p in parts)
                 updated = shard.num_owned if halo else shard.num_rows

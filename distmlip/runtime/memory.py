@@ -27,7 +27,7 @@ from ase import Atoms
 
 from ..graph import NeighborGraph
 from ..graph.neighbors import complete_cell
-from ..models.base import DistributableModel, HaloExchange, has_steps
+from ..models.base import DistributableModel, HaloExchange, edge_entries, has_steps
 from ..options import device_free_memory, device_total_memory, parse_budget
 from .cache import cache_dir, cache_file, calibration_key, model_fingerprint, write_json
 from .local import local_graph, run_model
@@ -148,8 +148,11 @@ class MemoryModel:
         widths: bytes per row of the features given to each ``halo_exchange`` call, in order.
         probes: ``(updated rows, halo rows, edges, measured bytes)`` of the calibration runs.
         state_widths: for a model with the layer protocol, bytes per row of the state each step
-            but the last returns (every entry, levels 0 .. L-2): what a bounded evaluation by
-            steps stores; empty otherwise.
+            but the last returns (every entry but the edge entries, levels 0 .. L-2): what a
+            bounded evaluation by steps stores; empty otherwise.
+        edge_state_widths: the same for the edge entries (``DistributableModel.edge_entries``),
+            bytes per edge of the part (their rows summed over the probe's edges: an angle entry
+            is priced per edge at the probe's angles per edge); empty without edge entries.
     """
 
     per_row: float
@@ -159,6 +162,7 @@ class MemoryModel:
     widths: tuple[int, ...]
     probes: tuple[tuple[int, int, int, int], ...] = ()
     state_widths: tuple[int, ...] = ()
+    edge_state_widths: tuple[int, ...] = ()
 
     def part(self, rows, edges, halo_rows=0) -> float:
         """Peak bytes while a part is evaluated: ``rows`` updated rows, ``halo_rows`` read-only
@@ -166,20 +170,23 @@ class MemoryModel:
         return float(self.constant + self.per_row * rows + self.per_halo_row * halo_rows
                      + self.per_edge * edges)
 
-    def stored(self, rows: int, steps: bool = False) -> float:
-        """Bytes of the rows kept when parts are evaluated one at a time. The generic replay: the
-        exchanged rows Z and their gradients G of every level, plus one level being posted.
-        By steps (``steps`` and ``state_widths`` known): the largest of the forward (every
-        level's state, plus one being posted) and each backward step j (the states of levels
-        below j, the gradient of level j - 1 being summed and that of level j being read; see
-        runtime/steps.py)."""
+    def stored(self, rows: int, steps: bool = False, edges: int = 0) -> float:
+        """Bytes of the rows kept when parts are evaluated one at a time (``rows``: the worker's
+        local rows, ``edges``: its parts' edges). The generic replay: the exchanged rows Z and
+        their gradients G of every level, plus one level being posted. By steps (``steps`` and
+        ``state_widths`` known): the largest of the forward (every level's state, plus one being
+        posted; edge entries are stored as returned, nothing posted) and each backward step j
+        (the states of levels below j, the gradient of level j - 1 being summed and that of level
+        j being read; see runtime/steps.py), edge entries priced per edge."""
         w = self.state_widths
         if not (steps and w):
             return float((2 * sum(self.widths) + max(self.widths, default=0)) * rows)
-        peak = sum(w) + max(w)
+        we = tuple(self.edge_state_widths) or (0,) * len(w)
+        peak = (sum(w) + max(w)) * rows + sum(we) * edges
         for j in range(1, len(w) + 1):
-            peak = max(peak, sum(w[:j]) + w[j - 1] + (w[j] if j < len(w) else 0))
-        return float(peak * rows)
+            held = [(sum(v[:j]) + v[j - 1] + (v[j] if j < len(v) else 0)) for v in (w, we)]
+            peak = max(peak, held[0] * rows + held[1] * edges)
+        return float(peak)
 
 
 class _PadExchange(HaloExchange):
@@ -236,27 +243,31 @@ def _probe_graph(atoms, cutoff: float, target_atoms: int, scale: float):
 
 
 def _state_widths(model: DistributableModel, graph, dtype: torch.dtype,
-                  device: torch.device) -> tuple[int, ...]:
+                  device: torch.device) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Bytes per row of each level's state (every step's output but the last's) of a model with
-    the layer protocol, run on a probe graph; empty without steps, or if they fail here (the
-    runtime's own check names the failure when it first uses them)."""
+    the layer protocol, run on a probe graph, and bytes per edge of its edge entries (their bytes
+    over the probe's edges, rounded up); empty without steps, or if they fail here (the runtime's
+    own check names the failure when it first uses them)."""
     if not has_steps(model):
-        return ()
+        return (), ()
     numbers, edge_index, vec, _ = _part_of(graph, 1.0)
-    n = len(numbers)
+    n, num_edges = len(numbers), edge_index.shape[1]
     local = local_graph(numbers, edge_index, vec, _PadExchange(n, n), np.arange(n), graph.cell, n, n,
                         dtype, device, requires_grad=False)
-    widths = []
+    widths, edge_widths = [], []
     try:
+        edges = edge_entries(model)
         with torch.no_grad():
             state = model.embed(local)
             for i in range(int(model.num_steps) - 1):
                 state = model.step(i, local, state)
-                widths.append(sum(t[:1].numel() * t.element_size() for t in state
-                                  if isinstance(t, torch.Tensor) and t.ndim and len(t)))
+                widths.append(sum(t[:1].numel() * t.element_size() for e, t in enumerate(state)
+                                  if isinstance(t, torch.Tensor) and t.ndim and len(t) and e not in edges))
+                edge_widths.append(math.ceil(sum(t.numel() * t.element_size() for e, t in enumerate(state)
+                                                 if e in edges) / max(num_edges, 1)))
     except Exception:  # noqa: BLE001 - the steps' own check (runtime/steps.py) reports it
-        return ()
-    return tuple(int(w) for w in widths)
+        return (), ()
+    return tuple(int(w) for w in widths), (tuple(int(w) for w in edge_widths) if edges else ())
 
 
 def probe_local(graph, dtype: torch.dtype, device: torch.device):
@@ -296,7 +307,7 @@ def _to_json(room: float, m: MemoryModel) -> dict:
     return {"room": None if math.isinf(room) else float(room), "per_row": m.per_row,
             "per_halo_row": m.per_halo_row, "per_edge": m.per_edge, "constant": m.constant,
             "widths": list(m.widths), "probes": [list(p) for p in m.probes],
-            "state_widths": list(m.state_widths)}
+            "state_widths": list(m.state_widths), "edge_state_widths": list(m.edge_state_widths)}
 
 
 def _from_json(entry: dict) -> tuple[float, MemoryModel]:
@@ -306,7 +317,8 @@ def _from_json(entry: dict) -> tuple[float, MemoryModel]:
         raise ValueError("a negative or non-finite coefficient")
     return room, MemoryModel(*values, widths=tuple(int(w) for w in entry["widths"]),
                              probes=tuple(tuple(int(x) for x in p) for p in entry["probes"]),
-                             state_widths=tuple(int(w) for w in entry.get("state_widths", ())))
+                             state_widths=tuple(int(w) for w in entry.get("state_widths", ())),
+                             edge_state_widths=tuple(int(w) for w in entry["edge_state_widths"]))
 
 
 def _warn_once(path: Path, why: str) -> None:
@@ -334,7 +346,8 @@ def _read_cache(path: Path | None, key: dict) -> list[tuple[float, MemoryModel]]
                              f"expected {CACHE_SCHEMA}")
         if data.get("key") != key:
             raise ValueError("written for another model, version or device")
-        return [_from_json(e) for e in data["calibrations"]]
+        # an entry written before edge entries were priced is dropped (recalibrated, silently)
+        return [_from_json(e) for e in data["calibrations"] if "edge_state_widths" in e]
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         _warn_once(path, f"{type(exc).__name__}: {exc}")
         return None
@@ -427,7 +440,7 @@ def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torc
 
     tiny_graph = _probe_graph(atoms, model.cutoff, 16, 1.0)
     measure(tiny_graph)  # warm-up: one-time allocations
-    state_widths = _state_widths(model, tiny_graph, dtype, device)
+    state_widths, edge_state_widths = _state_widths(model, tiny_graph, dtype, device)
     # a part of any size costs at least the constant: a small part measured after the warm-up
     # bounds it (the fit extrapolates the constant from probes of hundreds of MB, where a few
     # percent of one probe move it by tens of MB: a floor of 106 MB named for a 93 MB system)
@@ -460,7 +473,7 @@ def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torc
         coef = _fit(probes, tiny[3])
         return MemoryModel(per_row=coef[1], per_halo_row=coef[2], per_edge=coef[3], constant=coef[0],
                            widths=tuple(first[4]), probes=tuple(p[:4] for p in probes),
-                           state_widths=state_widths)
+                           state_widths=state_widths, edge_state_widths=edge_state_widths)
 
     result = fitted()
     # one measurement off by more than OUTLIER (a page-fault burst, another thread's allocation)
