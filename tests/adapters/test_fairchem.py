@@ -24,7 +24,7 @@ from distmlip.models.fairchem import UMAModel
 from distmlip.testing import assert_partition_invariant, evaluate
 from distmlip.testing.adapters import ADAPTER_SPLITS, adapter_structures, assert_matches_calculator, oxide
 
-from support import CALLS, assert_ranks_pass, counted
+from support import assert_ranks_pass, counted
 from support.adapters import MOE_BACKBONE, make_uma, make_uma_moe, split_row_counts
 
 
@@ -375,20 +375,9 @@ def test_bounded_steps_equal_unbounded(moe64):
     """Parts one at a time (the bounded-memory path, halo mode) go through the steps, not the
     replay, and equal the unbounded result at 1e-10 (float64, experts mixed by the whole
     system's composition)."""
-    from distmlip.runtime.steps import uses_steps
+    from support import assert_bounded_by_steps
 
-    from support import assert_close, one_at_a_time
-
-    model = CountedUMA(moe64, task="omat")
-    atoms = oxide(repeat=(2, 2, 2))  # 96 atoms
-    ref = evaluate(distmlip.DistributedCalculator(model, 1), atoms)
-    for parts, partitioner in ((3, "metis"), (4, "grid")):
-        calc = one_at_a_time(model, parts, partitioner=partitioner, mode="halo")
-        CALLS.clear()
-        assert_close(evaluate(calc, atoms), ref, 1e-10, f"{partitioner}/{parts}")
-        assert calc.runner.sequential and uses_steps(calc.runner)
-        assert calc.last_plan.num_parts == parts and CALLS["step"] > 0
-        assert CALLS["forward"] <= 1, CALLS  # forward only on the probe that checks the steps
+    assert_bounded_by_steps(CountedUMA(moe64, task="omat"), oxide(repeat=(2, 2, 2)))  # 96 atoms
 
 
 def _count_uma_rows(model: UMAModel) -> dict:

@@ -364,21 +364,9 @@ def test_tensornet_steps_compose_to_forward(potential64):
 def test_tensornet_bounded_steps_equal_unbounded(potential64):
     """Parts one at a time (the bounded-memory path) go through the steps, not the replay, and
     equal the unbounded result at 1e-10 (float64)."""
-    from distmlip.runtime.steps import uses_steps
+    from support import assert_bounded_by_steps
 
-    from support import assert_close, one_at_a_time
-
-    model = CountedTensorNet(potential64)
-    atoms = oxide(repeat=(2, 2, 2))  # 96 atoms
-    ref = evaluate(distmlip.DistributedCalculator(model, 1), atoms)
-    for parts, partitioner in ((3, "metis"), (4, "grid")):
-        calc = one_at_a_time(model, parts, partitioner=partitioner, mode="halo")
-        CALLS.clear()
-        assert_close(evaluate(calc, atoms), ref, 1e-10, f"{partitioner}/{parts}")
-        assert calc.runner.sequential and uses_steps(calc.runner)
-        assert calc.last_plan.num_parts == parts and CALLS["step"] > 0
-        # forward only on the probe that checks the steps (no replay)
-        assert CALLS["forward"] <= 1, CALLS
+    assert_bounded_by_steps(CountedTensorNet(potential64), oxide(repeat=(2, 2, 2)))  # 96 atoms
 
 
 def test_tensornet_budget_takes_the_steps(potential64):
