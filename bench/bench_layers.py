@@ -8,6 +8,8 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family tensornet # TensorNet, 1,500 Li2O
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family uma       # UMA MoE, 324 Li2O
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family chgnet    # CHGNet 0.3.0, 324 Li2O
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family mattersim # MatterSim, 768 Li2O
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family m3gnet    # matgl M3GNet, 768 Li2O
 
 Families (``--family``; every one float64, a fresh process per configuration, one torch thread):
 
@@ -25,6 +27,11 @@ Families (``--family``; every one float64, a fresh process per configuration, on
 - ``chgnet``: CHGNet 0.3.0 (pretrained, shipped in the chgnet wheel; 4 layers, 6 Å atom graph, 3 Å
   bond graph, bond and angle features carried as edge entries) in float64 on antifluorite Li2O
   (default size 3: 324 atoms).
+- ``mattersim``: the tests' MatterSim M3GNet (2 blocks, 16 units, 5 Å, three-body 4 Å, random
+  weights, tests/support/adapters.py; bond features as an edge entry) in float64 on antifluorite
+  Li2O (default size 4: 768 atoms).
+- ``m3gnet``: the tests' matgl M3GNet (16 units, 2 blocks, 5 Å, three-body 4 Å, random weights;
+  bond features as an edge entry) in float64 on antifluorite Li2O (default size 4: 768 atoms).
 
 CPU time is ``time.process_time`` of ``calc.calculate``: the first call (graph, partition, the
 layer protocol's probe unless a passed one is on record) and the next one (atoms moved 1e-3 Å:
@@ -103,7 +110,7 @@ def _system(family: str, size: int):
         atoms = bulk("Li2O", "fluorite", a=4.61, cubic=True).repeat((size,) * 3)
         atoms.rattle(0.03, seed=1)
         return distmlip.load("chgnet-0.3.0"), atoms, "float64"
-    from support.adapters import make_mace, make_matgl, make_uma_moe
+    from support.adapters import make_mace, make_matgl, make_mattersim, make_uma_moe
 
     if family == "mace":
         atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((size,) * 3)
@@ -114,6 +121,10 @@ def _system(family: str, size: int):
     atoms.rattle(0.03, seed=1)
     if family == "uma":
         return distmlip.wrap(make_uma_moe().double(), task="omat"), atoms, "float64"
+    if family == "mattersim":
+        return distmlip.wrap(make_mattersim()).double(), atoms, "float64"
+    if family == "m3gnet":
+        return distmlip.wrap(make_matgl(arch="M3GNet")), atoms, "float64"
     return distmlip.wrap(make_matgl()), atoms, "float64"
 
 
@@ -127,7 +138,11 @@ FAMILIES = {"schnet": (18, "SchNet, 3 interactions, 32 channels, float64, 5 Å, 
                        "lmax = mmax = 2, 2 blocks, 4 experts, 5 Å, random weights) in float64, task "
                        "omat, on {n} Li2O atoms"),
             "chgnet": (3, "CHGNet 0.3.0 (pretrained, 4 layers, 6 Å atom graph, 3 Å bond graph; bond "
-                          "and angle features as edge entries) in float64, on {n} Li2O atoms")}
+                          "and angle features as edge entries) in float64, on {n} Li2O atoms"),
+            "mattersim": (4, "MatterSim M3GNet (2 blocks, 16 units, 5 Å, three-body 4 Å, random "
+                             "weights; bond features as an edge entry) in float64, on {n} Li2O atoms"),
+            "m3gnet": (4, "matgl M3GNet (16 units, 2 blocks, 5 Å, three-body 4 Å, random weights; "
+                          "bond features as an edge entry) in float64, on {n} Li2O atoms")}
 
 
 def run(size: int, path: str, budget=None, family: str = "schnet") -> dict:
@@ -144,7 +159,7 @@ def main():
                         help="the model and system (see above; default schnet)")
     parser.add_argument("--size", type=int, default=None,
                         help="cubic cell repeats per direction (default: schnet 18, sevenn 4, mace 5, "
-                             "tensornet 5, uma 3, chgnet 3)")
+                             "tensornet 5, uma 3, chgnet 3, mattersim 4, m3gnet 4)")
     parser.add_argument("--fraction", type=float, default=0.3, help="budget / unbounded added peak")
     args = parser.parse_args()
     import numpy as np

@@ -64,6 +64,9 @@ SLOW = {
     "adapters/test_nequip.py::test_nequip_node_work_only_on_owned_rows": (),  # 8 s
     # matgl TensorNet: the budget search (calibration, several builds); the chosen-parts case stays
     "adapters/test_matgl.py::test_tensornet_budget_takes_the_steps": (),  # 5.5 s
+    "adapters/test_matgl.py::test_m3gnet_bounded_steps_equal_unbounded": ("slab",),  # oxide: 4.3 s loaded
+    # MatterSim: the steps in bounded memory (3 part counts, 1 and 2 workers); the slab stays
+    "adapters/test_mattersim.py::test_bounded_steps_equal_unbounded": ("slab",),  # oxide: 2-5.5 s
     # bounded memory: the adapters' own files cover the pretrained ones
     "engine/test_bounded_memory.py::test_budget_is_honoured_in_a_fresh_process": (),  # 22 s
     "engine/test_bounded_memory.py::test_every_adapter_is_exact_one_part_at_a_time": (

@@ -53,6 +53,12 @@ same order), node-wise work on the needed rows only:
   reads both ends); the messages are summed onto the needed rows, plus the residual;
 - the readout runs on the needed rows.
 
+Layer protocol (both; bounded memory, see ``DistributableModel``): TensorNet's state is per row
+(see ``TensorNetModel``); M3GNet's is ``(bond, node)``, one step per block, the bond features an
+edge entry (part-local: every bond is centred on an owned atom in halo mode, and its three-body
+terms are the part's bonds around that centre) and the node features with the next block's gate
+exchanged, as ``forward`` exchanges them.
+
 Not supported (a ``ValueError`` says so): matgl's Warp kernels (build the model with
 ``use_warp=False``; the adapter accepts a Warp-built model by rebuilding it without Warp, same
 weights), intensive (per-structure) targets, multi-state element references and the ZBL
@@ -428,21 +434,19 @@ class M3GNetModel(_MatGLModel):
             edge_feat, node_feat = layer.dropout(edge_feat), layer.dropout(node_feat)
         return edge_feat, node_feat
 
-    def forward(self, graph: LocalGraph) -> torch.Tensor:
+    def _geometry(self, graph: LocalGraph) -> dict:
+        """What every block reads from the edge vectors: matgl's bonds ``[centre (receiver);
+        neighbour (sender)]`` sorted by centre (for its triplets), their radial expansion, and the
+        triplets with their basis, end atoms and cutoff weights."""
         from matgl.graph._compute import compute_theta_and_phi, create_line_graph
         from matgl.utils.cutoff import polynomial_cutoff
 
         m = self._m3gnet
-        needed, n = graph.num_needed, graph.num_nodes
-        types = self.elements(graph.numbers)
-        # matgl: [centre (receiver); neighbour (sender)], sorted by centre for its triplets
         order = torch.argsort(graph.edge_index[1], stable=True)
         edge_index = graph.edge_index.flip(0)[:, order]
-        num_bonds = edge_index.shape[1]
         vec = graph.edge_vec[order]
         dist = torch.norm(vec, dim=1)
-        expanded = m.bond_expansion(dist)
-        line = create_line_graph(edge_index, dist, vec, None, n, m.threebody_cutoff)
+        line = create_line_graph(edge_index, dist, vec, None, graph.num_nodes, m.threebody_cutoff)
         line_index = line["line_edge_index"]
         angles = compute_theta_and_phi(vec, dist, line_index)
         basis = m.basis_expansion(angles["triple_bond_lengths"], angles["cos_theta"], angles["phi"])
@@ -451,20 +455,71 @@ class M3GNetModel(_MatGLModel):
         bond_ij, bond_ik = line_index[0].to(torch.long), line_index[1].to(torch.long)
         triplets = (bond_ij, edge_index[1][bond_ik].to(torch.long),
                     three_cut[bond_ij] * three_cut[bond_ik])
-        node_feat, edge_feat, _ = m.embedding(types, expanded, None)  # lookups on every row
-        blocks = m.three_body_interactions
+        return {"edge_index": edge_index, "expanded": m.bond_expansion(dist), "basis": basis,
+                "triplets": triplets}
+
+    def _embed(self, graph: LocalGraph, g: dict) -> tuple[torch.Tensor, ...]:
+        m = self._m3gnet
+        types = self.elements(graph.numbers)
+        node_feat, edge_feat, _ = m.embedding(types, g["expanded"], None)  # lookups on every row
         # the first gate is per element (of the embedding): its table, looked up on every row
+        blocks = m.three_body_interactions
         gate = blocks[0].update_network_atom(m.embedding.layer_node_embedding.weight)[types]
-        width = node_feat.shape[1]
-        for i in range(m.n_blocks):
+        return edge_feat, torch.cat([node_feat, gate], dim=1)
+
+    def _step(self, i: int, graph: LocalGraph, state, g: dict) -> tuple[torch.Tensor, ...]:
+        """Block ``i`` from ``(bond features, node features and block i's gate)``: every bond and
+        the needed rows' node features, then (but in the last block) block ``i + 1``'s gate of
+        those rows beside them."""
+        m = self._m3gnet
+        edge_feat, both = state
+        width = m.embedding.layer_node_embedding.weight.shape[1]
+        node_feat, gate = both[:, :width], both[:, width:]
+        edge_feat = self._three_body(m.three_body_interactions[i], g["triplets"], edge_feat.shape[0],
+                                     g["basis"], gate, edge_feat)
+        edge_feat, node_feat = self._graph_layer(m.graph_layers[i], graph.num_needed,
+                                                 g["edge_index"], edge_feat, node_feat, g["expanded"])
+        if i + 1 < m.n_blocks:
+            gate = m.three_body_interactions[i + 1].update_network_atom(node_feat)
+            return edge_feat, torch.cat([node_feat, gate], dim=1)
+        return edge_feat, node_feat
+
+    def forward(self, graph: LocalGraph) -> torch.Tensor:
+        g = self._geometry(graph)  # once for every block (the steps recompute their own)
+        state = self._embed(graph, g)
+        for i in range(self.num_steps):
             if i > 0:  # the node features and this block's gate, computed on the needed rows
-                both = torch.cat([node_feat, blocks[i].update_network_atom(node_feat)], dim=1)
-                both = graph.halo_exchange(both)
-                node_feat, gate = both[:, :width], both[:, width:]
-            edge_feat = self._three_body(blocks[i], triplets, num_bonds, basis, gate, edge_feat)
-            edge_feat, node_feat = self._graph_layer(m.graph_layers[i], needed, edge_index,
-                                                     edge_feat, node_feat, expanded)
-        return self._energies(graph, m.final_layer(node_feat).view(-1), types)
+                state = (state[0], graph.halo_exchange(state[1]))
+            state = self._step(i, graph, state, g)
+        return self.energies(graph, state)
+
+    # ------------------------------------------------------------------ the layer protocol
+    # ``forward`` is these steps with an exchange between them (see ``DistributableModel``): state
+    # ``(bond, node)``, the bond features of the part's bonds (in matgl's order, sorted by
+    # centre; an edge entry: part-local, since every bond is centred on an owned atom in halo mode
+    # and its triplets are the part's bonds around that centre) and the node features with the
+    # next block's three-body gate beside them (exchanged: the gate is read at the triplets' far
+    # atoms, the node features at both ends of a bond). Step ``i`` is block ``i``; the last
+    # step's state is ``(bond, node features)``.
+
+    #: Layer protocol: node features and gate on halo rows; bond features per edge.
+    exchanged = (1,)
+    edge_entries = (0,)
+
+    def embed(self, graph: LocalGraph) -> tuple[torch.Tensor, ...]:
+        """Bond features (every bond) and node features with the first gate (every row: lookups)."""
+        order = torch.argsort(graph.edge_index[1], stable=True)
+        expanded = self._m3gnet.bond_expansion(torch.norm(graph.edge_vec[order], dim=1))
+        return self._embed(graph, {"expanded": expanded})
+
+    def step(self, i: int, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Block ``i`` (see above)."""
+        return self._step(i, graph, state, self._geometry(graph))
+
+    def energies(self, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The readout of the last block's node features."""
+        types = self.elements(graph.numbers)
+        return self._energies(graph, self._m3gnet.final_layer(state[1]).view(-1), types)
 
 
 _MODELS = {"TensorNet": TensorNetModel, "M3GNet": M3GNetModel}

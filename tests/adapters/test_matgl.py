@@ -24,7 +24,7 @@ import torch
 
 import distmlip
 from distmlip.models.matgl import M3GNetModel, TensorNetModel
-from distmlip.testing import assert_partition_invariant, evaluate
+from distmlip.testing import assert_partition_invariant, evaluate, rel_err
 from distmlip.testing.adapters import (
     ADAPTER_ELEMENTS,
     ADAPTER_SPLITS,
@@ -385,3 +385,55 @@ def test_tensornet_budget_takes_the_steps(potential64):
     assert_close(evaluate(calc, atoms), ref, 1e-10, "budget")
     assert calc.runner.sequential and calc.last_plan.num_parts > 1 and uses_steps(calc.runner)
     assert CALLS["step"] > 0 and CALLS["forward"] <= 1, CALLS
+
+
+CountedM3GNet = counted(M3GNetModel)
+
+
+@pytest.mark.parametrize("name", ["oxide", "slab", "molecule"])
+def test_m3gnet_steps_compose_to_forward(m3gnet, name):
+    """M3GNet: embed, one step per block and energies (bond features as an edge entry, node
+    features and the next gate exchanged) equal forward: float64 (1e-12) and float32."""
+    from distmlip.models.base import has_steps
+    from distmlip.testing import check_steps
+
+    model = M3GNetModel(m3gnet)
+    assert has_steps(model) and model.exchanged == (1,) and model.edge_entries == (0,)
+    assert model.num_steps == model._m3gnet.n_blocks
+    report = check_steps(model, STRUCTURES[name], dtype=torch.float64)
+    assert report["ok"] and report["steps"] and max(report["energies"], report["gradient"]) < 1e-12, \
+        report["message"]
+    assert len(report["levels"]) == model._m3gnet.n_blocks - 1, report
+    assert check_steps(model, STRUCTURES[name], dtype=torch.float32)["ok"]
+
+
+@pytest.mark.parametrize("name", ["oxide", "slab"])
+def test_m3gnet_bounded_steps_equal_unbounded(m3gnet64, name):
+    """M3GNet: parts one at a time in halo mode go by the steps (forward only on the runtime's
+    probe, run when the calculator is built; 2 L - 1 steps per part and call) and equal the
+    unbounded result within 1e-10 (float64: energy, forces, stress, per-atom energies): 3 metis,
+    4 grid, 5 parts, one worker or two."""
+    from distmlip.runtime.steps import uses_steps
+
+    from support import one_at_a_time
+
+    model = CountedM3GNet(m3gnet64)
+    atoms = STRUCTURES[name].repeat((2, 1, 1))
+    ref = evaluate(distmlip.DistributedCalculator(M3GNetModel(m3gnet64), 1), atoms)
+    assert "energies" in ref
+    layers = model.num_layers
+    for parts, partitioner, device in ((3, "metis", "cpu"), (4, "grid", "cpu"),
+                                       (5, None, ["cpu", "cpu"])):
+        options = {} if partitioner is None else {"partitioner": partitioner}
+        CALLS.clear()  # the runtime's composition probe runs when the calculator is built
+        calc = one_at_a_time(model, parts, mode="halo", device=device, **options)
+        probe = CALLS["forward"]
+        assert probe <= 1, CALLS
+        got = evaluate(calc, atoms)
+        assert calc.runner.sequential and uses_steps(calc.runner)
+        assert calc.last_plan.num_parts == parts
+        assert CALLS["forward"] == probe, CALLS  # no forward outside the probe
+        pieces = sum(max(len(s.parts), 1) for s in calc.runner._built.shards)
+        assert CALLS["step"] == (2 * layers - 1) * pieces + layers * probe, CALLS
+        for quantity in ref:
+            assert rel_err(got[quantity], ref[quantity]) <= 1e-10, (name, parts, quantity)
