@@ -8,6 +8,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family tensornet # TensorNet, 1,500 Li2O
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family uma       # UMA MoE, 324 Li2O
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family chgnet    # CHGNet 0.3.0, 324 Li2O
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family orb       # Orb v3, 6,144 Li2O
 
 Families (``--family``; every one float64, a fresh process per configuration, one torch thread):
 
@@ -25,6 +26,10 @@ Families (``--family``; every one float64, a fresh process per configuration, on
 - ``chgnet``: CHGNet 0.3.0 (pretrained, shipped in the chgnet wheel; 4 layers, 6 Å atom graph, 3 Å
   bond graph, bond and angle features carried as edge entries) in float64 on antifluorite Li2O
   (default size 3: 324 atoms).
+- ``orb``: the tests' Orb v3 conservative (latent 32, MLPs 64/32, 2 message-passing steps, 6 Å,
+  neighbour cap 8, ZBL, random weights, tests/support/adapters.py) in float64 on antifluorite Li2O
+  (default size 8: 6,144 atoms). Its steps are written but not enabled (its readout needs a
+  ``global_sum``, which the runtime's steps do not offer): both bounded rows take the generic replay.
 
 CPU time is ``time.process_time`` of ``calc.calculate``: the first call (graph, partition, the
 layer protocol's probe unless a passed one is on record) and the next one (atoms moved 1e-3 Å:
@@ -103,7 +108,7 @@ def _system(family: str, size: int):
         atoms = bulk("Li2O", "fluorite", a=4.61, cubic=True).repeat((size,) * 3)
         atoms.rattle(0.03, seed=1)
         return distmlip.load("chgnet-0.3.0"), atoms, "float64"
-    from support.adapters import make_mace, make_matgl, make_uma_moe
+    from support.adapters import make_mace, make_matgl, make_orb, make_uma_moe
 
     if family == "mace":
         atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((size,) * 3)
@@ -114,6 +119,8 @@ def _system(family: str, size: int):
     atoms.rattle(0.03, seed=1)
     if family == "uma":
         return distmlip.wrap(make_uma_moe().double(), task="omat"), atoms, "float64"
+    if family == "orb":
+        return distmlip.wrap(make_orb().double()), atoms, "float64"
     return distmlip.wrap(make_matgl()), atoms, "float64"
 
 
@@ -127,7 +134,11 @@ FAMILIES = {"schnet": (18, "SchNet, 3 interactions, 32 channels, float64, 5 Å, 
                        "lmax = mmax = 2, 2 blocks, 4 experts, 5 Å, random weights) in float64, task "
                        "omat, on {n} Li2O atoms"),
             "chgnet": (3, "CHGNet 0.3.0 (pretrained, 4 layers, 6 Å atom graph, 3 Å bond graph; bond "
-                          "and angle features as edge entries) in float64, on {n} Li2O atoms")}
+                          "and angle features as edge entries) in float64, on {n} Li2O atoms"),
+            "orb": (8, "Orb v3 conservative (latent 32, MLPs 64/32, 2 message-passing steps, 6 Å, "
+                       "neighbour cap 8, ZBL, random weights) in float64, on {n} Li2O atoms; its steps "
+                       "are not enabled (the readout needs a global_sum): both bounded rows take the "
+                       "generic replay")}
 
 
 def run(size: int, path: str, budget=None, family: str = "schnet") -> dict:
@@ -144,7 +155,7 @@ def main():
                         help="the model and system (see above; default schnet)")
     parser.add_argument("--size", type=int, default=None,
                         help="cubic cell repeats per direction (default: schnet 18, sevenn 4, mace 5, "
-                             "tensornet 5, uma 3, chgnet 3)")
+                             "tensornet 5, uma 3, chgnet 3, orb 8)")
     parser.add_argument("--fraction", type=float, default=0.3, help="budget / unbounded added peak")
     args = parser.parse_args()
     import numpy as np
