@@ -128,6 +128,18 @@ def test_errors(orb64):
         distmlip.wrap(orb64, max_num_neighbors=0)
 
 
+def test_elements_stop_where_orbs_references_do(orb64):
+    """Orb's embedding has a row for Z = 118 but its reference energies (and ZBL radii, at Z + 1)
+    cover 1-117: Z = 118 is refused with the adapters' error, not an IndexError."""
+    from ase import Atoms
+
+    model = OrbModel(orb64)
+    assert max(model.elements.numbers) == 117
+    atoms = Atoms(numbers=[118, 8], positions=[[0, 0, 0], [2.0, 0, 0]], cell=[10, 10, 10], pbc=True)
+    with pytest.raises(ValueError, match="atomic number"):
+        evaluate(DistributedCalculator(model, 1), atoms)
+
+
 def _count_orb_rows(model: OrbModel) -> dict:
     """Forward pre-hooks counting the rows given to Orb's node-wise maps: the encoder's node MLP
     and every interaction's node update (``_node_mlp``): {name: [rows per call]}."""
