@@ -10,6 +10,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family chgnet    # CHGNet 0.3.0, 324 Li2O
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family mattersim # MatterSim, 768 Li2O
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family m3gnet    # matgl M3GNet, 768 Li2O
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family orb       # Orb v3, 6,144 Li2O
 
 Families (``--family``; every one float64, a fresh process per configuration, one torch thread):
 
@@ -32,6 +33,10 @@ Families (``--family``; every one float64, a fresh process per configuration, on
   Li2O (default size 4: 768 atoms).
 - ``m3gnet``: the tests' matgl M3GNet (16 units, 2 blocks, 5 Å, three-body 4 Å, random weights;
   bond features as an edge entry) in float64 on antifluorite Li2O (default size 4: 768 atoms).
+- ``orb``: the tests' Orb v3 conservative (latent 32, MLPs 64/32, 2 message-passing steps, 6 Å,
+  neighbour cap 8, ZBL, random weights, tests/support/adapters.py) in float64 on antifluorite Li2O
+  (default size 8: 6,144 atoms). Its steps are written but not enabled (its readout needs a
+  ``global_sum``, which the runtime's steps do not offer): both bounded rows take the generic replay.
 
 CPU time is ``time.process_time`` of ``calc.calculate``: the first call (graph, partition, the
 layer protocol's probe unless a passed one is on record) and the next one (atoms moved 1e-3 Å:
@@ -110,7 +115,7 @@ def _system(family: str, size: int):
         atoms = bulk("Li2O", "fluorite", a=4.61, cubic=True).repeat((size,) * 3)
         atoms.rattle(0.03, seed=1)
         return distmlip.load("chgnet-0.3.0"), atoms, "float64"
-    from support.adapters import make_mace, make_matgl, make_mattersim, make_uma_moe
+    from support.adapters import make_mace, make_matgl, make_mattersim, make_orb, make_uma_moe
 
     if family == "mace":
         atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((size,) * 3)
@@ -125,6 +130,8 @@ def _system(family: str, size: int):
         return distmlip.wrap(make_mattersim()).double(), atoms, "float64"
     if family == "m3gnet":
         return distmlip.wrap(make_matgl(arch="M3GNet")), atoms, "float64"
+    if family == "orb":
+        return distmlip.wrap(make_orb().double()), atoms, "float64"
     return distmlip.wrap(make_matgl()), atoms, "float64"
 
 
@@ -142,7 +149,11 @@ FAMILIES = {"schnet": (18, "SchNet, 3 interactions, 32 channels, float64, 5 Å, 
             "mattersim": (4, "MatterSim M3GNet (2 blocks, 16 units, 5 Å, three-body 4 Å, random "
                              "weights; bond features as an edge entry) in float64, on {n} Li2O atoms"),
             "m3gnet": (4, "matgl M3GNet (16 units, 2 blocks, 5 Å, three-body 4 Å, random weights; "
-                          "bond features as an edge entry) in float64, on {n} Li2O atoms")}
+                          "bond features as an edge entry) in float64, on {n} Li2O atoms"),
+            "orb": (8, "Orb v3 conservative (latent 32, MLPs 64/32, 2 message-passing steps, 6 Å, "
+                       "neighbour cap 8, ZBL, random weights) in float64, on {n} Li2O atoms; its steps "
+                       "are not enabled (the readout needs a global_sum): both bounded rows take the "
+                       "generic replay")}
 
 
 def run(size: int, path: str, budget=None, family: str = "schnet") -> dict:
@@ -159,7 +170,7 @@ def main():
                         help="the model and system (see above; default schnet)")
     parser.add_argument("--size", type=int, default=None,
                         help="cubic cell repeats per direction (default: schnet 18, sevenn 4, mace 5, "
-                             "tensornet 5, uma 3, chgnet 3, mattersim 4, m3gnet 4)")
+                             "tensornet 5, uma 3, chgnet 3, mattersim 4, m3gnet 4, orb 8)")
     parser.add_argument("--fraction", type=float, default=0.3, help="budget / unbounded added peak")
     args = parser.parse_args()
     import numpy as np
