@@ -98,6 +98,7 @@ def worker(payload: dict) -> dict:
     import torch
 
     from distmlip import DistributedCalculator, estimate_memory
+    from distmlip.runtime.memory import _trim
 
     torch.set_num_threads(1)
     model, atoms, dtype = build(payload["kind"], payload["size"])
@@ -106,6 +107,10 @@ def worker(payload: dict) -> dict:
     predicted = estimate_memory(model, atoms, dtype=dtype, max_memory=budget)
     calibration = time.perf_counter() - t0
     calc = DistributedCalculator(model, dtype=dtype, max_memory=budget)
+    # free heap memory back to the system first (as the calibration's PeakMeter does): the
+    # calibration leaves up to glibc's trim threshold (64 MiB) free but resident, which the call
+    # would reuse unseen (Orb, 960 atoms: 1 MB "added" without this, 92 MB with it)
+    _trim()
     base = reset_peak()
     t0, c0 = time.perf_counter(), time.process_time()
     calc.calculate(atoms)
@@ -161,7 +166,7 @@ def families(kinds: list[str], sizes: list[str], append: bool):
     head = ["## Memory model across the families: predicted vs measured", "",
             f"Command: {', then '.join(commands)}. Each row is a fresh process (one at a time, one thread); "
             "*measured* is the added peak resident memory of the call (VmHWM above VmRSS before it, "
-            "what `max_memory` bounds); *predicted* is `estimate_memory(model, atoms, "
+            "freed heap returned first (malloc_trim), what `max_memory` bounds); *predicted* is `estimate_memory(model, atoms, "
             "max_memory=budget)` in the same process before the call. Unbounded rows: 1 part. "
             "Bounded rows: budget = 0.3 x the measured unbounded peak of the row above. SchNet: 3 "
             "interactions, 5 Å, float32 64 channels, Al fcc; SevenNet-0, CHGNet: pretrained, rutile "
