@@ -12,7 +12,7 @@ minus VmRSS before), the quantity ``max_memory`` bounds.
 2. Bounded evaluation: ``max_memory`` = 0.3x the unbounded added peak; measured peak, time and the
    largest deviation of forces/energies from the unbounded run.
 
-    .venv/bin/python bench/bench_memory.py --families [--kinds nequip uma ...] [--sizes small] [--append]
+    .venv/bin/python bench/bench_memory.py --families [--kinds nequip uma ...] [--sizes small] [--append] [--bounded-large]
 
 3. Every family (writes bench/results/memory_families.md): the memory model's prediction against
    the measured added peak at ~1,000 atoms and one larger size (1 part, unbounded), and for the
@@ -151,10 +151,10 @@ FAMILY_SIZES = {
 RULE = "|---|---|---|---|---|---|---|---|---|---|---|"
 
 
-def families(kinds: list[str], sizes: list[str], append: bool):
+def families(kinds: list[str], sizes: list[str], append: bool, bounded_large: bool = False):
     """The every-family table: ~1,000 atoms unbounded and bounded (0.3x) for each kind, then the
-    larger sizes; bench/results/memory_families.md rewritten after each row (``append``: after
-    the rows already there, the commands listed)."""
+    larger sizes (``bounded_large``: with their bounded rows too); bench/results/memory_families.md
+    rewritten after each row (``append``: after the rows already there, the commands listed)."""
     out = ROOT / "bench" / "results" / "memory_families.md"
     commands = ["`OMP_NUM_THREADS=1 .venv/bin/python bench/bench_memory.py " + " ".join(sys.argv[1:]) + "`"]
     rows: list[str] = []
@@ -209,7 +209,9 @@ def families(kinds: list[str], sizes: list[str], append: bool):
             attempt(kind, small, budget=int(0.3 * free["added"]), tag="bounded")
     larger = [k for k in kinds if FAMILY_SIZES[k][1]] if "large" in sizes else []
     for kind in progress(larger, "families: larger"):
-        attempt(kind, FAMILY_SIZES[kind][1])
+        free = attempt(kind, FAMILY_SIZES[kind][1])
+        if bounded_large and FAMILY_SIZES[kind][2] and free is not None:
+            attempt(kind, FAMILY_SIZES[kind][1], budget=int(0.3 * free["added"]), tag="bounded")
     write_result(out, head + rows)
 
 
@@ -229,9 +231,11 @@ def main():
                              "larger ones, or both")
     parser.add_argument("--append", action="store_true",
                         help="with --families: keep the rows of memory_families.md, add these")
+    parser.add_argument("--bounded-large", action="store_true",
+                        help="with --families: bounded rows (0.3x) at the larger sizes too")
     args = parser.parse_args()
     if args.families:
-        return families(args.kinds or list(FAMILY_SIZES), args.sizes, args.append)
+        return families(args.kinds or list(FAMILY_SIZES), args.sizes, args.append, args.bounded_large)
     import numpy as np
 
     quick = args.quick
