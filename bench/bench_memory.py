@@ -11,6 +11,14 @@ minus VmRSS before), the quantity ``max_memory`` bounds.
    added peak of one unbounded evaluation (1 part), for several models and sizes.
 2. Bounded evaluation: ``max_memory`` = 0.3x the unbounded added peak; measured peak, time and the
    largest deviation of forces/energies from the unbounded run.
+
+    .venv/bin/python bench/bench_memory.py --families [--kinds nequip uma ...] [--sizes small] [--append] [--bounded-large]
+
+3. Every family (writes bench/results/memory_families.md): the memory model's prediction against
+   the measured added peak at ~1,000 atoms and one larger size (1 part, unbounded), and for the
+   families with the layer protocol the prediction of the bounded peak at ``max_memory`` = 0.3x
+   the measured unbounded peak against the measured bounded peak. The table is rewritten after
+   every row (a run cut short keeps the rows it made).
 """
 
 from __future__ import annotations
@@ -25,6 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 from _harness import launch, main_or_worker, proc_status, progress, reset_peak, write_result  # noqa: E402
+
+#: kind -> builder of its raw model from ``support.adapters`` (the adapter tests' random-weight
+#: models: NequIP float64, TensorNet/M3GNet/Orb/MatterSim float32, UMA float64 as its layer tests)
+FAMILIES = {
+    "nequip": lambda a: a.make_nequip(),
+    "tensornet": lambda a: a.make_matgl(),
+    "m3gnet": lambda a: a.make_matgl(arch="M3GNet"),
+    "orb": lambda a: a.make_orb(),
+    "uma": lambda a: a.make_uma().double(),
+    "mattersim": lambda a: a.make_mattersim(),
+}
 
 
 def build(kind: str, size: int):
@@ -58,6 +77,15 @@ def build(kind: str, size: int):
 
         model, dtype = distmlip.wrap(make_mace()), torch.float64
         atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((size,) * 3)
+    elif kind in FAMILIES:
+        # the random-weight models of the adapter tests (tests/support/adapters.py), on Li2O
+        from distmlip.testing.adapters import oxide
+
+        from support import adapters
+
+        raw = FAMILIES[kind](adapters)
+        model, dtype = distmlip.wrap(raw), None
+        atoms = oxide(repeat=(size, size, size + 1))  # 12 atoms per cell: size 4 -> 960
     else:
         raise ValueError(kind)
     atoms.rattle(0.03, seed=1)
@@ -70,6 +98,7 @@ def worker(payload: dict) -> dict:
     import torch
 
     from distmlip import DistributedCalculator, estimate_memory
+    from distmlip.runtime.memory import _trim
 
     torch.set_num_threads(1)
     model, atoms, dtype = build(payload["kind"], payload["size"])
@@ -78,6 +107,10 @@ def worker(payload: dict) -> dict:
     predicted = estimate_memory(model, atoms, dtype=dtype, max_memory=budget)
     calibration = time.perf_counter() - t0
     calc = DistributedCalculator(model, dtype=dtype, max_memory=budget)
+    # free heap memory back to the system first (as the calibration's PeakMeter does): the
+    # calibration leaves up to glibc's trim threshold (64 MiB) free but resident, which the call
+    # would reuse unseen (Orb, 960 atoms: 1 MB "added" without this, 92 MB with it)
+    _trim()
     base = reset_peak()
     t0, c0 = time.perf_counter(), time.process_time()
     calc.calculate(atoms)
@@ -98,6 +131,90 @@ def run(kind: str, size: int, budget=None, tag="") -> dict:
     return dict(launch(__file__, payload, timeout=7200), out=str(out))
 
 
+#: kind -> (size of the ~1,000-atom row, larger size or None, bounded row at 0.3x); sizes in
+#: build's units: SchNet Al 864 / 10,976; rutile 768 / 1,500 (SevenNet-0), 2,592 (CHGNet); MACE Cu
+#: 864; Li2O 960 / 3,024
+FAMILY_SIZES = {
+    "schnet32": (6, 14, True),
+    "sevennet-0": (4, 5, True),
+    "mace": (6, None, True),
+    "nequip": (4, 6, True),
+    "tensornet": (4, 6, True),
+    "uma": (4, 6, True),
+    "chgnet": (4, 6, False),
+    "m3gnet": (4, 6, False),
+    "orb": (4, 6, False),
+    "mattersim": (4, 6, False),
+}
+
+
+RULE = "|---|---|---|---|---|---|---|---|---|---|---|"
+
+
+def families(kinds: list[str], sizes: list[str], append: bool, bounded_large: bool = False):
+    """The every-family table: ~1,000 atoms unbounded and bounded (0.3x) for each kind, then the
+    larger sizes (``bounded_large``: with their bounded rows too); bench/results/memory_families.md
+    rewritten after each row (``append``: after the rows already there, the commands listed)."""
+    out = ROOT / "bench" / "results" / "memory_families.md"
+    commands = ["`OMP_NUM_THREADS=1 .venv/bin/python bench/bench_memory.py " + " ".join(sys.argv[1:]) + "`"]
+    rows: list[str] = []
+    if append and out.exists():
+        old = out.read_text().split("\n")
+        said = next((line for line in old if line.startswith("Command: ")), "")
+        commands = said[len("Command: "):].split(". Each row")[0].split(", then ") + commands
+        rows = [line for line in old[old.index(RULE) + 1:] if line.startswith("| ")]
+    head = ["## Memory model across the families: predicted vs measured", "",
+            f"Command: {', then '.join(commands)}. Each row is a fresh process (one at a time, one thread); "
+            "*measured* is the added peak resident memory of the call (VmHWM above VmRSS before it, "
+            "freed heap returned first (malloc_trim), what `max_memory` bounds); *predicted* is `estimate_memory(model, atoms, "
+            "max_memory=budget)` in the same process before the call. Unbounded rows: 1 part. "
+            "Bounded rows: budget = 0.3 x the measured unbounded peak of the row above. SchNet: 3 "
+            "interactions, 5 Å, float32 64 channels, Al fcc; SevenNet-0, CHGNet: pretrained, rutile "
+            "TiO2; MACE: random ScaleShiftMACE (128x0e+128x1o, float64), Cu fcc; NequIP (float64), "
+            "TensorNet, M3GNet, Orb, UMA (float64), MatterSim: the adapter tests' random-weight models "
+            "(tests/support/adapters.py) on Li2O. Load: 1-minute load average at the end of the row.",
+            "",
+            "| model | atoms | edges | max_memory (MB) | parts | predicted (MB) | measured (MB) | "
+            "predicted / measured | calibration (s) | call (s) | load |",
+            RULE]
+
+    def row(kind, r, budget=None, error=None):
+        if error is not None:
+            rows.append(f"| {kind} | | | {budget / 1e6:.0f} | | | | failed: {error} | | | |"
+                        if budget else f"| {kind} | | | – | | | | failed: {error} | | | |")
+        else:
+            rows.append(f"| {kind} | {r['atoms']} | {r['edges']} | "
+                        f"{'–' if budget is None else f'{budget / 1e6:.0f}'} | {r['parts']} | "
+                        f"{r['predicted'] / 1e6:.0f} | {r['added'] / 1e6:.0f} | "
+                        f"{r['predicted'] / r['added']:.2f} | {r['calibration']:.1f} | "
+                        f"{r['seconds']:.1f} | {r['load']:.1f} |")
+        print(rows[-1], flush=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text("\n".join(head + rows) + "\n")
+        tmp.replace(out)
+
+    def attempt(kind, size, budget=None, tag="free"):
+        try:
+            r = run(kind, size, budget=budget, tag=tag)
+        except Exception as exc:  # noqa: BLE001 - a failed row is reported, the others still run
+            row(kind, None, budget, str(exc).strip().splitlines()[-1][:160].replace("|", "/"))
+            return None
+        row(kind, r, budget)
+        return r
+
+    for kind in progress(kinds if "small" in sizes else [], "families: ~1,000 atoms"):
+        small, _, bounded = FAMILY_SIZES[kind]
+        free = attempt(kind, small)
+        if bounded and free is not None:
+            attempt(kind, small, budget=int(0.3 * free["added"]), tag="bounded")
+    larger = [k for k in kinds if FAMILY_SIZES[k][1]] if "large" in sizes else []
+    for kind in progress(larger, "families: larger"):
+        free = attempt(kind, FAMILY_SIZES[kind][1])
+        if bounded_large and FAMILY_SIZES[kind][2] and free is not None:
+            attempt(kind, FAMILY_SIZES[kind][1], budget=int(0.3 * free["added"]), tag="bounded")
+    write_result(out, head + rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -105,7 +222,20 @@ def main():
                         help="only the bounded-evaluation table (the model table is kept from the last run)")
     parser.add_argument("--bounded-kinds", nargs="+", default=["schnet64", "sevennet-0", "mace"],
                         help="models of the bounded-evaluation table")
+    parser.add_argument("--families", action="store_true",
+                        help="the every-family table (bench/results/memory_families.md) instead")
+    parser.add_argument("--kinds", nargs="+", choices=list(FAMILY_SIZES),
+                        help="with --families: only these kinds (default all, in this order)")
+    parser.add_argument("--sizes", nargs="+", choices=["small", "large"], default=["small", "large"],
+                        help="with --families: the ~1,000-atom rows (with their bounded rows), the "
+                             "larger ones, or both")
+    parser.add_argument("--append", action="store_true",
+                        help="with --families: keep the rows of memory_families.md, add these")
+    parser.add_argument("--bounded-large", action="store_true",
+                        help="with --families: bounded rows (0.3x) at the larger sizes too")
     args = parser.parse_args()
+    if args.families:
+        return families(args.kinds or list(FAMILY_SIZES), args.sizes, args.append, args.bounded_large)
     import numpy as np
 
     quick = args.quick
