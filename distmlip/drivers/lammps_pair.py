@@ -147,8 +147,9 @@ class LammpsExchange(HaloExchange):
         rows, each plus its ghosts'. Features travel as float64 (exact for float32 too)."""
         t0 = time.perf_counter()
         tail = tuple(x.shape[1:])
-        rows = np.zeros((self.num_rows, int(np.prod(tail))))
-        rows[: x.shape[0]] = x.detach().reshape(x.shape[0], -1).to("cpu", torch.float64).numpy()
+        width = int(np.prod(tail))
+        rows = np.zeros((self.num_rows, width))
+        rows[: x.shape[0]] = x.detach().reshape(x.shape[0], width).to("cpu", torch.float64).numpy()
         self.comm.exchange(rows, reverse)
         if reverse:
             rows = rows[: self.num_owned]
