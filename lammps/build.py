@@ -141,7 +141,8 @@ def main(argv=None) -> int:
     except BuildError as exc:
         print(f"lammps/build.py: cannot build the LAMMPS plugin: {exc}", file=sys.stderr)
         return 1
-    print(f"{target}\nLAMMPS loads it with `plugin load {target}`, or from LAMMPS_PLUGIN_PATH={target.parent}")
+    print(f"{target}\nLAMMPS loads it with `plugin load {target}`, or from "
+          f"LAMMPS_PLUGIN_PATH={target.parent}")
     return 0
 
 

@@ -197,7 +197,7 @@ class PairDriver:
             raise ValueError(f"dtype: expected float32 or float64 ({USAGE}), got {dtype!r}")
         self.comm = LammpsComm(pair, exchange, allreduce, max_width)
         self.rank, self.size = rank, size
-        model = load_spec(spec, option=f"pair_style distmlip {spec}")
+        model = load_spec(spec, option="model")
         check_model(model)
         self.dtype = getattr(torch, dtype) if dtype else model.dtype
         self.device = _device(device, rank)

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..typing import PretrainedName
+from ._adapter import optional_import
 from .base import DistributableModel
+from .lj import LennardJones
+from .schnet import SchNet
 
 __all__ = ["ADAPTERS", "ADAPTER_TABLE", "REFERENCE_MODELS", "AdapterInfo", "ModelSpecError",
            "adapter_info", "available_models", "load", "load_spec", "wrap"]
@@ -192,9 +195,6 @@ def load_spec(spec: str, option: str = "model") -> DistributableModel:
 
 
 def _reference_model(spec: str, option: str) -> DistributableModel:
-    from .lj import LennardJones
-    from .schnet import SchNet
-
     name, _, rest = spec.partition(":")
     cls = {"lj": LennardJones, "schnet": SchNet}[name.lower()]
     options = {}
@@ -235,8 +235,6 @@ def _model_from_file(path: Path, option: str) -> DistributableModel:
     """A model from a file: a SevenNet checkpoint (``.pth`` with its config), a CHGNet file, or any
     ``torch.save``-d module that ``wrap`` accepts."""
     import torch
-
-    from ._adapter import optional_import
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)

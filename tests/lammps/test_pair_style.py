@@ -72,7 +72,7 @@ def write_data(path: Path, atoms, elements: list[str]) -> None:
     lines += ["", "Atoms # atomic", ""]
     types = {e: t for t, e in enumerate(elements, start=1)}
     lines += [f"{i} {types[s]} {x:.17g} {y:.17g} {z:.17g}" for i, (s, (x, y, z))
-              in enumerate(zip(atoms.get_chemical_symbols(), atoms.positions), start=1)]
+              in enumerate(zip(atoms.get_chemical_symbols(), atoms.positions, strict=True), start=1)]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -159,6 +159,10 @@ def reference(model, atoms, **options) -> dict:
             "stress": atoms.get_stress(voigt=False), "energies": atoms.get_potential_energies()}
 
 
+#: every quantity compared: energy, forces, stress (the virial) and per-atom energies
+ALL = ("energy", "forces", "stress", "energies")
+
+
 def assert_matches(got: dict, ref: dict, rtol: float, what: str, keys=("energy", "forces", "stress")):
     for key in keys:
         err = rel_err(got[key], ref[key])
@@ -182,7 +186,7 @@ def test_lj_matches_distmlip(tmp_path, plugin, name, ranks):
     atoms = structure(name)
     got = evaluate_lammps(tmp_path, plugin, atoms, LJ_SPEC, ranks)
     ref = reference(make_lj(), atoms)
-    assert_matches(got, ref, 1e-10, f"lj {name} {ranks} ranks", ("energy", "forces", "stress", "energies"))
+    assert_matches(got, ref, 1e-10, f"lj {name} {ranks} ranks", ALL)
     assert abs(got["pesum"] - got["energy"]) <= 1e-10 * max(abs(got["energy"]), 1)
     assert rel_err(got["atom_virial_stress"], got["stress"][[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]]) <= 1e-10
 
@@ -196,7 +200,7 @@ def test_schnet_file_matches_distmlip(tmp_path, plugin, schnet_file, name, ranks
     atoms = structure(name)
     got = evaluate_lammps(tmp_path, plugin, atoms, str(schnet_file), ranks)
     ref = reference(torch.load(schnet_file, weights_only=False), atoms)
-    assert_matches(got, ref, 1e-10, f"schnet {name} {ranks} ranks", ("energy", "forces", "stress", "energies"))
+    assert_matches(got, ref, 1e-10, f"schnet {name} {ranks} ranks", ALL)
     assert rel_err(got["atom_virial_stress"], got["stress"][[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]]) <= 1e-10
 
 
@@ -214,12 +218,14 @@ def test_lj_matches_ase(tmp_path, plugin):
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_newton_off(tmp_path, plugin, schnet_file, ranks):
+@pytest.mark.parametrize("kind", ["lj", "schnet"])
+def test_newton_off(tmp_path, plugin, schnet_file, kind, ranks):
     """``newton off``: the pair folds ghost forces home itself; the same result as ``newton on``."""
     atoms = structure("triclinic")
-    got = evaluate_lammps(tmp_path, plugin, atoms, str(schnet_file), ranks, newton="off")
-    ref = reference(torch.load(schnet_file, weights_only=False), atoms)
-    assert_matches(got, ref, 1e-10, f"newton off {ranks} ranks", ("energy", "forces", "stress", "energies"))
+    spec, model = (LJ_SPEC, make_lj()) if kind == "lj" else (
+        str(schnet_file), torch.load(schnet_file, weights_only=False))
+    got = evaluate_lammps(tmp_path, plugin, atoms, spec, ranks, newton="off")
+    assert_matches(got, reference(model, atoms), 1e-10, f"{kind} newton off {ranks} ranks", ALL)
 
 
 def test_float32(tmp_path, plugin, schnet_file):
