@@ -104,6 +104,7 @@ SLOW = {
     "lammps/test_pair_style.py::test_lj_matches_distmlip": ("fcc-2", "slab-3", "small_triclinic-3"),
     "lammps/test_pair_style.py::test_schnet_file_matches_distmlip": ("triclinic-2",),  # 5-8 s each
     "lammps/test_pair_style.py::test_newton_off": ("lj-2",),  # schnet: 6-7 s
+    "lammps/test_pair_style.py::test_global_readout_matches_distmlip": ("2",),
     "lammps/test_pair_style.py::test_float32": (),  # 7 s
     "lammps/test_pair_style.py::test_nve_one_and_two_ranks_agree": (),  # 12 s
 }

@@ -204,6 +204,34 @@ def test_schnet_file_matches_distmlip(tmp_path, plugin, schnet_file, name, ranks
     assert rel_err(got["atom_virial_stress"], got["stress"][[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]]) <= 1e-10
 
 
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_global_readout_matches_distmlip(tmp_path, plugin, ranks):
+    """A model with a system-wide readout (``graph.global_sum``, ``graph.composition``: Orb's and
+    UMA's kind) sums over LAMMPS's ranks with an MPI all-reduce: 1e-10 on 1-3 ranks."""
+    from distmlip.testing.models import GlobalReadoutToy
+
+    model = GlobalReadoutToy(cutoff=4.5, seed=2).to(torch.float64)
+    torch.save(model, tmp_path / "toy.pt")
+    atoms = structure("triclinic")
+    got = evaluate_lammps(tmp_path, plugin, atoms, str(tmp_path / "toy.pt"), ranks)
+    assert_matches(got, reference(model, atoms), 1e-10, f"global readout {ranks} ranks", ALL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "ranks"), [("fcc", 2), ("small_triclinic", 3)])
+def test_sevennet_matches_distmlip(tmp_path, plugin, name, ranks):
+    """SevenNet-0 (pretrained, shipped in sevenn; node features wider than one exchange) by name,
+    in float64: LAMMPS == DistributedCalculator to 1e-10."""
+    pytest.importorskip("sevenn", reason="SevenNet-0 ships in sevenn (pip install 'distmlip[sevenn]')")
+    import distmlip
+
+    atoms = fcc_bulk(seed=1, size=2) if name == "fcc" else structure(name)
+    atoms = lammps_frame(atoms)
+    got = evaluate_lammps(tmp_path, plugin, atoms, "sevennet-0 dtype float64", ranks)
+    ref = reference(distmlip.load("sevennet-0"), atoms, dtype="float64")
+    assert_matches(got, ref, 1e-10, f"sevennet-0 {name} {ranks} ranks", ALL)
+
+
 def test_lj_matches_ase(tmp_path, plugin):
     """LJ through LAMMPS on 2 ranks == ASE's own LennardJones (an oracle outside distmlip)."""
     from ase.calculators.lj import LennardJones
