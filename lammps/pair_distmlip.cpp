@@ -328,20 +328,27 @@ void PairDistmlip::compute(int eflag, int vflag)
                  domain->zprd};
   double energy = 0.0, v[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
   std::string message;
+  {    // the atoms and edges, checked before any communication: every rank stops alike
+    Gil gil;
+    Ref done(PyObject_CallMethod(driver, "prepare", "iiKKiiKKK(ddddddddd)", nlocal, nall,
+                                 address(atom->type), address(atom->tag), (int) sizeof(tagint),
+                                 (int) receivers.size(), address(senders.data()),
+                                 address(receivers.data()), address(vectors.data()), h[0], h[1],
+                                 h[2], h[3], h[4], h[5], h[6], h[7], h[8]));
+    if (!done.p) message = python_error();
+  }
+  agree(message);
   {
     Gil gil;
-    Ref result(PyObject_CallMethod(
-        driver, "compute", "iiKKiiKKK(ddddddddd)iKKK", nlocal, nall, address(atom->type),
-        address(atom->tag), (int) sizeof(tagint), (int) receivers.size(), address(senders.data()),
-        address(receivers.data()), address(vectors.data()), h[0], h[1], h[2], h[3], h[4], h[5],
-        h[6], h[7], h[8], force->newton_pair, address(nall ? atom->f[0] : nullptr),
-        address(eflag_atom ? eatom : nullptr),
-        address(vflag_atom && nall ? vatom[0] : nullptr)));
+    Ref result(PyObject_CallMethod(driver, "compute", "iKKK", force->newton_pair,
+                                   address(nall ? atom->f[0] : nullptr),
+                                   address(eflag_atom ? eatom : nullptr),
+                                   address(vflag_atom && nall ? vatom[0] : nullptr)));
     if (!result.p || !PyArg_ParseTuple(result.p, "ddddddd", &energy, &v[0], &v[1], &v[2], &v[3],
                                        &v[4], &v[5]))
       message = python_error();
   }
-  if (!message.empty()) fail_one(message);    // a rank alone may fail here: it stops the run
+  if (!message.empty()) fail_one(message);    // the model failed on this rank: it stops the run
   if (eflag_global) eng_vdwl += energy;
   if (vflag_global)
     for (int k = 0; k < 6; k++) virial[k] += v[k];

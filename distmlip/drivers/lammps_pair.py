@@ -206,6 +206,7 @@ class PairDriver:
         self.table: np.ndarray | None = None  # LAMMPS type -> atomic number (index 0 unused)
         self._checked: tuple[int, ...] | None = None
         self.last_exchange: LammpsExchange | None = None
+        self._pending: tuple | None = None  # prepare()'s, for compute()
 
     def set_elements(self, elements: list[str]) -> None:
         """``pair_coeff * * El1 El2 ...``: the element of each LAMMPS atom type, type 1 first."""
@@ -241,28 +242,35 @@ class PairDriver:
             torch.autograd.grad(energies.sum(), graph.edge_vec, allow_unused=True)
         self._checked = elements
 
-    def compute(self, nlocal: int, nall: int, types: int, tags: int, tag_bytes: int, nedges: int,
-                senders: int, receivers: int, vectors: int, box: tuple, newton: int, forces: int,
-                eatom: int, vatom: int) -> tuple[float, ...]:
-        """One force evaluation of this rank (the arguments are the plugin's: counts, addresses
-        of LAMMPS's arrays and of the edges it found, the box ``(a, b, c)`` row by row).
-
-        Adds the forces to LAMMPS's ``f`` (ghost rows too with ``newton on``; folded home here
-        with ``newton off``), the owned atoms' energies to ``eatom`` and per-atom virials to
-        ``vatom`` (when their addresses are not 0: LAMMPS asked for them), and returns this rank's
-        energy and virial ``(E, xx, yy, zz, xy, xz, yz)`` (eV)."""
+    def prepare(self, nlocal: int, nall: int, types: int, tags: int, tag_bytes: int, nedges: int,
+                senders: int, receivers: int, vectors: int, box: tuple) -> None:
+        """The first half of a force evaluation, with no communication (so that the plugin can
+        stop every rank alike on an error here): this rank's atoms and the edges the plugin found
+        (counts and addresses of LAMMPS's arrays, the box ``(a, b, c)`` row by row), checked."""
         numbers = self.table[_array(types, np.int32, (nall,))]
         ids = _array(tags, np.int64 if tag_bytes == 8 else np.int32, (nall,)).astype(np.int64) - 1
         s = _array(senders, np.int32, (nedges,)).astype(np.int64)
         r = _array(receivers, np.int32, (nedges,)).astype(np.int64)
         vec = _array(vectors, np.float64, (nedges, 3)).copy()
         check_distances(np.einsum("ij,ij->i", vec, vec), s, r, ids)
+        self._pending = (nlocal, nall, numbers, ids, s, r, vec, np.reshape(box, (3, 3)))
+
+    def compute(self, newton: int, forces: int, eatom: int, vatom: int) -> tuple[float, ...]:
+        """The second half: runs the model on what ``prepare`` was given (every rank together:
+        LAMMPS's communication is the halo exchange).
+
+        Adds the forces to LAMMPS's ``f`` (ghost rows too with ``newton on``; folded home here
+        with ``newton off``), the owned atoms' energies to ``eatom`` and per-atom virials to
+        ``vatom`` (when their addresses are not 0: LAMMPS asked for them), and returns this rank's
+        energy and virial ``(E, xx, yy, zz, xy, xz, yz)`` (eV)."""
+        nlocal, nall, numbers, ids, s, r, vec, cell = self._pending
+        self._pending = None
         counts = np.bincount(numbers[:nlocal], minlength=NUM_ELEMENTS)[:NUM_ELEMENTS]
         composition = torch.as_tensor(self.comm.allreduce(counts).round().astype(np.int64),
                                       device=self.device)
         exchange = self.last_exchange = LammpsExchange(self.comm, nlocal, nall)
-        graph = local_graph(numbers, np.stack([s, r]), vec, exchange, ids, np.reshape(box, (3, 3)),
-                            nlocal, nlocal, self.dtype, self.device, composition=composition)
+        graph = local_graph(numbers, np.stack([s, r]), vec, exchange, ids, cell, nlocal, nlocal,
+                            self.dtype, self.device, composition=composition)
         energies = run_model(self.model, graph)
         loss = energies.sum() + 0.0 * exchange.token.to(energies.device, energies.dtype)
         grad = torch.autograd.grad(loss, [graph.edge_vec, exchange.first_token], allow_unused=True)[0]

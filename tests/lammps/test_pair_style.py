@@ -308,11 +308,13 @@ run 0
 
 
 @pytest.mark.parametrize("case", ["unknown_model", "missing_type", "unknown_symbol", "species",
-                                  "units_real"])
+                                  "units_real", "coincident"])
 def test_bad_input_is_one_error_line(tmp_path, plugin, case):
     """Each mistake stops LAMMPS on 2 ranks with one ``ERROR`` line naming it, within the
     timeout (no hang, no crash)."""
     atoms = structure("small_triclinic")  # Al Mg Al: two types
+    if case == "coincident":  # found in the first force evaluation, by the ranks that hold them
+        atoms.positions[2] = atoms.positions[0] + 1e-4
     write_data(tmp_path / "data.lmp", atoms, ["Al", "Mg"])
     model, elements, units, expect = LJ_SPEC, "Al Mg", "metal", ""
     if case == "unknown_model":
@@ -323,8 +325,10 @@ def test_bad_input_is_one_error_line(tmp_path, plugin, case):
         elements, expect = "Al Xx", "expected a chemical symbol"
     elif case == "species":  # SchNet embeds atomic numbers up to max_z = 10 only
         model, expect = "schnet:max_z=10", "no parameters for atomic number"
-    else:
+    elif case == "units_real":
         units, expect = "real", "expected units metal"
+    else:
+        expect = "expected atoms at least"
     proc = lmp(tmp_path, plugin, BAD.format(units=units, model=model, elements=elements), 2, timeout=120)
     out = proc.stdout + proc.stderr
     errors = [line for line in out.splitlines() if line.startswith("ERROR")]
