@@ -107,6 +107,7 @@ SLOW = {
     "lammps/test_pair_style.py::test_global_readout_matches_distmlip": ("2",),
     "lammps/test_pair_style.py::test_float32": (),  # 7 s
     "lammps/test_pair_style.py::test_nve_one_and_two_ranks_agree": (),  # 12 s
+    "lammps/test_pair_style.py::test_npt_pressure_is_distmlips_stress": (),
 }
 
 

@@ -296,6 +296,55 @@ def test_nve_one_and_two_ranks_agree(tmp_path, plugin, schnet_file):
     assert np.abs(finals[0] - finals[1]).max() <= 1e-8
 
 
+NPT = """\
+units metal
+atom_style atomic
+atom_modify map array
+read_data data.lmp
+pair_style distmlip {model}
+pair_coeff * * Cu
+velocity all create 600 4928459 loop geom
+timestep 0.002
+fix md all npt temp 600 600 0.1 aniso 0 0 0.2
+thermo 10
+run 30
+unfix md
+compute pv all pressure NULL virial
+run 0
+write_dump all custom final.dump id x y z modify sort id format float %.17g
+print "DISTMLIP $(lx:%.17g) $(ly:%.17g) $(lz:%.17g) $(pe:%.17g) $(c_pv[1]:%.17g) $(c_pv[2]:%.17g) \
+$(c_pv[3]:%.17g) $(c_pv[4]:%.17g) $(c_pv[5]:%.17g) $(c_pv[6]:%.17g)"
+"""
+
+
+def test_npt_pressure_is_distmlips_stress(tmp_path, plugin, schnet_file):
+    """30 NPT steps with SchNet (the barostat reads the virial every step) on 1 and 2 ranks end
+    in the same box and positions (1e-8), and the pressure LAMMPS reports there is
+    ``DistributedCalculator``'s stress of that configuration (1e-10)."""
+    from ase import Atoms
+
+    atoms = structure("fcc")
+    results = []
+    for ranks in (1, 2):
+        run = tmp_path / f"ranks{ranks}"
+        run.mkdir()
+        write_data(run / "data.lmp", atoms, ["Cu"])
+        proc = lmp(run, plugin, NPT.format(model=schnet_file), ranks)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        values = [float(v) for v in next(line for line in proc.stdout.splitlines()
+                                         if line.startswith("DISTMLIP")).split()[1:]]
+        results.append((np.array(values), np.loadtxt(run / "final.dump", skiprows=9)[:, 1:4]))
+    (one, x1), (two, x2) = results
+    assert np.abs(x1 - x2).max() <= 1e-8 and rel_err(two[:4], one[:4]) <= 1e-10
+    lengths, energy, pressure = one[:3], one[3], one[4:]
+    assert np.abs(lengths - atoms.cell.lengths()).max() > 1e-3, "the barostat did not move the box"
+    final = Atoms(atoms.numbers, positions=x1, cell=np.diag(lengths), pbc=True)
+    ref = reference(torch.load(schnet_file, weights_only=False), final)
+    xx, yy, zz, xy, xz, yz = -pressure / NKTV2P
+    got = {"energy": energy, "stress": np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])}
+    assert_matches(got, ref, 1e-10, "npt", ("energy", "stress"))
+
+
 # ---------------------------------------------------------------- bad input
 BAD = """\
 units {units}
