@@ -109,23 +109,27 @@ def build(output: str | os.PathLike | None = None, force: bool = False, verbose:
     include, libdir, soname = python_library()
     config = out / "distmlip_config.h"
     text = config_header()
-    if not config.exists() or config.read_text() != text:
-        config.write_text(text)
+    if not config.exists() or config.read_text() != text:  # atomic: another build may read it
+        tmp = config.with_name(f"{config.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, config)
     target = out / NAME
     inputs = [HERE / f for f in SOURCES + HEADERS] + [config, Path(__file__)]
     if not force and target.exists() and target.stat().st_mtime >= max(p.stat().st_mtime for p in inputs):
         return target
     library = soname.removeprefix("lib").split(".so")[0]
+    partial = target.with_name(f"{NAME}.{os.getpid()}.tmp")  # concurrent builds do not mix
     cmd = [compiler, "-std=c++17", "-O2", "-fPIC", "-shared", "-DLAMMPS_SMALLBIG",
            f"-I{headers}", f"-I{include}", f"-I{out}", f"-I{HERE}",
            *(str(HERE / f) for f in SOURCES),
-           "-o", str(target) + ".tmp", f"-L{libdir}", f"-l{library}", f"-Wl,-rpath,{libdir}", "-ldl"]
+           "-o", str(partial), f"-L{libdir}", f"-l{library}", f"-Wl,-rpath,{libdir}", "-ldl"]
     if verbose:
         print(" ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
+        partial.unlink(missing_ok=True)
         raise BuildError(f"{compiler} failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}")
-    os.replace(str(target) + ".tmp", target)
+    os.replace(partial, target)
     return target
 
 

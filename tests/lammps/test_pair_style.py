@@ -245,6 +245,27 @@ def test_lj_matches_ase(tmp_path, plugin):
     assert_matches(got, ref, 1e-10, "lj vs ase")
 
 
+def test_in_process_from_python(tmp_path, plugin):
+    """LAMMPS driven from Python (the ``lammps`` module, in this process) loads the plugin too: the
+    plugin then runs the models in the caller's interpreter."""
+    from distmlip.drivers.lammps import lammps_instance
+
+    atoms = structure("fcc")
+    write_data(tmp_path / "data.lmp", atoms, ["Cu"])
+    lmp = lammps_instance()
+    try:
+        lmp.command(f"plugin load {plugin}")
+        lmp.commands_string(f"units metal\natom_style atomic\natom_modify map array\n"
+                            f"read_data {tmp_path / 'data.lmp'}\npair_style distmlip {LJ_SPEC}\n"
+                            f"pair_coeff * * Cu\nrun 0")
+        n = len(atoms)
+        order = np.argsort(lmp.numpy.extract_atom("id")[:n])
+        got = {"energy": lmp.get_thermo("pe"), "forces": np.array(lmp.numpy.extract_atom("f")[:n])[order]}
+    finally:
+        lmp.close()
+    assert_matches(got, reference(make_lj(), atoms), 1e-10, "in process", ("energy", "forces"))
+
+
 @pytest.mark.parametrize("ranks", [1, 2])
 @pytest.mark.parametrize("kind", ["lj", "schnet"])
 def test_newton_off(tmp_path, plugin, schnet_file, kind, ranks):
