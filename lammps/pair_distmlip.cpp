@@ -146,6 +146,14 @@ void PairDistmlip::allocate()
   memory->create(cutsq, n, n, "pair:cutsq");
 }
 
+void PairDistmlip::check_model()
+{
+  // a failed pair_style leaves no model (LAMMPS driven from Python goes on after an error)
+  if (!driver)
+    error->all(FLERR, "pair_style distmlip: no model loaded (the pair_style command failed); "
+                      "repeat pair_style distmlip with a model that loads");
+}
+
 void PairDistmlip::check_units()
 {
   if (strcmp(update->unit_style, "metal") != 0)
@@ -228,13 +236,13 @@ void PairDistmlip::settings(int narg, char **arg)
   std::string message = start_python();
   if (message.empty()) {
     Gil gil;
+    Py_CLEAR(driver);
     Ref module(PyImport_ImportModule(MODULE));
     if (!module.p) {
       message = python_error() + "; the embedded Python (" + DISTMLIP_PYTHON +
           ") cannot import distmlip: set PYTHONPATH, or rebuild the plugin with `make lammps` "
           "in the environment that has distmlip";
     } else {
-      Py_XDECREF(driver);
       driver = PyObject_CallMethod(
           module.p, "PairDriver", "sssKKKiii", arg[0], dtype.c_str(), device.c_str(), address(this),
           address((void *) &distmlip_exchange), address((void *) &distmlip_allreduce), MAX_WIDTH,
@@ -246,12 +254,14 @@ void PairDistmlip::settings(int narg, char **arg)
         if (PyErr_Occurred()) message = python_error();
       }
     }
+    if (!message.empty()) Py_CLEAR(driver);
   }
   agree(message);
 }
 
 void PairDistmlip::coeff(int narg, char **arg)
 {
+  check_model();
   if (!allocated) allocate();
   int ntypes = atom->ntypes;
   if (narg < 2 || strcmp(arg[0], "*") != 0 || strcmp(arg[1], "*") != 0 || narg != 2 + ntypes)
@@ -277,6 +287,7 @@ void PairDistmlip::coeff(int narg, char **arg)
 void PairDistmlip::init_style()
 {
   check_units();
+  check_model();
   neighbor->add_request(this, NeighConst::REQ_FULL);
   // comm buffers are sized now: the widest exchange, never wider later
   comm_forward = comm_reverse = comm_reverse_off = MAX_WIDTH;

@@ -60,6 +60,7 @@ class PairDistmlip : public Pair {
 
   void allocate();
   void check_units();
+  void check_model();
   [[noreturn]] void fail_one(const std::string &message);
   void agree(const std::string &message);
   std::string python_error();
