@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <dlfcn.h>
+#include <unistd.h>
 
 using namespace LAMMPS_NS;
 
@@ -164,24 +165,37 @@ void PairDistmlip::check_units()
 }
 
 /* ----------------------------------------------------------------------
-   errors: agree() is called by every rank with its error ("" for none); when every rank failed
-   rank 0 prints one ERROR line, otherwise the failed ranks stop the run (MPI_Abort)
+   errors: agree() is called by every rank with its error ("" for none): the first failed rank's
+   message goes to every rank, which all stop with error->all (rank 0 prints one ERROR line).
+   fail_one() is for a rank that fails alone where the others cannot be asked (inside the
+   model, between exchanges): it prints its line on stderr itself, unbuffered (LAMMPS prints
+   error->one only where a rank has a screen, and the abort may drop buffered output), gives
+   mpirun a second to forward it, and aborts the run.
 ------------------------------------------------------------------------- */
 
 void PairDistmlip::fail_one(const std::string &message)
 {
-  error->one(FLERR, "pair_style distmlip: {}", message);
+  if (comm->nprocs == 1) error->all(FLERR, "pair_style distmlip: {}", message);
+  if (screen) fflush(screen);
+  if (logfile) fflush(logfile);
+  fprintf(stderr, "ERROR on proc %d: pair_style distmlip: %s\n", comm->me, message.c_str());
+  fflush(stderr);
+  sleep(1);    // mpirun forwards a rank's output asynchronously: an abort at once may drop it
+  MPI_Abort(world, 1);
+  _exit(1);    // MPICH's MPI_Abort may return while it stops the other ranks: say nothing more
 }
 
 void PairDistmlip::agree(const std::string &message)
 {
-  int bad = message.empty() ? 0 : 1, nbad = 0;
-  MPI_Allreduce(&bad, &nbad, 1, MPI_INT, MPI_SUM, world);
-  if (nbad == 0) return;
-  if (nbad == comm->nprocs) error->all(FLERR, "pair_style distmlip: {}", message);
-  if (bad) fail_one(message);
-  MPI_Barrier(world);    // until the failed rank's abort ends this one
-  error->all(FLERR, "pair_style distmlip: failed on another rank");
+  int mine = message.empty() ? comm->nprocs : comm->me, first = 0;
+  MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, world);
+  if (first == comm->nprocs) return;
+  std::string text = message;
+  int length = (int) text.size();
+  MPI_Bcast(&length, 1, MPI_INT, first, world);
+  text.resize(length);
+  MPI_Bcast(&text[0], length, MPI_CHAR, first, world);
+  error->all(FLERR, "pair_style distmlip: {}", text);
 }
 
 //! the pending Python exception as one line (distmlip's describe(); a traceback on stderr for

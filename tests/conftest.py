@@ -111,6 +111,7 @@ SLOW = {
     "lammps/test_pair_style.py::test_float32": (),  # 7 s
     "lammps/test_pair_style.py::test_nve_one_and_two_ranks_agree": (),  # 12 s
     "lammps/test_pair_style.py::test_npt_pressure_is_distmlips_stress": (),  # 8 s
+    "lammps/test_pair_style.py::test_a_model_failing_on_one_rank_stops_every_rank": (),  # 5-6 s
     "lammps/test_pair_style.py::test_bad_input_is_one_error_line": (
         "unknown_model", "units_real", "coincident"),
 }

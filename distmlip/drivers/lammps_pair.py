@@ -26,6 +26,7 @@ import traceback
 
 import numpy as np
 import torch
+from ase.data import atomic_numbers
 
 from ..models.base import NUM_ELEMENTS, HaloExchange, check_model
 from ..models.registry import load_spec
@@ -205,13 +206,10 @@ class PairDriver:
         self.cutoff = float(model.cutoff)
         self.table: np.ndarray | None = None  # LAMMPS type -> atomic number (index 0 unused)
         self._checked: tuple[int, ...] | None = None
-        self.last_exchange: LammpsExchange | None = None
         self._pending: tuple | None = None  # prepare()'s, for compute()
 
     def set_elements(self, elements: list[str]) -> None:
         """``pair_coeff * * El1 El2 ...``: the element of each LAMMPS atom type, type 1 first."""
-        from ase.data import atomic_numbers
-
         table = [0]
         for i, element in enumerate(elements, start=1):
             z = int(element) if element.isdigit() else atomic_numbers.get(element, 0)
@@ -268,7 +266,7 @@ class PairDriver:
         counts = np.bincount(numbers[:nlocal], minlength=NUM_ELEMENTS)[:NUM_ELEMENTS]
         composition = torch.as_tensor(self.comm.allreduce(counts).round().astype(np.int64),
                                       device=self.device)
-        exchange = self.last_exchange = LammpsExchange(self.comm, nlocal, nall)
+        exchange = LammpsExchange(self.comm, nlocal, nall)
         graph = local_graph(numbers, np.stack([s, r]), vec, exchange, ids, cell, nlocal, nlocal,
                             self.dtype, self.device, composition=composition)
         energies = run_model(self.model, graph)

@@ -22,7 +22,7 @@ from distmlip.drivers.lammps import mpich_lib_dir
 from distmlip.testing import rel_err
 from distmlip.testing.structures import fcc_bulk, slab_vacuum, small_triclinic
 
-from support import BIN, LJ_PARAMS, LJ_SPEC, ROOT, launcher_env, make_lj, make_schnet
+from support import BIN, LJ_PARAMS, LJ_SPEC, ROOT, FailsWithAtom5, launcher_env, make_lj, make_schnet
 
 pytestmark = pytest.mark.mpi
 
@@ -406,3 +406,18 @@ def test_bad_input_is_one_error_line(tmp_path, plugin, case):
     assert len(errors) == 1, out[-3000:]
     assert expect in errors[0], errors[0]
     assert "Segmentation" not in out and "Traceback" not in out, out[-3000:]
+
+
+def test_a_model_failing_on_one_rank_stops_every_rank(tmp_path, plugin):
+    """A model that raises on one rank only (in the force evaluation, where the other ranks
+    cannot be asked): that rank prints one ERROR line with the model's error and aborts the run;
+    no rank hangs."""
+    torch.save(FailsWithAtom5(**LJ_PARAMS), tmp_path / "fails.pt")
+    atoms = structure("fcc")
+    write_data(tmp_path / "data.lmp", atoms, ["Cu"])
+    proc = lmp(tmp_path, plugin, BAD.format(units="metal", model=tmp_path / "fails.pt", elements="Cu"), 2,
+               timeout=120)
+    out = proc.stdout + proc.stderr
+    errors = [line for line in out.splitlines() if line.startswith("ERROR")]
+    assert proc.returncode != 0, out[-3000:]
+    assert len(errors) == 1 and "atom 5 is owned here" in errors[0], out[-3000:]
