@@ -231,25 +231,46 @@ def test_sevennet_matches_distmlip(tmp_path, plugin, name, ranks):
     assert_matches(got, ref, 1e-10, f"sevennet-0 {name} {ranks} ranks", ALL)
 
 
+#: small random modules of the optional packages (tests/support/adapters.py), saved with torch.save:
+#: family -> (package to import, builder name, builder options); NequIP and Allegro run in the
+#: precision they were built with (no dtype option)
+ADAPTER_FILES = {
+    "mace": ("mace", "make_mace", {}),
+    "nequip": ("nequip", "make_nequip", {}),
+    "allegro": ("allegro", "make_allegro", {}),
+    "tensornet": ("matgl", "make_matgl", {"arch": "TensorNet"}),
+    "uma": ("fairchem", "make_uma", {}),
+    "orb": ("orb_models", "make_orb", {}),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["chgnet", "tensornet", "orb"])
+@pytest.mark.parametrize("family", ["chgnet", "mattersim", *ADAPTER_FILES])
 def test_other_adapters_match_distmlip(tmp_path, plugin, family):
-    """Other adapters through the same contract, on 2 ranks, float64, 1e-10: CHGNet by name
-    (pretrained, in chgnet), matgl's TensorNet and Orb as small random modules saved with
-    ``torch.save`` (the file route wraps them)."""
+    """Every other adapter through the same contract, on 2 ranks, 1e-10: CHGNet by name
+    (pretrained, in chgnet), the others as small random modules saved with ``torch.save`` (the
+    file route wraps them; MatterSim's inner M3Gnet: its Potential does not pickle). matgl's
+    M3GNet is not here: its modules do not pickle."""
     from support import adapters
 
     atoms = lammps_frame(adapters.structures.metal(repeat=(2, 2, 2)))
+    dtype = "float64"
     if family == "chgnet":
         pytest.importorskip("chgnet", reason="CHGNet ships in chgnet (pip install 'distmlip[chgnet]')")
         spec, model = "chgnet-0.3.0", distmlip.load("chgnet-0.3.0")
     else:
-        pytest.importorskip({"tensornet": "matgl", "orb": "orb_models"}[family])
-        module = adapters.make_matgl(arch="TensorNet") if family == "tensornet" else adapters.make_orb()
+        if family == "mattersim":
+            pytest.importorskip("mattersim")
+            module = adapters.make_mattersim().model
+        else:
+            package, builder, options = ADAPTER_FILES[family]
+            pytest.importorskip(package)
+            module = getattr(adapters, builder)(**options)
+            dtype = None if family in ("nequip", "allegro") else dtype
         torch.save(module, tmp_path / "model.pt")
         spec, model = str(tmp_path / "model.pt"), distmlip.wrap(module)
-    got = evaluate_lammps(tmp_path, plugin, atoms, f"{spec} dtype float64", 2)
-    assert_matches(got, reference(model, atoms, dtype="float64"), 1e-10, family, ALL)
+    got = evaluate_lammps(tmp_path, plugin, atoms, spec + (f" dtype {dtype}" if dtype else ""), 2)
+    assert_matches(got, reference(model, atoms, dtype=dtype), 1e-10, family, ALL)
 
 
 def test_lj_matches_ase(tmp_path, plugin):
