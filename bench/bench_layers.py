@@ -6,6 +6,11 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family sevenn    # SevenNet-0, 256 Cu
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family mace      # MACE, 500 Cu/Al
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family tensornet # TensorNet, 1,500 Li2O
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family uma       # UMA MoE, 324 Li2O
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family chgnet    # CHGNet 0.3.0, 324 Li2O
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family mattersim # MatterSim, 768 Li2O
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family m3gnet    # matgl M3GNet, 768 Li2O
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_layers.py --family orb       # Orb v3, 6,144 Li2O
 
 Families (``--family``; every one float64, a fresh process per configuration, one torch thread):
 
@@ -17,6 +22,21 @@ Families (``--family``; every one float64, a fresh process per configuration, on
   weights, tests/support/adapters.py) on fcc Cu with every fifth atom Al (default size 5: 500).
 - ``tensornet``: the tests' matgl TensorNet (16 units, 2 blocks, 4 Å, random weights) on
   antifluorite Li2O (default size 5: 1,500 atoms).
+- ``uma``: the tests' fairchem eSCN-MD mixture of experts (UMA's architecture: 16 sphere channels,
+  lmax = mmax = 2, 2 blocks, 4 experts mixed by the composition and the task "omat", 5 Å, random
+  weights, tests/support/adapters.py) on antifluorite Li2O (default size 3: 324 atoms).
+- ``chgnet``: CHGNet 0.3.0 (pretrained, shipped in the chgnet wheel; 4 layers, 6 Å atom graph, 3 Å
+  bond graph, bond and angle features carried as edge entries) in float64 on antifluorite Li2O
+  (default size 3: 324 atoms).
+- ``mattersim``: the tests' MatterSim M3GNet (2 blocks, 16 units, 5 Å, three-body 4 Å, random
+  weights, tests/support/adapters.py; bond features as an edge entry) in float64 on antifluorite
+  Li2O (default size 4: 768 atoms).
+- ``m3gnet``: the tests' matgl M3GNet (16 units, 2 blocks, 5 Å, three-body 4 Å, random weights;
+  bond features as an edge entry) in float64 on antifluorite Li2O (default size 4: 768 atoms).
+- ``orb``: the tests' Orb v3 conservative (latent 32, MLPs 64/32, 2 message-passing steps, 6 Å,
+  neighbour cap 8, ZBL, random weights, tests/support/adapters.py) in float64 on antifluorite Li2O
+  (default size 8: 6,144 atoms). Its steps are written but not enabled (its readout needs a
+  ``global_sum``, which the runtime's steps do not offer): both bounded rows take the generic replay.
 
 CPU time is ``time.process_time`` of ``calc.calculate``: the first call (graph, partition, the
 layer protocol's probe unless a passed one is on record) and the next one (atoms moved 1e-3 Å:
@@ -91,7 +111,11 @@ def _system(family: str, size: int):
         atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((size,) * 3)
         atoms.rattle(0.03, seed=1)
         return distmlip.load("sevennet-0"), atoms, "float64"
-    from support.adapters import make_mace, make_matgl
+    if family == "chgnet":
+        atoms = bulk("Li2O", "fluorite", a=4.61, cubic=True).repeat((size,) * 3)
+        atoms.rattle(0.03, seed=1)
+        return distmlip.load("chgnet-0.3.0"), atoms, "float64"
+    from support.adapters import make_mace, make_matgl, make_mattersim, make_orb, make_uma_moe
 
     if family == "mace":
         atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((size,) * 3)
@@ -100,6 +124,14 @@ def _system(family: str, size: int):
         return distmlip.wrap(make_mace()), atoms, "float64"
     atoms = bulk("Li2O", "fluorite", a=4.61, cubic=True).repeat((size,) * 3)
     atoms.rattle(0.03, seed=1)
+    if family == "uma":
+        return distmlip.wrap(make_uma_moe().double(), task="omat"), atoms, "float64"
+    if family == "mattersim":
+        return distmlip.wrap(make_mattersim()).double(), atoms, "float64"
+    if family == "m3gnet":
+        return distmlip.wrap(make_matgl(arch="M3GNet")), atoms, "float64"
+    if family == "orb":
+        return distmlip.wrap(make_orb().double()), atoms, "float64"
     return distmlip.wrap(make_matgl()), atoms, "float64"
 
 
@@ -108,7 +140,20 @@ FAMILIES = {"schnet": (18, "SchNet, 3 interactions, 32 channels, float64, 5 Å, 
             "mace": (5, "MACE (128x0e+128x1o, 2 interactions, 6 Å, random weights) in float64, on "
                         "{n} Cu/Al atoms"),
             "tensornet": (5, "matgl TensorNet (16 units, 2 blocks, 4 Å, random weights) in float64, "
-                             "on {n} Li2O atoms")}
+                             "on {n} Li2O atoms"),
+            "uma": (3, "fairchem eSCN-MD mixture of experts (UMA's architecture: 16 sphere channels, "
+                       "lmax = mmax = 2, 2 blocks, 4 experts, 5 Å, random weights) in float64, task "
+                       "omat, on {n} Li2O atoms"),
+            "chgnet": (3, "CHGNet 0.3.0 (pretrained, 4 layers, 6 Å atom graph, 3 Å bond graph; bond "
+                          "and angle features as edge entries) in float64, on {n} Li2O atoms"),
+            "mattersim": (4, "MatterSim M3GNet (2 blocks, 16 units, 5 Å, three-body 4 Å, random "
+                             "weights; bond features as an edge entry) in float64, on {n} Li2O atoms"),
+            "m3gnet": (4, "matgl M3GNet (16 units, 2 blocks, 5 Å, three-body 4 Å, random weights; "
+                          "bond features as an edge entry) in float64, on {n} Li2O atoms"),
+            "orb": (8, "Orb v3 conservative (latent 32, MLPs 64/32, 2 message-passing steps, 6 Å, "
+                       "neighbour cap 8, ZBL, random weights) in float64, on {n} Li2O atoms; its steps "
+                       "are not enabled (the readout needs a global_sum): both bounded rows take the "
+                       "generic replay")}
 
 
 def run(size: int, path: str, budget=None, family: str = "schnet") -> dict:
@@ -125,7 +170,7 @@ def main():
                         help="the model and system (see above; default schnet)")
     parser.add_argument("--size", type=int, default=None,
                         help="cubic cell repeats per direction (default: schnet 18, sevenn 4, mace 5, "
-                             "tensornet 5)")
+                             "tensornet 5, uma 3, chgnet 3, mattersim 4, m3gnet 4, orb 8)")
     parser.add_argument("--fraction", type=float, default=0.3, help="budget / unbounded added peak")
     args = parser.parse_args()
     import numpy as np

@@ -57,12 +57,16 @@ SLOW = {
     "adapters/test_chgnet.py::test_atom_updates_only_on_owned_rows": (),  # 23 s
     "adapters/test_chgnet.py::test_other_partitioners": (),  # 7 s
     "adapters/test_chgnet.py::test_other_checkpoints": (),  # 7 s
+    "adapters/test_chgnet.py::test_bounded_steps_equal_unbounded": ("slab",),  # oxide: 6.5 s
     # NequIP / Allegro (~35 s)
     "adapters/test_nequip.py::TestNequIPBattery::test_battery_matches_calculator_and_split": (
         "nequip-surface", "allegro-oxide"),
     "adapters/test_nequip.py::test_nequip_node_work_only_on_owned_rows": (),  # 8 s
     # matgl TensorNet: the budget search (calibration, several builds); the chosen-parts case stays
     "adapters/test_matgl.py::test_tensornet_budget_takes_the_steps": (),  # 5.5 s
+    "adapters/test_matgl.py::test_m3gnet_bounded_steps_equal_unbounded": ("slab",),  # oxide: 4.3 s loaded
+    # MatterSim: the steps in bounded memory (3 part counts, 1 and 2 workers); the slab stays
+    "adapters/test_mattersim.py::test_bounded_steps_equal_unbounded": ("slab",),  # oxide: 2-5.5 s
     # bounded memory: the adapters' own files cover the pretrained ones
     "engine/test_bounded_memory.py::test_budget_is_honoured_in_a_fresh_process": (),  # 22 s
     "engine/test_bounded_memory.py::test_every_adapter_is_exact_one_part_at_a_time": (
@@ -90,6 +94,7 @@ SLOW = {
     "engine/test_layer_protocol.py::test_bounded_steps_equal_unbounded": (
         "fcc_bulk", "molecule", "multi_element_isolated"),
     "engine/test_layer_protocol.py::test_max_memory_budget_takes_the_steps": (),  # 11 s
+    "engine/test_layer_protocol.py::test_edge_entries_are_priced_per_edge": (),  # 12 s (budget)
     # launches (run one after another: ~185 s in tests/mpi alone)
     "mpi/test_mpi.py::test_equivalence_under_launcher": ("mpirun-2", "torchrun-2"),
     "mpi/test_mpi.py::test_failing_rank_stops_everyone": ("mpirun-model", "mpirun-kill"),

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["DistributableModel", "HaloExchange", "LocalGraph", "NUM_ELEMENTS", "check_model",
-           "check_numbers", "compare_steps", "has_steps", "no_exchange", "run_steps", "unknown_elements"]
+           "check_numbers", "compare_steps", "edge_entries", "has_steps", "no_exchange", "run_steps",
+           "unknown_elements"]
 
 #: Length of ``LocalGraph.composition``: atomic numbers 0..118.
 NUM_ELEMENTS = 119
@@ -240,7 +241,8 @@ class DistributableModel(torch.nn.Module):
 
     Features that live on edges or angles across atoms (CHGNet's bond graph) are not exchanged by
     distmlip: split their update into per-atom partial sums and exchange those as node features
-    (see ``distmlip/models/chgnet.py`` and docs/wrapping.md).
+    (see ``distmlip/models/chgnet.py`` and docs/wrapping.md); in the layer protocol such features
+    are ``edge_entries`` of the state (below).
 
     distmlip sums the energies of owned atoms, and obtains forces and stress from the gradient of
     that sum with respect to ``edge_vec``. Halo rows of the output are discarded.
@@ -272,11 +274,21 @@ class DistributableModel(torch.nn.Module):
       from the last step's state.
     - ``num_steps`` (default ``num_layers``) and ``exchanged``: the indices of the state entries
       other parts read on halo rows (``None``, the default: the model has no steps).
+    - ``edge_entries`` (default ``()``): the indices of the state entries that are part-local:
+      their rows are not atoms but the part's own edges (``graph.edge_index`` order), or anything
+      else the part alone has and indexes by its edges (angles between two edges received by one
+      atom, say), any number of rows, never exchanged. A step reads them and returns them whole
+      (all their rows, not ``num_needed``); ``embed`` and the last step's state use the same
+      indices for them. They are right in halo mode because every edge of a part ends at an
+      owned atom: an edge feature that depends only on its receiver's edges and on the atom
+      features (exchanged) is the same wherever the part boundary runs. The runtime stores them
+      per part and level and sums their gradients per part; the memory model prices them per edge
+      (CHGNet's bond and angle features, ``distmlip/models/chgnet.py``).
 
     Composing them with the exchanges between steps must equal ``forward`` (``run_steps`` does
     exactly that; ``compare_steps`` and ``distmlip.testing.check_steps`` check it, and the runtime
-    checks it on a small probe before it first uses the steps). A model without them keeps working
-    through the generic replay, unchanged.
+    checks it on a small probe crystal when a calculator that will use the steps is built). A
+    model without them keeps working through the generic replay, unchanged.
     """
 
     cutoff: float
@@ -285,6 +297,10 @@ class DistributableModel(torch.nn.Module):
     #: Layer protocol: indices of the state entries the next step reads on halo rows (exchanged
     #: by the runtime between steps); ``None``: the model does not implement the steps.
     exchanged: tuple[int, ...] | None = None
+
+    #: Layer protocol: indices of the part-local state entries whose rows are the part's edges (or
+    #: angles), stored per part, never exchanged (see the class docstring).
+    edge_entries: tuple[int, ...] = ()
 
     def forward(self, graph: LocalGraph) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -402,15 +418,31 @@ def has_steps(model) -> bool:
                for name in ("embed", "step", "energies"))
 
 
-def check_state(model, state, what: str, rows: int) -> tuple[torch.Tensor, ...]:
-    """``state`` as a tuple of tensors of at least ``rows`` rows, or ``ValueError`` naming
-    ``what`` returned it."""
+def edge_entries(model) -> tuple[int, ...]:
+    """The model's part-local (per-edge) state entries, checked: ``ValueError`` if one is also
+    ``exchanged`` or is not an index."""
+    entries = tuple(getattr(model, "edge_entries", ()) or ())
+    name = type(model).__name__
+    if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in entries):
+        raise ValueError(f"model: {name}.edge_entries: expected indices of state entries (ints >= 0), "
+                         f"got {entries!r}")
+    both = sorted(set(entries) & set(getattr(model, "exchanged", None) or ()))
+    if both:
+        raise ValueError(f"model: {name}: state entries {both} are both exchanged and edge_entries; "
+                         f"an edge entry is part-local and never exchanged")
+    return entries
+
+
+def check_state(model, state, what: str, rows: int, edges: tuple[int, ...] = ()) -> tuple[torch.Tensor, ...]:
+    """``state`` as a tuple of tensors of at least ``rows`` rows (the entries listed in ``edges``:
+    any number of rows), or ``ValueError`` naming ``what`` returned it."""
     name = type(model).__name__
     if isinstance(state, torch.Tensor) or not isinstance(state, (tuple, list)):
         raise ValueError(f"model: {name}.{what} must return a tuple of tensors (the state), got "
                          f"{type(state).__name__}")
     for e, t in enumerate(state):
-        if not isinstance(t, torch.Tensor) or t.ndim == 0 or t.shape[0] < rows:
+        least = 0 if e in edges else rows
+        if not isinstance(t, torch.Tensor) or t.ndim == 0 or t.shape[0] < least:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"model: {name}.{what}: state entry {e}: expected a tensor of at least "
                              f"{rows} rows, got {got}")
@@ -422,13 +454,14 @@ def run_steps(model, graph: LocalGraph, record: list | None = None) -> torch.Ten
     ``graph.halo_exchange`` applied to the ``exchanged`` entries between steps, ``energies``.
     Equal to ``model(graph)`` for a model whose steps are right. ``record``: a list that receives,
     per step, the state it returned."""
-    state = check_state(model, model.embed(graph), "embed", graph.num_nodes)
+    edges = edge_entries(model)
+    state = check_state(model, model.embed(graph), "embed", graph.num_nodes, edges)
     last = model.num_steps - 1
     for i in range(model.num_steps):
         if i > 0:
             state = tuple(graph.halo_exchange(t) if e in model.exchanged else t
                           for e, t in enumerate(state))
-        state = check_state(model, model.step(i, graph, state), f"step({i})", graph.num_needed)
+        state = check_state(model, model.step(i, graph, state), f"step({i})", graph.num_needed, edges)
         if record is not None:
             record.append(state)
         if i < last and any(e >= len(state) for e in model.exchanged):

@@ -51,6 +51,11 @@ convolutions the owned atoms are exact when the halo is ``n_conv`` hops deep, an
 ``max_bonds`` must be the same on every worker (it fixes the width of the exchanged features);
 an atom receiving more short bonds raises ``ValueError`` naming the option to raise.
 
+Layer protocol (bounded memory, see ``DistributableModel``): the same layers as steps, bond and
+angle features as part-local edge entries of the state, the atom features, packed partial
+messages and slot keys exchanged between steps (see ``CHGNetModel.step``). A CHGNet without a
+bond update (``update_bond=False``) has no steps and keeps the generic replay.
+
 Known difference: if a structure has no bond shorter than ``bond_graph_cutoff`` at all, CHGNet
 skips the bond update entirely, while this adapter (which cannot know that globally) applies it
 with zero messages. For 0.3.0 and r2SCAN this changes nothing (the output MLP has no bias and
@@ -175,6 +180,8 @@ class CHGNetModel(DistributableModel):
         self.elements = ElementTable({z: z - 1 for z in
                                       range(1, module.atom_embedding.embedding.num_embeddings + 1)},
                                      "CHGNet")
+        if any(layer is None for layer in module.bond_conv_layers):
+            self.exchanged = None  # no bond update (update_bond=False): no steps, the generic replay
 
     def extra_repr(self) -> str:
         return (f"cutoff={self.cutoff}, bond_cutoff={self.bond_cutoff}, "
@@ -338,4 +345,125 @@ class CHGNetModel(DistributableModel):
         energies = c.mlp(atom).squeeze(-1)
         if c.composition_model is not None:
             energies = energies + c.composition_model.fc.weight[0, types[:needed]]
+        return energies
+
+    # ------------------------------------------------------------------ the layer protocol
+    # The same computation as ``forward``, as steps (see ``DistributableModel``). State
+    # ``(bond, angle, atom, packed, keys)``: the bond features of the part's edges and the angle
+    # features of its angles (edge entries: part-local, since every edge of a part is received by
+    # an owned atom and its angles are the pairs of edges received by one atom), and, on every row
+    # (exchanged), the atom features, each atom's packed partial bond messages (its ``max_bonds``
+    # slots) and its slots' edge vectors (by which a part finds the reverse of each edge among
+    # the sender's slots). Step ``i`` finishes layer ``i - 1``'s bond update (own partial message
+    # from the owned rows of ``packed``, the other end's from the sender's row) and angle update,
+    # then runs atom convolution ``i`` and, but in the last step, layer ``i``'s partial bond
+    # messages; ``embed`` is the three embeddings, ``energies`` the readout. ``forward``'s
+    # exchanges are the same rows (its first also carries the keys, the later ones not).
+
+    #: Layer protocol: atom features, packed partial bond messages and slot keys are read on halo
+    #: rows; bond features (per edge) and angle features (per angle) are part-local.
+    exchanged = (2, 3, 4)
+    edge_entries = (0, 1)
+
+    def _geometry(self, graph: LocalGraph) -> dict:
+        """What every step recomputes from the edge vectors: radial weights, the bond graph, the
+        angles' centres."""
+        c = self.module
+        vec = graph.edge_vec
+        r = torch.linalg.vector_norm(vec, dim=-1)
+        rbf_ag = c.bond_basis_expansion.rbf_expansion_ag(r)
+        short, s_recv, slot, e1, e2 = self._bond_graph(graph, r)
+        s_vec, s_r = vec[short], r[short]
+        return {"r": r, "rbf_ag": rbf_ag, "weight_ag": c.bond_weights_ag(rbf_ag),
+                "atom_graph": torch.stack([graph.edge_index[1], graph.edge_index[0]], dim=1),
+                "directed": torch.arange(len(r), device=vec.device), "short": short,
+                "s_recv": s_recv, "s_send": graph.edge_index[0][short], "slot": slot, "e1": e1,
+                "e2": e2, "s_vec": s_vec, "s_r": s_r,
+                "weight_bg": c.bond_weights_bg(c.bond_basis_expansion.rbf_expansion_bg(s_r)),
+                "centre": s_recv[e1]}
+
+    def embed(self, graph: LocalGraph) -> tuple[torch.Tensor, ...]:
+        """Bond features (every edge), angle features (every angle), atom features (every row)."""
+        c = self.module
+        g = self._geometry(graph)
+        atom = c.atom_embedding(self.elements(graph.numbers))
+        bond = c.bond_embedding(g["rbf_ag"])
+        e1, e2 = g["e1"], g["e2"]
+        if len(e1):
+            unit = -g["s_vec"] / g["s_r"].unsqueeze(-1)
+            angle = c.angle_embedding(c.angle_basis_expansion(unit[e1], unit[e2]))
+        else:
+            angle = bond.new_zeros(0, c.angle_embedding.out_features)
+        return bond, angle, atom
+
+    def step(self, i: int, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Layer ``i - 1``'s bond and angle updates, atom convolution ``i``, layer ``i``'s partial
+        bond messages packed per atom (but in the last step)."""
+        c = self.module
+        g = self._geometry(graph)
+        bond, angle, atom = state[:3]
+        if i > 0:
+            bond, angle = self._finish_bonds(i - 1, graph, g, atom, bond, angle, state[3], state[4])
+        needed = graph.num_needed
+        atom = self._atom_conv(c.atom_conv_layers[i], atom, bond, g["weight_ag"], g["atom_graph"],
+                               g["directed"], needed)
+        if i == self.num_layers - 1:
+            return bond, angle, atom
+        s_recv, slot, e1, e2 = g["s_recv"], g["slot"], g["e1"], g["e2"]
+        s_bond = bond[g["short"]]
+        if len(e1):
+            total = torch.cat([s_bond[e1], s_bond[e2], angle, atom[g["centre"]]], dim=1)
+            update = c.bond_conv_layers[i].twoBody_bond(total) * g["weight_bg"][e1] * g["weight_bg"][e2]
+            partial = update.new_zeros(len(s_bond), update.shape[1]).index_add(0, e1, update)
+        else:
+            partial = bond.new_zeros(len(s_bond), bond.shape[1])
+        k_slots, width = self.max_bonds, partial.shape[1]
+        packed = partial.new_zeros(needed, k_slots, width).index_put((s_recv, slot), partial)
+        vec = graph.edge_vec
+        keys = torch.full((needed, k_slots, 3), _EMPTY_SLOT, dtype=vec.dtype, device=vec.device)
+        keys[s_recv, slot] = g["s_vec"].detach()
+        return (bond, angle, atom, packed.reshape(needed, k_slots * width),
+                keys.reshape(needed, k_slots * 3))
+
+    def _finish_bonds(self, idx: int, graph: LocalGraph, g: dict, atom, bond, angle, packed, keys):
+        """Bond update ``idx`` of every edge of the part from the exchanged partial messages (its
+        receiver's: the owned rows; its sender's: the slot holding the reverse edge), then angle
+        update ``idx``."""
+        c = self.module
+        n, k_slots = graph.num_nodes, self.max_bonds
+        packed = packed.reshape(n, k_slots, -1)
+        reverse, found = self._match_reverse(keys.reshape(n, k_slots, 3).detach(), g["s_send"], g["s_vec"])
+        missing = ~found & graph.owned_mask[g["s_recv"]]
+        if bool(missing.any()):
+            j = int(torch.nonzero(missing)[0])
+            raise RuntimeError(
+                f"CHGNet bond graph: the reverse of the edge {int(graph.atom_ids[g['s_recv'][j]])} <- "
+                f"{int(graph.atom_ids[g['s_send'][j]])} was not found among the neighbour's bonds; "
+                f"the halo exchange or the neighbour graph is inconsistent")
+        own = packed[g["s_recv"], g["slot"]]
+        other = packed[g["s_send"], reverse] * found.unsqueeze(-1).to(packed.dtype)
+        messages = bond.new_zeros(len(bond), packed.shape[2]).index_copy(0, g["short"], own + other)
+        layer = c.bond_conv_layers[idx]
+        new_bond = layer.mlp_out(messages) if layer.use_mlp_out else messages
+        if layer.resnet:
+            new_bond = new_bond + bond
+        if layer.bond_norm is not None:
+            new_bond = layer.bond_norm(new_bond)
+        angle_layer = c.angle_layers[idx]
+        if angle_layer is not None and len(g["e1"]):
+            angle = angle_layer(atom_feas=atom, bond_feas=new_bond[g["short"]], angle_feas=angle,
+                                bond_graph=torch.stack([g["centre"], g["e1"], g["e2"]], dim=1))
+        return new_bond, angle
+
+    def energies(self, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The readout (norm, MLP, composition model) of the last atom convolution's rows."""
+        c = self.module
+        needed = graph.num_needed
+        atom = state[2][:needed]
+        if c.readout_norm is not None:
+            atom = c.readout_norm(atom)
+        energies = c.mlp(atom).squeeze(-1)
+        if c.composition_model is not None:
+            types = self.elements(graph.numbers[:needed])
+            energies = energies + c.composition_model.fc.weight[0, types]
         return energies

@@ -13,8 +13,8 @@
   normaliser, plus its element references: distmlip's energy includes both, as the calculator's
   does.
 
-The adapter runs the backbone's own modules in the backbone's order; only the halo exchanges are
-added.
+The adapter runs the backbone's own modules in the backbone's order (each block composed from its
+own submodules, see below); only the halo exchanges are added.
 
 Mixture of experts (``eSCNMDMoeBackbone`` with ``num_experts > 0``): fairchem mixes each expert
 layer's weights with coefficients from a routing MLP of the system's embedding (its task, charge
@@ -31,10 +31,17 @@ Conventions (fairchem → distmlip): fairchem's ``edge_index`` is ``[source; tar
 summed onto the target (``edge_index[1]``) and its edge vector is ``pos[source] - pos[target] +
 offsets @ cell``: exactly distmlip's ``edge_index`` and ``edge_vec``.
 
-Halo exchanges: the edge-degree embedding already sums over each atom's edges, so the node
-embedding ``x`` (``(n, (lmax+1)^2, C)``) is exchanged before every block (``num_layers`` blocks, a
-receptive field of ``num_layers + 1`` hops). The blocks' node-wise work on halo rows is done and
-overwritten; the final norm and the energy head run on the needed rows only.
+Halo exchanges and zero redundant node work: the edge-degree embedding already sums over each
+atom's edges (``num_layers`` = blocks + 1 hops). fairchem's ``eSCNMD_Block`` is ``x + edge_wise(y)``
+then ``x + atom_wise(norm_2(x))`` with ``y = norm_1(x)`` plus the system embedding on the scalar
+channel: the messages read ``y`` only. The adapter composes each block from those submodules (same
+weights, same operations in the same order) so that node-wise work runs on the first
+``graph.num_needed`` rows only (the owned rows in halo mode): the embedding's sum over edges,
+``norm_1``, the residuals, ``norm_2``, the atom-wise feed-forward, the final norm and the energy
+head; ``y`` (``(rows, (lmax+1)^2, C)``, the volume of ``x``) is what is exchanged before every
+block, and the messages of every edge (read from every row) are summed onto the needed rows.
+The same computation is the layer protocol's steps (``embed``/``step``/``energies``, state
+``(x, y)``, ``exchanged = (1,)``; see the section "the layer protocol" below).
 
 The task (``task=``: the dataset embedding, e.g. ``"omat"``, ``"omol"``), total ``charge`` and
 ``spin`` are options of ``wrap``: they are per system, the same for every part.
@@ -124,7 +131,8 @@ class UMAModel(DistributableModel):
             ``FAIRChemCalculator``'s, charge 0 and spin 1 for the "omol" task, 0 otherwise).
 
     Attributes:
-        module: a copy of the Hydra model; ``cutoff``: the backbone's; ``num_layers``: blocks + 1;
+        module: a copy of the Hydra model; ``cutoff``: the backbone's; ``num_layers``: blocks + 1
+        (also the layer protocol's ``num_steps``);
         ``num_experts``: unmerged experts (0: none); ``energy_scale``, ``energy_shift`` (eV, per
         system) and ``references`` (per element, eV): the predict unit's denormalisation and
         element references (1, 0 and ``None`` for a bare model).
@@ -277,12 +285,12 @@ class UMAModel(DistributableModel):
                 "a predict unit that has not predicted yet, or one loaded with inference_settings "
                 "merge_mole=False")
 
-    def forward(self, graph: LocalGraph) -> torch.Tensor:
+    # ------------------------------------------------------------------ the pieces
+    def _system(self, graph: LocalGraph) -> torch.Tensor:
+        """The system embedding ``csd`` ``(1, C)`` (task, charge, spin); the experts' coefficients
+        set for the whole system (or, experts merged by fairchem, its composition checked)."""
         bb = self.module.backbone
-        head = self.head
-        n, needed = graph.num_nodes, graph.num_needed
-        vec = graph.edge_vec
-        device, dtype = vec.device, vec.dtype
+        device = graph.edge_vec.device
         charge = torch.tensor([self.charge], device=device, dtype=torch.long)
         spin = torch.tensor([self.spin], device=device, dtype=torch.long)
         csd = bb.csd_embedding(charge=charge, spin=spin, dataset=[self.task])
@@ -290,45 +298,147 @@ class UMAModel(DistributableModel):
             self._set_experts(graph, csd)
         elif self.merged is not None:
             self._check_merged_composition(graph)
-        width = (bb.sph_feature_size, bb.sphere_channels)
-        if n == 0:  # an empty part: fairchem's layers need an edge; just meet the others
-            x = torch.zeros((0, *width), dtype=dtype, device=device)
-            for _ in bb.blocks:
-                x = graph.halo_exchange(x)
-            return torch.zeros(0, dtype=dtype, device=device)
-        numbers = self.elements(graph.numbers)
-        edge_index = graph.edge_index
+        return csd
+
+    def _edges(self, graph: LocalGraph, numbers: torch.Tensor) -> SimpleNamespace:
+        """What the blocks read of the edges, from ``graph.edge_vec`` (differentiable):
+        ``edge_index``, ``x_edge`` (distance expansion, source and target element embeddings),
+        ``per_layer`` (the backend's radial input of each block), ``wigner`` and
+        ``wigner_inv_envelope`` (the backend's rotations, the envelope fused into the inverse)."""
+        bb = self.module.backbone
+        vec, edge_index = graph.edge_vec, graph.edge_index
         if edge_index.shape[1] == 0:  # fairchem's own fix-up: one self-loop beyond the cutoff
-            edge_index = torch.zeros((2, 1), dtype=torch.long, device=device)
+            edge_index = torch.zeros((2, 1), dtype=torch.long, device=vec.device)
             vec = vec.new_tensor([[bb.cutoff + 1.0, 0.0, 0.0]]) + 0.0 * vec.sum()
         dist = torch.linalg.norm(vec, dim=-1)
         wigner, wigner_inv = bb._get_rotmat_and_wigner(vec)
         coefficient_index = bb.coefficient_index if bb.mmax != bb.lmax else None
         wigner, wigner_inv = bb.backend.prepare_wigner(wigner, wigner_inv, bb.mappingReduced,
                                                        coefficient_index)
-        x = torch.zeros((n, *width), dtype=dtype, device=device)
-        sys_node_embedding = csd[torch.zeros(n, dtype=torch.long, device=device)]
-        x[:, 0, :] = bb.sphere_embedding(numbers) + sys_node_embedding
         envelope = bb.envelope(dist / bb.cutoff).reshape(-1, 1)
         x_edge = torch.cat((bb.distance_expansion(dist), bb.source_embedding(numbers[edge_index[0]]),
                             bb.target_embedding(numbers[edge_index[1]])), dim=1)
         if wigner_inv.ndim == 3:
             envelope = envelope.unsqueeze(-1)
-        wigner_inv_envelope = wigner_inv * envelope
-        x = bb.edge_degree_embedding(x, x_edge, edge_index[1], wigner_inv_envelope)
-        x_edge_per_layer = bb.backend.get_layer_radial_emb(x_edge, bb)
-        for i, block in enumerate(bb.blocks):
-            x = graph.halo_exchange(x[:needed])  # the embedding and every block sum over edges
-            x = block(x, x_edge_per_layer[i], edge_index, wigner, wigner_inv_envelope,
-                      total_atoms_across_gp_ranks=n, sys_node_embedding=sys_node_embedding,
-                      scatter_target=edge_index[1], gp_ctx=None)
-        x = bb.norm(x[:needed])
-        energies = head.energy_block(x[:, 0, :]).view(-1)
+        return SimpleNamespace(edge_index=edge_index, x_edge=x_edge, wigner=wigner,
+                               wigner_inv_envelope=wigner_inv * envelope,
+                               per_layer=bb.backend.get_layer_radial_emb(x_edge, bb))
+
+    def _width(self) -> tuple[int, int]:
+        bb = self.module.backbone
+        return bb.sph_feature_size, bb.sphere_channels
+
+    def _start(self, block, x: torch.Tensor, csd: torch.Tensor) -> torch.Tensor:
+        """The node-wise start of ``block`` on the rows of ``x``: ``norm_1(x)`` plus the system
+        embedding on the scalar channel (what the block's messages read: exchanged)."""
+        y = block.norm_1(x)
+        y[:, 0, :] = y[:, 0, :] + csd
+        return y
+
+    @staticmethod
+    def _edge_wise(edge_wise, y: torch.Tensor, rows: int, x_edge, edges) -> torch.Tensor:
+        """fairchem's ``Edgewise.forward`` (no graph parallelism) with the messages of every edge
+        read from ``y`` (every local row) and summed onto the first ``rows`` rows (every edge's
+        receiver is among them), in fairchem's edge chunks when it checkpoints them."""
+        args = (edges.wigner, edges.wigner_inv_envelope)
+        chunk = edge_wise.activation_checkpoint_chunk_size
+        if chunk is None:
+            return edge_wise.forward_chunk(y, rows, x_edge, edges.edge_index, *args, edges.edge_index[1])
+        pieces = zip(edges.edge_index.split(chunk, dim=1), edges.wigner.split(chunk, dim=0),
+                     edges.wigner_inv_envelope.split(chunk, dim=0), x_edge.split(chunk, dim=0),
+                     strict=True)
+        out, start = [], 0
+        for edge_index, wigner, wigner_inv, x_e in pieces:
+            out.append(torch.utils.checkpoint.checkpoint(
+                edge_wise.forward_chunk, y, rows, x_e, edge_index, wigner, wigner_inv,
+                edge_index[1], start, use_reentrant=False))
+            start += edge_index.shape[1]
+            if len(out) > 8:
+                out = [torch.stack(out).sum(axis=0)]
+        return torch.stack(out).sum(axis=0)
+
+    def _step(self, i: int, graph: LocalGraph, state, csd: torch.Tensor, edges) -> tuple[torch.Tensor, ...]:
+        bb = self.module.backbone
+        needed, blocks = graph.num_needed, bb.blocks
+        if i == 0:  # the edge-degree embedding: the element embedding plus a sum over edges
+            x = torch.zeros((needed, *self._width()), dtype=state[0].dtype, device=state[0].device)
+            x[:, 0, :] = state[0][:needed]
+            x = bb.edge_degree_embedding(x, edges.x_edge, edges.edge_index[1],
+                                         edges.wigner_inv_envelope)
+        else:  # the rest of block i - 1 (fairchem's eSCNMD_Block.forward) on the needed rows
+            block = blocks[i - 1]
+            x = self._edge_wise(block.edge_wise, state[1], needed, edges.per_layer[i - 1], edges)
+            x = x + state[0][:needed]
+            x = x + block.atom_wise(block.norm_2(x))
+        if i < len(blocks):
+            return x, self._start(blocks[i], x, csd)
+        return (x,)
+
+    def _readout(self, graph: LocalGraph, x: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
+        """The final norm and the energy head on the needed rows, denormalised, with the
+        element references."""
+        needed = graph.num_needed
+        x = self.module.backbone.norm(x[:needed])
+        energies = self.head.energy_block(x[:, 0, :]).view(-1)
         if self.energy_scale != 1.0 or self.energy_shift != 0.0:
             energies = self.energy_scale * energies + self.energy_shift / max(graph.num_system_atoms, 1)
         if self.references is not None:
-            energies = energies + self.references.to(dtype)[numbers[:needed]]
+            energies = energies + self.references.to(energies.dtype)[numbers[:needed]]
         return energies
+
+    def _empty(self, graph: LocalGraph, *shape: int) -> torch.Tensor:
+        return torch.zeros((0, *shape), dtype=graph.edge_vec.dtype, device=graph.edge_vec.device)
+
+    def forward(self, graph: LocalGraph) -> torch.Tensor:
+        csd = self._system(graph)
+        if graph.num_nodes == 0:  # an empty part: fairchem's layers need an edge; just meet the others
+            for _ in self.module.backbone.blocks:
+                graph.halo_exchange(self._empty(graph, *self._width()))
+            return self._empty(graph)
+        numbers = self.elements(graph.numbers)
+        edges = self._edges(graph, numbers)  # once for every step (the steps recompute their own)
+        state = (self.module.backbone.sphere_embedding(numbers) + csd,)
+        for i in range(self.num_steps):
+            if i > 0:  # the block about to run reads its neighbours' normalised features
+                state = (state[0], graph.halo_exchange(state[1]))
+            state = self._step(i, graph, state, csd, edges)
+        return self._readout(graph, state[0], numbers)
+
+    # ------------------------------------------------------------------ the layer protocol
+    # ``forward`` is these steps with an exchange between them (see ``DistributableModel``):
+    # ``embed`` gives the element embedding plus the system embedding of every row (a lookup:
+    # exact on the halo); step 0 is the edge-degree embedding (a sum over each atom's edges) and
+    # the first block's ``norm_1``; step i (1 .. blocks) the rest of block i - 1 (messages from
+    # every row, summed onto the needed rows; residual, ``norm_2``, atom-wise feed-forward,
+    # residual) and the next block's ``norm_1``. The state is ``(x, y)``: the node features on the
+    # needed rows and the next block's normalised features (plus the system embedding) on every
+    # row (exchanged: what its messages read); the last step returns ``(x,)``. Every step (and
+    # ``embed``) sets the experts' coefficients of the whole system (from ``graph.composition``,
+    # the same for every part) and rebuilds the edge quantities from ``graph.edge_vec``.
+
+    #: Layer protocol: state entry 1 (the next block's normalised features) is read on halo rows.
+    exchanged = (1,)
+
+    def embed(self, graph: LocalGraph) -> tuple[torch.Tensor, ...]:
+        """The element embedding plus the system embedding of every row, ``(n, C)``."""
+        csd = self._system(graph)
+        if graph.num_nodes == 0:
+            return (self._empty(graph, self._width()[1]),)
+        return (self.module.backbone.sphere_embedding(self.elements(graph.numbers)) + csd,)
+
+    def step(self, i: int, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Step ``i`` (see above) on the needed rows."""
+        csd = self._system(graph)
+        if graph.num_nodes == 0:
+            empty = self._empty(graph, *self._width())
+            return (empty, empty) if i < len(self.module.backbone.blocks) else (empty,)
+        return self._step(i, graph, state, csd, self._edges(graph, self.elements(graph.numbers)))
+
+    def energies(self, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The final norm and the energy head of the last block's features."""
+        if graph.num_nodes == 0:
+            return self._empty(graph)
+        return self._readout(graph, state[0], self.elements(graph.numbers))
 
 
 #: ``UMAModel(obj, **options)``; ``obj`` is copied, not modified

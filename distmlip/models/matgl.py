@@ -2,8 +2,8 @@
 
 ``distmlip.wrap`` accepts a ``matgl.apps.pes.Potential`` holding a ``TensorNet`` or an ``M3GNet``,
 or the model itself (M3GNet: see ``M3GNetModel``). The adapter runs matgl's own submodules in
-matgl's order (TensorNet's blocks composed from their sub-layers, see below); only the halo
-exchanges are added.
+matgl's order (TensorNet's and M3GNet's blocks composed from their sub-layers, see below); only
+the halo exchanges are added.
 
 Conventions (matgl → distmlip):
 
@@ -34,9 +34,30 @@ owned rows in halo mode) and edge-wise work reads neighbours' rows:
 - the readout runs on the needed rows.
 
 ``num_layers = nblocks + 1`` hops (the embedding sums over neighbours: extended mode needs a halo
-that deep). M3GNet's modules are called whole: its node-wise work on halo rows is done and then
-overwritten (the readout runs on the needed rows only); ``registry.ADAPTER_TABLE`` says
-``owned_rows_only=False`` for the matgl adapter for that reason.
+that deep).
+
+Zero redundant node work (M3GNet): the adapter composes each block from matgl's
+``ThreeBodyInteractions`` and ``M3GNetBlock`` sub-layers (same weights, same operations in the
+same order), node-wise work on the needed rows only:
+
+- the node embedding is a lookup on every row; the first block's three-body gate
+  (``update_network_atom``, a sigmoid layer of the node features) is per element too: computed
+  once on the embedding table (one row per element type) and looked up on every row;
+- the three-body term of bond ``i -> j`` reads the gate of the far atom ``k`` of each bond
+  ``i -> k`` (a halo row when ``k`` is), so from the second block on the gate is computed on the
+  needed rows with the node features they follow from, and exchanged with them: one exchange
+  per block after the first, of ``dim_node_embedding + degree`` columns (the gate has one per
+  three-body basis function, ``max_n * max_l``: 9 at matgl's defaults, beside 64 node features)
+  instead of the gate computed on halo rows;
+- the bond update and the node messages are edge-wise (every bond is centred on a needed row and
+  reads both ends); the messages are summed onto the needed rows, plus the residual;
+- the readout runs on the needed rows.
+
+Layer protocol (both; bounded memory, see ``DistributableModel``): TensorNet's state is per row
+(see ``TensorNetModel``); M3GNet's is ``(bond, node)``, one step per block, the bond features an
+edge entry (part-local: every bond is centred on an owned atom in halo mode, and its three-body
+terms are the part's bonds around that centre) and the node features with the next block's gate
+exchanged, as ``forward`` exchanges them.
 
 Not supported (a ``ValueError`` says so): matgl's Warp kernels (build the model with
 ``use_warp=False``; the adapter accepts a Warp-built model by rebuilding it without Warp, same
@@ -355,13 +376,15 @@ class TensorNetModel(_MatGLModel):
 
 
 class M3GNetModel(_MatGLModel):
-    """A matgl ``M3GNet`` (or a ``Potential`` holding one), split exactly.
+    """A matgl ``M3GNet`` (or a ``Potential`` holding one), split exactly, with its node-wise
+    work on the needed rows only (see the module docstring).
 
     M3GNet's bonds are directed, ``[centre; neighbour]``; three-body terms couple bonds sharing
     a centre, and both the bond and the node updates are summed onto the centre. A part holds
-    every bond centred on its owned atoms (distmlip's received edges), hence every triplet around
-    them: bond features stay exact with the node features exchanged before every block after the
-    first (the embedding is per element). ``num_layers = n_blocks``.
+    every bond centred on its needed rows (distmlip's received edges), hence every triplet around
+    them: bond features stay exact with the node features and the next block's three-body gate
+    exchanged before every block after the first (the embedding and the first gate are per
+    element). ``num_layers = n_blocks``.
 
     Args:
         module: a ``matgl.apps.pes.Potential`` whose ``model`` is an ``M3GNet``, or an ``M3GNet``.
@@ -375,33 +398,128 @@ class M3GNetModel(_MatGLModel):
         self._m3gnet = model
         self.num_layers = int(model.n_blocks)
 
-    def forward(self, graph: LocalGraph) -> torch.Tensor:
+    @staticmethod
+    def _three_body(block, triplets, num_bonds: int, basis: torch.Tensor, gate: torch.Tensor,
+                    edge_feat: torch.Tensor) -> torch.Tensor:
+        """matgl's ``ThreeBodyInteractions.forward`` given the gate ``update_network_atom(v)`` of
+        every row (its node-wise part, computed on the needed rows and exchanged):
+        ``(bond_ij, end atom k, cutoff weights)`` of each triplet are ``triplets``."""
+        from matgl.utils.maths import scatter_sum
+
+        bond_ij, end, weights = triplets
+        terms = basis * gate[end] * weights[:, None]
+        new_bonds = scatter_sum(terms.to(edge_feat.dtype), segment_ids=bond_ij,
+                                num_segments=num_bonds, dim=0)
+        if new_bonds.shape[0] == 0:
+            return edge_feat
+        return edge_feat + block.update_network_bond(new_bonds)
+
+    @staticmethod
+    def _graph_layer(layer, needed: int, edge_index: torch.Tensor, edge_feat: torch.Tensor,
+                     node_feat: torch.Tensor, rbf: torch.Tensor):
+        """matgl's ``M3GNetBlock`` (``M3GNetGraphConv`` without state, then its dropout) with the
+        node update summed onto the ``needed`` rows only (every bond is centred on one of them):
+        ``(edge features of every bond, node features of rows :needed)``."""
+        from matgl.utils.maths import scatter_add
+
+        conv = layer.conv
+        centre, neighbour = edge_index[0], edge_index[1]
+        vi, vj = node_feat[centre], node_feat[neighbour]
+        edge_feat = edge_feat + (conv.edge_update_func(torch.hstack([vi, vj, edge_feat]))
+                                 * conv.edge_weight_func(rbf))
+        messages = (conv.node_update_func(torch.hstack([vi, vj, edge_feat]))
+                    * conv.node_weight_func(rbf))
+        node_feat = node_feat[:needed] + scatter_add(messages, centre, dim_size=needed, dim=0)
+        if layer.dropout is not None:
+            edge_feat, node_feat = layer.dropout(edge_feat), layer.dropout(node_feat)
+        return edge_feat, node_feat
+
+    def _geometry(self, graph: LocalGraph) -> dict:
+        """What every block reads from the edge vectors: matgl's bonds ``[centre (receiver);
+        neighbour (sender)]`` sorted by centre (for its triplets), their radial expansion, and the
+        triplets with their basis, end atoms and cutoff weights."""
         from matgl.graph._compute import compute_theta_and_phi, create_line_graph
         from matgl.utils.cutoff import polynomial_cutoff
 
         m = self._m3gnet
-        needed, n = graph.num_needed, graph.num_nodes
-        types = self.elements(graph.numbers)
-        # matgl: [centre (receiver); neighbour (sender)], sorted by centre for its triplets
         order = torch.argsort(graph.edge_index[1], stable=True)
         edge_index = graph.edge_index.flip(0)[:, order]
         vec = graph.edge_vec[order]
         dist = torch.norm(vec, dim=1)
-        expanded = m.bond_expansion(dist)
-        line = create_line_graph(edge_index, dist, vec, None, n, m.threebody_cutoff)
-        angles = compute_theta_and_phi(vec, dist, line["line_edge_index"])
+        line = create_line_graph(edge_index, dist, vec, None, graph.num_nodes, m.threebody_cutoff)
+        line_index = line["line_edge_index"]
+        angles = compute_theta_and_phi(vec, dist, line_index)
         basis = m.basis_expansion(angles["triple_bond_lengths"], angles["cos_theta"], angles["phi"])
         three_cut = polynomial_cutoff(dist, m.threebody_cutoff)
-        node_feat, edge_feat, state_feat = m.embedding(types, expanded, None)
-        for i in range(m.n_blocks):
-            if i > 0:
-                node_feat = graph.halo_exchange(node_feat[:needed])
-            edge_feat = m.three_body_interactions[i](
-                edge_index[1], line["line_edge_index"], line["n_triple_ij"], edge_index.shape[1],
-                basis, three_cut, node_feat, edge_feat)
-            edge_feat, node_feat, state_feat = m.graph_layers[i](
-                edge_index, edge_feat, node_feat, state_feat, expanded, None, None, n, 1)
-        return self._energies(graph, m.final_layer(node_feat[:needed]).view(-1), types)
+        # per triplet (bond ij, bond ik): the bond it updates, its end atom k, both bonds' cutoffs
+        bond_ij, bond_ik = line_index[0].to(torch.long), line_index[1].to(torch.long)
+        triplets = (bond_ij, edge_index[1][bond_ik].to(torch.long),
+                    three_cut[bond_ij] * three_cut[bond_ik])
+        return {"edge_index": edge_index, "expanded": m.bond_expansion(dist), "basis": basis,
+                "triplets": triplets}
+
+    def _embed(self, graph: LocalGraph, g: dict) -> tuple[torch.Tensor, ...]:
+        m = self._m3gnet
+        types = self.elements(graph.numbers)
+        node_feat, edge_feat, _ = m.embedding(types, g["expanded"], None)  # lookups on every row
+        # the first gate is per element (of the embedding): its table, looked up on every row
+        blocks = m.three_body_interactions
+        gate = blocks[0].update_network_atom(m.embedding.layer_node_embedding.weight)[types]
+        return edge_feat, torch.cat([node_feat, gate], dim=1)
+
+    def _step(self, i: int, graph: LocalGraph, state, g: dict) -> tuple[torch.Tensor, ...]:
+        """Block ``i`` from ``(bond features, node features and block i's gate)``: every bond and
+        the needed rows' node features, then (but in the last block) block ``i + 1``'s gate of
+        those rows beside them."""
+        m = self._m3gnet
+        edge_feat, both = state
+        width = m.embedding.layer_node_embedding.weight.shape[1]
+        node_feat, gate = both[:, :width], both[:, width:]
+        edge_feat = self._three_body(m.three_body_interactions[i], g["triplets"], edge_feat.shape[0],
+                                     g["basis"], gate, edge_feat)
+        edge_feat, node_feat = self._graph_layer(m.graph_layers[i], graph.num_needed,
+                                                 g["edge_index"], edge_feat, node_feat, g["expanded"])
+        if i + 1 < m.n_blocks:
+            gate = m.three_body_interactions[i + 1].update_network_atom(node_feat)
+            return edge_feat, torch.cat([node_feat, gate], dim=1)
+        return edge_feat, node_feat
+
+    def forward(self, graph: LocalGraph) -> torch.Tensor:
+        g = self._geometry(graph)  # once for every block (the steps recompute their own)
+        state = self._embed(graph, g)
+        for i in range(self.num_steps):
+            if i > 0:  # the node features and this block's gate, computed on the needed rows
+                state = (state[0], graph.halo_exchange(state[1]))
+            state = self._step(i, graph, state, g)
+        return self.energies(graph, state)
+
+    # ------------------------------------------------------------------ the layer protocol
+    # ``forward`` is these steps with an exchange between them (see ``DistributableModel``): state
+    # ``(bond, node)``, the bond features of the part's bonds (in matgl's order, sorted by
+    # centre; an edge entry: part-local, since every bond is centred on an owned atom in halo mode
+    # and its triplets are the part's bonds around that centre) and the node features with the
+    # next block's three-body gate beside them (exchanged: the gate is read at the triplets' far
+    # atoms, the node features at both ends of a bond). Step ``i`` is block ``i``; the last
+    # step's state is ``(bond, node features)``.
+
+    #: Layer protocol: node features and gate on halo rows; bond features per edge.
+    exchanged = (1,)
+    edge_entries = (0,)
+
+    def embed(self, graph: LocalGraph) -> tuple[torch.Tensor, ...]:
+        """Bond features (every bond) and node features with the first gate (every row: lookups)."""
+        order = torch.argsort(graph.edge_index[1], stable=True)
+        expanded = self._m3gnet.bond_expansion(torch.norm(graph.edge_vec[order], dim=1))
+        return self._embed(graph, {"expanded": expanded})
+
+    def step(self, i: int, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Block ``i`` (see above)."""
+        return self._step(i, graph, state, self._geometry(graph))
+
+    def energies(self, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The readout of the last block's node features."""
+        types = self.elements(graph.numbers)
+        return self._energies(graph, self._m3gnet.final_layer(state[1]).view(-1), types)
 
 
 _MODELS = {"TensorNet": TensorNetModel, "M3GNet": M3GNetModel}

@@ -17,8 +17,12 @@ only (the owned rows in halo mode):
 
 Every bond a part holds is centred on a needed row, so every bond's features stay exact.
 
-No layer protocol: the bond features are carried from block to block (per bond, not per row),
-which the steps' state cannot hold; the bounded-memory mode uses the generic replay.
+Layer protocol (bounded memory, see ``DistributableModel``): one step per block, state
+``(bond, atom)``. The bond features are an edge entry (part-local): a bond is received by its
+centre, an owned atom in halo mode, and its update reads the three-body terms at that centre (the
+part's own bonds, the atom gate of the centre) and the atom features of both ends, which are
+exchanged; so every bond of a part is exact without exchanging bond features. The atom features
+are exchanged between steps, as ``forward`` does before every block after the first.
 
 Conventions (MatterSim → distmlip):
 
@@ -121,10 +125,10 @@ class MatterSimModel(DistributableModel):
         self.threebody_cutoff = float(model.model_args["threebody_cutoff"])
         self.num_layers = len(model.graph_conv)
 
-    def forward(self, graph: LocalGraph) -> torch.Tensor:
+    def _geometry(self, graph: LocalGraph) -> dict:
+        """What every block reads from the edge vectors: MatterSim's bonds, their radial basis
+        (``edge_zero``), the triplets and their spherical basis."""
         m = self.module
-        needed = graph.num_needed
-        numbers = self.elements(graph.numbers)
         edge_index = graph.edge_index.flip(0)  # MatterSim: [centre (receiver); neighbour (sender)]
         vec = -graph.edge_vec  # MatterSim: pos[centre] - pos[neighbour image]
         length = torch.linalg.norm(vec, dim=1)
@@ -132,24 +136,65 @@ class MatterSimModel(DistributableModel):
         cos = torch.sum(vec[ij] * vec[ik], dim=1) / (length[ij] * length[ik])
         cos = torch.clamp(cos, min=-1.0 + 1e-7, max=1.0 - 1e-7)
         num_bonds = edge_index.shape[1]
-        three = torch.stack([ij, ik], dim=1)
-        num_triple_ij = torch.bincount(ij, minlength=num_bonds).unsqueeze(-1)
+        return {"edge_index": edge_index, "edge_zero": m.rbf(length),
+                "basis": m.sbf(length[ik], torch.acos(cos)),
+                "three": torch.stack([ij, ik], dim=1), "length": length.unsqueeze(-1),
+                "num_bonds": torch.tensor([num_bonds], device=vec.device),
+                "num_triple_ij": torch.bincount(ij, minlength=num_bonds).unsqueeze(-1), "ij": ij}
+
+    def _atoms(self, graph: LocalGraph) -> torch.Tensor:
+        """The atom embedding of every row."""
+        m = self.module
         # MatterSim's one_hot_atoms casts to float32: the same one-hot, in the run's dtype
-        one_hot = torch.nn.functional.one_hot(numbers, num_classes=m.max_z + 1).to(vec.dtype)
-        atom = m.atom_embedding(one_hot)
-        edge = m.rbf(length)
-        edge_zero = edge
-        edge = m.edge_encoder(edge)
-        basis = m.sbf(length[ik], torch.acos(cos))
-        length = length.unsqueeze(-1)
-        num_bonds_t = torch.tensor([num_bonds], device=numbers.device)
-        for i, conv in enumerate(m.graph_conv):
-            if i > 0:
-                atom = graph.halo_exchange(atom[:needed])
-            atom, edge = self._block(conv, needed, atom, edge, edge_zero, edge_index, basis, three,
-                                     length, num_bonds_t, num_triple_ij, ij)
+        one_hot = torch.nn.functional.one_hot(self.elements(graph.numbers), num_classes=m.max_z + 1)
+        return m.atom_embedding(one_hot.to(graph.edge_vec.dtype))
+
+    def _run_block(self, i: int, graph: LocalGraph, g: dict, atom, edge):
+        return self._block(self.module.graph_conv[i], graph.num_needed, atom, edge, g["edge_zero"],
+                           g["edge_index"], g["basis"], g["three"], g["length"], g["num_bonds"],
+                           g["num_triple_ij"], g["ij"])
+
+    def _readout(self, graph: LocalGraph, atom: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        needed = graph.num_needed
         energies = m.final(atom[:needed]).view(-1)
-        return m.normalizer(energies, numbers[:needed])
+        return m.normalizer(energies, self.elements(graph.numbers[:needed]))
+
+    def forward(self, graph: LocalGraph) -> torch.Tensor:
+        g = self._geometry(graph)
+        atom = self._atoms(graph)
+        edge = self.module.edge_encoder(g["edge_zero"])
+        for i in range(self.num_layers):
+            if i > 0:
+                atom = graph.halo_exchange(atom[: graph.num_needed])
+            atom, edge = self._run_block(i, graph, g, atom, edge)
+        return self._readout(graph, atom)
+
+    # ------------------------------------------------------------------ the layer protocol
+    # The same computation as ``forward``, as steps (see ``DistributableModel``): state
+    # ``(bond, atom)``, the bond features of the part's edges (an edge entry: part-local, see the
+    # module docstring) and the atom features (exchanged before every step after the first, as
+    # ``forward`` exchanges them before every block after the first). Step ``i`` is block ``i``.
+
+    #: Layer protocol: the atom features are read on halo rows; the bond features are per edge.
+    exchanged = (1,)
+    edge_entries = (0,)
+
+    def embed(self, graph: LocalGraph) -> tuple[torch.Tensor, ...]:
+        """Bond features (every edge: the encoded radial basis), atom features (every row)."""
+        m = self.module
+        vec = graph.edge_vec
+        return m.edge_encoder(m.rbf(torch.linalg.norm(vec, dim=1))), self._atoms(graph)
+
+    def step(self, i: int, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Block ``i``: every bond of the part and the atom features of rows ``:num_needed``."""
+        edge, atom = state
+        atom, edge = self._run_block(i, graph, self._geometry(graph), atom, edge)
+        return edge, atom
+
+    def energies(self, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The readout and per-element scaling of rows ``:num_needed``."""
+        return self._readout(graph, state[1])
 
     @staticmethod
     def _block(conv, needed, atom, edge, edge_zero, edge_index, basis, three, length, num_bonds,

@@ -17,8 +17,10 @@ first ``graph.num_needed`` rows only (the owned rows in halo mode):
   node update and residual run on the needed rows;
 - the energy head reads the needed rows (through ``graph.global_sum``).
 
-No layer protocol: Orb carries its edge features from interaction to interaction (per edge, not
-per row), which the steps' state cannot hold; the bounded-memory mode uses the generic replay.
+Layer protocol (``embed``/``step``/``energies``, see ``OrbModel``'s section on it): written and
+composing to ``forward``, with Orb's edge features as part-local edge entries, but not enabled
+(``exchanged = None``): the readout needs a ``global_sum``, which the runtime's steps do not offer
+yet; the bounded-memory mode uses the generic replay.
 
 Conventions (Orb → distmlip):
 
@@ -141,8 +143,13 @@ class OrbModel(DistributableModel):
         if self.max_num_neighbors < 1:
             raise ValueError(f"max_num_neighbors: expected an integer >= 1, got {self.max_num_neighbors}")
         self.num_layers = len(gns.gnn_stacks) + 1
-        # Orb's embedding row of atomic number z is z
-        self.elements = ElementTable({z: z for z in range(1, gns.atom_emb.embeddings.num_embeddings)}, "Orb")
+        # Orb's embedding row of atomic number z is z; its reference energies (and the ZBL term's
+        # covalent radii, at z + 1) cover one element fewer (1-117): the table stops there
+        top = min(gns.atom_emb.embeddings.num_embeddings,
+                  module.heads[module.energy_name].reference.linear.weight.numel())
+        if module.pair_repulsion:
+            top = min(top, module.pair_repulsion_fn.covalent_radii.numel() - 1)
+        self.elements = ElementTable({z: z for z in range(1, top)}, "Orb")
 
     def _cap(self, receivers: torch.Tensor, length: torch.Tensor, n: int) -> torch.Tensor:
         """Per row, the distance of its k-th nearest neighbour among the edges it receives here
@@ -161,39 +168,56 @@ class OrbModel(DistributableModel):
         kth[grouped[at_k]] = length[order][at_k]
         return kth
 
+    def _orb_edges(self, graph: LocalGraph, kth: torch.Tensor):
+        """Orb's edges of the part, given every row's cap distance ``kth``: ``(senders, receivers,
+        vectors, keep)`` in Orb's direction (``keep``: the distmlip edges kept as they are)."""
+        senders, receivers = graph.edge_index  # distmlip: message from senders to receivers
+        vec = graph.edge_vec
+        length = vec.detach().norm(dim=1)
+        keep = length <= kth[receivers]
+        # Orb edges sent by halo atoms to owned ones (halo mode only: rows >= num_needed); a halo
+        # sender's cap distance was computed by its owner from its own copy of the edge, whose
+        # length may differ in the last bits where the two ends' positions come from different
+        # periodic images (LAMMPS's ghost atoms): compared with a relative slack
+        back = (senders >= graph.num_needed) & (length <= kth[senders] * (1.0 + CAP_SLACK))
+        return (torch.cat([receivers[keep], senders[back]]), torch.cat([senders[keep], receivers[back]]),
+                torch.cat([vec[keep], -vec[back]]), keep)
+
+    def _encode_nodes(self, numbers: torch.Tensor) -> torch.Tensor:
+        """The encoder's node features: they depend on the element only, so they are encoded once
+        per element present and looked up for every row."""
+        gns = self.module.model
+        elements, row_element = torch.unique(self.elements(numbers), return_inverse=True)
+        return gns._encoder._node_fn(gns.atom_emb(elements))[row_element]
+
+    def _encode_edges(self, orb_vec: torch.Tensor) -> torch.Tensor:
+        gns = self.module.model
+        return gns._encoder._edge_fn(gns.featurize_edges(SimpleNamespace(edge_features={"vectors": orb_vec})))
+
     def forward(self, graph: LocalGraph) -> torch.Tensor:
         from orb_models.forcefield.nn_util import get_cutoff
 
         gns = self.module.model
         n, needed = graph.num_nodes, graph.num_needed
-        senders, receivers = graph.edge_index  # distmlip: message from senders to receivers
-        vec = graph.edge_vec
-        length = vec.detach().norm(dim=1)
-        kth = self._cap(receivers, length, n)
+        length = graph.edge_vec.detach().norm(dim=1)
+        kth = self._cap(graph.edge_index[1], length, n)
         # halo rows: their owners' cap distances (a no-op in extended mode)
         kth = graph.halo_exchange(kth[:needed].unsqueeze(1)).squeeze(1)
-        keep = length <= kth[receivers]
-        # Orb edges sent by halo atoms to owned ones (halo mode only: rows >= num_needed)
-        # a halo sender's cap distance was computed by its owner from its own copy of the edge,
-        # whose length may differ in the last bits where the two ends' positions come from
-        # different periodic images (LAMMPS's ghost atoms): compare with a relative slack
-        back = (senders >= needed) & (length <= kth[senders] * (1.0 + CAP_SLACK))
-        orb_senders = torch.cat([receivers[keep], senders[back]])
-        orb_receivers = torch.cat([senders[keep], receivers[back]])
-        orb_vec = torch.cat([vec[keep], -vec[back]])
-
-        edge_features = gns.featurize_edges(SimpleNamespace(edge_features={"vectors": orb_vec}))
-        # the encoded atom depends on its element only: encoded once per element present
-        elements, row_element = torch.unique(self.elements(graph.numbers), return_inverse=True)
-        nodes = gns._encoder._node_fn(gns.atom_emb(elements))[row_element]
-        edges = gns._encoder._edge_fn(edge_features)
+        orb_senders, orb_receivers, orb_vec, keep = self._orb_edges(graph, kth)
+        nodes = self._encode_nodes(graph.numbers)
+        edges = self._encode_edges(orb_vec)
         cutoff = get_cutoff(orb_vec.norm(dim=-1))
         for i, gnn in enumerate(gns.gnn_stacks):
             if i > 0:
                 nodes = graph.halo_exchange(nodes[:needed])
             nodes, edges = self._interaction(gnn, needed, nodes, edges, orb_senders, orb_receivers,
                                              cutoff)
+        return self._readout(graph, nodes, keep)
 
+    def _readout(self, graph: LocalGraph, nodes: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Per-atom energies of the needed rows from the last node features (a ``global_sum``),
+        the references and the ZBL term of the capped edges each atom sends (``keep``)."""
+        needed, vec = graph.num_needed, graph.edge_vec
         head = self.module.heads[self.module.energy_name]
         total = graph.global_sum(nodes[:needed])
         count = max(graph.num_system_atoms, 1)
@@ -204,11 +228,72 @@ class OrbModel(DistributableModel):
         reference = head.reference.linear.weight.reshape(-1).to(vec.dtype)[graph.numbers[:needed]]
         energies = share + reference
         if self.module.pair_repulsion:
-            zbl = self._zbl(graph.numbers, receivers[keep], senders[keep], vec[keep], n)[:needed]
+            senders, receivers = graph.edge_index
+            zbl = self._zbl(graph.numbers, receivers[keep], senders[keep], vec[keep],
+                            graph.num_nodes)[:needed]
             if self.module.pair_repulsion_fn.node_aggregation == "mean":
                 zbl = zbl / count
             energies = energies + zbl
         return energies
+
+    # ------------------------------------------------------------------ the layer protocol
+    # The same computation as ``forward``, as steps (see ``DistributableModel``). State
+    # ``(nodes, kth, edges)``: the node features and every row's cap distance (exchanged: the
+    # edge update reads both ends' node features, and whether a halo atom's edge to an owned atom
+    # exists is decided by its owner's cap) and the features of the part's Orb edges (an edge
+    # entry). Those are part-local in halo mode: a part holds every Orb edge with an owned end, in
+    # both directions (a distmlip edge ends at an owned atom; Orb's edge from a halo sender is its
+    # reverse, kept by the sender's exchanged cap), and an edge's update reads only its own
+    # features and both ends' node features (exchanged), so a boundary edge evaluated by the two
+    # parts that own its ends is the same in both and nothing about edges is exchanged. Every
+    # softmax gate of an owned atom normalises over edges the part holds. ``embed`` is the
+    # encoder's node features; step 0 the cap distances of the owned rows; step ``i`` (1 ..
+    # num_message_passing_steps) builds the part's Orb edges from the exchanged caps (step 1
+    # also encodes them) and runs interaction ``i - 1``; ``energies`` the readout.
+    #
+    # Not enabled (``exchanged = None``): the readout is a nonlinear function of the whole
+    # system's mean node feature, a ``graph.global_sum``, which the runtime's steps do not offer
+    # (``runtime/steps.py`` refuses ``global_sum`` in a step or ``energies``); the bounded-memory
+    # mode keeps the generic replay, whose ``global_sum`` is a level. ``STEP_EXCHANGED`` is what
+    # ``exchanged`` becomes once the runtime sums a level at the readout; the steps compose to
+    # ``forward`` now (``tests/adapters/test_orb.py`` sets it on an instance to check them).
+
+    #: Layer protocol: the exchanged entries (node features, cap distances) once enabled.
+    STEP_EXCHANGED = (0, 1)
+    exchanged = None
+    edge_entries = (2,)
+
+    def embed(self, graph: LocalGraph) -> tuple[torch.Tensor, ...]:
+        """The encoder's node features (every row, by element), placeholders for the caps and
+        the edge features."""
+        vec = graph.edge_vec
+        return self._encode_nodes(graph.numbers), vec.new_zeros(graph.num_nodes), vec.new_zeros(0)
+
+    def step(self, i: int, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Step 0: the cap distances of the needed rows. Step ``i > 0``: the part's Orb edges from
+        the exchanged caps (encoded in step 1) and interaction ``i - 1``."""
+        from orb_models.forcefield.nn_util import get_cutoff
+
+        needed = graph.num_needed
+        nodes, kth, edges = state
+        if i == 0:
+            length = graph.edge_vec.detach().norm(dim=1)
+            kth = self._cap(graph.edge_index[1], length, graph.num_nodes)[:needed]
+            # finite: an exchanged entry meets zero gradients in the runtime's backward
+            return nodes[:needed], kth.clamp(max=torch.finfo(kth.dtype).max), edges
+        orb_senders, orb_receivers, orb_vec, _ = self._orb_edges(graph, kth)
+        if i == 1:
+            edges = self._encode_edges(orb_vec)
+        cutoff = get_cutoff(orb_vec.norm(dim=-1))
+        nodes, edges = self._interaction(self.module.model.gnn_stacks[i - 1], needed, nodes, edges,
+                                         orb_senders, orb_receivers, cutoff)
+        return nodes, kth[:needed], edges
+
+    def energies(self, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The readout (``graph.global_sum`` of the node features), references and ZBL."""
+        length = graph.edge_vec.detach().norm(dim=1)
+        keep = length <= state[1][graph.edge_index[1]]
+        return self._readout(graph, state[0], keep)
 
     @staticmethod
     def _interaction(gnn, needed: int, nodes, edges, senders, receivers, cutoff):

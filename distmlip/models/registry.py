@@ -71,16 +71,18 @@ ADAPTER_TABLE: tuple[AdapterInfo, ...] = (
     AdapterInfo("nequip", ("nequip", "allegro"), "nequip", "nequip",
                 "NequIP / Allegro models (nequip, nequip-allegro)", dtype="as built",
                 owned_rows_only=True),
-    # owned_rows_only is per adapter: matgl's TensorNet computes owned rows only, its M3GNet still
-    # computes halo rows and overwrites them (its blocks are called whole), so the row says False
+    # both matgl architectures compute owned rows only: TensorNet's blocks and M3GNet's are
+    # composed from their sub-layers (M3GNet's three-body gate is exchanged with the node features)
     AdapterInfo("matgl", ("matgl",), "matgl", "matgl",
-                "matgl TensorNet / M3GNet, or a matgl Potential holding one (matgl)"),
+                "matgl TensorNet / M3GNet, or a matgl Potential holding one (matgl)",
+                owned_rows_only=True),
     AdapterInfo("orb", ("orb_models",), "orb-models", "orb",
                 "Orb v3 conservative regressors, or an ORBCalculator holding one (orb-models)",
                 owned_rows_only=True),
     AdapterInfo("fairchem", ("fairchem",), "fairchem-core", "fairchem",
                 "fairchem Hydra models with an eSCN-MD (UMA) backbone, mixture of experts "
-                "included, or an MLIPPredictUnit / FAIRChemCalculator holding one (fairchem-core)"),
+                "included, or an MLIPPredictUnit / FAIRChemCalculator holding one (fairchem-core)",
+                owned_rows_only=True),
     AdapterInfo("mattersim", ("mattersim",), "mattersim", "mattersim",
                 "MatterSim M3Gnet, or a Potential / MatterSimCalculator holding one (mattersim)",
                 owned_rows_only=True, no_deps=True),

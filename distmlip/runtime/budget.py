@@ -124,6 +124,12 @@ class Planner:
                                           any_room=self.any_calibration)
         return self.memory_model
 
+    @property
+    def by_steps(self) -> bool:
+        """Whether parts evaluated one at a time go by the model's layer protocol (halo mode, a
+        model with steps, ``layer_steps`` not turned off): it decides what they store."""
+        return bool(self.layer_steps) and self.builder.mode == "halo" and has_steps(self.source)
+
     def needed(self, pred: dict) -> float:
         """The peak of a prediction agreed over the ranks: what a budget is checked against, and
         the least budget an error names (so that a budget of it is met)."""
@@ -160,7 +166,8 @@ class Planner:
                                        int(inside[p.edges].sum()), p.num_halo if halo else 0)
                            + CALL_BYTES_PER_EDGE * len(p.edges) for p in parts),
                           default=memory.part(0, 0))
-                stored.append(memory.stored(shard.num_rows))
+                stored.append(memory.stored(shard.num_rows, steps=self.by_steps,
+                                            edges=sum(int(inside[p.edges].sum()) for p in parts)))
             else:
                 kept = sum(int(inside[p.edges].sum()) for p in parts)
                 updated = shard.num_owned if halo else shard.num_rows
@@ -214,8 +221,7 @@ class Planner:
         # (PART_BYTES); a GPU's caching allocator reuses blocks of any size, and fewer parts
         # launch fewer kernels; the generic replay pays for every part L + 1 replays (SevenNet-0,
         # 256 atoms: 130 small parts 3.2x the unbounded time, 4 parts 2.8x)
-        steps = self.layer_steps and self.builder.mode == "halo" and has_steps(self.source)
-        cap = PART_BYTES if steps and comm.devices[0].type == "cpu" else np.inf
+        cap = PART_BYTES if self.by_steps and comm.devices[0].type == "cpu" else np.inf
         # ... but not below MIN_PART_ATOMS atoms a part on average: below it each part's fixed
         # cost (module calls per step) outweighs what the heap saves
         most = max(parts, -(-max(n // MIN_PART_ATOMS, 1) // workers) * workers)

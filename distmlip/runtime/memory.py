@@ -13,17 +13,12 @@ model is calibrated once per machine rather than once per process (``calibrate``
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import warnings
 import weakref
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _dist_version
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +27,14 @@ from ase import Atoms
 
 from ..graph import NeighborGraph
 from ..graph.neighbors import complete_cell
-from ..models.base import DistributableModel, HaloExchange
+from ..models.base import DistributableModel, HaloExchange, edge_entries, has_steps
 from ..options import device_free_memory, device_total_memory, parse_budget
+from .cache import cache_dir, cache_file, calibration_key, model_fingerprint, write_json
 from .local import local_graph, run_model
 
-__all__ = ["MemoryModel", "PeakMeter", "cache_dir", "calibrate", "check_passed", "remember_check",
-           "reuse_memory", "device_free_memory",
-           "device_total_memory", "model_fingerprint", "parse_budget"]  # the last: from distmlip.options
+__all__ = ["MemoryModel", "PeakMeter", "cache_dir", "calibrate", "reuse_memory", "device_free_memory",
+           "device_total_memory", "model_fingerprint", "parse_budget"]  # cache_dir, model_fingerprint:
+# from runtime/cache.py; the device and budget functions: from distmlip.options
 
 log = logging.getLogger("distmlip")
 
@@ -151,6 +147,12 @@ class MemoryModel:
         constant: bytes of a part of any size.
         widths: bytes per row of the features given to each ``halo_exchange`` call, in order.
         probes: ``(updated rows, halo rows, edges, measured bytes)`` of the calibration runs.
+        state_widths: for a model with the layer protocol, bytes per row of the state each step
+            but the last returns (every entry but the edge entries, levels 0 .. L-2): what a
+            bounded evaluation by steps stores; empty otherwise.
+        edge_state_widths: the same for the edge entries (``DistributableModel.edge_entries``),
+            bytes per edge of the part (their rows summed over the probe's edges: an angle entry
+            is priced per edge at the probe's angles per edge); empty without edge entries.
     """
 
     per_row: float
@@ -159,6 +161,8 @@ class MemoryModel:
     constant: float
     widths: tuple[int, ...]
     probes: tuple[tuple[int, int, int, int], ...] = ()
+    state_widths: tuple[int, ...] = ()
+    edge_state_widths: tuple[int, ...] = ()
 
     def part(self, rows, edges, halo_rows=0) -> float:
         """Peak bytes while a part is evaluated: ``rows`` updated rows, ``halo_rows`` read-only
@@ -166,10 +170,23 @@ class MemoryModel:
         return float(self.constant + self.per_row * rows + self.per_halo_row * halo_rows
                      + self.per_edge * edges)
 
-    def stored(self, rows: int) -> float:
-        """Bytes of the exchange rows kept when parts are evaluated one at a time (Z and G per
-        level, plus one level being posted)."""
-        return float((2 * sum(self.widths) + max(self.widths, default=0)) * rows)
+    def stored(self, rows: int, steps: bool = False, edges: int = 0) -> float:
+        """Bytes of the rows kept when parts are evaluated one at a time (``rows``: the worker's
+        local rows, ``edges``: its parts' edges). The generic replay: the exchanged rows Z and
+        their gradients G of every level, plus one level being posted. By steps (``steps`` and
+        ``state_widths`` known): the largest of the forward (every level's state, plus one being
+        posted; edge entries are stored as returned, nothing posted) and each backward step j
+        (the states of levels below j, the gradient of level j - 1 being summed and that of level
+        j being read; see runtime/steps.py), edge entries priced per edge."""
+        w = self.state_widths
+        if not (steps and w):
+            return float((2 * sum(self.widths) + max(self.widths, default=0)) * rows)
+        we = tuple(self.edge_state_widths) or (0,) * len(w)
+        peak = (sum(w) + max(w)) * rows + sum(we) * edges
+        for j in range(1, len(w) + 1):
+            held = [(sum(v[:j]) + v[j - 1] + (v[j] if j < len(v) else 0)) for v in (w, we)]
+            peak = max(peak, held[0] * rows + held[1] * edges)
+        return float(peak)
 
 
 class _PadExchange(HaloExchange):
@@ -225,6 +242,42 @@ def _probe_graph(atoms, cutoff: float, target_atoms: int, scale: float):
     return NeighborGraph.from_atoms(base, cutoff)
 
 
+def _state_widths(model: DistributableModel, graph, dtype: torch.dtype,
+                  device: torch.device) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Bytes per row of each level's state (every step's output but the last's) of a model with
+    the layer protocol, run on a probe graph, and bytes per edge of its edge entries (their bytes
+    over the probe's edges, rounded up); empty without steps, or if they fail here (the runtime's
+    own check names the failure when it first uses them)."""
+    if not has_steps(model):
+        return (), ()
+    numbers, edge_index, vec, _ = _part_of(graph, 1.0)
+    n, num_edges = len(numbers), edge_index.shape[1]
+    local = local_graph(numbers, edge_index, vec, _PadExchange(n, n), np.arange(n), graph.cell, n, n,
+                        dtype, device, requires_grad=False)
+    widths, edge_widths = [], []
+    try:
+        edges = edge_entries(model)
+        with torch.no_grad():
+            state = model.embed(local)
+            for i in range(int(model.num_steps) - 1):
+                state = model.step(i, local, state)
+                widths.append(sum(t[:1].numel() * t.element_size() for e, t in enumerate(state)
+                                  if isinstance(t, torch.Tensor) and t.ndim and len(t) and e not in edges))
+                edge_widths.append(math.ceil(sum(t.numel() * t.element_size() for e, t in enumerate(state)
+                                                 if e in edges) / max(num_edges, 1)))
+    except Exception:  # noqa: BLE001 - the steps' own check (runtime/steps.py) reports it
+        return (), ()
+    return tuple(int(w) for w in widths), (tuple(int(w) for w in edge_widths) if edges else ())
+
+
+def probe_local(graph, dtype: torch.dtype, device: torch.device):
+    """A probe graph as one unsplit ``LocalGraph`` (every row owned), as the runtime makes them."""
+    numbers, edge_index, vec, _ = _part_of(graph, 1.0)
+    n = len(numbers)
+    return local_graph(numbers, edge_index, vec, _PadExchange(n, n), np.arange(n), graph.cell, n, n,
+                       dtype, device, requires_grad=False)
+
+
 def _part_of(graph, fraction: float):
     """A halo-mode part of a probe graph: the ``fraction`` of atoms lowest along the first
     Cartesian axis owned, the atoms sending to them as halo. Returns
@@ -247,67 +300,14 @@ def _part_of(graph, fraction: float):
 # ---------------------------------------------------------------------- the calibration cache on disk
 #: the on-disk format; a file of another schema is ignored (warned once) and rewritten
 CACHE_SCHEMA = 1
-try:
-    _VERSION = _dist_version("distmlip")
-except PackageNotFoundError:  # pragma: no cover - a source tree that is not installed
-    _VERSION = "0+unknown"
 _warned_files: set[str] = set()
-
-
-def cache_dir() -> Path | None:
-    """The directory of the calibration cache: ``$DISTMLIP_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/distmlip``, else ``~/.cache/distmlip``. ``DISTMLIP_CACHE_DIR=off`` (or
-    ``0``, ``none``, empty) turns the disk cache off: ``None``."""
-    given = os.environ.get("DISTMLIP_CACHE_DIR")
-    if given is not None:
-        return None if given.strip().lower() in ("", "0", "off", "none", "false") else Path(given)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "distmlip"
-
-
-def model_fingerprint(model: DistributableModel) -> str:
-    """A hash of what a model is: its type, ``repr`` (the layers' sizes), cutoff and layers, and
-    every parameter and buffer (name, shape, dtype and the bytes of its values; blake2b, about
-    1 GB/s: a 1M-parameter model in a few ms)."""
-    h = hashlib.blake2b(digest_size=20)
-    for text in (f"{type(model).__module__}.{type(model).__qualname__}", repr(model),
-                 repr(getattr(model, "cutoff", None)), repr(getattr(model, "num_layers", None))):
-        h.update(text.encode())
-        h.update(b"\0")
-    named = list(model.named_parameters()) + list(model.named_buffers())
-    for name, t in named:
-        t = t.detach()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\0".encode())
-        try:
-            h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
-        except (RuntimeError, TypeError):  # pragma: no cover - an exotic tensor (quantized, sparse)
-            h.update(repr(t.tolist()).encode())
-    return h.hexdigest()
-
-
-def _cache_key(model: DistributableModel, atoms, dtype: torch.dtype, device: torch.device) -> dict:
-    """What a disk calibration is valid for. The probes are built from the system: its elements
-    and periodic directions are part of the key (a cluster and a bulk crystal have different edges
-    per atom); its size and positions are not."""
-    return {"model": model_fingerprint(model), "type": type(model).__qualname__,
-            "dtype": str(dtype), "device": torch.device(device).type, "distmlip": _VERSION,
-            "torch": torch.__version__,
-            "elements": sorted({int(z) for z in np.asarray(atoms.numbers)}),
-            "periodic": int(np.asarray(atoms.pbc).sum())}
-
-
-def _cache_file(key: dict) -> Path | None:
-    root = cache_dir()
-    if root is None:
-        return None
-    digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
-    return root / "memory" / f"{digest}.json"
 
 
 def _to_json(room: float, m: MemoryModel) -> dict:
     return {"room": None if math.isinf(room) else float(room), "per_row": m.per_row,
             "per_halo_row": m.per_halo_row, "per_edge": m.per_edge, "constant": m.constant,
-            "widths": list(m.widths), "probes": [list(p) for p in m.probes]}
+            "widths": list(m.widths), "probes": [list(p) for p in m.probes],
+            "state_widths": list(m.state_widths), "edge_state_widths": list(m.edge_state_widths)}
 
 
 def _from_json(entry: dict) -> tuple[float, MemoryModel]:
@@ -316,7 +316,9 @@ def _from_json(entry: dict) -> tuple[float, MemoryModel]:
     if not all(math.isfinite(v) and v >= 0 for v in values) or not room > 0:
         raise ValueError("a negative or non-finite coefficient")
     return room, MemoryModel(*values, widths=tuple(int(w) for w in entry["widths"]),
-                             probes=tuple(tuple(int(x) for x in p) for p in entry["probes"]))
+                             probes=tuple(tuple(int(x) for x in p) for p in entry["probes"]),
+                             state_widths=tuple(int(w) for w in entry.get("state_widths", ())),
+                             edge_state_widths=tuple(int(w) for w in entry["edge_state_widths"]))
 
 
 def _warn_once(path: Path, why: str) -> None:
@@ -344,66 +346,17 @@ def _read_cache(path: Path | None, key: dict) -> list[tuple[float, MemoryModel]]
                              f"expected {CACHE_SCHEMA}")
         if data.get("key") != key:
             raise ValueError("written for another model, version or device")
-        return [_from_json(e) for e in data["calibrations"]]
+        # an entry written before edge entries were priced is dropped (recalibrated, silently)
+        return [_from_json(e) for e in data["calibrations"] if "edge_state_widths" in e]
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         _warn_once(path, f"{type(exc).__name__}: {exc}")
         return None
 
 
 def _write_cache(path: Path | None, key: dict, entries: list[tuple[float, MemoryModel]]) -> None:
-    """Write the calibrations of ``key`` (``_write_json``)."""
-    _write_json(path, {"schema": CACHE_SCHEMA, "key": key,
+    """Write the calibrations of ``key`` (``cache.write_json``)."""
+    write_json(path, {"schema": CACHE_SCHEMA, "key": key,
                        "calibrations": [_to_json(r, m) for r, m in entries]})
-
-
-def _write_json(path: Path | None, data: dict) -> None:
-    """Write atomically (a temporary file, then ``os.replace``: a reader sees the old file or the
-    new one, never half of one). A failure (read-only, full) is a debug note only."""
-    if path is None:
-        return
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        log.debug("distmlip: cannot write the cache file %s: %s", path, exc)
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-def check_passed(model: DistributableModel, dtype: torch.dtype, check: str) -> bool:
-    """Whether ``check`` (a name) passed for this model (``model_fingerprint``: type and weights)
-    and dtype, with this distmlip and torch, in an earlier process on this machine (a file under
-    ``cache_dir()/checks``; ``remember_check`` writes it)."""
-    path, key = _check_file(model, dtype, check)
-    try:
-        return path is not None and json.loads(path.read_text()) == key
-    except (OSError, ValueError):
-        return False
-
-
-def remember_check(model: DistributableModel, dtype: torch.dtype, check: str) -> None:
-    """Record that ``check`` passed (atomically; an unwritable cache is a debug note)."""
-    path, key = _check_file(model, dtype, check)
-    _write_json(path, key)
-
-
-def _check_file(model, dtype, check: str) -> tuple[Path | None, dict]:
-    key = {"check": check, "model": model_fingerprint(model), "type": type(model).__qualname__,
-           "dtype": str(dtype), "distmlip": _VERSION, "torch": torch.__version__}
-    root = cache_dir()
-    if root is None:
-        return None, key
-    digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=16).hexdigest()
-    return root / "checks" / f"{digest}.json", key
 
 
 def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torch.device,
@@ -460,8 +413,8 @@ def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torc
               and r >= least]
     if usable:
         return max(usable, key=lambda item: item[0])[1]
-    disk_key = _cache_key(source, atoms, dtype, device)
-    path = _cache_file(disk_key)
+    disk_key = calibration_key(source, atoms, dtype, device)
+    path = cache_file("memory", disk_key)
     stored = _read_cache(path, disk_key)
     usable = [(r, m) for r, m in stored or () if r >= least]
     if usable:
@@ -487,6 +440,7 @@ def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torc
 
     tiny_graph = _probe_graph(atoms, model.cutoff, 16, 1.0)
     measure(tiny_graph)  # warm-up: one-time allocations
+    state_widths, edge_state_widths = _state_widths(model, tiny_graph, dtype, device)
     # a part of any size costs at least the constant: a small part measured after the warm-up
     # bounds it (the fit extrapolates the constant from probes of hundreds of MB, where a few
     # percent of one probe move it by tens of MB: a floor of 106 MB named for a 93 MB system)
@@ -518,7 +472,8 @@ def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torc
     def fitted() -> MemoryModel:
         coef = _fit(probes, tiny[3])
         return MemoryModel(per_row=coef[1], per_halo_row=coef[2], per_edge=coef[3], constant=coef[0],
-                           widths=tuple(first[4]), probes=tuple(p[:4] for p in probes))
+                           widths=tuple(first[4]), probes=tuple(p[:4] for p in probes),
+                           state_widths=state_widths, edge_state_widths=edge_state_widths)
 
     result = fitted()
     # one measurement off by more than OUTLIER (a page-fault burst, another thread's allocation)

@@ -37,7 +37,7 @@ from .local import replica
 from .parallel import evaluate_all
 from .sequential import evaluate_sequential
 from .shards import Shard
-from .steps import evaluate_steps, uses_steps
+from .steps import check_steps_early, evaluate_steps, uses_steps
 
 __all__ = ["Evaluation", "Runner", "TIMING_KEYS"]
 
@@ -140,6 +140,7 @@ class Runner:
         self.last_exchange_calls = 0
         self.timings: dict[str, float] = {}
         self._built: Built | None = None
+        check_steps_early(self)
 
     @property
     def _sequential(self) -> bool | None:

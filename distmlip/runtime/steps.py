@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..models.base import HaloExchange, LocalGraph, check_state, compare_steps, has_steps
+from ..models.base import HaloExchange, LocalGraph, check_state, compare_steps, edge_entries, has_steps
 from .build import Built
-from .memory import check_passed, remember_check
+from .cache import check_passed, remember_check
+from .memory import _probe_graph, probe_local
 from .progress import Progress
 from .sequential import (
     HALO,
@@ -24,7 +25,7 @@ from .sequential import (
     gatherer,
 )
 
-__all__ = ["PROBE_ROWS", "StepWorker", "evaluate_steps", "uses_steps"]
+__all__ = ["PROBE_ROWS", "StepWorker", "check_steps_early", "evaluate_steps", "uses_steps"]
 
 # ---------------------------------------------------------------------- the layer protocol
 # A model that describes itself as steps (``DistributableModel.embed/step/energies``, see
@@ -48,8 +49,15 @@ __all__ = ["PROBE_ROWS", "StepWorker", "evaluate_steps", "uses_steps"]
 # not after every part: parts allocate alike, so the next part reuses what the last one freed
 # instead of faulting fresh pages in (trimming after every part cost a quarter of the CPU time of
 # SchNet's steps, after every level a tenth). Slots of the store: level j, entry e -> j * width + e.
+#
+# Edge entries (``DistributableModel.edge_entries``: rows are the part's edges, or its angles) are
+# part-local: stored per part and level in ``edge_Z[slot][k]`` as the step returned them, never
+# exchanged; the backward step j puts part k's gradient of its input in ``edge_G[slot j-1][k]``
+# (one step per part writes it: no sum over parts, no exchange) and reads ``edge_G[slot j][k]``
+# for the <G, y> term of its output.
 
 LOCAL = "local"  # a state entry read on owned rows only: stored, never exchanged
+EDGE = "edge"  # a part-local entry (the part's edges or angles): stored per part, never exchanged
 
 
 def uses_steps(runner) -> bool:
@@ -89,8 +97,12 @@ class StepWorker(SequentialWorker):
         super().__init__(runner, built, shard, device)
         self.width: int | None = None
         self.exchanged = tuple(self.model.exchanged)
+        self.edges = edge_entries(self.model)
         self.num_steps = int(self.model.num_steps)
         self.kinds: list[str] = []
+        # edge entries: slot -> part (None: the empty part of an idle worker) -> tensor
+        self.edge_Z: dict[int, dict] = {}
+        self.edge_G: dict[int, dict] = {}
 
     def _graph(self, k, positions, with_grad: bool):
         num_owned = 0 if k is None else self.parts[k].num_owned
@@ -108,6 +120,10 @@ class StepWorker(SequentialWorker):
         """Step j's input state of part k, from level j - 1's stored Z (leaves if ``grad``)."""
         out = []
         for e in range(self.width):
+            if self.kinds[e] == EDGE:
+                x = self.edge_Z[self._slot(j - 1, e)][k].detach()
+                out.append(x.requires_grad_(grad) if grad and x.is_floating_point() else x)
+                continue
             z = self.store.Z[self._slot(j - 1, e)]
             if self.kinds[e] == HALO:
                 rows = self.rows[k] if k is not None else torch.zeros(0, dtype=torch.long, device=self.device)
@@ -120,19 +136,24 @@ class StepWorker(SequentialWorker):
     def _start(self, k, j: int, local, grad: bool):
         """The input state of step j (embed for j = 0) and the leaves to differentiate."""
         if j == 0:
-            return check_state(self.model, self.model.embed(local), "embed", local.num_nodes), []
+            return check_state(self.model, self.model.embed(local), "embed", local.num_nodes,
+                               self.edges), []
         state = self._input(k, j, grad)
         return tuple(state), [(e, x) for e, x in enumerate(state) if x.requires_grad]
 
     def _step(self, j: int, local, state):
-        out = check_state(self.model, self.model.step(j, local, state), f"step({j})", local.num_owned)
+        out = check_state(self.model, self.model.step(j, local, state), f"step({j})", local.num_owned,
+                          self.edges)
         if j < self.num_steps - 1:
             if self.width is None:
                 self.width = len(out)
-                if any(e >= self.width or e < 0 for e in self.exchanged):
-                    raise ValueError(f"model: {type(self.model).__name__}.exchanged = {self.exchanged} "
-                                     f"names entries its steps' state (of {self.width}) does not have")
-                self.kinds = [HALO if e in self.exchanged else LOCAL for e in range(self.width)]
+                for what, entries in (("exchanged", self.exchanged), ("edge_entries", self.edges)):
+                    if any(e >= self.width or e < 0 for e in entries):
+                        raise ValueError(f"model: {type(self.model).__name__}.{what} = {entries} "
+                                         f"names entries its steps' state (of {self.width}) does not "
+                                         f"have")
+                self.kinds = [HALO if e in self.exchanged else EDGE if e in self.edges else LOCAL
+                              for e in range(self.width)]
             elif len(out) != self.width:
                 raise ValueError(f"model: {type(self.model).__name__}.step({j}) returned {len(out)} "
                                  f"state entries, step(0) {self.width}; every step but the last "
@@ -146,6 +167,9 @@ class StepWorker(SequentialWorker):
             with torch.no_grad():
                 state = self._step(j, local, self._start(k, j, local, grad=False)[0])
             for e, y in enumerate(state):
+                if self.kinds[e] == EDGE:
+                    self.edge_Z.setdefault(self._slot(j, e), {})[k] = y.detach()
+                    continue
                 self.store.post(self._slot(j, e), self.kinds[e], self._owned(k),
                                 y[: local.num_owned].detach())
             del local, state
@@ -158,7 +182,10 @@ class StepWorker(SequentialWorker):
         if j > 0:
             for e in range(self.width):
                 slot = self._slot(j - 1, e)
-                store.G[slot] = torch.zeros_like(store.Z[slot])
+                if self.kinds[e] == EDGE:
+                    self.edge_G[slot] = {}
+                else:
+                    store.G[slot] = torch.zeros_like(store.Z[slot])
         for k in self._indices():
             local, edges, vec = self._graph(k, positions, with_grad=True)
             with torch.enable_grad():
@@ -170,8 +197,10 @@ class StepWorker(SequentialWorker):
                     loss = eps.sum()
                 else:
                     own = self._owned(k)
-                    loss = sum((store.Gown[self._slot(j, e)][own].to(y.dtype) * y[: local.num_owned]).sum()
-                               for e, y in enumerate(out) if y.is_floating_point())
+                    terms = [(g.to(y.dtype) * (y if self.kinds[e] == EDGE else y[: local.num_owned])).sum()
+                             for e, y in enumerate(out) if y.is_floating_point()
+                             for g in [self._grad_of(j, e, k, own)] if g is not None]
+                    loss = sum(terms)
                 wrt = [x for _, x in leaves] + [local.edge_vec]
                 grads = torch.autograd.grad(loss, wrt, allow_unused=True) \
                     if isinstance(loss, torch.Tensor) and loss.requires_grad else [None] * len(wrt)
@@ -180,13 +209,23 @@ class StepWorker(SequentialWorker):
                     if g is None:
                         continue
                     slot = self._slot(j - 1, e)
-                    if self.kinds[e] == HALO:
+                    if self.kinds[e] == EDGE:
+                        self.edge_G[slot][k] = g
+                    elif self.kinds[e] == HALO:
                         store.G[slot].index_add_(0, self.rows[k], g)
                     else:
                         store.G[slot][self._owned(k)] += g
                 self._gather(gather, local, eps, edges, vec, grads[-1], with_energies=eps is not None)
             del local, state, out, eps, grads
             self.tick()
+
+    def _grad_of(self, j: int, e: int, k, own: slice) -> torch.Tensor | None:
+        """dE/d(entry e of level j's state) on part k's rows: its owned rows, or for an edge entry
+        the part's own gradient (``None`` if nothing after it depended on it)."""
+        slot = self._slot(j, e)
+        if self.kinds[e] == EDGE:
+            return self.edge_G[slot].get(k)
+        return self.store.Gown[slot][own]
 
 
 def run_energies(model, local: LocalGraph, state) -> torch.Tensor:
@@ -202,23 +241,60 @@ def run_energies(model, local: LocalGraph, state) -> torch.Tensor:
 
 
 #: Rows of the probe on which the runtime checks, once per runner, that the steps compose to
-#: ``forward`` (the first rows of the first part, taken as a whole system).
+#: ``forward`` (the first owned rows of the first part, taken as a whole system).
 PROBE_ROWS = 64
 
 
 def _probe(worker: StepWorker, positions: np.ndarray) -> str | None:
-    """None if the steps compose to ``forward`` on a small probe (the first ``PROBE_ROWS`` rows of
-    the worker's first part and the edges among them, unsplit), else the refusal's message."""
+    """None if the steps compose to ``forward`` on a small probe (the first ``PROBE_ROWS`` owned
+    rows of the worker's first part and the edges among them, unsplit), else the refusal's
+    message. Owned rows only: a halo row receives no edge in its part, so among owned rows every
+    edge's reverse is there too (CHGNet's bond graph matches each edge with its reverse)."""
     k = worker._indices()[0]
     if k is None:
         return None
     local = worker._graph(k, positions, with_grad=False)[0]
-    m = min(local.num_nodes, PROBE_ROWS)
+    m = min(local.num_owned or local.num_nodes, PROBE_ROWS)
     keep = (local.edge_index < m).all(0)
     probe = LocalGraph.single(local.numbers[:m], local.edge_index[:, keep], local.edge_vec[keep].detach(),
                               local.cell)
     report = compare_steps(worker.model, probe)
     return None if report["ok"] else report["message"]
+
+
+def _probe_atoms(model):
+    """A small periodic crystal of (up to two of) the elements the model declares
+    (``model.elements.numbers``; copper when it declares none): 2 atoms, 2.4 Å apart."""
+    from ase import Atoms
+
+    numbers = sorted(getattr(getattr(model, "elements", None), "numbers", None) or (29,))
+    pair = [numbers[len(numbers) // 2], numbers[-1]] if len(numbers) > 1 else [numbers[0]] * 2
+    return Atoms(numbers=pair, scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5]],
+                 cell=np.eye(3) * 2.77, pbc=True)
+
+
+def check_steps_early(runner) -> None:
+    """When the calculator is built: refuse a model whose steps do not compose to ``forward`` on
+    a small probe crystal (naming the step and the largest difference), if the runner will take
+    the steps (a budget or ``sequential``). A probe the model cannot evaluate (elements it lacks:
+    a custom model that declares none) leaves the check to the first evaluation (on the system's
+    own first part). Passed checks are remembered per model and dtype on this machine."""
+    if not uses_steps(runner) or not (runner.budget is not None or runner.planner.sequential):
+        return
+    model = next(iter(runner.replicas.values()))
+    source = runner.planner.source
+    if check_passed(source, runner.dtype, "steps"):
+        runner._steps_checked = True
+        return
+    try:
+        graph = _probe_graph(_probe_atoms(model), float(model.cutoff), 16, 1.0)
+        report = compare_steps(model, probe_local(graph, runner.dtype, runner.devices[0]))
+    except Exception:  # noqa: BLE001 - a probe the model cannot take: checked at the first call
+        return
+    if not report["ok"]:
+        raise ValueError(report["message"])
+    remember_check(source, runner.dtype, "steps")
+    runner._steps_checked = True
 
 
 def evaluate_steps(runner, b: Built, positions: np.ndarray, buffer: np.ndarray,
@@ -259,6 +335,8 @@ def evaluate_steps(runner, b: Built, positions: np.ndarray, buffer: np.ndarray,
         each(lambda w: w.forward_step(j, positions))
         for e in range(width()):
             slot = workers[0]._slot(j, e)
+            if workers[0].kinds[e] == EDGE:  # part-local: stored as the steps returned it
+                continue
             if workers[0].kinds[e] == HALO:
                 _level_forward(comm, exchanges, slot, HALO)
             else:
@@ -271,6 +349,11 @@ def evaluate_steps(runner, b: Built, positions: np.ndarray, buffer: np.ndarray,
             break
         for e in range(workers[0].width):
             slot = workers[0]._slot(j - 1, e)
+            if workers[0].kinds[e] == EDGE:  # part-local: each part's gradient is complete
+                for w in workers:
+                    w.edge_Z.pop(slot, None)
+                    w.edge_G.pop(w._slot(j, e), None)
+                continue
             if workers[0].kinds[e] == HALO:
                 _level_backward(comm, exchanges, slot, HALO)
             else:

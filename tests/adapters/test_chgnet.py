@@ -330,3 +330,59 @@ def test_empty_local_graph(model):
     out = model(graph)
     assert out.shape == (0,)
     assert calls == [(0, 64 + 64 * 64 + 64 * 3), (0, 64 + 64 * 64), (0, 64 + 64 * 64)]
+
+
+# ---------------------------------------------------------------------- the layer protocol
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_steps_compose_to_forward(model, name):
+    """embed / step / energies (bond and angle features as edge entries, atom features, packed
+    partial bond messages and slot keys exchanged) compose to forward: float64, and the pretrained
+    float32 weights as shipped."""
+    from distmlip.testing import check_steps
+
+    assert model.exchanged == (2, 3, 4) and model.edge_entries == (0, 1)
+    atoms = STRUCTURES[name]()
+    report = check_steps(model, atoms, dtype=torch.float64)
+    assert report["ok"] and report["steps"] and max(report["energies"], report["gradient"]) < 1e-12, \
+        report["message"]
+    assert check_steps(model, atoms)["ok"]
+
+
+@pytest.mark.parametrize("name", ["oxide", "slab"])
+def test_bounded_steps_equal_unbounded(model, references, name):
+    """Parts one at a time in halo mode go by the steps (forward only on the runtime's probe, once;
+    2 L - 1 steps per part and call) and equal the unbounded result and CHGNet's float64
+    calculator within 1e-10: 3 and 5 parts, one worker or two."""
+    from support import CALLS, counted, one_at_a_time
+
+    counted_model = counted(CHGNetModel)(model.module)
+    atoms, ref64, _ = references[name]
+    ref = evaluate(DistributedCalculator(model, 1, dtype="float64"), atoms)
+    for parts, device in ((3, "cpu"), (5, ["cpu", "cpu"])):
+        calc = one_at_a_time(counted_model, parts, mode="halo", dtype="float64", device=device)
+        CALLS.clear()
+        got = evaluate(calc, atoms)
+        assert calc.runner.sequential and calc.last_plan.num_parts == parts
+        assert CALLS["forward"] <= 1, CALLS
+        pieces = sum(max(len(s.parts), 1) for s in calc.runner._built.shards)
+        probe = model.num_layers if CALLS["forward"] else 0
+        assert CALLS["step"] == (2 * model.num_layers - 1) * pieces + probe, CALLS
+        for quantity in ref:
+            assert rel_err(got[quantity], ref[quantity]) <= RTOL64, (name, parts, quantity)
+        for quantity, err in _errors(got, ref64).items():
+            assert err <= RTOL64, (name, parts, quantity, err)
+
+
+def test_state_priced_per_row_and_per_edge(model):
+    """The memory model's step store for CHGNet: atom features, packed messages and keys per row,
+    bond and angle features per edge (float64)."""
+    from distmlip.graph import NeighborGraph
+    from distmlip.runtime.memory import _state_widths
+
+    replica = copy.deepcopy(model).to(torch.float64)
+    atoms = metal()
+    widths, edge_widths = _state_widths(replica, NeighborGraph.from_atoms(atoms, model.cutoff),
+                                    torch.float64, torch.device("cpu"))
+    per_row = 8 * (64 + 64 * model.max_bonds + 3 * model.max_bonds)
+    assert widths == (per_row,) * (model.num_layers - 1), widths
+    assert len(edge_widths) == model.num_layers - 1 and all(w > 64 * 8 for w in edge_widths), edge_widths

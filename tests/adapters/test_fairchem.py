@@ -22,10 +22,10 @@ import torch
 import distmlip
 from distmlip.models.fairchem import UMAModel
 from distmlip.testing import assert_partition_invariant, evaluate
-from distmlip.testing.adapters import ADAPTER_SPLITS, adapter_structures, assert_matches_calculator
+from distmlip.testing.adapters import ADAPTER_SPLITS, adapter_structures, assert_matches_calculator, oxide
 
-from support import assert_ranks_pass
-from support.adapters import MOE_BACKBONE, make_uma, make_uma_moe
+from support import assert_ranks_pass, counted
+from support.adapters import MOE_BACKBONE, make_uma, make_uma_moe, split_row_counts
 
 
 @pytest.fixture(scope="module")
@@ -349,3 +349,95 @@ def test_predict_unit_errors(checkpoint):
 def test_moe_under_mpirun():
     """mpirun -n 2: the mixture of experts split over two ranks equals one process (1e-10)."""
     assert_ranks_pass("adapter.py", "fairchem-moe", expect="fairchem-moe 24 checks passed")
+
+
+# ---------------------------------------------------------------- the layer protocol, owned rows
+CountedUMA = counted(UMAModel)
+
+
+def test_steps_compose_to_forward(uma64, moe64):
+    """embed, the blocks + 1 steps and energies equal forward (float64, 1e-10), the exchanged
+    state included, with and without experts, on a bulk, a slab and a molecule."""
+    from distmlip.models.base import has_steps
+    from distmlip.testing import check_steps
+
+    for module in (uma64, moe64):
+        model = UMAModel(module, task="omat")
+        blocks = len(model.module.backbone.blocks)
+        assert has_steps(model) and model.num_steps == blocks + 1 == model.num_layers
+        for name in ("oxide", "slab", "molecule"):
+            report = check_steps(model, STRUCTURES[name])
+            assert report["ok"] and report["steps"], report["message"]
+            assert len(report["levels"]) == blocks, report
+
+
+def test_bounded_steps_equal_unbounded(moe64):
+    """Parts one at a time (the bounded-memory path, halo mode) go through the steps, not the
+    replay, and equal the unbounded result at 1e-10 (float64, experts mixed by the whole
+    system's composition)."""
+    from support import assert_bounded_by_steps
+
+    assert_bounded_by_steps(CountedUMA(moe64, task="omat"), oxide(repeat=(2, 2, 2)))  # 96 atoms
+
+
+def _count_uma_rows(model: UMAModel) -> dict:
+    """Forward pre-hooks counting the rows given to UMA's node-wise modules: every block's
+    ``norm_1``, ``norm_2`` and atom-wise feed-forward, the final norm and the energy head:
+    {name: [rows per call]}."""
+    bb = model.module.backbone
+    rows: dict = {}
+
+    def counter(name):
+        def hook(module, args):
+            rows.setdefault(name, []).append(int(args[0].shape[0]))
+        return hook
+
+    for i, block in enumerate(bb.blocks):
+        for name in ("norm_1", "norm_2", "atom_wise"):
+            getattr(block, name).register_forward_pre_hook(counter(f"{i}.{name}"))
+    bb.norm.register_forward_pre_hook(counter("norm"))
+    model.head.energy_block.register_forward_pre_hook(counter("energy"))
+    return rows
+
+
+def test_node_work_only_on_owned_rows(moe64):
+    """4 parts in halo mode: UMA's node-wise work (every block's norms and atom-wise
+    feed-forward, the final norm, the energy head) runs on exactly the owned rows, whose total
+    over the parts is the number of atoms (before: every local row), with one exchange per
+    block; extended mode computes every local row. Both equal the unsplit model's at 1e-10
+    (``split_row_counts``) and fairchem's float64 forward at 1e-11."""
+    model = distmlip.wrap(moe64, task="omat")
+    atoms = oxide(repeat=(2, 2, 2))  # 96 atoms
+    n = len(atoms)
+    ref = fairchem_reference(moe64, atoms, torch.float64)
+    blocks = len(model.module.backbone.blocks)
+    names = {"norm", "energy"} | {f"{i}.{m}" for i in range(blocks)
+                                  for m in ("norm_1", "norm_2", "atom_wise")}
+    for mode, calc, rows, local in split_row_counts(model, atoms, _count_uma_rows):
+        assert set(rows) == names, rows
+        for name, counts in rows.items():
+            assert sum(counts) == (n if mode == "halo" else local), (mode, name, counts)
+        assert calc.runner.last_exchange_calls == (blocks if mode == "halo" else 0)
+        got = evaluate(calc, atoms)
+        assert abs(got["energy"] - ref["energy"]) <= 1e-11 * n
+        assert np.abs(got["forces"] - ref["forces"]).max() <= 1e-11
+        assert np.abs(got["stress"] - ref["stress"]).max() <= 1e-11
+
+
+def test_checkpointed_edge_chunks(uma64):
+    """fairchem's activation checkpointing (edges in chunks, on in its default
+    ``InferenceSettings``) with chunks much smaller than the edges: the adapter sums the same
+    chunks; equal to fairchem's float64 forward (1e-11), split or not, and the steps compose."""
+    from distmlip.testing import check_steps
+
+    module = copy.deepcopy(uma64)
+    bb = module.backbone
+    for layer in [bb.edge_degree_embedding, *(block.edge_wise for block in bb.blocks)]:
+        layer.activation_checkpoint_chunk_size = 100
+    atoms = STRUCTURES["oxide"]
+    model = distmlip.wrap(module, task="omat")
+    assert check_steps(model, atoms)["ok"]
+    assert_matches_calculator(model, None, atoms,
+                              reference=fairchem_reference(module, atoms, torch.float64),
+                              energy_atol=1e-11, forces_atol=1e-11, stress_atol=1e-11,
+                              num_parts=(1, 3), modes=("halo",))

@@ -24,7 +24,7 @@ import torch
 
 import distmlip
 from distmlip.models.matgl import M3GNetModel, TensorNetModel
-from distmlip.testing import assert_partition_invariant, evaluate
+from distmlip.testing import assert_partition_invariant, evaluate, rel_err
 from distmlip.testing.adapters import (
     ADAPTER_ELEMENTS,
     ADAPTER_SPLITS,
@@ -145,6 +145,53 @@ def test_m3gnet_split_equals_whole(m3gnet64, name):
     report = assert_partition_invariant(M3GNetModel(m3gnet64), STRUCTURES[name],
                                         num_parts=(1, 2, 3, 5), rtol=1e-10)
     assert max(r["max_err"] for r in report) <= 1e-10
+
+
+def _count_m3gnet_rows(model: M3GNetModel) -> dict:
+    """Forward pre-hooks counting the rows given to M3GNet's node-wise maps: every block's
+    three-body gate (``update_network_atom``; from block 1 on it reads the node features the
+    block before updated) and the readout (``final_layer``, after the last block):
+    {name: [rows per call]}."""
+    m = model._m3gnet
+    rows: dict = {}
+
+    def counter(name):
+        def hook(module, args):
+            rows.setdefault(name, []).append(int(args[0].shape[0]))
+        return hook
+
+    for i, block in enumerate(m.three_body_interactions):
+        block.update_network_atom.register_forward_pre_hook(counter(f"{i}.gate"))
+    m.final_layer.register_forward_pre_hook(counter("readout"))
+    return rows
+
+
+def test_m3gnet_node_work_only_on_owned_rows(m3gnet64):
+    """4 parts in halo mode: M3GNet's node-wise work (the three-body gate of every block after
+    the first, the node updates feeding it, the readout) runs on exactly the owned rows, whose
+    total over the parts is the number of atoms (before: every local row), with one exchange
+    (node features and gate together) before every block after the first; the first block's gate
+    is per element (its table: one row per element type). Extended mode computes every local row.
+    Both equal the unsplit model's at 1e-10 (``split_row_counts``) and matgl's float64
+    calculator."""
+    model = distmlip.wrap(m3gnet64)
+    assert isinstance(model, M3GNetModel)
+    atoms = oxide(repeat=(2, 2, 2))  # 96 atoms
+    n = len(atoms)
+    ref = matgl_reference(m3gnet64, atoms, 64)
+    nblocks = model._m3gnet.n_blocks
+    table = len(model._m3gnet.element_types)
+    for mode, calc, rows, local in split_row_counts(model, atoms, _count_m3gnet_rows):
+        assert set(rows) == {"readout"} | {f"{i}.gate" for i in range(nblocks)}
+        assert set(rows["0.gate"]) == {table}, rows["0.gate"]
+        for name, counts in rows.items():
+            if name != "0.gate":
+                assert sum(counts) == (n if mode == "halo" else local), (mode, name, counts)
+        assert calc.runner.last_exchange_calls == (nblocks - 1 if mode == "halo" else 0)
+        got = evaluate(calc, atoms)
+        assert abs(got["energy"] - ref["energy"]) / n < 1e-9
+        assert np.abs(got["forces"] - ref["forces"]).max() < 1e-8
+        assert np.abs(got["stress"] - ref["stress"]).max() < 1e-9
 
 
 def test_bare_tensornet_and_energies(potential64):
@@ -317,21 +364,9 @@ def test_tensornet_steps_compose_to_forward(potential64):
 def test_tensornet_bounded_steps_equal_unbounded(potential64):
     """Parts one at a time (the bounded-memory path) go through the steps, not the replay, and
     equal the unbounded result at 1e-10 (float64)."""
-    from distmlip.runtime.steps import uses_steps
+    from support import assert_bounded_by_steps
 
-    from support import assert_close, one_at_a_time
-
-    model = CountedTensorNet(potential64)
-    atoms = oxide(repeat=(2, 2, 2))  # 96 atoms
-    ref = evaluate(distmlip.DistributedCalculator(model, 1), atoms)
-    for parts, partitioner in ((3, "metis"), (4, "grid")):
-        calc = one_at_a_time(model, parts, partitioner=partitioner, mode="halo")
-        CALLS.clear()
-        assert_close(evaluate(calc, atoms), ref, 1e-10, f"{partitioner}/{parts}")
-        assert calc.runner.sequential and uses_steps(calc.runner)
-        assert calc.last_plan.num_parts == parts and CALLS["step"] > 0
-        # forward only on the probe that checks the steps (no replay)
-        assert CALLS["forward"] <= 1, CALLS
+    assert_bounded_by_steps(CountedTensorNet(potential64), oxide(repeat=(2, 2, 2)))  # 96 atoms
 
 
 def test_tensornet_budget_takes_the_steps(potential64):
@@ -350,3 +385,55 @@ def test_tensornet_budget_takes_the_steps(potential64):
     assert_close(evaluate(calc, atoms), ref, 1e-10, "budget")
     assert calc.runner.sequential and calc.last_plan.num_parts > 1 and uses_steps(calc.runner)
     assert CALLS["step"] > 0 and CALLS["forward"] <= 1, CALLS
+
+
+CountedM3GNet = counted(M3GNetModel)
+
+
+@pytest.mark.parametrize("name", ["oxide", "slab", "molecule"])
+def test_m3gnet_steps_compose_to_forward(m3gnet, name):
+    """M3GNet: embed, one step per block and energies (bond features as an edge entry, node
+    features and the next gate exchanged) equal forward: float64 (1e-12) and float32."""
+    from distmlip.models.base import has_steps
+    from distmlip.testing import check_steps
+
+    model = M3GNetModel(m3gnet)
+    assert has_steps(model) and model.exchanged == (1,) and model.edge_entries == (0,)
+    assert model.num_steps == model._m3gnet.n_blocks
+    report = check_steps(model, STRUCTURES[name], dtype=torch.float64)
+    assert report["ok"] and report["steps"] and max(report["energies"], report["gradient"]) < 1e-12, \
+        report["message"]
+    assert len(report["levels"]) == model._m3gnet.n_blocks - 1, report
+    assert check_steps(model, STRUCTURES[name], dtype=torch.float32)["ok"]
+
+
+@pytest.mark.parametrize("name", ["oxide", "slab"])
+def test_m3gnet_bounded_steps_equal_unbounded(m3gnet64, name):
+    """M3GNet: parts one at a time in halo mode go by the steps (forward only on the runtime's
+    probe, run when the calculator is built; 2 L - 1 steps per part and call) and equal the
+    unbounded result within 1e-10 (float64: energy, forces, stress, per-atom energies): 3 metis,
+    4 grid, 5 parts, one worker or two."""
+    from distmlip.runtime.steps import uses_steps
+
+    from support import one_at_a_time
+
+    model = CountedM3GNet(m3gnet64)
+    atoms = STRUCTURES[name].repeat((2, 1, 1))
+    ref = evaluate(distmlip.DistributedCalculator(M3GNetModel(m3gnet64), 1), atoms)
+    assert "energies" in ref
+    layers = model.num_layers
+    for parts, partitioner, device in ((3, "metis", "cpu"), (4, "grid", "cpu"),
+                                       (5, None, ["cpu", "cpu"])):
+        options = {} if partitioner is None else {"partitioner": partitioner}
+        CALLS.clear()  # the runtime's composition probe runs when the calculator is built
+        calc = one_at_a_time(model, parts, mode="halo", device=device, **options)
+        probe = CALLS["forward"]
+        assert probe <= 1, CALLS
+        got = evaluate(calc, atoms)
+        assert calc.runner.sequential and uses_steps(calc.runner)
+        assert calc.last_plan.num_parts == parts
+        assert CALLS["forward"] == probe, CALLS  # no forward outside the probe
+        pieces = sum(max(len(s.parts), 1) for s in calc.runner._built.shards)
+        assert CALLS["step"] == (2 * layers - 1) * pieces + layers * probe, CALLS
+        for quantity in ref:
+            assert rel_err(got[quantity], ref[quantity]) <= 1e-10, (name, parts, quantity)

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 import distmlip
+from distmlip import DistributedCalculator
 from distmlip.models.mattersim import MatterSimModel, triplets
-from distmlip.testing import assert_partition_invariant, evaluate
+from distmlip.testing import assert_partition_invariant, evaluate, rel_err
 from distmlip.testing.adapters import (
     ADAPTER_SPLITS,
     adapter_structures,
@@ -29,7 +30,7 @@ from distmlip.testing.adapters import (
 )
 
 from support import assert_ranks_pass
-from support.adapters import assert_replay_exact, make_mattersim, split_row_counts
+from support.adapters import make_mattersim, split_row_counts
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +129,55 @@ def test_node_work_only_on_owned_rows(potential):
         assert np.isfinite(evaluate(calc, atoms)["energy"])
 
 
-def test_parts_one_at_a_time_equal_unbounded(potential):
-    """Parts one at a time (the bounded-memory path) take the generic replay (MatterSim has no layer
-    protocol: it carries edge features between layers) and equal the unbounded result at 1e-10
-    (float64, halo mode, owned-row node updates)."""
+# ---------------------------------------------------------------------- the layer protocol
+@pytest.mark.parametrize("name", ["oxide", "slab", "molecule"])
+def test_steps_compose_to_forward(potential, name):
+    """embed / step / energies (bond features as an edge entry, atom features exchanged) compose
+    to forward: float64 and float32."""
+    from distmlip.testing import check_steps
+
+    model = MatterSimModel(potential)
+    assert model.exchanged == (1,) and model.edge_entries == (0,)
+    assert model.num_steps == len(potential.model.graph_conv)
+    atoms = STRUCTURES[name]
+    report = check_steps(model, atoms, dtype=torch.float64)
+    assert report["ok"] and report["steps"] and max(report["energies"], report["gradient"]) < 1e-12, \
+        report["message"]
+    assert check_steps(model, atoms, dtype=torch.float32)["ok"]
+
+
+@pytest.mark.parametrize("name", ["oxide", "slab"])
+def test_bounded_steps_equal_unbounded(potential, name):
+    """Parts one at a time in halo mode go by the steps (forward only on the runtime's probe, run
+    when the calculator is built; 2 L - 1 steps per part and call) and equal the unbounded result
+    within 1e-10 (float64: energy, forces, stress, per-atom energies): 3 metis, 4 grid, 5 parts,
+    one worker or two."""
+    from distmlip.runtime.steps import uses_steps
+
+    from support import CALLS, counted, one_at_a_time
+
     model = MatterSimModel(copy.deepcopy(potential)).double()
-    assert_replay_exact(model, STRUCTURES["oxide"].repeat((2, 1, 1)))
+    counted_model = counted(MatterSimModel)(model.module)
+    atoms = STRUCTURES[name].repeat((2, 1, 1))
+    ref = evaluate(DistributedCalculator(model, 1, dtype="float64"), atoms)
+    assert "energies" in ref
+    layers = model.num_layers
+    for parts, partitioner, device in ((3, "metis", "cpu"), (4, "grid", "cpu"),
+                                       (5, None, ["cpu", "cpu"])):
+        options = {} if partitioner is None else {"partitioner": partitioner}
+        CALLS.clear()  # the runtime's composition probe runs when the calculator is built
+        calc = one_at_a_time(counted_model, parts, mode="halo", dtype="float64", device=device,
+                             **options)
+        probe = CALLS["forward"]
+        assert probe <= 1, CALLS
+        got = evaluate(calc, atoms)
+        assert calc.runner.sequential and uses_steps(calc.runner)
+        assert calc.last_plan.num_parts == parts
+        assert CALLS["forward"] == probe, CALLS  # no forward outside the probe
+        pieces = sum(max(len(s.parts), 1) for s in calc.runner._built.shards)
+        assert CALLS["step"] == (2 * layers - 1) * pieces + layers * probe, CALLS
+        for quantity in ref:
+            assert rel_err(got[quantity], ref[quantity]) <= 1e-10, (name, parts, quantity)
 
 
 @pytest.mark.mpi

@@ -344,12 +344,13 @@ def test_bounded_steps_equal_unbounded(nequip_raw, own_cache):
     wrapped = _CountedNequIP(nequip_raw)
     atoms = nequip_metal()
     ref = evaluate(DistributedCalculator(wrapped, 1, dtype="float64"), atoms)
-    calc = one_at_a_time(wrapped, 4, dtype="float64")
     CALLS.clear()
+    calc = one_at_a_time(wrapped, 4, dtype="float64")  # the probe: when it is built
     got = evaluate(calc, atoms)
     assert_close(got, ref, 1e-10, "nequip: steps")
     assert calc.runner.sequential and calc.last_plan.num_parts == 4 and uses_steps(calc.runner)
-    # 4 parts: L - 1 steps forward and L backward each, plus the probe's L; forward on the probe
+    # 4 parts: L - 1 steps forward and L backward each, plus the probe's L (when the calculator
+    # is built); forward on the probe
     layers = wrapped.num_steps
     assert CALLS == {"forward": 1, "step": 4 * (2 * layers - 1) + layers}, CALLS
     assert calc.runner.last_exchange_calls == layers - 1

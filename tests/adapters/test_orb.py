@@ -21,7 +21,9 @@ import pytest
 import torch
 
 import distmlip
+from distmlip import DistributedCalculator
 from distmlip.models.orb import OrbModel
+from distmlip.runtime.steps import uses_steps
 from distmlip.testing import assert_partition_invariant, evaluate
 from distmlip.testing.adapters import (
     ADAPTER_SPLITS,
@@ -31,7 +33,7 @@ from distmlip.testing.adapters import (
     metal,
 )
 
-from support import assert_ranks_pass
+from support import assert_close, assert_ranks_pass
 from support.adapters import ORB_CAP, assert_replay_exact, make_orb, split_row_counts
 
 
@@ -126,6 +128,18 @@ def test_errors(orb64):
         distmlip.wrap(orb64, max_num_neighbors=0)
 
 
+def test_elements_stop_where_orbs_references_do(orb64):
+    """Orb's embedding has a row for Z = 118 but its reference energies (and ZBL radii, at Z + 1)
+    cover 1-117: Z = 118 is refused with the adapters' error, not an IndexError."""
+    from ase import Atoms
+
+    model = OrbModel(orb64)
+    assert max(model.elements.numbers) == 117
+    atoms = Atoms(numbers=[118, 8], positions=[[0, 0, 0], [2.0, 0, 0]], cell=[10, 10, 10], pbc=True)
+    with pytest.raises(ValueError, match="atomic number"):
+        evaluate(DistributedCalculator(model, 1), atoms)
+
+
 def _count_orb_rows(model: OrbModel) -> dict:
     """Forward pre-hooks counting the rows given to Orb's node-wise maps: the encoder's node MLP
     and every interaction's node update (``_node_mlp``): {name: [rows per call]}."""
@@ -167,10 +181,113 @@ def test_node_work_only_on_owned_rows(orb64):
 
 
 def test_parts_one_at_a_time_equal_unbounded(orb64):
-    """Parts one at a time (the bounded-memory path) take the generic replay (Orb has no layer
-    protocol: it carries edge features between layers) and equal the unbounded result at 1e-10
-    (float64, halo mode, owned-row node updates)."""
+    """Parts one at a time (the bounded-memory path) take the generic replay (Orb's steps are not
+    enabled: its readout needs a global_sum) and equal the unbounded result at 1e-10 (float64,
+    halo mode, owned-row node updates)."""
+    assert OrbModel(orb64).exchanged is None
     assert_replay_exact(OrbModel(orb64), STRUCTURES["oxide"].repeat((2, 1, 1)))
+
+
+# ---------------------------------------------------------------------- the layer protocol
+class StepsOrb(OrbModel):
+    """Orb with its layer protocol enabled (``exchanged = STEP_EXCHANGED``)."""
+
+    exchanged = OrbModel.STEP_EXCHANGED
+
+
+class ComposedOrb(StepsOrb):
+    """Orb whose ``forward`` is its steps composed with the real halo exchanges between them
+    (``run_steps``): split, it checks that the part-local edge entries are right on every part."""
+
+    def forward(self, graph):
+        from distmlip.models.base import run_steps
+
+        return run_steps(self, graph)
+
+
+class PerAtomReadoutOrb(StepsOrb):
+    """Orb with a per-atom readout (each atom's energy is the head's MLP of its own node features:
+    no global_sum), in ``forward`` and ``energies`` alike: what the runtime's steps can evaluate
+    today. Everything else is Orb's (edges, caps, interactions, references, ZBL)."""
+
+    def _readout(self, graph, nodes, keep):
+        head = self.module.heads[self.module.energy_name]
+        needed = graph.num_needed
+        share = head.normalizer.inverse(head.mlp(nodes[:needed])).reshape(-1)
+        reference = head.reference.linear.weight.reshape(-1).to(nodes.dtype)[graph.numbers[:needed]]
+        energies = share + reference
+        if self.module.pair_repulsion:
+            senders, receivers = graph.edge_index
+            vec = graph.edge_vec
+            energies = energies + self._zbl(graph.numbers, receivers[keep], senders[keep], vec[keep],
+                                            graph.num_nodes)[:needed]
+        return energies
+
+
+@pytest.mark.parametrize("name", list(STRUCTURES))
+def test_steps_compose_to_forward(orb64, orb32, name):
+    """embed / step / energies (node features and cap distances exchanged, Orb's edge features an
+    edge entry) compose to forward: float64 (1e-12) and float32."""
+    from distmlip.testing import check_steps
+
+    model = StepsOrb(orb64)
+    assert model.edge_entries == (2,) and model.num_steps == len(orb64.model.gnn_stacks) + 1
+    report = check_steps(model, STRUCTURES[name], dtype=torch.float64)
+    assert report["ok"] and report["steps"] and max(report["energies"], report["gradient"]) < 1e-12, \
+        report["message"]
+    assert check_steps(StepsOrb(orb32), STRUCTURES[name], dtype=torch.float32)["ok"]
+
+
+@pytest.mark.parametrize("name", ["oxide", "slab", "molecule"])
+def test_split_steps_equal_orb(orb64, name):
+    """The steps composed with the real halo exchanges between them, split (halo mode: 2, 3, 5
+    parts, grid and metis; 3 parts on two threads), equal the unsplit Orb at 1e-10 (float64): the
+    edge features of a part's edges need nothing but the exchanged node features and caps."""
+    atoms = STRUCTURES[name]
+    ref = evaluate(DistributedCalculator(OrbModel(orb64), 1), atoms)
+    model = ComposedOrb(orb64)
+    for parts, partitioner, device in ((2, "grid", "cpu"), (3, "metis", "cpu"), (5, "grid", "cpu"),
+                                       (3, "grid", ["cpu", "cpu"])):
+        calc = DistributedCalculator(model, parts, mode="halo", partitioner=partitioner, device=device)
+        got = evaluate(calc, atoms)
+        assert calc.last_plan.num_parts == parts
+        assert_close(got, ref, 1e-10, f"{name} {partitioner}/{parts}")
+
+
+@pytest.mark.parametrize("name", ["oxide", "slab"])
+def test_bounded_steps_equal_unbounded(orb64, name):
+    """Parts one at a time in halo mode go by the steps (forward never called: the runtime's probe
+    runs when the calculator is built; 2 L - 1 steps per part and call) and equal the unbounded
+    result within 1e-10 (energy, forces, stress, per-atom energies; float64): 3 and 4 parts (metis,
+    grid) on one worker, 5 parts on two. The model is Orb with a per-atom readout
+    (``PerAtomReadoutOrb``): the runtime's steps offer no global_sum, which Orb's own readout needs."""
+    from support import CALLS, counted, one_at_a_time
+
+    atoms = STRUCTURES[name].repeat((2, 1, 1))
+    counted_model = counted(PerAtomReadoutOrb)(orb64)
+    ref = evaluate(DistributedCalculator(PerAtomReadoutOrb(orb64), 1), atoms)
+    steps = counted_model.num_steps
+    for parts, partitioner, device in ((3, "metis", "cpu"), (4, "grid", "cpu"),
+                                       (5, "metis", ["cpu", "cpu"])):
+        calc = one_at_a_time(counted_model, parts, mode="halo", partitioner=partitioner, device=device)
+        assert uses_steps(calc.runner)
+        CALLS.clear()
+        got = evaluate(calc, atoms)
+        assert calc.runner.sequential and calc.last_plan.num_parts == parts
+        assert CALLS["forward"] == 0, CALLS
+        pieces = sum(max(len(s.parts), 1) for s in calc.runner._built.shards)
+        assert CALLS["step"] == (2 * steps - 1) * pieces, CALLS
+        assert_close(got, ref, 1e-10, f"{name} {partitioner}/{parts}")
+
+
+def test_steps_with_the_global_readout_are_refused_in_bounded_memory(orb64):
+    """Why Orb's steps are not enabled: its readout calls global_sum, which the runtime refuses in
+    a step's ``energies`` (RuntimeError naming the call) when parts go one at a time."""
+    from support import one_at_a_time
+
+    calc = one_at_a_time(StepsOrb(orb64), 3, mode="halo")
+    with pytest.raises(RuntimeError, match="global_sum"):
+        evaluate(calc, STRUCTURES["oxide"])
 
 
 @pytest.mark.mpi

@@ -416,12 +416,13 @@ def test_bounded_steps_equal_unbounded(model, small_module, which, own_cache):
     wrapped = _steps_model(which, model, small_module, _CountedSevenNet)
     atoms = sevenn_rutile()
     ref = evaluate(DistributedCalculator(wrapped, 1, dtype="float64"), atoms)
-    calc = one_at_a_time(wrapped, 4, dtype="float64")
     CALLS.clear()
+    calc = one_at_a_time(wrapped, 4, dtype="float64")  # the probe: when it is built
     got = evaluate(calc, atoms)
     assert_close(got, ref, 1e-10, f"{which}: steps")
     assert calc.runner.sequential and calc.last_plan.num_parts == 4 and uses_steps(calc.runner)
-    # 4 parts: L - 1 steps forward and L backward each, plus the probe's L; forward on the probe
+    # 4 parts: L - 1 steps forward and L backward each, plus the probe's L (when the calculator
+    # is built); forward on the probe
     assert CALLS == {"forward": 1, "step": 4 * (2 * wrapped.num_layers - 1) + wrapped.num_layers}, CALLS
     assert calc.runner.last_exchange_calls == wrapped.num_layers - 1
     generic = one_at_a_time(wrapped, 4, dtype="float64")

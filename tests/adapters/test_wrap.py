@@ -135,7 +135,7 @@ def test_adapter_table_is_the_one_source():
     with pytest.raises(KeyError, match="name: expected one of"):
         adapter_info("nope")
     owned = {info.name for info in ADAPTER_TABLE if info.owned_rows_only}
-    assert owned == {"sevenn", "chgnet", "mace", "nequip", "orb", "mattersim"}
+    assert owned == {"sevenn", "chgnet", "mace", "nequip", "matgl", "orb", "mattersim", "fairchem"}
 
 
 @pytest.mark.parametrize("name", ADAPTER_NAMES)

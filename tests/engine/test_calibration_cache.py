@@ -16,8 +16,10 @@ import time
 import pytest
 import torch
 
+from distmlip.runtime import cache as disk_cache
 from distmlip.runtime import memory
-from distmlip.runtime.memory import _cache_file, _cache_key, calibrate, model_fingerprint
+from distmlip.runtime.cache import cache_file, calibration_key, model_fingerprint
+from distmlip.runtime.memory import calibrate
 from distmlip.testing.structures import fcc_bulk
 
 from support import ROOT, TESTS, make_schnet
@@ -118,7 +120,7 @@ def test_cached_calibration_of_a_million_parameter_model_is_fast(cache, monkeypa
 def test_a_corrupted_file_is_warned_about_once_and_rewritten(cache, content, monkeypatch):
     atoms = fcc_bulk(size=3, seed=2)
     model = make_schnet()
-    path = _cache_file(_cache_key(model, atoms, model.dtype, CPU))
+    path = cache_file("memory", calibration_key(model, atoms, model.dtype, CPU))
     path.parent.mkdir(parents=True)
     path.write_text(content)
     seen = _count_measurements(monkeypatch)
@@ -142,7 +144,7 @@ def test_a_foreign_file_is_not_trusted(cache, monkeypatch):
     atoms = fcc_bulk(size=3, seed=2)
     model = make_schnet()
     made = _calibrate(model, atoms)
-    path = _cache_file(_cache_key(model, atoms, model.dtype, CPU))
+    path = cache_file("memory", calibration_key(model, atoms, model.dtype, CPU))
     data = json.loads(path.read_text())
     for change in ({"key": {**data["key"], "torch": "0.0"}},
                    {"calibrations": [{**data["calibrations"][0], "per_row": -1.0}]}):
@@ -163,25 +165,26 @@ def test_an_unwritable_cache_is_silent(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("DISTMLIP_CACHE_DIR", str(blocker / "cache"))
     import warnings
 
+    model = make_schnet()  # outside the check: importing torch_geometric warns of torch.jit.script
     with warnings.catch_warnings(), caplog.at_level(logging.DEBUG, logger="distmlip"):
         warnings.simplefilter("error")
-        first = _calibrate()
+        first = _calibrate(model)
         assert "cannot write the cache file" in caplog.text
         monkeypatch.setenv("DISTMLIP_CACHE_DIR", str(tmp_path / "ro"))
 
         def read_only(*args, **kwargs):
             raise OSError(30, "Read-only file system")
 
-        monkeypatch.setattr(memory.os, "replace", read_only)
-        second = _calibrate()
+        monkeypatch.setattr(disk_cache.os, "replace", read_only)
+        second = _calibrate(model)
     assert second.widths == first.widths
     assert not list((tmp_path / "ro").rglob("*.json")) and not list((tmp_path / "ro").rglob("*.tmp"))
     # the cache can be turned off
     monkeypatch.setenv("DISTMLIP_CACHE_DIR", "off")
-    assert memory.cache_dir() is None
+    assert disk_cache.cache_dir() is None
     monkeypatch.delenv("DISTMLIP_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert memory.cache_dir() == tmp_path / "xdg" / "distmlip"
+    assert disk_cache.cache_dir() == tmp_path / "xdg" / "distmlip"
 
 
 WRITER = textwrap.dedent("""
@@ -237,11 +240,11 @@ def test_a_changed_weight_misses_the_cache(cache, monkeypatch):
     assert seen, "a model with other weights read another model's calibration"
     assert len(list((cache / "memory").glob("*.json"))) == 2
     # and the dtype, the elements or the periodicity are other keys too
-    base = _cache_key(make_schnet(), atoms, torch.float64, CPU)
+    base = calibration_key(make_schnet(), atoms, torch.float64, CPU)
     salt = atoms.copy()
     salt.numbers[::2] = 11
-    assert _cache_key(make_schnet(), salt, torch.float64, CPU) != base
-    assert _cache_key(make_schnet(), atoms, torch.float32, CPU) != base
+    assert calibration_key(make_schnet(), salt, torch.float64, CPU) != base
+    assert calibration_key(make_schnet(), atoms, torch.float32, CPU) != base
 
 
 def test_probes_of_a_small_cell_reach_their_size():

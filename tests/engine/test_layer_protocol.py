@@ -14,7 +14,7 @@ from distmlip.models.base import LocalGraph, compare_steps, has_steps, run_steps
 from distmlip.testing import awkward_structures, check_steps, evaluate
 from distmlip.testing.structures import fcc_bulk
 
-from support import CALLS, CountedSchNet, assert_close, launch, make_lj, make_schnet, one_at_a_time
+from support import CALLS, CountedSchNet, assert_close, counted, launch, make_lj, make_schnet, one_at_a_time
 
 RTOL = 1e-10
 
@@ -82,27 +82,27 @@ def test_steps_compose_to_forward():
 def test_bounded_steps_equal_unbounded(name, own_cache):
     """Periodic and non-periodic cells, several part counts and partitioners, two workers: energy,
     forces, stress and per-atom energies within 1e-10 of the unbounded result, through the steps
-    (forward called only on the probe, which the first calculator runs: the others find it
-    passed in the cache)."""
+    (forward called only on the probe, which the first calculator runs when it is built: the
+    others find it passed in the cache)."""
     model = like(CountedSchNet)
     atoms = awkward_structures()[name]
     ref = evaluate(DistributedCalculator(model, 1), atoms)
     first = True
     for parts, partitioner, device in ((1, "grid", "cpu"), (2, "slab", "cpu"), (3, "metis", "cpu"),
                                        (7, "slab", "cpu"), (4, "grid", ["cpu", "cpu"])):
+        CALLS.clear()
         calc = one_at_a_time(model, parts, partitioner=partitioner, mode="halo", device=device)
+        assert CALLS["forward"] == int(first) and CALLS["step"] == model.num_layers * int(first), CALLS
         for call in range(2):
             CALLS.clear()
-            calc.reset()  # the second call knows the levels and skips the probe
+            calc.reset()
             got = evaluate(calc, atoms)
             assert_close(got, ref, RTOL, f"{name}/{partitioner}/{parts}/call {call}")
             assert calc.runner.sequential and calc.last_plan.num_parts == parts
-            # no replay: forward only on the probe; 2 L - 1 steps per part
-            probed = first and call == 0
-            assert CALLS["forward"] == int(probed), CALLS
+            # no replay: no forward; 2 L - 1 steps per part
+            assert CALLS["forward"] == 0, CALLS
             pieces = sum(max(len(s.parts), 1) for s in calc.runner._built.shards)
-            probe = model.num_layers if probed else 0
-            assert CALLS["step"] == (2 * model.num_layers - 1) * pieces + probe, CALLS
+            assert CALLS["step"] == (2 * model.num_layers - 1) * pieces, CALLS
         first = False
         assert calc.runner.last_exchange_calls == model.num_layers - 1
 
@@ -131,8 +131,8 @@ def test_steps_call_counts(own_cache, monkeypatch, tmp_path):
     directory; with another directory it probes again."""
     model = like(CountedSchNet)
     atoms = fcc_bulk(size=3, seed=2)
-    calc = one_at_a_time(model, 5)
     CALLS.clear()
+    calc = one_at_a_time(model, 5)  # the probe: when the calculator is built
     evaluate(calc, atoms)
     assert CALLS == {"forward": 1, "step": 2 * 5 + 3 * 5 + 3}, CALLS
     CALLS.clear()
@@ -223,12 +223,28 @@ def test_broken_steps_refused(cls, where):
     assert not report["ok"], report
     with pytest.raises(AssertionError, match=where):
         check_steps(model, atoms)
-    calc = one_at_a_time(model, 3)
-    with pytest.raises(ValueError, match=f"do not compose to its forward: {where}.*largest relative "
-                                         f"difference"):
-        evaluate(calc, atoms)
+    refusal = f"do not compose to its forward: {where}.*largest relative difference"
+    # refused when the calculator is built (a probe crystal), with a budget or one at a time
+    with pytest.raises(ValueError, match=refusal):
+        DistributedCalculator(model, 3, max_memory="1GB")
+    with pytest.raises(ValueError, match=refusal):
+        one_at_a_time(model, 3)
     # unbounded (no steps used) it still runs its forward
     evaluate(DistributedCalculator(model, 3), atoms)
+
+
+def test_steps_the_probe_cannot_take_are_checked_at_the_first_call(monkeypatch):
+    """A model the probe crystal does not suit (here: the probe made to fail) is built, and its
+    broken steps refused at the first bounded evaluation, on the system's own first part."""
+    from distmlip.runtime import steps
+
+    def unsuitable(model):
+        raise KeyError("no element this model takes")
+
+    monkeypatch.setattr(steps, "_probe_atoms", unsuitable)
+    calc = one_at_a_time(like(BrokenStep), 3)
+    with pytest.raises(ValueError, match=r"do not compose to its forward: step\(1\) differs first"):
+        evaluate(calc, fcc_bulk(size=3, seed=2))
 
 
 def test_step_calling_the_exchange_refused():
@@ -247,3 +263,196 @@ def test_under_mpirun_steps():
     assert proc.returncode == 0, out[-4000:]
     for rank in range(2):
         assert f"rank {rank}: 85 layer-protocol checks passed with 4 parts, one at a time" in out, out[-4000:]
+
+
+def test_stored_state_is_predicted(monkeypatch):
+    """The memory model's bytes stored by steps (``MemoryModel.stored(rows, steps=True)``, from the
+    state widths measured on a probe) bound the bytes the step store really holds at its largest
+    (forward: every level's state; backward: the levels below, two levels' gradients), and by
+    no more than the owned-row entries it counts on every row: SchNet keeps (h, x) per level."""
+    import numpy as np
+
+    from distmlip.graph import NeighborGraph
+    from distmlip.runtime import steps as steps_module
+    from distmlip.runtime.memory import MemoryModel, _state_widths
+
+    model = make_schnet(hidden_channels=32)
+    atoms = fcc_bulk(size=4, seed=5)
+    widths, edge_widths = _state_widths(model, NeighborGraph.from_atoms(atoms, model.cutoff),
+                                        torch.float64, torch.device("cpu"))
+    assert widths == (2 * 32 * 8,) * (model.num_layers - 1) and edge_widths == ()  # (h, x), float64
+    held = []
+
+    def measure(store):
+        held.append(sum(t.numel() * t.element_size() for values in (store.X, store.Z, store.G, store.Gown)
+                        for t in values if isinstance(t, torch.Tensor)))
+
+    for name in ("forward_step", "backward_step"):
+        original = getattr(steps_module.StepWorker, name)
+
+        def wrapped(self, j, *args, _original=original):
+            _original(self, j, *args)
+            measure(self.store)
+        monkeypatch.setattr(steps_module.StepWorker, name, wrapped)
+    calc = one_at_a_time(model, 4)
+    ref = evaluate(DistributedCalculator(model, 1), atoms)
+    assert_close(evaluate(calc, atoms), ref, RTOL, "steps")
+    memory = MemoryModel(0.0, 0.0, 0.0, 0.0, widths=(), state_widths=widths)
+    predicted = memory.stored(len(atoms), steps=True)
+    assert held and max(held) <= predicted
+    # the prediction counts the owned-row entry (x) on halo rows too: a single shard has none
+    assert max(held) >= 0.95 * predicted, (max(held), predicted)
+    print(f"\nstored at most {max(held)} bytes, predicted {predicted:.0f}")
+    assert memory.stored(len(atoms)) == 0 and np.isfinite(predicted)
+
+
+# ---------------------------------------------------------------------- edge entries
+class EdgeSchNet(SchNet):
+    """SchNet carrying a per-edge feature between layers: the filter ``m`` of each interaction is
+    an edge entry of the state, ``m_0 = W_0(r) C(r)`` and ``m_{k+1} = C(r) (W_{k+1}(r) +
+    tanh(x_sender m_k))``: it depends on the sender's exchanged features, so it is part-local only
+    because every edge of a part is received by an owned atom. State ``(h, x, m)``: ``x``
+    exchanged, ``m`` an edge entry (rows: the part's edges)."""
+
+    exchanged = (1,)
+    edge_entries = (2,)
+
+    def _layer(self, k, graph, h, x, m, envelope, rbf):
+        send, recv = graph.edge_index
+        needed = graph.num_needed
+        block = self.interactions[k]
+        message = x[send] * m
+        summed = message.new_zeros(needed, message.shape[1]).index_add(0, recv, message)
+        h = h[:needed] + block.lin(block.act(block.conv.lin_out(summed)))
+        if k + 1 < self.num_layers:
+            m = envelope.unsqueeze(-1) * (self.interactions[k + 1].conv.filter(rbf) + torch.tanh(message))
+        return h, m
+
+    def forward(self, graph):
+        rbf, envelope = self._radial(graph)
+        h, x, m = self.embed(graph)
+        for k in range(self.num_layers):
+            if k > 0:
+                x = graph.halo_exchange(self.interactions[k].conv.lin_in(h))
+            h, m = self._layer(k, graph, h, x, m, envelope, rbf)
+        return self.readout(h).squeeze(-1)
+
+    def embed(self, graph):
+        rbf, envelope = self._radial(graph)
+        h = self.embedding(graph.numbers)
+        m = self.interactions[0].conv.filter(rbf) * envelope.unsqueeze(-1)
+        return h, self.interactions[0].conv.lin_in(h), m
+
+    def step(self, i, graph, state):
+        h, x, m = state
+        rbf, envelope = self._radial(graph)
+        h, m = self._layer(i, graph, h, x, m, envelope, rbf)
+        if i + 1 < self.num_layers:
+            return h, self.interactions[i + 1].conv.lin_in(h), m
+        return (h,)
+
+
+CountedEdgeSchNet = counted(EdgeSchNet)
+
+
+def _held(worker) -> int:
+    """Bytes a step worker's store holds: the exchanged and owned-row levels and the edge entries."""
+    store = worker.store
+    values = [t for v in (store.X, store.Z, store.G, store.Gown) for t in v]
+    values += [t for d in (worker.edge_Z, worker.edge_G) for part in d.values() for t in part.values()]
+    return sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
+
+
+def _watch_store(monkeypatch, held: list) -> None:
+    from distmlip.runtime import steps as steps_module
+
+    for name in ("forward_step", "backward_step"):
+        original = getattr(steps_module.StepWorker, name)
+
+        def wrapped(self, j, *args, _original=original):
+            _original(self, j, *args)
+            held.append(_held(self))
+        monkeypatch.setattr(steps_module.StepWorker, name, wrapped)
+
+
+def test_edge_entries_compose_and_equal_unbounded(own_cache):
+    """A per-edge state entry: the steps compose to forward, and bounded by steps (several part
+    counts and partitioners, two workers, an idle worker, periodic and not) equals unbounded within
+    1e-10 (energy, forces, stress, per-atom energies), forward called only on the probe."""
+    from ase import Atoms
+    from ase.build import molecule
+
+    model = like(CountedEdgeSchNet)
+    assert has_steps(model)
+    graph = _graph(fcc_bulk(size=2, seed=1), model)
+    assert torch.equal(run_steps(model, graph), model(graph))
+    report = check_steps(model, awkward_structures()["small_triclinic"])
+    assert report["ok"] and report["energies"] == 0.0 and len(report["levels"]) == 2, report
+    water = molecule("H2O")
+    cases = [(awkward_structures()[name], configs) for name, configs in (
+        ("small_triclinic", ((2, "slab", "cpu"), (3, "metis", "cpu"), (4, "grid", ["cpu", "cpu"]))),
+        ("slab_vacuum", ((5, "slab", "cpu"),)), ("molecule", ((3, "metis", "cpu"),)))]
+    cases.append((Atoms(water.numbers, water.positions, pbc=False), ((2, "slab", ["cpu"] * 3),)))
+    first = True
+    for atoms, configs in cases:
+        ref = evaluate(DistributedCalculator(model, 1), atoms)
+        for parts, partitioner, device in configs:
+            CALLS.clear()  # the probe runs when the first calculator is built
+            calc = one_at_a_time(model, parts, partitioner=partitioner, mode="halo", device=device)
+            got = evaluate(calc, atoms)
+            assert_close(got, ref, RTOL, f"{len(atoms)} atoms/{partitioner}/{parts}")
+            assert calc.runner.sequential and CALLS["forward"] == int(first), CALLS
+            assert CALLS["step"] > 0
+            first = False
+
+
+def test_edge_entries_refused_when_exchanged():
+    class Both(EdgeSchNet):
+        edge_entries = (1, 2)
+
+    with pytest.raises(ValueError, match=r"both exchanged and edge_entries"):
+        run_steps(like(Both), _graph(fcc_bulk(size=2, seed=1), like(Both)))
+
+
+def test_edge_entries_are_priced_per_edge(monkeypatch, own_cache):
+    """``_state_widths`` prices the edge entry per edge (16 float64 filters), ``stored`` counts it
+    on the shard's edges, and under a budget the prediction of the chosen build bounds what the
+    step store (edge entries included) holds at its largest."""
+    from ase.neighborlist import neighbor_list
+
+    from distmlip import estimate_memory
+    from distmlip.graph import NeighborGraph
+    from distmlip.runtime.memory import MemoryModel, _state_widths
+
+    model = like(CountedEdgeSchNet, hidden_channels=32)
+    atoms = fcc_bulk(size=4, seed=5)
+    widths, edge_widths = _state_widths(model, NeighborGraph.from_atoms(atoms, model.cutoff),
+                                        torch.float64, torch.device("cpu"))
+    assert widths == (2 * 32 * 8,) * 2 and edge_widths == (32 * 8,) * 2
+    held: list[int] = []
+    _watch_store(monkeypatch, held)
+    ref = evaluate(DistributedCalculator(model, 1), atoms)
+    assert_close(evaluate(one_at_a_time(model, 4), atoms), ref, RTOL, "steps")
+    edges = len(neighbor_list("i", atoms, model.cutoff))
+    memory = MemoryModel(0.0, 0.0, 0.0, 0.0, widths=(), state_widths=widths, edge_state_widths=edge_widths)
+    predicted = memory.stored(len(atoms), steps=True, edges=edges)
+    assert max(held) <= predicted and max(held) >= 0.95 * predicted, (max(held), predicted)
+    assert memory.stored(len(atoms), steps=True) < 0.5 * max(held)  # the edges dominate here
+    # under a budget: the planner's prediction for the build it chose bounds the store
+    held.clear()
+    calc = DistributedCalculator(model, 1, max_memory=int(0.4 * estimate_memory(model, atoms)))
+    assert_close(evaluate(calc, atoms), ref, RTOL, "budget")
+    assert calc.runner.sequential and calc.last_plan.num_parts > 1
+    planner = calc.runner.planner
+    assert planner.memory_model.edge_state_widths == edge_widths
+    calls = []
+    original = MemoryModel.stored
+
+    def recording(self, rows, steps=False, edges=0):
+        calls.append(original(self, rows, steps, edges))
+        return calls[-1]
+
+    monkeypatch.setattr(MemoryModel, "stored", recording)
+    planner.predict(calc.runner._built, planner.memory_model)
+    assert calls and max(held) <= sum(calls), (max(held), calls)
+    assert max(held) >= 0.9 * sum(calls), (max(held), calls)

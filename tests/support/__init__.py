@@ -125,6 +125,24 @@ def one_at_a_time(model, parts, **options) -> DistributedCalculator:
     return calc
 
 
+def assert_bounded_by_steps(model, atoms, configs=((3, "metis"), (4, "grid")), rtol: float = 1e-10) -> None:
+    """Parts one at a time (the bounded-memory path, halo mode), for each ``(parts, partitioner)``
+    of ``configs``: through the steps (``model`` is ``counted``: steps called, ``forward`` never:
+    the steps' probe ran when the calculator was built), equal to one part unbounded within
+    ``rtol``."""
+    from distmlip.runtime.steps import uses_steps
+    from distmlip.testing import evaluate
+
+    ref = evaluate(DistributedCalculator(model, 1), atoms)
+    for parts, partitioner in configs:
+        calc = one_at_a_time(model, parts, partitioner=partitioner, mode="halo")
+        CALLS.clear()
+        assert_close(evaluate(calc, atoms), ref, rtol, f"{partitioner}/{parts}")
+        assert calc.runner.sequential and uses_steps(calc.runner)
+        assert calc.last_plan.num_parts == parts and CALLS["step"] > 0
+        assert CALLS["forward"] == 0, CALLS  # no replay
+
+
 def assert_close(got: dict, ref: dict, rtol: float, what: str) -> float:
     """Every quantity of ``ref`` in ``got`` within ``rtol`` (``distmlip.testing.rel_err``);
     returns the largest relative error."""
