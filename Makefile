@@ -1,6 +1,8 @@
 # Set-up lives here: `make test` and `make demo` work on a fresh machine.
 # make test      ruff + the default suite (everything not marked slow): <= 5 min of tests on 2 cores
 # make test-all  ruff + everything, slow cases and every mpirun/torchrun launch (what CI runs)
+# make lammps    LAMMPS's pair_style distmlip plugin: build/lammps/distmlipplugin.so (docs/lammps.md);
+#                the tests build it themselves (and skip, saying why, where it cannot be built)
 PY      ?= python3
 VENV    ?= .venv
 VPY     := $(VENV)/bin/python
@@ -16,7 +18,7 @@ JOBS    ?= 2
 PYTEST  := OMP_NUM_THREADS=1 $(VPY) -m pytest -q -ra
 XDIST   := -n $(JOBS) --dist loadfile
 
-.PHONY: install test test-all demo bench clean
+.PHONY: install test test-all demo bench lammps clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -42,6 +44,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) bench/run.py
+
+lammps: $(STAMP)
+	$(VPY) lammps/build.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

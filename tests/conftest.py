@@ -105,6 +105,20 @@ SLOW = {
     "cli/test_cli.py::test_md_under_a_launcher_matches_one_process": ("mpirun",),
     "cli/test_cli.py::test_an_error_on_one_rank_is_reported_by_that_rank": (),  # 7 s
     "engine/test_longrun.py::test_bit_identical_under_mpirun": (),  # 6 s
+    # LAMMPS's pair_style distmlip (an lmp launch each, 1-12 s; make test is near its 5 minutes):
+    # the default suite keeps SchNet on 2 ranks, LJ where ghosts wrap on 3, the global readout,
+    # the in-process run and three refusals (~12 s); test-all runs the 50 cases (~4 min)
+    "lammps/test_pair_style.py::test_lj_matches_distmlip": ("small_triclinic-3",),
+    "lammps/test_pair_style.py::test_schnet_file_matches_distmlip": ("triclinic-2",),  # 5-8 s each
+    "lammps/test_pair_style.py::test_global_readout_matches_distmlip": ("2",),
+    "lammps/test_pair_style.py::test_lj_matches_ase": (),
+    "lammps/test_pair_style.py::test_newton_off": (),  # schnet: 6-7 s
+    "lammps/test_pair_style.py::test_float32": (),  # 7 s
+    "lammps/test_pair_style.py::test_nve_one_and_two_ranks_agree": (),  # 12 s
+    "lammps/test_pair_style.py::test_npt_pressure_is_distmlips_stress": (),  # 8 s
+    "lammps/test_pair_style.py::test_a_model_failing_on_one_rank_stops_every_rank": (),  # 5-6 s
+    "lammps/test_pair_style.py::test_bad_input_is_one_error_line": (
+        "unknown_model", "units_real", "coincident"),
 }
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import re
 import sys
@@ -11,8 +10,7 @@ import warnings
 from pathlib import Path
 
 from ..calculators import DistributedCalculator
-from ..models import LennardJones, SchNet, registry, wrap
-from ..models._adapter import optional_import
+from ..models import registry
 from ..options import FIELDS
 from ..runtime.launch import detect_launch
 
@@ -131,91 +129,14 @@ def repeat_structure(atoms, supercell: tuple[int, int, int] | None):
 
 
 # ----------------------------------------------------------------------------- models
-#: Reference models built here (not pretrained: for tests and examples), ``--model lj`` or with
-#: options ``--model lj:epsilon=0.0104,sigma=3.4,cutoff=8.5``.
-REFERENCE_MODELS = {
-    "lj": "Lennard-Jones (distmlip.models.LennardJones); options epsilon (eV), sigma (Å), cutoff (Å)",
-    "schnet": "SchNet with random weights (distmlip.models.SchNet), for testing; options cutoff, "
-              "num_interactions, hidden_channels, num_gaussians, seed",
-}
-
-
-def _reference_model(spec: str):
-    name, _, rest = spec.partition(":")
-    cls = {"lj": LennardJones, "schnet": SchNet}[name.lower()]
-    options = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        number = _number_or_text(value.strip())
-        if not eq or isinstance(number, str):
-            raise CLIError(f"--model: expected {name}:key=number,..., got {spec!r}; pass e.g. "
-                           f"--model {name}:cutoff=5.0")
-        options[key.strip()] = number
-    valid = [k for k in inspect.signature(cls).parameters if k not in ("self", "args", "kwargs")]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise CLIError(f"--model: {name} has no option {unknown[0]!r}, got {spec!r}; expected "
-                       f"{name}:key=number,... with keys from {valid}")
-    try:
-        return cls(**options)
-    except (TypeError, ValueError) as exc:
-        raise CLIError(f"--model: {exc} (model {spec!r}); options of {name}: {valid}") from None
-
-
 def load_model(spec: str):
-    """``--model``: a name ``distmlip.load`` accepts, ``lj``/``schnet`` (reference models, with
-    ``:key=value,...`` options), or a path to a saved model file of a supported package (a
-    SevenNet checkpoint, a CHGNet file, a ``torch.save``-d module)."""
-    if Path(spec).is_file():
-        return _model_from_file(Path(spec))
-    if _looks_like_path(spec):
-        where = "a directory" if Path(spec).is_dir() else "which does not exist"
-        raise CLIError(f"--model: expected a model name or a saved model file, got {spec!r}, {where}; "
-                       f"check the path, or see `distmlip models` for the names")
-    if spec.split(":")[0].lower() in REFERENCE_MODELS:
-        return _reference_model(spec)
+    """``--model``: ``distmlip.models.registry.load_spec`` (a name ``distmlip.load`` accepts,
+    ``lj``/``schnet`` with ``:key=value,...`` options, or a saved model file), its refusals as
+    command-line errors."""
     try:
-        return registry.load(spec)
-    except ValueError as exc:
-        if not str(exc).startswith("name:"):
-            raise
-        known = sorted(registry.available_models()) + sorted(REFERENCE_MODELS)
-        raise CLIError(f"--model: expected one of {known} (see `distmlip models`) or a path to a "
-                       f"saved model file, got {spec!r}") from None
-
-
-def _looks_like_path(spec: str) -> bool:
-    """A ``--model`` that names a file, not a model: a path separator or a model file's suffix."""
-    return ("/" in spec or os.sep in spec or spec.startswith(".")
-            or Path(spec).suffix.lower() in (".pth", ".pt", ".pkl", ".ckpt", ".model", ".tar", ".json"))
-
-
-def _model_from_file(path: Path):
-    """A model from a file: a SevenNet checkpoint (``.pth`` with its config), a CHGNet file, or any
-    ``torch.save``-d module that ``distmlip.wrap`` accepts."""
-    import torch
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - not a torch file at all
-        raise CLIError(f"--model: expected a model name or a saved model file, got {str(path)!r}, "
-                       f"which torch.load cannot read ({type(exc).__name__}: {exc})") from None
-    if isinstance(obj, dict) and "config" in obj and "model_state_dict" in obj:  # SevenNet
-        util = optional_import("sevenn.util", "sevenn", "load a SevenNet checkpoint")
-        module = util.load_checkpoint(str(path)).build_model()
-        module.eval()
-        return wrap(module)
-    if isinstance(obj, dict) and "model" in obj and "state_dict" in obj.get("model", {}):  # CHGNet
-        chgnet = optional_import("chgnet.model.model", "chgnet", "load a CHGNet file")
-        return wrap(chgnet.CHGNet.from_file(str(path)))
-    if isinstance(obj, torch.nn.Module):
-        obj.eval()
-        try:
-            return wrap(obj)
-        except TypeError as exc:
-            raise CLIError(f"--model: {exc}") from None
-    raise CLIError(f"--model: expected a SevenNet checkpoint, a CHGNet file or a torch.save-d model "
-                   f"in {str(path)!r}, got a {type(obj).__name__}")
+        return registry.load_spec(spec, option="--model")
+    except registry.ModelSpecError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def add_model_option(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -233,17 +154,6 @@ def add_calculator_options(parser: argparse.ArgumentParser) -> None:
     for field in FIELDS:
         if field.flag is not None:
             g.add_argument(field.flag, *field.aliases, default=None, **dict(field.flag_kwargs))
-
-
-def _number_or_text(text: str):
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 def calculator_kwargs(args) -> dict:

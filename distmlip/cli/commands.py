@@ -14,12 +14,11 @@ from ..drivers.ipi import serve_ipi
 from ..graph import NeighborGraph
 from ..md import plot_run
 from ..models import registry
-from ..models.registry import ADAPTERS, adapter_info
+from ..models.registry import ADAPTERS, REFERENCE_MODELS, adapter_info
 from ..partition import PartitionPlan
 from ..partition.plot import partition_table, plot_partition
 from ..typing import MODES, PARTITIONERS
 from ._common import (
-    REFERENCE_MODELS,
     CLIError,
     add_calculator_options,
     add_model_option,

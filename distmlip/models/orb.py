@@ -38,7 +38,9 @@ Conventions (Orb → distmlip):
   the two parts that own their ends (Orb's edge state is updated from both ends).
 - The cap keeps every neighbour not farther than the k-th nearest: when several neighbours tie
   at exactly the k-th distance (an unperturbed high-symmetry crystal), all are kept, where Orb
-  keeps k of them in an order its neighbour search decides. Otherwise the graphs are identical.
+  keeps k of them in an order its neighbour search decides (for an edge sent by a halo atom, a
+  tie is within ``CAP_SLACK``, 1e-12 relative: its two ends' copies of the edge may differ in
+  the last bits). Otherwise the graphs are identical.
 - Halo exchanges: node features before every interaction after the first (the encoder is per
   atom and per edge), plus the cap distances: ``num_message_passing_steps`` calls. Receptive field
   ``num_layers = num_message_passing_steps + 1`` hops (whether an edge exists depends on its
@@ -72,6 +74,9 @@ __all__ = ["OPTIONS", "PACKAGES", "PRETRAINED", "OrbModel", "load", "supports", 
 PACKAGES = ("orb_models",)
 PRETRAINED: dict[str, str] = {}  # Orb's weights download at run time
 OPTIONS = ("max_num_neighbors", "radius")
+
+#: relative slack of the neighbour cap for edges sent by halo atoms (see ``forward``)
+CAP_SLACK = 1e-12
 _WHAT = "Orb models"
 
 
@@ -170,8 +175,11 @@ class OrbModel(DistributableModel):
         vec = graph.edge_vec
         length = vec.detach().norm(dim=1)
         keep = length <= kth[receivers]
-        # Orb edges sent by halo atoms to owned ones (halo mode only: rows >= num_needed)
-        back = (senders >= graph.num_needed) & (length <= kth[senders])
+        # Orb edges sent by halo atoms to owned ones (halo mode only: rows >= num_needed); a halo
+        # sender's cap distance was computed by its owner from its own copy of the edge, whose
+        # length may differ in the last bits where the two ends' positions come from different
+        # periodic images (LAMMPS's ghost atoms): compared with a relative slack
+        back = (senders >= graph.num_needed) & (length <= kth[senders] * (1.0 + CAP_SLACK))
         return (torch.cat([receivers[keep], senders[back]]), torch.cat([senders[keep], receivers[back]]),
                 torch.cat([vec[keep], -vec[back]]), keep)
 

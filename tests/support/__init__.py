@@ -6,6 +6,7 @@ for the test modules, and ``PYTHONPATH`` (set by ``launch``) for the scripts und
 ``conftest.py`` files.
 
 - ``LJ_PARAMS``, ``make_lj``, ``make_schnet``: the small float64 reference models;
+  ``FailsWithAtom5``: Lennard-Jones failing on the worker that owns atom 5;
 - ``STRUCTURE_NAMES``: the names of ``distmlip.testing.awkward_structures()``;
 - ``salt``, ``slab``: NaCl bulk and a Cu(111) slab (the global-sum tests' structures);
 - ``one_at_a_time``: a calculator evaluating its parts one at a time (the bounded-memory path);
@@ -46,6 +47,15 @@ LJ_SPEC = "lj:" + ",".join(f"{k}={v}" for k, v in LJ_PARAMS.items())
 
 def make_lj() -> LennardJones:
     return LennardJones(**LJ_PARAMS)
+
+
+class FailsWithAtom5(LennardJones):
+    """Lennard-Jones that raises on the worker owning atom 5 only (a failure on one rank)."""
+
+    def forward(self, graph):
+        if bool((graph.atom_ids[: graph.num_owned] == 5).any()):
+            raise RuntimeError("test model: atom 5 is owned here")
+        return super().forward(graph)
 
 #: ``forward`` and ``step`` calls of every counted model (shared by the runner's replicas).
 CALLS: collections.Counter = collections.Counter()
