@@ -35,8 +35,8 @@ Families (``--family``; every one float64, a fresh process per configuration, on
   bond features as an edge entry) in float64 on antifluorite Li2O (default size 4: 768 atoms).
 - ``orb``: the tests' Orb v3 conservative (latent 32, MLPs 64/32, 2 message-passing steps, 6 Å,
   neighbour cap 8, ZBL, random weights, tests/support/adapters.py) in float64 on antifluorite Li2O
-  (default size 8: 6,144 atoms). Its steps are written but not enabled (its readout needs a
-  ``global_sum``, which the runtime's steps do not offer): both bounded rows take the generic replay.
+  (default size 8: 6,144 atoms). Its readout's ``global_sum`` is summed over the parts by the steps
+  (``readout_sum``).
 
 CPU time is ``time.process_time`` of ``calc.calculate``: the first call (graph, partition, the
 layer protocol's probe unless a passed one is on record) and the next one (atoms moved 1e-3 Å:
@@ -151,9 +151,8 @@ FAMILIES = {"schnet": (18, "SchNet, 3 interactions, 32 channels, float64, 5 Å, 
             "m3gnet": (4, "matgl M3GNet (16 units, 2 blocks, 5 Å, three-body 4 Å, random weights; "
                           "bond features as an edge entry) in float64, on {n} Li2O atoms"),
             "orb": (8, "Orb v3 conservative (latent 32, MLPs 64/32, 2 message-passing steps, 6 Å, "
-                       "neighbour cap 8, ZBL, random weights) in float64, on {n} Li2O atoms; its steps "
-                       "are not enabled (the readout needs a global_sum): both bounded rows take the "
-                       "generic replay")}
+                       "neighbour cap 8, ZBL, random weights) in float64, on {n} Li2O atoms (the "
+                       "readout's global_sum summed by the steps)")}
 
 
 def run(size: int, path: str, budget=None, family: str = "schnet") -> dict:

@@ -284,6 +284,10 @@ class DistributableModel(torch.nn.Module):
       features (exchanged) is the same wherever the part boundary runs. The runtime stores them
       per part and level and sums their gradients per part; the memory model prices them per edge
       (CHGNet's bond and angle features, ``distmlip/models/chgnet.py``).
+    - ``readout_sum`` (default ``False``): ``energies`` calls ``graph.global_sum`` once (a readout
+      of a whole-system sum of the last step's rows, e.g. Orb's mean node feature). The runtime
+      then sums the parts' partial sums before the last backward step and adds the gradient of
+      every part's energies by that sum to each part's own (two extra passes of the last step).
 
     Composing them with the exchanges between steps must equal ``forward`` (``run_steps`` does
     exactly that; ``compare_steps`` and ``distmlip.testing.check_steps`` check it, and the runtime
@@ -301,6 +305,9 @@ class DistributableModel(torch.nn.Module):
     #: Layer protocol: indices of the part-local state entries whose rows are the part's edges (or
     #: angles), stored per part, never exchanged (see the class docstring).
     edge_entries: tuple[int, ...] = ()
+
+    #: Layer protocol: ``energies`` sums over the system once (``graph.global_sum``).
+    readout_sum: bool = False
 
     def forward(self, graph: LocalGraph) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -17,10 +17,9 @@ first ``graph.num_needed`` rows only (the owned rows in halo mode):
   node update and residual run on the needed rows;
 - the energy head reads the needed rows (through ``graph.global_sum``).
 
-Layer protocol (``embed``/``step``/``energies``, see ``OrbModel``'s section on it): written and
-composing to ``forward``, with Orb's edge features as part-local edge entries, but not enabled
-(``exchanged = None``): the readout needs a ``global_sum``, which the runtime's steps do not offer
-yet; the bounded-memory mode uses the generic replay.
+Layer protocol (``embed``/``step``/``energies``, see ``OrbModel``'s section on it): Orb's edge
+features are part-local edge entries; the readout's ``global_sum`` is declared (``readout_sum``),
+so the bounded-memory mode sums it over the parts before the last backward step.
 
 Conventions (Orb → distmlip):
 
@@ -251,16 +250,12 @@ class OrbModel(DistributableModel):
     # num_message_passing_steps) builds the part's Orb edges from the exchanged caps (step 1
     # also encodes them) and runs interaction ``i - 1``; ``energies`` the readout.
     #
-    # Not enabled (``exchanged = None``): the readout is a nonlinear function of the whole
-    # system's mean node feature, a ``graph.global_sum``, which the runtime's steps do not offer
-    # (``runtime/steps.py`` refuses ``global_sum`` in a step or ``energies``); the bounded-memory
-    # mode keeps the generic replay, whose ``global_sum`` is a level. ``STEP_EXCHANGED`` is what
-    # ``exchanged`` becomes once the runtime sums a level at the readout; the steps compose to
-    # ``forward`` now (``tests/adapters/test_orb.py`` sets it on an instance to check them).
+    # The readout is a nonlinear function of the whole system's mean node feature, a
+    # ``graph.global_sum`` in ``energies`` (``readout_sum``): the runtime sums the parts' partial
+    # sums before the last backward step.
 
-    #: Layer protocol: the exchanged entries (node features, cap distances) once enabled.
-    STEP_EXCHANGED = (0, 1)
-    exchanged = None
+    exchanged = (0, 1)
+    readout_sum = True
     edge_entries = (2,)
 
     def embed(self, graph: LocalGraph) -> tuple[torch.Tensor, ...]:

@@ -21,6 +21,8 @@ from .sequential import (
     _level_backward,
     _level_forward,
     _release,
+    _Stop,
+    _total,
     for_each,
     gatherer,
 )
@@ -79,14 +81,34 @@ class _NoExchange(HaloExchange):
         raise RuntimeError(
             f"model: {self.name} implements the layer protocol (embed/step/energies) but called "
             f"graph.{what} inside a step; with steps the runtime exchanges the entries named by "
-            f"exchanged between steps, and global_sum is not supported in steps: remove the call "
-            f"from the step, or remove the steps (exchanged = None) to use the generic path")
+            f"exchanged between steps, and global_sum only in energies, once, when the model "
+            f"declares readout_sum = True: remove the call from the step (or declare readout_sum), "
+            f"or remove the steps (exchanged = None) to use the generic path")
 
     def __call__(self, x):
         self._refuse("halo_exchange")
 
     def _global_sum(self, partial):
         self._refuse("global_sum")
+
+
+class _ReadoutSum(_NoExchange):
+    """The exchange ``energies`` sees in a model whose readout sums over the system
+    (``readout_sum``): its one ``global_sum`` records the part's partial sum and returns
+    ``total`` (the system's, a constant or a leaf), or stops the pass (``total`` None)."""
+
+    def __init__(self, name: str, num_owned: int, num_rows: int, total: torch.Tensor | None):
+        super().__init__(name, num_owned, num_rows)
+        self.total, self.partial = total, None
+
+    def _global_sum(self, partial):
+        if self.partial is not None:
+            raise RuntimeError(f"model: {self.name}.energies called graph.global_sum twice; with "
+                               f"steps (readout_sum = True) energies may sum over the system once")
+        self.partial = partial
+        if self.total is None:
+            raise _Stop()
+        return self.total
 
 
 class StepWorker(SequentialWorker):
@@ -103,12 +125,55 @@ class StepWorker(SequentialWorker):
         # edge entries: slot -> part (None: the empty part of an idle worker) -> tensor
         self.edge_Z: dict[int, dict] = {}
         self.edge_G: dict[int, dict] = {}
+        # a readout summing over the system: (the sum, d(every part's energies)/d(the sum))
+        self.readout: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _graph(self, k, positions, with_grad: bool):
+    def _graph(self, k, positions, with_grad: bool, total: torch.Tensor | bool = False):
+        """Part k's graph; ``total`` (a tensor, or None to stop at the sum): its ``energies``
+        may call ``global_sum`` once (``_ReadoutSum``); ``False``: no exchange at all."""
         num_owned = 0 if k is None else self.parts[k].num_owned
         rows = 0 if k is None else len(self.rows[k])
-        exchange = _NoExchange(type(self.model).__name__, num_owned, rows)
+        name = type(self.model).__name__
+        exchange = _NoExchange(name, num_owned, rows) if total is False else \
+            _ReadoutSum(name, num_owned, rows, total)
         return self._piece(k, positions, exchange, with_grad)
+
+    def readout_partial(self, positions: np.ndarray) -> torch.Tensor:
+        """A readout summing over the system (``readout_sum``): the sum over this worker's parts
+        of the partial sums the last step's ``energies`` gives ``global_sum``."""
+        last, total = self.num_steps - 1, None
+        for k in self._indices():
+            local = self._graph(k, positions, with_grad=False, total=None)[0]
+            with torch.no_grad():
+                out = self._step(last, local, self._start(k, last, local, grad=False)[0])
+                try:
+                    run_energies(self.model, local, out)
+                except _Stop:
+                    pass
+            partial = local.halo_exchange.partial
+            if partial is None:
+                raise RuntimeError(f"model: {type(self.model).__name__}.readout_sum is True but its "
+                                   f"energies did not call graph.global_sum")
+            total = partial if total is None else total + partial
+            del local, out
+        return total
+
+    def readout_gradient(self, positions: np.ndarray, total: torch.Tensor) -> torch.Tensor:
+        """The sum over this worker's parts of d(energies of the part)/d(the system's sum)."""
+        last, grad = self.num_steps - 1, torch.zeros_like(total)
+        for k in self._indices():
+            leaf = total.detach().clone().requires_grad_(True)
+            local = self._graph(k, positions, with_grad=False, total=leaf)[0]
+            with torch.no_grad():
+                out = self._step(last, local, self._start(k, last, local, grad=False)[0])
+            with torch.enable_grad():
+                eps = run_energies(self.model, local, out)
+                if eps.requires_grad:
+                    (g,) = torch.autograd.grad(eps.sum(), [leaf], allow_unused=True)
+                    if g is not None:
+                        grad = grad + g
+            del local, out, eps
+        return grad
 
     def _slot(self, j: int, e: int) -> int:
         return j * self.width + e
@@ -186,8 +251,10 @@ class StepWorker(SequentialWorker):
                     self.edge_G[slot] = {}
                 else:
                     store.G[slot] = torch.zeros_like(store.Z[slot])
+        readout = j == last and self.readout is not None
         for k in self._indices():
-            local, edges, vec = self._graph(k, positions, with_grad=True)
+            local, edges, vec = self._graph(k, positions, with_grad=True,
+                                            total=self.readout[0] if readout else False)
             with torch.enable_grad():
                 state, leaves = self._start(k, j, local, grad=True)
                 out = self._step(j, local, state)
@@ -195,6 +262,8 @@ class StepWorker(SequentialWorker):
                 if j == last:
                     eps = run_energies(self.model, local, out)
                     loss = eps.sum()
+                    if readout:  # the other parts' energies depend on this part's partial sum too
+                        loss = loss + (self.readout[1] * local.halo_exchange.partial).sum()
                 else:
                     own = self._owned(k)
                     terms = [(g.to(y.dtype) * (y if self.kinds[e] == EDGE else y[: local.num_owned])).sum()
@@ -343,6 +412,14 @@ def evaluate_steps(runner, b: Built, positions: np.ndarray, buffer: np.ndarray,
                 for w in workers:
                     w.store.Z[slot], w.store.X[slot] = w.store.X[slot], None
     _release()
+    if getattr(workers[0].model, "readout_sum", False):
+        # energies reads the system's sum of the last step's rows: the sum first, then the
+        # gradient of every part's energies by it, which the last backward step adds to each
+        # part's own partial sum's (as a global_sum level of the generic replay)
+        total = _total(comm, each(lambda w: w.readout_partial(positions)))
+        grad = _total(comm, each(lambda w: w.readout_gradient(positions, total.to(w.device))))
+        for w in workers:
+            w.readout = (total.to(w.device).detach(), grad.to(w.device).detach())
     for j in reversed(range(L)):  # backward: from the last step
         each(lambda w: w.backward_step(j, positions, gather))
         if j == 0:

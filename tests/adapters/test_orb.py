@@ -34,7 +34,7 @@ from distmlip.testing.adapters import (
 )
 
 from support import assert_close, assert_ranks_pass
-from support.adapters import ORB_CAP, assert_replay_exact, make_orb, split_row_counts
+from support.adapters import ORB_CAP, make_orb, split_row_counts
 
 
 @contextlib.contextmanager
@@ -180,22 +180,8 @@ def test_node_work_only_on_owned_rows(orb64):
         assert abs(got["forces"] - ref["forces"]).max() < 1e-8
 
 
-def test_parts_one_at_a_time_equal_unbounded(orb64):
-    """Parts one at a time (the bounded-memory path) take the generic replay (Orb's steps are not
-    enabled: its readout needs a global_sum) and equal the unbounded result at 1e-10 (float64,
-    halo mode, owned-row node updates)."""
-    assert OrbModel(orb64).exchanged is None
-    assert_replay_exact(OrbModel(orb64), STRUCTURES["oxide"].repeat((2, 1, 1)))
-
-
 # ---------------------------------------------------------------------- the layer protocol
-class StepsOrb(OrbModel):
-    """Orb with its layer protocol enabled (``exchanged = STEP_EXCHANGED``)."""
-
-    exchanged = OrbModel.STEP_EXCHANGED
-
-
-class ComposedOrb(StepsOrb):
+class ComposedOrb(OrbModel):
     """Orb whose ``forward`` is its steps composed with the real halo exchanges between them
     (``run_steps``): split, it checks that the part-local edge entries are right on every part."""
 
@@ -205,37 +191,25 @@ class ComposedOrb(StepsOrb):
         return run_steps(self, graph)
 
 
-class PerAtomReadoutOrb(StepsOrb):
-    """Orb with a per-atom readout (each atom's energy is the head's MLP of its own node features:
-    no global_sum), in ``forward`` and ``energies`` alike: what the runtime's steps can evaluate
-    today. Everything else is Orb's (edges, caps, interactions, references, ZBL)."""
+class UndeclaredSum(OrbModel):
+    """Orb's steps without ``readout_sum`` declared: its energies' global_sum is refused."""
 
-    def _readout(self, graph, nodes, keep):
-        head = self.module.heads[self.module.energy_name]
-        needed = graph.num_needed
-        share = head.normalizer.inverse(head.mlp(nodes[:needed])).reshape(-1)
-        reference = head.reference.linear.weight.reshape(-1).to(nodes.dtype)[graph.numbers[:needed]]
-        energies = share + reference
-        if self.module.pair_repulsion:
-            senders, receivers = graph.edge_index
-            vec = graph.edge_vec
-            energies = energies + self._zbl(graph.numbers, receivers[keep], senders[keep], vec[keep],
-                                            graph.num_nodes)[:needed]
-        return energies
+    readout_sum = False
 
 
 @pytest.mark.parametrize("name", list(STRUCTURES))
 def test_steps_compose_to_forward(orb64, orb32, name):
     """embed / step / energies (node features and cap distances exchanged, Orb's edge features an
-    edge entry) compose to forward: float64 (1e-12) and float32."""
+    edge entry, the readout's mean a global_sum) compose to forward: float64 (1e-12) and float32."""
     from distmlip.testing import check_steps
 
-    model = StepsOrb(orb64)
+    model = OrbModel(orb64)
     assert model.edge_entries == (2,) and model.num_steps == len(orb64.model.gnn_stacks) + 1
+    assert model.readout_sum
     report = check_steps(model, STRUCTURES[name], dtype=torch.float64)
     assert report["ok"] and report["steps"] and max(report["energies"], report["gradient"]) < 1e-12, \
         report["message"]
-    assert check_steps(StepsOrb(orb32), STRUCTURES[name], dtype=torch.float32)["ok"]
+    assert check_steps(OrbModel(orb32), STRUCTURES[name], dtype=torch.float32)["ok"]
 
 
 @pytest.mark.parametrize("name", ["oxide", "slab", "molecule"])
@@ -256,16 +230,16 @@ def test_split_steps_equal_orb(orb64, name):
 
 @pytest.mark.parametrize("name", ["oxide", "slab"])
 def test_bounded_steps_equal_unbounded(orb64, name):
-    """Parts one at a time in halo mode go by the steps (forward never called: the runtime's probe
-    runs when the calculator is built; 2 L - 1 steps per part and call) and equal the unbounded
-    result within 1e-10 (energy, forces, stress, per-atom energies; float64): 3 and 4 parts (metis,
-    grid) on one worker, 5 parts on two. The model is Orb with a per-atom readout
-    (``PerAtomReadoutOrb``): the runtime's steps offer no global_sum, which Orb's own readout needs."""
+    """Parts one at a time in halo mode go by the steps, Orb's own readout included (its mean node
+    feature summed over the parts before the last backward step: 2 L + 1 steps per part and call,
+    forward never called) and equal the unbounded result and the generic replay within 1e-10
+    (energy, forces, stress, per-atom energies; float64): 3 and 4 parts (metis, grid) on one
+    worker, 5 parts on two."""
     from support import CALLS, counted, one_at_a_time
 
     atoms = STRUCTURES[name].repeat((2, 1, 1))
-    counted_model = counted(PerAtomReadoutOrb)(orb64)
-    ref = evaluate(DistributedCalculator(PerAtomReadoutOrb(orb64), 1), atoms)
+    counted_model = counted(OrbModel)(orb64)
+    ref = evaluate(DistributedCalculator(OrbModel(orb64), 1), atoms)
     steps = counted_model.num_steps
     for parts, partitioner, device in ((3, "metis", "cpu"), (4, "grid", "cpu"),
                                        (5, "metis", ["cpu", "cpu"])):
@@ -276,17 +250,20 @@ def test_bounded_steps_equal_unbounded(orb64, name):
         assert calc.runner.sequential and calc.last_plan.num_parts == parts
         assert CALLS["forward"] == 0, CALLS
         pieces = sum(max(len(s.parts), 1) for s in calc.runner._built.shards)
-        assert CALLS["step"] == (2 * steps - 1) * pieces, CALLS
+        assert CALLS["step"] == (2 * steps + 1) * pieces, CALLS
         assert_close(got, ref, 1e-10, f"{name} {partitioner}/{parts}")
+    generic = one_at_a_time(OrbModel(orb64), 3, mode="halo", partitioner="metis")
+    generic.runner.layer_steps = False
+    assert_close(evaluate(generic, atoms), ref, 1e-10, f"{name} generic replay")
 
 
-def test_steps_with_the_global_readout_are_refused_in_bounded_memory(orb64):
-    """Why Orb's steps are not enabled: its readout calls global_sum, which the runtime refuses in
-    a step's ``energies`` (RuntimeError naming the call) when parts go one at a time."""
+def test_undeclared_readout_sum_is_refused(orb64):
+    """Steps whose energies call global_sum without declaring ``readout_sum`` are refused in
+    bounded memory (RuntimeError naming the call and the declaration)."""
     from support import one_at_a_time
 
-    calc = one_at_a_time(StepsOrb(orb64), 3, mode="halo")
-    with pytest.raises(RuntimeError, match="global_sum"):
+    calc = one_at_a_time(UndeclaredSum(orb64), 3, mode="halo")
+    with pytest.raises(RuntimeError, match="global_sum.*readout_sum"):
         evaluate(calc, STRUCTURES["oxide"])
 
 

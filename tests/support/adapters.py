@@ -320,19 +320,3 @@ def split_row_counts(wrapped, atoms, count_rows, parts: int = 4, threads: bool =
         local = sum(s.num_rows for s in shards)
         assert sum(s.num_owned for s in shards) == n < local  # there is a halo to skip
         yield mode, calc, rows, local
-
-
-def assert_replay_exact(model, atoms) -> None:
-    """``model`` has no layer protocol: parts one at a time (3 metis, 4 grid; halo mode) take the
-    generic replay and equal the unbounded result at 1e-10 (float64)."""
-    from distmlip.models.base import has_steps
-    from distmlip.runtime.steps import uses_steps
-
-    from support import assert_close, one_at_a_time
-
-    assert not has_steps(model)
-    ref = evaluate(DistributedCalculator(model, 1), atoms)
-    for parts, partitioner in ((3, "metis"), (4, "grid")):
-        calc = one_at_a_time(model, parts, partitioner=partitioner, mode="halo")
-        assert_close(evaluate(calc, atoms), ref, 1e-10, f"{partitioner}/{parts}")
-        assert calc.runner.sequential and not uses_steps(calc.runner)
