@@ -440,7 +440,6 @@ def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torc
 
     tiny_graph = _probe_graph(atoms, model.cutoff, 16, 1.0)
     measure(tiny_graph)  # warm-up: one-time allocations
-    state_widths, edge_state_widths = _state_widths(model, tiny_graph, dtype, device)
     # a part of any size costs at least the constant: a small part measured after the warm-up
     # bounds it (the fit extrapolates the constant from probes of hundreds of MB, where a few
     # percent of one probe move it by tens of MB: a floor of 106 MB named for a 93 MB system)
@@ -459,6 +458,10 @@ def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torc
     ratio = min(3.0, max(1.5, room / (3 * max(first[3], 1))))
     big_graph = _probe_graph(atoms, model.cutoff, int(ratio * first[0]), 1.0)
     dense_graph = _probe_graph(atoms, model.cutoff, int(ratio * first[0]), 0.85)
+    # the state a bounded run by steps stores, measured on the largest probe: edge entries of a
+    # model that caps its neighbours (Orb) scale with atoms, not edges, and a tiny cluster's few
+    # edges per atom priced them 4x too high (Orb, 6,144 atoms: 1,455 parts chosen instead of 7)
+    state_widths, edge_state_widths = _state_widths(model, big_graph, dtype, device)
     runs = [lambda: measure(_probe_graph(atoms, model.cutoff, size, 1.0)), lambda: measure(big_graph),
             lambda: measure(_probe_graph(atoms, model.cutoff, first[0], 0.85)),
             lambda: measure(dense_graph), lambda: measure(big_graph, 0.35),
