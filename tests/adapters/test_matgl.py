@@ -24,7 +24,7 @@ import torch
 
 import distmlip
 from distmlip.models.matgl import M3GNetModel, TensorNetModel
-from distmlip.testing import assert_partition_invariant, evaluate, rel_err
+from distmlip.testing import assert_partition_invariant, evaluate
 from distmlip.testing.adapters import (
     ADAPTER_ELEMENTS,
     ADAPTER_SPLITS,
@@ -413,27 +413,10 @@ def test_m3gnet_bounded_steps_equal_unbounded(m3gnet64, name):
     probe, run when the calculator is built; 2 L - 1 steps per part and call) and equal the
     unbounded result within 1e-10 (float64: energy, forces, stress, per-atom energies): 3 metis,
     4 grid, 5 parts, one worker or two."""
-    from distmlip.runtime.steps import uses_steps
-
-    from support import one_at_a_time
+    from support import assert_steps_counted
 
     model = CountedM3GNet(m3gnet64)
     atoms = STRUCTURES[name].repeat((2, 1, 1))
     ref = evaluate(distmlip.DistributedCalculator(M3GNetModel(m3gnet64), 1), atoms)
     assert "energies" in ref
-    layers = model.num_layers
-    for parts, partitioner, device in ((3, "metis", "cpu"), (4, "grid", "cpu"),
-                                       (5, None, ["cpu", "cpu"])):
-        options = {} if partitioner is None else {"partitioner": partitioner}
-        CALLS.clear()  # the runtime's composition probe runs when the calculator is built
-        calc = one_at_a_time(model, parts, mode="halo", device=device, **options)
-        probe = CALLS["forward"]
-        assert probe <= 1, CALLS
-        got = evaluate(calc, atoms)
-        assert calc.runner.sequential and uses_steps(calc.runner)
-        assert calc.last_plan.num_parts == parts
-        assert CALLS["forward"] == probe, CALLS  # no forward outside the probe
-        pieces = sum(max(len(s.parts), 1) for s in calc.runner._built.shards)
-        assert CALLS["step"] == (2 * layers - 1) * pieces + layers * probe, CALLS
-        for quantity in ref:
-            assert rel_err(got[quantity], ref[quantity]) <= 1e-10, (name, parts, quantity)
+    assert_steps_counted(model, atoms, ref)

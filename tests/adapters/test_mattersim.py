@@ -21,7 +21,7 @@ import torch
 import distmlip
 from distmlip import DistributedCalculator
 from distmlip.models.mattersim import MatterSimModel, triplets
-from distmlip.testing import assert_partition_invariant, evaluate, rel_err
+from distmlip.testing import assert_partition_invariant, evaluate
 from distmlip.testing.adapters import (
     ADAPTER_SPLITS,
     adapter_structures,
@@ -152,32 +152,14 @@ def test_bounded_steps_equal_unbounded(potential, name):
     when the calculator is built; 2 L - 1 steps per part and call) and equal the unbounded result
     within 1e-10 (float64: energy, forces, stress, per-atom energies): 3 metis, 4 grid, 5 parts,
     one worker or two."""
-    from distmlip.runtime.steps import uses_steps
-
-    from support import CALLS, counted, one_at_a_time
+    from support import assert_steps_counted, counted
 
     model = MatterSimModel(copy.deepcopy(potential)).double()
     counted_model = counted(MatterSimModel)(model.module)
     atoms = STRUCTURES[name].repeat((2, 1, 1))
     ref = evaluate(DistributedCalculator(model, 1, dtype="float64"), atoms)
     assert "energies" in ref
-    layers = model.num_layers
-    for parts, partitioner, device in ((3, "metis", "cpu"), (4, "grid", "cpu"),
-                                       (5, None, ["cpu", "cpu"])):
-        options = {} if partitioner is None else {"partitioner": partitioner}
-        CALLS.clear()  # the runtime's composition probe runs when the calculator is built
-        calc = one_at_a_time(counted_model, parts, mode="halo", dtype="float64", device=device,
-                             **options)
-        probe = CALLS["forward"]
-        assert probe <= 1, CALLS
-        got = evaluate(calc, atoms)
-        assert calc.runner.sequential and uses_steps(calc.runner)
-        assert calc.last_plan.num_parts == parts
-        assert CALLS["forward"] == probe, CALLS  # no forward outside the probe
-        pieces = sum(max(len(s.parts), 1) for s in calc.runner._built.shards)
-        assert CALLS["step"] == (2 * layers - 1) * pieces + layers * probe, CALLS
-        for quantity in ref:
-            assert rel_err(got[quantity], ref[quantity]) <= 1e-10, (name, parts, quantity)
+    assert_steps_counted(counted_model, atoms, ref, dtype="float64")
 
 
 @pytest.mark.mpi

@@ -143,6 +143,30 @@ def assert_bounded_by_steps(model, atoms, configs=((3, "metis"), (4, "grid")), r
         assert CALLS["forward"] == 0, CALLS  # no replay
 
 
+def assert_steps_counted(model, atoms, ref: dict, rtol: float = 1e-10, **options) -> None:
+    """Parts one at a time in halo mode (3 metis, 4 grid, 5 parts on two workers; ``options`` to
+    the calculator) go by the steps of ``model`` (``counted``: forward only on the runtime's
+    probe, run when the calculator is built; 2 L - 1 steps per part and call) and equal ``ref``
+    (every quantity) within ``rtol``."""
+    from distmlip.runtime.steps import uses_steps
+    from distmlip.testing import evaluate
+
+    layers = model.num_steps
+    for parts, partitioner, device in ((3, "metis", "cpu"), (4, "grid", "cpu"), (5, None, ["cpu", "cpu"])):
+        chosen = {} if partitioner is None else {"partitioner": partitioner}
+        CALLS.clear()
+        calc = one_at_a_time(model, parts, mode="halo", device=device, **chosen, **options)
+        probe = CALLS["forward"]
+        assert probe <= 1, CALLS
+        got = evaluate(calc, atoms)
+        assert calc.runner.sequential and uses_steps(calc.runner)
+        assert calc.last_plan.num_parts == parts
+        assert CALLS["forward"] == probe, CALLS  # no forward outside the probe
+        pieces = sum(max(len(s.parts), 1) for s in calc.runner._built.shards)
+        assert CALLS["step"] == (2 * layers - 1) * pieces + layers * probe, CALLS
+        assert_close(got, ref, rtol, f"{parts} parts")
+
+
 def assert_close(got: dict, ref: dict, rtol: float, what: str) -> float:
     """Every quantity of ``ref`` in ``got`` within ``rtol`` (``distmlip.testing.rel_err``);
     returns the largest relative error."""
