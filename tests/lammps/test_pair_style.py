@@ -326,7 +326,8 @@ def test_float32(tmp_path, plugin, schnet_file):
     assert_matches(got, ref, 1e-5, "float32")
 
 
-NVE = """\
+#: the start of an MD input of SchNet on Cu (NVE and NPT below)
+MD = """\
 units metal
 atom_style atomic
 atom_modify map array
@@ -335,6 +336,9 @@ pair_style distmlip {model}
 pair_coeff * * Cu
 velocity all create 600 4928459 loop geom
 timestep 0.002
+"""
+
+NVE = MD + """\
 fix md all nve
 thermo 50
 run 100
@@ -358,15 +362,7 @@ def test_nve_one_and_two_ranks_agree(tmp_path, plugin, schnet_file):
     assert np.abs(finals[0] - finals[1]).max() <= 1e-8
 
 
-NPT = """\
-units metal
-atom_style atomic
-atom_modify map array
-read_data data.lmp
-pair_style distmlip {model}
-pair_coeff * * Cu
-velocity all create 600 4928459 loop geom
-timestep 0.002
+NPT = MD + """\
 fix md all npt temp 600 600 0.1 aniso 0 0 0.2
 thermo 10
 run 30
