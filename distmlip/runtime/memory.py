@@ -250,10 +250,8 @@ def _state_widths(model: DistributableModel, graph, dtype: torch.dtype,
     own check names the failure when it first uses them)."""
     if not has_steps(model):
         return (), ()
-    numbers, edge_index, vec, _ = _part_of(graph, 1.0)
-    n, num_edges = len(numbers), edge_index.shape[1]
-    local = local_graph(numbers, edge_index, vec, _PadExchange(n, n), np.arange(n), graph.cell, n, n,
-                        dtype, device, requires_grad=False)
+    local = probe_local(graph, dtype, device)
+    num_edges = local.num_edges
     widths, edge_widths = [], []
     try:
         edges = edge_entries(model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from ase import Atoms
 
 from ..models.base import HaloExchange, LocalGraph, check_state, compare_steps, edge_entries, has_steps
 from .build import Built
@@ -334,8 +335,6 @@ def _probe(worker: StepWorker, positions: np.ndarray) -> str | None:
 def _probe_atoms(model):
     """A small periodic crystal of (up to two of) the elements the model declares
     (``model.elements.numbers``; copper when it declares none): 2 atoms, 2.4 Å apart."""
-    from ase import Atoms
-
     numbers = sorted(getattr(getattr(model, "elements", None), "numbers", None) or (29,))
     pair = [numbers[len(numbers) // 2], numbers[-1]] if len(numbers) > 1 else [numbers[0]] * 2
     return Atoms(numbers=pair, scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5]],
