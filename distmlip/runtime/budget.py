@@ -24,7 +24,7 @@ from .memory import (
     PLAN_BYTES_PER_EDGE,
     MemoryModel,
     calibrate,
-    reuse_memory,
+    release_memory_eagerly,
 )
 
 __all__ = ["Planner", "RunInfo", "estimate_memory", "minimum_memory"]
@@ -104,7 +104,7 @@ class Planner:
 
     def __post_init__(self):
         if self.budget is not None:
-            reuse_memory()
+            release_memory_eagerly()  # the calibration's mode; the steps reuse the heap (allocator_for)
 
     def build(self, positions, cell, pbc, numbers, times: dict) -> Built:
         """The build for this system (``times``: seconds per stage)."""

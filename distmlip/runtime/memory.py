@@ -32,9 +32,9 @@ from ..options import device_free_memory, device_total_memory, parse_budget
 from .cache import cache_dir, cache_file, calibration_key, model_fingerprint, write_json
 from .local import local_graph, run_model
 
-__all__ = ["MemoryModel", "PeakMeter", "cache_dir", "calibrate", "reuse_memory", "device_free_memory",
-           "device_total_memory", "model_fingerprint", "parse_budget"]  # cache_dir, model_fingerprint:
-# from runtime/cache.py; the device and budget functions: from distmlip.options
+__all__ = ["MemoryModel", "PeakMeter", "allocator_for", "cache_dir", "calibrate", "reuse_memory",
+           "device_free_memory", "device_total_memory", "model_fingerprint", "parse_budget"]
+# cache_dir, model_fingerprint: from runtime/cache.py; the device and budget functions: from distmlip.options
 
 log = logging.getLogger("distmlip")
 
@@ -96,14 +96,22 @@ class PeakMeter:
 
 
 def reuse_memory() -> None:
-    """How a bounded evaluation allocates (process-wide, glibc): blocks below 32 MiB (glibc's
-    largest mmap threshold) from the heap, where the next part reuses what the last one freed,
-    and the heap trimmed when 64 MiB are free at its top. Evaluating parts one at a time allocates
-    the same tensors again and again: served by fresh mappings (``release_memory_eagerly``, which
-    the calibration's measurements need) each one is faulted in page by page, which took half of
-    the CPU time (SchNet, 13,824 atoms, 0.3x budget: 5.2 s against 3.0 s this way; SevenNet-0:
-    7-8 s of kernel time in a 17.7 s call). The budget is met either way (measured peaks:
-    tests/engine/test_bounded_memory.py)."""
+    """How a bounded evaluation by steps allocates (process-wide, glibc): blocks below 32 MiB
+    (glibc's largest mmap threshold) from the heap, where the next part reuses what the last one
+    freed, and the heap trimmed when 64 MiB are free at its top. Evaluating parts one at a time
+    allocates the same tensors again and again: served by fresh mappings (``release_memory_eagerly``)
+    each one is faulted in page by page, which took half of the CPU time (SchNet, 13,824 atoms,
+    0.3x budget: 5.2 s against 3.0 s this way; SevenNet-0: 7-8 s of kernel time in a 17.7 s call).
+
+    Only for the steps (``allocator_for``): their parts are small (``budget.PART_BYTES``) and
+    trimmed between steps; their peaks measured 0.79-0.83 of the prediction this way (SchNet 864
+    atoms, 0.35x, 3 parts: 62-66 MB measured, 52 predicted, a 69 MB budget; 42 MB in the
+    calibration's mode, at 0.6 s of CPU against 0.4 s). A part evaluated
+    whole (all at once, the generic replay) holds saved activations for its backward between
+    short-lived tensors, and the holes these leave in the heap are resident but too small for the
+    next tensors: under this mode such peaks measured 20-50% above the calibration's (SchNet 864
+    atoms all at once: 208 MB against 139 MB in the calibration's mode, 137 predicted; the
+    generic replay at 0.35x: 79 MB for a 69 MB budget)."""
     _mallopt(32 << 20)
 
 
@@ -111,9 +119,16 @@ def release_memory_eagerly() -> None:
     """Make glibc serve every allocation of 1 MiB or more with its own mapping, returned to the
     system when freed (by default the threshold rises after the first large free, and freed
     tensors then stay in the heap: resident memory would keep the high-water mark of every part
-    evaluated so far). Used while the calibration measures (``reuse_memory`` after it);
-    process-wide."""
+    evaluated so far). The mode the calibration measures in, which it leaves the process in, and
+    the mode of every evaluation under a budget but the steps' (``allocator_for``); process-wide."""
     _mallopt(1 << 20)
+
+
+def allocator_for(steps: bool) -> None:
+    """Put the process in the allocator mode an evaluation under a budget was predicted for:
+    ``reuse_memory`` for parts evaluated by steps (``steps``), else the calibration's own
+    ``release_memory_eagerly``. Each evaluation under a budget sets it (runtime/runner.py)."""
+    (reuse_memory if steps else release_memory_eagerly)()
 
 
 def _mallopt(mmap_threshold: int) -> None:
@@ -487,7 +502,8 @@ def calibrate(model: DistributableModel, atoms, dtype: torch.dtype, device: torc
                 probes[k], remeasured = repeat, True
     if remeasured:
         result = fitted()
-    reuse_memory()  # measured: now evaluate as fast as the allocator allows
+    # the process stays in the mode measured in: an evaluation all at once predicted from it (no
+    # budget: ``estimate_memory``) is then measured alike; a budgeted one sets its own (``allocator_for``)
     cache[key] = result
     # the file again: another process may have added a calibration meanwhile
     again = _read_cache(path, disk_key)

@@ -34,6 +34,7 @@ from .build import Builder, Built
 from .comm import make_comm
 from .launch import is_comm_failure, peer_status, report_failure
 from .local import replica
+from .memory import allocator_for, release_memory_eagerly
 from .parallel import evaluate_all
 from .sequential import evaluate_sequential
 from .shards import Shard
@@ -265,6 +266,8 @@ class Runner:
         positions, cell, pbc, numbers = self.comm.system(positions, cell, pbc, numbers)
         t1 = time.perf_counter()
         times = {"partition": 0.0, "graph": 0.0, "handshake": 0.0}
+        if self.budget is not None:
+            release_memory_eagerly()  # the build, measured in the calibration's mode
         if self.comm.agree(self.builder.stale(self._built, positions, cell, pbc, numbers)):
             self._built = None  # the old build is freed before the new one is made (the peak)
             self._built = self.planner.build(positions, cell, pbc, numbers, times)
@@ -274,8 +277,11 @@ class Runner:
         n = len(positions)
         buffer = np.zeros(4 * n + 9)  # energies (N), forces (N, 3), virial (3, 3)
         t2 = time.perf_counter()
+        steps = bool(b.sequential) and uses_steps(self)
+        if self.budget is not None:  # the mode the prediction was made for
+            allocator_for(steps)
         if b.sequential:
-            if uses_steps(self):
+            if steps:
                 self._levels, exchange_s = evaluate_steps(self, b, positions, buffer, n)
             else:
                 self._levels, exchange_s = evaluate_sequential(self, b, positions, buffer, n, self._levels)
