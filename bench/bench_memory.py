@@ -19,6 +19,13 @@ minus VmRSS before), the quantity ``max_memory`` bounds.
    families with the layer protocol the prediction of the bounded peak at ``max_memory`` = 0.3x
    the measured unbounded peak against the measured bounded peak. The table is rewritten after
    every row (a run cut short keeps the rows it made).
+
+    .venv/bin/python bench/bench_memory.py --families --paths [--output FILE] [--code DIR]
+
+4. ``--paths``: for each kind, also the two paths a budget may take besides the steps: all at once
+   under a budget of 1.2x the measured unbounded peak, and the generic replay (the layer protocol
+   turned off) at 0.3x. ``--code``: the distmlip tree the workers import (another checkout, to
+   compare with); ``--output``: the table's file (default bench/results/memory_families.md).
 """
 
 from __future__ import annotations
@@ -107,6 +114,8 @@ def worker(payload: dict) -> dict:
     predicted = estimate_memory(model, atoms, dtype=dtype, max_memory=budget)
     calibration = time.perf_counter() - t0
     calc = DistributedCalculator(model, dtype=dtype, max_memory=budget)
+    if payload.get("generic"):
+        calc.runner.layer_steps = False  # the generic replay, also for a model with steps
     # free heap memory back to the system first (as the calibration's PeakMeter does): the
     # calibration leaves up to glibc's trim threshold (64 MiB) free but resident, which the call
     # would reuse unseen (Orb, 960 atoms: 1 MB "added" without this, 92 MB with it)
@@ -117,18 +126,20 @@ def worker(payload: dict) -> dict:
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     added = proc_status("VmHWM") - base
     np.savez(payload["out"], forces=calc.results["forces"], energies=calc.results["energies"])
+    if budget is not None:  # the build's own prediction (estimate_memory's is by steps for a model with them)
+        predicted = calc.last_run.predicted_peak_bytes
     return {"atoms": len(atoms), "edges": int(calc.last_graph.num_edges), "predicted": predicted,
             "added": added, "seconds": seconds, "cpu": cpu, "calibration": calibration,
             "parts": calc.last_plan.num_parts, "sequential": calc.runner.sequential,
             "energy": calc.results["energy"], "load": os.getloadavg()[0]}
 
 
-def run(kind: str, size: int, budget=None, tag="") -> dict:
+def run(kind: str, size: int, budget=None, tag="", generic=False, code: Path = ROOT) -> dict:
     out = ROOT / "out" / f"bench_memory_{kind}_{size}_{tag}.npz"
     out.parent.mkdir(exist_ok=True)
-    payload = {"kind": kind, "size": size, "budget": budget, "out": str(out)}
+    payload = {"kind": kind, "size": size, "budget": budget, "out": str(out), "generic": generic}
     print(f"  {kind} size {size} budget {budget} ...", flush=True)
-    return dict(launch(__file__, payload, timeout=7200), out=str(out))
+    return dict(launch(__file__, payload, timeout=7200, code=code), out=str(out))
 
 
 #: kind -> (size of the ~1,000-atom row, larger size or None, bounded row at 0.3x); sizes in
@@ -151,11 +162,14 @@ FAMILY_SIZES = {
 RULE = "|---|---|---|---|---|---|---|---|---|---|---|"
 
 
-def families(kinds: list[str], sizes: list[str], append: bool, bounded_large: bool = False):
+def families(kinds: list[str], sizes: list[str], append: bool, bounded_large: bool = False,
+             paths: bool = False, output: Path | None = None, code: Path = ROOT):
     """The every-family table: ~1,000 atoms unbounded and bounded (0.3x) for each kind, then the
-    larger sizes (``bounded_large``: with their bounded rows too); bench/results/memory_families.md
-    rewritten after each row (``append``: after the rows already there, the commands listed)."""
-    out = ROOT / "bench" / "results" / "memory_families.md"
+    larger sizes (``bounded_large``: with their bounded rows too); ``output`` (default
+    bench/results/memory_families.md) rewritten after each row (``append``: after the rows already
+    there, the commands listed). ``paths``: at ~1,000 atoms also all at once under 1.2x and the
+    generic replay under 0.3x; ``code``: the distmlip tree the workers import."""
+    out = output or ROOT / "bench" / "results" / "memory_families.md"
     commands = ["`OMP_NUM_THREADS=1 .venv/bin/python bench/bench_memory.py " + " ".join(sys.argv[1:]) + "`"]
     rows: list[str] = []
     if append and out.exists():
@@ -166,13 +180,18 @@ def families(kinds: list[str], sizes: list[str], append: bool, bounded_large: bo
     head = ["## Memory model across the families: predicted vs measured", "",
             f"Command: {', then '.join(commands)}. Each row is a fresh process (one at a time, one thread); "
             "*measured* is the added peak resident memory of the call (VmHWM above VmRSS before it, "
-            "freed heap returned first (malloc_trim), what `max_memory` bounds); *predicted* is `estimate_memory(model, atoms, "
-            "max_memory=budget)` in the same process before the call. Unbounded rows: 1 part. "
+            "freed heap returned first (malloc_trim), what `max_memory` bounds); *predicted* is `estimate_memory(model, atoms)` in the same process before the call "
+            "(unbounded rows), the call's `last_run.predicted_peak_bytes` (bounded rows: the "
+            "prediction the budget was checked against). Unbounded rows: 1 part. "
             "Bounded rows: budget = 0.3 x the measured unbounded peak of the row above. SchNet: 3 "
             "interactions, 5 Å, float32 64 channels, Al fcc; SevenNet-0, CHGNet: pretrained, rutile "
             "TiO2; MACE: random ScaleShiftMACE (128x0e+128x1o, float64), Cu fcc; NequIP (float64), "
             "TensorNet, M3GNet, Orb, UMA (float64), MatterSim: the adapter tests' random-weight models "
-            "(tests/support/adapters.py) on Li2O. Load: 1-minute load average at the end of the row.",
+            "(tests/support/adapters.py) on Li2O. Load: 1-minute load average at the end of the row."
+            + (" *all at once*: budget = 1.2 x the measured unbounded peak (the parts, all alive at "
+               "once, fit); *generic replay*: budget = 0.3 x it, parts one at a time without the "
+               "layer protocol." if paths else "")
+            + (f" Workers import distmlip from `{code}`." if code != ROOT else ""),
             "",
             "| model | atoms | edges | max_memory (MB) | parts | predicted (MB) | measured (MB) | "
             "predicted / measured | calibration (s) | call (s) | load |",
@@ -193,13 +212,13 @@ def families(kinds: list[str], sizes: list[str], append: bool, bounded_large: bo
         tmp.write_text("\n".join(head + rows) + "\n")
         tmp.replace(out)
 
-    def attempt(kind, size, budget=None, tag="free"):
+    def attempt(kind, size, budget=None, tag="free", label=None):
         try:
-            r = run(kind, size, budget=budget, tag=tag)
+            r = run(kind, size, budget=budget, tag=tag, generic=tag == "generic", code=code)
         except Exception as exc:  # noqa: BLE001 - a failed row is reported, the others still run
-            row(kind, None, budget, str(exc).strip().splitlines()[-1][:160].replace("|", "/"))
+            row(label or kind, None, budget, str(exc).strip().splitlines()[-1][:160].replace("|", "/"))
             return None
-        row(kind, r, budget)
+        row(label or kind, r, budget)
         return r
 
     for kind in progress(kinds if "small" in sizes else [], "families: ~1,000 atoms"):
@@ -207,6 +226,9 @@ def families(kinds: list[str], sizes: list[str], append: bool, bounded_large: bo
         free = attempt(kind, small)
         if bounded and free is not None:
             attempt(kind, small, budget=int(0.3 * free["added"]), tag="bounded")
+        if paths and free is not None:
+            attempt(kind, small, budget=int(1.2 * free["added"]), tag="at_once", label=f"{kind}, all at once")
+            attempt(kind, small, budget=int(0.3 * free["added"]), tag="generic", label=f"{kind}, generic replay")
     larger = [k for k in kinds if FAMILY_SIZES[k][1]] if "large" in sizes else []
     for kind in progress(larger, "families: larger"):
         free = attempt(kind, FAMILY_SIZES[kind][1])
@@ -233,9 +255,15 @@ def main():
                         help="with --families: keep the rows of memory_families.md, add these")
     parser.add_argument("--bounded-large", action="store_true",
                         help="with --families: bounded rows (0.3x) at the larger sizes too")
+    parser.add_argument("--paths", action="store_true",
+                        help="with --families: rows all at once under 1.2x and by the generic replay under 0.3x")
+    parser.add_argument("--output", type=Path, help="with --families: the table's file")
+    parser.add_argument("--code", type=Path, default=ROOT,
+                        help="with --families: the distmlip tree the workers import (default this one)")
     args = parser.parse_args()
     if args.families:
-        return families(args.kinds or list(FAMILY_SIZES), args.sizes, args.append, args.bounded_large)
+        return families(args.kinds or list(FAMILY_SIZES), args.sizes, args.append, args.bounded_large,
+                        args.paths, args.output, args.code.resolve())
     import numpy as np
 
     quick = args.quick
