@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 ORDER = ["partition", "overhead", "scaling", "parts_per_rank", "reuse", "node_work", "node_work_mpi",
          "node_work_mace", "memory", "scale", "longrun", "property", "pretrained_sevenn",
-         "pretrained_chgnet", "families"]
+         "pretrained_chgnet", "families", "lammps"]
 
 HEADER = """# Benchmarks
 

@@ -59,6 +59,13 @@ edge entry (part-local: every bond is centred on an owned atom in halo mode, and
 terms are the part's bonds around that centre) and the node features with the next block's gate
 exchanged, as ``forward`` exchanges them.
 
+Saving (``torch.save``, pickle): matgl's spherical Bessel and harmonic bases keep their
+functions as ``sympy.lambdify`` output, which pickle cannot store, so a matgl ``M3GNet`` does not
+save. The adapter's copy of the module holds those lists as ``_SympyFuncs``: the same functions,
+saved as the matgl constructor call that builds them (class and arguments) and built again,
+identically, when loaded. ``torch.save(distmlip.wrap(potential), path)`` therefore saves an M3GNet
+(the file ``pair_style distmlip`` and ``--model`` accept); the caller's ``Potential`` is unchanged.
+
 Not supported (a ``ValueError`` says so): matgl's Warp kernels (build the model with
 ``use_warp=False``; the adapter accepts a Warp-built model by rebuilding it without Warp, same
 weights), intensive (per-structure) targets, multi-state element references and the ZBL
@@ -150,6 +157,51 @@ def _index_dtype(num_nodes: int) -> torch.dtype:
     return torch.int32 if num_nodes <= torch.iinfo(torch.int32).max else torch.int64
 
 
+class _SympyFuncs(list):
+    """A list of matgl's sympy-generated basis functions that pickles as ``recipe``, the
+    ``(class, args)`` whose construction builds them (``cls(*args).funcs``): loading builds the
+    same functions again. Copies share the functions (as ``copy.deepcopy`` does for a plain list of
+    functions), without rebuilding them."""
+
+    def __init__(self, funcs, recipe: tuple):
+        super().__init__(funcs)
+        self.recipe = recipe
+
+    def __reduce__(self):
+        return _build_funcs, self.recipe
+
+    def __copy__(self):
+        return _SympyFuncs(self, self.recipe)
+
+    def __deepcopy__(self, memo):
+        return _SympyFuncs(self, self.recipe)
+
+
+def _build_funcs(cls, args: tuple) -> _SympyFuncs:
+    return _SympyFuncs(cls(*args).funcs, (cls, args))
+
+
+def _picklable_bases(module: torch.nn.Module) -> None:
+    """Gives every matgl spherical Bessel or harmonic basis in ``module`` (modified in place: the
+    adapter's private copy) functions that pickle (``_SympyFuncs``). A smooth Bessel basis is
+    built from the Python float cutoff its parent passed (``BondExpansion``,
+    ``SphericalBesselWithHarmonics``): the float32 buffer would round it."""
+    from matgl.layers._basis import SphericalBesselFunction, SphericalHarmonicsFunction
+
+    parents = {id(child): parent for parent in module.modules() for child in parent.children()}
+    for sub in module.modules():
+        if isinstance(sub, SphericalBesselFunction):
+            cutoff = getattr(parents.get(id(sub)), "cutoff", None)
+            cutoff = cutoff if isinstance(cutoff, float) else float(sub.cutoff)
+            recipe = (type(sub), (sub.max_l, sub.max_n, cutoff, sub.smooth))
+        elif isinstance(sub, SphericalHarmonicsFunction):
+            recipe = (type(sub), (sub.max_l, sub.use_phi))
+        else:
+            continue
+        if not isinstance(sub.funcs, _SympyFuncs):
+            sub.funcs = _SympyFuncs(sub.funcs, recipe)
+
+
 class _MatGLModel(DistributableModel):
     """What matgl's energy models share: the ``Potential`` around them (scale, shift, element
     references), the element table, the per-atom energies."""
@@ -183,6 +235,7 @@ class _MatGLModel(DistributableModel):
         # a copy: matgl models keep non-leaf tensors from their last call (``feature_dict``), which
         # the runtime's per-device deep copy would refuse; the caller's module is not modified
         self.module = private_copy(module)
+        _picklable_bases(self.module)
         model = self.module.model if potential is not None else self.module
         from ase.data import atomic_numbers
 

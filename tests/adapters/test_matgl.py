@@ -147,6 +147,40 @@ def test_m3gnet_split_equals_whole(m3gnet64, name):
     assert max(r["max_err"] for r in report) <= 1e-10
 
 
+@pytest.mark.parametrize("smooth", [False, True])
+def test_m3gnet_saves_and_loads(tmp_path, m3gnet64, smooth):
+    """matgl's M3GNet does not pickle (its bases hold ``sympy.lambdify`` functions); the wrapped
+    model does: ``torch.save`` stores how the functions are built, ``torch.load`` builds them
+    again, and the loaded model gives the same energy, forces and stress (bitwise). The caller's
+    Potential is left as it was. ``smooth``: matgl's smooth Bessel basis, built from the float
+    cutoff (4.7 Å: not exact in float32)."""
+    from matgl.apps.pes import Potential
+    from matgl.models import M3GNet
+
+    potential = m3gnet64
+    if smooth:
+        torch.manual_seed(3)
+        model = M3GNet(element_types=ADAPTER_ELEMENTS, dim_node_embedding=16, dim_edge_embedding=16,
+                       units=16, nblocks=2, max_n=3, max_l=3, cutoff=4.7, threebody_cutoff=3.9,
+                       use_smooth=True, is_intensive=False)
+        potential = Potential(model=model, data_std=3000.0).double()
+    wrapped = distmlip.wrap(potential)
+    torch.save(wrapped, tmp_path / "m3gnet.pt")
+    loaded = torch.load(tmp_path / "m3gnet.pt", weights_only=False)
+    bases = [m for m in loaded.modules() if hasattr(m, "funcs")]
+    assert len(bases) == 3
+    if not smooth:  # built again, not carried over (the smooth ones are cached by matgl)
+        before, after = (m.module.model.basis_expansion.shf.funcs for m in (wrapped, loaded))
+        assert after[1] is not before[1]
+    atoms = oxide()
+    first, second = (evaluate(distmlip.DistributedCalculator(m), atoms) for m in (wrapped, loaded))
+    for key in ("energy", "forces", "stress"):
+        assert np.array_equal(first[key], second[key]), key
+    assert type(potential.model.bond_expansion.rbf.funcs) is list  # the caller's is untouched
+    with pytest.raises(Exception, match="lambdify"):
+        torch.save(potential, tmp_path / "potential.pt")
+
+
 def _count_m3gnet_rows(model: M3GNetModel) -> dict:
     """Forward pre-hooks counting the rows given to M3GNet's node-wise maps: every block's
     three-body gate (``update_network_atom``; from block 1 on it reads the node features the

@@ -239,6 +239,7 @@ ADAPTER_FILES = {
     "nequip": ("nequip", "make_nequip", {}),
     "allegro": ("allegro", "make_allegro", {}),
     "tensornet": ("matgl", "make_matgl", {"arch": "TensorNet"}),
+    "m3gnet": ("matgl", "make_matgl", {"arch": "M3GNet"}),
     "uma": ("fairchem", "make_uma", {}),
     "orb": ("orb_models", "make_orb", {}),
 }
@@ -249,8 +250,8 @@ ADAPTER_FILES = {
 def test_other_adapters_match_distmlip(tmp_path, plugin, family):
     """Every other adapter through the same contract, on 2 ranks, 1e-10: CHGNet by name
     (pretrained, in chgnet), the others as small random modules saved with ``torch.save`` (the
-    file route wraps them; MatterSim's inner M3Gnet: its Potential does not pickle). matgl's
-    M3GNet is not here: its modules do not pickle."""
+    file route wraps them; MatterSim's inner M3Gnet: its Potential does not pickle; matgl's
+    M3GNet as the wrapped model, the one that pickles: ``distmlip.models.matgl``)."""
     from support import adapters
 
     atoms = lammps_frame(adapters.structures.metal(repeat=(2, 2, 2)))
@@ -266,6 +267,7 @@ def test_other_adapters_match_distmlip(tmp_path, plugin, family):
             package, builder, options = ADAPTER_FILES[family]
             pytest.importorskip(package)
             module = getattr(adapters, builder)(**options)
+            module = distmlip.wrap(module) if family == "m3gnet" else module
             dtype = None if family in ("nequip", "allegro") else dtype
         torch.save(module, tmp_path / "model.pt")
         spec, model = str(tmp_path / "model.pt"), distmlip.wrap(module)
