@@ -289,7 +289,8 @@ class StepWorker(SequentialWorker):
                         store.G[slot].index_add_(0, self.rows[k], g)
                     else:
                         store.G[slot][self._owned(k)] += g
-                self._gather(gather, local, eps, edges, vec, grads[-1], with_energies=eps is not None)
+                if grads[-1] is not None or eps is not None:  # nothing to add otherwise
+                    self._gather(gather, local, eps, edges, vec, grads[-1], with_energies=eps is not None)
             del local, state, out, eps, grads
             self.tick()
 
