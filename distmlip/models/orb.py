@@ -152,35 +152,51 @@ class OrbModel(DistributableModel):
 
     def _cap(self, receivers: torch.Tensor, length: torch.Tensor, n: int) -> torch.Tensor:
         """Per row, the distance of its k-th nearest neighbour among the edges it receives here
-        (infinite with fewer than k), k = ``max_num_neighbors``."""
+        (infinite with fewer than k), k = ``max_num_neighbors``: each receiving row's lengths in a
+        row of a table padded with infinity, and its k-th smallest value (ties counted, as a
+        stable sort's rank k - 1). The graph's edges come grouped by receiver; otherwise they
+        are grouped first."""
         k = self.max_num_neighbors
-        kth = torch.full((n,), float("inf"), dtype=length.dtype, device=length.device)
         if length.numel() == 0:
-            return kth
-        order = torch.argsort(length, stable=True)
-        order = order[torch.argsort(receivers[order], stable=True)]
-        grouped = receivers[order]
+            return torch.full((n,), float("inf"), dtype=length.dtype, device=length.device)
+        if not bool((receivers[1:] >= receivers[:-1]).all()):
+            order = torch.argsort(receivers, stable=True)
+            receivers, length = receivers[order], length[order]
         counts = torch.bincount(receivers, minlength=n)
+        width = int(counts.max())
+        if width < k:
+            return torch.full((n,), float("inf"), dtype=length.dtype, device=length.device)
+        rows = int(receivers[-1]) + 1  # up to the last receiving row
         starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(len(order), device=length.device) - starts[grouped]
-        at_k = rank == k - 1
-        kth[grouped[at_k]] = length[order][at_k]
+        rank = torch.arange(len(receivers), device=length.device) - starts[receivers]
+        table = torch.full((rows, width), float("inf"), dtype=length.dtype, device=length.device)
+        table[receivers, rank] = length
+        kth = torch.full((n,), float("inf"), dtype=length.dtype, device=length.device)
+        kth[:rows] = torch.kthvalue(table, k, dim=1).values
         return kth
 
-    def _orb_edges(self, graph: LocalGraph, kth: torch.Tensor):
-        """Orb's edges of the part, given every row's cap distance ``kth``: ``(senders, receivers,
-        vectors, keep)`` in Orb's direction (``keep``: the distmlip edges kept as they are)."""
+    def _pick(self, graph: LocalGraph, kth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The part's Orb edges given every row's cap distance ``kth``, as ids of distmlip edges
+        (ascending): ``kept``, the edges kept as they are (Orb's sender is distmlip's receiver),
+        and ``back``, those whose reverse is an Orb edge sent by a halo atom."""
         senders, receivers = graph.edge_index  # distmlip: message from senders to receivers
-        vec = graph.edge_vec
-        length = vec.detach().norm(dim=1)
+        length = graph.edge_vec.detach().norm(dim=1)
         keep = length <= kth[receivers]
         # Orb edges sent by halo atoms to owned ones (halo mode only: rows >= num_needed); a halo
         # sender's cap distance was computed by its owner from its own copy of the edge, whose
         # length may differ in the last bits where the two ends' positions come from different
         # periodic images (LAMMPS's ghost atoms): compared with a relative slack
         back = (senders >= graph.num_needed) & (length <= kth[senders] * (1.0 + CAP_SLACK))
-        return (torch.cat([receivers[keep], senders[back]]), torch.cat([senders[keep], receivers[back]]),
-                torch.cat([vec[keep], -vec[back]]), keep)
+        return keep.nonzero().squeeze(1), back.nonzero().squeeze(1)
+
+    @staticmethod
+    def _orb_edges(graph: LocalGraph, kept: torch.Tensor, back: torch.Tensor):
+        """Orb's edges ``(senders, receivers, vectors)`` of the distmlip edges ``kept`` and
+        ``back`` (``_pick``), in Orb's direction; the vectors differentiable."""
+        senders, receivers = graph.edge_index
+        vec = graph.edge_vec
+        return (torch.cat([receivers[kept], senders[back]]), torch.cat([senders[kept], receivers[back]]),
+                torch.cat([vec[kept], -vec[back]]))
 
     def _encode_nodes(self, numbers: torch.Tensor) -> torch.Tensor:
         """The encoder's node features: they depend on the element only, so they are encoded once
@@ -202,7 +218,8 @@ class OrbModel(DistributableModel):
         kth = self._cap(graph.edge_index[1], length, n)
         # halo rows: their owners' cap distances (a no-op in extended mode)
         kth = graph.halo_exchange(kth[:needed].unsqueeze(1)).squeeze(1)
-        orb_senders, orb_receivers, orb_vec, keep = self._orb_edges(graph, kth)
+        kept, back = self._pick(graph, kth)
+        orb_senders, orb_receivers, orb_vec = self._orb_edges(graph, kept, back)
         nodes = self._encode_nodes(graph.numbers)
         edges = self._encode_edges(orb_vec)
         cutoff = get_cutoff(orb_vec.norm(dim=-1))
@@ -211,11 +228,11 @@ class OrbModel(DistributableModel):
                 nodes = graph.halo_exchange(nodes[:needed])
             nodes, edges = self._interaction(gnn, needed, nodes, edges, orb_senders, orb_receivers,
                                              cutoff)
-        return self._readout(graph, nodes, keep)
+        return self._readout(graph, nodes, kept)
 
-    def _readout(self, graph: LocalGraph, nodes: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def _readout(self, graph: LocalGraph, nodes: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """Per-atom energies of the needed rows from the last node features (a ``global_sum``),
-        the references and the ZBL term of the capped edges each atom sends (``keep``)."""
+        the references and the ZBL term of the capped edges each atom sends (``kept``, ids)."""
         needed, vec = graph.num_needed, graph.edge_vec
         head = self.module.heads[self.module.energy_name]
         total = graph.global_sum(nodes[:needed])
@@ -228,7 +245,7 @@ class OrbModel(DistributableModel):
         energies = share + reference
         if self.module.pair_repulsion:
             senders, receivers = graph.edge_index
-            zbl = self._zbl(graph.numbers, receivers[keep], senders[keep], vec[keep],
+            zbl = self._zbl(graph.numbers, receivers[kept], senders[kept], vec[kept],
                             graph.num_nodes)[:needed]
             if self.module.pair_repulsion_fn.node_aggregation == "mean":
                 zbl = zbl / count
@@ -237,18 +254,22 @@ class OrbModel(DistributableModel):
 
     # ------------------------------------------------------------------ the layer protocol
     # The same computation as ``forward``, as steps (see ``DistributableModel``). State
-    # ``(nodes, kth, edges)``: the node features and every row's cap distance (exchanged: the
-    # edge update reads both ends' node features, and whether a halo atom's edge to an owned atom
-    # exists is decided by its owner's cap) and the features of the part's Orb edges (an edge
-    # entry). Those are part-local in halo mode: a part holds every Orb edge with an owned end, in
-    # both directions (a distmlip edge ends at an owned atom; Orb's edge from a halo sender is its
-    # reverse, kept by the sender's exchanged cap), and an edge's update reads only its own
-    # features and both ends' node features (exchanged), so a boundary edge evaluated by the two
-    # parts that own its ends is the same in both and nothing about edges is exchanged. Every
-    # softmax gate of an owned atom normalises over edges the part holds. ``embed`` is the
-    # encoder's node features; step 0 the cap distances of the owned rows; step ``i`` (1 ..
-    # num_message_passing_steps) builds the part's Orb edges from the exchanged caps (step 1
-    # also encodes them) and runs interaction ``i - 1``; ``energies`` the readout.
+    # ``(nodes, kth, edges, kept, back)``: the node features and every row's cap distance
+    # (exchanged: the edge update reads both ends' node features, and whether a halo atom's edge
+    # to an owned atom exists is decided by its owner's cap), the features of the part's Orb edges
+    # and which distmlip edges they are (``_pick``'s ids; edge entries). Those are part-local in
+    # halo mode: a part holds every Orb edge with an owned end, in both directions (a distmlip
+    # edge ends at an owned atom; Orb's edge from a halo sender is its reverse, kept by the
+    # sender's exchanged cap), and an edge's update reads only its own features and both ends'
+    # node features (exchanged), so a boundary edge evaluated by the two parts that own its ends
+    # is the same in both and nothing about edges is exchanged. Every softmax gate of an owned
+    # atom normalises over edges the part holds. ``embed`` is the encoder's node features; step 0
+    # the cap distances of the owned rows; step 1 picks the part's Orb edges from the exchanged
+    # caps (once: positions are fixed within a call, and the ids carry no gradient; the vectors
+    # are taken from ``graph.edge_vec`` by id in every step, so their gradients flow as in
+    # ``forward``), encodes them and runs interaction 0; step ``i`` (2 ..
+    # num_message_passing_steps) interaction ``i - 1``; ``energies`` the readout (the last step
+    # hands it the node features, the caps and ``kept``, for the ZBL term).
     #
     # The readout is a nonlinear function of the whole system's mean node feature, a
     # ``graph.global_sum`` in ``energies`` (``readout_sum``): the runtime sums the parts' partial
@@ -256,39 +277,42 @@ class OrbModel(DistributableModel):
 
     exchanged = (0, 1)
     readout_sum = True
-    edge_entries = (2,)
+    edge_entries = (2, 3, 4)
 
     def embed(self, graph: LocalGraph) -> tuple[torch.Tensor, ...]:
-        """The encoder's node features (every row, by element), placeholders for the caps and
-        the edge features."""
-        vec = graph.edge_vec
-        return self._encode_nodes(graph.numbers), vec.new_zeros(graph.num_nodes), vec.new_zeros(0)
+        """The encoder's node features (every row, by element), placeholders for the caps, the
+        edge features and the edge ids."""
+        vec, index = graph.edge_vec, graph.edge_index
+        return (self._encode_nodes(graph.numbers), vec.new_zeros(graph.num_nodes), vec.new_zeros(0),
+                index.new_zeros(0), index.new_zeros(0))
 
     def step(self, i: int, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """Step 0: the cap distances of the needed rows. Step ``i > 0``: the part's Orb edges from
-        the exchanged caps (encoded in step 1) and interaction ``i - 1``."""
+        """Step 0: the cap distances of the needed rows. Step 1: the part's Orb edges from the
+        exchanged caps, encoded, and interaction 0; step ``i > 1``: interaction ``i - 1``."""
         from orb_models.forcefield.nn_util import get_cutoff
 
         needed = graph.num_needed
-        nodes, kth, edges = state
+        nodes, kth, edges, kept, back = state
         if i == 0:
             length = graph.edge_vec.detach().norm(dim=1)
             kth = self._cap(graph.edge_index[1], length, graph.num_nodes)[:needed]
             # finite: an exchanged entry meets zero gradients in the runtime's backward
-            return nodes[:needed], kth.clamp(max=torch.finfo(kth.dtype).max), edges
-        orb_senders, orb_receivers, orb_vec, _ = self._orb_edges(graph, kth)
+            return nodes[:needed], kth.clamp(max=torch.finfo(kth.dtype).max), edges, kept, back
+        if i == 1:
+            kept, back = self._pick(graph, kth)
+        orb_senders, orb_receivers, orb_vec = self._orb_edges(graph, kept, back)
         if i == 1:
             edges = self._encode_edges(orb_vec)
         cutoff = get_cutoff(orb_vec.norm(dim=-1))
         nodes, edges = self._interaction(self.module.model.gnn_stacks[i - 1], needed, nodes, edges,
                                          orb_senders, orb_receivers, cutoff)
-        return nodes, kth[:needed], edges
+        if i == self.num_steps - 1:  # the readout reads no edge features (``kept``: an edge entry)
+            return nodes, kth[:needed], kept
+        return nodes, kth[:needed], edges, kept, back
 
     def energies(self, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The readout (``graph.global_sum`` of the node features), references and ZBL."""
-        length = graph.edge_vec.detach().norm(dim=1)
-        keep = length <= state[1][graph.edge_index[1]]
-        return self._readout(graph, state[0], keep)
+        return self._readout(graph, state[0], state[2])
 
     @staticmethod
     def _interaction(gnn, needed: int, nodes, edges, senders, receivers, cutoff):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.base import DistributableModel
+from ..models.base import DistributableModel, has_steps
 
 __all__ = ["cache_dir", "cache_file", "calibration_key", "check_passed", "model_fingerprint",
            "remember_check", "write_json"]
@@ -66,12 +66,19 @@ def model_fingerprint(model: DistributableModel) -> str:
 def calibration_key(model: DistributableModel, atoms, dtype: torch.dtype, device: torch.device) -> dict:
     """What a disk calibration is valid for. The probes are built from the system: its elements
     and periodic directions are part of the key (a cluster and a bulk crystal have different edges
-    per atom); its size and positions are not."""
-    return {"model": model_fingerprint(model), "type": type(model).__qualname__,
-            "dtype": str(dtype), "device": torch.device(device).type, "distmlip": VERSION,
-            "torch": torch.__version__,
-            "elements": sorted({int(z) for z in np.asarray(atoms.numbers)}),
-            "periodic": int(np.asarray(atoms.pbc).sum())}
+    per atom); its size and positions are not. Nor its code, but for a model with the layer
+    protocol the layout of the steps' state (steps, exchanged and edge entries), whose widths the
+    calibration measures: a layout changed within a version is measured again (Orb's edge ids,
+    added as two edge entries, were priced by the widths of its edge features alone)."""
+    key = {"model": model_fingerprint(model), "type": type(model).__qualname__,
+           "dtype": str(dtype), "device": torch.device(device).type, "distmlip": VERSION,
+           "torch": torch.__version__,
+           "elements": sorted({int(z) for z in np.asarray(atoms.numbers)}),
+           "periodic": int(np.asarray(atoms.pbc).sum())}
+    if has_steps(model):
+        key["steps"] = [int(model.num_steps), sorted(int(e) for e in model.exchanged),
+                        sorted(int(e) for e in getattr(model, "edge_entries", ()) or ())]
+    return key
 
 
 def cache_file(kind: str, key: dict) -> Path | None:

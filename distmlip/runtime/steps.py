@@ -126,8 +126,10 @@ class StepWorker(SequentialWorker):
         # edge entries: slot -> part (None: the empty part of an idle worker) -> tensor
         self.edge_Z: dict[int, dict] = {}
         self.edge_G: dict[int, dict] = {}
-        # a readout summing over the system: (the sum, d(every part's energies)/d(the sum))
+        # a readout summing over the system: (the sum, d(every part's energies)/d(the sum)), and
+        # between its two passes each part's last state (part -> state)
         self.readout: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_out: dict = {}
 
     def _graph(self, k, positions, with_grad: bool, total: torch.Tensor | bool = False):
         """Part k's graph; ``total`` (a tensor, or None to stop at the sum): its ``energies``
@@ -141,12 +143,14 @@ class StepWorker(SequentialWorker):
 
     def readout_partial(self, positions: np.ndarray) -> torch.Tensor:
         """A readout summing over the system (``readout_sum``): the sum over this worker's parts
-        of the partial sums the last step's ``energies`` gives ``global_sum``."""
+        of the partial sums the last step's ``energies`` gives ``global_sum``. Each part's last
+        state is kept for ``readout_gradient`` (``last_out``)."""
         last, total = self.num_steps - 1, None
         for k in self._indices():
             local = self._graph(k, positions, with_grad=False, total=None)[0]
             with torch.no_grad():
                 out = self._step(last, local, self._start(k, last, local, grad=False)[0])
+                self.last_out[k] = out
                 try:
                     run_energies(self.model, local, out)
                 except _Stop:
@@ -160,13 +164,13 @@ class StepWorker(SequentialWorker):
         return total
 
     def readout_gradient(self, positions: np.ndarray, total: torch.Tensor) -> torch.Tensor:
-        """The sum over this worker's parts of d(energies of the part)/d(the system's sum)."""
-        last, grad = self.num_steps - 1, torch.zeros_like(total)
+        """The sum over this worker's parts of d(energies of the part)/d(the system's sum), from
+        the last states ``readout_partial`` kept (then released)."""
+        grad = torch.zeros_like(total)
         for k in self._indices():
             leaf = total.detach().clone().requires_grad_(True)
             local = self._graph(k, positions, with_grad=False, total=leaf)[0]
-            with torch.no_grad():
-                out = self._step(last, local, self._start(k, last, local, grad=False)[0])
+            out = self.last_out.pop(k)
             with torch.enable_grad():
                 eps = run_energies(self.model, local, out)
                 if eps.requires_grad:
@@ -285,7 +289,8 @@ class StepWorker(SequentialWorker):
                         store.G[slot].index_add_(0, self.rows[k], g)
                     else:
                         store.G[slot][self._owned(k)] += g
-                self._gather(gather, local, eps, edges, vec, grads[-1], with_energies=eps is not None)
+                if grads[-1] is not None or eps is not None:  # nothing to add otherwise
+                    self._gather(gather, local, eps, edges, vec, grads[-1], with_energies=eps is not None)
             del local, state, out, eps, grads
             self.tick()
 
@@ -414,7 +419,10 @@ def evaluate_steps(runner, b: Built, positions: np.ndarray, buffer: np.ndarray,
     if getattr(workers[0].model, "readout_sum", False):
         # energies reads the system's sum of the last step's rows: the sum first, then the
         # gradient of every part's energies by it, which the last backward step adds to each
-        # part's own partial sum's (as a global_sum level of the generic replay)
+        # part's own partial sum's (as a global_sum level of the generic replay). The last
+        # step's states are kept between the two passes (not recomputed: Orb, 72 parts, a
+        # tenth of the call), within the forward's room for the level being posted when they
+        # are as wide (a model should hand energies no more than it reads: no edge features)
         total = _total(comm, each(lambda w: w.readout_partial(positions)))
         grad = _total(comm, each(lambda w: w.readout_gradient(positions, total.to(w.device))))
         for w in workers:

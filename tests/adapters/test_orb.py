@@ -199,12 +199,13 @@ class UndeclaredSum(OrbModel):
 
 @pytest.mark.parametrize("name", list(STRUCTURES))
 def test_steps_compose_to_forward(orb64, orb32, name):
-    """embed / step / energies (node features and cap distances exchanged, Orb's edge features an
-    edge entry, the readout's mean a global_sum) compose to forward: float64 (1e-12) and float32."""
+    """embed / step / energies (node features and cap distances exchanged, Orb's edge features and
+    the ids of its edges, picked once in step 1, edge entries, the readout's mean a global_sum)
+    compose to forward: float64 (1e-12) and float32."""
     from distmlip.testing import check_steps
 
     model = OrbModel(orb64)
-    assert model.edge_entries == (2,) and model.num_steps == len(orb64.model.gnn_stacks) + 1
+    assert model.edge_entries == (2, 3, 4) and model.num_steps == len(orb64.model.gnn_stacks) + 1
     assert model.readout_sum
     report = check_steps(model, STRUCTURES[name], dtype=torch.float64)
     assert report["ok"] and report["steps"] and max(report["energies"], report["gradient"]) < 1e-12, \
@@ -231,10 +232,10 @@ def test_split_steps_equal_orb(orb64, name):
 @pytest.mark.parametrize("name", ["oxide", "slab"])
 def test_bounded_steps_equal_unbounded(orb64, name):
     """Parts one at a time in halo mode go by the steps, Orb's own readout included (its mean node
-    feature summed over the parts before the last backward step: 2 L + 1 steps per part and call,
-    forward never called) and equal the unbounded result and the generic replay within 1e-10
-    (energy, forces, stress, per-atom energies; float64): 3 and 4 parts (metis, grid) on one
-    worker, 5 parts on two."""
+    feature summed over the parts before the last backward step: 2 L steps per part and call, the
+    last step's state kept between the readout's two passes; forward never called) and equal the
+    unbounded result and the generic replay within 1e-10 (energy, forces, stress, per-atom
+    energies; float64): 3 and 4 parts (metis, grid) on one worker, 5 parts on two."""
     from support import CALLS, counted, one_at_a_time
 
     atoms = STRUCTURES[name].repeat((2, 1, 1))
@@ -250,7 +251,7 @@ def test_bounded_steps_equal_unbounded(orb64, name):
         assert calc.runner.sequential and calc.last_plan.num_parts == parts
         assert CALLS["forward"] == 0, CALLS
         pieces = sum(max(len(s.parts), 1) for s in calc.runner._built.shards)
-        assert CALLS["step"] == (2 * steps + 1) * pieces, CALLS
+        assert CALLS["step"] == 2 * steps * pieces, CALLS
         assert_close(got, ref, 1e-10, f"{name} {partitioner}/{parts}")
     generic = one_at_a_time(OrbModel(orb64), 3, mode="halo", partitioner="metis")
     generic.runner.layer_steps = False
