@@ -82,7 +82,9 @@ def _empty_item(device) -> DeviceItem:
 
 def device_item(built, item, device: torch.device) -> DeviceItem:
     """``item``'s (a ``Shard`` or ``PartPlan`` of ``built``; ``None``: nothing) ``DeviceItem`` on
-    ``device``, made at its first use and kept on ``built`` (per build, not per step)."""
+    ``device``, made at its first use and kept on ``built`` (per build, not per step). Parts
+    evaluated one at a time (``built.sequential``, a memory budget) are not kept: every part's
+    arrays together are O(E) bytes the budget does not hold; each pass makes its part's again."""
     key = (id(item), str(device))
     cache = built.on_device
     hit = cache.get(key)
@@ -111,8 +113,9 @@ def device_item(built, item, device: torch.device) -> DeviceItem:
             owned_mask=dev(np.arange(len(atoms)) < item.num_owned),
             num_owned=int(item.num_owned),
         )
-    with built.lock:
-        cache[key] = (item, out)
+    if not built.sequential:
+        with built.lock:
+            cache[key] = (item, out)
     return out
 
 
