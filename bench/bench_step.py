@@ -22,6 +22,7 @@ outside the model = step - model. Bytes per step are counted from the sizes the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -68,13 +69,32 @@ def worker(job: dict) -> dict:
     runner = calc.runner
     cell, pbc, numbers = atoms.cell.array, atoms.pbc, atoms.numbers
     runner.evaluate(atoms.positions, cell, pbc, numbers)
+    # the model's share of each step, timed inside it: ``run_model`` and ``torch.autograd.grad``
+    # as the all-at-once path calls them (the same two calls in both codes)
+    import distmlip.runtime.parallel as parallel
+
+    inside = [0.0]
+
+    def timed(fn):
+        def call(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                inside[0] += time.perf_counter() - t0
+        return call
+
+    parallel.run_model = timed(parallel.run_model)
+    torch.autograd.grad = timed(torch.autograd.grad)  # this worker process only
     rng = np.random.default_rng(0)
-    steps, outside_edges = [], []
+    steps, outside_edges, outside = [], [], []
     for _ in range(job["steps"]):
         moved = atoms.positions + rng.uniform(-0.01, 0.01, atoms.positions.shape)
+        inside[0] = 0.0
         t0 = time.perf_counter()
         runner.evaluate(moved, cell, pbc, numbers)
         steps.append(time.perf_counter() - t0)
+        outside.append(steps[-1] - inside[0])
         outside_edges.append(runner.timings["edges"])
     if runner.graph_builds != 1:
         raise RuntimeError(f"expected no rebuild after the first, got {runner.graph_builds} builds")
@@ -102,6 +122,7 @@ def worker(job: dict) -> dict:
     return {"atoms": n, "edges": e, "graph_edges": int(b.graph.num_edges),
             "step": float(np.median(steps)), "step_min": float(min(steps)),
             "edges_s": float(np.median(outside_edges)), "model": float(min(model_s)),
+            "outside": float(np.median(outside)), "outside_min": float(min(outside)),
             "into": into, "back": back}
 
 
@@ -120,24 +141,37 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--baseline", default=BASELINE, help="the host-path commit to compare with")
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--render", action="store_true",
+                        help="rewrite step.md from the last run's step.json, running nothing")
     args = parser.parse_args()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        old = baseline_tree(args.baseline, tmp)
-        for name in args.models:
-            res = {}
-            for code, tree in (("host", old), ("device", ROOT)):
-                job = {"model": name, "reps": args.reps, "steps": args.steps, "code": code}
-                res[code] = launch(__file__, job, timeout=args.timeout, code=tree)
-                log(f"{name} {code}: {res[code]}")
-            rows.append((name, res))
+    if args.render:
+        rows = json.loads(RESULT.with_suffix(".json").read_text())
+    else:
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            old = baseline_tree(args.baseline, tmp)
+            for name in args.models:
+                res = {}
+                for code, tree in (("host", old), ("device", ROOT)):
+                    job = {"model": name, "reps": args.reps, "steps": args.steps, "code": code}
+                    res[code] = launch(__file__, job, timeout=args.timeout, code=tree)
+                    log(f"{name} {code}: {res[code]}")
+                rows.append((name, res))
+        RESULT.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    render(rows, args)
+
+
+def render(rows: list, args) -> None:
+    """step.md from the results ``rows`` ((model, {code: result}))."""
     load = os.getloadavg()[0]
     lines = [
         "## A step between rebuilds: host work, step time, bytes host <-> device (issue 21)", "",
         f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/bench_step.py --steps {args.steps}`", "",
         f"FCC Cu {args.reps}x{args.reps}x{args.reps}, rattled 0.05 Å, skin 0.5 Å, one part, one "
         f"process, one torch thread; {args.steps} timed steps between rebuilds (positions moved "
-        f"≤ 0.01 Å), median. host: commit {args.baseline} (edge vectors and forces in NumPy); "
+        f"≤ 0.01 Å); s/step is the best of them (the shared cores' load varies by tens of percent "
+        f"between calls; the median is in step.json). host: commit {args.baseline} (edge vectors "
+        f"and forces in NumPy); "
         f"device: this checkout (runtime/resident.py). Machine: {os.cpu_count()} cores shared "
         f"with other jobs (1-min load {load:.2f} at the end), Python {platform.python_version()}.",
         "",
@@ -148,16 +182,18 @@ def main() -> None:
     for name, res in rows:
         for code in ("host", "device"):
             r = res[code]
-            outside = r["step"] - r["model"]
+            outside = r["outside"]
             lines.append(
                 f"| {name} | {code} | {r['atoms']:,} | {r['edges']:,} / {r['graph_edges']:,} | "
-                f"{r['step']:.3f} | {r['step'] / res['host']['step']:.3f}× | {r['model']:.3f} | "
+                f"{r['step_min']:.3f} | {r['step_min'] / res['host']['step_min']:.3f}× | {r['model']:.3f} | "
                 f"{outside:.3f} | {1e9 * outside / r['edges']:.1f} | {1e6 * outside / r['atoms']:.2f} | "
                 f"{r['edges_s']:.3f} | {r['into']:,} / {r['back']:,} |")
     lines += ["", "Models: " + "; ".join(f"{k}: {MODELS[k]}" for k in args.models) + ".", "",
               "model s: forward + backward of the model alone on the same graph (best of the "
-              "steps); outside s = s/step - model s (edge vectors, cutoff mask, coincident check, "
-              "graph assembly, force scatter and virial, the copies, the runner). edge stage s: "
+              "steps); outside s: each step's time less the time spent in the model's forward and "
+              "backward during it (`run_model` and `torch.autograd.grad`, timed in the step), "
+              "median (edge vectors, cutoff mask, coincident check, graph assembly, force scatter "
+              "and virial, the copies, the runner). edge stage s: "
               "the runner's `timings['edges']` (making the local graphs). Bytes: counted from the "
               "sizes each code moves (see the module docstring); on a CPU they are not copied."]
     write_result(RESULT, lines)

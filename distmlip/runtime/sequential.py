@@ -363,6 +363,15 @@ class LevelExchange(HaloExchange):
         super().__init__(worker.store.num_owned, worker.store.num_rows)
         self.workers, self.worker, self.p2p, self.rank = workers, worker, p2p, rank
         self.level = 0
+        self._rows: dict[tuple[int, str], torch.Tensor] = {}  # block rows, moved once a step
+
+    def _block_rows(self, b: int, rows, device) -> torch.Tensor:
+        """Block ``b``'s ``rows`` on ``device``, moved there at their first use this step (not at
+        every level)."""
+        key = (b, str(device))
+        if key not in self._rows:
+            self._rows[key] = torch.as_tensor(rows, device=device)
+        return self._rows[key]
 
     def gather(self, level: int) -> None:
         """Z^level of this worker (its X^level stays: the other workers read it)."""
@@ -374,21 +383,21 @@ class LevelExchange(HaloExchange):
         blocks = self.worker.shard.blocks
         if self.p2p is not None:
             remote = iter(self.p2p.swap(owned, backward=False))
-            values = [owned.index_select(0, torch.as_tensor(rows, device=owned.device)) if src == self.rank
-                      else next(remote) for src, rows in blocks]
+            values = [owned.index_select(0, self._block_rows(b, rows, owned.device)) if src == self.rank
+                      else next(remote) for b, (src, rows) in enumerate(blocks)]
         else:
             values = []
-            for src, rows in blocks:
+            for b, (src, rows) in enumerate(blocks):
                 source = self.workers[src]
                 values.append(source.store.X[self.level].index_select(
-                    0, torch.as_tensor(rows, device=source.device)).to(owned.device))
+                    0, self._block_rows(b, rows, source.device)).to(owned.device))
         return torch.cat([owned, *values])
 
     def send_home(self, level: int, remote: list[torch.Tensor]) -> None:
         """Add the gradients of this worker's halo rows at ``level`` to their owners' Gown (in
         this process), or append them to ``remote`` (owned by another rank)."""
         g, offset = self.worker.store.G[level], self.worker.store.num_owned
-        for src, rows in self.worker.shard.blocks:
+        for b, (src, rows) in enumerate(self.worker.shard.blocks):
             block = g[offset : offset + len(rows)]
             offset += len(rows)
             if self.p2p is not None and src != self.rank:
@@ -396,7 +405,7 @@ class LevelExchange(HaloExchange):
                 continue
             home = self.workers[0] if self.p2p is not None else self.workers[src]
             home.store.Gown[level].index_add_(
-                0, torch.as_tensor(rows, device=home.device), block.to(home.device))
+                0, self._block_rows(b, rows, home.device), block.to(home.device))
 
 
 def _total(comm, values: list[torch.Tensor]) -> torch.Tensor:
