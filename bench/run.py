@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-ORDER = ["partition", "overhead", "scaling", "parts_per_rank", "reuse", "node_work", "node_work_mpi",
+ORDER = ["partition", "overhead", "scaling", "parts_per_rank", "reuse", "step", "node_work", "node_work_mpi",
          "node_work_mace", "memory", "scale", "longrun", "property", "pretrained_sevenn",
          "pretrained_chgnet", "families", "lammps"]
 

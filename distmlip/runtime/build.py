@@ -3,8 +3,9 @@ and their exchange maps (a ``Built``), and the rule that says when a build is st
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,6 +47,9 @@ class Built:
     predicted: float = 0.0  # bytes one evaluation is predicted to add (with a budget)
     now_cell: np.ndarray | None = None  # the cell of the evaluation under way (may differ from
     # ``cell`` when a deformed cell reuses the build: see ``Builder.stale``)
+    step: object = None  # the evaluation under way's ``resident.StepState`` (positions on devices)
+    on_device: dict = field(default_factory=dict)  # per-build arrays moved to a device (resident.py)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,6 +1,11 @@
-"""Per-part helpers: edges within the cutoff at the current positions, the ``LocalGraph`` of a part
-or a shard (assembled here only: the all-at-once path, the one-part-at-a-time path and the memory
-probes all call ``local_graph``), running the model, and the forces and virial of edge gradients."""
+"""Per-part helpers on the host: edges within the cutoff at the current positions (NumPy), the
+``LocalGraph`` of a part or a shard from host arrays (``local_graph``: the memory probes and the
+LAMMPS pair driver), running the model, and the forces and virial of edge gradients
+(``add_edge_terms``).
+
+The runner's per-step path is on the model's device (``runtime/resident.py``); ``host_piece`` with
+``add_edge_terms`` is the host path it replaced, kept as the reference of its test
+(tests/engine/test_resident.py) and of bench/bench_step.py."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from ..graph import NeighborGraph
 from ..models.base import NUM_ELEMENTS, DistributableModel, LocalGraph
 
 __all__ = ["MIN_DISTANCE", "add_edge_terms", "check_distances", "composition_of", "edges_within",
-           "inside_cutoff", "local_edges", "local_graph", "piece", "replica", "run_model"]
+           "host_piece", "inside_cutoff", "local_edges", "local_graph", "replica", "run_model"]
 
 
 def add_edge_terms(forces: np.ndarray, receivers: np.ndarray, senders: np.ndarray,
@@ -146,8 +151,8 @@ def local_graph(numbers: np.ndarray, edge_index: np.ndarray, vec: np.ndarray, ex
     )
 
 
-def piece(built, item, positions: np.ndarray, exchange, cutoff: float, mode: str, dtype: torch.dtype,
-          device: torch.device, requires_grad: bool = True):
+def host_piece(built, item, positions: np.ndarray, exchange, cutoff: float, mode: str, dtype: torch.dtype,
+               device: torch.device, requires_grad: bool = True):
     """The ``LocalGraph`` of ``item`` (a ``Shard`` or a ``PartPlan`` of the build ``built``;
     ``None``: an empty graph) at ``positions`` (global) and what the gather needs: its kept edge ids
     and their float64 vectors."""

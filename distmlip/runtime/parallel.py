@@ -12,7 +12,8 @@ from ..models.base import no_exchange
 from .build import Built
 from .comm import run_threads
 from .exchange import P2PExchange
-from .local import add_edge_terms, piece, run_model
+from .local import run_model
+from .resident import device_piece
 
 __all__ = ["evaluate_all"]
 
@@ -20,27 +21,27 @@ __all__ = ["evaluate_all"]
 def evaluate_all(runner, b: Built, positions: np.ndarray, buffer: np.ndarray, n: int
                  ) -> tuple[float, int, float]:
     """Evaluate build ``b`` at ``positions`` with ``runner``'s replicas (``comm``, ``replicas``,
-    ``mode``, ``cutoff``, ``dtype``), adding each shard's energies, forces and virial to
-    ``buffer`` (energies (n), forces (n, 3), virial (3, 3)). Returns the seconds spent making the
+    ``mode``, ``cutoff``, ``dtype``), adding each shard's energies, forces and virial to the
+    step's sums on its device (``b.step``, which the runner flushes into ``buffer``: energies
+    (n), forces (n, 3), virial (3, 3)). Returns the seconds spent making the
     local graphs (edges), the halo-exchange calls the model made and the seconds spent in
     point-to-point exchanges."""
     t0 = time.perf_counter()
     comm = runner.comm
     exchanges = comm.exchanges(b, runner.mode == "halo")
     devices = [comm.device(s) for s in b.shards]
-    pieces = [piece(b, s, positions, ex, runner.cutoff, runner.mode, runner.dtype, d)
+    pieces = [device_piece(b.step, s, ex, runner.cutoff, runner.mode, runner.dtype, d)
               for s, ex, d in zip(b.shards, exchanges, devices, strict=True)]
     edges_s = time.perf_counter() - t0
-    _compute(runner.replicas, devices, b, pieces, exchanges, buffer, n)
+    _compute(runner.replicas, devices, b, pieces, exchanges)
     calls = max((getattr(e, "calls", 0) for e in exchanges if e is not no_exchange), default=0)
     seconds = sum(e.seconds for e in exchanges if isinstance(e, P2PExchange))
     return edges_s, calls, seconds
 
 
-def _compute(replicas: dict, devices: list, b: Built, pieces, exchanges, buffer: np.ndarray,
-             n: int) -> None:
+def _compute(replicas: dict, devices: list, b: Built, pieces, exchanges) -> None:
     """Run the model on every shard, differentiate, and add each shard's energies, forces and
-    virial to ``buffer``."""
+    virial to the step's sums on its device (``b.step``; the runner flushes them)."""
     outputs: list[torch.Tensor | None] = [None] * len(pieces)
 
     def work(i: int):
@@ -62,14 +63,9 @@ def _compute(replicas: dict, devices: list, b: Built, pieces, exchanges, buffer:
         grads = torch.autograd.grad(loss, wrt, allow_unused=True)[: len(locals_)]
     else:
         grads = [None] * len(locals_)
-    ids_of = (lambda rows: rows) if b.ids is None else (lambda rows: b.ids[rows])
-    forces = buffer[n : 4 * n].reshape(n, 3)
-    for shard, (_local, edges, vec), out, grad in zip(b.shards, pieces, outputs, grads, strict=True):
+    for shard, (local, kept), out, grad, device in zip(b.shards, pieces, outputs, grads, devices,
+                                                       strict=True):
         if shard.num_rows == 0:
             continue
-        buffer[ids_of(shard.atoms[: shard.num_owned])] = out.detach().to("cpu", torch.float64).numpy()
-        if len(edges) == 0:
-            continue
-        g = np.zeros_like(vec) if grad is None else grad.detach().to("cpu", torch.float64).numpy()
-        buffer[4 * n :] += add_edge_terms(forces, ids_of(b.graph.receivers[edges]),
-                                          ids_of(b.graph.senders[edges]), vec, g).ravel()
+        b.step.deposit(device, local.atom_ids[: local.num_owned], out,
+                       kept if grad is not None else None, grad)

@@ -36,6 +36,7 @@ from .launch import is_comm_failure, peer_status, report_failure
 from .local import replica
 from .memory import allocator_for, release_memory_eagerly
 from .parallel import evaluate_all
+from .resident import StepState
 from .sequential import evaluate_sequential
 from .shards import Shard
 from .steps import check_steps_early, evaluate_steps, uses_steps
@@ -274,6 +275,7 @@ class Runner:
             self.graph_builds += 1
         b = self._built
         b.now_cell = cell
+        b.step = StepState(b, positions, cell)  # positions go to each device once this step
         n = len(positions)
         buffer = np.zeros(4 * n + 9)  # energies (N), forces (N, 3), virial (3, 3)
         t2 = time.perf_counter()
@@ -290,6 +292,8 @@ class Runner:
         else:
             edges_s, self.last_exchange_calls, exchange_s = evaluate_all(self, b, positions, buffer, n)
             t3 = t2 + edges_s
+        b.step.flush(buffer)  # energies, forces, virial: one copy back per device
+        b.step = None
         t4 = time.perf_counter()
         total = self.comm.sum(buffer)
         t5 = time.perf_counter()

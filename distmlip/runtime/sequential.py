@@ -39,7 +39,6 @@ evaluated instead, in halo mode, one step per part and level with no replay from
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -50,9 +49,10 @@ from ..partition import PartPlan
 from .build import Built
 from .comm import run_threads
 from .exchange import P2PExchange
-from .local import add_edge_terms, piece, run_model
+from .local import run_model
 from .memory import _trim
 from .progress import Progress
+from .resident import device_piece
 
 __all__ = ["LevelExchange", "SequentialWorker", "evaluate_sequential", "for_each", "gatherer"]
 
@@ -202,11 +202,11 @@ class SequentialWorker:
 
     # ------------------------------------------------------------------ one part
     def _piece(self, k: int | None, positions: np.ndarray, exchange, with_grad: bool):
-        """The LocalGraph of part ``k`` (``None``: an empty graph) at ``positions`` (global), its
-        kept edge ids and float64 vectors."""
+        """The LocalGraph of part ``k`` (``None``: an empty graph) at this step's positions (the
+        build's ``step``; ``positions``: the same, global, on the host) and its kept edges."""
         runner = self.runner
-        return piece(self.built, None if k is None else self.parts[k], positions, exchange, runner.cutoff,
-                     runner.mode, runner.dtype, self.device, with_grad)
+        return device_piece(self.built.step, None if k is None else self.parts[k], exchange,
+                            runner.cutoff, runner.mode, runner.dtype, self.device, with_grad)
 
     def _indices(self):
         return list(range(len(self.parts))) or [None]
@@ -258,7 +258,7 @@ class SequentialWorker:
         store.G[level] = torch.zeros_like(store.Z[level])
         for k in self._indices():
             exchange = self._exchange_for(k, grad_level=level)
-            local, edges, vec = self._piece(k, positions, exchange, with_grad=gather is not None)
+            local, kept = self._piece(k, positions, exchange, with_grad=gather is not None)
             eps = self._run(local)
             loss = self._objective(eps, exchange, k)
             wrt = [t for t in (exchange.leaf, local.edge_vec if gather is not None else None)
@@ -278,7 +278,7 @@ class SequentialWorker:
                         f"replay, but {len(store.Z)} in the first pass; every pass must make the "
                         f"same calls")
                 if k is not None:
-                    self._gather(gather, local, eps, edges, vec, grads[-1], with_energies=True)
+                    self._gather(gather, local, eps, kept, grads[-1], with_energies=True)
             del loss, eps, local, exchange, grads
             _release()
             self.tick()
@@ -290,16 +290,16 @@ class SequentialWorker:
             if k is None:
                 continue
             exchange = self._exchange_for(k, stop_at=0)
-            local, edges, vec = self._piece(k, positions, exchange, with_grad=True)
+            local, kept = self._piece(k, positions, exchange, with_grad=True)
             g0 = self.store.Gown[0]
             if self.store.kinds[0] == HALO:
                 g0 = g0[self.owned_slices[k]]
 
-            def first_exchange(y, g0=g0, local=local):
+            def first_exchange(y, g0=g0, local=local, kept=kept):
                 if y.requires_grad:
                     (grad,) = torch.autograd.grad((g0.to(y.dtype) * y).sum(), [local.edge_vec],
                                                   allow_unused=True)
-                    self._gather(gather, local, None, edges, vec, grad, with_energies=False)
+                    self._gather(gather, local, None, kept, grad, with_energies=False)
 
             exchange.on_stop = first_exchange
             try:
@@ -315,26 +315,24 @@ class SequentialWorker:
         edge gradients of every part, ``gather``-ed as soon as the part is done."""
         for k in self._indices():
             exchange = self._exchange_for(k, grad_level=-1)
-            local, edges, vec = self._piece(k, positions, exchange, with_grad=True)
+            local, kept = self._piece(k, positions, exchange, with_grad=True)
             eps = self._run(local)
             loss = self._objective(eps, exchange, k)
-            if loss.requires_grad and len(edges):
+            if loss.requires_grad and len(kept):
                 (grad,) = torch.autograd.grad(loss, [local.edge_vec], allow_unused=True)
             else:
                 grad = None
             self.exchange_calls = 0
             if k is not None:
-                self._gather(gather, local, eps, edges, vec, grad, with_energies=True)
+                self._gather(gather, local, eps, kept, grad, with_energies=True)
             del loss, eps, local, exchange, grad
             _release()
             self.tick()
 
     @staticmethod
-    def _gather(gather, local, eps, edges, vec, grad, with_energies: bool) -> None:
-        ids = local.atom_ids[: local.num_owned].cpu().numpy()
-        g = np.zeros_like(vec) if grad is None else grad.detach().to("cpu", torch.float64).numpy()
-        energies = eps.detach().to("cpu", torch.float64).numpy() if with_energies else None
-        gather(ids, energies, edges, vec, g)
+    def _gather(gather, local, eps, kept, grad, with_energies: bool) -> None:
+        gather(local.edge_vec.device, local.atom_ids[: local.num_owned],
+               eps if with_energies else None, kept, grad)
 
     def _objective(self, eps: torch.Tensor, exchange: _PieceExchange, k) -> torch.Tensor:
         """sum(eps owned) + sum over the posted levels m of <G^m[owned rows of the part], y^m>
@@ -365,6 +363,15 @@ class LevelExchange(HaloExchange):
         super().__init__(worker.store.num_owned, worker.store.num_rows)
         self.workers, self.worker, self.p2p, self.rank = workers, worker, p2p, rank
         self.level = 0
+        self._rows: dict[tuple[int, str], torch.Tensor] = {}  # block rows, moved once a step
+
+    def _block_rows(self, b: int, rows, device) -> torch.Tensor:
+        """Block ``b``'s ``rows`` on ``device``, moved there at their first use this step (not at
+        every level)."""
+        key = (b, str(device))
+        if key not in self._rows:
+            self._rows[key] = torch.as_tensor(rows, device=device)
+        return self._rows[key]
 
     def gather(self, level: int) -> None:
         """Z^level of this worker (its X^level stays: the other workers read it)."""
@@ -376,21 +383,21 @@ class LevelExchange(HaloExchange):
         blocks = self.worker.shard.blocks
         if self.p2p is not None:
             remote = iter(self.p2p.swap(owned, backward=False))
-            values = [owned.index_select(0, torch.as_tensor(rows, device=owned.device)) if src == self.rank
-                      else next(remote) for src, rows in blocks]
+            values = [owned.index_select(0, self._block_rows(b, rows, owned.device)) if src == self.rank
+                      else next(remote) for b, (src, rows) in enumerate(blocks)]
         else:
             values = []
-            for src, rows in blocks:
+            for b, (src, rows) in enumerate(blocks):
                 source = self.workers[src]
                 values.append(source.store.X[self.level].index_select(
-                    0, torch.as_tensor(rows, device=source.device)).to(owned.device))
+                    0, self._block_rows(b, rows, source.device)).to(owned.device))
         return torch.cat([owned, *values])
 
     def send_home(self, level: int, remote: list[torch.Tensor]) -> None:
         """Add the gradients of this worker's halo rows at ``level`` to their owners' Gown (in
         this process), or append them to ``remote`` (owned by another rank)."""
         g, offset = self.worker.store.G[level], self.worker.store.num_owned
-        for src, rows in self.worker.shard.blocks:
+        for b, (src, rows) in enumerate(self.worker.shard.blocks):
             block = g[offset : offset + len(rows)]
             offset += len(rows)
             if self.p2p is not None and src != self.rank:
@@ -398,7 +405,7 @@ class LevelExchange(HaloExchange):
                 continue
             home = self.workers[0] if self.p2p is not None else self.workers[src]
             home.store.Gown[level].index_add_(
-                0, torch.as_tensor(rows, device=home.device), block.to(home.device))
+                0, self._block_rows(b, rows, home.device), block.to(home.device))
 
 
 def _total(comm, values: list[torch.Tensor]) -> torch.Tensor:
@@ -536,19 +543,12 @@ def for_each(workers: list) -> Callable:
 
 
 def gatherer(b: Built, buffer: np.ndarray, n: int) -> Callable:
-    """``gather(ids, energies, edges, vec, grad)``: adds a part's energies (its owned ``ids``) and
-    the forces and virial of its edge gradients to ``buffer`` (energies (n), forces (n, 3), virial
-    (3, 3)); thread-safe."""
-    ids_of = (lambda rows: rows) if b.ids is None else (lambda rows: b.ids[rows])
-    forces = buffer[n : 4 * n].reshape(n, 3)
-    lock = threading.Lock()
+    """``gather(device, ids, energies, kept, grad)``: adds a part's energies (its owned global
+    ``ids``) and the forces and virial of its edge gradients ``grad`` (of the kept edges
+    ``kept``) to the step's sums on ``device`` (``b.step``, which the runner flushes into
+    ``buffer``: energies (n), forces (n, 3), virial (3, 3)); thread-safe."""
 
-    def gather(ids, e, edges, vec, grad):
-        with lock:
-            if e is not None:
-                buffer[ids] = e
-            if len(edges):
-                buffer[4 * n :] += add_edge_terms(forces, ids_of(b.graph.receivers[edges]),
-                                                  ids_of(b.graph.senders[edges]), vec, grad).ravel()
+    def gather(device, ids, e, kept, grad):
+        b.step.deposit(device, ids, e, kept, grad)
 
     return gather

@@ -258,7 +258,7 @@ class StepWorker(SequentialWorker):
                     store.G[slot] = torch.zeros_like(store.Z[slot])
         readout = j == last and self.readout is not None
         for k in self._indices():
-            local, edges, vec = self._graph(k, positions, with_grad=True,
+            local, kept = self._graph(k, positions, with_grad=True,
                                             total=self.readout[0] if readout else False)
             with torch.enable_grad():
                 state, leaves = self._start(k, j, local, grad=True)
@@ -290,7 +290,7 @@ class StepWorker(SequentialWorker):
                     else:
                         store.G[slot][self._owned(k)] += g
                 if grads[-1] is not None or eps is not None:  # nothing to add otherwise
-                    self._gather(gather, local, eps, edges, vec, grads[-1], with_energies=eps is not None)
+                    self._gather(gather, local, eps, kept, grads[-1], with_energies=eps is not None)
             del local, state, out, eps, grads
             self.tick()
 
