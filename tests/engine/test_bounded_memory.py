@@ -362,6 +362,7 @@ _PATH_CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two fresh processes, each calibrating (~26 s): in make test-all
 @pytest.mark.parametrize(("path", "fraction"), [("all at once", 1.2), ("generic", 0.35)])
 def test_each_path_is_measured_as_predicted(tmp_path_factory, path, fraction):
     """SchNet (64 channels, float32), 2,048 atoms, each run a fresh process that calibrates (or
