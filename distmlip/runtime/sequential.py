@@ -54,7 +54,7 @@ from .memory import _trim
 from .progress import Progress
 from .resident import device_piece
 
-__all__ = ["LevelExchange", "SequentialWorker", "evaluate_sequential", "for_each", "gatherer"]
+__all__ = ["LevelExchange", "SequentialWorker", "evaluate_sequential", "for_each"]
 
 
 def _release() -> None:
@@ -503,7 +503,7 @@ def evaluate_sequential(runner, b: Built, positions: np.ndarray, buffer: np.ndar
     if first:
         levels = tuple(workers[0].store.kinds)
         bar.expect(level)
-    gather = gatherer(b, buffer, n)
+    gather = b.step.deposit  # the runner flushes the step's sums into buffer
     if not levels:
         each(lambda w: w.final(positions, gather))
     for j in reversed(range(len(levels))):
@@ -540,15 +540,3 @@ def for_each(workers: list) -> Callable:
         return results
 
     return each
-
-
-def gatherer(b: Built, buffer: np.ndarray, n: int) -> Callable:
-    """``gather(device, ids, energies, kept, grad)``: adds a part's energies (its owned global
-    ``ids``) and the forces and virial of its edge gradients ``grad`` (of the kept edges
-    ``kept``) to the step's sums on ``device`` (``b.step``, which the runner flushes into
-    ``buffer``: energies (n), forces (n, 3), virial (3, 3)); thread-safe."""
-
-    def gather(device, ids, e, kept, grad):
-        b.step.deposit(device, ids, e, kept, grad)
-
-    return gather

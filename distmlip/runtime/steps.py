@@ -25,7 +25,6 @@ from .sequential import (
     _Stop,
     _total,
     for_each,
-    gatherer,
 )
 
 __all__ = ["PROBE_ROWS", "StepWorker", "check_steps_early", "evaluate_steps", "uses_steps"]
@@ -259,7 +258,7 @@ class StepWorker(SequentialWorker):
         readout = j == last and self.readout is not None
         for k in self._indices():
             local, kept = self._graph(k, positions, with_grad=True,
-                                            total=self.readout[0] if readout else False)
+                                      total=self.readout[0] if readout else False)
             with torch.enable_grad():
                 state, leaves = self._start(k, j, local, grad=True)
                 out = self._step(j, local, state)
@@ -396,7 +395,7 @@ def evaluate_steps(runner, b: Built, positions: np.ndarray, buffer: np.ndarray,
     exchanges = [LevelExchange(workers, i, p2p, comm.rank) for i in range(len(workers))]
 
     each = for_each(workers)
-    gather = gatherer(b, buffer, n)
+    gather = b.step.deposit  # the runner flushes the step's sums into buffer
     def width():
         widths = {w.width for w in workers}
         if len(widths) > 1 or comm.maximum(widths.pop()) != -comm.maximum(-workers[0].width):
