@@ -31,8 +31,9 @@ torch.set_num_threads(1)
 SLOW = {
     # SevenNet-0 (pretrained, ~200 s in all): one calculator comparison, one float64 split
     "adapters/test_sevenn.py::test_float64_matches_sevennet": ("cu111_slab",),
+    # the slab (20 s) in make test; rutile TiO2 (54 s) and Cu fcc (31 s) in test-all
     "adapters/test_sevenn.py::TestSevenNetBattery::test_battery_matches_calculator_and_split": (
-        "rutile_TiO2",),
+        "cu111_slab",),
     "adapters/test_sevenn.py::test_awkward_structures": ("small_triclinic",),
     "adapters/test_sevenn.py::test_node_work_only_on_owned_rows": (),  # 59 s
     "adapters/test_sevenn.py::test_partitioners_float64": (),  # 12 s
