@@ -70,6 +70,7 @@ SLOW = {
     "adapters/test_mattersim.py::test_bounded_steps_equal_unbounded": ("slab",),  # oxide: 2-5.5 s
     # bounded memory: the adapters' own files cover the pretrained ones
     "engine/test_bounded_memory.py::test_budget_is_honoured_in_a_fresh_process": (),  # 22 s
+    "engine/test_bounded_memory.py::test_budget_chooses_the_number_of_parts": (),  # 16 s (calibration)
     "engine/test_bounded_memory.py::test_every_adapter_is_exact_one_part_at_a_time": (
         "allegro", "m3gnet", "mattersim", "nequip", "tensornet", "uma"),  # sevenn, chgnet, mace: 28 s
     # MD robustness (a subprocess each, 6-15 s): one case of each kind stays in the default suite
