@@ -1,8 +1,9 @@
 """Communication backends behind one small interface: ``LocalComm`` (one process: its workers are
 the devices, threads meeting at a hub) and ``TorchComm`` (one worker per rank on
 torch.distributed's default group). The runner, the build and the evaluations call the same
-methods on either: the system every rank agrees on, flags and maxima agreed over ranks, sums of the
-results, the part blocks of the workers and their devices, the exchange handshake."""
+methods on either: the system every rank agrees on, flags and maxima agreed over ranks, the part
+blocks of the workers and their devices, the exchange handshake (the results of a step over ranks:
+``results.py``)."""
 
 from __future__ import annotations
 
@@ -68,9 +69,6 @@ class LocalComm:
 
     def maximum(self, value: float) -> float:
         return value
-
-    def sum(self, buffer: np.ndarray) -> np.ndarray:
-        return buffer
 
     def total(self, value: torch.Tensor) -> torch.Tensor:
         return value
@@ -167,11 +165,6 @@ class TorchComm:
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
         return {q: b.to(device) for q, b in bufs.items()}
-
-    def sum(self, buffer: np.ndarray) -> np.ndarray:
-        t = torch.as_tensor(buffer, device=self.wire)
-        self.dist.all_reduce(t)
-        return t.cpu().numpy()
 
     def total(self, value: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of ``value`` (a tensor; a new one, on ``value``'s device)."""

@@ -37,6 +37,7 @@ from .local import replica
 from .memory import allocator_for, release_memory_eagerly
 from .parallel import evaluate_all
 from .resident import StepState
+from .results import gather_results, results_plan
 from .sequential import evaluate_sequential
 from .shards import Shard
 from .steps import check_steps_early, evaluate_steps, uses_steps
@@ -140,6 +141,8 @@ class Runner:
         self._levels: tuple[str, ...] | None = None
         self.graph_builds = 0
         self.last_exchange_calls = 0
+        self.result_bytes_sent = 0  # float64 bytes of results this rank sent in the last step
+        self.stage = "starting"  # what the evaluation under way is doing (named in errors)
         self.timings: dict[str, float] = {}
         self._built: Built | None = None
         check_steps_early(self)
@@ -237,11 +240,24 @@ class Runner:
         self.graph_builds += 1
 
     def evaluate(self, positions, cell, pbc, numbers) -> Evaluation:
-        """Evaluate the system (under a launcher: rank 0's); every rank returns the same results."""
+        """Evaluate the system (under a launcher: rank 0's); every rank returns the same results.
+        A device out of memory raises ``MemoryError`` naming the device, the stage and torch's
+        message, with the advice (under a launcher the other ranks stop too, as for any failure)."""
         if self.world_size == 1:
-            return self._evaluate(positions, cell, pbc, numbers)
+            try:
+                return self._evaluate(positions, cell, pbc, numbers)
+            except (RuntimeError, MemoryError) as exc:
+                clear = self._out_of_memory(exc)
+                if clear is None:
+                    raise
+                raise clear from exc
         try:
-            return self._evaluate(positions, cell, pbc, numbers)
+            try:
+                return self._evaluate(positions, cell, pbc, numbers)
+            except (RuntimeError, MemoryError) as exc:
+                if is_comm_failure(exc) or self._out_of_memory(exc) is None:
+                    raise
+                raise self._out_of_memory(exc) from exc
         except CommunicationError as exc:
             raise self._peer_failure(exc, peer_status(self.rank, exc.peers or None)) from exc
         except RuntimeError as exc:
@@ -252,6 +268,24 @@ class Runner:
         except BaseException as exc:
             report_failure(self.rank, exc)
             raise
+
+    def _out_of_memory(self, exc: BaseException) -> MemoryError | None:
+        """The clear error of a device out of memory during the step (``None``: ``exc`` is not
+        one): torch's ``OutOfMemoryError``, its CPU allocator's failure, NumPy's ``MemoryError``."""
+        text = str(exc)
+        if not (isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
+                or "not enough memory" in text or "can't allocate memory" in text):
+            return None
+        lines = [line for line in text.splitlines() if line.strip()]
+        said = lines[0].strip() if lines else type(exc).__name__
+        devices = ", ".join(str(d) for d in self.comm.devices)
+        budget = (f"a smaller max_memory than {self.budget:,} bytes" if self.budget is not None
+                  else "max_memory= (e.g. max_memory=0.8: the parts are sized to fit and run "
+                       "one at a time)")
+        return MemoryError(
+            f"device {devices}: out of memory while {self.stage} ({said}); expected the step to "
+            f"fit on the device: give the run {budget}, more parts (num_parts=) or more devices, "
+            f"or use a device with more free memory")
 
     def _peer_failure(self, exc: BaseException, status: str) -> CommunicationError:
         """The error of a rank whose collective failed, naming what is known of the peers; said at
@@ -264,6 +298,7 @@ class Runner:
 
     def _evaluate(self, positions, cell, pbc, numbers) -> Evaluation:
         t0 = time.perf_counter()
+        self.stage = "receiving the system"
         positions, cell, pbc, numbers = self.comm.system(positions, cell, pbc, numbers)
         t1 = time.perf_counter()
         times = {"partition": 0.0, "graph": 0.0, "handshake": 0.0}
@@ -271,8 +306,10 @@ class Runner:
             release_memory_eagerly()  # the build, measured in the calibration's mode
         if self.comm.agree(self.builder.stale(self._built, positions, cell, pbc, numbers)):
             self._built = None  # the old build is freed before the new one is made (the peak)
+            self.stage = "building the neighbour graph and the parts"
             self._built = self.planner.build(positions, cell, pbc, numbers, times)
             self.graph_builds += 1
+        self.stage = "evaluating the model"
         b = self._built
         b.now_cell = cell
         b.step = StepState(b, positions, cell)  # positions go to each device once this step
@@ -292,10 +329,16 @@ class Runner:
         else:
             edges_s, self.last_exchange_calls, exchange_s = evaluate_all(self, b, positions, buffer, n)
             t3 = t2 + edges_s
-        b.step.flush(buffer)  # energies, forces, virial: one copy back per device
-        b.step = None
+        if self.world_size == 1:
+            b.step.flush(buffer)  # energies, forces, virial: one copy back per device
         t4 = time.perf_counter()
-        total = self.comm.sum(buffer)
+        self.stage = "gathering the results"
+        if self.world_size > 1:  # halo forces home, owned rows gathered: no O(N) all-reduce
+            total = gather_results(self.comm, b, b.step)
+            self.result_bytes_sent = results_plan(self.comm, b).bytes_sent()
+        else:
+            total = buffer
+        b.step = None
         t5 = time.perf_counter()
         self.timings = {
             "broadcast": t1 - t0, **times, "edges": t3 - t2, "evaluate": t4 - t3,

@@ -81,6 +81,8 @@ def test_failing_rank_stops_everyone(kind, where):
         # the failing rank reports (and under MPI aborts the job); a peer that notices names it
         assert "injected failure" in out, out[-3000:]
         assert "rank 1 failed" in out, out[-3000:]
+        if where == "model":  # the injected MemoryError is named as a device out of memory
+            assert "out of memory while evaluating the model (injected failure" in out, out[-3000:]
     elif where == "hang":
         # the peer's halo exchange times out; rank 1's process is still there: hung
         assert re.search(r"rank 0 stopped: .* because rank 1 \(pid \d+\) is alive but did not answer",

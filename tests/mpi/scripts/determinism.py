@@ -1,6 +1,8 @@
 """Run under a launcher (mpirun -n 2): for each setting, two fresh calculators on the same model
 and structure give bit-identical energy, forces, stress and per-atom energies on every rank, and
-rank 0's results equal every other rank's bit for bit."""
+rank 0's results equal every other rank's bit for bit; the results a rank sends a step are its
+owned rows (4 float64 each), its halo atoms' forces (3 each, once per atom) and its virial, not
+the (4N + 9) all-reduce."""
 
 import sys
 
@@ -37,6 +39,16 @@ def main():
         assert calc.backend == "torch", calc.backend
         rank = calc.rank
         _, second = evaluate(model, atoms, world, **settings)
+        b = calc.runner._built
+        shard = b.shards[0]
+        ids = shard.atoms if b.ids is None else b.ids[shard.atoms]
+        halo = np.setdiff1d(ids[shard.num_owned:], ids[: shard.num_owned])  # others' atoms
+        expected = 8 * (4 * shard.num_owned + 3 * len(halo) + 9)
+        if calc.runner.result_bytes_sent != expected:
+            failures.append(f"{settings}: {calc.runner.result_bytes_sent} result bytes sent, "
+                            f"expected {expected}")
+        if not expected < 8 * (4 * len(atoms) + 9):
+            failures.append(f"{settings}: {expected} bytes is not below the full buffer's")
         for k in KEYS:
             if not np.array_equal(first[k], second[k]):
                 failures.append(f"{settings} {k}: run to run")
