@@ -32,7 +32,18 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .typing import BACKENDS, DTYPE_NAMES, MODES, PARTITIONERS, Backend, DTypeLike, Mode, Partitioner
+from .typing import (
+    BACKENDS,
+    DTYPE_NAMES,
+    MODES,
+    NEIGHBORS,
+    PARTITIONERS,
+    Backend,
+    DTypeLike,
+    Mode,
+    Neighbors,
+    Partitioner,
+)
 
 __all__ = ["AUTO_BUDGET_FRACTION", "DEFAULT_SKIN", "DEFAULT_TIMEOUT", "FIELDS", "NAMES", "RENAMED", "Field",
            "Options", "device_free_memory", "device_total_memory", "options_doc", "parse_budget",
@@ -310,6 +321,12 @@ FIELDS: tuple[Field, ...] = (
     Field("skin", float, DEFAULT_SKIN, _check_skin,
           f"Verlet skin in Å (default {DEFAULT_SKIN}; 0 rebuilds whenever an atom moves).",
           "--skin", (("type", float), ("help", f"Verlet skin, Å (default {DEFAULT_SKIN})"))),
+    Field("neighbors", Neighbors, "auto", _one_of("neighbors", NEIGHBORS),
+          "what builds the neighbour graph at a rebuild: ``\"auto\"`` (default: vesin-torch on a CUDA "
+          "device when it is installed, else vesin), ``\"vesin\"`` (on the host) or ``\"vesin-torch\"`` "
+          "(vesin's torch front-end on the first device; ``pip install vesin-torch``). The same graph "
+          "either way: same edges and shifts, sorted by receiver.",
+          "--neighbors", (("choices", NEIGHBORS), ("help", "auto (default), vesin or vesin-torch"))),
     Field("max_memory", int | float | str | None, None, _check_max_memory,
           "the memory one evaluation may add on each device: ``None`` (default: every part of a "
           "device alive at once, fastest), bytes (int), a size (``\"6GB\"``, ``\"500MB\"``) or a "

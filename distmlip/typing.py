@@ -14,8 +14,8 @@ from typing import Literal, get_args
 
 import torch
 
-__all__ = ["BACKENDS", "DTYPE_NAMES", "MODES", "PARTITIONERS", "PRETRAINED_NAMES", "Backend", "DTypeLike",
-           "DTypeName", "Mode", "Partitioner", "PretrainedName"]
+__all__ = ["BACKENDS", "DTYPE_NAMES", "MODES", "NEIGHBORS", "PARTITIONERS", "PRETRAINED_NAMES", "Backend",
+           "DTypeLike", "DTypeName", "Mode", "Neighbors", "Partitioner", "PretrainedName"]
 
 #: How parts exchange information: ``"halo"`` (one-hop halo, node features refreshed between
 #: message-passing layers, every edge evaluated once) or ``"extended"`` (a halo as deep as the
@@ -29,6 +29,11 @@ Partitioner = Literal["grid", "slab", "metis"]
 #: Where the parts run: ``"auto"`` (torch.distributed under a multi-process launch, else this
 #: process), ``"local"`` (this process) or ``"torch"`` (torch.distributed; needs a launch).
 Backend = Literal["auto", "local", "torch"]
+
+#: What builds the neighbour graph at a rebuild: ``"auto"`` (vesin-torch on a CUDA device when it is
+#: installed, else vesin), ``"vesin"`` (vesin's NumPy front-end, on the host) or ``"vesin-torch"``
+#: (vesin's torch front-end, on the model's device; ``pip install vesin-torch``).
+Neighbors = Literal["auto", "vesin", "vesin-torch"]
 
 #: Floating dtypes a model may run in, by name.
 DTypeName = Literal["float32", "float64"]
@@ -44,5 +49,6 @@ PretrainedName = Literal["sevennet-0", "sevennet-l3i5", "sevennet-mf-0", "chgnet
 MODES: tuple[str, ...] = get_args(Mode)
 PARTITIONERS: tuple[str, ...] = get_args(Partitioner)
 BACKENDS: tuple[str, ...] = get_args(Backend)
+NEIGHBORS: tuple[str, ...] = get_args(Neighbors)
 DTYPE_NAMES: tuple[str, ...] = get_args(DTypeName)
 PRETRAINED_NAMES: tuple[str, ...] = get_args(PretrainedName)

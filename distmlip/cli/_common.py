@@ -31,7 +31,8 @@ class CLIError(Exception):
 # DistributedCalculator option -> the flag that sets it (error messages name the flag)
 FLAGS = {"num_parts": "--partitions", "partitioner": "--partitioner", "mode": "--mode",
          "device": "--device", "dtype": "--dtype", "backend": "--backend", "timeout": "--timeout",
-         "num_threads": "--threads", "skin": "--skin", "max_memory": "--max-memory"}
+         "num_threads": "--threads", "skin": "--skin", "neighbors": "--neighbors",
+         "max_memory": "--max-memory"}
 
 
 def translate(message: str) -> str:

@@ -1,14 +1,29 @@
-"""The periodic neighbour graph of a whole system, built with vesin."""
+"""The periodic neighbour graph of a whole system, built with vesin: its NumPy front-end on the
+host (``neighbors="vesin"``) or its torch front-end, vesin-torch, on a device (``"vesin-torch"``;
+``"auto"`` takes it on a CUDA device when it is installed). Both give the same graph: the same
+edges and shifts, sorted by receiver. On the CPU vesin-torch runs vesin's own code, so the graph
+is identical, order included; on another device vesin's kernel appends pairs in no fixed order,
+so the edges of each receiver are put in a canonical order there (by sender, then shift).
+
+vesin's CUDA kernel takes fewer systems than its CPU code: it refuses a cutoff above half a
+periodic direction's width (a small cell, where an atom meets several images of another) and keeps
+a bounded number of pairs per atom. Such a system, or any failure of the device's build, is built
+on the host instead (a warning names the reason): the graph is the same either way.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import inspect
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["NeighborGraph", "complete_cell", "index_dtype", "shift_dtype", "validate_system"]
+from ..typing import NEIGHBORS
+
+__all__ = ["NeighborGraph", "complete_cell", "index_dtype", "resolve_neighbors", "shift_dtype",
+           "validate_system"]
 
 
 def _fail(arg: str, expected: str, got) -> ValueError:
@@ -114,16 +129,24 @@ class NeighborGraph:
     shifts: np.ndarray
 
     @classmethod
-    def from_arrays(cls, positions, cell, pbc, numbers, cutoff: float) -> NeighborGraph:
-        """Build the graph of a system given as arrays (see the class docstring for shapes)."""
+    def from_arrays(cls, positions, cell, pbc, numbers, cutoff: float, neighbors: str = "vesin",
+                    device=None) -> NeighborGraph:
+        """Build the graph of a system given as arrays (see the class docstring for shapes).
+
+        ``neighbors``: ``"vesin"`` (on the host), ``"vesin-torch"`` (on ``device``, default the
+        CPU) or ``"auto"`` (``resolve_neighbors``); the graph is the same (module docstring)."""
         cutoff = _check_cutoff(cutoff)
         positions, cell, pbc, numbers = validate_system(positions, cell, pbc, numbers)
-        import vesin
-
-        _avoid_ctypes_type_cache()
         # vesin wants a full box; non-periodic directions may hold anything, so give them the
         # completed cell (keeps the periodic vectors untouched).
         box = complete_cell(cell, pbc) if not pbc.all() else cell
+        if resolve_neighbors(neighbors, device) == "vesin-torch":
+            edges = _device_edges(positions, box, pbc, cutoff, device)
+            if edges is not None:
+                return cls(positions, cell, pbc, numbers, float(cutoff), *edges)
+        import vesin
+
+        _avoid_ctypes_type_cache()
         nl = vesin.NeighborList(cutoff=cutoff, full_list=True, sorted=False)
         i, j, k = nl.compute(points=positions, box=box, periodic=pbc.tolist(), quantities="ijS",
                              copy=False)
@@ -178,6 +201,112 @@ class NeighborGraph:
         out = np.zeros(self.num_atoms + 1, dtype=np.int64)
         np.cumsum(self.in_degree(), out=out[1:])
         return out
+
+
+def resolve_neighbors(neighbors: str, device=None) -> str:
+    """``neighbors`` (an option value) as the builder to use, ``"vesin"`` or ``"vesin-torch"``:
+    ``"auto"`` is vesin-torch when ``device`` is a CUDA device and vesin-torch is importable,
+    vesin otherwise (the host path stays the default on the CPU)."""
+    if not isinstance(neighbors, str) or neighbors not in NEIGHBORS:
+        raise _fail("neighbors", f"one of {list(NEIGHBORS)}", repr(neighbors))
+    if neighbors != "auto":
+        return neighbors
+    if device is None or _device_type(device) != "cuda":
+        return "vesin"
+    try:
+        _vesin_torch()
+    except ImportError:
+        return "vesin"
+    return "vesin-torch"
+
+
+def _device_type(device) -> str:
+    import torch
+
+    return torch.device(device).type
+
+
+def _vesin_torch():
+    """vesin-torch's module, imported at its first use (``ImportError`` in the house form)."""
+    try:
+        import vesin_torch
+    except ImportError as exc:  # also a build of vesin-torch for another torch (its ABI)
+        import torch
+
+        raise ImportError(
+            f"neighbors: expected vesin-torch importable for neighbors='vesin-torch', got "
+            f"{type(exc).__name__}: {exc}; install with pip install vesin-torch (a build for "
+            f"torch {torch.__version__.split('+')[0]}; or pip install 'distmlip[gpu]'), or use "
+            f"neighbors='vesin'"
+        ) from exc
+    return vesin_torch
+
+
+def device_limit(box: np.ndarray, pbc: np.ndarray, cutoff: float) -> str | None:
+    """Why vesin's CUDA kernel cannot build this system (``None``: it can). It takes a cutoff up
+    to half the width of every periodic direction (the distance between its lattice planes)."""
+    if not pbc.any():
+        return None
+    width = 1.0 / np.linalg.norm(np.linalg.inv(box).T, axis=1)
+    narrow = [int(a) for a in np.flatnonzero(pbc & (2.0 * cutoff > width))]
+    if narrow:
+        return (f"the cell is narrower than twice the cutoff ({cutoff:g} Å) along periodic "
+                f"direction(s) {narrow} (widths {np.round(width[narrow], 3).tolist()} Å)")
+    return None
+
+
+def _device_edges(positions: np.ndarray, box: np.ndarray, pbc: np.ndarray, cutoff: float, device,
+                  canonical: bool | None = None):
+    """The graph's senders, receivers and shifts (host arrays in their stored types, sorted by
+    receiver: ``edge_order``, ``canonical`` off the CPU unless given) built by vesin-torch on
+    ``device``; ``None`` when the device's kernel cannot build this system (``device_limit``, or
+    it failed): the caller builds it on the host."""
+    import torch
+
+    vesin_torch = _vesin_torch()
+    device = torch.device("cpu" if device is None else device)
+    on_host = device.type == "cpu"  # vesin's own CPU code: any system, vesin's order
+    reason = None if on_host else device_limit(box, pbc, cutoff)
+    if reason is None:
+        try:
+            nl = vesin_torch.NeighborList(cutoff=cutoff, full_list=True, sorted=False)
+            i, j, k = nl.compute(points=torch.as_tensor(positions, device=device),
+                                 box=torch.as_tensor(box, device=device),
+                                 periodic=torch.as_tensor(pbc, device=device), quantities="ijS",
+                                 copy=True)
+            del nl
+        except RuntimeError as exc:
+            if on_host:
+                raise
+            reason = f"vesin-torch failed there ({type(exc).__name__}: {exc})"
+    if reason is not None:
+        warnings.warn(f"neighbors='vesin-torch': the graph is built on the host with vesin, not on "
+                      f"{device}: {reason}", RuntimeWarning, stacklevel=3)
+        return None
+    order = edge_order(i, j, k, canonical=not on_host if canonical is None else canonical)
+    index = getattr(torch, index_dtype(len(positions)).name)
+    receivers = i.index_select(0, order).to(index).cpu().numpy()
+    del i
+    senders = j.index_select(0, order).to(index).cpu().numpy()
+    del j
+    k = k.index_select(0, order).cpu().numpy()
+    del order
+    return senders, receivers, k.astype(shift_dtype(k), copy=False)  # NeighborGraph's field order
+
+
+def edge_order(receivers, senders, shifts, canonical: bool):
+    """The permutation (torch, on the tensors' device) that sorts edges by receiver: stable
+    (the library's order within a receiver, as the host path keeps vesin's), or with
+    ``canonical`` by receiver, then sender, then shift (a fixed order whatever order the library
+    gave: least significant key first, each sort stable)."""
+    import torch
+
+    if not canonical:
+        return torch.argsort(receivers, stable=True)
+    order = torch.arange(len(receivers), device=receivers.device)
+    for key in (shifts[:, 2], shifts[:, 1], shifts[:, 0], senders, receivers):
+        order = order.index_select(0, torch.argsort(key.index_select(0, order), stable=True))
+    return order
 
 
 def index_dtype(num_atoms: int) -> np.dtype:

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from ..graph import NeighborGraph
 from ..graph.neighbors import as_ase_atoms, validate_system
 from ..models.base import DistributableModel, has_steps
 from ..options import DEFAULT_SKIN, Options, renamed, unknown_keyword
@@ -204,8 +203,7 @@ class Planner:
             # the graph first: when all at once cannot fit, its build (145 bytes per edge then: it was
             # the peak of a search under a tight budget, 60 MB where the parts chosen needed 34)
             # is not made
-            graph = NeighborGraph.from_arrays(positions, cell, pbc, numbers,
-                                              self.builder.cutoff + self.builder.skin)
+            graph = self.builder.graph(positions, cell, pbc, numbers)
             inside = inside_cutoff(graph, graph.positions, cell, self.builder.cutoff)
             hopeless = memory.part(n, int(inside.sum())) > self.budget
         if not self.sequential and not hopeless:
@@ -302,7 +300,8 @@ def _planner(model, atoms, num_parts, mode, dtype, device, partitioner, skin, ma
     devices = options.devices if what == "minimum" else options.devices[:1]
     dtype = options.torch_dtype or model.dtype
     num_hops = int(model.num_layers) if mode == "extended" else 1
-    builder = Builder(LocalComm(devices), partitioner, mode, num_hops, float(model.cutoff), options.skin)
+    builder = Builder(LocalComm(devices), partitioner, mode, num_hops, float(model.cutoff), options.skin,
+                      options.neighbors)
     planner = Planner(builder, None, model, dtype, options.budget_bytes, options.num_parts)
     return planner, validate_system(atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers)
 

@@ -15,7 +15,7 @@ from ..graph.region import atoms_near
 from ..partition import PartitionPlan
 from ..partition.assign import grid_owners, metis_owners, slab_owners
 from ..partition.plan import build_parts, owned_rows
-from ..typing import Partitioner
+from ..typing import Neighbors, Partitioner
 from .shards import Shard, build_shard, owned_row_offsets
 
 __all__ = ["Builder", "Built", "owners"]
@@ -55,7 +55,8 @@ class Built:
 @dataclass(frozen=True, eq=False)
 class Builder:
     """Builds the parts of a system for ``comm``'s workers (``runtime/comm.py``): ``partitioner``,
-    ``mode`` and ``num_hops`` as for the plan; the graph holds pairs within ``cutoff + skin``."""
+    ``mode`` and ``num_hops`` as for the plan; the graph holds pairs within ``cutoff + skin``,
+    built by ``neighbors`` (``NeighborGraph.from_arrays``) on the first device of ``comm``."""
 
     comm: object
     partitioner: Partitioner
@@ -63,6 +64,12 @@ class Builder:
     num_hops: int
     cutoff: float
     skin: float
+    neighbors: Neighbors = "auto"
+
+    def graph(self, positions, cell, pbc, numbers) -> NeighborGraph:
+        """The neighbour graph (cutoff + skin) of a system (or of a rank's region)."""
+        return NeighborGraph.from_arrays(positions, cell, pbc, numbers, self.cutoff + self.skin,
+                                         self.neighbors, self.comm.devices[0])
 
     def stale(self, b: Built | None, positions, cell, pbc, numbers) -> bool:
         """Whether the build must be redone for this system: a different atom count, periodicity or
@@ -113,7 +120,7 @@ class Builder:
         if comm.world_size == 1:
             # one process holds every part: the region is the whole system
             if graph is None:
-                graph = NeighborGraph.from_arrays(positions, cell, pbc, numbers, radius)
+                graph = self.graph(positions, cell, pbc, numbers)
             t1 = time.perf_counter()
             owner = owners(self.partitioner, positions, cell, pbc, num_parts, graph)
             ids = None
@@ -123,8 +130,7 @@ class Builder:
             if self.partitioner == "metis":  # needs the whole graph: rank 0 partitions
                 owner = None
                 if comm.rank == 0:
-                    owner = metis_owners(NeighborGraph.from_arrays(positions, cell, pbc, numbers,
-                                                                   radius), num_parts)
+                    owner = metis_owners(self.graph(positions, cell, pbc, numbers), num_parts)
                 owner = comm.broadcast_owner(owner, n)
             else:
                 owner = owners(self.partitioner, positions, cell, pbc, num_parts)
@@ -132,8 +138,7 @@ class Builder:
             selected = (owner >= mine.start) & (owner < mine.stop)
             ids = atoms_near(positions, cell, pbc, selected, self.num_hops * radius) if selected.any() \
                 else np.zeros(0, dtype=np.int64)
-            graph = NeighborGraph.from_arrays(positions[ids], cell, pbc, numbers[ids], radius) \
-                if len(ids) else None
+            graph = self.graph(positions[ids], cell, pbc, numbers[ids]) if len(ids) else None
         t2 = time.perf_counter()
         rows = owned_rows(owner, num_parts)
         # only parts that own atoms are built (an empty part has no halo and no edges): a build

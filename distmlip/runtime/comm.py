@@ -50,12 +50,20 @@ class LocalComm:
         return len(self.devices)
 
     def exchanges(self, b, halo: bool) -> list[HaloExchange]:
-        """One exchange per shard of build ``b`` (all parts at once). In extended mode (``halo``
-        false) they refresh nothing but still carry ``global_sum`` between the shards."""
+        """One exchange per shard of build ``b`` (all parts at once), made once per build (their
+        block rows on the devices) and reused at every step with a fresh hub. In extended mode
+        (``halo`` false) they refresh nothing but still carry ``global_sum`` between the shards."""
         if not halo and len(b.shards) == 1:
             return [no_exchange]
         hub = Hub(len(b.shards), self.timeout) if len(b.shards) > 1 else None
-        return [LocalExchange(s, self.device(s), hub, halo=halo) for s in b.shards]
+        made = b.on_device.get(("exchanges", halo))
+        if made is None:
+            made = [LocalExchange(s, self.device(s), hub, halo=halo) for s in b.shards]
+            with b.lock:
+                b.on_device[("exchanges", halo)] = made
+        for e in made:
+            e.start_step(hub)
+        return made
 
     def level_transport(self, b, mode: str) -> None:
         """What carries a sequential evaluation's level exchanges to other ranks: nothing."""
@@ -97,12 +105,25 @@ class TorchComm:
         return self.world_size
 
     def exchanges(self, b, halo: bool) -> list[HaloExchange]:
-        """This rank's exchange (its one shard's), point to point with its peers."""
-        return [P2PExchange(b.shards[0], b.send[0], self.devices[0], self.rank, halo=halo)]
+        """This rank's exchange (its one shard's), point to point with its peers: made once per
+        build and reused at every step, its send and receive buffers too."""
+        made = b.on_device.get(("exchanges", halo))
+        if made is None:
+            made = [P2PExchange(b.shards[0], b.send[0], self.devices[0], self.rank, halo=halo)]
+            with b.lock:
+                b.on_device[("exchanges", halo)] = made
+        made[0].start_step()
+        return made
 
     def level_transport(self, b, mode: str) -> P2PExchange | None:
-        """The point-to-point transport of a sequential evaluation's level exchanges (halo mode)."""
-        return P2PExchange(b.shards[0], b.send[0], self.devices[0], self.rank) if mode == "halo" else None
+        """The point-to-point transport of a sequential evaluation's level exchanges (halo mode).
+        Its buffers are not kept (``reuse`` off): that evaluation bounds its memory, and a level's
+        blocks live only until they are gathered."""
+        if mode != "halo":
+            return None
+        p2p = P2PExchange(b.shards[0], b.send[0], self.devices[0], self.rank)
+        p2p.reuse = False
+        return p2p
 
     def system(self, positions, cell, pbc, numbers):
         """Everyone gets rank 0's system (rank 0's positions are the truth)."""

@@ -12,6 +12,23 @@ all of them in shard order (so every shard holds the identical value, and autogr
 gradients of every shard into each partial sum); across ranks an all-reduce whose backward is an
 all-reduce of the gradients, on the same token chain as the halo exchanges. In extended mode
 (``halo=False``) only ``global_sum`` communicates.
+
+Made once per build (``comm.exchanges`` keeps them on the ``Built``; ``start_step`` resets the
+counters, the token chain and the hub at each evaluation), so their index tensors move to the
+device once. ``P2PExchange`` also keeps its send and receive buffers (``buffers``: per direction,
+peer, trailing shape and dtype), refilled at every call: a received block is read only by the
+``cat`` that follows (which saves nothing for the backward pass), a sent block only until its
+``wait``, a received gradient only by the ``index_add_`` into the owned rows; the gradient
+returned to autograd (``grad``) is made at each call (autograd may keep or add into it). The
+level exchanges of an evaluation one part at a time do not keep them (``reuse`` off: that
+evaluation bounds its memory). ``LocalExchange`` has no buffer to keep: its halo blocks are
+differentiable gathers (``index_select``) whose results autograd tracks, so each call makes them
+(one gather when the shard is alone).
+
+Synchronisation (audited for issue 21, item 4): no call reads a tensor's value on the host
+(no ``.item()``, ``.cpu()``, ``.numpy()``, ``int()``/``bool()`` of a tensor); shapes come from the
+build (block and send row counts) or from the features' ``shape``. ``time.perf_counter`` around a
+P2P exchange times the host's side only (on CUDA the queueing, not the transfer).
 """
 
 from __future__ import annotations
@@ -59,6 +76,15 @@ class LocalExchange(HaloExchange):
         self.hub = hub
         self.blocks = [(source, torch.as_tensor(rows, device=device)) for source, rows in shard.blocks] \
             if halo else []
+        # one shard: every block comes from its own rows, gathered by one index_select
+        self.gather = torch.cat([rows for _, rows in self.blocks]) if hub is None and self.blocks else None
+
+    def start_step(self, hub: Hub | None) -> None:
+        """Reuse this exchange (made once per build) for a new evaluation: counters zeroed, the
+        step's ``hub`` (a fresh barrier: a failed step leaves its own broken)."""
+        self.calls = self.reductions = 0
+        self.seconds = 0.0
+        self.hub = hub
 
     def _global_sum(self, partial: torch.Tensor) -> torch.Tensor:
         if self.hub is None:
@@ -83,7 +109,7 @@ class LocalExchange(HaloExchange):
 
     def _exchange(self, owned: torch.Tensor) -> torch.Tensor:
         if self.hub is None:
-            values = [owned.index_select(0, rows) for _, rows in self.blocks]
+            values = [] if self.gather is None else [owned.index_select(0, self.gather)]
         else:
             self.hub.slots[self.index] = owned
             self.hub.wait()  # every shard has posted its owned rows
@@ -105,7 +131,10 @@ class _P2P(torch.autograd.Function):
         ctx.exchange = exchange
         ctx.meta = (owned.shape, owned.dtype, owned.device)
         received = exchange.swap(owned, backward=False)
-        return (token.clone(), *received)
+        # the received blocks are reused buffers: autograd gets an alias of each (its own tensor,
+        # for its history). Only the ``cat`` of ``_exchange`` reads them and saves nothing, so the
+        # next call may refill them while this call's graph is alive.
+        return (token.clone(), *(r.detach() for r in received))
 
     @staticmethod
     def backward(ctx, grad_token, *grads):
@@ -148,6 +177,26 @@ class P2PExchange(HaloExchange):
         # exchange's backward pass, in the same order, even where features carry no gradient
         self.first_token = torch.zeros((), dtype=torch.float64, device=device, requires_grad=True)
         self.token = self.first_token
+        #: the send and receive buffers, made at their first use and reused while the exchange
+        #: (one per build) lives: ``(direction, peer, trailing shape, dtype) -> tensor``
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.reuse = True  # False: a fresh buffer at every call (the level exchanges: see comm.py)
+
+    def start_step(self) -> None:
+        """Reuse this exchange (made once per build) for a new evaluation: counters zeroed and the
+        token chain restarted at ``first_token``; the buffers stay."""
+        self.calls = self.reductions = 0
+        self.seconds = 0.0
+        self.token = self.first_token
+
+    def _buffer(self, key: tuple, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+        """The buffer ``key`` of ``shape``: the one made at an earlier call when it fits."""
+        buf = self.buffers.get(key) if self.reuse else None
+        if buf is None or buf.shape != shape or buf.device != torch.device(device):
+            buf = torch.empty(shape, dtype=dtype, device=device)
+            if self.reuse:
+                self.buffers[key] = buf
+        return buf
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.halo:
@@ -193,14 +242,19 @@ class P2PExchange(HaloExchange):
             incoming = [(q, len(rows)) for q, rows in zip(self.send_to, self.send_rows, strict=True)]
             shape, dtype, device = meta
         else:
-            outgoing = [(q, tensors.index_select(0, rows).contiguous())
-                        for q, rows in zip(self.send_to, self.send_rows, strict=True)]
-            incoming = self.recv_from
             shape, dtype, device = tensors.shape, tensors.dtype, tensors.device
+            outgoing = []
+            with torch.no_grad():  # data movement: the autograd function carries the gradients
+                for q, rows in zip(self.send_to, self.send_rows, strict=True):
+                    buf = self._buffer(("send", q, tuple(shape[1:]), dtype), (len(rows), *shape[1:]),
+                                       dtype, device)
+                    outgoing.append((q, torch.index_select(tensors, 0, rows, out=buf)))
+            incoming = self.recv_from
         tail = tuple(shape[1:])
         ops, buffers = [], []
+        direction = "grad" if backward else "recv"
         for peer, count in incoming:
-            buf = torch.empty((count, *tail), dtype=dtype, device=device)
+            buf = self._buffer((direction, peer, tail, dtype), (count, *tail), dtype, device)
             buffers.append(buf)
             ops.append(dist.P2POp(dist.irecv, buf, peer))
         for peer, value in outgoing:

@@ -57,7 +57,9 @@ def _compute(replicas: dict, devices: list, b: Built, pieces, exchanges) -> None
         loss = outputs[0].sum() + 0.0 * ex.token.to(outputs[0].device, outputs[0].dtype)
         wrt = [locals_[0].edge_vec, ex.first_token]
     else:
-        loss = sum(o.sum().to(device="cpu", dtype=torch.float64) for o in outputs)
+        # summed on the first shard's device (the value is not used, only its gradient, 1 for
+        # every part): a sum on the host would make the host wait for every device
+        loss = sum(o.sum().to(device=outputs[0].device, dtype=torch.float64) for o in outputs)
         wrt = [lg.edge_vec for lg in locals_]
     if isinstance(loss, torch.Tensor) and loss.requires_grad:
         grads = torch.autograd.grad(loss, wrt, allow_unused=True)[: len(locals_)]

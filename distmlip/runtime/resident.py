@@ -16,6 +16,21 @@ local ``edge_index``, numbers, atom ids) and keeps them on the ``Built``. Every 
    ``results.gather_results`` takes the device sums instead: halo forces go home point to point,
    owned rows are gathered (no O(N) all-reduce).
 
+Synchronisation (audited for issue 21, item 4). Between the model's layers nothing makes the
+host wait for the device: the exchanges (``exchange.py``'s docstring) read no tensor value on the
+host, and ``deposit`` only queues device work (``len`` of a tensor is its shape, known on the
+host). Per step, outside the layers, the host waits for the device at these points only:
+
+- ``device_piece``, per part: ``float(d2.min())`` (the coincident-atom check) and
+  ``torch.nonzero`` of the cutoff mask (the kept edges' count decides the graph's shape, and
+  ``len(idx) == len(vec)`` compares it on the host);
+- ``StepState.flush``: the results' copy to the host (``.cpu()``), once per device;
+- the backward's start (``torch.autograd.grad``) waits for nothing; under a launcher the
+  exchanges' ``req.wait()`` is a host wait on gloo (CPU) and a stream wait on NCCL.
+
+``tests/engine/test_resident.py::test_no_device_sync_between_the_layers`` (CUDA only) runs the
+layers of a 2-part evaluation, forward and backward, in ``torch.cuda.set_sync_debug_mode("error")``.
+
 Measured on one CPU thread (E = 1.26 M edges, N = 23,328, float64; bench/bench_step.py times the
 whole step): forces and virial by NumPy take + bincount 0.052 s; torch ``index_add_`` of a
 (2E, 3) block 0.055 s, two ``index_add_`` 0.082 s (float32 0.072 s), ``torch.bincount`` per

@@ -133,7 +133,8 @@ class Runner:
         for device in self.devices:
             if device not in self.replicas:
                 self.replicas[device] = replica(model, device, self.dtype)
-        self.builder = Builder(self.comm, self.partitioner, self.mode, self.num_hops, self.cutoff, self.skin)
+        self.builder = Builder(self.comm, self.partitioner, self.mode, self.num_hops, self.cutoff, self.skin,
+                               options.neighbors)
         self.planner = Planner(self.builder, self.replicas[self.devices[0]], model, self.dtype, self.budget,
                                parts, sequential)
         # per forward, the kinds of its communicating calls, "halo_exchange" (halo mode) or

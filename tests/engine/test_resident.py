@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from distmlip import DistributedCalculator
-from distmlip.models.base import no_exchange
+from distmlip.models.base import DistributableModel, no_exchange
 from distmlip.runtime.local import add_edge_terms, host_piece, run_model
 
 from support import make_schnet, salt
@@ -113,3 +113,77 @@ def test_coincident_atoms_refused_between_rebuilds():
     assert not runner.builder.stale(runner._built, bad, atoms.cell.array, atoms.pbc, atoms.numbers)
     with pytest.raises(ValueError, match=r"positions: expected atoms at least .* atoms 3 and 7"):
         runner.evaluate(bad, atoms.cell.array, atoms.pbc, atoms.numbers)
+
+
+
+class _Streams(DistributableModel):
+    """A float64 message-passing model with nothing that synchronises (no ``.item()``, no
+    data-dependent shapes): two feature streams exchanged at every layer."""
+
+    def __init__(self, cutoff=4.5, layers=3, width=8):
+        super().__init__()
+        self.cutoff, self.num_layers = cutoff, layers
+        g = torch.Generator().manual_seed(0)
+        self.table = torch.nn.Parameter(torch.randn(100, width, generator=g, dtype=torch.float64))
+        self.mix = torch.nn.Parameter(0.3 * torch.randn(layers, width, width, generator=g,
+                                                        dtype=torch.float64))
+
+    def forward(self, graph):
+        r = torch.linalg.vector_norm(graph.edge_vec, dim=-1)
+        w = torch.cos(r * torch.pi / self.cutoff) + 1
+        src, dst = graph.edge_index
+        a = self.table[graph.numbers]
+        b = torch.tanh(a)
+        for k in range(self.num_layers):
+            if k > 0:
+                b = graph.halo_exchange(b)
+                a = graph.halo_exchange(a)
+            a, b = (a + torch.zeros_like(a).index_add(0, dst, w[:, None] * torch.tanh(b[src])),
+                    b + torch.zeros_like(b).index_add(0, dst, w[:, None] * torch.tanh(a[src] @ self.mix[k])))
+        return (a * b).sum(-1)
+
+
+def _two_parts(device: str, monkeypatch, strict: bool):
+    """A 2-part evaluation on two workers of ``device`` (threads, exchanges at every layer) with
+    ``_compute`` (the model's layers forward and backward, the deposits) in CUDA's sync debug
+    mode ``"error"`` if ``strict``; returns it and the one-part result."""
+    import distmlip.runtime.parallel as parallel
+
+    original = parallel._compute
+
+    def compute(*args, **kwargs):
+        if not strict:
+            return original(*args, **kwargs)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return original(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    atoms = salt()
+    model = _Streams()
+    want = DistributedCalculator(model, 1, device=device).runner.evaluate(
+        atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers)
+    monkeypatch.setattr(parallel, "_compute", compute)
+    runner = DistributedCalculator(model, 2, device=[device, device]).runner
+    out = runner.evaluate(atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers)
+    assert runner.last_exchange_calls == 4
+    return out, want
+
+
+def test_two_parts_of_the_sync_free_model(monkeypatch):
+    """The run the CUDA test below makes, on the CPU: two parts equal one (float64, 1e-10)."""
+    out, want = _two_parts("cpu", monkeypatch, strict=False)
+    assert np.abs(out.forces - want.forces).max() <= 1e-10 * max(np.abs(want.forces).max(), 1.0)
+    assert abs(out.energy - want.energy) <= 1e-10 * max(abs(want.energy), 1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (sync debug mode is CUDA's)")
+def test_no_device_sync_between_the_layers(monkeypatch):
+    """With ``torch.cuda.set_sync_debug_mode("error")`` around the layers (forward, exchanges,
+    backward, deposits) of a 2-part GPU evaluation, nothing makes the host wait for the device
+    (an error otherwise). The per-step scalars outside the layers (resident.py's docstring) run
+    before the mode is set."""
+    out, want = _two_parts("cuda", monkeypatch, strict=True)
+    assert np.abs(out.forces - want.forces).max() <= 1e-10 * max(np.abs(want.forces).max(), 1.0)

@@ -133,6 +133,18 @@ def test_world_size_mismatch_is_an_error():
     assert "num_parts: expected a multiple of the number of processes (2)" in out, out[-3000:]
 
 
+def test_exchange_buffers_are_reused_between_steps():
+    """The point-to-point exchange of a build and its send and receive buffers are made once: a
+    second step without a rebuild uses the same buffers (data_ptr), every call refilling them,
+    and both steps equal the single-process results."""
+    proc, _ = launch("torchrun", 2, "buffers.py", timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    for rank in range(2):
+        assert re.search(rf"rank {rank}: \d+ buffers \['grad', 'recv', 'send'\], same buffers True, "
+                         r"4 exchanges", out), out[-4000:]
+
+
 def test_independent_exchanges_stay_ordered_across_ranks():
     """Two feature tensors exchanged per layer, unordered by the data: the token chain keeps every
     rank's backward exchanges in the same order (no deadlock, no mixed-up gradients)."""

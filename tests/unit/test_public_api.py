@@ -139,13 +139,15 @@ def _model():
 
 #: calculator option -> (its alias, a value outside it)
 OPTIONS = {"mode": (dt.Mode, "ghost"), "partitioner": (dt.Partitioner, "kmeans"),
-           "backend": (dt.Backend, "nccl"), "dtype": (dt.DTypeName, "float16")}
+           "backend": (dt.Backend, "nccl"), "dtype": (dt.DTypeName, "float16"),
+           "neighbors": (dt.Neighbors, "cuda")}
 
 
 def test_the_aliases_and_their_tuples_agree():
     assert dt.MODES == typing.get_args(dt.Mode) == ("halo", "extended")
     assert dt.PARTITIONERS == typing.get_args(dt.Partitioner) == ("grid", "slab", "metis")
     assert dt.BACKENDS == typing.get_args(dt.Backend) == ("auto", "local", "torch")
+    assert dt.NEIGHBORS == typing.get_args(dt.Neighbors) == ("auto", "vesin", "vesin-torch")
     assert dt.DTYPE_NAMES == typing.get_args(dt.DTypeName) == ("float32", "float64")
     for name in dt.DTYPE_NAMES:
         assert isinstance(getattr(torch, name), torch.dtype)
