@@ -3,7 +3,8 @@ against the host path it replaced, and the bytes that cross host <-> device per 
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_step.py      # writes bench/results/step.md
 
-For each model (SchNet float32 and Lennard-Jones float64 on FCC Cu 18x18x18, 23,328 atoms) and
+For each model (SchNet float32 and Lennard-Jones float64 on FCC Cu 18x18x18, 23,328 atoms;
+SevenNet-0 float32 on 480 Cu atoms) and
 each code (this checkout; ``--baseline REV``, default the commit before the device step, exported
 with ``git archive`` into a temporary directory), one fresh process with one torch thread: build
 once, then ``--steps`` timed ``Runner.evaluate`` calls at positions moved by at most 0.01 Å from
@@ -33,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import launch, main_or_worker, write_result  # noqa: E402
+from _harness import gather_max, launch, main_or_worker, write_result  # noqa: E402
 
 RESULT = ROOT / "bench" / "results" / "step.md"
 BASELINE = "498bb60"  # the last commit before runtime/resident.py
@@ -41,7 +42,9 @@ BASELINE = "498bb60"  # the last commit before runtime/resident.py
 MODELS = {
     "schnet": "SchNet (3 interactions, 32 channels, cutoff 5 Å, float32, random weights)",
     "lj": "Lennard-Jones (ε 0.4 eV, σ 2.3 Å, cutoff 5 Å, float64)",
+    "sevennet": "SevenNet-0 (pretrained, float32) on FCC Cu 4x5x6 cubic cells, 480 atoms",
 }
+DEFAULT_MODELS = ("schnet", "lj", "sevennet")
 
 
 def log(msg: str) -> None:
@@ -59,12 +62,19 @@ def worker(job: dict) -> dict:
     from distmlip.runtime.local import local_edges, local_graph, run_model
 
     torch.set_num_threads(1)
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((job["reps"],) * 3)
+    reps = (4, 5, 6) if job["model"] == "sevennet" else (job["reps"],) * 3
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(reps)
     atoms.rattle(0.05, seed=1)
     if job["model"] == "schnet":
         model, dtype = SchNet(cutoff=5.0, num_interactions=3, hidden_channels=32, seed=1), "float32"
+    elif job["model"] == "sevennet":
+        import distmlip
+
+        model, dtype = distmlip.load("sevennet-0"), "float32"
     else:
         model, dtype = LennardJones(epsilon=0.4, sigma=2.3, cutoff=5.0), "float64"
+    if job.get("ranks"):
+        return traffic(model, dtype, atoms)
     calc = DistributedCalculator(model, 1, dtype=dtype, skin=0.5)
     runner = calc.runner
     cell, pbc, numbers = atoms.cell.array, atoms.pbc, atoms.numbers
@@ -98,6 +108,7 @@ def worker(job: dict) -> dict:
         outside_edges.append(runner.timings["edges"])
     if runner.graph_builds != 1:
         raise RuntimeError(f"expected no rebuild after the first, got {runner.graph_builds} builds")
+    host = host_only(runner, moved, cell, pbc, numbers, parallel)
     b = runner._built
     (shard,) = b.shards
     device = runner.comm.device(shard)
@@ -123,7 +134,59 @@ def worker(job: dict) -> dict:
             "step": float(np.median(steps)), "step_min": float(min(steps)),
             "edges_s": float(np.median(outside_edges)), "model": float(min(model_s)),
             "outside": float(np.median(outside)), "outside_min": float(min(outside)),
-            "into": into, "back": back}
+            "into": into, "back": back, **host}
+
+
+def host_only(runner, positions, cell, pbc, numbers, parallel) -> dict:
+    """One more step under torch's profiler: the step's time outside the model less the CPU time
+    of the torch operators run outside the model (their own time, dispatch included) = the
+    host's Python and NumPy work between rebuilds (on a GPU the operators run on the device)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    spans, clock = [], time.perf_counter
+    run_model, grad = parallel.run_model, torch.autograd.grad
+
+    def spanned(fn):
+        def call(*a, **k):
+            t0 = clock()
+            try:
+                with torch.profiler.record_function("bench:model"):
+                    return fn(*a, **k)
+            finally:
+                spans.append(clock() - t0)
+        return call
+
+    parallel.run_model, torch.autograd.grad = spanned(run_model), spanned(grad)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = clock()
+            runner.evaluate(positions, cell, pbc, numbers)
+            step = clock() - t0
+    finally:
+        parallel.run_model, torch.autograd.grad = run_model, grad
+    inside = sum(spans)
+    # the operators outside the model: top-level events other than the model's ranges (whose
+    # operators are their children), their inclusive CPU time
+    ops = sum(e.cpu_time_total for e in prof.events()
+              if e.cpu_parent is None and e.name != "bench:model") * 1e-6
+    return {"host_only": max(step - inside - ops, 0.0), "ops_outside": ops, "profiled_step": step}
+
+
+def traffic(model, dtype, atoms) -> dict | None:
+    """Under ``mpirun -n 2``: the result bytes each rank sends a step (``Runner.result_bytes_sent``)
+    against the (4N + 9) float64 all-reduce it replaced (a ring all-reduce sends
+    2 (P - 1) / P of the buffer per rank)."""
+    from distmlip import DistributedCalculator
+
+    calc = DistributedCalculator(model, dtype=dtype, skin=0.5)
+    runner = calc.runner
+    runner.evaluate(atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers)
+    runner.evaluate(atoms.positions + 0.01, atoms.cell.array, atoms.pbc, atoms.numbers)
+    p, n = runner.world_size, len(atoms)
+    res = {"atoms": n, "ranks": p, "sent": int(getattr(runner, "result_bytes_sent", 0)),
+           "allreduce": int(2 * (p - 1) / p * 8 * (4 * n + 9))}
+    return gather_max(res, maximum=("sent",))
 
 
 def baseline_tree(rev: str, where: str) -> Path:
@@ -136,7 +199,7 @@ def baseline_tree(rev: str, where: str) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS))
     parser.add_argument("--reps", type=int, default=18, help="FCC cells per side (18: 23,328 atoms)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--baseline", default=BASELINE, help="the host-path commit to compare with")
@@ -157,6 +220,9 @@ def main() -> None:
                     res[code] = launch(__file__, job, timeout=args.timeout, code=tree)
                     log(f"{name} {code}: {res[code]}")
                 rows.append((name, res))
+            job = {"model": "lj", "reps": args.reps, "steps": 1, "ranks": 2}
+            rows.append(("traffic", launch(__file__, job, timeout=args.timeout, procs=2)))
+            log(f"traffic: {rows[-1][1]}")
         RESULT.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     render(rows, args)
 
@@ -176,24 +242,40 @@ def render(rows: list, args) -> None:
         f"with other jobs (1-min load {load:.2f} at the end), Python {platform.python_version()}.",
         "",
         "| model | code | atoms | edges (kept / graph) | s/step | vs host | model s | outside s "
-        "| outside ns/edge | outside µs/atom | edge stage s | bytes in / out per step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| outside ns/edge | outside µs/atom | host-only µs/atom | edge stage s "
+        "| bytes in / out per step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    moved = None
     for name, res in rows:
+        if name == "traffic":
+            moved = res
+            continue
         for code in ("host", "device"):
             r = res[code]
             outside = r["outside"]
+            host = f"{1e6 * r['host_only'] / r['atoms']:.2f}" if "host_only" in r else "-"
             lines.append(
                 f"| {name} | {code} | {r['atoms']:,} | {r['edges']:,} / {r['graph_edges']:,} | "
                 f"{r['step_min']:.3f} | {r['step_min'] / res['host']['step_min']:.3f}× | {r['model']:.3f} | "
                 f"{outside:.3f} | {1e9 * outside / r['edges']:.1f} | {1e6 * outside / r['atoms']:.2f} | "
-                f"{r['edges_s']:.3f} | {r['into']:,} / {r['back']:,} |")
+                f"{host} | {r['edges_s']:.3f} | {r['into']:,} / {r['back']:,} |")
+    if moved:
+        lines += ["", f"Results over ranks (`mpirun -n {moved['ranks']}`, Lennard-Jones, "
+                  f"{moved['atoms']:,} atoms, one part per rank): each rank sends "
+                  f"{moved['sent']:,} bytes of results a step (its owned rows, its halo atoms' "
+                  f"forces, its virial; the largest over ranks) against {moved['allreduce']:,} for "
+                  f"the (4N + 9) float64 all-reduce it replaced (ring: 2 (P - 1) / P of the buffer): "
+                  f"{moved['sent'] / moved['allreduce']:.2f}×."]
     lines += ["", "Models: " + "; ".join(f"{k}: {MODELS[k]}" for k in args.models) + ".", "",
               "model s: forward + backward of the model alone on the same graph (best of the "
               "steps); outside s: each step's time less the time spent in the model's forward and "
               "backward during it (`run_model` and `torch.autograd.grad`, timed in the step), "
               "median (edge vectors, cutoff mask, coincident check, graph assembly, force scatter "
-              "and virial, the copies, the runner). edge stage s: "
+              "and virial, the copies, the runner). host-only: one more step under torch's profiler, the "
+              "outside time less the CPU time of the torch operators run outside the model (the "
+              "host's Python and NumPy work between rebuilds; on a GPU the operators run on the "
+              "device). edge stage s: "
               "the runner's `timings['edges']` (making the local graphs). Bytes: counted from the "
               "sizes each code moves (see the module docstring); on a CPU they are not copied."]
     write_result(RESULT, lines)

@@ -52,6 +52,16 @@ SLOW = {
         "RealAgnosticInteractionBlock-RealAgnosticResidualInteractionBlock",),
     "adapters/test_mace.py::test_steps_of_every_variant": ("residual",),  # 4-7 s each
     "adapters/test_mace.py::test_max_memory_budget_takes_the_steps": (),  # 40 s (calibration)
+    # session 11, make test at 4:37-5:12: the checks below are covered in make test by a cheaper one
+    "adapters/test_mace.py::TestMACEBattery::test_battery_finite_difference_forces": (),  # 15-20 s
+    "adapters/test_mace.py::test_steps_with_empty_parts_and_two_workers": (),  # 8 s
+    "adapters/test_mace.py::test_other_forward_keeps_the_generic_path": (),  # 6 s
+    "adapters/test_sevenn.py::test_exchange_is_needed": (),  # 9 s (test_wrap's example: the same)
+    "adapters/test_wrap.py::test_custom_model_example_fails_without_the_exchange": (),  # 7 s
+    "adapters/test_matgl.py::test_warp_built_model_is_rebuilt_without_warp": (),  # 7 s
+    "cli/test_md_robust.py::test_nothing_to_do_writes_nothing": (),  # 7 s (a subprocess)
+    "engine/test_device_errors.py::test_out_of_memory_under_a_budget_names_the_budget": (),
+    "mpi/test_mpi.py::test_exchange_buffers_are_reused_between_steps": (),  # a torchrun launch
     # CHGNet (~80 s)
     "adapters/test_chgnet.py::TestCHGNetBattery::test_battery_matches_calculator_and_split": ("slab",),
     "adapters/test_chgnet.py::test_float32_as_accurate_as_chgnet": ("slab",),
