@@ -75,7 +75,9 @@ def worker(job: dict) -> dict:
         model, dtype = LennardJones(epsilon=0.4, sigma=2.3, cutoff=5.0), "float64"
     if job.get("ranks"):
         return traffic(model, dtype, atoms)
-    calc = DistributedCalculator(model, 1, dtype=dtype, skin=0.5)
+    device = job.get("device", "cpu")
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    calc = DistributedCalculator(model, 1, dtype=dtype, skin=0.5, device=device)
     runner = calc.runner
     cell, pbc, numbers = atoms.cell.array, atoms.pbc, atoms.numbers
     runner.evaluate(atoms.positions, cell, pbc, numbers)
@@ -87,10 +89,12 @@ def worker(job: dict) -> dict:
 
     def timed(fn):
         def call(*a, **k):
+            sync()
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
+                sync()
                 inside[0] += time.perf_counter() - t0
         return call
 
@@ -120,9 +124,11 @@ def worker(job: dict) -> dict:
     for _ in range(job["steps"]):
         local = local_graph(b.graph.numbers[shard.atoms], edge_index, vec, no_exchange, shard.atoms,
                             cell, shard.num_owned, shard.num_owned, runner.dtype, device)
+        sync()
         t0 = time.perf_counter()
         out = run_model(replica, local)
         torch.autograd.grad(out.sum(), [local.edge_vec])
+        sync()
         model_s.append(time.perf_counter() - t0)
     size = torch.tensor([], dtype=runner.dtype).element_size()
     if job["code"] == "device":
@@ -213,13 +219,18 @@ def main() -> None:
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
             old = baseline_tree(args.baseline, tmp)
-            for name in args.models:
+            import torch
+
+            # the GPU section: the same rows on CUDA where there is one (not on this machine)
+            devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+            for device, name in ((d, m) for d in devices for m in args.models):
                 res = {}
                 for code, tree in (("host", old), ("device", ROOT)):
-                    job = {"model": name, "reps": args.reps, "steps": args.steps, "code": code}
+                    job = {"model": name, "reps": args.reps, "steps": args.steps, "code": code,
+                           "device": device}
                     res[code] = launch(__file__, job, timeout=args.timeout, code=tree)
-                    log(f"{name} {code}: {res[code]}")
-                rows.append((name, res))
+                    log(f"{name} {device} {code}: {res[code]}")
+                rows.append((name if device == "cpu" else f"{name} ({device})", res))
             job = {"model": "lj", "reps": args.reps, "steps": 1, "ranks": 2}
             rows.append(("traffic", launch(__file__, job, timeout=args.timeout, procs=2)))
             log(f"traffic: {rows[-1][1]}")
@@ -260,6 +271,9 @@ def render(rows: list, args) -> None:
                 f"{r['step_min']:.3f} | {r['step_min'] / res['host']['step_min']:.3f}× | {r['model']:.3f} | "
                 f"{outside:.3f} | {1e9 * outside / r['edges']:.1f} | {1e6 * outside / r['atoms']:.2f} | "
                 f"{host} | {r['edges_s']:.3f} | {r['into']:,} / {r['back']:,} |")
+    if not any(name.endswith("(cuda)") for name, _ in rows):
+        lines += ["", "GPU section: not run (no CUDA device on this machine); where torch sees one, "
+                  "the same rows run again with `device='cuda'` (named `<model> (cuda)`)."]
     if moved:
         lines += ["", f"Results over ranks (`mpirun -n {moved['ranks']}`, Lennard-Jones, "
                   f"{moved['atoms']:,} atoms, one part per rank): each rank sends "
