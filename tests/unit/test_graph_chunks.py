@@ -115,3 +115,14 @@ def test_chunked_build_peaks_near_the_compact_graph():
     assert got["chunked"]
     assert got["peak"] <= 32 * got["edges"], got["peak"] / got["edges"]
     assert 0.75 <= got["predicted"] / got["peak"] <= 1.25, got
+
+
+def test_chunks_built_by_vesin_torch_on_the_cpu_are_the_same_graph():
+    """neighbors="vesin-torch" on the CPU runs vesin's own code: chunked, the same graph too."""
+    pytest.importorskip("vesin_torch")
+    for name, (make, cutoff) in SYSTEMS.items():
+        atoms = make()
+        args = (atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers, cutoff)
+        chunked = graph_in_chunks(*args, neighbors="vesin-torch", device="cpu", share=0.3)
+        assert chunked.chunked, name
+        _same(chunked, NeighborGraph.from_arrays(*args))
