@@ -117,6 +117,9 @@ class NeighborGraph:
         senders, receivers: (E,) atom indices, int32 (int64 from 2^31 atoms: ``index_dtype``).
         shifts: (E, 3) integer lattice shifts of the sender image, int8 (int32 if a shift
             exceeds 127 cells: ``shift_dtype``).
+        build_edges: the most edges one vesin call listed while the graph was built: all of them
+            built at once (``from_arrays``), the largest chunk's built in chunks
+            (``graph.chunks.graph_in_chunks``); the build's transient memory scales with it.
 
     The compact types keep a large system's graph at 11 bytes an edge (40 as int64). Index with
     them as they are (numpy accepts any integer array); convert before arithmetic that could
@@ -131,6 +134,16 @@ class NeighborGraph:
     senders: np.ndarray
     receivers: np.ndarray
     shifts: np.ndarray
+    build_edges: int = -1  # -1: num_edges (set by __post_init__)
+
+    def __post_init__(self):
+        if self.build_edges < 0:
+            object.__setattr__(self, "build_edges", len(self.senders))
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the graph was built in chunks (fewer edges listed at once than it holds)."""
+        return self.build_edges < len(self.senders)
 
     @classmethod
     def from_arrays(cls, positions, cell, pbc, numbers, cutoff: float, neighbors: str = "vesin",

@@ -18,11 +18,11 @@ from .comm import LocalComm
 from .local import inside_cutoff, replica
 from .memory import (
     CALL_BYTES_PER_EDGE,
-    GRAPH_BUILD_BYTES_PER_EDGE,
     GRAPH_BYTES_PER_EDGE,
     PLAN_BYTES_PER_EDGE,
     MemoryModel,
     calibrate,
+    graph_build_bytes,
     release_memory_eagerly,
 )
 
@@ -177,13 +177,14 @@ class Planner:
         # the largest one-atom part (what the most parts reach; at most this): the floor estimates
         # the peak of the finest partition, which the budget search tries last
         smallest = memory.part(1, max_degree, max_listed) + CALL_BYTES_PER_EDGE * max_listed
+        build = graph_build_bytes(graph) if graph is not None else 0.0
 
         def total(workers: list[float]) -> float:
             """The peak from each worker's bytes: on a GPU each device holds its worker alone; on
             CPU the process holds them all, the host arrays, and the graph while it is built."""
             if self.builder.comm.devices[0].type == "cuda":
                 return max(workers, default=0.0)
-            return max(host + sum(workers), GRAPH_BUILD_BYTES_PER_EDGE * num_edges)
+            return max(host + sum(workers), build)
 
         return {"peak": float(total([s + a for s, a in zip(stored, acts, strict=True)])),
                 "fixed": float(total(stored)), "largest_part": max(acts, default=0.0),
@@ -202,8 +203,8 @@ class Planner:
         if self.sequential is None and comm.world_size == 1:
             # the graph first: when all at once cannot fit, its build (145 bytes per edge then: it was
             # the peak of a search under a tight budget, 60 MB where the parts chosen needed 34)
-            # is not made
-            graph = self.builder.graph(positions, cell, pbc, numbers)
+            # is not made; built in chunks, at a peak near its stored size (graph_build_bytes)
+            graph = self.builder.graph(positions, cell, pbc, numbers, chunked=True)
             inside = inside_cutoff(graph, graph.positions, cell, self.builder.cutoff)
             hopeless = memory.part(n, int(inside.sum())) > self.budget
         if not self.sequential and not hopeless:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..graph import NeighborGraph
+from ..graph.chunks import graph_in_chunks
 from ..graph.neighbors import complete_cell
 from ..graph.region import atoms_near
 from ..partition import PartitionPlan
@@ -66,10 +67,13 @@ class Builder:
     skin: float
     neighbors: Neighbors = "auto"
 
-    def graph(self, positions, cell, pbc, numbers) -> NeighborGraph:
-        """The neighbour graph (cutoff + skin) of a system (or of a rank's region)."""
-        return NeighborGraph.from_arrays(positions, cell, pbc, numbers, self.cutoff + self.skin,
-                                         self.neighbors, self.comm.devices[0])
+    def graph(self, positions, cell, pbc, numbers, chunked: bool = False) -> NeighborGraph:
+        """The neighbour graph (cutoff + skin) of a system (or of a rank's region); ``chunked``:
+        built chunk by chunk (the same graph at a peak near its stored size, for a bounded memory:
+        ``graph.chunks.graph_in_chunks``)."""
+        build = graph_in_chunks if chunked else NeighborGraph.from_arrays
+        return build(positions, cell, pbc, numbers, self.cutoff + self.skin, self.neighbors,
+                     self.comm.devices[0])
 
     def stale(self, b: Built | None, positions, cell, pbc, numbers) -> bool:
         """Whether the build must be redone for this system: a different atom count, periodicity or
@@ -111,7 +115,8 @@ class Builder:
               graph: NeighborGraph | None = None, sequential: bool = False) -> Built:
         """Owners, the graph of this process's region (``graph``: the whole system's, if already
         built), the parts, the shards (``sequential``: compact, for parts evaluated one at a time)
-        and the exchange handshake; ``times`` gets the seconds of each stage."""
+        and the exchange handshake; ``times`` gets the seconds of each stage. With ``sequential``
+        the graph is built in chunks (``graph``: the same graph, a lower peak)."""
         radius = self.cutoff + self.skin
         n = len(positions)
         t0 = time.perf_counter()
@@ -120,7 +125,7 @@ class Builder:
         if comm.world_size == 1:
             # one process holds every part: the region is the whole system
             if graph is None:
-                graph = self.graph(positions, cell, pbc, numbers)
+                graph = self.graph(positions, cell, pbc, numbers, sequential)
             t1 = time.perf_counter()
             owner = owners(self.partitioner, positions, cell, pbc, num_parts, graph)
             ids = None
@@ -138,7 +143,8 @@ class Builder:
             selected = (owner >= mine.start) & (owner < mine.stop)
             ids = atoms_near(positions, cell, pbc, selected, self.num_hops * radius) if selected.any() \
                 else np.zeros(0, dtype=np.int64)
-            graph = self.graph(positions[ids], cell, pbc, numbers[ids]) if len(ids) else None
+            graph = self.graph(positions[ids], cell, pbc, numbers[ids], sequential) if len(ids) \
+                else None
         t2 = time.perf_counter()
         rows = owned_rows(owner, num_parts)
         # only parts that own atoms are built (an empty part has no halo and no edges): a build

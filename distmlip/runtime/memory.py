@@ -43,6 +43,14 @@ GRAPH_BYTES_PER_EDGE = 11  # NeighborGraph: senders, receivers (4 + 4), shifts (
 # while building: vesin's output (28), the sort order (8) and the compact copies (measured 52.6
 # on 108,000 Al atoms, 4.5 M edges; 90.7 when the copies were int64)
 GRAPH_BUILD_BYTES_PER_EDGE = 56
+# built in chunks (bounded memory): the kept pieces (11), one whole array while they are
+# scattered into it (4) with their places, the heap's holes between pieces (~3); per atom the
+# chunking's own arrays (fractional coordinates, grid cells, chunk ids, degrees, offsets: ~100);
+# on top of one chunk's build (GRAPH_BUILD_BYTES_PER_EDGE of its edges). Measured on Al at 5.5 Å
+# (fresh processes, both allocator modes): 32,000 atoms 22.6-28.7 bytes an edge in all (predicted
+# 24.3), 108,000 atoms 21.2-21.8 (predicted 24.0)
+GRAPH_CHUNKED_BYTES_PER_EDGE = 18
+GRAPH_CHUNKED_BYTES_PER_ATOM = 100
 PLAN_BYTES_PER_EDGE = 12  # per part: edge ids (4) and local edge_index (2 x 4)
 CALL_BYTES_PER_EDGE = 64  # per call, numpy: vectors (24), kept copies, gradients (24), masks
 PROBE_TARGET_BYTES = 150e6  # the first calibration probe grows until it adds about this much
@@ -51,6 +59,17 @@ PROBE_TARGET_BYTES = 150e6  # the first calibration probe grows until it adds ab
 MIN_PROBE_BYTES = 4e6
 DENSE_PROBE_WEIGHT = 0.1  # weight of the compressed probes in the calibration fit
 OUTLIER = 0.08  # a probe this far (relative) from the fit is measured again
+
+
+def graph_build_bytes(graph: NeighborGraph) -> float:
+    """The predicted peak of building ``graph`` (bytes): vesin's output and the compact copies
+    for every edge built at once; in chunks, the largest chunk's, the pieces kept and the
+    chunking's per-atom arrays."""
+    if graph.chunked:
+        return float(GRAPH_BUILD_BYTES_PER_EDGE * graph.build_edges
+                     + GRAPH_CHUNKED_BYTES_PER_EDGE * graph.num_edges
+                     + GRAPH_CHUNKED_BYTES_PER_ATOM * graph.num_atoms)
+    return float(GRAPH_BUILD_BYTES_PER_EDGE * graph.num_edges)
 
 
 class PeakMeter:
