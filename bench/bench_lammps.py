@@ -62,6 +62,7 @@ PACKAGES = {"sevennet": "sevenn", "chgnet": "chgnet"}
 def structure(kind: str, size: str):
     """The system: FCC Cu (``size`` cubic cells per edge) or rutile TiO2 (``size`` = AxBxC cells),
     rattled by 0.05 Å; orthogonal cells (LAMMPS's box is the cell as it is)."""
+    import numpy as np
     from ase.build import bulk
     from ase.spacegroup import crystal
 
@@ -72,25 +73,10 @@ def structure(kind: str, size: str):
         reps = tuple(int(x) for x in size.split("x"))
         atoms = crystal(["Ti", "O"], basis=[(0, 0, 0), (0.3048, 0.3048, 0)], spacegroup=136,
                         cellpar=[4.594, 4.594, 2.959, 90, 90, 90]).repeat(reps)
+    atoms.set_cell(np.diag(atoms.cell.lengths()))  # exactly orthogonal (LAMMPS's frame)
     atoms.rattle(0.05, seed=0)
     atoms.wrap()
     return atoms
-
-
-def write_data(path: Path, atoms, elements: list[str]) -> None:
-    """A LAMMPS data file (atom style atomic) of ``atoms`` (orthogonal cell from the origin)."""
-    from ase.data import atomic_masses, atomic_numbers
-
-    lengths = atoms.cell.lengths()
-    lines = ["distmlip bench_lammps", "", f"{len(atoms)} atoms", f"{len(elements)} atom types", ""]
-    lines += [f"0 {x:.17g} {lo}lo {lo}hi" for x, lo in zip(lengths, "xyz", strict=True)]
-    lines += ["", "Masses", ""]
-    lines += [f"{t} {atomic_masses[atomic_numbers[e]]}" for t, e in enumerate(elements, start=1)]
-    lines += ["", "Atoms # atomic", ""]
-    types = {e: t for t, e in enumerate(elements, start=1)}
-    lines += [f"{i} {types[s]} {x:.17g} {y:.17g} {z:.17g}" for i, (s, (x, y, z))
-              in enumerate(zip(atoms.get_chemical_symbols(), atoms.positions, strict=True), start=1)]
-    path.write_text("\n".join(lines) + "\n")
 
 
 INPUT = """\
@@ -122,11 +108,11 @@ def run_lammps(workdir: Path, so: Path, family: str, atoms, steps: int, skin: fl
                timeout: float) -> dict:
     """``mpirun -n ranks lmp`` on ``atoms``: wall and CPU seconds of the ``steps`` steps, neighbour
     list builds, the final potential energy, and the whole command's wall time."""
-    from distmlip.drivers.lammps import mpich_lib_dir
+    from distmlip.drivers.lammps import mpich_lib_dir, write_lammps_data
 
     model, dtype = FAMILIES[family][:2]
     elements = sorted(set(atoms.get_chemical_symbols()))
-    write_data(workdir / "data.lmp", atoms, elements)
+    write_lammps_data(workdir / "data.lmp", atoms, elements, title="distmlip bench_lammps")
     (workdir / "in.lmp").write_text(INPUT.format(
         model=model, dtype=dtype, elements=" ".join(elements), skin=skin, temperature=TEMPERATURE,
         timestep=TIMESTEP_FS / 1000, steps=steps))
