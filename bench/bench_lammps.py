@@ -19,11 +19,15 @@ busy-wait in MPI calls, so a rank waiting for the other counts as busy).
 The overhead is LAMMPS 1 rank / distmlip, the speedup LAMMPS 1 rank / LAMMPS RANKS ranks.
 
 Usage:
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_lammps.py [--families lj schnet sevennet chgnet]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_lammps.py [--families lj schnet sevennet ...]
         [--steps N] [--size S] [--ranks 2] [--skin 1.0] [--quick]
 Writes bench/results/lammps.md (``--quick``: small systems, few steps, a check that everything
 runs: printed only, unless ``--output``). Needs the plugin (``make lammps``: built here if missing)
-and, per family, its package (sevenn, chgnet); a family that cannot run is a row saying why.
+and, per family, its package (sevenn, chgnet, mace, nequip, allegro, matgl, fairchem, mattersim,
+orb_models); a family that cannot run is a row saying why. Families: Lennard-Jones and SchNet
+(distmlip's reference models), SevenNet-0 and CHGNet 0.3.0 (pretrained, shipped in their
+packages) and the random modules the LAMMPS tests run (tests/support/adapters.py: MACE, NequIP,
+Allegro, TensorNet, M3GNet, UMA, MatterSim, Orb), each on FCC Cu of a size its speed allows.
 """
 
 from __future__ import annotations
@@ -42,26 +46,52 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as harness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's distmlip (its workers and lmp's get it too)
 RESULTS = ROOT / "bench" / "results"
 BIN = Path(sys.executable).parent
 TIMESTEP_FS = 2.0
 TEMPERATURE = 300.0
 
 #: family -> (pair_style model, dtype, structure, full size, full steps, quick size, quick steps);
-#: size: FCC Cu cubic cells per edge (4 atoms each) or rutile TiO2 cells (6 atoms each) as AxBxC
+#: size: FCC Cu cubic cells per edge (4 atoms each) or rutile TiO2 cells (6 atoms each) as AxBxC;
+#: model None: the small random module of the LAMMPS tests (``SAVED``), saved with ``torch.save``
+#: (its file is the pair_style model); dtype "": the model's own
 FAMILIES = {
     "lj": ("lj:epsilon=0.4,sigma=2.3,cutoff=5.0", "float64", "cu", "10", 200, "4", 20),
     "schnet": ("schnet:cutoff=5.0,num_interactions=3,hidden_channels=64", "float32", "cu", "10", 20,
                "4", 3),
     "sevennet": ("sevennet-0", "float32", "tio2", "4x4x8", 3, "2x2x3", 2),
     "chgnet": ("chgnet-0.3.0", "float32", "tio2", "4x4x8", 5, "2x2x3", 2),
+    "mace": (None, "", "cu", "3", 3, "2", 1),
+    "nequip": (None, "", "cu", "4", 5, "2", 2),
+    "allegro": (None, "", "cu", "4", 5, "2", 2),
+    "tensornet": (None, "", "cu", "6", 10, "3", 2),
+    "m3gnet": (None, "", "cu", "6", 10, "3", 2),
+    "uma": (None, "", "cu", "5", 5, "3", 2),
+    "mattersim": (None, "", "cu", "6", 10, "3", 2),
+    "orb": (None, "", "cu", "5", 5, "3", 2),
 }
-PACKAGES = {"sevennet": "sevenn", "chgnet": "chgnet"}
+PACKAGES = {"sevennet": "sevenn", "chgnet": "chgnet", "mace": "mace", "nequip": "nequip",
+            "allegro": "allegro", "tensornet": "matgl", "m3gnet": "matgl", "uma": "fairchem",
+            "mattersim": "mattersim", "orb": "orb_models"}
+#: family -> (builder in tests/support/adapters.py, its options): the LAMMPS tests' random modules
+#: (tests/lammps/test_pair_style.py), saved as they are (M3GNet wrapped, MatterSim's inner M3Gnet)
+SAVED = {
+    "mace": ("make_mace", {}),
+    "nequip": ("make_nequip", {}),
+    "allegro": ("make_allegro", {}),
+    "tensornet": ("make_matgl", {"arch": "TensorNet"}),
+    "m3gnet": ("make_matgl", {"arch": "M3GNet"}),
+    "uma": ("make_uma", {}),
+    "mattersim": ("make_mattersim", {}),
+    "orb": ("make_orb", {}),
+}
 
 
 def structure(kind: str, size: str):
     """The system: FCC Cu (``size`` cubic cells per edge) or rutile TiO2 (``size`` = AxBxC cells),
     rattled by 0.05 Å; orthogonal cells (LAMMPS's box is the cell as it is)."""
+    import numpy as np
     from ase.build import bulk
     from ase.spacegroup import crystal
 
@@ -72,25 +102,10 @@ def structure(kind: str, size: str):
         reps = tuple(int(x) for x in size.split("x"))
         atoms = crystal(["Ti", "O"], basis=[(0, 0, 0), (0.3048, 0.3048, 0)], spacegroup=136,
                         cellpar=[4.594, 4.594, 2.959, 90, 90, 90]).repeat(reps)
+    atoms.set_cell(np.diag(atoms.cell.lengths()))  # exactly orthogonal (LAMMPS's frame)
     atoms.rattle(0.05, seed=0)
     atoms.wrap()
     return atoms
-
-
-def write_data(path: Path, atoms, elements: list[str]) -> None:
-    """A LAMMPS data file (atom style atomic) of ``atoms`` (orthogonal cell from the origin)."""
-    from ase.data import atomic_masses, atomic_numbers
-
-    lengths = atoms.cell.lengths()
-    lines = ["distmlip bench_lammps", "", f"{len(atoms)} atoms", f"{len(elements)} atom types", ""]
-    lines += [f"0 {x:.17g} {lo}lo {lo}hi" for x, lo in zip(lengths, "xyz", strict=True)]
-    lines += ["", "Masses", ""]
-    lines += [f"{t} {atomic_masses[atomic_numbers[e]]}" for t, e in enumerate(elements, start=1)]
-    lines += ["", "Atoms # atomic", ""]
-    types = {e: t for t, e in enumerate(elements, start=1)}
-    lines += [f"{i} {types[s]} {x:.17g} {y:.17g} {z:.17g}" for i, (s, (x, y, z))
-              in enumerate(zip(atoms.get_chemical_symbols(), atoms.positions, strict=True), start=1)]
-    path.write_text("\n".join(lines) + "\n")
 
 
 INPUT = """\
@@ -98,7 +113,7 @@ units metal
 atom_style atomic
 atom_modify map array
 read_data data.lmp
-pair_style distmlip {model} dtype {dtype}
+pair_style distmlip {model}
 pair_coeff * * {elements}
 neighbor {skin} bin
 neigh_modify every 1 delay 0 check yes
@@ -118,18 +133,35 @@ def plugin() -> Path:
     return module.build()
 
 
-def run_lammps(workdir: Path, so: Path, family: str, atoms, steps: int, skin: float, ranks: int,
-               timeout: float) -> dict:
+def save_model(family: str, path: Path) -> None:
+    """``torch.save`` the LAMMPS tests' random module of ``family`` (``SAVED``) at ``path``."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import distmlip
+
+    from support import adapters
+
+    builder, options = SAVED[family]
+    module = getattr(adapters, builder)(**options)
+    if family == "m3gnet":
+        module = distmlip.wrap(module)  # matgl's Potential does not pickle; the wrapped model does
+    elif family == "mattersim":
+        module = module.model  # MatterSim's Potential does not pickle; its M3Gnet does
+    torch.save(module, path)
+
+
+def run_lammps(workdir: Path, so: Path, model: str, dtype: str, atoms, steps: int, skin: float,
+               ranks: int, timeout: float) -> dict:
     """``mpirun -n ranks lmp`` on ``atoms``: wall and CPU seconds of the ``steps`` steps, neighbour
     list builds, the final potential energy, and the whole command's wall time."""
-    from distmlip.drivers.lammps import mpich_lib_dir
+    from distmlip.drivers.lammps import mpich_lib_dir, write_lammps_data
 
-    model, dtype = FAMILIES[family][:2]
     elements = sorted(set(atoms.get_chemical_symbols()))
-    write_data(workdir / "data.lmp", atoms, elements)
+    write_lammps_data(workdir / "data.lmp", atoms, elements, title="distmlip bench_lammps")
     (workdir / "in.lmp").write_text(INPUT.format(
-        model=model, dtype=dtype, elements=" ".join(elements), skin=skin, temperature=TEMPERATURE,
-        timestep=TIMESTEP_FS / 1000, steps=steps))
+        model=model + (f" dtype {dtype}" if dtype else ""), elements=" ".join(elements), skin=skin,
+        temperature=TEMPERATURE, timestep=TIMESTEP_FS / 1000, steps=steps))
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=path,
                LD_LIBRARY_PATH=str(mpich_lib_dir()), LAMMPS_PLUGIN_PATH=str(so.parent))
@@ -185,7 +217,11 @@ def _tree_cpu(pid: int) -> float:
 
 
 def worker(job: dict) -> dict:
-    """distmlip's own MD (one process): ASE's VelocityVerlet with ``DistributedCalculator``."""
+    """distmlip's own MD (one process): ASE's VelocityVerlet with ``DistributedCalculator``; or
+    (``job["save"]``) the family's random module saved there."""
+    if "save" in job:
+        save_model(job["family"], Path(job["save"]))
+        return {"saved": job["save"]}
     import numpy as np
     import torch
     from ase import units
@@ -196,9 +232,9 @@ def worker(job: dict) -> dict:
     from distmlip.models.registry import load_spec
 
     torch.set_num_threads(1)
-    model, dtype = FAMILIES[job["family"]][:2]
     atoms = structure(job["kind"], job["size"])
-    atoms.calc = DistributedCalculator(load_spec(model), dtype=dtype, skin=job["skin"])
+    atoms.calc = DistributedCalculator(load_spec(job["model"]), dtype=job["dtype"] or None,
+                                       skin=job["skin"])
     MaxwellBoltzmannDistribution(atoms, temperature_K=TEMPERATURE, rng=np.random.default_rng(0))
     Stationary(atoms)
     dyn = VelocityVerlet(atoms, timestep=TIMESTEP_FS * units.fs)
@@ -213,7 +249,7 @@ def worker(job: dict) -> dict:
 
 def bench_family(family: str, args, so: Path) -> dict:
     """The three runs of one family: {"atoms", "steps", "one", "ase", "many"} or {"error"}."""
-    _, _, kind, size, steps, quick_size, quick_steps = FAMILIES[family]
+    model, dtype, kind, size, steps, quick_size, quick_steps = FAMILIES[family]
     size = args.size or (quick_size if args.quick else size)
     steps = args.steps or (quick_steps if args.quick else steps)
     row = {"family": family, "size": size, "steps": steps}
@@ -224,14 +260,19 @@ def bench_family(family: str, args, so: Path) -> dict:
     row["atoms"] = len(atoms)
     try:
         with tempfile.TemporaryDirectory(prefix="bench_lammps_") as tmp:
+            if model is None:
+                model = str(Path(tmp) / f"{family}.pt")
+                harness.launch(__file__, {"family": family, "save": model}, timeout=args.timeout)
             for key, ranks in (("one", 1), ("many", args.ranks)):
                 run = Path(tmp) / key
                 run.mkdir()
-                row[key] = run_lammps(run, so, family, atoms, steps, args.skin, ranks, args.timeout)
+                row[key] = run_lammps(run, so, model, dtype, atoms, steps, args.skin, ranks,
+                                      args.timeout)
                 row[f"load_{key}"] = os.getloadavg()[0]
-        row["ase"] = harness.launch(__file__, {"family": family, "kind": kind, "size": size,
-                                               "steps": steps, "skin": args.skin}, timeout=args.timeout)
-        row["load_ase"] = os.getloadavg()[0]
+            row["ase"] = harness.launch(__file__, {"family": family, "kind": kind, "size": size,
+                                                   "steps": steps, "skin": args.skin, "model": model,
+                                                   "dtype": dtype}, timeout=args.timeout)
+            row["load_ase"] = os.getloadavg()[0]
     except (RuntimeError, subprocess.TimeoutExpired, harness.WorkerFailed) as exc:
         row["error"] = harness.failure(exc)
     return row
@@ -296,11 +337,13 @@ def main() -> None:
         f"{harness.uptime()}.", "",
         f"NVE, velocity Verlet, {TIMESTEP_FS:g} fs, velocities drawn at {TEMPERATURE:g} K (LAMMPS's and "
         f"ASE's draws differ), skin {args.skin:g} Å on both sides (rebuild once an atom moved more "
-        "than half of it). Systems: FCC Cu (lj, schnet) and rutile TiO2 (sevennet, chgnet), rattled "
+        "than half of it). Systems: rutile TiO2 (sevennet, chgnet) and FCC Cu (the others), rattled "
         "0.05 Å. Models: lj = Lennard-Jones (epsilon 0.4 eV, sigma 2.3 Å, 5 Å) float64; schnet = "
         "SchNet (64 channels, 3 interactions, 5 Å, random weights) float32; sevennet = SevenNet-0 "
         "(pretrained, shipped in sevenn) float32; chgnet = CHGNet 0.3.0 (pretrained, shipped in chgnet) "
-        "float32.", "",
+        "float32; mace, nequip, allegro, tensornet, m3gnet, uma, mattersim, orb: the small random "
+        "modules of the LAMMPS tests (tests/support/adapters.py; MACE, NequIP and Allegro float64, "
+        "the others float32), saved with torch.save, in their own precision.", "",
         "ms/step: wall time of the steps (LAMMPS's `Loop time`, the set-up with the first force "
         "evaluation excluded; distmlip: `VelocityVerlet.run` after a warm-up call) per step; CPU in "
         "brackets, summed over ranks (MPICH busy-waits: a waiting rank counts as busy). overhead: "

@@ -101,9 +101,9 @@ std::string start_python()
 
 // called by the Python side through ctypes
 extern "C" {
-static void distmlip_exchange(void *pair, double *rows, int width, int reverse)
+static void distmlip_exchange(void *pair, double *rows, int width, int stride, int reverse)
 {
-  static_cast<PairDistmlip *>(pair)->exchange(rows, width, reverse);
+  static_cast<PairDistmlip *>(pair)->exchange(rows, width, stride, reverse);
 }
 static void distmlip_allreduce(void *pair, double *values, int count)
 {
@@ -114,7 +114,7 @@ static void distmlip_allreduce(void *pair, double *values, int count)
 /* ---------------------------------------------------------------------- */
 
 PairDistmlip::PairDistmlip(LAMMPS *lmp) :
-    Pair(lmp), driver(nullptr), cutmodel(0.0), commrows(nullptr), commwidth(0)
+    Pair(lmp), driver(nullptr), cutmodel(0.0), commrows(nullptr), commwidth(0), commstride(0)
 {
   single_enable = 0;
   restartinfo = 0;
@@ -380,16 +380,18 @@ void PairDistmlip::compute(int eflag, int vflag)
 }
 
 /* ----------------------------------------------------------------------
-   the halo exchange: rows of commwidth doubles per atom
+   the halo exchange: commwidth doubles per atom, the row of atom i at commrows + i * commstride
+   (a column block of a wider array: no copy of the block)
 ------------------------------------------------------------------------- */
 
-void PairDistmlip::exchange(double *rows, int width, int reverse)
+void PairDistmlip::exchange(double *rows, int width, int stride, int reverse)
 {
-  if (width < 1 || width > MAX_WIDTH)
-    error->one(FLERR, "pair_style distmlip: exchange of {} doubles per atom, expected 1-{}",
-               width, MAX_WIDTH);
+  if (width < 1 || width > MAX_WIDTH || stride < width)
+    error->one(FLERR, "pair_style distmlip: exchange of {} doubles per atom (rows of {}), "
+               "expected 1-{}", width, stride, MAX_WIDTH);
   commrows = rows;
   commwidth = width;
+  commstride = stride;
   if (reverse)
     comm->reverse_comm(this, width);
   else
@@ -405,26 +407,34 @@ void PairDistmlip::allreduce(double *values, int count)
 int PairDistmlip::pack_forward_comm(int n, int *list, double *buf, int, int *)
 {
   const int w = commwidth;
-  for (int i = 0; i < n; i++) memcpy(buf + (size_t) i * w, commrows + (size_t) list[i] * w, w * sizeof(double));
+  const size_t s = commstride;
+  for (int i = 0; i < n; i++) memcpy(buf + (size_t) i * w, commrows + list[i] * s, w * sizeof(double));
   return n * w;
 }
 
 void PairDistmlip::unpack_forward_comm(int n, int first, double *buf)
 {
-  memcpy(commrows + (size_t) first * commwidth, buf, (size_t) n * commwidth * sizeof(double));
+  const int w = commwidth;
+  const size_t s = commstride;
+  for (int i = 0; i < n; i++)
+    memcpy(commrows + (first + i) * s, buf + (size_t) i * w, w * sizeof(double));
 }
 
 int PairDistmlip::pack_reverse_comm(int n, int first, double *buf)
 {
-  memcpy(buf, commrows + (size_t) first * commwidth, (size_t) n * commwidth * sizeof(double));
-  return n * commwidth;
+  const int w = commwidth;
+  const size_t s = commstride;
+  for (int i = 0; i < n; i++)
+    memcpy(buf + (size_t) i * w, commrows + (first + i) * s, w * sizeof(double));
+  return n * w;
 }
 
 void PairDistmlip::unpack_reverse_comm(int n, int *list, double *buf)
 {
   const int w = commwidth;
+  const size_t s = commstride;
   for (int i = 0; i < n; i++) {
-    double *row = commrows + (size_t) list[i] * w;
+    double *row = commrows + list[i] * s;
     for (int k = 0; k < w; k++) row[k] += buf[(size_t) i * w + k];
   }
 }

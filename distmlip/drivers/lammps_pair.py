@@ -31,11 +31,13 @@ from ase.data import atomic_numbers
 from ..models.base import NUM_ELEMENTS, HaloExchange, check_model
 from ..models.registry import load_spec
 from ..options import parse_devices
-from ..runtime.local import add_edge_terms, check_distances, local_graph, replica, run_model
+from ..runtime.local import check_distances, local_graph, replica, run_model
+from ..runtime.resident import add_edge_gradients
 
-__all__ = ["LammpsComm", "LammpsExchange", "PairDriver", "describe"]
+__all__ = ["LammpsComm", "LammpsExchange", "PairDriver", "describe", "fold"]
 
-_EXCHANGE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
+_EXCHANGE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                             ctypes.c_int)
 _ALLREDUCE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
 
 #: what ``pair_style distmlip`` accepts, for error messages
@@ -73,13 +75,17 @@ class LammpsComm:
         self.max_width = int(max_width)
 
     def exchange(self, rows: np.ndarray, reverse: bool) -> None:
-        """``rows``: (local + ghost atoms, w) float64. Forward: each ghost row gets its owner's
-        row; reverse: each ghost row is added to its owner's. Columns go in chunks of at most
-        ``max_width`` (LAMMPS's buffers are sized for that width once, in ``init_style``)."""
-        for start in range(0, rows.shape[1], self.max_width):
-            chunk = np.ascontiguousarray(rows[:, start : start + self.max_width])
-            self._exchange(self.pair, chunk.ctypes.data, chunk.shape[1], int(reverse))
-            rows[:, start : start + chunk.shape[1]] = chunk
+        """``rows``: (local + ghost atoms, w) float64, C-contiguous, changed in place. Forward:
+        each ghost row gets its owner's row; reverse: each ghost row is added to its owner's.
+        Columns go in blocks of at most ``max_width`` (LAMMPS's buffers are sized for that width
+        once, in ``init_style``), each read and written in place (the plugin is given the row
+        stride: no copy of a block)."""
+        if not rows.flags.c_contiguous or rows.dtype != np.float64:
+            raise ValueError("exchange: expected C-contiguous float64 rows")
+        width = rows.shape[1]
+        for start in range(0, width, self.max_width):
+            self._exchange(self.pair, rows.ctypes.data + 8 * start, min(self.max_width, width - start),
+                           width, int(reverse))
 
     def allreduce(self, values: np.ndarray) -> np.ndarray:
         """The sum over ranks of ``values`` (float64), a new array."""
@@ -118,13 +124,18 @@ class _AllReduce(torch.autograd.Function):
 
 
 class LammpsExchange(HaloExchange):
-    """The halo exchange of one LAMMPS rank: rows are LAMMPS's atoms (``num_owned`` local, then
-    the ghosts), refreshed by LAMMPS's forward communication. Every rank communicates at every
-    call, even one with no ghosts (its neighbours may read its rows)."""
+    """The halo exchange of one LAMMPS rank: the graph's rows are its ``num_owned`` local atoms,
+    then one ghost atom of each other rank's atom the edges read (``halo``: those ghosts' LAMMPS
+    rows), refreshed by LAMMPS's forward communication into a buffer of all ``num_atoms`` local
+    and ghost atoms. Every rank communicates at every call, even one with no halo (its
+    neighbours may read its rows)."""
 
-    def __init__(self, comm: LammpsComm, num_owned: int, num_rows: int):
-        super().__init__(num_owned, num_rows)
+    def __init__(self, comm: LammpsComm, num_owned: int, halo: np.ndarray, num_atoms: int):
+        super().__init__(num_owned, num_owned + len(halo))
         self.comm = comm
+        self.num_atoms = num_atoms
+        self.ghosts = torch.as_tensor(halo, dtype=torch.int64)
+        self.rows = torch.cat([torch.arange(num_owned), self.ghosts])  # graph row -> LAMMPS row
         # a leaf: asking autograd for its gradient runs every exchange's backward on every rank
         self.first_token = torch.zeros((), dtype=torch.float64, requires_grad=True)
         self.token = self.first_token
@@ -145,16 +156,22 @@ class LammpsExchange(HaloExchange):
 
     def transfer(self, x: torch.Tensor, reverse: bool) -> torch.Tensor:
         """Forward: ``x`` the owned rows -> every row. Reverse: ``x`` every row -> the owned
-        rows, each plus its ghosts'. Features travel as float64 (exact for float32 too)."""
+        rows, each plus its halo rows' (through their LAMMPS ghost rows). Features travel as
+        float64 (exact for float32 too)."""
         t0 = time.perf_counter()
         tail = tuple(x.shape[1:])
-        width = int(np.prod(tail))
-        rows = np.zeros((self.num_rows, width))
-        rows[: x.shape[0]] = x.detach().reshape(x.shape[0], width).to("cpu", torch.float64).numpy()
-        self.comm.exchange(rows, reverse)
-        if reverse:
-            rows = rows[: self.num_owned]
-        out = torch.from_numpy(rows).to(device=x.device, dtype=x.dtype).reshape(len(rows), *tail)
+        flat = x.detach().reshape(x.shape[0], int(np.prod(tail)))
+        n = self.num_owned
+        if reverse:  # each halo row's gradient at its ghost row (other ghost rows: zero)
+            rows = torch.zeros((self.num_atoms, flat.shape[1]), dtype=torch.float64)
+            rows[:n] = flat[:n]
+            rows.index_copy_(0, self.ghosts, flat[n:].to("cpu", torch.float64))
+        else:  # every ghost row is written by LAMMPS's forward communication
+            rows = torch.empty((self.num_atoms, flat.shape[1]), dtype=torch.float64)
+            rows[:n] = flat
+        self.comm.exchange(rows.numpy(), reverse)
+        out = rows[:n] if reverse else rows.index_select(0, self.rows)
+        out = out.to(device=x.device, dtype=x.dtype).reshape(len(out), *tail)
         self.seconds += time.perf_counter() - t0
         return out
 
@@ -244,54 +261,99 @@ class PairDriver:
                 senders: int, receivers: int, vectors: int, box: tuple) -> None:
         """The first half of a force evaluation, with no communication (so that the plugin can
         stop every rank alike on an error here): this rank's atoms and the edges the plugin found
-        (counts and addresses of LAMMPS's arrays, the box ``(a, b, c)`` row by row), checked."""
-        numbers = self.table[_array(types, np.int32, (nall,))]
+        (counts and addresses of LAMMPS's arrays, the box ``(a, b, c)`` row by row), checked, and
+        the graph's rows (``fold``)."""
         ids = _array(tags, np.int64 if tag_bytes == 8 else np.int32, (nall,)).astype(np.int64) - 1
+        if nall and ids.min() < 0:
+            raise ValueError("atom IDs: expected atoms with IDs (the ghosts are matched to their "
+                             "atoms by ID), got atoms without; remove `atom_modify id no`")
         s = _array(senders, np.int32, (nedges,)).astype(np.int64)
         r = _array(receivers, np.int32, (nedges,)).astype(np.int64)
         vec = _array(vectors, np.float64, (nedges, 3)).copy()
         check_distances(np.einsum("ij,ij->i", vec, vec), s, r, ids)
-        self._pending = (nlocal, nall, numbers, ids, s, r, vec, np.reshape(box, (3, 3)))
+        row, ghosts = fold(ids, nlocal, s)
+        numbers = self.table[_array(types, np.int32, (nall,))]
+        rows = np.concatenate([np.arange(nlocal), ghosts])
+        self._pending = (nlocal, nall, numbers[rows], ids[rows], ghosts, row[s], r, vec,
+                         np.reshape(box, (3, 3)))
 
     def compute(self, newton: int, forces: int, eatom: int, vatom: int) -> tuple[float, ...]:
         """The second half: runs the model on what ``prepare`` was given (every rank together:
         LAMMPS's communication is the halo exchange).
 
-        Adds the forces to LAMMPS's ``f`` (ghost rows too with ``newton on``; folded home here
-        with ``newton off``), the owned atoms' energies to ``eatom`` and per-atom virials to
-        ``vatom`` (when their addresses are not 0: LAMMPS asked for them), and returns this rank's
-        energy and virial ``(E, xx, yy, zz, xy, xz, yz)`` (eV)."""
-        nlocal, nall, numbers, ids, s, r, vec, cell = self._pending
+        Adds the forces to LAMMPS's ``f`` (the halo rows' on their ghost rows with ``newton on``;
+        folded home here with ``newton off``), the owned atoms' energies to ``eatom`` and per-atom
+        virials to ``vatom`` (when their addresses are not 0: LAMMPS asked for them), and returns
+        this rank's energy and virial ``(E, xx, yy, zz, xy, xz, yz)`` (eV)."""
+        nlocal, nall, numbers, ids, ghosts, s, r, vec, cell = self._pending
         self._pending = None
         counts = np.bincount(numbers[:nlocal], minlength=NUM_ELEMENTS)[:NUM_ELEMENTS]
         composition = torch.as_tensor(self.comm.allreduce(counts).round().astype(np.int64),
                                       device=self.device)
-        exchange = LammpsExchange(self.comm, nlocal, nall)
+        if self.size == 1:  # no halo: every edge reads a local atom, nothing to exchange
+            exchange = HaloExchange(nlocal, nlocal)
+        else:
+            exchange = LammpsExchange(self.comm, nlocal, ghosts, nall)
         graph = local_graph(numbers, np.stack([s, r]), vec, exchange, ids, cell, nlocal, nlocal,
                             self.dtype, self.device, composition=composition)
         energies = run_model(self.model, graph)
-        loss = energies.sum() + 0.0 * exchange.token.to(energies.device, energies.dtype)
-        grad = torch.autograd.grad(loss, [graph.edge_vec, exchange.first_token], allow_unused=True)[0]
-        g = np.zeros_like(vec) if grad is None else grad.detach().to("cpu", torch.float64).numpy()
+        token = getattr(exchange, "token", None)
+        loss = energies.sum() if token is None else (
+            energies.sum() + 0.0 * token.to(energies.device, energies.dtype))
+        inputs = [graph.edge_vec] if token is None else [graph.edge_vec, exchange.first_token]
+        grad = torch.autograd.grad(loss, inputs, allow_unused=True)[0]
         e = energies.detach().to("cpu", torch.float64).numpy()
 
-        f = np.zeros((nall, 3))
-        w = add_edge_terms(f, r, s, vec, g)  # dE/d(strain), before symmetrising
+        vec_t = torch.as_tensor(vec, device=self.device)
+        g = torch.zeros_like(vec_t) if grad is None else grad.detach().to(torch.float64)
+        f_rows = torch.zeros((len(numbers), 3), dtype=torch.float64, device=self.device)
+        w = torch.zeros((3, 3), dtype=torch.float64, device=self.device)
+        add_edge_gradients(f_rows, w, graph.edge_index[1], graph.edge_index[0], vec_t, g)
+        f_rows = f_rows.cpu().numpy()
         out = _array(forces, np.float64, (nall, 3))
         if newton:
-            out += f
+            out[:nlocal] += f_rows[:nlocal]
+            out[ghosts] += f_rows[nlocal:]
         else:  # LAMMPS folds no ghost forces: the pair does
+            f = np.zeros((nall, 3))
+            f[:nlocal] = f_rows[:nlocal]
+            f[ghosts] = f_rows[nlocal:]
             self.comm.exchange(f, reverse=True)
             out[:nlocal] += f[:nlocal]
         if eatom:
             _array(eatom, np.float64, (nall,))[:nlocal] += e
         if vatom:  # each edge's virial to its receiver, a local atom
-            per_edge = -_voigt(vec, g)
+            per_edge = -_voigt(vec, g.cpu().numpy())
             atom_virial = _array(vatom, np.float64, (nall, 6))
             for k in range(6):
                 atom_virial[:nlocal, k] += np.bincount(r, per_edge[:, k], minlength=nlocal)
-        virial = -_voigt_matrix(w)  # LAMMPS's virial: sum of r ⊗ F = -dE/d(strain)
+        virial = -_voigt_matrix(w.cpu().numpy())  # LAMMPS's virial: sum of r ⊗ F = -dE/d(strain)
         return (float(e.sum()), *map(float, virial))
+
+
+def fold(ids: np.ndarray, nlocal: int, senders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The graph rows of a rank's LAMMPS atoms (``ids``: their atom ids, the ``nlocal`` local
+    atoms first, then the ghosts; ``senders``: the LAMMPS rows the edges read).
+
+    LAMMPS keeps a ghost for every periodic image within reach, so a small box has several times
+    more ghosts than atoms; the model needs one row per atom. A ghost of one of this rank's own
+    atoms (a periodic image) becomes that atom's row (its edge vector keeps the image's
+    coordinates: exact, as distmlip's one-part graph with shifts); the ghosts of other ranks' atoms
+    that an edge reads become the halo rows, one per atom (the first of its ghosts). On one rank
+    there is no halo at all.
+
+    Returns ``row`` ((nall,) the graph row of each LAMMPS row, -1 for a ghost no edge reads) and
+    ``ghosts`` ((h,) the LAMMPS row of each halo row, graph rows ``nlocal:``)."""
+    nall = len(ids)
+    where = np.full(int(ids.max(initial=-1)) + 1, -1, dtype=np.int64)
+    where[ids[:nlocal]] = np.arange(nlocal)
+    row = where[ids]
+    read = np.zeros(nall, dtype=bool)
+    read[senders] = True
+    foreign = np.flatnonzero((row < 0) & read)
+    _, first, inverse = np.unique(ids[foreign], return_index=True, return_inverse=True)
+    row[foreign] = nlocal + inverse.reshape(-1)
+    return row, foreign[first]
 
 
 def _voigt(vec: np.ndarray, grad: np.ndarray) -> np.ndarray:

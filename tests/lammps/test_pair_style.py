@@ -19,7 +19,7 @@ from ase.build import bulk
 
 import distmlip
 from distmlip import DistributedCalculator
-from distmlip.drivers.lammps import mpich_lib_dir
+from distmlip.drivers.lammps import mpich_lib_dir, write_lammps_data
 from distmlip.testing import rel_err
 from distmlip.testing.structures import fcc_bulk, slab_vacuum, small_triclinic
 
@@ -30,7 +30,6 @@ pytestmark = pytest.mark.mpi
 #: LAMMPS's metal-units conversion of eV/Å³ to bar (force->nktv2p): pressures are converted back
 #: with LAMMPS's own constant, not ASE's (they differ in the 8th digit)
 NKTV2P = 1.6021765e6
-MASSES = {"Cu": 63.546, "Al": 26.98, "Mg": 24.305}
 TIMEOUT = 180
 
 
@@ -64,17 +63,8 @@ def lammps_frame(atoms):
 
 
 def write_data(path: Path, atoms, elements: list[str]) -> None:
-    """A LAMMPS data file (atom style atomic) of ``atoms``, already in LAMMPS's frame."""
-    c = atoms.cell.array
-    lines = ["LAMMPS data file of a distmlip test", "", f"{len(atoms)} atoms", f"{len(elements)} atom types",
-             "", f"0 {c[0, 0]:.17g} xlo xhi", f"0 {c[1, 1]:.17g} ylo yhi", f"0 {c[2, 2]:.17g} zlo zhi",
-             f"{c[1, 0]:.17g} {c[2, 0]:.17g} {c[2, 1]:.17g} xy xz yz", "", "Masses", ""]
-    lines += [f"{t} {MASSES.get(e, 1.0)}" for t, e in enumerate(elements, start=1)]
-    lines += ["", "Atoms # atomic", ""]
-    types = {e: t for t, e in enumerate(elements, start=1)}
-    lines += [f"{i} {types[s]} {x:.17g} {y:.17g} {z:.17g}" for i, (s, (x, y, z))
-              in enumerate(zip(atoms.get_chemical_symbols(), atoms.positions, strict=True), start=1)]
-    path.write_text("\n".join(lines) + "\n")
+    """A LAMMPS data file of ``atoms``, already in LAMMPS's frame (always a triclinic box)."""
+    write_lammps_data(path, atoms, elements, tilt=True, title="LAMMPS data file of a distmlip test")
 
 
 def structures() -> dict:
@@ -219,10 +209,11 @@ def test_global_readout_matches_distmlip(tmp_path, plugin, ranks):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "ranks"), [("fcc", 2), ("small_triclinic", 3)])
+@pytest.mark.parametrize(("name", "ranks"), [("fcc", 1), ("fcc", 2), ("small_triclinic", 3)])
 def test_sevennet_matches_distmlip(tmp_path, plugin, name, ranks):
     """SevenNet-0 (pretrained, shipped in sevenn; node features wider than one exchange) by name,
-    in float64: LAMMPS == DistributedCalculator to 1e-10."""
+    in float64: LAMMPS == DistributedCalculator to 1e-10 (1 rank: no halo, the ghosts folded
+    onto their atoms)."""
     pytest.importorskip("sevenn", reason="SevenNet-0 ships in sevenn (pip install 'distmlip[sevenn]')")
     atoms = fcc_bulk(seed=1, size=2) if name == "fcc" else structure(name)
     atoms = lammps_frame(atoms)
@@ -246,12 +237,14 @@ ADAPTER_FILES = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["chgnet", "mattersim", *ADAPTER_FILES])
-def test_other_adapters_match_distmlip(tmp_path, plugin, family):
-    """Every other adapter through the same contract, on 2 ranks, 1e-10: CHGNet by name
-    (pretrained, in chgnet), the others as small random modules saved with ``torch.save`` (the
-    file route wraps them; MatterSim's inner M3Gnet: its Potential does not pickle; matgl's
-    M3GNet as the wrapped model, the one that pickles: ``distmlip.models.matgl``)."""
+@pytest.mark.parametrize(("family", "ranks"), [("chgnet", 1), ("chgnet", 2), ("mattersim", 2),
+                                               *((family, 2) for family in ADAPTER_FILES)])
+def test_other_adapters_match_distmlip(tmp_path, plugin, family, ranks):
+    """Every other adapter through the same contract, on 2 ranks (CHGNet, whose bond graph
+    matches each bond with its reverse, on 1 rank too), 1e-10: CHGNet by name (pretrained, in
+    chgnet), the others as small random modules saved with ``torch.save`` (the file route wraps
+    them; MatterSim's inner M3Gnet: its Potential does not pickle; matgl's M3GNet as the wrapped
+    model, the one that pickles: ``distmlip.models.matgl``)."""
     from support import adapters
 
     atoms = lammps_frame(adapters.structures.metal(repeat=(2, 2, 2)))
@@ -271,8 +264,8 @@ def test_other_adapters_match_distmlip(tmp_path, plugin, family):
             dtype = None if family in ("nequip", "allegro") else dtype
         torch.save(module, tmp_path / "model.pt")
         spec, model = str(tmp_path / "model.pt"), distmlip.wrap(module)
-    got = evaluate_lammps(tmp_path, plugin, atoms, spec + (f" dtype {dtype}" if dtype else ""), 2)
-    assert_matches(got, reference(model, atoms, dtype=dtype), 1e-10, family, ALL)
+    got = evaluate_lammps(tmp_path, plugin, atoms, spec + (f" dtype {dtype}" if dtype else ""), ranks)
+    assert_matches(got, reference(model, atoms, dtype=dtype), 1e-10, f"{family} {ranks} ranks", ALL)
 
 
 def test_lj_matches_ase(tmp_path, plugin):
