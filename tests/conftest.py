@@ -40,7 +40,6 @@ SLOW = {
     "adapters/test_sevenn.py::test_l3i5_matches": (),  # 9 s
     "adapters/test_sevenn.py::test_wrap_raw_module_unmodified": (),  # 5 s
     "adapters/test_sevenn.py::test_steps_compose_to_forward": ("small",),  # sevennet-0: 4-5 s
-    "adapters/test_sevenn.py::test_bounded_steps_equal_unbounded": ("small",),  # sevennet-0: 12-20 s
     "adapters/test_sevenn.py::test_max_memory_budget_takes_the_steps": (),  # 13-30 s (calibration)
     "adapters/test_sevenn.py::test_multi_fidelity_steps": (),  # 6 s
     # MACE (~105 s)
@@ -49,7 +48,6 @@ SLOW = {
     "adapters/test_mace.py::test_threaded_workers": (),  # 4 s
     "adapters/test_mace.py::test_interaction_classes_are_sliced_exactly": (
         "RealAgnosticInteractionBlock-RealAgnosticResidualInteractionBlock",),
-    "adapters/test_mace.py::test_steps_of_every_variant": ("residual",),  # 4-7 s each
     "adapters/test_mace.py::test_max_memory_budget_takes_the_steps": (),  # 40 s (calibration)
     # session 11, make test at 4:37-5:12: the checks below are covered in make test by a cheaper one
     "adapters/test_mace.py::TestMACEBattery::test_battery_finite_difference_forces": (),  # 15-20 s
@@ -73,6 +71,14 @@ SLOW = {
     "adapters/test_fairchem.py::test_node_work_only_on_owned_rows": (),  # 4 s
     "adapters/test_fairchem.py::test_split_equals_whole": ("oxide",),
     "adapters/test_chgnet.py::test_steps_compose_to_forward": ("metal",),  # oxide 7 s
+    "engine/test_visible.py::test_last_run_reports_the_parts_used": (),  # 13 s (module setup: a
+    "engine/test_visible.py::test_last_run_without_a_budget_and_on_two_devices": (),  # budgeted
+    "engine/test_visible.py::test_cli_run_reports_the_parts_used": (),  # calibration)
+    "engine/test_md.py::test_deformed_cell_reuses_the_graph_exactly": (),  # 4.5 s
+    "adapters/test_sevenn.py::test_bounded_steps_equal_unbounded": (),  # small: 4.4 s
+    "adapters/test_mace.py::test_steps_of_every_variant": (),  # residual: 6 s
+    "adapters/test_nequip.py::test_float32_model_keeps_nequip_mixed_precision": (),  # 3.6 s
+    "cli/test_md_robust.py::test_serve_says_where_it_connects_at_once": (),  # 4.7 s
     "mpi/test_mpi.py::test_exchange_buffers_are_reused_between_steps": (),  # a torchrun launch
     # CHGNet (~80 s)
     "adapters/test_chgnet.py::TestCHGNetBattery::test_battery_matches_calculator_and_split": (),
@@ -96,7 +102,7 @@ SLOW = {
     "engine/test_bounded_memory.py::test_every_adapter_is_exact_one_part_at_a_time": (
         "nequip", "tensornet"),  # sevenn, chgnet, mace: 28 s
     # MD robustness (a subprocess each, 6-15 s): one case of each kind stays in the default suite
-    "cli/test_md_robust.py::test_signal_checkpoints_and_says_how_to_continue": ("15",),  # SIGTERM
+    "cli/test_md_robust.py::test_signal_checkpoints_and_says_how_to_continue": (),  # 9 s each
     "cli/test_md_robust.py::test_relax_optimizer_pressure_trajectory": (),
     "cli/test_md_robust.py::test_starting_temperature_is_exact": (),
     "cli/test_md_robust.py::test_run_every_frame_writes_extxyz": (),
