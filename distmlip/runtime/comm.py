@@ -167,8 +167,14 @@ class TorchComm:
     def handshake(self, shard: Shard, device: torch.device) -> dict[int, torch.Tensor]:
         """Tell each source rank which of its owned rows this rank holds (in halo-row order);
         returns ``{peer: owned rows of this rank that peer holds}``."""
+        told = self.tell({q: rows for q, rows in shard.blocks if q != self.rank})
+        return {q: b.to(device) for q, b in told.items()}
+
+    def tell(self, want: dict[int, np.ndarray]) -> dict[int, torch.Tensor]:
+        """Send each peer ``q`` the int64 ids ``want[q]`` and return what each peer sent this rank
+        (``{peer: (k,) int64 on the wire device}``, non-empty ones only): counts by ``all_gather``,
+        then the ids point to point."""
         dist, dev = self.dist, self.wire
-        want = {q: rows for q, rows in shard.blocks if q != self.rank}
         counts = torch.zeros(self.world_size, dtype=torch.int64, device=dev)
         for q, rows in want.items():
             counts[q] = len(rows)
@@ -181,11 +187,11 @@ class TorchComm:
             bufs[q] = torch.empty(count, dtype=torch.int64, device=dev)
             ops.append(dist.P2POp(dist.irecv, bufs[q], q))
         for q, rows in want.items():
-            ops.append(dist.P2POp(dist.isend, torch.as_tensor(rows, device=dev), q))
+            ops.append(dist.P2POp(dist.isend, torch.as_tensor(rows, dtype=torch.int64, device=dev), q))
         if ops:
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
-        return {q: b.to(device) for q, b in bufs.items()}
+        return bufs
 
     def total(self, value: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of ``value`` (a tensor; a new one, on ``value``'s device)."""

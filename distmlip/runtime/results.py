@@ -16,7 +16,7 @@ every rank (an ASE loop runs on every rank and must see the same forces to take 
 
 The plan (who owns which rows, which halo rows go home to whom) is made once per build: every rank
 computes the owned blocks from the global owner array; the halo rows each peer sends back are told
-in one handshake (counts by ``all_gather``, rows point to point).
+in one handshake (``TorchComm.tell``: counts by ``all_gather``, ids point to point).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def results_plan(comm, b) -> ResultsPlan:
     hit = b.on_device.get(key)
     if hit is not None:
         return hit
-    device, wire = comm.devices[0], comm.wire
+    device = comm.devices[0]
     owner, total = b.plan.owner, b.plan.num_parts
     groups = comm.groups(total)
     counts = np.bincount(owner, minlength=total)
@@ -81,24 +81,7 @@ def results_plan(comm, b) -> ResultsPlan:
     for q in np.unique(peer):
         if int(q) != comm.rank:
             away[int(q)] = np.unique(halo[peer == q])
-    # tell each peer which of its atoms come home from here: counts, then the ids
-    dist = comm.dist
-    table = torch.zeros(comm.world_size, dtype=torch.int64, device=wire)
-    for q, g in away.items():
-        table[q] = len(g)
-    tables = [torch.zeros_like(table) for _ in range(comm.world_size)]
-    dist.all_gather(tables, table)
-    incoming = {q: int(tables[q][comm.rank]) for q in range(comm.world_size)
-                if q != comm.rank and int(tables[q][comm.rank]) > 0}
-    ops, bufs = [], {}
-    for q, k in incoming.items():
-        bufs[q] = torch.empty(k, dtype=torch.int64, device=wire)
-        ops.append(dist.P2POp(dist.irecv, bufs[q], q))
-    for q, g in away.items():
-        ops.append(dist.P2POp(dist.isend, torch.as_tensor(g, device=wire), q))
-    if ops:
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+    bufs = comm.tell(away)  # each peer learns which of its atoms come home from here
     out = ResultsPlan(
         owned=owned,
         mine=torch.as_tensor(owned[comm.rank], device=device),
