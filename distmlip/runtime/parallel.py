@@ -18,14 +18,12 @@ from .resident import device_piece
 __all__ = ["evaluate_all"]
 
 
-def evaluate_all(runner, b: Built, positions: np.ndarray, buffer: np.ndarray, n: int
-                 ) -> tuple[float, int, float]:
+def evaluate_all(runner, b: Built, positions: np.ndarray) -> tuple[float, int, float]:
     """Evaluate build ``b`` at ``positions`` with ``runner``'s replicas (``comm``, ``replicas``,
     ``mode``, ``cutoff``, ``dtype``), adding each shard's energies, forces and virial to the
-    step's sums on its device (``b.step``, which the runner flushes into ``buffer``: energies
-    (n), forces (n, 3), virial (3, 3)). Returns the seconds spent making the
-    local graphs (edges), the halo-exchange calls the model made and the seconds spent in
-    point-to-point exchanges."""
+    step's sums on its device (``b.step``, which the runner flushes or gathers). Returns the
+    seconds spent making the local graphs (edges), the halo-exchange calls the model made and the
+    seconds spent in point-to-point exchanges."""
     t0 = time.perf_counter()
     comm = runner.comm
     exchanges = comm.exchanges(b, runner.mode == "halo")

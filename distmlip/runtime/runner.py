@@ -245,20 +245,9 @@ class Runner:
         A device out of memory raises ``MemoryError`` naming the device, the stage and torch's
         message, with the advice (under a launcher the other ranks stop too, as for any failure)."""
         if self.world_size == 1:
-            try:
-                return self._evaluate(positions, cell, pbc, numbers)
-            except (RuntimeError, MemoryError) as exc:
-                clear = self._out_of_memory(exc)
-                if clear is None:
-                    raise
-                raise clear from exc
+            return self._evaluate_named(positions, cell, pbc, numbers)
         try:
-            try:
-                return self._evaluate(positions, cell, pbc, numbers)
-            except (RuntimeError, MemoryError) as exc:
-                if is_comm_failure(exc) or self._out_of_memory(exc) is None:
-                    raise
-                raise self._out_of_memory(exc) from exc
+            return self._evaluate_named(positions, cell, pbc, numbers)
         except CommunicationError as exc:
             raise self._peer_failure(exc, peer_status(self.rank, exc.peers or None)) from exc
         except RuntimeError as exc:
@@ -270,12 +259,24 @@ class Runner:
             report_failure(self.rank, exc)
             raise
 
+    def _evaluate_named(self, positions, cell, pbc, numbers) -> Evaluation:
+        """``_evaluate``, a device out of memory raised as the clear ``MemoryError``."""
+        try:
+            return self._evaluate(positions, cell, pbc, numbers)
+        except (RuntimeError, MemoryError) as exc:
+            clear = None if is_comm_failure(exc) else self._out_of_memory(exc)
+            if clear is None:
+                raise
+            raise clear from exc
+
     def _out_of_memory(self, exc: BaseException) -> MemoryError | None:
         """The clear error of a device out of memory during the step (``None``: ``exc`` is not
         one): torch's ``OutOfMemoryError``, its CPU allocator's failure, NumPy's ``MemoryError``."""
         text = str(exc)
-        if not (isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text
-                or "not enough memory" in text or "can't allocate memory" in text):
+        # torch's CPU allocator raises a plain RuntimeError: known by its own name in the message
+        # (an error of the model's that merely says "out of memory" is not relabelled)
+        if not (isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "DefaultCPUAllocator" in text
+                or "backend out of memory" in text):
             return None
         lines = [line for line in text.splitlines() if line.strip()]
         said = lines[0].strip() if lines else type(exc).__name__
@@ -315,30 +316,28 @@ class Runner:
         b.now_cell = cell
         b.step = StepState(b, positions, cell)  # positions go to each device once this step
         n = len(positions)
-        buffer = np.zeros(4 * n + 9)  # energies (N), forces (N, 3), virial (3, 3)
         t2 = time.perf_counter()
         steps = bool(b.sequential) and uses_steps(self)
         if self.budget is not None:  # the mode the prediction was made for
             allocator_for(steps)
         if b.sequential:
             if steps:
-                self._levels, exchange_s = evaluate_steps(self, b, positions, buffer, n)
+                self._levels, exchange_s = evaluate_steps(self, b, positions)
             else:
-                self._levels, exchange_s = evaluate_sequential(self, b, positions, buffer, n, self._levels)
+                self._levels, exchange_s = evaluate_sequential(self, b, positions, self._levels)
             self.last_exchange_calls = self._levels.count("halo_exchange")
             t3 = t2
         else:
-            edges_s, self.last_exchange_calls, exchange_s = evaluate_all(self, b, positions, buffer, n)
+            edges_s, self.last_exchange_calls, exchange_s = evaluate_all(self, b, positions)
             t3 = t2 + edges_s
-        if self.world_size == 1:
-            b.step.flush(buffer)  # energies, forces, virial: one copy back per device
         t4 = time.perf_counter()
         self.stage = "gathering the results"
         if self.world_size > 1:  # halo forces home, owned rows gathered: no O(N) all-reduce
             total = gather_results(self.comm, b, b.step)
             self.result_bytes_sent = results_plan(self.comm, b).bytes_sent()
-        else:
-            total = buffer
+        else:  # energies (N), forces (N, 3), virial (3, 3): one copy back per device
+            total = np.zeros(4 * n + 9)
+            b.step.flush(total)
         b.step = None
         t5 = time.perf_counter()
         self.timings = {

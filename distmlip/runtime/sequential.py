@@ -459,11 +459,11 @@ def _level_backward(comm, exchanges: list[LevelExchange], level: int, kind: str)
 
 
 # ---------------------------------------------------------------------- the evaluation
-def evaluate_sequential(runner, b: Built, positions: np.ndarray, buffer: np.ndarray, n: int,
+def evaluate_sequential(runner, b: Built, positions: np.ndarray,
                         levels: tuple[str, ...] | None) -> tuple[tuple[str, ...], float]:
     """Every worker of ``runner`` (``comm``, ``replicas``, ``mode``, ``progress``...) evaluates its
     parts one at a time, the level exchanges between them; energies, forces and virial are added to
-    ``buffer`` (energies (n), forces (n, 3), virial (3, 3)). ``levels``: the kinds of the levels,
+    the step's sums (``b.step``, which the runner flushes or gathers). ``levels``: the kinds of the levels,
     if a first call found them (``None``: find them). Returns the levels and the seconds spent in
     point-to-point exchanges."""
     comm = runner.comm
@@ -503,7 +503,7 @@ def evaluate_sequential(runner, b: Built, positions: np.ndarray, buffer: np.ndar
     if first:
         levels = tuple(workers[0].store.kinds)
         bar.expect(level)
-    gather = b.step.deposit  # the runner flushes the step's sums into buffer
+    gather = b.step.deposit  # the runner flushes or gathers the step's sums
     if not levels:
         each(lambda w: w.final(positions, gather))
     for j in reversed(range(len(levels))):

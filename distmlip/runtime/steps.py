@@ -369,8 +369,7 @@ def check_steps_early(runner) -> None:
     runner._steps_checked = True
 
 
-def evaluate_steps(runner, b: Built, positions: np.ndarray, buffer: np.ndarray,
-                   n: int) -> tuple[tuple[str, ...], float]:
+def evaluate_steps(runner, b: Built, positions: np.ndarray) -> tuple[tuple[str, ...], float]:
     """``evaluate_sequential`` for a model with the layer protocol (halo mode): the same results,
     the same level exchanges, one step recomputed per part and level instead of replays."""
     comm = runner.comm
@@ -395,7 +394,7 @@ def evaluate_steps(runner, b: Built, positions: np.ndarray, buffer: np.ndarray,
     exchanges = [LevelExchange(workers, i, p2p, comm.rank) for i in range(len(workers))]
 
     each = for_each(workers)
-    gather = b.step.deposit  # the runner flushes the step's sums into buffer
+    gather = b.step.deposit  # the runner flushes or gathers the step's sums
     def width():
         widths = {w.width for w in workers}
         if len(widths) > 1 or comm.maximum(widths.pop()) != -comm.maximum(-workers[0].width):
