@@ -12,7 +12,7 @@ from ..graph.neighbors import index_dtype
 from ..typing import MODES, PARTITIONERS, Mode, Partitioner
 from .assign import _check_parts, assign_owners
 
-__all__ = ["PartPlan", "PartitionPlan", "build_part", "build_parts", "owned_rows"]
+__all__ = ["PartPlan", "PartitionPlan", "build_part", "build_parts", "owned_rows", "part_edge_index"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,7 +28,10 @@ class PartPlan:
         halo_source: (n_halo,) int64 row of each halo atom among its owner's owned atoms.
         edges: (E_p,) global edge ids evaluated by this part (ascending); int32 below 2^31
             edges (``graph.index_dtype``), else int64.
-        edge_index: (2, E_p) local ``[senders; receivers]``, int32 below 2^31 rows.
+        edge_index: (2, E_p) local ``[senders; receivers]``, int32 below 2^31 rows; ``None`` in a
+            lean plan (``build_parts(lean=True)``: parts evaluated one at a time, whose plans are
+            all kept while one part is evaluated), made from the graph when the part is evaluated
+            (``part_edge_index``).
     """
 
     index: int
@@ -37,7 +40,7 @@ class PartPlan:
     halo_owner: np.ndarray
     halo_source: np.ndarray
     edges: np.ndarray
-    edge_index: np.ndarray
+    edge_index: np.ndarray | None
 
     @property
     def num_local(self) -> int:
@@ -219,9 +222,10 @@ class PartitionPlan:
             if len(np.unique(p.atoms)) != len(p.atoms):
                 raise ValueError(f"plan: part {p.index} holds an atom twice")
             if graph is not None and len(p.edges):
-                if not np.array_equal(p.atoms[p.edge_index[0]], graph.senders[p.edges]):
+                edge_index = part_edge_index(p, graph)
+                if not np.array_equal(p.atoms[edge_index[0]], graph.senders[p.edges]):
                     raise ValueError(f"plan: part {p.index} has wrong local senders")
-                if not np.array_equal(p.atoms[p.edge_index[1]], graph.receivers[p.edges]):
+                if not np.array_equal(p.atoms[edge_index[1]], graph.receivers[p.edges]):
                     raise ValueError(f"plan: part {p.index} has wrong local receivers")
         if self.mode == "halo" and self.num_hops == 1:
             edges = np.concatenate([p.edges for p in self.parts])
@@ -259,8 +263,10 @@ def build_part(graph: NeighborGraph, part: int, owner: np.ndarray, rows: np.ndar
 
 
 def build_parts(graph: NeighborGraph, parts, owner: np.ndarray, rows: np.ndarray,
-                num_hops: int = 1) -> tuple[PartPlan, ...]:
-    """``build_part`` for several parts of one graph, sharing the work arrays. O(N + E) in all."""
+                num_hops: int = 1, lean: bool = False) -> tuple[PartPlan, ...]:
+    """``build_part`` for several parts of one graph, sharing the work arrays. O(N + E) in all.
+    ``lean``: the parts keep no local ``edge_index`` (4 bytes an edge instead of 12; made again
+    by ``part_edge_index`` when a part is evaluated)."""
     owner = np.asarray(owner, dtype=np.int64)
     parts = [int(p) for p in parts]
     order = np.argsort(owner, kind="stable")
@@ -277,8 +283,28 @@ def build_parts(graph: NeighborGraph, parts, owner: np.ndarray, rows: np.ndarray
         if lo == hi:  # no owned atoms: no halo, no edges (more parts than atoms is legal)
             out.append(PartPlan(p, empty, 0, empty, empty, empty, empty_index))
             continue
-        out.append(_build_part(p, order[lo:hi], int(num_hops), graph, owner, rows, offsets, scratch))
+        out.append(_build_part(p, order[lo:hi], int(num_hops), graph, owner, rows, offsets, scratch,
+                               lean))
     return tuple(out)
+
+
+def part_edge_index(part: PartPlan, graph: NeighborGraph) -> np.ndarray:
+    """(2, E_p) the part's local ``[senders; receivers]``: ``part.edge_index`` (of a part or a
+    shard), or for a lean plan
+    made from ``graph`` (the graph the part was built from) by a search of the part's atoms:
+    O(E_p log n_local), no O(N) array."""
+    if part.edge_index is not None:
+        return part.edge_index
+    if len(part.edges) == 0:
+        return np.zeros((2, 0), dtype=np.int64)
+    order = np.argsort(part.atoms, kind="stable")
+    ordered = part.atoms[order]
+    out = np.empty((2, len(part.edges)), dtype=index_dtype(len(part.atoms)))
+    for row, ends in enumerate((graph.senders, graph.receivers)):
+        # an end missing from the part (a plan of another graph) reads a wrong atom, not out of
+        # bounds: validate() names it
+        out[row] = order[np.minimum(np.searchsorted(ordered, ends[part.edges]), len(order) - 1)]
+    return out
 
 
 def _edges_received(atoms: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -292,7 +318,8 @@ def _edges_received(atoms: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return shift + np.arange(total, dtype=np.int64)
 
 
-def _build_part(p, owned, num_hops, graph, owner, rank_in_owner, offsets, scratch) -> PartPlan:
+def _build_part(p, owned, num_hops, graph, owner, rank_in_owner, offsets, scratch,
+                lean: bool = False) -> PartPlan:
     """Owned atoms plus a ``num_hops``-deep halo; edges received by atoms < ``num_hops`` away."""
     levels = [owned]
     edge_sets = []
@@ -311,8 +338,11 @@ def _build_part(p, owned, num_hops, graph, owner, rank_in_owner, offsets, scratc
         frontier = new
     atoms = np.concatenate(levels)
     edges = np.sort(np.concatenate(edge_sets))
-    scratch[atoms] = np.arange(len(atoms))
-    edge_index = np.stack([scratch[graph.senders[edges]], scratch[graph.receivers[edges]]])
+    edge_index = None
+    if not lean:
+        scratch[atoms] = np.arange(len(atoms))
+        edge_index = np.stack([scratch[graph.senders[edges]], scratch[graph.receivers[edges]]])
+        edge_index = edge_index.reshape(2, -1).astype(index_dtype(len(atoms)), copy=False)
     scratch[atoms] = -1
     halo = atoms[len(owned) :]
     return PartPlan(
@@ -321,7 +351,8 @@ def _build_part(p, owned, num_hops, graph, owner, rank_in_owner, offsets, scratc
         num_owned=len(owned),
         halo_owner=owner[halo],
         halo_source=rank_in_owner[halo],
-        # compact (12 bytes an edge instead of 24): a bounded evaluation keeps every part's plan
+        # compact (12 bytes an edge instead of 24; 4 when lean): a bounded evaluation keeps every
+        # part's plan
         edges=edges.astype(index_dtype(graph.num_edges), copy=False),
-        edge_index=edge_index.reshape(2, -1).astype(index_dtype(len(atoms)), copy=False),
+        edge_index=edge_index,
     )

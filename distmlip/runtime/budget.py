@@ -19,6 +19,7 @@ from .local import inside_cutoff, replica
 from .memory import (
     CALL_BYTES_PER_EDGE,
     GRAPH_BYTES_PER_EDGE,
+    LEAN_PLAN_BYTES_PER_EDGE,
     PLAN_BYTES_PER_EDGE,
     MemoryModel,
     calibrate,
@@ -153,7 +154,8 @@ class Planner:
             if len(inside) else 0
         num_edges = graph.num_edges if graph is not None else 0
         plan_edges = sum(len(p.edges) for p in b.plan.parts)
-        host = (GRAPH_BYTES_PER_EDGE * num_edges + PLAN_BYTES_PER_EDGE * plan_edges
+        plan_bytes = LEAN_PLAN_BYTES_PER_EDGE if b.sequential else PLAN_BYTES_PER_EDGE
+        host = (GRAPH_BYTES_PER_EDGE * num_edges + plan_bytes * plan_edges
                 + 8 * (4 * n + 9) + 64 * n)
         stored, acts = [], []  # per worker: exchange rows kept between parts, the largest part
         by_index = {p.index: p for p in b.plan.parts}

@@ -154,9 +154,9 @@ class Builder:
         if graph is None:
             parts = ()
         elif ids is None:
-            parts = build_parts(graph, present, owner, rows, self.num_hops)
+            parts = build_parts(graph, present, owner, rows, self.num_hops, lean=sequential)
         else:
-            parts = build_parts(graph, present, owner[ids], rows[ids], self.num_hops)
+            parts = build_parts(graph, present, owner[ids], rows[ids], self.num_hops, lean=sequential)
         worker_of_part, offset = owned_row_offsets(owner, groups)
         if comm.world_size == 1:
             shards = tuple(build_shard(w, [p for p in parts if p.index in g], worker_of_part, offset,

@@ -16,6 +16,7 @@ import torch
 
 from ..graph import NeighborGraph
 from ..models.base import NUM_ELEMENTS, DistributableModel, LocalGraph
+from ..partition.plan import part_edge_index
 
 __all__ = ["MIN_DISTANCE", "add_edge_terms", "check_distances", "composition_of", "edges_within",
            "host_piece", "inside_cutoff", "local_edges", "local_graph", "replica", "run_model"]
@@ -163,7 +164,7 @@ def host_piece(built, item, positions: np.ndarray, exchange, cutoff: float, mode
     else:
         graph = built.graph
         edges, edge_index, vec = local_edges(graph, positions, built.ids, built.now_cell, item.edges,
-                                             item.edge_index, cutoff)
+                                             part_edge_index(item, graph), cutoff)
         numbers = graph.numbers[item.atoms]
         ids = item.atoms if built.ids is None else built.ids[item.atoms]
         num_owned = item.num_owned

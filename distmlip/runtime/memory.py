@@ -52,6 +52,7 @@ GRAPH_BUILD_BYTES_PER_EDGE = 56
 GRAPH_CHUNKED_BYTES_PER_EDGE = 18
 GRAPH_CHUNKED_BYTES_PER_ATOM = 100
 PLAN_BYTES_PER_EDGE = 12  # per part: edge ids (4) and local edge_index (2 x 4)
+LEAN_PLAN_BYTES_PER_EDGE = 4  # parts one at a time: edge ids only (partition.plan.part_edge_index)
 CALL_BYTES_PER_EDGE = 64  # per call, numpy: vectors (24), kept copies, gradients (24), masks
 PROBE_TARGET_BYTES = 150e6  # the first calibration probe grows until it adds about this much
 # ... but a budget limits it to a sixth of the budget, never below this: smaller probes are

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from ..models.base import NUM_ELEMENTS, LocalGraph
+from ..partition.plan import part_edge_index
 from .local import MIN_DISTANCE, check_distances
 
 __all__ = ["DeviceItem", "Kept", "StepState", "add_edge_gradients", "device_item", "device_piece"]
@@ -124,7 +125,7 @@ def device_item(built, item, device: torch.device) -> DeviceItem:
             senders=dev(glob(graph.senders[edges]), torch.int64),
             receivers=dev(glob(graph.receivers[edges]), torch.int64),
             shifts=dev(graph.shifts[edges], torch.float64),
-            edge_index=dev(item.edge_index, torch.int64).reshape(2, -1),
+            edge_index=dev(part_edge_index(item, graph), torch.int64).reshape(2, -1),
             numbers=dev(graph.numbers[atoms]),
             atom_ids=dev(glob(atoms)),
             owned_mask=dev(np.arange(len(atoms)) < item.num_owned),
