@@ -48,11 +48,13 @@ RESULT = ROOT / "bench" / "results" / "scale.md"
 JOBS = {
     "sevennet-20k": ("sevennet-0", 12, "8GB"),     # rutile 12x12x24 cells: 20,736 atoms
     "schnet-1M": ("schnet32", 63, "10GB"),         # FCC Al 63^3 cubic cells: 1,000,188 atoms
+    "schnet-5M": ("schnet-c32", 108, "16GB"),      # FCC Al 108^3 cubic cells: 5,038,848 atoms
     "schnet-1k": ("schnet32", 7, None),            # 1,372
     "schnet-10k": ("schnet32", 14, None),          # 10,976
     "schnet-100k": ("schnet32", 29, "4GB"),        # 97,556
     "sevennet-1k": ("sevennet-0", 5, None),        # 1,500
     "sevennet-6k": ("sevennet-0", 8, "4GB"),       # 6,144
+    "sevennet-100k": ("sevennet-0", 21, "8GB"),    # rutile 21x21x42 cells: 111,132 atoms
     "mace-1k": ("mace64", 7, None),                # 1,372
     "mace-11k": ("mace64", 14, "3GB"),             # 10,976
     "chgnet-1k": ("chgnet", 5, None),              # 1,500
@@ -60,6 +62,7 @@ JOBS = {
 }
 DESCRIPTION = {
     "schnet32": "SchNet (3 interactions, 64 channels, 5 Å, float32, random weights), FCC Al",
+    "schnet-c32": "SchNet (3 interactions, 32 channels, 5 Å, float32, random weights), FCC Al",
     "sevennet-0": "SevenNet-0 (pretrained, float32), rutile TiO2",
     "mace64": "ScaleShiftMACE (r_max 5 Å, 2 interactions, 64x0e+64x1o, correlation 3, float64, "
               "random weights), FCC Cu",
@@ -69,6 +72,14 @@ DESCRIPTION = {
 
 
 def build(kind: str, size: int):
+    if kind == "schnet-c32":
+        import torch
+        from ase.build import bulk
+
+        from distmlip.models import SchNet
+
+        model = SchNet(cutoff=5.0, num_interactions=3, hidden_channels=32, seed=0, dtype=torch.float32)
+        return model, bulk("Al", "fcc", a=4.05, cubic=True).repeat((size,) * 3), torch.float32
     if kind == "mace64":
         import torch
         from ase.build import bulk
@@ -106,16 +117,16 @@ def worker(job: dict) -> dict:
     print(f"{job['name']}: memory model calibrated in {calibration:.1f} s; evaluating", file=sys.stderr,
           flush=True)
     base = reset_peak()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     calc.calculate(atoms)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     added = proc_status("VmHWM") - base
     if budget:
         predicted = calc.runner.predicted_peak
     forces = calc.results["forces"]
     return {
         "atoms": len(atoms), "edges": int(calc.last_graph.num_edges), "predicted": predicted,
-        "added": added, "peak_rss": proc_status("VmHWM"), "seconds": seconds, "calibration": calibration,
+        "added": added, "peak_rss": proc_status("VmHWM"), "seconds": seconds, "cpu": cpu, "calibration": calibration,
         "parts": calc.last_plan.num_parts, "sequential": calc.runner.sequential, "budget": budget,
         "energy_per_atom": calc.results["energy"] / len(atoms),
         "max_force": float(np.abs(forces).max()), "net_force": float(np.abs(forces.sum(0)).max()),
@@ -135,11 +146,12 @@ def run(name: str, timeout: float) -> dict:
 def row(name: str, r: dict) -> str:
     kind, size, budget = JOBS[name]
     if "error" in r:
-        return f"| {name} | {kind} | | {budget or 'none'} | failed: {r['error']} | | | | | | | | |"
+        return f"| {name} | {kind} | | {budget or 'none'} | failed: {r['error']} | | | | | | | | | |"
     ratio = r["predicted"] / r["added"] if r["added"] else float("nan")
     return (f"| {name} | {kind} | {r['atoms']:,} | {budget or 'none'} | {r['parts']} | "
             f"{r['predicted'] / 1e9:.2f} | {r['added'] / 1e9:.2f} | {ratio:.2f} | "
-            f"{r['peak_rss'] / 1e9:.2f} | {r['seconds']:.0f} | {1e3 * r['seconds'] / r['atoms']:.2f} | "
+            f"{r['peak_rss'] / 1e9:.2f} | {r['seconds']:.0f} | {r['cpu']:.0f} | "
+            f"{1e3 * r['seconds'] / r['atoms']:.2f} | "
             f"{r['energy_per_atom']:.5f} | {r['load']:.1f} |")
 
 
@@ -157,7 +169,9 @@ def main() -> None:
         for line in args.output.read_text().splitlines():
             cells = [c.strip() for c in line.split("|")]
             if len(cells) > 2 and cells[1] in JOBS:
-                rows[cells[1]] = line
+                if len(cells) == 15:  # a row from before the CPU column: none recorded
+                    cells.insert(11, "")
+                rows[cells[1]] = " | ".join(cells).strip()
     for name in progress(args.only or list(JOBS), "bench_scale jobs"):
         print(f"== {name}", flush=True)
         r = run(name, args.timeout)
@@ -178,11 +192,12 @@ def write(path: Path, rows: dict, torch_version: str) -> None:
         "memory the call adds (`estimate_memory`, or the runner's prediction for the parts it "
         "chose); *added*: measured peak RSS above the level before the call; *peak RSS*: the "
         "process's whole peak (Python, torch, model, graph); *s*: wall seconds of the energy + "
-        "forces + stress call (graph build included, calibration not); *ms/atom*: s per 1,000 "
+        "forces + stress call (graph build included, calibration not); *CPU s*: the process's "
+        "CPU seconds of that call (blank in rows run before it was recorded); *ms/atom*: s per 1,000 "
         "atoms.", "",
         "| job | model | atoms | budget | parts | predicted (GB) | added (GB) | predicted / added | "
-        "peak RSS (GB) | s | ms/atom | energy/atom (eV) | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "peak RSS (GB) | s | CPU s | ms/atom | energy/atom (eV) | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [rows[name] for name in JOBS if name in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
