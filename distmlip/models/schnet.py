@@ -1,13 +1,14 @@
 """SchNet: a continuous-filter message-passing network (Schütt et al. 2017), written against the
 distmlip contract. Random weights from a seed; the workhorse for tests and benchmarks.
 
-Zero redundant node work: every node-wise step (the filter input ``lin_in``, the post-aggregation
-``lin_out -> act -> lin`` update with its residual, the readout) runs on the first
-``graph.num_needed`` rows only (the owned rows in halo mode), and the halo exchange before each
-interaction but the first refreshes the halo rows of ``lin_in``'s output, which is what the
-convolution reads from neighbours. The first interaction reads ``lin_in`` of the element
-embedding, exact on every row, so it computes it on every row instead of exchanging. (With the
-no-op exchange, which refreshes nothing, every row is computed.)"""
+Node work: the post-aggregation ``lin_out -> act -> lin`` update with its residual and the readout
+run on the first ``graph.num_needed`` rows only (the owned rows in halo mode). The halo exchange
+before each interaction but the first refreshes the halo rows of the node features h, and the
+filter input ``lin_in`` (one ``channels x filters`` matrix product per row) is computed from them
+on every row, halo rows included: the one node-wise redundancy, so that the layer protocol's state
+between interactions is h alone (what bounded memory stores per atom and level; see below). The
+first interaction reads the element embedding, exact on every row, without exchanging. (With
+the no-op exchange, which refreshes nothing, every row is computed.)"""
 
 from __future__ import annotations
 
@@ -87,8 +88,8 @@ class SchNet(DistributableModel):
 
     Args:
         cutoff: interaction radius, Å.
-        num_interactions: message-passing layers (the halo exchange runs before each but the
-            first, whose input, the element embedding, is already exact on the halo).
+        num_interactions: message-passing layers (the halo exchange of the node features runs
+            before each but the first, whose input, the element embedding, is exact on the halo).
         hidden_channels: width of the node features.
         num_filters: width of the continuous filters (default ``hidden_channels``).
         num_gaussians: radial basis size.
@@ -137,22 +138,22 @@ class SchNet(DistributableModel):
         check_numbers(graph.numbers, 0, self.embedding.num_embeddings - 1, "SchNet")
         h = self.embedding(graph.numbers)  # every row: exact on the halo too
         for k, block in enumerate(self.interactions):
-            if k == 0:
-                x = block.conv.lin_in(h)  # the element embedding is exact on every row
-                h = h[:needed]
-            else:  # h holds the needed rows: refresh the halo rows of what neighbours read
-                x = graph.halo_exchange(block.conv.lin_in(h))
-            h = h + block(x, graph.edge_index, rbf, envelope, needed)
+            if k > 0:  # h holds the needed rows: refresh its halo rows (what neighbours read)
+                h = graph.halo_exchange(h)
+            x = block.conv.lin_in(h)  # every row (owned + halo)
+            h = h[:needed] + block(x, graph.edge_index, rbf, envelope, needed)
         return self.readout(h).squeeze(-1)
 
     # ------------------------------------------------------------------ the layer protocol
     # The same computation as ``forward``, as steps the runtime calls one at a time (see
-    # ``DistributableModel``): the state is ``(h, x)``, the node features on the needed rows and
-    # ``x = lin_in(h)`` of the next interaction on every row (exchanged between steps: what the
-    # convolution reads from neighbours); the last step returns ``(h,)``.
+    # ``DistributableModel``): the state is ``(h,)``, the node features, on every row where a step
+    # reads it (the embedding's, exact on every row; then the owned rows, the halo rows refreshed
+    # by the runtime's exchange between steps). Each step computes ``x = lin_in(h)`` itself on
+    # every row before its convolution: the bounded-memory mode then stores one row of features
+    # per atom and level instead of two (h and x), at the price of ``lin_in`` on the halo rows.
 
-    #: Layer protocol: state entry 1 (``lin_in`` of the next interaction) is read on halo rows.
-    exchanged = (1,)
+    #: Layer protocol: state entry 0 (the node features) is read on halo rows.
+    exchanged = (0,)
 
     def _radial(self, graph: LocalGraph):
         r = torch.linalg.vector_norm(graph.edge_vec, dim=-1)
@@ -163,20 +164,17 @@ class SchNet(DistributableModel):
         return rbf, envelope
 
     def embed(self, graph: LocalGraph) -> tuple[torch.Tensor, ...]:
-        """The element embedding on every row and the first interaction's ``lin_in`` of it."""
+        """The element embedding, on every row (exact on the halo rows too)."""
         check_numbers(graph.numbers, 0, self.embedding.num_embeddings - 1, "SchNet")
-        h = self.embedding(graph.numbers)
-        return h, self.interactions[0].conv.lin_in(h)
+        return (self.embedding(graph.numbers),)
 
     def step(self, i: int, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """Interaction ``i`` on the needed rows, and the next one's ``lin_in`` of its output."""
-        h, x = state
+        """Interaction ``i``: ``lin_in`` of h on every row (h exchanged), the update of the needed rows."""
+        (h,) = state
         needed = graph.num_needed
         rbf, envelope = self._radial(graph)
-        h = h[:needed] + self.interactions[i](x, graph.edge_index, rbf, envelope, needed)
-        if i + 1 < len(self.interactions):
-            return h, self.interactions[i + 1].conv.lin_in(h)
-        return (h,)
+        block = self.interactions[i]
+        return (h[:needed] + block(block.conv.lin_in(h), graph.edge_index, rbf, envelope, needed),)
 
     def energies(self, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The readout of the last interaction's features."""

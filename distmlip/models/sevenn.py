@@ -14,24 +14,30 @@ readout, the species-wise shift/scale, the energy sum and the force/stress outpu
   ``pos[sender] - pos[receiver] + shift@cell``. ``graph.edge_vec`` itself is SevenNet's
   ``edge_vec``, so distmlip's autograd gives the forces and stress.
 - Atomic numbers become SevenNet's type indices through the checkpoint's ``type_map``.
-- ``graph.halo_exchange`` runs on the convolution's input features right before every
-  convolution but the first (everything before the first convolution is per-atom and depends on
-  the element only, so it is already exact on the halo). This is where SevenNet's own LAMMPS
-  parallel mode communicates too (``IrrepsConvolution._comm_size = irreps_x.dim``).
-- Zero redundant node work: right after the first convolution, the per-atom keys of the data dict
-  (node features, one-hot attributes, type indices, the self-connection residual, ``batch``;
+- ``graph.halo_exchange`` runs before every interaction block but the first (everything before
+  the first convolution is per-atom and depends on the element only, so it is already exact on
+  the halo). For the structures the layer protocol describes (below; SevenNet's builder's) it
+  refreshes the block's input node features h, and the block's pre-convolution modules
+  (``{i}_self_interaction_1``) then run on every row, halo rows included, as the steps do (their
+  state is h alone). For any other structure it refreshes the convolution's input features right
+  before the convolution, where SevenNet's own LAMMPS parallel mode communicates
+  (``IrrepsConvolution._comm_size = irreps_x.dim``; the same width as h in SevenNet's builds).
+- Node work on the needed rows: right after the first convolution, the per-atom keys of the data
+  dict (node features, one-hot attributes, type indices, the self-connection residual, ``batch``;
   ``_node_keys``) are narrowed to the first ``graph.num_needed`` rows (the owned rows, which
   come first, in halo mode), and so is every convolution's output. Every node-wise module after
-  it (self-interactions, self-connections, gates, readout, shift/scale) then computes only those
-  rows; the exchange receives the owned rows and returns every row for the next convolution.
-  Before the first convolution only the self-connection's residual is computed on the needed
-  rows (it is read after the convolution); the input of the first convolution must hold every
-  row. In extended mode or unsplit ``num_needed`` is every row and nothing is narrowed.
+  it (self-connections, self-interactions after the convolution, gates, readout, shift/scale)
+  then computes only those rows; the exchange receives the owned rows and returns every row.
+  The one redundancy is the pre-convolution modules on the halo rows (above; their inputs read
+  the per-atom keys of every row, kept aside when they are narrowed). Before the first
+  convolution only the self-connection's residual is computed on the needed rows (it is read
+  after the convolution); the input of the first convolution must hold every row. In extended
+  mode or unsplit ``num_needed`` is every row and nothing is narrowed.
 - The energy sum and force/stress output modules are skipped; the per-atom energies
   (``KEY.ATOMIC_ENERGY``, after the shift/scale: what ``SevenNetCalculator`` reports as
   ``energies``) of the needed rows are returned.
 
-- The layer protocol (``embed``/``step``/``energies``, ``exchanged = (1,)``; see the section
+- The layer protocol (``embed``/``step``/``energies``, ``exchanged = (0,)``; see the section
   below ``_narrow``): the same computation as steps, one per interaction block, so the
   bounded-memory mode recomputes one block per part instead of replaying the model. Set per
   instance for the structures SevenNet's builder makes (single- and multi-fidelity); a module
@@ -190,7 +196,7 @@ class SevenNetModel(DistributableModel):
 
         # the layer protocol, for the structures it describes (see ``_layer_structure``)
         self._layers = self._layer_structure(deployed is not None, EdgeEmbedding, OnehotEmbedding)
-        self.exchanged = None if self._layers is None else (1,)
+        self.exchanged = None if self._layers is None else (0,)
 
     def type_indices(self, numbers: torch.Tensor) -> torch.Tensor:
         """SevenNet's type index of each atomic number (ValueError for unknown elements)."""
@@ -234,15 +240,33 @@ class SevenNetModel(DistributableModel):
         # rows whose node-wise work is needed (halo mode: the owned rows, which come first)
         needed = graph.num_needed
         narrow = needed < n
-        convolutions = 0
+        # a structure the layer protocol describes exchanges the node features h before each
+        # block but the first and runs the block's pre-convolution modules on every row (as its
+        # steps do, whose state is h alone); any other exchanges the convolution's input
+        pre = {} if self._layers is None else {
+            b[1][0][0]: b[1] for b in self._layers["blocks"][1:] if b[1]}
+        skip = {name for modules in pre.values() for name, _ in modules}
+        every_row: dict = {}  # the per-atom keys on every row, kept when they are narrowed
+        convolutions, exchanged = 0, False
         for name, role in self._plan:
+            if name in skip:
+                if name in pre:  # the needed rows in, every row out: then the pre modules
+                    rows = dict(data, **every_row)
+                    rows[key["NODE_FEATURE"]] = graph.halo_exchange(data[key["NODE_FEATURE"]])
+                    data[key["NODE_FEATURE"]] = self._run(pre[name], rows)[key["NODE_FEATURE"]]
+                    exchanged = True
+                continue
             sub = self.module._modules[name]
             if role == "conv":
-                if convolutions > 0:  # the needed rows in, every row out
+                if convolutions > 0 and not exchanged:  # the needed rows in, every row out
                     data[sub.key_x] = graph.halo_exchange(data[sub.key_x])
-                convolutions += 1
+                convolutions, exchanged = convolutions + 1, False
                 data = sub(data)
                 if narrow:  # from here on node-wise modules see the needed rows only
+                    if not every_row:
+                        every_row = {k: data[k] for k in self._node_keys
+                                     if isinstance(data.get(k), torch.Tensor) and data[k].ndim
+                                     and data[k].shape[0] == n}
                     data = self._narrow(data, n, needed)
                 continue
             if role == "intro" and narrow and convolutions == 0:
@@ -267,11 +291,15 @@ class SevenNetModel(DistributableModel):
     # ``DistributableModel``). SevenNet's interaction block i is ``i_self_connection_intro`` (the
     # residual, from the block's input features h), ``i_self_interaction_1`` (h -> x, what the
     # convolution reads from neighbours), ``i_convolution`` and the node-wise modules after it up
-    # to ``i_equivariant_gate``. The state is ``(h, x)``: h on the needed rows, x on every row
-    # (exchanged between steps, where ``forward`` calls the halo exchange). Step i computes the
-    # residual from h, the convolution of x and the node-wise modules after it, then the next
-    # block's ``self_interaction_1`` of the new h; the last step returns ``(h,)`` and
-    # ``energies`` runs the readout (``reduce_*``, the species-wise shift/scale). Each step (and
+    # to ``i_equivariant_gate``. The state is ``(h,)``: the node features, on every row where a
+    # step reads them (the initial features from ``embed``, exact on every row; then the needed
+    # rows, the halo rows refreshed by the runtime's exchange between steps, where ``forward``
+    # calls the halo exchange). Step i runs the block's ``self_interaction_1`` (its modules
+    # between the intro and the convolution) on h of every row to get x, the residual from h of
+    # the needed rows, the convolution of x and the node-wise modules after it; bounded memory
+    # then stores one row of features per atom and level instead of two (h and x), at the price
+    # of ``self_interaction_1`` on the halo rows. The last step's h is what ``energies`` reads:
+    # it runs the readout (``reduce_*``, the species-wise shift/scale). Each step (and
     # ``embed``, ``energies``) rebuilds what does not depend on node features: the edge embedding
     # (from ``graph.edge_vec``, so each step's share of the forces is differentiable) and the
     # one-hot attributes.
@@ -339,13 +367,13 @@ class SevenNetModel(DistributableModel):
         keys = [getattr(sub, k, feature) for k in ("key_x", "key_input", "key_output")]
         return all(k == feature for k in keys)
 
-    def _context(self, graph: LocalGraph, edges: bool = True) -> dict:
+    def _context(self, graph: LocalGraph, edges: bool = True, narrow: bool = True) -> dict:
         """The data dict with the one-hot attributes (and the edge embedding if ``edges``) of every
-        row, narrowed to the needed rows when the node-wise work is."""
+        row, narrowed to the needed rows when the node-wise work is (and ``narrow``)."""
         data = self._data(graph)
         for name, role in (self._layers["edges"] if edges else []) + self._layers["context"]:
             data = self._call(name, role, data)
-        if graph.num_needed < graph.num_nodes:
+        if narrow and graph.num_needed < graph.num_nodes:
             data = self._narrow(data, graph.num_nodes, graph.num_needed)
         return data
 
@@ -355,30 +383,30 @@ class SevenNetModel(DistributableModel):
         return data
 
     def embed(self, graph: LocalGraph) -> tuple[torch.Tensor, ...]:
-        """The initial node features h (element only) and the first block's x of them, every row."""
+        """The initial node features h (element only), every row (exact on the halo rows too)."""
         data = self._data(graph)
         data = self._run(self._layers["context"] + self._layers["init"], data)
-        feature = self._key["NODE_FEATURE"]
-        h = data[feature]
-        return h, self._run(self._layers["blocks"][0][1], data)[feature]
+        return (data[self._key["NODE_FEATURE"]],)
 
     def step(self, i: int, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """Interaction block ``i`` on the needed rows, and the next block's x of its output."""
-        h, x = state
-        intros, _, conv, post = self._layers["blocks"][i]
-        needed, feature = graph.num_needed, self._key["NODE_FEATURE"]
-        data = self._context(graph)
+        """Interaction block ``i``: its pre-convolution modules on h of every row (x), the
+        residual, convolution and node-wise modules after it on the needed rows."""
+        (h,) = state
+        intros, pre, conv, post = self._layers["blocks"][i]
+        n, needed, feature = graph.num_nodes, graph.num_needed, self._key["NODE_FEATURE"]
+        data = self._context(graph, narrow=False)  # every row: the pre modules read them all
+        data[feature] = h
+        x = self._run(pre, dict(data))[feature]
+        if needed < n:
+            data = self._narrow(data, n, needed)
         data[feature] = h[:needed]
         data = self._run([(name, "intro") for name in intros], data)
         data[feature] = x
         data = self.module._modules[conv](data)
-        if needed < graph.num_nodes:
+        if needed < n:
             data[feature] = data[feature][:needed]
         data = self._run(post, data)
-        h = data[feature]
-        if i + 1 < len(self._layers["blocks"]):
-            return h, self._run(self._layers["blocks"][i + 1][1], data)[feature]
-        return (h,)
+        return (data[feature],)
 
     def energies(self, graph: LocalGraph, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The readout (and the species-wise shift/scale) of the last block's features."""

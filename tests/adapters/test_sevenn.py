@@ -223,10 +223,12 @@ class _RecordExchange(RecordExchange, SevenNetModel):
 def test_node_work_only_on_owned_rows(workers):
     """Halo mode, 4 parts (one worker, or 4 threads): every node-wise module after the first
     convolution (self-interactions, self-connections, gates, readout, shift/scale) and the first
-    self-connection residual compute exactly the owned rows, N over all parts; the convolutions
-    and the modules feeding the first one compute every local row (owned + halo); each exchange
-    gets the owned rows and returns every row; float64 results equal 1 part to 1e-10. In extended
-    mode every module computes every local row."""
+    self-connection residual compute exactly the owned rows, N over all parts, but the
+    pre-convolution ``{i}_self_interaction_1`` of the blocks after the first, which runs on the
+    exchanged node features of every row (as the layer protocol's steps, whose state is h alone);
+    the convolutions and the modules feeding the first one compute every local row (owned + halo);
+    each exchange gets the owned rows and returns every row; float64 results equal 1 part to
+    1e-10. In extended mode every module computes every local row."""
     from sevenn.util import load_checkpoint
 
     from distmlip.testing import rel_err
@@ -247,12 +249,15 @@ def test_node_work_only_on_owned_rows(workers):
         local_rows = sum(n for _, _, n in graphs)
         assert local_rows > n_atoms  # the parts do have halos
         first_conv = next(i for i, (_, role) in enumerate(wrapped._plan) if role == "conv")
+        every_row = {name for block in wrapped._layers["blocks"][1:] for name, _ in block[1]}
+        assert every_row == {f"{i}_self_interaction_1" for i in range(1, wrapped.num_layers)}
         for i, (name, role) in enumerate(wrapped._plan):
             if name == "edge_embedding":
                 continue
             seen = rows[name]
             assert len(seen) == workers, name
-            if mode == "halo" and role != "conv" and (i > first_conv or role == "intro"):
+            if mode == "halo" and role != "conv" and name not in every_row \
+                    and (i > first_conv or role == "intro"):
                 assert sum(seen) == n_atoms, (name, seen)
             else:
                 assert sum(seen) == local_rows, (mode, name, seen)
@@ -388,12 +393,34 @@ def _steps_model(which, model, small_module, cls=SevenNetModel):
 def test_steps_compose_to_forward(model, small_module, which):
     """The layer protocol (embed, one step per interaction block, the readout as energies)
     composes to forward in float64: per-atom energies, their edge gradient and every exchanged
-    state (the input of each convolution but the first) within 1e-10."""
+    state (the node features h entering each block but the first) within 1e-10."""
     wrapped = _steps_model(which, model, small_module)
-    assert wrapped.exchanged == (1,) and has_steps(wrapped)
+    assert wrapped.exchanged == (0,) and has_steps(wrapped)
     report = check_steps(wrapped, sevenn_rutile(), dtype=torch.float64)
     assert report["ok"] and len(report["levels"]) == wrapped.num_layers - 1, report["message"]
     assert max(report["energies"], report["gradient"], *report["levels"]) <= 1e-10, report
+
+
+@pytest.mark.parametrize("which", ["small", "sevennet-0"])
+def test_stored_state_is_one_feature_row(model, small_module, which):
+    """The steps' state between blocks is the node features h alone (exchanged; each step runs
+    its block's self_interaction_1 on every row itself): the bounded-memory mode stores one row of
+    features per atom and level, the width of h (SevenNet-0: 480 floats, 1,920 bytes in float32;
+    with x = self_interaction_1(h) beside it, as before, twice that)."""
+    from distmlip.graph import NeighborGraph
+    from distmlip.runtime.memory import _state_widths
+
+    wrapped = _steps_model(which, model, small_module)
+    atoms = sevenn_rutile()
+    widths, edge_widths = _state_widths(wrapped, NeighborGraph.from_atoms(atoms, wrapped.cutoff),
+                                        wrapped.dtype, torch.device("cpu"))
+    size = torch.finfo(wrapped.dtype).bits // 8
+    # block i + 1's input features: the output of block i, the state of level i
+    h = [wrapped.module._modules[f"{i}_self_interaction_1"].linear.irreps_in.dim
+         for i in range(1, wrapped.num_layers)]
+    assert widths == tuple(d * size for d in h) and edge_widths == (), (widths, h)
+    if which == "sevennet-0":
+        assert wrapped.dtype == torch.float32 and widths == (1920,) * 4, widths
 
 
 def test_steps_refused_for_other_structures(small_module):
@@ -456,9 +483,10 @@ def test_multi_fidelity_steps():
     import copy
 
     wrapped = distmlip.load("sevennet-mf-0", modal="r2scan")
-    assert wrapped.exchanged == (1,)
+    assert wrapped.exchanged == (0,)
     report = check_steps(wrapped, sevenn_rutile(), dtype=torch.float64)
     assert report["ok"], report["message"]
+    assert max(report["energies"], report["gradient"], *report["levels"]) <= 1e-10, report
     deployed = copy.deepcopy(wrapped.module)
     deployed.prepare_modal_deploy("R2SCAN")
     assert SevenNetModel(deployed).exchanged is None

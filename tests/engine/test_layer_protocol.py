@@ -30,7 +30,7 @@ class BrokenStep(SchNet):
 
     def step(self, i, graph, state):
         if i == 1:
-            state = (state[0] + 1e-3, state[1])
+            state = (state[0] + 1e-3,)
         return super().step(i, graph, state)
 
 
@@ -44,7 +44,7 @@ class ExchangingStep(SchNet):
 
     def step(self, i, graph, state):
         if i > 0:
-            state = (state[0], graph.halo_exchange(state[1][: graph.num_owned]))
+            state = (graph.halo_exchange(state[0][: graph.num_owned]),)
         return super().step(i, graph, state)
 
 
@@ -269,7 +269,7 @@ def test_stored_state_is_predicted(monkeypatch):
     """The memory model's bytes stored by steps (``MemoryModel.stored(rows, steps=True)``, from the
     state widths measured on a probe) bound the bytes the step store really holds at its largest
     (forward: every level's state; backward: the levels below, two levels' gradients), and by
-    no more than the owned-row entries it counts on every row: SchNet keeps (h, x) per level."""
+    closely: SchNet keeps one entry per level, h (exchanged: owned and halo rows, as counted)."""
     import numpy as np
 
     from distmlip.graph import NeighborGraph
@@ -280,7 +280,8 @@ def test_stored_state_is_predicted(monkeypatch):
     atoms = fcc_bulk(size=4, seed=5)
     widths, edge_widths = _state_widths(model, NeighborGraph.from_atoms(atoms, model.cutoff),
                                         torch.float64, torch.device("cpu"))
-    assert widths == (2 * 32 * 8,) * (model.num_layers - 1) and edge_widths == ()  # (h, x), float64
+    # (h,), float64: one row of features per level (h and x = lin_in(h) were two, twice the bytes)
+    assert widths == (32 * 8,) * (model.num_layers - 1) and edge_widths == ()
     held = []
 
     def measure(store):
@@ -300,7 +301,7 @@ def test_stored_state_is_predicted(monkeypatch):
     memory = MemoryModel(0.0, 0.0, 0.0, 0.0, widths=(), state_widths=widths)
     predicted = memory.stored(len(atoms), steps=True)
     assert held and max(held) <= predicted
-    # the prediction counts the owned-row entry (x) on halo rows too: a single shard has none
+    # every entry is exchanged (h on owned and halo rows): the prediction is (nearly) exact
     assert max(held) >= 0.95 * predicted, (max(held), predicted)
     print(f"\nstored at most {max(held)} bytes, predicted {predicted:.0f}")
     assert memory.stored(len(atoms)) == 0 and np.isfinite(predicted)

@@ -21,7 +21,7 @@ RTOL = 1e-10
 class Broken(SchNet):
     def step(self, i, graph, state):
         if i == 1:
-            state = (state[0] + 1e-3, state[1])
+            state = (state[0] + 1e-3,)
         return super().step(i, graph, state)
 
 
