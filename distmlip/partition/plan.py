@@ -290,9 +290,8 @@ def build_parts(graph: NeighborGraph, parts, owner: np.ndarray, rows: np.ndarray
 
 def part_edge_index(part: PartPlan, graph: NeighborGraph) -> np.ndarray:
     """(2, E_p) the part's local ``[senders; receivers]``: ``part.edge_index`` (of a part or a
-    shard), or for a lean plan
-    made from ``graph`` (the graph the part was built from) by a search of the part's atoms:
-    O(E_p log n_local), no O(N) array."""
+    shard), or for a lean plan made from ``graph`` (the graph the part was built from) by a search
+    of the part's atoms: O(E_p log n_local), no O(N) array."""
     if part.edge_index is not None:
         return part.edge_index
     if len(part.edges) == 0:
