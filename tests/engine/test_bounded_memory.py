@@ -42,6 +42,9 @@ def test_one_at_a_time_equals_all_at_once(name, mode):
         calc = one_at_a_time(model, parts, partitioner=partitioner, mode=mode, device=device)
         got = evaluate(calc, atoms)
         assert calc.runner.sequential and calc.last_plan.num_parts == parts
+        # one at a time the plan is lean: no part keeps its local edge_index (4 bytes an edge, as
+        # the budget's prediction counts; made when the part runs)
+        assert all(p.edge_index is None for p in calc.last_plan.parts if p.num_local), name
         _compare(got, ref, RTOL, f"{name}/{mode}/{partitioner}/{parts}")
         if mode == "halo" and parts > 1:
             assert calc.runner.last_exchange_calls == model.num_layers - 1
